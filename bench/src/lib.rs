@@ -1,0 +1,1 @@
+//! The bench harness (not implemented yet; see issue #5).

@@ -1,0 +1,1 @@
+//! The kvm engine (not implemented yet; see issue #2).

@@ -1,0 +1,547 @@
+//! The contract between the machine and a CPU engine, and the engine-independent
+//! architectural state that snapshots, checkpoints and cross-engine replay go through.
+
+use crate::Machine;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use thiserror::Error;
+
+/// General-purpose register indices, in x86 encoding order.
+pub mod gpr {
+    #![allow(missing_docs)]
+    pub const RAX: usize = 0;
+    pub const RCX: usize = 1;
+    pub const RDX: usize = 2;
+    pub const RBX: usize = 3;
+    pub const RSP: usize = 4;
+    pub const RBP: usize = 5;
+    pub const RSI: usize = 6;
+    pub const RDI: usize = 7;
+    /// Names in index order (R8..R15 follow RDI).
+    pub const NAMES: [&str; 16] = [
+        "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
+        "r13", "r14", "r15",
+    ];
+}
+
+/// Segment register indices, in x86 encoding order.
+pub mod seg {
+    #![allow(missing_docs)]
+    pub const ES: usize = 0;
+    pub const CS: usize = 1;
+    pub const SS: usize = 2;
+    pub const DS: usize = 3;
+    pub const FS: usize = 4;
+    pub const GS: usize = 5;
+    pub const NAMES: [&str; 6] = ["es", "cs", "ss", "ds", "fs", "gs"];
+}
+
+/// A segment register with its hidden descriptor cache, as KVM's `kvm_segment` holds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Segment {
+    /// The visible selector.
+    pub selector: u16,
+    /// Cached base address.
+    pub base: u64,
+    /// Cached limit in bytes (already scaled by the granularity bit).
+    pub limit: u32,
+    /// Descriptor type field (4 bits).
+    pub type_: u8,
+    /// Descriptor privilege level.
+    pub dpl: u8,
+    /// S bit: code/data (true) or system descriptor (false).
+    pub s: bool,
+    /// Present bit.
+    pub present: bool,
+    /// Default operation size / big bit.
+    pub db: bool,
+    /// 64-bit code segment bit.
+    pub l: bool,
+    /// Granularity bit (as loaded; `limit` is already scaled).
+    pub g: bool,
+    /// Available-for-software bit.
+    pub avl: bool,
+    /// The register holds a null selector or is otherwise unusable (VMX's notion).
+    pub unusable: bool,
+}
+
+impl Segment {
+    /// A real-mode segment: base = selector * 16, 64 KiB limit, read/write (or code).
+    pub fn real_mode(selector: u16, code: bool) -> Self {
+        Self {
+            selector,
+            base: u64::from(selector) << 4,
+            limit: 0xffff,
+            type_: if code { 0xb } else { 0x3 },
+            dpl: 0,
+            s: true,
+            present: true,
+            ..Self::default()
+        }
+    }
+
+    /// A flat 4 GiB segment for protected or long mode.
+    pub fn flat(selector: u16, code: bool, long: bool) -> Self {
+        Self {
+            selector,
+            base: 0,
+            limit: 0xffff_ffff,
+            type_: if code { 0xb } else { 0x3 },
+            dpl: 0,
+            s: true,
+            present: true,
+            db: !(code && long),
+            l: code && long,
+            g: true,
+            ..Self::default()
+        }
+    }
+
+    /// The access-rights word in VMX layout (type, S, DPL, P, AVL, L, D/B, G, unusable).
+    pub fn access_rights(&self) -> u32 {
+        u32::from(self.type_ & 0xf)
+            | u32::from(self.s) << 4
+            | u32::from(self.dpl & 3) << 5
+            | u32::from(self.present) << 7
+            | u32::from(self.avl) << 12
+            | u32::from(self.l) << 13
+            | u32::from(self.db) << 14
+            | u32::from(self.g) << 15
+            | u32::from(self.unusable) << 16
+    }
+}
+
+/// GDTR or IDTR.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DescriptorTable {
+    /// Linear base address.
+    pub base: u64,
+    /// Limit in bytes.
+    pub limit: u16,
+}
+
+/// x87 and SSE state in FXSAVE terms.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FpuState {
+    /// x87 control word.
+    pub fcw: u16,
+    /// x87 status word.
+    pub fsw: u16,
+    /// Abridged tag word (FXSAVE format, one bit per register).
+    pub ftw: u8,
+    /// Last x87 opcode.
+    pub fop: u16,
+    /// Last x87 instruction pointer.
+    pub fip: u64,
+    /// Last x87 data pointer.
+    pub fdp: u64,
+    /// The eight 80-bit x87/MMX registers, each in 16 bytes.
+    pub st: [[u8; 16]; 8],
+    /// SSE control and status.
+    pub mxcsr: u32,
+    /// XMM0..XMM15.
+    pub xmm: [[u8; 16]; 16],
+}
+
+impl Default for FpuState {
+    fn default() -> Self {
+        // The values FNINIT and reset leave behind.
+        Self {
+            fcw: 0x37f,
+            fsw: 0,
+            ftw: 0,
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+            st: [[0; 16]; 8],
+            mxcsr: 0x1f80,
+            xmm: [[0; 16]; 16],
+        }
+    }
+}
+
+/// Events that are part of the architectural state between two instructions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PendingEvents {
+    /// Interrupts are blocked for one instruction (after STI or a load of SS).
+    pub interrupt_shadow: bool,
+    /// An NMI is waiting to be delivered.
+    pub nmi_pending: bool,
+    /// NMIs are blocked until the next IRET.
+    pub nmi_blocked: bool,
+    /// The CPU is in the HLT state.
+    pub halted: bool,
+}
+
+/// Engine-independent architectural state of one x86 CPU.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CpuState {
+    /// RAX..R15 in encoding order (see [`gpr`]).
+    pub gpr: [u64; 16],
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Flags.
+    pub rflags: u64,
+    /// ES, CS, SS, DS, FS, GS (see [`seg`]).
+    pub seg: [Segment; 6],
+    /// Task register.
+    pub tr: Segment,
+    /// Local descriptor table register.
+    pub ldtr: Segment,
+    /// Global descriptor table register.
+    pub gdtr: DescriptorTable,
+    /// Interrupt descriptor table register.
+    pub idtr: DescriptorTable,
+    /// Control register 0.
+    pub cr0: u64,
+    /// Page-fault linear address.
+    pub cr2: u64,
+    /// Page-table root.
+    pub cr3: u64,
+    /// Control register 4.
+    pub cr4: u64,
+    /// Task priority (CR8).
+    pub cr8: u64,
+    /// Extended feature enable register.
+    pub efer: u64,
+    /// Every other MSR the engines keep, by index (ordered, so digests are stable).
+    pub msrs: BTreeMap<u32, u64>,
+    /// DR0..DR3.
+    pub dr: [u64; 4],
+    /// DR6.
+    pub dr6: u64,
+    /// DR7.
+    pub dr7: u64,
+    /// x87/SSE state.
+    pub fpu: FpuState,
+    /// Interrupt shadow, NMI, HLT.
+    pub pending: PendingEvents,
+}
+
+/// Well-known MSR indices.
+pub mod msr {
+    #![allow(missing_docs)]
+    pub const IA32_TSC: u32 = 0x10;
+    pub const IA32_APIC_BASE: u32 = 0x1b;
+    pub const IA32_SYSENTER_CS: u32 = 0x174;
+    pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    pub const IA32_SYSENTER_EIP: u32 = 0x176;
+    pub const IA32_PAT: u32 = 0x277;
+    pub const IA32_MISC_ENABLE: u32 = 0x1a0;
+    pub const IA32_EFER: u32 = 0xc000_0080;
+    pub const IA32_STAR: u32 = 0xc000_0081;
+    pub const IA32_LSTAR: u32 = 0xc000_0082;
+    pub const IA32_CSTAR: u32 = 0xc000_0083;
+    pub const IA32_FMASK: u32 = 0xc000_0084;
+    pub const IA32_FS_BASE: u32 = 0xc000_0100;
+    pub const IA32_GS_BASE: u32 = 0xc000_0101;
+    pub const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
+    pub const IA32_TSC_AUX: u32 = 0xc000_0103;
+}
+
+impl CpuState {
+    /// The state after RESET: real mode, CS:IP = F000:FFF0 with CS base 0xFFFF0000.
+    pub fn reset() -> Self {
+        let mut s = Self {
+            rflags: 0x2,
+            cr0: 0x6000_0010,
+            rip: 0xfff0,
+            gdtr: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
+            idtr: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
+            dr6: 0xffff_0ff0,
+            dr7: 0x400,
+            ..Self::default()
+        };
+        for (i, sg) in s.seg.iter_mut().enumerate() {
+            *sg = Segment::real_mode(0, i == seg::CS);
+        }
+        s.seg[seg::CS].selector = 0xf000;
+        s.seg[seg::CS].base = 0xffff_0000;
+        s.ldtr = Segment {
+            limit: 0xffff,
+            type_: 2,
+            present: true,
+            ..Segment::default()
+        };
+        s.tr = Segment {
+            limit: 0xffff,
+            type_: 0xb,
+            present: true,
+            ..Segment::default()
+        };
+        s.gpr[gpr::RDX] = 0x600; // family 6 signature, as QEMU's reset leaves it
+        s.msrs.insert(msr::IA32_APIC_BASE, 0xfee0_0900);
+        s.msrs.insert(msr::IA32_PAT, 0x0007_0406_0007_0406);
+        s
+    }
+
+    /// Current privilege level (CS.DPL outside real mode; 3 in virtual-8086 mode).
+    pub fn cpl(&self) -> u8 {
+        if self.cr0 & 1 == 0 {
+            0
+        } else if self.rflags & (1 << 17) != 0 {
+            3
+        } else {
+            self.seg[seg::CS].dpl
+        }
+    }
+
+    /// The MSR value, or 0 when the state does not hold it.
+    pub fn msr(&self, index: u32) -> u64 {
+        match index {
+            msr::IA32_EFER => self.efer,
+            _ => self.msrs.get(&index).copied().unwrap_or(0),
+        }
+    }
+
+    /// Lists every field that differs from `other`, as `name: self -> other` lines, for
+    /// divergence reports and differential tests.
+    pub fn diff(&self, other: &CpuState) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cmp = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name}: {a} -> {b}"));
+            }
+        };
+        for i in 0..16 {
+            cmp(
+                gpr::NAMES[i],
+                format!("{:#x}", self.gpr[i]),
+                format!("{:#x}", other.gpr[i]),
+            );
+        }
+        cmp(
+            "rip",
+            format!("{:#x}", self.rip),
+            format!("{:#x}", other.rip),
+        );
+        cmp(
+            "rflags",
+            format!("{:#x}", self.rflags),
+            format!("{:#x}", other.rflags),
+        );
+        for i in 0..6 {
+            cmp(
+                seg::NAMES[i],
+                format!("{:x?}", self.seg[i]),
+                format!("{:x?}", other.seg[i]),
+            );
+        }
+        cmp("tr", format!("{:x?}", self.tr), format!("{:x?}", other.tr));
+        cmp(
+            "ldtr",
+            format!("{:x?}", self.ldtr),
+            format!("{:x?}", other.ldtr),
+        );
+        cmp(
+            "gdtr",
+            format!("{:x?}", self.gdtr),
+            format!("{:x?}", other.gdtr),
+        );
+        cmp(
+            "idtr",
+            format!("{:x?}", self.idtr),
+            format!("{:x?}", other.idtr),
+        );
+        for (name, a, b) in [
+            ("cr0", self.cr0, other.cr0),
+            ("cr2", self.cr2, other.cr2),
+            ("cr3", self.cr3, other.cr3),
+            ("cr4", self.cr4, other.cr4),
+            ("cr8", self.cr8, other.cr8),
+            ("efer", self.efer, other.efer),
+            ("dr6", self.dr6, other.dr6),
+            ("dr7", self.dr7, other.dr7),
+        ] {
+            cmp(name, format!("{a:#x}"), format!("{b:#x}"));
+        }
+        cmp(
+            "dr0-3",
+            format!("{:x?}", self.dr),
+            format!("{:x?}", other.dr),
+        );
+        cmp(
+            "msrs",
+            format!("{:x?}", self.msrs),
+            format!("{:x?}", other.msrs),
+        );
+        for i in 0..16 {
+            cmp(
+                &format!("xmm{i}"),
+                format!("{:02x?}", self.fpu.xmm[i]),
+                format!("{:02x?}", other.fpu.xmm[i]),
+            );
+        }
+        let (mut fa, mut fb) = (self.fpu.clone(), other.fpu.clone());
+        fa.xmm = [[0; 16]; 16];
+        fb.xmm = [[0; 16]; 16];
+        cmp("x87", format!("{fa:x?}"), format!("{fb:x?}"));
+        cmp(
+            "pending",
+            format!("{:?}", self.pending),
+            format!("{:?}", other.pending),
+        );
+        out
+    }
+}
+
+/// How far one call to [`Cpu::run`] may go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limit {
+    /// Stop exactly when the retired-instruction count reaches this value (engines that
+    /// count instructions only; others ignore it and stop at their next exit).
+    pub stop_at_icount: Option<u64>,
+}
+
+/// Why [`Cpu::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The instruction count reached [`Limit::stop_at_icount`].
+    InstructionLimit,
+    /// The guest made a device access (port I/O or device MMIO); it has been completed.
+    DeviceAccess,
+    /// The guest executed HLT and no interrupt could wake it yet.
+    Halted,
+    /// A device asked the machine to stop (debug exit, reset, power off); see
+    /// [`Machine::stop_request`].
+    StopRequested,
+    /// The CPU entered shutdown: a triple fault, or an exception it could not deliver.
+    Shutdown {
+        /// What the engine knows about why.
+        reason: String,
+    },
+    /// [`Kicker::kick`] was called from another thread (timeout, Ctrl-C).
+    Kicked,
+}
+
+/// Failures of the engine itself (not of the guest).
+#[derive(Debug, Error)]
+pub enum CpuError {
+    /// The host refused an operation (ioctl, mapping).
+    #[error("{engine}: {operation} failed: {detail}")]
+    Host {
+        /// Which engine.
+        engine: &'static str,
+        /// The operation, e.g. `KVM_RUN`.
+        operation: &'static str,
+        /// The host's error.
+        detail: String,
+    },
+    /// The engine met something it cannot emulate (e.g. the host's KVM emulator gave up).
+    #[error("{engine}: cannot continue at rip {rip:#x}: {detail}")]
+    Unsupported {
+        /// Which engine.
+        engine: &'static str,
+        /// Guest RIP when it happened.
+        rip: u64,
+        /// What could not be done.
+        detail: String,
+    },
+}
+
+/// Counters an engine keeps, by name. Names are dotted: `exit.io`, `bt.blocks_translated`,
+/// `mmu.pf_fixed`. A `BTreeMap` so that listings and digests are ordered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStats {
+    /// Counter name to value.
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl EngineStats {
+    /// Adds `n` to a counter, creating it at zero.
+    pub fn add(&mut self, name: &str, n: u64) {
+        *self.counters.entry(name.to_string()).or_default() += n;
+    }
+
+    /// A counter's value, 0 when absent.
+    pub fn get(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+
+    /// Adds every counter of `other` into `self`.
+    pub fn merge(&mut self, other: &EngineStats) {
+        for (k, v) in &other.counters {
+            self.add(k, *v);
+        }
+    }
+}
+
+/// Interrupts a running [`Cpu::run`] from another thread.
+#[derive(Clone, Default)]
+pub struct Kicker {
+    flag: Arc<AtomicBool>,
+    hook: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Kicker {
+    /// A kicker that only raises a flag the engine polls.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A kicker that also calls `hook` (e.g. to signal a vCPU thread out of `KVM_RUN`).
+    pub fn with_hook(hook: Arc<dyn Fn() + Send + Sync>) -> Self {
+        Self {
+            flag: Arc::default(),
+            hook: Some(hook),
+        }
+    }
+
+    /// Asks the engine to return [`Exit::Kicked`] as soon as it can.
+    pub fn kick(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(h) = &self.hook {
+            h();
+        }
+    }
+
+    /// Whether a kick is pending; clears it.
+    pub fn take(&self) -> bool {
+        self.flag.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether a kick is pending, without clearing it.
+    pub fn pending(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for Kicker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kicker")
+            .field("pending", &self.pending())
+            .finish()
+    }
+}
+
+/// One x86 CPU engine (kvm or bt) behind one interface.
+///
+/// Interrupts are pulled, not pushed: at every boundary where the guest could take an
+/// external interrupt, the engine asks [`Machine::interrupt_pending`] and, if it can deliver,
+/// takes the vector with [`Machine::acknowledge_interrupt`].
+pub trait Cpu: Send {
+    /// The engine's short name (`kvm`, `bt`).
+    fn name(&self) -> &'static str;
+    /// Whether [`Limit::stop_at_icount`] is honoured exactly.
+    fn counts_instructions(&self) -> bool;
+    /// Runs the guest until an [`Exit`].
+    fn run(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError>;
+    /// Retired guest instructions so far (0 on engines that cannot count).
+    fn icount(&self) -> u64;
+    /// The current architectural state.
+    fn state(&mut self) -> Result<CpuState, CpuError>;
+    /// Replaces the architectural state.
+    fn set_state(&mut self, state: &CpuState) -> Result<(), CpuError>;
+    /// The engine's counters.
+    fn stats(&self) -> EngineStats;
+    /// A handle other threads can use to interrupt [`Cpu::run`].
+    fn kicker(&self) -> Kicker;
+}

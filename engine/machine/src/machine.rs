@@ -1,0 +1,527 @@
+//! The machine: guest memory, both buses, the devices and the interrupt controller, behind
+//! the calls an engine makes (port I/O, MMIO, HLT, interrupt acknowledge).
+
+use crate::bus::{Bus, BusConflict};
+use crate::cpu::EngineStats;
+use crate::cpuid::CpuidTable;
+use crate::devices::{
+    Device, DeviceError, DeviceState, InterruptLines, IoCtx, Irqchip, NoInterruptLines, StopRequest,
+};
+use crate::host::{Host, Position};
+use crate::memory::{MemoryError, MemoryLayout};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+
+/// Failures building or restoring a machine.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    /// Guest memory could not be laid out or allocated.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Two devices claim the same addresses.
+    #[error(transparent)]
+    BusConflict(#[from] BusConflict),
+    /// A saved device state does not fit.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A saved machine state has a different set of devices.
+    #[error("saved state has {found} devices, this machine has {expected}")]
+    DeviceCountMismatch {
+        /// Devices in the machine.
+        expected: usize,
+        /// Devices in the saved state.
+        found: usize,
+    },
+}
+
+/// Static configuration of a machine: what a trace header records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// RAM in bytes.
+    pub ram_size: u64,
+    /// Kernel command line (multiboot, fw_cfg).
+    pub cmdline: String,
+    /// The CPUID table both engines present.
+    pub cpuid: CpuidTable,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            ram_size: crate::memory::DEFAULT_RAM,
+            cmdline: String::new(),
+            cpuid: CpuidTable::deja_default(),
+        }
+    }
+}
+
+/// Which bus an access went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// Port I/O.
+    Pio,
+    /// Memory-mapped I/O.
+    Mmio,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Irqchip,
+    Device(usize),
+}
+
+/// Adapter giving devices the irqchip as their interrupt lines.
+struct Lines<'a>(&'a mut dyn Irqchip);
+
+impl InterruptLines for Lines<'_> {
+    fn set_irq(&mut self, line: u32, level: bool) {
+        self.0.set_irq(line, level);
+    }
+}
+
+/// Everything but the CPU.
+pub struct Machine {
+    /// Static configuration.
+    pub config: MachineConfig,
+    /// Where RAM is.
+    pub layout: MemoryLayout,
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// The nondeterminism boundary.
+    pub host: Box<dyn Host>,
+    position: Position,
+    irqchip: Box<dyn Irqchip>,
+    devices: Vec<Box<dyn Device>>,
+    pio: Bus<Target>,
+    mmio: Bus<Target>,
+    stop: Option<StopRequest>,
+    stats: EngineStats,
+    unmapped_pio: BTreeMap<u16, u64>,
+    unmapped_mmio: BTreeMap<u64, u64>,
+}
+
+impl Machine {
+    /// A machine with memory laid out for `config` and only an interrupt controller; add
+    /// devices with [`Machine::add_device`].
+    pub fn new(
+        config: MachineConfig,
+        host: Box<dyn Host>,
+        irqchip: Box<dyn Irqchip>,
+    ) -> Result<Self, MachineError> {
+        let layout = MemoryLayout::pc(config.ram_size)?;
+        let mem = layout.allocate()?;
+        Ok(Self {
+            config,
+            layout,
+            mem,
+            host,
+            position: Position::default(),
+            irqchip,
+            devices: Vec::new(),
+            pio: Bus::default(),
+            mmio: Bus::default(),
+            stop: None,
+            stats: EngineStats::default(),
+            unmapped_pio: BTreeMap::new(),
+            unmapped_mmio: BTreeMap::new(),
+        })
+    }
+
+    /// Adds a device and maps it at the given port and MMIO ranges (`(start, len)` each).
+    /// Returns its index (the order of [`Machine::save_devices`]).
+    pub fn add_device(
+        &mut self,
+        device: Box<dyn Device>,
+        pio: &[(u16, u16)],
+        mmio: &[(u64, u64)],
+    ) -> Result<usize, MachineError> {
+        let id = self.devices.len();
+        let name = device.name();
+        for &(start, len) in pio {
+            self.pio
+                .insert(u64::from(start), u64::from(len), Target::Device(id), name)?;
+        }
+        for &(start, len) in mmio {
+            self.mmio.insert(start, len, Target::Device(id), name)?;
+        }
+        self.devices.push(device);
+        Ok(id)
+    }
+
+    /// Maps the interrupt controller's registers.
+    pub fn map_irqchip(
+        &mut self,
+        pio: &[(u16, u16)],
+        mmio: &[(u64, u64)],
+    ) -> Result<(), MachineError> {
+        let name = self.irqchip.name();
+        for &(start, len) in pio {
+            self.pio
+                .insert(u64::from(start), u64::from(len), Target::Irqchip, name)?;
+        }
+        for &(start, len) in mmio {
+            self.mmio.insert(start, len, Target::Irqchip, name)?;
+        }
+        Ok(())
+    }
+
+    /// The current position (exit ordinal kept here, icount set by the engine).
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Engines that count instructions report the count before every device access.
+    pub fn set_icount(&mut self, icount: u64) {
+        self.position.icount = icount;
+    }
+
+    fn dispatch(&mut self, space: Space, addr: u64, data: &mut [u8], write: bool) {
+        self.position.exits += 1;
+        let bus = match space {
+            Space::Pio => &self.pio,
+            Space::Mmio => &self.mmio,
+        };
+        let Some((entry, _)) = bus.find(addr) else {
+            let counter = match space {
+                Space::Pio => {
+                    *self.unmapped_pio.entry(addr as u16).or_default() += 1;
+                    "io.unmapped_pio"
+                }
+                Space::Mmio => {
+                    *self.unmapped_mmio.entry(addr).or_default() += 1;
+                    "io.unmapped_mmio"
+                }
+            };
+            self.stats.add(counter, 1);
+            if !write {
+                data.fill(0xff);
+            }
+            return;
+        };
+        let counter = match (space, write) {
+            (Space::Pio, false) => "pio_read",
+            (Space::Pio, true) => "pio_write",
+            (Space::Mmio, false) => "mmio_read",
+            (Space::Mmio, true) => "mmio_write",
+        };
+        self.stats.add(&format!("io.{}.{counter}", entry.name), 1);
+        let mut none = NoInterruptLines;
+        match entry.target {
+            Target::Irqchip => {
+                let mut ctx = IoCtx {
+                    host: self.host.as_mut(),
+                    pos: self.position,
+                    mem: &self.mem,
+                    irq: &mut none,
+                    stop: &mut self.stop,
+                    now_cache: None,
+                };
+                if write {
+                    self.irqchip.write(&mut ctx, addr, data);
+                } else {
+                    self.irqchip.read(&mut ctx, addr, data);
+                }
+            }
+            Target::Device(id) => {
+                let mut lines = Lines(self.irqchip.as_mut());
+                let mut ctx = IoCtx {
+                    host: self.host.as_mut(),
+                    pos: self.position,
+                    mem: &self.mem,
+                    irq: &mut lines,
+                    stop: &mut self.stop,
+                    now_cache: None,
+                };
+                let dev = &mut self.devices[id];
+                if write {
+                    dev.write(&mut ctx, addr, data);
+                } else {
+                    dev.read(&mut ctx, addr, data);
+                }
+            }
+        }
+    }
+
+    /// A guest IN from `port` (`data.len()` is 1, 2 or 4). Counts as one device exit.
+    pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        self.dispatch(Space::Pio, u64::from(port), data, false);
+    }
+
+    /// A guest OUT to `port`. Counts as one device exit.
+    pub fn pio_write(&mut self, port: u16, data: &[u8]) {
+        let mut buf = [0u8; 8];
+        let n = data.len().min(8);
+        buf[..n].copy_from_slice(&data[..n]);
+        self.dispatch(Space::Pio, u64::from(port), &mut buf[..n], true);
+    }
+
+    /// A guest read of a physical address that is not RAM. Counts as one device exit.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.dispatch(Space::Mmio, addr, data, false);
+    }
+
+    /// A guest write to a physical address that is not RAM. Counts as one device exit.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        let mut buf = [0u8; 8];
+        let n = data.len().min(8);
+        buf[..n].copy_from_slice(&data[..n]);
+        self.dispatch(Space::Mmio, addr, &mut buf[..n], true);
+    }
+
+    /// Whether a device sits at `addr` on the MMIO bus (engines route such accesses here).
+    pub fn is_mmio(&self, addr: u64) -> bool {
+        self.mmio.find(addr).is_some()
+    }
+
+    /// The guest executed HLT: counts as one device exit (the ordinal is engine independent).
+    pub fn note_halt(&mut self) {
+        self.position.exits += 1;
+        self.stats.add("io.hlt", 1);
+    }
+
+    /// Brings every device up to the present (timers, input), raising due interrupts.
+    pub fn poll(&mut self) {
+        let mut now_cache = None;
+        {
+            let mut none = NoInterruptLines;
+            let mut ctx = IoCtx {
+                host: self.host.as_mut(),
+                pos: self.position,
+                mem: &self.mem,
+                irq: &mut none,
+                stop: &mut self.stop,
+                now_cache,
+            };
+            self.irqchip.poll(&mut ctx);
+            now_cache = ctx.now_cache;
+        }
+        for dev in &mut self.devices {
+            let mut lines = Lines(self.irqchip.as_mut());
+            let mut ctx = IoCtx {
+                host: self.host.as_mut(),
+                pos: self.position,
+                mem: &self.mem,
+                irq: &mut lines,
+                stop: &mut self.stop,
+                now_cache,
+            };
+            dev.poll(&mut ctx);
+            now_cache = ctx.now_cache;
+        }
+    }
+
+    /// The earliest guest time at which some device has work, if any.
+    pub fn next_deadline(&self) -> Option<u64> {
+        std::iter::once(self.irqchip.next_deadline())
+            .chain(self.devices.iter().map(|d| d.next_deadline()))
+            .flatten()
+            .min()
+    }
+
+    /// The guest is halted with nothing pending: let the host wait (or jump virtual time) to
+    /// the next device deadline, then poll.
+    pub fn idle(&mut self) {
+        let deadline = self.next_deadline();
+        self.host.idle(self.position, deadline);
+        self.poll();
+    }
+
+    /// Whether INTR is asserted.
+    pub fn interrupt_pending(&self) -> bool {
+        self.irqchip.interrupt_pending()
+    }
+
+    /// Interrupt acknowledge: the vector the CPU must deliver now.
+    pub fn acknowledge_interrupt(&mut self) -> u8 {
+        self.stats.add("io.interrupts_delivered", 1);
+        self.irqchip.acknowledge()
+    }
+
+    /// Drives an interrupt line from outside the device set (tests, injected events).
+    pub fn set_irq(&mut self, line: u32, level: bool) {
+        self.irqchip.set_irq(line, level);
+    }
+
+    /// The stop a device requested, if any (left in place; see [`Machine::take_stop`]).
+    pub fn stop_request(&self) -> Option<StopRequest> {
+        self.stop
+    }
+
+    /// Takes the pending stop request.
+    pub fn take_stop(&mut self) -> Option<StopRequest> {
+        self.stop.take()
+    }
+
+    /// Device-access counters, including unmapped accesses per port.
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.stats.clone();
+        for (port, n) in &self.unmapped_pio {
+            s.add(&format!("io.unmapped_pio.{port:#06x}"), *n);
+        }
+        for (addr, n) in &self.unmapped_mmio {
+            s.add(&format!("io.unmapped_mmio.{addr:#x}"), *n);
+        }
+        s
+    }
+
+    /// The device with `name`, to inspect it (e.g. the POST codes).
+    pub fn device(&self, name: &str) -> Option<&dyn Device> {
+        self.devices
+            .iter()
+            .find(|d| d.name() == name)
+            .map(|d| d.as_ref())
+    }
+
+    /// Every device's state: the interrupt controller first, then devices in order added.
+    pub fn save_devices(&self) -> Vec<DeviceState> {
+        std::iter::once(self.irqchip.save())
+            .chain(self.devices.iter().map(|d| d.save()))
+            .collect()
+    }
+
+    /// Restores what [`Machine::save_devices`] returned.
+    pub fn restore_devices(&mut self, states: &[DeviceState]) -> Result<(), MachineError> {
+        if states.len() != self.devices.len() + 1 {
+            return Err(MachineError::DeviceCountMismatch {
+                expected: self.devices.len() + 1,
+                found: states.len(),
+            });
+        }
+        self.irqchip.restore(&states[0])?;
+        for (d, s) in self.devices.iter_mut().zip(&states[1..]) {
+            d.restore(s)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::{debug_exit::DebugExit, post::PostPort};
+    use crate::host::{ClockMode, LiveHost};
+    use std::sync::{Arc, Mutex};
+
+    /// An interrupt controller that records line changes, for bus tests.
+    #[derive(Default)]
+    struct RecordingIrqchip {
+        lines: Arc<Mutex<Vec<(u32, bool)>>>,
+    }
+
+    impl Device for RecordingIrqchip {
+        fn name(&self) -> &'static str {
+            "test-irqchip"
+        }
+        fn read(&mut self, _ctx: &mut IoCtx, addr: u64, data: &mut [u8]) {
+            data.fill(addr as u8);
+        }
+        fn write(&mut self, _ctx: &mut IoCtx, _addr: u64, _data: &[u8]) {}
+        fn save(&self) -> DeviceState {
+            DeviceState::DebugExit
+        }
+        fn restore(&mut self, _state: &DeviceState) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    impl InterruptLines for RecordingIrqchip {
+        fn set_irq(&mut self, line: u32, level: bool) {
+            self.lines.lock().unwrap().push((line, level));
+        }
+    }
+
+    impl Irqchip for RecordingIrqchip {
+        fn interrupt_pending(&self) -> bool {
+            false
+        }
+        fn acknowledge(&mut self) -> u8 {
+            0xff
+        }
+    }
+
+    fn machine() -> Machine {
+        let host = Box::new(LiveHost::new(ClockMode::Virtual));
+        let config = MachineConfig {
+            ram_size: 8 << 20,
+            ..MachineConfig::default()
+        };
+        let mut m = Machine::new(config, host, Box::<RecordingIrqchip>::default()).unwrap();
+        m.map_irqchip(&[(0x20, 2)], &[]).unwrap();
+        m.add_device(Box::<PostPort>::default(), &[(0x80, 1)], &[])
+            .unwrap();
+        m.add_device(Box::<DebugExit>::default(), &[(0xf4, 1)], &[])
+            .unwrap();
+        m
+    }
+
+    #[test]
+    fn unmapped_ports_read_all_ones_and_are_counted() {
+        let mut m = machine();
+        let mut b = [0u8; 2];
+        m.pio_read(0x1234, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+        m.pio_write(0x1234, &[1]);
+        m.mmio_write(0xfed0_0000, &[1, 2, 3, 4]);
+        let mut d = [0u8; 4];
+        m.mmio_read(0xfed0_0000, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        let s = m.stats();
+        assert_eq!(s.get("io.unmapped_pio.0x1234"), 2);
+        assert_eq!(s.get("io.unmapped_mmio.0xfed00000"), 2);
+        assert_eq!(m.position().exits, 4);
+    }
+
+    #[test]
+    fn debug_exit_requests_a_stop_with_qemu_status() {
+        let mut m = machine();
+        m.pio_write(0xf4, &[0x10]);
+        let stop = m.take_stop().unwrap();
+        assert_eq!(stop, StopRequest::DebugExit { value: 0x10 });
+        assert_eq!(stop.exit_status(), Some(0x21));
+        assert!(m.take_stop().is_none());
+    }
+
+    #[test]
+    fn post_codes_are_kept_and_read_back() {
+        let mut m = machine();
+        for v in [1u8, 2, 0x55] {
+            m.pio_write(0x80, &[v]);
+        }
+        let mut b = [0u8];
+        m.pio_read(0x80, &mut b);
+        assert_eq!(b, [0x55]);
+        assert_eq!(m.stats().get("io.post.pio_write"), 3);
+        let saved = m.save_devices();
+        assert!(matches!(&saved[1], DeviceState::Post(p) if p.history == vec![1, 2, 0x55]));
+    }
+
+    #[test]
+    fn irqchip_ports_route_to_the_irqchip() {
+        let mut m = machine();
+        let mut b = [0u8];
+        m.pio_read(0x21, &mut b);
+        assert_eq!(b, [0x21]);
+    }
+
+    #[test]
+    fn restore_rejects_a_different_device_set() {
+        let mut m = machine();
+        let mut saved = m.save_devices();
+        saved.pop();
+        assert!(matches!(
+            m.restore_devices(&saved),
+            Err(MachineError::DeviceCountMismatch {
+                expected: 3,
+                found: 2
+            })
+        ));
+        saved.push(DeviceState::DebugExit);
+        saved.swap(1, 2);
+        assert!(matches!(
+            m.restore_devices(&saved),
+            Err(MachineError::Device(_))
+        ));
+    }
+}

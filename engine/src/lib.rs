@@ -1,0 +1,254 @@
+//! Engine selection and the run loop that joins a [`Machine`], a CPU engine and its
+//! [`Host`](deja_machine::Host).
+//!
+//! The loop is the same for both engines and for live, recording and replaying hosts:
+//! the engine runs until an exit; devices are polled at every device exit (exit-synchronous
+//! delivery, engine independent) and, on engines that count instructions, also every
+//! [`Host::poll_quantum`](deja_machine::Host::poll_quantum) instructions; a halted guest
+//! idles until the next device deadline.
+
+use deja_machine::devices::StopRequest;
+use deja_machine::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Machine};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Which CPU engine runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EngineKind {
+    /// The host's KVM.
+    Kvm,
+    /// deja's binary translator.
+    Bt,
+}
+
+impl EngineKind {
+    /// The engine's name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Kvm => "kvm",
+            EngineKind::Bt => "bt",
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Failures of the run loop.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The engine itself failed.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// A device asked to stop (debug exit, reset, power off).
+    Stopped(StopRequest),
+    /// The CPU shut down (triple fault); `state` is the CPU state at that moment.
+    Shutdown {
+        /// The engine's explanation.
+        reason: String,
+        /// The CPU state when it happened.
+        state: Box<CpuState>,
+    },
+    /// The time limit passed.
+    Timeout,
+    /// The instruction limit was reached (engines that count instructions).
+    InstructionLimit,
+    /// Another thread kicked the run (Ctrl-C).
+    Interrupted,
+}
+
+/// Limits of one run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Host wall-clock limit. It decides only when deja stops watching, never what the
+    /// guest sees, so it does not go through the `Host`.
+    pub timeout: Option<Duration>,
+    /// Stop after exactly this many retired instructions (engines that count them).
+    pub max_instructions: Option<u64>,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// How it ended.
+    pub end: RunEnd,
+    /// Retired instructions (0 on engines that cannot count).
+    pub icount: u64,
+    /// Device exits.
+    pub exits: u64,
+    /// Engine and machine counters merged.
+    pub stats: EngineStats,
+    /// Host wall-clock time the run took.
+    pub elapsed: Duration,
+}
+
+impl RunOutcome {
+    /// The process exit status a run maps to: the guest's debug-exit status, 0 for an
+    /// orderly power-off, and distinct codes for everything else.
+    pub fn exit_status(&self) -> i32 {
+        match &self.end {
+            RunEnd::Stopped(s @ StopRequest::DebugExit { .. }) => {
+                s.exit_status().map(|v| (v & 0xff) as i32).unwrap_or(1)
+            }
+            RunEnd::Stopped(StopRequest::PowerOff) => 0,
+            RunEnd::Stopped(StopRequest::Reset { .. }) => 0,
+            RunEnd::Shutdown { .. } => 125,
+            RunEnd::Timeout => 124,
+            RunEnd::InstructionLimit => 0,
+            RunEnd::Interrupted => 130,
+        }
+    }
+}
+
+/// A machine and the engine that runs it.
+pub struct Vm {
+    /// Memory, devices, host.
+    pub machine: Machine,
+    /// The CPU engine.
+    pub cpu: Box<dyn Cpu>,
+    next_poll: u64,
+}
+
+/// Kicks the engine when a deadline passes, unless dropped first.
+struct Watchdog {
+    cancel: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(timeout: Duration, kicker: Kicker) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("deja-watchdog".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
+                    kicker.kick();
+                }
+            })
+            .ok();
+        Self {
+            cancel: Some(tx),
+            thread,
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.cancel.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Vm {
+    /// Joins a machine and an engine whose state has been set up (by a loader).
+    pub fn new(machine: Machine, cpu: Box<dyn Cpu>) -> Self {
+        Self {
+            machine,
+            cpu,
+            next_poll: 0,
+        }
+    }
+
+    /// Engine counters and machine counters together.
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.cpu.stats();
+        s.merge(&self.machine.stats());
+        s
+    }
+
+    /// Runs until the guest stops, shuts down, or a limit passes.
+    pub fn run(&mut self, opts: RunOptions) -> Result<RunOutcome, RunError> {
+        let started = Instant::now();
+        let kicker = self.cpu.kicker();
+        let watchdog = opts.timeout.map(|t| Watchdog::start(t, kicker.clone()));
+        let counts = self.cpu.counts_instructions();
+        if counts && self.next_poll <= self.cpu.icount() {
+            self.schedule_poll();
+        }
+        let end = loop {
+            let stop_at = if counts {
+                Some(
+                    opts.max_instructions
+                        .map_or(self.next_poll, |m| m.min(self.next_poll)),
+                )
+            } else {
+                None
+            };
+            let exit = self.cpu.run(
+                &mut self.machine,
+                Limit {
+                    stop_at_icount: stop_at,
+                },
+            )?;
+            self.machine.set_icount(self.cpu.icount());
+            if let Some(stop) = self.machine.take_stop() {
+                break RunEnd::Stopped(stop);
+            }
+            match exit {
+                Exit::InstructionLimit => {
+                    if opts
+                        .max_instructions
+                        .is_some_and(|m| self.cpu.icount() >= m)
+                    {
+                        break RunEnd::InstructionLimit;
+                    }
+                    if self.cpu.icount() >= self.next_poll {
+                        self.machine.poll();
+                        self.schedule_poll();
+                    }
+                }
+                Exit::DeviceAccess => self.machine.poll(),
+                Exit::Halted => {
+                    self.machine.poll();
+                    if !self.machine.interrupt_pending() {
+                        self.machine.idle();
+                    }
+                }
+                Exit::StopRequested => {}
+                Exit::Shutdown { reason } => {
+                    let state = Box::new(self.cpu.state()?);
+                    break RunEnd::Shutdown { reason, state };
+                }
+                Exit::Kicked => {
+                    let timed_out = opts.timeout.is_some_and(|t| started.elapsed() >= t);
+                    break if timed_out {
+                        RunEnd::Timeout
+                    } else {
+                        RunEnd::Interrupted
+                    };
+                }
+            }
+            if let Some(stop) = self.machine.take_stop() {
+                break RunEnd::Stopped(stop);
+            }
+        };
+        drop(watchdog);
+        // A kick that raced with another exit must not leak into the next run.
+        kicker.take();
+        Ok(RunOutcome {
+            end,
+            icount: self.cpu.icount(),
+            exits: self.machine.position().exits,
+            stats: self.stats(),
+            elapsed: started.elapsed(),
+        })
+    }
+
+    fn schedule_poll(&mut self) {
+        let pos = self.machine.position();
+        let quantum = self.machine.host.poll_quantum(pos).max(1);
+        self.next_poll = self.cpu.icount() + quantum;
+    }
+}

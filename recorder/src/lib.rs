@@ -1,0 +1,1 @@
+//! Live run to trace: the recording `Host` (not implemented yet; see issue #4).

@@ -1,0 +1,1 @@
+//! Trace to deterministic re-execution (not implemented yet; see issue #4).

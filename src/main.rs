@@ -1,0 +1,5 @@
+//! The `deja` command-line program.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

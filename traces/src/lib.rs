@@ -1,0 +1,1 @@
+//! The deja trace format (not implemented yet; see issue #4).
