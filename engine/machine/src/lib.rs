@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod cpuid;
 pub mod devices;
 pub mod host;
+pub mod loader;
 pub mod machine;
 pub mod memory;
 
