@@ -92,13 +92,13 @@ pub struct RunOutcome {
 }
 
 impl RunOutcome {
-    /// The process exit status a run maps to: the guest's debug-exit status, 0 for an
-    /// orderly power-off, and distinct codes for everything else.
+    /// The process exit status a run maps to: the value the guest wrote to isa-debug-exit
+    /// (so a guest that writes 0 exits 0; QEMU would exit `(v << 1) | 1`), 0 for an orderly
+    /// power-off or reset, and distinct codes for everything else (124 timeout, 125 triple
+    /// fault, 130 interrupted).
     pub fn exit_status(&self) -> i32 {
         match &self.end {
-            RunEnd::Stopped(s @ StopRequest::DebugExit { .. }) => {
-                s.exit_status().map(|v| (v & 0xff) as i32).unwrap_or(1)
-            }
+            RunEnd::Stopped(StopRequest::DebugExit { value }) => (value & 0xff) as i32,
             RunEnd::Stopped(StopRequest::PowerOff) => 0,
             RunEnd::Stopped(StopRequest::Reset { .. }) => 0,
             RunEnd::Shutdown { .. } => 125,
