@@ -545,3 +545,85 @@ pub trait Cpu: Send {
     /// A handle other threads can use to interrupt [`Cpu::run`].
     fn kicker(&self) -> Kicker;
 }
+
+impl std::fmt::Display for CpuState {
+    /// A register dump in the layout kernel developers know from QEMU's `info registers`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for row in 0..4 {
+            let line: Vec<String> = (0..4)
+                .map(|c| {
+                    let i = row * 4 + c;
+                    format!("{:>3}={:016x}", gpr::NAMES[i].to_uppercase(), self.gpr[i])
+                })
+                .collect();
+            writeln!(f, "{}", line.join(" "))?;
+        }
+        writeln!(
+            f,
+            "RIP={:016x} RFL={:08x} CPL={} {}",
+            self.rip,
+            self.rflags,
+            self.cpl(),
+            mode_name(self)
+        )?;
+        for (i, s) in self.seg.iter().enumerate() {
+            writeln!(
+                f,
+                "{:<3}={:04x} {:016x} {:08x} {:05x}",
+                seg::NAMES[i].to_uppercase(),
+                s.selector,
+                s.base,
+                s.limit,
+                s.access_rights()
+            )?;
+        }
+        for (name, s) in [("LDT", &self.ldtr), ("TR", &self.tr)] {
+            writeln!(
+                f,
+                "{name:<3}={:04x} {:016x} {:08x} {:05x}",
+                s.selector,
+                s.base,
+                s.limit,
+                s.access_rights()
+            )?;
+        }
+        writeln!(
+            f,
+            "GDT=     {:016x} {:08x}",
+            self.gdtr.base, self.gdtr.limit
+        )?;
+        writeln!(
+            f,
+            "IDT=     {:016x} {:08x}",
+            self.idtr.base, self.idtr.limit
+        )?;
+        writeln!(
+            f,
+            "CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x} CR8={:x}",
+            self.cr0, self.cr2, self.cr3, self.cr4, self.cr8
+        )?;
+        write!(
+            f,
+            "EFER={:016x} DR6={:x} DR7={:x}",
+            self.efer, self.dr6, self.dr7
+        )
+    }
+}
+
+/// The CPU mode as a word: real, vm86, protected16/32, compat, long.
+pub fn mode_name(s: &CpuState) -> &'static str {
+    let cs = &s.seg[seg::CS];
+    if s.cr0 & 1 == 0 {
+        "real"
+    } else if s.rflags & (1 << 17) != 0 {
+        "vm86"
+    } else if s.efer & (1 << 10) != 0 && cs.l {
+        "long"
+    } else if s.efer & (1 << 10) != 0 {
+        "compat"
+    } else if cs.db {
+        "protected32"
+    } else {
+        "protected16"
+    }
+}
