@@ -1,1 +1,166 @@
-//! The guest corpus, assembled in Rust with iced-x86 (not implemented yet; see issue #2).
+//! The guest corpus: small x86 guests assembled in Rust with iced-x86's `code_asm`.
+//!
+//! Every guest is a raw image entered in real mode at [`LOAD_ADDR`]; it boots itself to long
+//! mode (own GDT and page tables), talks through COM1 (0x3f8, polling LSR.THRE before each
+//! byte) and reports through isa-debug-exit (port 0xf4): 0 when its checks pass,
+//! [`EXIT_CHECK_FAILED`] when one fails, [`EXIT_UNEXPECTED_VECTOR`] on an exception or
+//! interrupt it did not expect (after printing the vector, error code and RIP).
+//!
+//! Guests are deliberately short (a few thousand instructions): on hosts where KVM emulates
+//! ring-0 code (PVM) every guest instruction costs about a microsecond.
+
+pub mod echo;
+pub mod hello;
+mod link;
+mod rt;
+pub mod timer;
+
+pub use link::LinkError;
+pub use rt::{EXIT_CHECK_FAILED, EXIT_PASS, EXIT_UNEXPECTED_VECTOR, LOAD_ADDR};
+
+use deja_machine::loader::Image;
+use thiserror::Error;
+
+/// Failures building a guest image.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    /// The guest's code could not be assembled or linked (a bug in the guest's source).
+    #[error("building guest {guest:?}: {source}")]
+    Link {
+        /// The guest.
+        guest: &'static str,
+        /// What went wrong.
+        source: LinkError,
+    },
+}
+
+/// A built-in guest: a name to ask for it by and a recipe for its image.
+pub struct Guest {
+    /// The name `deja run guest:NAME` uses.
+    pub name: &'static str,
+    /// One line on what it exercises and what success looks like.
+    pub description: &'static str,
+    build: fn() -> Result<Image, LinkError>,
+}
+
+impl Guest {
+    /// Assembles the guest's image.
+    pub fn image(&self) -> Result<Image, GuestError> {
+        (self.build)().map_err(|source| GuestError::Link {
+            guest: self.name,
+            source,
+        })
+    }
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest").field("name", &self.name).finish()
+    }
+}
+
+static GUESTS: [Guest; 3] = [
+    Guest {
+        name: "hello",
+        description: "real -> protected -> long mode with its own GDT and page tables; \
+                      greets on COM1 and exits 0",
+        build: hello::build,
+    },
+    Guest {
+        name: "echo",
+        description: "echoes COM1 input until EOT (0x04) using IRQ 4 through the 8259A and \
+                      HLT while idle; exits 0",
+        build: echo::build,
+    },
+    Guest {
+        name: "timer",
+        description: "counts PIT channel 0 interrupts in a HLT loop and checks them against \
+                      channel 2 time; prints both, exits 0 if they agree within 5%",
+        build: timer::build,
+    },
+];
+
+/// Every built-in guest, in a stable order.
+pub fn all() -> &'static [Guest] {
+    &GUESTS
+}
+
+/// The built-in guest called `name`.
+pub fn find(name: &str) -> Option<&'static Guest> {
+    GUESTS.iter().find(|g| g.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deja_machine::loader::{EntryMode, ImageFormat};
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+
+    #[test]
+    fn every_guest_assembles_into_a_sane_real_mode_image() {
+        assert!(!all().is_empty());
+        for g in all() {
+            let image = g.image().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(image.name, format!("guest:{}", g.name));
+            assert_eq!(
+                image.format,
+                ImageFormat::Raw {
+                    load_addr: LOAD_ADDR,
+                    entry: LOAD_ADDR,
+                    mode: EntryMode::Real
+                },
+                "{}",
+                g.name
+            );
+            // Big enough to hold three modes' code, small enough to stay below the VGA hole
+            // and fast to run.
+            assert!(
+                (256..16 * 1024).contains(&image.bytes.len()),
+                "{}: {} bytes",
+                g.name,
+                image.bytes.len()
+            );
+            assert!(LOAD_ADDR + image.bytes.len() as u64 <= 0xa_0000);
+            assert!(!g.description.is_empty());
+        }
+    }
+
+    #[test]
+    fn building_is_deterministic() {
+        for g in all() {
+            assert_eq!(g.image().unwrap(), g.image().unwrap(), "{}", g.name);
+        }
+    }
+
+    #[test]
+    fn find_knows_every_guest_and_nothing_else() {
+        for g in all() {
+            assert_eq!(find(g.name).map(|f| f.name), Some(g.name));
+        }
+        assert!(find("no-such-guest").is_none());
+        let mut names: Vec<_> = all().iter().map(|g| g.name).collect();
+        names.dedup();
+        assert_eq!(names.len(), all().len());
+    }
+
+    #[test]
+    fn images_start_with_a_far_jump_to_the_real_mode_code() {
+        for g in all() {
+            let image = g.image().unwrap();
+            let mut d = Decoder::with_ip(16, &image.bytes, LOAD_ADDR, DecoderOptions::NONE);
+            let first = d.decode();
+            assert_eq!(first.mnemonic(), Mnemonic::Jmp, "{}", g.name);
+            assert_eq!(first.far_branch_selector(), 0);
+            assert_eq!(u64::from(first.far_branch16()), LOAD_ADDR + 5);
+        }
+    }
+
+    #[test]
+    fn the_gdt_holds_flat_32_bit_and_64_bit_code_segments() {
+        let image = find("hello").unwrap().image().unwrap();
+        let gdt = 0x00cf_9a00_0000_ffffu64.to_le_bytes();
+        let code64 = 0x00af_9a00_0000_ffffu64.to_le_bytes();
+        assert!(image.bytes.windows(8).any(|w| w == gdt));
+        assert!(image.bytes.windows(8).any(|w| w == code64));
+    }
+}
