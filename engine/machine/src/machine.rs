@@ -26,6 +26,16 @@ pub enum MachineError {
     /// A saved device state does not fit.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A read-only memory range could not be added (see [`Machine::add_rom`]).
+    #[error("cannot map a {len:#x}-byte ROM at {addr:#x}: {reason}")]
+    Rom {
+        /// Guest-physical address asked for.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// A saved machine state has a different set of devices.
     #[error("saved state has {found} devices, this machine has {expected}")]
     DeviceCountMismatch {
@@ -148,6 +158,52 @@ impl Machine {
         }
         self.devices.push(device);
         Ok(id)
+    }
+
+    /// Maps `bytes` as read-only memory at `addr` (a firmware ROM) and records the range in
+    /// [`MemoryLayout::rom`], so that engines map it read-only (kvm: `KVM_MEM_READONLY`; bt:
+    /// writes are dropped). Engines take their memory map when they are created, so ROMs
+    /// must be added before that (the loader does it). `addr` and the length must be whole
+    /// 4 KiB pages, and the range may overlap neither RAM nor another ROM.
+    pub fn add_rom(&mut self, addr: u64, bytes: &[u8]) -> Result<(), MachineError> {
+        use vm_memory::{Bytes, GuestAddress, GuestRegionMmap};
+        let len = bytes.len() as u64;
+        let err = |reason: String| MachineError::Rom { addr, len, reason };
+        if len == 0 || !len.is_multiple_of(4096) || !addr.is_multiple_of(4096) {
+            return Err(err(
+                "address and length must be non-zero multiples of 4 KiB".to_string(),
+            ));
+        }
+        let end = addr
+            .checked_add(len)
+            .ok_or_else(|| err("the range wraps past the end of the address space".into()))?;
+        for r in self.layout.ranges.iter().chain(&self.layout.rom) {
+            if addr < r.end() && r.start < end {
+                let what = if self.layout.rom.contains(r) {
+                    "ROM"
+                } else {
+                    "RAM"
+                };
+                return Err(err(format!(
+                    "it overlaps {what} at {:#x}..{:#x}",
+                    r.start,
+                    r.end()
+                )));
+            }
+        }
+        let region = GuestRegionMmap::<()>::from_range(GuestAddress(addr), bytes.len(), None)
+            .map_err(|e| err(format!("allocating host memory failed: {e}")))?;
+        let mem = self
+            .mem
+            .insert_region(std::sync::Arc::new(region))
+            .map_err(|e| err(format!("inserting the region failed: {e}")))?;
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| err(format!("writing the ROM contents failed: {e}")))?;
+        self.mem = mem;
+        let range = crate::memory::RamRange { start: addr, len };
+        let at = self.layout.rom.partition_point(|r| r.start < addr);
+        self.layout.rom.insert(at, range);
+        Ok(())
     }
 
     /// Maps the interrupt controller's registers.

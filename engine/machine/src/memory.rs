@@ -87,6 +87,11 @@ pub struct MemoryLayout {
     pub below_4g: u64,
     /// RAM bytes at and above 4 GiB.
     pub above_4g: u64,
+    /// Read-only memory ranges (firmware ROMs, added by [`crate::Machine::add_rom`]),
+    /// ascending and disjoint, never overlapping `ranges`. They are regions of the guest
+    /// memory like RAM, but engines must map them read-only: kvm with a `KVM_MEM_READONLY`
+    /// slot (guest writes then exit as MMIO and are dropped), bt by ignoring the writes.
+    pub rom: Vec<RamRange>,
 }
 
 impl MemoryLayout {
@@ -125,6 +130,7 @@ impl MemoryLayout {
             ranges,
             below_4g,
             above_4g,
+            rom: Vec::new(),
         })
     }
 
@@ -135,7 +141,13 @@ impl MemoryLayout {
             .any(|r| (r.start..r.end()).contains(&addr))
     }
 
-    /// Allocates anonymous host memory for every range.
+    /// Whether `addr` is inside a read-only range (see [`MemoryLayout::rom`]).
+    pub fn is_rom(&self, addr: u64) -> bool {
+        self.rom.iter().any(|r| (r.start..r.end()).contains(&addr))
+    }
+
+    /// Allocates anonymous host memory for every RAM range (ROMs are added later, by
+    /// [`crate::Machine::add_rom`]).
     pub fn allocate(&self) -> Result<GuestMemoryMmap, MemoryError> {
         let ranges: Vec<(GuestAddress, usize)> = self
             .ranges

@@ -4,8 +4,28 @@
 //! multiboot v1 kernel (`-kernel`), and a firmware ROM started from the reset vector
 //! (`-bios`). An image file may carry a JSON sidecar (`IMAGE.json`) describing its
 //! [`ImageFormat`], which is how `deja guests build` writes the built-in guests.
+//!
+//! Order of use: build the [`Machine`], call [`load`] (which may add a ROM region to guest
+//! memory, so it must come before any engine exists), create the engine from the machine,
+//! then give it the returned [`CpuState`] with `Cpu::set_state`.
+//!
+//! The fixed guest addresses the loaders write to (GDT, page tables, stack, multiboot
+//! information) are the constants of [`boot`] and [`multiboot`]; every loader refuses an
+//! image that would overlap what it needs there, rather than silently overwriting either.
 
+pub mod boot;
+pub mod elf;
+pub mod firmware;
+pub mod multiboot;
+pub mod raw;
+
+use crate::cpu::CpuState;
+use crate::machine::{Machine, MachineError};
+use crate::memory::MemoryLayout;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
 
 /// The CPU mode a raw image is entered in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -17,6 +37,33 @@ pub enum EntryMode {
     Protected,
     /// 64-bit long mode with identity-mapped page tables and a GDT built by deja.
     Long,
+}
+
+impl EntryMode {
+    /// The mode's name as the CLI and sidecars spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryMode::Real => "real",
+            EntryMode::Protected => "protected",
+            EntryMode::Long => "long",
+        }
+    }
+}
+
+impl std::str::FromStr for EntryMode {
+    type Err = LoadError;
+
+    /// Parses `real`, `protected` or `long` (what `--mode` takes).
+    fn from_str(s: &str) -> Result<Self, LoadError> {
+        match s {
+            "real" => Ok(EntryMode::Real),
+            "protected" => Ok(EntryMode::Protected),
+            "long" => Ok(EntryMode::Long),
+            other => Err(LoadError::BadEntryMode {
+                text: other.to_string(),
+            }),
+        }
+    }
 }
 
 /// How an image is loaded.
@@ -49,3 +96,417 @@ pub struct Image {
     /// How to load it.
     pub format: ImageFormat,
 }
+
+/// Largest image file [`Image::from_file`] reads: nothing larger fits below 4 GiB.
+pub const MAX_IMAGE_FILE: u64 = crate::memory::FOUR_GIB;
+/// Largest sidecar [`Image::from_file`] reads (a sidecar is a few dozen bytes).
+pub const MAX_SIDECAR_FILE: u64 = 64 << 10;
+
+/// Everything that can go wrong while reading or loading an image. Messages say what is
+/// wrong, where (offsets, addresses, field names) and, where it helps, what to do instead.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The image has no bytes.
+    #[error("image {name} is empty")]
+    Empty {
+        /// The image's name.
+        name: String,
+    },
+    /// Something the loader must write does not lie entirely in RAM.
+    #[error(
+        "{what} at {start:#x}..{end:#x} is not entirely in RAM (RAM is {ram}; \
+         {hint})"
+    )]
+    NotInRam {
+        /// What was to be placed (e.g. "image hello.bin").
+        what: String,
+        /// First address.
+        start: u64,
+        /// One past the last address.
+        end: u64,
+        /// The RAM ranges of this machine, for the message.
+        ram: String,
+        /// Why (VGA hole, above RAM, ...).
+        hint: String,
+    },
+    /// The image would overwrite a structure the loader builds at a fixed address.
+    #[error(
+        "{what} at {start:#x}..{end:#x} overlaps {other} at {other_start:#x}..{other_end:#x}, \
+         which the {format} loader writes there; load it elsewhere"
+    )]
+    Overlap {
+        /// What was to be placed.
+        what: String,
+        /// First address.
+        start: u64,
+        /// One past the last address.
+        end: u64,
+        /// The loader's structure (e.g. "the GDT").
+        other: &'static str,
+        /// Its first address.
+        other_start: u64,
+        /// One past its last address.
+        other_end: u64,
+        /// Which loader (raw protected, raw long, multiboot).
+        format: &'static str,
+    },
+    /// The entry point is not in RAM.
+    #[error("entry point {entry:#x} of {name} is not in RAM (RAM is {ram})")]
+    EntryNotInRam {
+        /// The image's name.
+        name: String,
+        /// The entry point.
+        entry: u64,
+        /// The RAM ranges of this machine.
+        ram: String,
+    },
+    /// A real-mode entry point above what CS:IP can reach (0x10ffef with A20 on).
+    #[error(
+        "real-mode entry point {entry:#x} is beyond what CS:IP can reach (at most 0x10ffef); \
+         use --mode protected or long, or a lower address"
+    )]
+    RealModeEntryUnreachable {
+        /// The entry point.
+        entry: u64,
+    },
+    /// No 4 KiB of free RAM for the initial stack.
+    #[error("no free 4 KiB of RAM for the initial stack of {name} (tried {tried})")]
+    NoRoomForStack {
+        /// The image's name.
+        name: String,
+        /// The candidate stack ranges tried.
+        tried: String,
+    },
+    /// A `--mode` value that is not an entry mode.
+    #[error("unknown entry mode {text:?}: expected real, protected or long")]
+    BadEntryMode {
+        /// What was given.
+        text: String,
+    },
+    /// No multiboot header in the first 8 KiB.
+    #[error(
+        "{name}: no multiboot header (magic 0x1badb002 at a 4-byte aligned offset below \
+         {searched:#x}) and no sidecar {name}.json; say what the file is with --bios FILE, or \
+         --raw ADDR --entry ADDR --mode real|protected|long, or write a sidecar"
+    )]
+    NotMultiboot {
+        /// The image's name.
+        name: String,
+        /// How many bytes were searched.
+        searched: usize,
+    },
+    /// A multiboot magic was found but no header around it has a valid checksum.
+    #[error(
+        "{name}: multiboot header at offset {offset:#x} has a bad checksum: flags {flags:#x}, \
+         checksum {checksum:#x}, magic + flags + checksum = {sum:#x} (must be 0)"
+    )]
+    MultibootChecksum {
+        /// The image's name.
+        name: String,
+        /// Offset of the first magic found.
+        offset: usize,
+        /// Its flags field.
+        flags: u32,
+        /// Its checksum field.
+        checksum: u32,
+        /// The 32-bit sum that should have been zero.
+        sum: u32,
+    },
+    /// A multiboot header field is inconsistent (a.out kludge addresses, truncation).
+    #[error("{name}: multiboot header at offset {offset:#x}: {problem}")]
+    MultibootHeader {
+        /// The image's name.
+        name: String,
+        /// Offset of the header in the file.
+        offset: usize,
+        /// What is wrong, naming the field and its value.
+        problem: String,
+    },
+    /// QEMU refuses 64-bit multiboot ELF kernels with exactly this message.
+    #[error("{name}: Cannot load x86-64 image, give a 32bit one.")]
+    X86_64Multiboot {
+        /// The image's name.
+        name: String,
+    },
+    /// The ELF file is malformed.
+    #[error("{name}: {source}")]
+    Elf {
+        /// The image's name.
+        name: String,
+        /// What is wrong.
+        source: elf::ElfError,
+    },
+    /// The command line cannot be passed to the guest.
+    #[error("the kernel command line contains a NUL byte at offset {offset}")]
+    CmdlineNul {
+        /// Where the NUL is.
+        offset: usize,
+    },
+    /// A firmware ROM of a size deja (like QEMU) does not accept.
+    #[error(
+        "firmware {name} is {size:#x} bytes; a ROM must be a non-zero multiple of 64 KiB and at \
+         most {max:#x} bytes (as QEMU's -bios requires)"
+    )]
+    RomSize {
+        /// The image's name.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// The largest accepted size.
+        max: u64,
+    },
+    /// The machine refused a ROM mapping.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// Writing guest memory failed (an address that was checked to be RAM was not).
+    #[error("writing {len:#x} bytes of guest memory at {addr:#x} failed: {detail}")]
+    GuestWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// What vm-memory said.
+        detail: String,
+    },
+    /// An image or sidecar file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file is larger than deja can load.
+    #[error("{path}: {size:#x} bytes is larger than the {max:#x} bytes deja reads")]
+    FileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A sidecar does not hold an [`ImageFormat`].
+    #[error(
+        "{path}: not a valid image description: {source} (expected e.g. \
+         {{\"format\":\"raw\",\"load_addr\":4096,\"entry\":4096,\"mode\":\"real\"}}, \
+         {{\"format\":\"multiboot\"}} or {{\"format\":\"firmware\"}})"
+    )]
+    Sidecar {
+        /// The sidecar file.
+        path: PathBuf,
+        /// What serde_json said.
+        source: serde_json::Error,
+    },
+}
+
+impl Image {
+    /// A raw image: `bytes` at `load_addr`, entered at `entry` in `mode`.
+    pub fn raw(
+        name: impl Into<String>,
+        bytes: Vec<u8>,
+        load_addr: u64,
+        entry: u64,
+        mode: EntryMode,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            bytes,
+            format: ImageFormat::Raw {
+                load_addr,
+                entry,
+                mode,
+            },
+        }
+    }
+
+    /// A multiboot kernel.
+    pub fn multiboot(name: impl Into<String>, bytes: Vec<u8>) -> Self {
+        Self {
+            name: name.into(),
+            bytes,
+            format: ImageFormat::Multiboot,
+        }
+    }
+
+    /// A firmware ROM (what `--bios FILE` gives).
+    pub fn firmware(name: impl Into<String>, bytes: Vec<u8>) -> Self {
+        Self {
+            name: name.into(),
+            bytes,
+            format: ImageFormat::Firmware,
+        }
+    }
+
+    /// Names `bytes` as an image when nobody said what it is: a multiboot kernel if it has a
+    /// valid multiboot header, else an error that says how to describe it.
+    pub fn detect(name: impl Into<String>, bytes: Vec<u8>) -> Result<Self, LoadError> {
+        let name = name.into();
+        multiboot::find_header(&name, &bytes)?;
+        Ok(Self::multiboot(name, bytes))
+    }
+
+    /// Reads an image file. If `PATH.json` exists it says what the file is (the serde form
+    /// of [`ImageFormat`]); otherwise a file with a multiboot header is a multiboot kernel;
+    /// anything else is an error explaining the options (`--bios`, `--raw`, a sidecar).
+    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let name = path.display().to_string();
+        let bytes = read_bounded(path, MAX_IMAGE_FILE)?;
+        let sidecar = sidecar_path(path);
+        match std::fs::metadata(&sidecar) {
+            Ok(_) => {
+                let text = read_bounded(&sidecar, MAX_SIDECAR_FILE)?;
+                let format =
+                    serde_json::from_slice(&text).map_err(|source| LoadError::Sidecar {
+                        path: sidecar.clone(),
+                        source,
+                    })?;
+                Ok(Self {
+                    name,
+                    bytes,
+                    format,
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::detect(name, bytes),
+            Err(source) => Err(LoadError::Io {
+                path: sidecar,
+                source,
+            }),
+        }
+    }
+
+    /// Writes the bytes to `path` and the format to `PATH.json`, so that
+    /// [`Image::from_file`] reads back the same image (what `deja guests build` does).
+    /// Returns the sidecar's path.
+    pub fn write_with_sidecar(&self, path: &Path) -> Result<PathBuf, LoadError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LoadError::Io { path, source }
+        };
+        std::fs::write(path, &self.bytes).map_err(io(path))?;
+        let sidecar = sidecar_path(path);
+        let mut json =
+            serde_json::to_string_pretty(&self.format).map_err(|source| LoadError::Sidecar {
+                path: sidecar.clone(),
+                source,
+            })?;
+        json.push('\n');
+        std::fs::write(&sidecar, json).map_err(io(&sidecar))?;
+        Ok(sidecar)
+    }
+}
+
+/// `PATH.json`: the sidecar that describes the image at `path`.
+pub fn sidecar_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(".json");
+    PathBuf::from(s)
+}
+
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(io)?.len();
+    if size > max {
+        return Err(LoadError::FileTooLarge {
+            path: path.to_path_buf(),
+            size,
+            max,
+        });
+    }
+    std::fs::read(path).map_err(io)
+}
+
+/// Writes `image` (and whatever its entry mode needs: GDT, page tables, multiboot
+/// information, ROM mapping) into the machine's memory and returns the CPU state to start
+/// from. Call it before creating the engine: a firmware image adds a ROM region.
+pub fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, LoadError> {
+    if image.bytes.is_empty() {
+        return Err(LoadError::Empty {
+            name: image.name.clone(),
+        });
+    }
+    match image.format {
+        ImageFormat::Raw {
+            load_addr,
+            entry,
+            mode,
+        } => raw::load(machine, image, load_addr, entry, mode),
+        ImageFormat::Multiboot => multiboot::load(machine, image),
+        ImageFormat::Firmware => firmware::load(machine, image),
+    }
+}
+
+/// The RAM ranges as `0x0..0xa0000, 0xc0000..0x10000000`, for messages.
+pub(crate) fn describe_ram(layout: &MemoryLayout) -> String {
+    layout
+        .ranges
+        .iter()
+        .map(|r| format!("{:#x}..{:#x}", r.start, r.end()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks that `[start, end)` lies inside one RAM range.
+pub(crate) fn ensure_ram(
+    layout: &MemoryLayout,
+    what: impl FnOnce() -> String,
+    start: u64,
+    end: u64,
+) -> Result<(), LoadError> {
+    if start < end
+        && layout
+            .ranges
+            .iter()
+            .any(|r| r.start <= start && end <= r.end())
+    {
+        return Ok(());
+    }
+    let top = layout.ranges.last().map_or(0, |r| r.end());
+    let hint = if start < crate::memory::VGA_HOLE_END && crate::memory::VGA_HOLE_START < end {
+        "the legacy VGA window 0xa0000..0xc0000 is not RAM".to_string()
+    } else if end > top {
+        format!("RAM ends at {top:#x}; give the machine more memory or load it lower")
+    } else {
+        "it falls in a hole between RAM ranges".to_string()
+    };
+    Err(LoadError::NotInRam {
+        what: what(),
+        start,
+        end,
+        ram: describe_ram(layout),
+        hint,
+    })
+}
+
+/// Writes `bytes` at `addr` (already checked to be RAM).
+pub(crate) fn write(machine: &Machine, addr: u64, bytes: &[u8]) -> Result<(), LoadError> {
+    machine
+        .mem
+        .write_slice(bytes, GuestAddress(addr))
+        .map_err(|e| LoadError::GuestWrite {
+            addr,
+            len: bytes.len() as u64,
+            detail: e.to_string(),
+        })
+}
+
+/// Zero-fills `[addr, addr + len)` (already checked to be RAM) without allocating `len`.
+pub(crate) fn zero(machine: &Machine, addr: u64, len: u64) -> Result<(), LoadError> {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64);
+        write(machine, addr + done, &ZEROS[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,872 @@
+//! Tests of every loader and entry mode: the CPU state, and the bytes each loader leaves in
+//! guest memory (GDT, page tables, MBI, memory map, ROM), checked by independent decoders.
+
+use super::boot::*;
+use super::multiboot::{MBI_ADDR, MMAP_ADDR, MMAP_RAM, MMAP_RESERVED, MmapEntry};
+use super::testutil::*;
+use super::*;
+use crate::cpu::{Segment, gpr, seg};
+
+fn raw(bytes: Vec<u8>, load_addr: u64, entry: u64, mode: EntryMode) -> Image {
+    Image::raw("test.bin", bytes, load_addr, entry, mode)
+}
+
+fn code(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 1) as u8).collect()
+}
+
+/// Checks that every segment cache equals what loading its selector from the GDT in guest
+/// memory gives, and that the GDTR covers the selectors.
+fn assert_segments_match_gdt(m: &Machine, s: &CpuState) {
+    assert_eq!(s.gdtr.base, GDT_ADDR);
+    for (i, sg) in s.seg.iter().enumerate() {
+        let sel = u64::from(sg.selector);
+        assert!(
+            sel + 7 <= u64::from(s.gdtr.limit),
+            "{} beyond GDTR",
+            seg::NAMES[i]
+        );
+        let d = read_u64(m, GDT_ADDR + sel);
+        assert_eq!(*sg, decode_descriptor(sg.selector, d), "{}", seg::NAMES[i]);
+    }
+}
+
+#[test]
+fn real_mode_boot_sector_gets_bios_like_state() {
+    let mut m = machine();
+    let img = raw(code(512), 0x7c00, 0x7c00, EntryMode::Real);
+    let s = load(&mut m, &img).unwrap();
+    assert_eq!(read(&m, 0x7c00, 512), img.bytes);
+    assert_eq!(s.seg[seg::CS], Segment::real_mode(0, true));
+    assert_eq!(s.rip, 0x7c00);
+    for i in [seg::DS, seg::ES, seg::FS, seg::GS, seg::SS] {
+        assert_eq!(s.seg[i], Segment::real_mode(0, false), "{}", seg::NAMES[i]);
+    }
+    assert_eq!(s.gpr[gpr::RSP], 0x7c00);
+    assert_eq!(s.cr0, CR0_ET);
+    assert_eq!(s.rflags, 2);
+    assert_eq!(s.msrs, CpuState::reset().msrs);
+    // Nothing but the image is written in real mode.
+    assert_eq!(read(&m, GDT_ADDR, 64), vec![0; 64]);
+}
+
+#[test]
+fn real_mode_cs_ip_and_stack_table() {
+    // (load_addr, entry, cs, ip, ss, sp)
+    let cases: [(u64, u64, u16, u64, u16, u64); 6] = [
+        (0x1000, 0x1234, 0, 0x1234, 0, 0x1000),
+        (0x10000, 0x10000, 0x1000, 0, 0, 0),
+        (0x10000, 0x10105, 0x1010, 5, 0, 0),
+        (0x20000, 0x20000, 0x2000, 0, 0x1000, 0),
+        (0x500, 0x500, 0, 0x500, 0, 0),
+        (0xf0000, 0x100010, 0xffff, 0x20, 0xe000, 0),
+    ];
+    for (load_addr, entry, cs, ip, ss, sp) in cases {
+        let mut m = machine();
+        let s = load(&mut m, &raw(code(0x200), load_addr, entry, EntryMode::Real)).unwrap();
+        let what = format!("load {load_addr:#x} entry {entry:#x}");
+        assert_eq!(s.seg[seg::CS].selector, cs, "{what}");
+        assert_eq!(s.seg[seg::CS].base + s.rip, entry, "{what}");
+        assert_eq!(s.rip, ip, "{what}");
+        assert_eq!(s.seg[seg::DS], Segment::real_mode(cs, false), "{what}");
+        assert_eq!(s.seg[seg::SS].selector, ss, "{what}");
+        assert_eq!(s.gpr[gpr::RSP], sp, "{what}");
+        // The stack's top is at or below the image.
+        let top = s.seg[seg::SS].base + if sp == 0 { 0x10000 } else { sp };
+        assert!(load_addr < 0x1000 || top <= load_addr, "{what}");
+    }
+}
+
+#[test]
+fn real_mode_entry_beyond_cs_ip_reach_is_refused() {
+    let mut m = machine();
+    let err = load(&mut m, &raw(code(16), 0x200000, 0x200000, EntryMode::Real)).unwrap_err();
+    assert!(matches!(
+        err,
+        LoadError::RealModeEntryUnreachable { entry: 0x200000 }
+    ));
+    assert!(err.to_string().contains("--mode protected"));
+}
+
+#[test]
+fn protected_mode_flat_gdt_and_state() {
+    let mut m = machine();
+    let img = raw(code(0x300), 0x100000, 0x100010, EntryMode::Protected);
+    let s = load(&mut m, &img).unwrap();
+    assert_eq!(read(&m, 0x100000, 0x300), img.bytes);
+    assert_eq!(s.rip, 0x100010);
+    assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+    assert_eq!(s.efer, 0);
+    assert_eq!(s.seg[seg::CS].selector, 0x08);
+    assert!(s.seg[seg::CS].db && !s.seg[seg::CS].l);
+    for i in [seg::DS, seg::ES, seg::FS, seg::GS, seg::SS] {
+        assert_eq!(s.seg[i].selector, 0x10);
+        assert_eq!((s.seg[i].base, s.seg[i].limit), (0, 0xffff_ffff));
+    }
+    assert_segments_match_gdt(&m, &s);
+    assert_eq!(s.gdtr.limit, 5 * 8 - 1);
+    // The real-mode return segments at 0x18 and 0x20.
+    assert_eq!(
+        decode_descriptor(0x18, read_u64(&m, GDT_ADDR + 0x18)),
+        Segment {
+            selector: 0x18,
+            ..Segment::real_mode(0, true)
+        }
+    );
+    assert_eq!(
+        decode_descriptor(0x20, read_u64(&m, GDT_ADDR + 0x20)),
+        Segment {
+            selector: 0x20,
+            ..Segment::real_mode(0, false)
+        }
+    );
+    assert_eq!(s.gpr[gpr::RSP], STACK_TOP);
+    assert_eq!(s.rflags, 2);
+}
+
+#[test]
+fn long_mode_identity_maps_4gib_and_enables_paging() {
+    let mut m = machine();
+    let img = raw(code(0x100), 0x200000, 0x200000, EntryMode::Long);
+    let s = load(&mut m, &img).unwrap();
+    assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
+    assert_ne!(s.cr4 & CR4_PAE, 0);
+    assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+    assert_eq!(s.cr3, PML4_ADDR);
+    assert!(s.seg[seg::CS].l && !s.seg[seg::CS].db);
+    assert_segments_match_gdt(&m, &s);
+    assert_eq!(
+        decode_descriptor(0x18, read_u64(&m, GDT_ADDR + 0x18)),
+        Segment::flat(0x18, true, false)
+    );
+    for addr in [
+        0u64,
+        0x7c00,
+        0x1f_ffff,
+        0x20_0000,
+        0x123_4567,
+        0xbfff_fff8,
+        0xfee0_0000,
+        0xffff_fff0,
+    ] {
+        assert_eq!(walk(&m, s.cr3, addr), Some(addr), "{addr:#x}");
+    }
+    assert_eq!(walk(&m, s.cr3, 0x1_0000_0000), None);
+    assert_eq!(walk(&m, s.cr3, 0xffff_8000_0000_0000), None);
+    assert_eq!(s.gpr[gpr::RSP], STACK_TOP);
+}
+
+#[test]
+fn loader_structures_are_not_overwritten_by_images() {
+    // (mode, load_addr, structure named in the error)
+    let cases = [
+        (EntryMode::Protected, 0x500, "the GDT"),
+        (EntryMode::Protected, 0x400, "the GDT"),
+        (EntryMode::Long, 0x520, "the GDT"),
+        (EntryMode::Long, 0x3000, "the long-mode page tables"),
+        (EntryMode::Long, 0x6fff, "the long-mode page tables"),
+    ];
+    for (mode, addr, what) in cases {
+        let mut m = machine();
+        let err = load(&mut m, &raw(code(0x200), addr, addr, mode)).unwrap_err();
+        match err {
+            LoadError::Overlap { other, .. } => assert_eq!(other, what, "{mode:?} {addr:#x}"),
+            e => panic!("{mode:?} {addr:#x}: {e}"),
+        }
+    }
+    // Real mode writes no structures, and long mode fits right after the tables.
+    let mut m = machine();
+    load(&mut m, &raw(code(0x200), 0x500, 0x500, EntryMode::Real)).unwrap();
+    load(&mut m, &raw(code(0x200), 0x7000, 0x7000, EntryMode::Long)).unwrap();
+}
+
+#[test]
+fn stack_moves_out_of_the_image_s_way() {
+    // (mode, load_addr, len, expected stack top)
+    let cases = [
+        (EntryMode::Protected, 0x7400, 0x100, 0x7400), // below the image
+        (EntryMode::Protected, 0x2000, 0x6000, 0x2000), // below, above the GDT
+        (EntryMode::Protected, 0x1000, 0x7000, 0x8c00), // below would hit the GDT
+        (EntryMode::Long, 0x7000, 0x1000, 0x8c00),     // below would hit the page tables
+        (EntryMode::Long, 0x8000, 0x100, STACK_TOP),
+    ];
+    for (mode, addr, len, top) in cases {
+        let mut m = machine();
+        let s = load(&mut m, &raw(code(len), addr, addr, mode)).unwrap();
+        assert_eq!(s.gpr[gpr::RSP], top, "{mode:?} {addr:#x}");
+    }
+}
+
+#[test]
+fn raw_images_must_be_in_ram() {
+    let cases: [(u64, usize, u64, &str); 5] = [
+        (0x9f000, 0x2000, 0x9f000, "VGA"),
+        (0xa0000, 0x10, 0xa0000, "VGA"),
+        (0xff0000, 0x20000, 0xff0000, "RAM ends at 0x1000000"),
+        (u64::MAX - 4, 0x10, 0x1000, "wraps"),
+        (0x100000, 0x10, 0x2000000, "entry point 0x2000000"),
+    ];
+    for mode in [EntryMode::Real, EntryMode::Protected, EntryMode::Long] {
+        for (addr, len, entry, needle) in cases {
+            let mut m = machine();
+            let err = load(&mut m, &raw(code(len), addr, entry, mode)).unwrap_err();
+            assert!(
+                err.to_string().contains(needle),
+                "{mode:?} {addr:#x}: {err} lacks {needle:?}"
+            );
+        }
+    }
+    // An entry outside the image but in RAM is fine.
+    let mut m = machine();
+    let s = load(
+        &mut m,
+        &raw(code(16), 0x100000, 0x300000, EntryMode::Protected),
+    )
+    .unwrap();
+    assert_eq!(s.rip, 0x300000);
+    assert!(matches!(
+        load(
+            &mut m,
+            &raw(Vec::new(), 0x100000, 0x100000, EntryMode::Long)
+        ),
+        Err(LoadError::Empty { .. })
+    ));
+}
+
+fn rom(size: usize) -> Vec<u8> {
+    let mut r: Vec<u8> = (0..size).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
+    let n = r.len();
+    r[n - 16..n - 11].copy_from_slice(&[0xea, 0x5b, 0xe0, 0x00, 0xf0]); // jmp f000:e05b
+    r
+}
+
+#[test]
+fn firmware_maps_rom_below_4g_and_aliases_below_1m() {
+    for (size, alias) in [(64usize << 10, 64u64 << 10), (256 << 10, 128 << 10)] {
+        let mut m = machine();
+        let bytes = rom(size);
+        let s = load(&mut m, &Image::firmware("bios.bin", bytes.clone())).unwrap();
+        assert_eq!(s, CpuState::reset());
+        let base = 0x1_0000_0000 - size as u64;
+        assert_eq!(
+            m.layout.rom,
+            vec![crate::memory::RamRange {
+                start: base,
+                len: size as u64
+            }]
+        );
+        assert!(m.layout.is_rom(0xffff_fff0) && !m.layout.is_rom(base - 1));
+        assert_eq!(read(&m, base, size), bytes);
+        // The reset vector: CS.base + IP.
+        let reset = s.seg[seg::CS].base + s.rip;
+        assert_eq!(read(&m, reset, 5), vec![0xea, 0x5b, 0xe0, 0x00, 0xf0]);
+        assert_eq!(
+            read(&m, 0x10_0000 - alias, alias as usize),
+            bytes[size - alias as usize..]
+        );
+        // Below the alias, RAM is untouched.
+        assert_eq!(read(&m, 0x10_0000 - alias - 16, 16), vec![0; 16]);
+        // The memory map reports the ROM reserved.
+        let map = multiboot::memory_map(&m.layout);
+        assert!(map.contains(&MmapEntry {
+            base,
+            len: size as u64,
+            kind: MMAP_RESERVED
+        }));
+    }
+}
+
+#[test]
+fn firmware_of_a_bad_size_is_refused() {
+    for size in [4096usize, 0x10001, 0x18000, 32 << 20] {
+        let mut m = machine();
+        let err = load(&mut m, &Image::firmware("bios.bin", vec![0; size])).unwrap_err();
+        assert!(
+            matches!(err, LoadError::RomSize { size: s, .. } if s == size as u64),
+            "{size}"
+        );
+        assert!(m.layout.rom.is_empty());
+    }
+}
+
+#[test]
+fn add_rom_refuses_ram_and_overlaps() {
+    let mut m = machine();
+    m.add_rom(0xfff0_0000, &[1; 0x1000]).unwrap();
+    for (addr, len) in [
+        (0xfff0_0000u64, 0x1000),
+        (0x10_0000, 0x1000),
+        (0xffff_0000, 0x800),
+        (0xfff0_0800, 0x1000),
+        (0xffef_f000, 0x2000),
+    ] {
+        let err = m.add_rom(addr, &vec![0; len]).unwrap_err();
+        assert!(
+            matches!(err, crate::MachineError::Rom { .. }),
+            "{addr:#x}: {err}"
+        );
+    }
+    assert_eq!(m.layout.rom.len(), 1);
+}
+
+// ---------------------------------------------------------------- multiboot
+
+const MB_FLAGS: u32 = 0x3; // page-align modules, memory information
+
+/// A multiboot ELF kernel: text (header + code) at 0x100000, data + 8 KiB bss at 0x101000.
+fn mb_elf() -> Vec<u8> {
+    let mut text = mb_header(MB_FLAGS, &[]);
+    text.extend_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp $-1
+    text.resize(0x20, 0x90);
+    let data = [0x5au8; 0x10];
+    let mut body = text.clone();
+    body.extend_from_slice(&data);
+    elf32(
+        0x10_000c,
+        &[
+            load_ph(0x100, 0x10_0000, 0x20, 0x20),
+            load_ph(0x120, 0x10_1000, 0x10, 0x2000),
+        ],
+        0x100,
+        &body,
+    )
+}
+
+/// An a.out-kludge kernel: 0x40 bytes of padding, the header at file offset 0x40 and
+/// address 0x200040, text to 0x200100, bss to 0x202000, entry 0x200080.
+fn mb_aout() -> Vec<u8> {
+    let mut f = vec![0xccu8; 0x40];
+    f.extend_from_slice(&mb_header(
+        MB_FLAGS | 1 << 16,
+        &[0x20_0040, 0x20_0000, 0x20_0100, 0x20_2000, 0x20_0080],
+    ));
+    f.resize(0x100, 0xf4);
+    f.extend_from_slice(&[0xee; 0x40]); // past load_end_addr: not loaded
+    f
+}
+
+fn mbi(m: &Machine, off: u64) -> u32 {
+    read_u32(m, MBI_ADDR + off)
+}
+
+fn mmap(m: &Machine) -> Vec<MmapEntry> {
+    let (addr, len) = (u64::from(mbi(m, 48)), u64::from(mbi(m, 44)));
+    let mut out = Vec::new();
+    let mut p = addr;
+    while p < addr + len {
+        assert_eq!(read_u32(m, p), 20);
+        out.push(MmapEntry {
+            base: read_u64(m, p + 4),
+            len: read_u64(m, p + 12),
+            kind: read_u32(m, p + 20),
+        });
+        p += 24;
+    }
+    out
+}
+
+#[test]
+fn multiboot_elf_kernel_is_loaded_and_entered_as_the_spec_says() {
+    let mut m = machine_with(32 << 20, "console=ttyS0 debug");
+    fill(&m, 0x10_1000, 0x3000, 0xaa);
+    let img = Image::multiboot("kernel.elf", mb_elf());
+    let s = load(&mut m, &img).unwrap();
+    assert_eq!(read(&m, 0x10_0000, 0x20), img.bytes[0x100..0x120]);
+    assert_eq!(read(&m, 0x10_1000, 0x10), vec![0x5a; 0x10]);
+    assert_eq!(
+        read(&m, 0x10_1010, 0x2000 - 0x10),
+        vec![0; 0x2000 - 0x10],
+        "bss zeroed"
+    );
+    assert_eq!(s.rip, 0x10_000c);
+    assert_eq!(s.gpr[gpr::RAX], 0x2bad_b002);
+    assert_eq!(s.gpr[gpr::RBX], MBI_ADDR);
+    assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+    assert_eq!(s.rflags & (1 << 9 | 1 << 17), 0, "IF and VM clear");
+    assert_segments_match_gdt(&m, &s);
+    assert!(s.seg[seg::CS].db);
+
+    assert_eq!(mbi(&m, 0), 0x24f);
+    assert_eq!(mbi(&m, 4), 639);
+    assert_eq!(mbi(&m, 8), (32 << 10) - 1024);
+    assert_eq!(mbi(&m, 12), 0x8000_ffff);
+    assert_eq!(mbi(&m, 20), 0, "no modules");
+    let cmdline = u64::from(mbi(&m, 16));
+    assert_eq!(cmdline, 0x10_3000);
+    assert_eq!(read_cstr(&m, cmdline), "kernel.elf console=ttyS0 debug");
+    assert_eq!(read_cstr(&m, u64::from(mbi(&m, 64))), "deja");
+    assert_eq!(u64::from(mbi(&m, 48)), MMAP_ADDR);
+    assert_eq!(
+        mmap(&m),
+        vec![
+            MmapEntry {
+                base: 0,
+                len: 0x9fc00,
+                kind: MMAP_RAM
+            },
+            MmapEntry {
+                base: 0x9fc00,
+                len: 0x400,
+                kind: MMAP_RESERVED
+            },
+            MmapEntry {
+                base: 0xf0000,
+                len: 0x10000,
+                kind: MMAP_RESERVED
+            },
+            MmapEntry {
+                base: 0x100000,
+                len: (32 << 20) - 0x100000,
+                kind: MMAP_RAM
+            },
+        ]
+    );
+}
+
+#[test]
+fn multiboot_memory_map_follows_the_layout_above_4g() {
+    let layout = crate::memory::MemoryLayout::pc(4 << 30).unwrap();
+    let map = multiboot::memory_map(&layout);
+    assert_eq!(
+        map.last(),
+        Some(&MmapEntry {
+            base: 1 << 32,
+            len: (4 << 30) - 0xc000_0000,
+            kind: MMAP_RAM
+        })
+    );
+    assert_eq!(
+        map[3],
+        MmapEntry {
+            base: 0x100000,
+            len: 0xc000_0000 - 0x100000,
+            kind: MMAP_RAM
+        }
+    );
+    // Entries are ascending and disjoint.
+    for w in map.windows(2) {
+        assert!(w[0].base + w[0].len <= w[1].base);
+    }
+}
+
+#[test]
+fn multiboot_higher_half_elf_entry_is_translated_to_physical() {
+    let mut m = machine();
+    let mut text = mb_header(MB_FLAGS, &[]);
+    text.resize(0x40, 0xf4);
+    let ph = Ph {
+        p_type: 1,
+        offset: 0x80,
+        vaddr: 0xc010_0000,
+        paddr: 0x10_0000,
+        filesz: 0x40,
+        memsz: 0x40,
+    };
+    let img = Image::multiboot("hh.elf", elf32(0xc010_0010, &[ph], 0x80, &text));
+    let s = load(&mut m, &img).unwrap();
+    assert_eq!(s.rip, 0x10_0010);
+    assert_eq!(read(&m, 0x10_0000, 0x40), text);
+}
+
+#[test]
+fn multiboot_aout_kludge_loads_text_and_zeroes_bss() {
+    let mut m = machine();
+    fill(&m, 0x20_0000, 0x3000, 0xaa);
+    let img = Image::multiboot("aout.bin", mb_aout());
+    let s = load(&mut m, &img).unwrap();
+    assert_eq!(read(&m, 0x20_0000, 0x100), img.bytes[..0x100]);
+    assert_eq!(read(&m, 0x20_0100, 0x1f00), vec![0; 0x1f00]);
+    assert_eq!(read_cstr(&m, 0x20_2000), "aout.bin ");
+    assert_eq!(s.rip, 0x20_0080);
+    assert_eq!(s.gpr[gpr::RAX], 0x2bad_b002);
+
+    // load_end_addr = 0: load to the end of the file; bss_end_addr = 0: no bss.
+    let mut f = mb_header(1 << 16, &[0x30_0000, 0x30_0000, 0, 0, 0x30_0020]);
+    f.resize(0x50, 0x90);
+    let mut m = machine();
+    let s = load(&mut m, &Image::multiboot("k", f.clone())).unwrap();
+    assert_eq!(read(&m, 0x30_0000, 0x50), f);
+    assert_eq!(read_cstr(&m, 0x30_1000), "k ");
+    assert_eq!(s.rip, 0x30_0020);
+}
+
+#[test]
+fn multiboot_video_mode_request_is_ignored_as_qemu_does() {
+    let mut f = mb_header(
+        1 << 16 | 1 << 2,
+        &[0x30_0000, 0x30_0000, 0, 0, 0x30_0000, 0, 1024, 768, 32],
+    );
+    f.resize(0x60, 0x90);
+    let mut m = machine();
+    load(&mut m, &Image::multiboot("vbe", f)).unwrap();
+    assert_eq!(mbi(&m, 0) & 1 << 11, 0);
+}
+
+#[test]
+fn multiboot_refuses_x86_64_elf_with_qemu_s_message() {
+    let mut f = mb_elf();
+    f[4] = 2;
+    f[18] = 62;
+    let err = load(&mut machine(), &Image::multiboot("k64", f)).unwrap_err();
+    assert!(matches!(err, LoadError::X86_64Multiboot { .. }));
+    assert_eq!(
+        err.to_string(),
+        "k64: Cannot load x86-64 image, give a 32bit one."
+    );
+}
+
+fn patch(mut f: Vec<u8>, at: usize, bytes: &[u8]) -> Vec<u8> {
+    f[at..at + bytes.len()].copy_from_slice(bytes);
+    f
+}
+
+#[test]
+fn malformed_inputs_are_refused_with_precise_messages() {
+    let ph0 = 52; // first program header
+    let aout_fields = 0x40 + 12; // header_addr of mb_aout()
+    let u = |v: u32| v.to_le_bytes();
+    let bad_checksum = patch(mb_elf(), 0x108, &u(0x1234));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("missing header", vec![0x90; 4096], "no multiboot header"),
+        (
+            "bad checksum",
+            bad_checksum,
+            "offset 0x100 has a bad checksum",
+        ),
+        (
+            "truncated ELF header",
+            mb_header(0, &[]),
+            "ELF header truncated: the file has 12 bytes",
+        ),
+        (
+            "not ELF",
+            {
+                let mut f = mb_header(0, &[]);
+                f.resize(64, 0);
+                f
+            },
+            "not an ELF file",
+        ),
+        (
+            "bad e_class",
+            patch(mb_elf(), 4, &[3]),
+            "EI_CLASS (offset 0x4) is 0x3",
+        ),
+        ("bad endianness", patch(mb_elf(), 5, &[2]), "EI_DATA"),
+        (
+            "bad e_machine",
+            patch(mb_elf(), 18, &[40, 0]),
+            "e_machine (offset 0x12) is 0x28",
+        ),
+        ("bad e_type", patch(mb_elf(), 16, &[3, 0]), "e_type"),
+        (
+            "bad e_phentsize",
+            patch(mb_elf(), 42, &[8, 0]),
+            "e_phentsize",
+        ),
+        (
+            "phdrs outside file",
+            patch(mb_elf(), 28, &u(0x1_0000)),
+            "program header table (e_phoff 0x10000",
+        ),
+        (
+            "too many phdrs",
+            patch(mb_elf(), 44, &[0xff, 0xff]),
+            "program header table",
+        ),
+        (
+            "segment outside file",
+            patch(
+                patch(mb_elf(), ph0 + 32 + 16, &u(0x10_0000)),
+                ph0 + 32 + 20,
+                &u(0x10_0000),
+            ),
+            "program header 1 (at file offset 0x54): p_offset 0x120 + p_filesz 0x100000",
+        ),
+        (
+            "filesz > memsz",
+            patch(mb_elf(), ph0 + 16, &u(0x21)),
+            "p_filesz 0x21 is larger than p_memsz 0x20",
+        ),
+        (
+            "segment beyond 4 GiB",
+            patch(mb_elf(), ph0 + 32 + 12, &u(0xffff_f000)),
+            "beyond 4 GiB",
+        ),
+        (
+            "segment outside RAM",
+            patch(mb_elf(), ph0 + 32 + 12, &u(0x0200_0000)),
+            "ELF program header 1 of k (p_paddr 0x2000000",
+        ),
+        (
+            "segment in VGA hole",
+            patch(mb_elf(), ph0 + 12, &u(0xb8000)),
+            "VGA",
+        ),
+        (
+            "segment over the MBI",
+            patch(mb_elf(), ph0 + 12, &u(0x9000)),
+            "multiboot memory map",
+        ),
+        (
+            "no PT_LOAD",
+            patch(patch(mb_elf(), ph0, &u(6)), ph0 + 32, &u(6)),
+            "no PT_LOAD",
+        ),
+        (
+            "entry outside RAM",
+            patch(mb_elf(), 24, &u(0x0400_0000)),
+            "entry point 0x4000000",
+        ),
+        (
+            "a.out truncated",
+            {
+                let mut f = vec![0; 0x10];
+                f.extend(mb_header(1 << 16, &[0x100]));
+                f
+            },
+            "needs the address fields at offsets 0x1c..0x30",
+        ),
+        (
+            "a.out header_addr < load_addr",
+            patch(mb_aout(), aout_fields, &u(0x1f_0000)),
+            "header_addr 0x1f0000 is below load_addr 0x200000",
+        ),
+        (
+            "a.out header_addr too far",
+            patch(mb_aout(), aout_fields, &u(0x20_0080)),
+            "is more than the header's file offset 0x40",
+        ),
+        (
+            "a.out load_end < load_addr",
+            patch(mb_aout(), aout_fields + 8, &u(0x10_0000)),
+            "load_end_addr 0x100000 is below load_addr",
+        ),
+        (
+            "a.out bss_end < load_end",
+            patch(mb_aout(), aout_fields + 12, &u(0x20_0080)),
+            "bss_end_addr 0x200080 is below the end of the loaded text 0x200100",
+        ),
+        (
+            "a.out load_end past file",
+            patch(mb_aout(), aout_fields + 8, &u(0x20_1000)),
+            "but the file ends at 0x140",
+        ),
+        (
+            "a.out over 4 GiB",
+            patch(
+                patch(
+                    patch(
+                        patch(mb_aout(), aout_fields, &u(0xffff_f040)),
+                        aout_fields + 4,
+                        &u(0xffff_f000),
+                    ),
+                    aout_fields + 8,
+                    &u(0),
+                ),
+                aout_fields + 12,
+                &u(0),
+            ),
+            "not entirely in RAM",
+        ),
+        (
+            "a.out at the MBI",
+            patch(
+                patch(
+                    patch(
+                        patch(mb_aout(), aout_fields, &u(0x9040)),
+                        aout_fields + 4,
+                        &u(0x9000),
+                    ),
+                    aout_fields + 8,
+                    &u(0x9100),
+                ),
+                aout_fields + 12,
+                &u(0),
+            ),
+            "overlaps the multiboot memory map",
+        ),
+    ];
+    for (what, bytes, needle) in cases {
+        let mut m = machine();
+        let err = load(&mut m, &Image::multiboot("k", bytes)).unwrap_err();
+        assert!(
+            err.to_string().contains(needle),
+            "{what}: {err:?}\n  {err}\n  lacks {needle:?}"
+        );
+    }
+    // A NUL in the command line cannot be passed.
+    let mut m = machine_with(16 << 20, "a\0b");
+    assert!(matches!(
+        load(&mut m, &Image::multiboot("k", mb_elf())),
+        Err(LoadError::CmdlineNul { offset: 1 })
+    ));
+}
+
+#[test]
+fn multiboot_header_is_found_only_where_qemu_looks() {
+    let mut f = vec![0u8; 8192];
+    f[8140..8152].copy_from_slice(&mb_header(0, &[]));
+    assert!(matches!(multiboot::find_header("k", &f), Ok(h) if h.offset == 8140));
+    let mut f = vec![0u8; 8192];
+    f[8144..8156].copy_from_slice(&mb_header(0, &[]));
+    assert!(matches!(
+        multiboot::find_header("k", &f),
+        Err(LoadError::NotMultiboot { .. })
+    ));
+    // Unaligned headers are not headers.
+    let mut f = vec![0u8; 64];
+    f[6..18].copy_from_slice(&mb_header(0, &[]));
+    assert!(multiboot::find_header("k", &f).is_err());
+    // A bad magic first, a good one later: the good one wins.
+    let mut f = vec![0u8; 64];
+    f[0..12].copy_from_slice(&mb_header(0, &[]));
+    f[8] ^= 1;
+    f[32..44].copy_from_slice(&mb_header(0, &[]));
+    assert!(matches!(multiboot::find_header("k", &f), Ok(h) if h.offset == 32));
+}
+
+/// xorshift64*: deterministic pseudo-random numbers for the fuzz test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn mutated_and_random_kernels_never_panic() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let seeds = [mb_elf(), mb_aout()];
+    let mut m = machine_with(4 << 20, "x");
+    let (mut ok, mut err) = (0, 0);
+    for round in 0..3000 {
+        let mut f = seeds[round % 2].clone();
+        match rng.below(4) {
+            // Flip bytes in the headers, where the fields are.
+            0 | 1 => {
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(0x180.min(f.len()));
+                    f[at] = rng.next() as u8;
+                }
+            }
+            // Overwrite a 32-bit field with an extreme value.
+            2 => {
+                let at = rng.below(f.len() - 4) & !3;
+                let v = [
+                    0u32,
+                    1,
+                    0x7fff_ffff,
+                    0x8000_0000,
+                    0xffff_ffff,
+                    0xffff_f000,
+                    0x9000,
+                ][rng.below(7)];
+                f[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            // Truncate.
+            _ => f.truncate(rng.below(f.len())),
+        }
+        // Keep the multiboot header valid half the time so the ELF/a.out paths run.
+        let o = if round % 2 == 0 { 0x100 } else { 0x40 };
+        if (round / 2) % 2 == 0 && f.len() >= o + 12 {
+            let flags = u32::from_le_bytes(f[o + 4..o + 8].try_into().unwrap());
+            let checksum = 0u32.wrapping_sub(0x1bad_b002u32.wrapping_add(flags));
+            f[o..o + 4].copy_from_slice(&0x1bad_b002u32.to_le_bytes());
+            f[o + 8..o + 12].copy_from_slice(&checksum.to_le_bytes());
+        }
+        match load(&mut m, &Image::multiboot("fuzz", f)) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                err += 1;
+            }
+        }
+    }
+    // Random bytes with a planted header.
+    for _ in 0..500 {
+        let len = 12 + rng.below(600);
+        let mut f: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let flags = rng.next() as u32;
+        f[..12].copy_from_slice(&mb_header(flags, &[]));
+        let _ = load(&mut m, &Image::multiboot("rand", f));
+    }
+    assert!(
+        ok > 50 && err > 500,
+        "ok {ok} err {err}: the mutations should exercise both"
+    );
+}
+
+// ---------------------------------------------------------------- files
+
+fn temp_dir(test: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("deja-loader-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn sidecar_round_trips_every_format() {
+    let dir = temp_dir("sidecar");
+    let images = [
+        raw(code(64), 0x7c00, 0x7c00, EntryMode::Real),
+        raw(code(64), 0x100000, 0x100004, EntryMode::Long),
+        Image::firmware("x", rom(64 << 10)),
+        Image::multiboot("x", mb_elf()),
+    ];
+    for (i, img) in images.iter().enumerate() {
+        let path = dir.join(format!("image{i}.bin"));
+        let sidecar = img.write_with_sidecar(&path).unwrap();
+        assert_eq!(sidecar, dir.join(format!("image{i}.bin.json")));
+        let back = Image::from_file(&path).unwrap();
+        assert_eq!(back.bytes, img.bytes);
+        assert_eq!(back.format, img.format);
+        assert_eq!(back.name, path.display().to_string());
+    }
+    let text = std::fs::read_to_string(dir.join("image1.bin.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["format"], "raw");
+    assert_eq!(v["mode"], "long");
+    assert_eq!(v["entry"], 0x100004);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn from_file_detects_multiboot_and_explains_unknown_files() {
+    let dir = temp_dir("detect");
+    let kernel = dir.join("kernel.elf");
+    std::fs::write(&kernel, mb_elf()).unwrap();
+    assert_eq!(
+        Image::from_file(&kernel).unwrap().format,
+        ImageFormat::Multiboot
+    );
+
+    let blob = dir.join("blob.bin");
+    std::fs::write(&blob, [0x90u8; 100]).unwrap();
+    let msg = Image::from_file(&blob).unwrap_err().to_string();
+    for needle in ["no multiboot header", "--bios", "--raw", "blob.bin.json"] {
+        assert!(msg.contains(needle), "{msg} lacks {needle}");
+    }
+
+    std::fs::write(
+        dir.join("blob.bin.json"),
+        r#"{"format":"raw","load_addr":4096}"#,
+    )
+    .unwrap();
+    let err = Image::from_file(&blob).unwrap_err();
+    assert!(matches!(err, LoadError::Sidecar { .. }), "{err}");
+    assert!(err.to_string().contains("missing field"), "{err}");
+
+    let missing = Image::from_file(&dir.join("nope")).unwrap_err();
+    assert!(matches!(missing, LoadError::Io { .. }));
+    assert_eq!("long".parse::<EntryMode>().unwrap(), EntryMode::Long);
+    assert!("v86".parse::<EntryMode>().is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
