@@ -584,6 +584,20 @@ fn malformed_inputs_are_refused_with_precise_messages() {
             "program header 1 (at file offset 0x54): p_offset 0x120 + p_filesz 0x100000",
         ),
         (
+            "p_offset + p_filesz overflows 32 bits",
+            patch(
+                patch(mb_elf(), ph0 + 32 + 4, &u(0xffff_fff0)),
+                ph0 + 32 + 16,
+                &u(0x20),
+            ),
+            "p_offset 0xfffffff0 + p_filesz 0x20 = 0x100000010 is past the end of the file",
+        ),
+        (
+            "e_phoff + table overflows 32 bits",
+            patch(mb_elf(), 28, &u(0xffff_ffe0)),
+            "e_phoff 0xffffffe0",
+        ),
+        (
             "filesz > memsz",
             patch(mb_elf(), ph0 + 16, &u(0x21)),
             "p_filesz 0x21 is larger than p_memsz 0x20",
