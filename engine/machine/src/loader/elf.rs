@@ -9,6 +9,8 @@ pub const EM_386: u16 = 3;
 pub const EM_X86_64: u16 = 62;
 /// `p_type` of a loadable segment.
 pub const PT_LOAD: u32 = 1;
+/// `p_flags` bit of an executable segment.
+pub const PF_X: u32 = 1;
 /// Size of the ELF32 file header.
 pub const EHDR32_SIZE: usize = 52;
 /// Size of one ELF32 program header.
@@ -87,6 +89,8 @@ pub struct Segment {
     pub filesz: u32,
     /// p_memsz (the rest after `filesz` is zero-filled bss).
     pub memsz: u32,
+    /// p_flags ([`PF_X`], write, read).
+    pub flags: u32,
 }
 
 impl Segment {
@@ -199,6 +203,7 @@ pub fn parse_elf32(bytes: &[u8]) -> Result<Elf32, ElfError> {
             paddr: u32_at(h, 12),
             filesz: u32_at(h, 16),
             memsz: u32_at(h, 20),
+            flags: u32_at(h, 24),
         };
         let bad = |problem: String| ElfError::BadSegment { index, at, problem };
         if s.filesz > s.memsz {

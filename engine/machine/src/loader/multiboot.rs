@@ -9,9 +9,9 @@
 //!   before the header to `load_addr`, up to `load_end_addr` (or the end of the file),
 //!   zero-fills up to `bss_end_addr`, and enters at `entry_addr`, with QEMU's consistency
 //!   checks. Otherwise the file must be an ELF32 i386 executable: each PT_LOAD segment goes
-//!   to its `p_paddr`, its bss is zero-filled, and the entry is `e_entry` (translated from
-//!   virtual to physical through the segment that contains it when it lies in no
-//!   segment's physical range, as GRUB does). A 64-bit ELF is refused with QEMU's message.
+//!   to its `p_paddr`, its bss is zero-filled, and the entry is `e_entry`, translated from
+//!   virtual to physical as QEMU's ELF loader does for higher-half kernels (see
+//!   `elf_entry`). A 64-bit ELF is refused with QEMU's message.
 //! - The multiboot information (MBI) goes where QEMU puts it: the memory map at
 //!   [`MMAP_ADDR`] (0x9000), the MBI at [`MBI_ADDR`] (0x9500); the command line
 //!   (`"IMAGE-NAME CMDLINE"`, as QEMU passes `"kernel-file cmdline"`) and the boot loader
@@ -263,22 +263,23 @@ fn aout_chunks<'a>(image: &'a Image, header: Header) -> Result<(Vec<Chunk<'a>>, 
     Ok((vec![chunk], u64::from(entry_addr)))
 }
 
-/// The physical entry point of an ELF kernel (see the module documentation).
+/// The physical entry point of an ELF kernel, as QEMU's ELF loader computes it: `e_entry`,
+/// except that when it lies in the file-backed part of an executable segment whose
+/// `p_vaddr` differs from its `p_paddr` (a higher-half kernel), it is translated to that
+/// segment's physical address (the last such segment wins, as in QEMU's loop).
 fn elf_entry(elf: &Elf32) -> u64 {
     let e = u64::from(elf.entry);
-    let in_physical = elf
-        .segments
-        .iter()
-        .any(|s| (u64::from(s.paddr)..s.paddr_end()).contains(&e));
-    if !in_physical
-        && let Some(s) = elf
-            .segments
-            .iter()
-            .find(|s| (u64::from(s.vaddr)..u64::from(s.vaddr) + u64::from(s.memsz)).contains(&e))
-    {
-        return e - u64::from(s.vaddr) + u64::from(s.paddr);
+    let mut entry = e;
+    for s in &elf.segments {
+        let vaddr = u64::from(s.vaddr);
+        if s.vaddr != s.paddr
+            && s.flags & elf::PF_X != 0
+            && (vaddr..vaddr + u64::from(s.filesz)).contains(&e)
+        {
+            entry = e - vaddr + u64::from(s.paddr);
+        }
     }
-    e
+    entry
 }
 
 /// The kernel's pieces and entry point, from the ELF program headers.

@@ -466,6 +466,27 @@ fn multiboot_higher_half_elf_entry_is_translated_to_physical() {
     let s = load(&mut m, &img).unwrap();
     assert_eq!(s.rip, 0x10_0010);
     assert_eq!(read(&m, 0x10_0000, 0x40), text);
+    // QEMU translates only through executable segments (p_flags at 52 + 24).
+    let not_exec = patch(img.bytes.clone(), 52 + 24, &6u32.to_le_bytes());
+    let err = load(&mut m, &Image::multiboot("hh.elf", not_exec)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoadError::EntryNotInRam {
+                entry: 0xc010_0010,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // ... and only through its file-backed part.
+    let mut bss = Image::multiboot(
+        "hh.elf",
+        elf32(0xc010_0050, &[Ph { memsz: 0x100, ..ph }], 0x80, &text),
+    );
+    assert!(load(&mut m, &bss).is_err());
+    bss.bytes = elf32(0xc010_003f, &[Ph { memsz: 0x100, ..ph }], 0x80, &text);
+    assert_eq!(load(&mut m, &bss).unwrap().rip, 0x10_003f);
 }
 
 #[test]
