@@ -7,7 +7,7 @@
 //! - `..0x7c00`: the stack, growing down;
 //! - [`LOAD_ADDR`]`..`: the image.
 
-use crate::link::{Emit, LinkError, Section, SectionAsm, link};
+use crate::link::{Emit, LinkError, Linked, Section, SectionAsm, link};
 use deja_machine::loader::{EntryMode, Image, ImageFormat};
 use iced_x86::code_asm::*;
 
@@ -64,6 +64,25 @@ pub fn long_mode_image(
     handlers: &[(u8, &'static str)],
     main: &dyn Fn(&mut SectionAsm<'_>, &mut Runtime) -> Result<(), LinkError>,
 ) -> Result<Image, LinkError> {
+    let linked = long_mode_link(name, messages, handlers, main)?;
+    Ok(Image {
+        name: format!("guest:{name}"),
+        bytes: linked.bytes,
+        format: ImageFormat::Raw {
+            load_addr: LOAD_ADDR,
+            entry: LOAD_ADDR,
+            mode: EntryMode::Real,
+        },
+    })
+}
+
+/// [`long_mode_image`] before it becomes an [`Image`]: bytes and symbols.
+fn long_mode_link(
+    name: &str,
+    messages: BootMessages,
+    handlers: &[(u8, &'static str)],
+    main: &dyn Fn(&mut SectionAsm<'_>, &mut Runtime) -> Result<(), LinkError>,
+) -> Result<Linked, LinkError> {
     let guest = name.to_owned();
     let real: &Emit<'_> = &|s| real_mode(s, messages.real);
     let prot: &Emit<'_> = &|s| protected_mode(s, messages.protected);
@@ -82,7 +101,7 @@ pub fn long_mode_image(
         rt.emit(s)
     };
     let idt: &Emit<'_> = &|s| idt_table(s, handlers);
-    let linked = link(
+    link(
         LOAD_ADDR,
         &[
             Section {
@@ -114,16 +133,7 @@ pub fn long_mode_image(
                 emit: idt,
             },
         ],
-    )?;
-    Ok(Image {
-        name: format!("guest:{name}"),
-        bytes: linked.bytes,
-        format: ImageFormat::Raw {
-            load_addr: LOAD_ADDR,
-            entry: LOAD_ADDR,
-            mode: EntryMode::Real,
-        },
-    })
+    )
 }
 
 /// Real mode: normalise CS:IP, set up segments and stack, load the GDT, set CR0.PE and
@@ -539,5 +549,89 @@ impl Runtime {
         s.a.call(self.put_hex)?;
         self.print(s, b"\r\n")?;
         self.exit_with(s, EXIT_UNEXPECTED_VECTOR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Code, Decoder, DecoderOptions};
+
+    fn linked_with_handler() -> Linked {
+        long_mode_link(
+            "t",
+            BootMessages::default(),
+            &[(0x21, "my_irq")],
+            &|s, rt| {
+                rt.exit_with(s, EXIT_PASS)?;
+                s.export_here("my_irq")?;
+                Ok(s.a.iretq()?)
+            },
+        )
+        .unwrap()
+    }
+
+    fn gate_target(bytes: &[u8], idt_offset: usize, vector: usize) -> (u64, u16, u16) {
+        let e = &bytes[idt_offset + vector * 16..][..16];
+        let word = |i: usize| u64::from(u16::from_le_bytes([e[i], e[i + 1]]));
+        let target = word(0)
+            | word(6) << 16
+            | u64::from(u32::from_le_bytes([e[8], e[9], e[10], e[11]])) << 32;
+        (target, word(2) as u16, word(4) as u16)
+    }
+
+    #[test]
+    fn idt_gates_point_at_handlers_and_at_stubs_that_push_their_vector() {
+        let linked = linked_with_handler();
+        let idt = linked.symbols["idt"];
+        let offset = (idt - LOAD_ADDR) as usize;
+        assert_eq!(idt % 8, 0, "IDT at {idt:#x}");
+        for vector in 0..usize::from(IDT_VECTORS) {
+            let (target, selector, flags) = gate_target(&linked.bytes, offset, vector);
+            assert_eq!(selector, SEL_CODE64, "vector {vector:#x}");
+            assert_eq!(flags, 0x8e00, "vector {vector:#x}");
+            if vector == 0x21 {
+                assert_eq!(target, linked.symbols["my_irq"]);
+                continue;
+            }
+            assert_eq!(target, linked.symbols[&format!("vec_{vector:02x}")]);
+            let code = &linked.bytes[(target - LOAD_ADDR) as usize..];
+            let mut d = Decoder::with_ip(64, code, target, DecoderOptions::NONE);
+            let mut pushes = Vec::new();
+            loop {
+                let i = d.decode();
+                if i.code() != Code::Pushq_imm8 && i.code() != Code::Pushq_imm32 {
+                    assert!(
+                        matches!(i.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64),
+                        "vector {vector:#x}: {i}"
+                    );
+                    break;
+                }
+                pushes.push(i.immediate64());
+            }
+            let with_error_code = ERROR_CODE_VECTORS.contains(&(vector as u8));
+            let expected: Vec<u64> = if with_error_code {
+                vec![vector as u64]
+            } else {
+                vec![0, vector as u64]
+            };
+            assert_eq!(pushes, expected, "vector {vector:#x}");
+        }
+        let ptr = (linked.symbols["idt_ptr"] - LOAD_ADDR) as usize;
+        let limit = u16::from_le_bytes([linked.bytes[ptr], linked.bytes[ptr + 1]]);
+        let base = u64::from_le_bytes(linked.bytes[ptr + 2..ptr + 10].try_into().unwrap());
+        assert_eq!((limit, base), (u16::from(IDT_VECTORS) * 16 - 1, idt));
+    }
+
+    #[test]
+    fn sections_stay_where_each_mode_can_reach_them() {
+        let linked = linked_with_handler();
+        // Real-mode code addresses everything with 16-bit offsets from segment 0.
+        assert!(linked.symbols["gdt_ptr"] < 0x1_0000);
+        assert!(linked.symbols["prot32"] < 0x1_0000);
+        // Long-mode code and the IDT sit inside the one identity-mapped 2 MiB page, above
+        // the page tables and the stack.
+        assert!(linked.symbols["long64"] >= LOAD_ADDR);
+        assert!(LOAD_ADDR + (linked.bytes.len() as u64) < 0x20_0000);
     }
 }
