@@ -1,1 +1,72 @@
-//! The deja trace format (not implemented yet; see issue #4).
+//! The deja trace format: everything a recording needs to replay a run bit for bit.
+//!
+//! A trace is one append-only file:
+//!
+//! ```text
+//! file header   magic "DEJATRAC", format version (u32 LE), header length (u32 LE),
+//!               bincode [`Header`], 64-bit BLAKE3 prefix of version..header
+//! frames        each: 68-byte fixed [`FrameHeader`] + zstd-compressed payload
+//!                 Events           bincode [`Event`]s, one after another
+//!                 CheckpointPages  raw (page number u64 LE, 4096 bytes) items
+//!                 Checkpoint       bincode [`CheckpointMeta`]; commits the pages before it
+//!                 Footer           bincode [`Footer`] (always the last frame)
+//! trailer       footer offset (u64 LE), 64-bit BLAKE3 prefix of it, magic "DEJAEND\0"
+//! ```
+//!
+//! Every frame's checksum covers its fixed header and its compressed payload, so any bit flip
+//! is caught and reported with the frame's sequence number and offset. A trace cut short (a
+//! crash, a full disk) has no trailer; readers then walk the frames and everything up to the
+//! last whole frame stays readable.
+//!
+//! This crate knows nothing of engines: machine-specific state (CPU state, device state) is
+//! carried as opaque blobs the recorder encodes, and everything a human wants to see in
+//! `deja trace info` (machine configuration, CPUID table, images) is held in plain types here.
+
+mod frame;
+pub mod memory;
+pub mod reader;
+pub mod testing;
+pub mod tools;
+mod types;
+pub mod writer;
+
+pub use frame::{FrameHeader, FrameKind, FRAME_HEADER_LEN, TRAILER_LEN};
+pub use memory::{MemoryImage, PageTracker};
+pub use reader::{Checkpoint, Events, ReadError, TraceReader, TraceStatus};
+pub use tools::{dump, info, stats, verify, DumpOptions, TraceInfo, TraceStats, VerifyReport};
+pub use types::*;
+pub use writer::{TraceWriter, WriteError, WriterOptions};
+
+/// The first eight bytes of every trace file.
+pub const FILE_MAGIC: [u8; 8] = *b"DEJATRAC";
+/// The last eight bytes of a trace that was finished properly.
+pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
+/// The format version this build writes, and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The deja version compiled into this crate, for [`Header::deja_version`].
+pub const DEJA_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Guest page size: checkpoints store memory in pages of this many bytes.
+pub const PAGE_SIZE: usize = 4096;
+/// The largest uncompressed frame payload a reader accepts (and a writer produces). Every
+/// length read from a file is checked against a cap like this before anything is allocated.
+pub const MAX_FRAME_PAYLOAD: usize = 16 << 20;
+/// The largest encoded header a reader accepts.
+pub const MAX_HEADER_LEN: usize = 1 << 20;
+
+/// The bincode configuration of every encoded item: variable-length integers (small events),
+/// and a decode limit so a hostile length prefix cannot make the reader allocate without bound.
+pub(crate) fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_PAYLOAD>()
+}
+
+/// The 64-bit prefix of a BLAKE3 hash, the checksum of frames, header and trailer.
+pub(crate) fn checksum64(parts: &[&[u8]]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    let bytes = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&bytes.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}

@@ -1,0 +1,526 @@
+//! The records a trace holds: header, events, checkpoint metadata and footer.
+//!
+//! All of these are bincode-encoded in the file, so fields are only ever appended to the end
+//! of an enum (new event kinds) together with a format version bump; readers reject versions
+//! they do not know instead of guessing.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Where in the guest's execution something happened; the same meaning as the machine's
+/// `Position` (kept separate so this crate does not depend on the engines).
+///
+/// `icount` is exact on bt and 0 on kvm; `exits` counts guest-initiated device accesses and
+/// is the same on both engines.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Position {
+    /// Retired guest instructions (bt only).
+    pub icount: u64,
+    /// Device exits so far (both engines).
+    pub exits: u64,
+}
+
+impl Position {
+    /// A position from its two counters.
+    pub const fn new(icount: u64, exits: u64) -> Self {
+        Self { icount, exits }
+    }
+
+    /// Whether `self` is at or before `other` in execution order. Both counters only grow, so
+    /// "before" means neither counter is larger (the derived `Ord` is lexicographic and would
+    /// call icount 5/exit 9 earlier than icount 6/exit 1 even when that is impossible).
+    pub fn at_or_before(&self, other: &Position) -> bool {
+        self.icount <= other.icount && self.exits <= other.exits
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "icount {} exit #{}", self.icount, self.exits)
+    }
+}
+
+/// A BLAKE3 digest. Printed and serialized to JSON as hex; stored as 32 raw bytes.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The digest as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.to_string()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let text = text.as_bytes();
+        if text.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in text.chunks(2).enumerate() {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            out[i] = (hi * 16 + lo) as u8;
+        }
+        Some(Self(out))
+    }
+}
+
+impl From<blake3::Hash> for Digest {
+    fn from(h: blake3::Hash) -> Self {
+        Self(*h.as_bytes())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({self})")
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_hex())
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            Digest::from_hex(&text)
+                .ok_or_else(|| serde::de::Error::custom(format!("not a 64-digit hex digest: {text:?}")))
+        } else {
+            Ok(Self(<[u8; 32]>::deserialize(d)?))
+        }
+    }
+}
+
+/// How the recording host told time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClockMode {
+    /// Host monotonic time.
+    Host,
+    /// Time derived from guest progress.
+    Virtual,
+}
+
+/// How asynchronous events (interrupts, input) were delivered, which the replayer must
+/// reproduce and verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Delivery {
+    /// Only at device exits (kvm without a PMU): positions are exit ordinals.
+    ExitSynchronous,
+    /// At exact instruction boundaries (bt): positions carry an exact icount.
+    InstructionExact,
+}
+
+/// One CPUID leaf, as the machine's CPUID table holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidEntry {
+    /// EAX input.
+    pub function: u32,
+    /// ECX input; only meaningful when `indexed`.
+    pub index: u32,
+    /// Whether the leaf has ECX-selected subleaves.
+    pub indexed: bool,
+    /// EAX output.
+    pub eax: u32,
+    /// EBX output.
+    pub ebx: u32,
+    /// ECX output.
+    pub ecx: u32,
+    /// EDX output.
+    pub edx: u32,
+}
+
+/// The machine configuration the run was recorded with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    /// Guest RAM in bytes.
+    pub ram_size: u64,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// The CPUID table both engines present.
+    pub cpuid: Vec<CpuidEntry>,
+    /// Anything else the recorder needs to rebuild the machine exactly, encoded by it. This
+    /// crate never interprets it.
+    pub extra: Vec<u8>,
+}
+
+/// One loaded image: the replayer finds the image by name and refuses it unless the digest
+/// matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// File name or `guest:NAME`.
+    pub name: String,
+    /// Length in bytes.
+    pub size: u64,
+    /// BLAKE3 of the image's bytes.
+    pub digest: Digest,
+    /// How it was loaded, for humans (e.g. "raw at 0x7c00, real mode", "multiboot").
+    pub load: String,
+    /// How it was loaded, encoded by the recorder for the replayer; opaque here.
+    pub load_spec: Vec<u8>,
+}
+
+/// Options the recording ran with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingOptions {
+    /// A [`EventKind::StateDigest`] every this many events (0: never).
+    pub digest_interval: u64,
+    /// A checkpoint every this many events (0: none besides those asked for).
+    pub checkpoint_interval: u64,
+    /// Seed of the chaos perturbations, if chaos mode was on.
+    pub chaos_seed: Option<u64>,
+}
+
+/// Everything known before the first instruction runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// The deja version that recorded the trace.
+    pub deja_version: String,
+    /// The engine it was recorded on ("kvm", "bt").
+    pub engine: String,
+    /// How the host told time.
+    pub clock: ClockMode,
+    /// How asynchronous events were delivered.
+    pub delivery: Delivery,
+    /// The machine.
+    pub machine: MachineInfo,
+    /// Every loaded image, in load order.
+    pub images: Vec<ImageRecord>,
+    /// Recording options.
+    pub options: RecordingOptions,
+    /// When the recording started, seconds since the Unix epoch. Metadata only: the guest
+    /// never sees it (its boot wallclock is an event).
+    pub created_unix_secs: i64,
+    /// Free-form facts about the recording host (e.g. "host.virt" = "PVM"), for humans.
+    pub notes: BTreeMap<String, String>,
+}
+
+/// One logged fact with its position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Where it happened.
+    pub at: Position,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// An event at a position.
+    pub fn new(at: Position, kind: EventKind) -> Self {
+        Self { at, kind }
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:>12} {:>10} {}", self.at.icount, self.at.exits, self.kind)
+    }
+}
+
+/// What an event says. The first six are the `Host` answers (what replay feeds back); the
+/// rest are recorder-side facts used to verify a replay and explain a run.
+///
+/// New kinds are only ever appended (bincode numbers variants by order), together with a
+/// format version bump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// `Host::time_ns` answered `ns`.
+    TimeRead {
+        /// Guest-visible nanoseconds.
+        ns: u64,
+    },
+    /// `Host::boot_wallclock` answered `secs`.
+    BootWallclock {
+        /// Seconds since the Unix epoch.
+        secs: i64,
+    },
+    /// `Host::serial_input` answered `byte`.
+    SerialInput {
+        /// The byte, or `None` when nothing had arrived.
+        byte: Option<u8>,
+    },
+    /// `Host::entropy` answered `value`.
+    Entropy {
+        /// The 64 random bits.
+        value: u64,
+    },
+    /// `Host::poll_quantum` answered `instructions`.
+    PollQuantum {
+        /// Instructions until the next device poll.
+        instructions: u64,
+    },
+    /// `Host::idle` was called; guest time afterwards read `resumed_ns`.
+    Idle {
+        /// The deadline the guest idled until (`None`: until input).
+        deadline_ns: Option<u64>,
+        /// Guest time when the idle call returned.
+        resumed_ns: u64,
+    },
+    /// An interrupt was delivered to the CPU here.
+    Interrupt {
+        /// Its vector.
+        vector: u8,
+    },
+    /// BLAKE3 of CPU state, memory and devices here: replay compares.
+    StateDigest {
+        /// The digest.
+        digest: Digest,
+    },
+    /// Bytes the guest wrote to its serial port since the previous such event.
+    SerialOutput {
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Chaos mode perturbed the run here.
+    Chaos {
+        /// Which perturbation (e.g. "delay-interrupt", "poll-quantum").
+        perturbation: String,
+        /// Its parameter.
+        value: u64,
+    },
+    /// The run ended here.
+    End {
+        /// The process exit status the run maps to, if it ended in one.
+        status: Option<i32>,
+        /// Why it ended (e.g. "debug-exit 0x10", "triple fault", "interrupted").
+        reason: String,
+    },
+}
+
+impl EventKind {
+    /// Every kind name, in variant order.
+    pub const NAMES: [&'static str; 11] = [
+        "time",
+        "wallclock",
+        "serial-in",
+        "entropy",
+        "poll-quantum",
+        "idle",
+        "interrupt",
+        "state-digest",
+        "serial-out",
+        "chaos",
+        "end",
+    ];
+
+    /// A short stable name, used for counts and dumps.
+    pub fn name(&self) -> &'static str {
+        Self::NAMES[self.ordinal()]
+    }
+
+    /// The variant's index in [`EventKind::NAMES`].
+    pub fn ordinal(&self) -> usize {
+        match self {
+            EventKind::TimeRead { .. } => 0,
+            EventKind::BootWallclock { .. } => 1,
+            EventKind::SerialInput { .. } => 2,
+            EventKind::Entropy { .. } => 3,
+            EventKind::PollQuantum { .. } => 4,
+            EventKind::Idle { .. } => 5,
+            EventKind::Interrupt { .. } => 6,
+            EventKind::StateDigest { .. } => 7,
+            EventKind::SerialOutput { .. } => 8,
+            EventKind::Chaos { .. } => 9,
+            EventKind::End { .. } => 10,
+        }
+    }
+
+    /// Whether this is one of the `Host` answers a replaying host hands back.
+    pub fn is_host_answer(&self) -> bool {
+        self.ordinal() <= 5
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:<12} ", self.name())?;
+        match self {
+            EventKind::TimeRead { ns } => write!(f, "{ns} ns"),
+            EventKind::BootWallclock { secs } => write!(f, "{secs} s"),
+            EventKind::SerialInput { byte: Some(b) } => {
+                write!(f, "0x{b:02x} {:?}", *b as char)
+            }
+            EventKind::SerialInput { byte: None } => write!(f, "none"),
+            EventKind::Entropy { value } => write!(f, "0x{value:016x}"),
+            EventKind::PollQuantum { instructions } => write!(f, "{instructions} instructions"),
+            EventKind::Idle {
+                deadline_ns,
+                resumed_ns,
+            } => match deadline_ns {
+                Some(d) => write!(f, "until {d} ns, resumed at {resumed_ns} ns"),
+                None => write!(f, "until input, resumed at {resumed_ns} ns"),
+            },
+            EventKind::Interrupt { vector } => write!(f, "vector 0x{vector:02x}"),
+            EventKind::StateDigest { digest } => write!(f, "{digest}"),
+            EventKind::SerialOutput { bytes } => {
+                write!(f, "{} bytes {:?}", bytes.len(), String::from_utf8_lossy(bytes))
+            }
+            EventKind::Chaos {
+                perturbation,
+                value,
+            } => write!(f, "{perturbation} {value}"),
+            EventKind::End { status, reason } => match status {
+                Some(s) => write!(f, "status {s}: {reason}"),
+                None => write!(f, "{reason}"),
+            },
+        }
+    }
+}
+
+/// What the caller hands [`crate::TraceWriter::checkpoint`] besides the memory pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointInput {
+    /// Where the checkpoint was taken.
+    pub position: Position,
+    /// The engine-independent CPU state, encoded by the caller.
+    pub cpu_state: Vec<u8>,
+    /// All device states, encoded by the caller.
+    pub device_state: Vec<u8>,
+    /// BLAKE3 of CPU state, memory and devices at this point, if the caller computed it.
+    pub state_digest: Option<Digest>,
+    /// Whether the pages are all non-zero pages of memory (a full image) rather than only
+    /// those changed since the previous checkpoint. The first checkpoint must be full.
+    pub full: bool,
+}
+
+/// A committed checkpoint's metadata, stored in its Checkpoint frame after its pages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Checkpoint ordinal (0, 1, …).
+    pub ordinal: u64,
+    /// Where it was taken.
+    pub position: Position,
+    /// Events written before it: replay resumes with event number `event_index`.
+    pub event_index: u64,
+    /// CPU state blob.
+    pub cpu_state: Vec<u8>,
+    /// Device state blob.
+    pub device_state: Vec<u8>,
+    /// State digest, if known.
+    pub state_digest: Option<Digest>,
+    /// Whether the pages form a full image.
+    pub full: bool,
+    /// Pages stored.
+    pub pages: u64,
+    /// CheckpointPages frames holding them (immediately before this frame).
+    pub page_frames: u64,
+}
+
+/// One frame in the footer's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameIndexEntry {
+    /// Offset of the frame header in the file.
+    pub offset: u64,
+    /// Sequence number.
+    pub seq: u64,
+    /// Frame kind (the [`crate::FrameKind`] byte).
+    pub kind: u8,
+    /// First position covered.
+    pub first: Position,
+    /// Last position covered.
+    pub last: Position,
+    /// Items in the frame.
+    pub items: u32,
+    /// Compressed payload length.
+    pub compressed_len: u32,
+    /// Uncompressed payload length.
+    pub uncompressed_len: u32,
+}
+
+/// One checkpoint in the index: enough to seek to it without reading anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointIndexEntry {
+    /// Checkpoint ordinal.
+    pub ordinal: u64,
+    /// Where it was taken.
+    pub position: Position,
+    /// Events before it.
+    pub event_index: u64,
+    /// Offset of the first of its page frames (or of its Checkpoint frame if it has none).
+    pub first_offset: u64,
+    /// Offset of its Checkpoint frame.
+    pub meta_offset: u64,
+    /// Sequence number of its Checkpoint frame.
+    pub meta_seq: u64,
+    /// Pages it stores.
+    pub pages: u64,
+    /// Page frames.
+    pub page_frames: u64,
+    /// Whether it is a full image.
+    pub full: bool,
+    /// Compressed bytes of all its frames' payloads.
+    pub compressed_bytes: u64,
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Process exit status, if the run produced one.
+    pub status: Option<i32>,
+    /// Why it ended.
+    pub reason: String,
+}
+
+/// What the caller knows at the end, for [`crate::TraceWriter::finish`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FinishInfo {
+    /// The final position.
+    pub final_position: Position,
+    /// BLAKE3 of the final CPU state, memory and devices.
+    pub final_state_digest: Option<Digest>,
+    /// BLAKE3 of everything the guest wrote to its serial port.
+    pub serial_output_digest: Option<Digest>,
+    /// How many bytes that was.
+    pub serial_output_bytes: u64,
+    /// How the run ended.
+    pub exit: ExitInfo,
+}
+
+/// The last frame: an index of everything before it and the run's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Footer {
+    /// Every frame before the footer, in file order.
+    pub frames: Vec<FrameIndexEntry>,
+    /// Every checkpoint, in order.
+    pub checkpoints: Vec<CheckpointIndexEntry>,
+    /// The final position.
+    pub final_position: Position,
+    /// BLAKE3 of the final state.
+    pub final_state_digest: Option<Digest>,
+    /// BLAKE3 of the guest's serial output.
+    pub serial_output_digest: Option<Digest>,
+    /// Bytes of serial output.
+    pub serial_output_bytes: u64,
+    /// How the run ended.
+    pub exit: ExitInfo,
+    /// Events by kind name.
+    pub event_counts: BTreeMap<String, u64>,
+    /// All events.
+    pub events_total: u64,
+}
