@@ -30,10 +30,10 @@ pub mod tools;
 mod types;
 pub mod writer;
 
-pub use frame::{FrameHeader, FrameKind, FRAME_HEADER_LEN, TRAILER_LEN};
+pub use frame::{FRAME_HEADER_LEN, FrameHeader, FrameKind, TRAILER_LEN};
 pub use memory::{MemoryImage, PageTracker};
 pub use reader::{Checkpoint, Events, ReadError, TraceReader, TraceStatus};
-pub use tools::{dump, info, stats, verify, DumpOptions, TraceInfo, TraceStats, VerifyReport};
+pub use tools::{DumpOptions, TraceInfo, TraceStats, VerifyReport, dump, info, stats, verify};
 pub use types::*;
 pub use writer::{TraceWriter, WriteError, WriterOptions};
 

@@ -6,8 +6,8 @@
 //! decodes with a size limit.
 
 use crate::frame::{
-    decode_trailer, FrameHeader, FrameKind, HeaderProblem, FILE_PREFIX_LEN, FRAME_HEADER_LEN,
-    PAGE_ITEM_LEN, TRAILER_LEN,
+    FILE_PREFIX_LEN, FRAME_HEADER_LEN, FrameHeader, FrameKind, PAGE_ITEM_LEN, TRAILER_LEN,
+    decode_trailer,
 };
 use crate::memory::MemoryImage;
 use crate::types::{
@@ -319,12 +319,11 @@ impl<R: Read + Seek> TraceReader<R> {
                 detail: "checksum mismatch".into(),
             });
         }
-        let header: Header = decode_whole(body, "the header").map_err(|detail| {
-            ReadError::BadHeader {
+        let header: Header =
+            decode_whole(body, "the header").map_err(|detail| ReadError::BadHeader {
                 name: name.clone(),
                 detail,
-            }
-        })?;
+            })?;
         let decompressor = zstd::bulk::Decompressor::new().map_err(io(0, &name))?;
         let mut reader = Self {
             src,
@@ -444,7 +443,8 @@ impl<R: Read + Seek> TraceReader<R> {
         if let Err(e) = self.read_at(offset, &mut b) {
             return Err(self.io_error(offset)(e));
         }
-        let h = FrameHeader::decode(&b).map_err(|p| self.frame_error(seq, offset, p.to_string()))?;
+        let h =
+            FrameHeader::decode(&b).map_err(|p| self.frame_error(seq, offset, p.to_string()))?;
         if h.seq != seq {
             return Err(self.frame_error(
                 seq,
@@ -518,7 +518,10 @@ impl<R: Read + Seek> TraceReader<R> {
             ));
         }
         let mut payload = Vec::with_capacity(header.uncompressed_len as usize);
-        match self.decompressor.decompress_to_buffer(compressed, &mut payload) {
+        match self
+            .decompressor
+            .decompress_to_buffer(compressed, &mut payload)
+        {
             Ok(n) if n == header.uncompressed_len as usize => Ok(payload),
             Ok(n) => Err(self.frame_error(
                 header.seq,
@@ -542,10 +545,14 @@ impl<R: Read + Seek> TraceReader<R> {
     fn load_footer(&mut self) -> Result<Result<(), FooterProblem>, ReadError> {
         match self.load_footer_inner()? {
             Ok(()) => Ok(Ok(())),
-            Err(detail) if detail.starts_with("no trailer") => {
-                Ok(Err(FooterProblem { damaged: false, detail }))
-            }
-            Err(detail) => Ok(Err(FooterProblem { damaged: true, detail })),
+            Err(detail) if detail.starts_with("no trailer") => Ok(Err(FooterProblem {
+                damaged: false,
+                detail,
+            })),
+            Err(detail) => Ok(Err(FooterProblem {
+                damaged: true,
+                detail,
+            })),
         }
     }
 
@@ -660,7 +667,10 @@ impl<R: Read + Seek> TraceReader<R> {
         let mut pages_run: (u64, u64, u64, u64) = (0, 0, 0, offset); // pages, frames, bytes, first
         let cut: Result<String, String> = loop {
             if offset == self.file_len {
-                break Ok(format!("{why}; the file ends after frame {}", seq as i64 - 1));
+                break Ok(format!(
+                    "{why}; the file ends after frame {}",
+                    seq as i64 - 1
+                ));
             }
             if self.file_len - offset < FRAME_HEADER_LEN as u64 {
                 if self.zero_tail(offset)? {
@@ -685,8 +695,11 @@ impl<R: Read + Seek> TraceReader<R> {
                                 "{why}; frame {seq} at offset {offset} is cut short: {detail}"
                             ));
                         }
-                        Err(HeaderProblem::Magic(_)) if self.zero_tail(offset)? => {
-                            break Ok(format!("{why}; zero-filled tail at offset {offset}"));
+                        Err(_) if self.zero_tail(offset + FRAME_HEADER_LEN as u64)? => {
+                            break Ok(format!(
+                                "{why}; a partial frame header and a zero-filled tail at offset \
+                                 {offset}"
+                            ));
                         }
                         _ => break Err(format!("frame {seq} at offset {offset}: {detail}")),
                     }
@@ -793,7 +806,11 @@ impl<R: Read + Seek> TraceReader<R> {
             return Err(self.frame_error(
                 checkpoint.meta_seq,
                 checkpoint.meta_offset,
-                format!("expected checkpoint {}, found a {} frame", checkpoint.ordinal, h.kind.name()),
+                format!(
+                    "expected checkpoint {}, found a {} frame",
+                    checkpoint.ordinal,
+                    h.kind.name()
+                ),
             ));
         }
         Ok(Events::new(
@@ -816,7 +833,11 @@ impl<R: Read + Seek> TraceReader<R> {
             return Err(self.frame_error(
                 ms,
                 mo,
-                format!("expected checkpoint {}, found a {} frame", checkpoint.ordinal, meta_frame.header.kind.name()),
+                format!(
+                    "expected checkpoint {}, found a {} frame",
+                    checkpoint.ordinal,
+                    meta_frame.header.kind.name()
+                ),
             ));
         }
         let meta: CheckpointMeta = decode_whole(&meta_frame.payload, "checkpoint metadata")
@@ -825,7 +846,10 @@ impl<R: Read + Seek> TraceReader<R> {
             return Err(self.frame_error(
                 ms,
                 mo,
-                format!("checkpoint claims {} page frames but only {ms} frames precede it", meta.page_frames),
+                format!(
+                    "checkpoint claims {} page frames but only {ms} frames precede it",
+                    meta.page_frames
+                ),
             ));
         }
         let mut offset = checkpoint.first_offset;
@@ -837,7 +861,11 @@ impl<R: Read + Seek> TraceReader<R> {
                 return Err(self.frame_error(
                     seq,
                     offset,
-                    format!("expected pages of checkpoint {}, found a {} frame", meta.ordinal, f.header.kind.name()),
+                    format!(
+                        "expected pages of checkpoint {}, found a {} frame",
+                        meta.ordinal,
+                        f.header.kind.name()
+                    ),
                 ));
             }
             for (n, bytes) in page_items(&f.payload) {
@@ -892,13 +920,16 @@ impl<R: Read + Seek> TraceReader<R> {
         let base = self.checkpoints[..=k]
             .iter()
             .rposition(|c| c.full)
-            .ok_or_else(|| self.frame_error(
-                checkpoint.meta_seq,
-                checkpoint.meta_offset,
-                "no full checkpoint precedes this one, so its memory cannot be rebuilt".into(),
-            ))?;
+            .ok_or_else(|| {
+                self.frame_error(
+                    checkpoint.meta_seq,
+                    checkpoint.meta_offset,
+                    "no full checkpoint precedes this one, so its memory cannot be rebuilt".into(),
+                )
+            })?;
         let mut image = MemoryImage::new();
-        for c in self.checkpoints[base..=k].to_vec() {
+        for i in base..=k {
+            let c = self.checkpoints[i];
             self.for_each_checkpoint_page(&c, |n, bytes| image.set_page(n, bytes))?;
         }
         Ok(image)

@@ -1,13 +1,15 @@
 //! What `deja trace info|verify|dump|stats` print: structured, serde-serializable results
 //! (the CLI offers `--json`) with `Display` impls for humans.
 
+use crate::FORMAT_VERSION;
 use crate::frame::FrameKind;
-use crate::reader::{decode_events, decode_whole, page_items, RawFrame, ReadError, TraceReader, TraceStatus};
+use crate::reader::{
+    RawFrame, ReadError, TraceReader, TraceStatus, decode_events, decode_whole, page_items,
+};
 use crate::types::{
     CheckpointIndexEntry, CheckpointMeta, Digest, EventKind, ExitInfo, FrameIndexEntry, Header,
     Position,
 };
-use crate::FORMAT_VERSION;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -94,20 +96,41 @@ fn opt_digest(d: &Option<Digest>) -> String {
 impl fmt::Display for TraceInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let h = &self.header;
-        writeln!(f, "trace        {} ({} bytes, format version {})", self.name, self.file_bytes, self.format_version)?;
+        writeln!(
+            f,
+            "trace        {} ({} bytes, format version {})",
+            self.name, self.file_bytes, self.format_version
+        )?;
         writeln!(f, "status       {}", self.status)?;
-        writeln!(f, "recorded by  deja {} on {}, clock {:?}, delivery {:?}", h.deja_version, h.engine, h.clock, h.delivery)?;
+        writeln!(
+            f,
+            "recorded by  deja {} on {}, clock {:?}, delivery {:?}",
+            h.deja_version, h.engine, h.clock, h.delivery
+        )?;
         writeln!(f, "created      {} (unix seconds)", h.created_unix_secs)?;
-        writeln!(f, "machine      {} MiB RAM, cmdline {:?}, {} CPUID leaves", h.machine.ram_size >> 20, h.machine.cmdline, h.machine.cpuid.len())?;
+        writeln!(
+            f,
+            "machine      {} MiB RAM, cmdline {:?}, {} CPUID leaves",
+            h.machine.ram_size >> 20,
+            h.machine.cmdline,
+            h.machine.cpuid.len()
+        )?;
         for img in &h.images {
-            writeln!(f, "image        {} ({} bytes, {}) blake3 {}", img.name, img.size, img.load, img.digest)?;
+            writeln!(
+                f,
+                "image        {} ({} bytes, {}) blake3 {}",
+                img.name, img.size, img.load, img.digest
+            )?;
         }
         writeln!(
             f,
             "options      digest every {} events, checkpoint every {} events, chaos seed {}",
             h.options.digest_interval,
             h.options.checkpoint_interval,
-            h.options.chaos_seed.map(|s| s.to_string()).unwrap_or_else(|| "none".into())
+            h.options
+                .chaos_seed
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "none".into())
         )?;
         for (k, v) in &h.notes {
             writeln!(f, "note         {k} = {v}")?;
@@ -118,7 +141,12 @@ impl fmt::Display for TraceInfo {
             writeln!(
                 f,
                 "  #{:<4} {} event {} {} pages{} ({} bytes compressed)",
-                c.ordinal, c.position, c.event_index, c.pages, if c.full { " full" } else { "" }, c.compressed_bytes
+                c.ordinal,
+                c.position,
+                c.event_index,
+                c.pages,
+                if c.full { " full" } else { "" },
+                c.compressed_bytes
             )?;
         }
         match &self.outcome {
@@ -127,11 +155,19 @@ impl fmt::Display for TraceInfo {
                 writeln!(
                     f,
                     "exit         {} ({})",
-                    o.exit.status.map(|s| s.to_string()).unwrap_or_else(|| "none".into()),
+                    o.exit
+                        .status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "none".into()),
                     o.exit.reason
                 )?;
                 writeln!(f, "state        {}", opt_digest(&o.final_state_digest))?;
-                writeln!(f, "serial out   {} bytes, blake3 {}", o.serial_output_bytes, opt_digest(&o.serial_output_digest))?;
+                writeln!(
+                    f,
+                    "serial out   {} bytes, blake3 {}",
+                    o.serial_output_bytes,
+                    opt_digest(&o.serial_output_digest)
+                )?;
                 write!(f, "events       {}", o.events_total)?;
                 for (k, n) in &o.event_counts {
                     write!(f, " {k}={n}")?;
@@ -242,7 +278,11 @@ fn walk<R: Read + Seek>(
                     None => {
                         f(
                             reader,
-                            Step::Bad(seq + 1, offset, "cannot find the next frame; stopped checking".into()),
+                            Step::Bad(
+                                seq + 1,
+                                offset,
+                                "cannot find the next frame; stopped checking".into(),
+                            ),
                         )?;
                         return Ok(());
                     }
@@ -263,7 +303,11 @@ pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyRepor
     let mut omitted = 0u64;
     let mut push = |frame: Option<u64>, offset: Option<u64>, message: String| {
         if problems.len() < MAX_PROBLEMS {
-            problems.push(VerifyProblem { frame, offset, message });
+            problems.push(VerifyProblem {
+                frame,
+                offset,
+                message,
+            });
         } else {
             omitted += 1;
         }
@@ -291,7 +335,14 @@ pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyRepor
                     uncompressed_len: h.uncompressed_len,
                 });
                 if !last.at_or_before(&h.first) {
-                    push(Some(h.seq), Some(offset), format!("frame starts at {}, before the previous position {last}", h.first));
+                    push(
+                        Some(h.seq),
+                        Some(offset),
+                        format!(
+                            "frame starts at {}, before the previous position {last}",
+                            h.first
+                        ),
+                    );
                 }
                 match h.kind {
                     FrameKind::Events => {
@@ -313,19 +364,30 @@ pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyRepor
                         run.2 += h.compressed_len as u64;
                         pages += page_items(&frame.payload).count() as u64;
                         if h.first != h.last {
-                            push(Some(h.seq), Some(offset), "a page frame spans more than one position".into());
+                            push(
+                                Some(h.seq),
+                                Some(offset),
+                                "a page frame spans more than one position".into(),
+                            );
                         }
                     }
                     FrameKind::Checkpoint => {
-                        match decode_whole::<CheckpointMeta>(&frame.payload, "checkpoint metadata") {
+                        match decode_whole::<CheckpointMeta>(&frame.payload, "checkpoint metadata")
+                        {
                             Ok(meta) => {
                                 let n = checkpoints_seen.len() as u64;
                                 let mut bad = |m: String| push(Some(h.seq), Some(offset), m);
                                 if meta.ordinal != n {
-                                    bad(format!("checkpoint ordinal {} where {n} was expected", meta.ordinal));
+                                    bad(format!(
+                                        "checkpoint ordinal {} where {n} was expected",
+                                        meta.ordinal
+                                    ));
                                 }
                                 if meta.position != h.first {
-                                    bad(format!("checkpoint at {} in a frame at {}", meta.position, h.first));
+                                    bad(format!(
+                                        "checkpoint at {} in a frame at {}",
+                                        meta.position, h.first
+                                    ));
                                 }
                                 if (meta.pages, meta.page_frames) != (run.0, run.1) {
                                     bad(format!(
@@ -334,7 +396,10 @@ pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyRepor
                                     ));
                                 }
                                 if meta.event_index != events {
-                                    bad(format!("checkpoint {} says {} events precede it; {events} do", meta.ordinal, meta.event_index));
+                                    bad(format!(
+                                        "checkpoint {} says {} events precede it; {events} do",
+                                        meta.ordinal, meta.event_index
+                                    ));
                                 }
                                 if n == 0 && !meta.full {
                                     bad("the first checkpoint is not full".into());
@@ -357,9 +422,11 @@ pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyRepor
                         last = h.last;
                         run = (0, 0, 0, offset + h.frame_len());
                     }
-                    FrameKind::Footer => {
-                        push(Some(h.seq), Some(offset), "a footer frame before the end of the frames".into())
-                    }
+                    FrameKind::Footer => push(
+                        Some(h.seq),
+                        Some(offset),
+                        "a footer frame before the end of the frames".into(),
+                    ),
                 }
             }
         }
@@ -372,14 +439,26 @@ pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyRepor
     }
     let truncated = matches!(reader.status(), TraceStatus::Truncated { .. });
     if run.1 > 0 && !truncated {
-        push(None, Some(run.3), format!("{} page frames at the end belong to no checkpoint", run.1));
+        push(
+            None,
+            Some(run.3),
+            format!("{} page frames at the end belong to no checkpoint", run.1),
+        );
     }
     match reader.status().clone() {
         TraceStatus::Complete => {}
-        TraceStatus::Truncated { valid_until, detail, .. } => {
-            push(None, Some(valid_until), format!("the trace is truncated: {detail}"))
+        TraceStatus::Truncated {
+            valid_until,
+            detail,
+            ..
+        } => push(
+            None,
+            Some(valid_until),
+            format!("the trace is truncated: {detail}"),
+        ),
+        TraceStatus::Damaged { detail } => {
+            push(None, None, format!("the trace is damaged: {detail}"))
         }
-        TraceStatus::Damaged { detail } => push(None, None, format!("the trace is damaged: {detail}")),
     }
     if let Some(footer) = reader.footer().cloned() {
         let mut bad = |m: String| push(None, None, format!("footer: {m}"));
@@ -404,13 +483,22 @@ pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyRepor
             ));
         }
         if footer.events_total != events {
-            bad(format!("it counts {} events; the frames hold {events}", footer.events_total));
+            bad(format!(
+                "it counts {} events; the frames hold {events}",
+                footer.events_total
+            ));
         }
         if footer.event_counts != counts {
-            bad(format!("its counts by kind {:?} differ from the frames' {counts:?}", footer.event_counts));
+            bad(format!(
+                "its counts by kind {:?} differ from the frames' {counts:?}",
+                footer.event_counts
+            ));
         }
         if !last.at_or_before(&footer.final_position) {
-            bad(format!("final position {} is before the last event or checkpoint at {last}", footer.final_position));
+            bad(format!(
+                "final position {} is before the last event or checkpoint at {last}",
+                footer.final_position
+            ));
         }
     }
     let ok = problems.is_empty() && omitted == 0 && *reader.status() == TraceStatus::Complete;
@@ -448,7 +536,11 @@ pub fn dump<R: Read + Seek>(
     out: &mut dyn Write,
     opts: &DumpOptions,
 ) -> Result<u64, ToolError> {
-    writeln!(out, "# {:>10} {:>10} {:<12} details", "icount", "exits", "kind")?;
+    writeln!(
+        out,
+        "# {:>10} {:>10} {:<12} details",
+        "icount", "exits", "kind"
+    )?;
     let mut lines = 0u64;
     let limit = opts.limit.unwrap_or(u64::MAX);
     let wanted = |at: Position| opts.from.is_none_or(|from| from.at_or_before(&at));
@@ -459,7 +551,13 @@ pub fn dump<R: Read + Seek>(
         let (offset, frame) = match step {
             Step::Frame(o, f) => (o, f),
             Step::Bad(seq, offset, detail) => {
-                return Err(ReadError::Frame { name: String::new(), frame: seq, offset, detail }.into());
+                return Err(ReadError::Frame {
+                    name: String::new(),
+                    frame: seq,
+                    offset,
+                    detail,
+                }
+                .into());
             }
         };
         let h = frame.header;
@@ -475,16 +573,22 @@ pub fn dump<R: Read + Seek>(
                     if lines >= limit {
                         break;
                     }
-                    if wanted(e.at) && (opts.kinds.is_empty() || opts.kinds.iter().any(|k| k == e.kind.name())) {
+                    if wanted(e.at)
+                        && (opts.kinds.is_empty() || opts.kinds.iter().any(|k| k == e.kind.name()))
+                    {
                         writeln!(out, "{e}")?;
                         lines += 1;
                     }
                 }
             }
             FrameKind::Checkpoint if opts.checkpoints && wanted(h.first) => {
-                let meta: CheckpointMeta = decode_whole(&frame.payload, "checkpoint metadata").map_err(|detail| {
-                    ReadError::Frame { name: String::new(), frame: h.seq, offset, detail }
-                })?;
+                let meta: CheckpointMeta = decode_whole(&frame.payload, "checkpoint metadata")
+                    .map_err(|detail| ReadError::Frame {
+                        name: String::new(),
+                        frame: h.seq,
+                        offset,
+                        detail,
+                    })?;
                 writeln!(
                     out,
                     "{:>12} {:>10} {:<12} #{} {} pages{}, cpu {} bytes, devices {} bytes{}",
@@ -496,7 +600,9 @@ pub fn dump<R: Read + Seek>(
                     if meta.full { " (full)" } else { "" },
                     meta.cpu_state.len(),
                     meta.device_state.len(),
-                    meta.state_digest.map(|d| format!(", digest {d}")).unwrap_or_default()
+                    meta.state_digest
+                        .map(|d| format!(", digest {d}"))
+                        .unwrap_or_default()
                 )?;
                 lines += 1;
             }
@@ -506,9 +612,18 @@ pub fn dump<R: Read + Seek>(
     });
     // Frame errors raised inside the walk lack the file name; add it.
     match result {
-        Err(ToolError::Read(ReadError::Frame { frame, offset, detail, .. })) => {
-            Err(ReadError::Frame { name: reader.name().to_string(), frame, offset, detail }.into())
+        Err(ToolError::Read(ReadError::Frame {
+            frame,
+            offset,
+            detail,
+            ..
+        })) => Err(ReadError::Frame {
+            name: reader.name().to_string(),
+            frame,
+            offset,
+            detail,
         }
+        .into()),
         other => other.map(|()| lines),
     }
 }
@@ -601,7 +716,12 @@ pub fn stats<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<TraceStats, 
     let mut run_bytes = 0u64;
     let (mut events, mut encoded, mut event_frames_stored) = (0u64, 0u64, 0u64);
     let name = reader.name().to_string();
-    let frame_err = |seq: u64, offset: u64, detail: String| ReadError::Frame { name: name.clone(), frame: seq, offset, detail };
+    let frame_err = |seq: u64, offset: u64, detail: String| ReadError::Frame {
+        name: name.clone(),
+        frame: seq,
+        offset,
+        detail,
+    };
     let result = walk(reader, |_r, step| {
         let (offset, frame) = match step {
             Step::Frame(o, f) => (o, f),
@@ -615,7 +735,8 @@ pub fn stats<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<TraceStats, 
         match h.kind {
             FrameKind::Events => {
                 event_frames_stored += h.frame_len();
-                let evs = decode_events(&h, &frame.payload).map_err(|d| frame_err(h.seq, offset, d))?;
+                let evs =
+                    decode_events(&h, &frame.payload).map_err(|d| frame_err(h.seq, offset, d))?;
                 for (e, size) in evs {
                     let k = by_event.entry(e.kind.name().to_string()).or_default();
                     k.count += 1;
@@ -649,10 +770,13 @@ pub fn stats<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<TraceStats, 
         Err(ToolError::Read(e)) => return Err(e),
         Err(ToolError::Output(e)) => unreachable!("stats writes no output: {e}"),
     }
-    let ev = by_frame.get(FrameKind::Events.name()).cloned().unwrap_or_default();
-    let (all_c, all_u) = by_frame
-        .values()
-        .fold((0, 0), |(c, u), s| (c + s.compressed_bytes, u + s.uncompressed_bytes));
+    let ev = by_frame
+        .get(FrameKind::Events.name())
+        .cloned()
+        .unwrap_or_default();
+    let (all_c, all_u) = by_frame.values().fold((0, 0), |(c, u), s| {
+        (c + s.compressed_bytes, u + s.uncompressed_bytes)
+    });
     Ok(TraceStats {
         name: reader.name().to_string(),
         file_bytes: reader.file_len(),
@@ -674,24 +798,55 @@ pub fn stats<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<TraceStats, 
 
 impl fmt::Display for TraceStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "trace {} ({} bytes; header {}, footer+trailer {}; {})", self.name, self.file_bytes, self.header_bytes, self.footer_bytes, self.status)?;
-        writeln!(f, "{:<18} {:>8} {:>14} {:>14} {:>7}", "frames", "count", "stored", "uncompressed", "ratio")?;
+        writeln!(
+            f,
+            "trace {} ({} bytes; header {}, footer+trailer {}; {})",
+            self.name, self.file_bytes, self.header_bytes, self.footer_bytes, self.status
+        )?;
+        writeln!(
+            f,
+            "{:<18} {:>8} {:>14} {:>14} {:>7}",
+            "frames", "count", "stored", "uncompressed", "ratio"
+        )?;
         for (k, s) in &self.frames_by_kind {
-            writeln!(f, "{k:<18} {:>8} {:>14} {:>14} {:>7.2}", s.frames, s.compressed_bytes, s.uncompressed_bytes, ratio(s.uncompressed_bytes, s.compressed_bytes))?;
+            writeln!(
+                f,
+                "{k:<18} {:>8} {:>14} {:>14} {:>7.2}",
+                s.frames,
+                s.compressed_bytes,
+                s.uncompressed_bytes,
+                ratio(s.uncompressed_bytes, s.compressed_bytes)
+            )?;
         }
         writeln!(
             f,
             "events {}: {:.2} stored bytes/event, {:.2} encoded bytes/event, compression {:.2}x (all frames {:.2}x)",
-            self.events_total, self.stored_bytes_per_event, self.encoded_bytes_per_event, self.event_compression_ratio, self.overall_compression_ratio
+            self.events_total,
+            self.stored_bytes_per_event,
+            self.encoded_bytes_per_event,
+            self.event_compression_ratio,
+            self.overall_compression_ratio
         )?;
         for (k, s) in &self.events_by_kind {
-            writeln!(f, "  {k:<14} {:>10} events {:>8.2} encoded bytes each", s.count, ratio(s.encoded_bytes, s.count))?;
+            writeln!(
+                f,
+                "  {k:<14} {:>10} events {:>8.2} encoded bytes each",
+                s.count,
+                ratio(s.encoded_bytes, s.count)
+            )?;
         }
         for c in &self.checkpoints {
             writeln!(
                 f,
                 "checkpoint #{} {} {} pages{} {} bytes stored, cpu {} B, devices {} B, digest {}",
-                c.ordinal, c.position, c.pages, if c.full { " (full)" } else { "" }, c.compressed_bytes, c.cpu_state_bytes, c.device_state_bytes, opt_digest(&c.state_digest)
+                c.ordinal,
+                c.position,
+                c.pages,
+                if c.full { " (full)" } else { "" },
+                c.compressed_bytes,
+                c.cpu_state_bytes,
+                c.device_state_bytes,
+                opt_digest(&c.state_digest)
             )?;
         }
         writeln!(f, "final state {}", opt_digest(&self.final_state_digest))?;

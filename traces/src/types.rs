@@ -109,8 +109,9 @@ impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         if d.is_human_readable() {
             let text = String::deserialize(d)?;
-            Digest::from_hex(&text)
-                .ok_or_else(|| serde::de::Error::custom(format!("not a 64-digit hex digest: {text:?}")))
+            Digest::from_hex(&text).ok_or_else(|| {
+                serde::de::Error::custom(format!("not a 64-digit hex digest: {text:?}"))
+            })
         } else {
             Ok(Self(<[u8; 32]>::deserialize(d)?))
         }
@@ -238,7 +239,11 @@ impl Event {
 
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:>12} {:>10} {}", self.at.icount, self.at.exits, self.kind)
+        write!(
+            f,
+            "{:>12} {:>10} {}",
+            self.at.icount, self.at.exits, self.kind
+        )
     }
 }
 
@@ -379,7 +384,12 @@ impl fmt::Display for EventKind {
             EventKind::Interrupt { vector } => write!(f, "vector 0x{vector:02x}"),
             EventKind::StateDigest { digest } => write!(f, "{digest}"),
             EventKind::SerialOutput { bytes } => {
-                write!(f, "{} bytes {:?}", bytes.len(), String::from_utf8_lossy(bytes))
+                write!(
+                    f,
+                    "{} bytes {:?}",
+                    bytes.len(),
+                    String::from_utf8_lossy(bytes)
+                )
             }
             EventKind::Chaos {
                 perturbation,

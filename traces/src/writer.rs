@@ -2,9 +2,7 @@
 //! when the buffer fills, written, and forgotten. Memory stays bounded by one frame plus the
 //! index (a few dozen bytes per frame), whatever the length of the run.
 
-use crate::frame::{
-    encode_trailer, FrameHeader, FrameKind, FILE_PREFIX_LEN, PAGE_ITEM_LEN,
-};
+use crate::frame::{FILE_PREFIX_LEN, FrameHeader, FrameKind, PAGE_ITEM_LEN, encode_trailer};
 use crate::types::{
     CheckpointIndexEntry, CheckpointInput, CheckpointMeta, Event, EventKind, FinishInfo, Footer,
     FrameIndexEntry, Header, Position,
@@ -302,7 +300,10 @@ impl<W: Write> TraceWriter<W> {
     /// Writes byte slices as one unit, tracking what is committed and poisoning the writer on
     /// failure.
     fn write_raw(&mut self, parts: &[&[u8]], what: &str) -> Result<(), WriteError> {
-        let sink = self.sink.as_mut().expect("the sink is present until finish");
+        let sink = self
+            .sink
+            .as_mut()
+            .expect("the sink is present until finish");
         let mut result = Ok(());
         for p in parts {
             result = sink.write_all(p);
@@ -540,13 +541,14 @@ impl<W: Write> TraceWriter<W> {
             pages: total_pages,
             page_frames,
         };
-        let payload = bincode::serde::encode_to_vec(&meta, crate::bincode_config()).map_err(
-            |e| WriteError::Encode {
-                name: self.name.clone(),
-                what: format!("checkpoint {}", meta.ordinal),
-                detail: e.to_string(),
-            },
-        )?;
+        let payload =
+            bincode::serde::encode_to_vec(&meta, crate::bincode_config()).map_err(|e| {
+                WriteError::Encode {
+                    name: self.name.clone(),
+                    what: format!("checkpoint {}", meta.ordinal),
+                    detail: e.to_string(),
+                }
+            })?;
         let e = self.write_frame(
             FrameKind::Checkpoint,
             input.position,
@@ -601,19 +603,16 @@ impl<W: Write> TraceWriter<W> {
                 .collect::<BTreeMap<_, _>>(),
             events_total: self.events_total,
         };
-        let payload = bincode::serde::encode_to_vec(&footer, crate::bincode_config()).map_err(
-            |e| WriteError::Encode {
-                name: self.name.clone(),
-                what: "the footer".into(),
-                detail: e.to_string(),
-            },
-        )?;
+        let payload =
+            bincode::serde::encode_to_vec(&footer, crate::bincode_config()).map_err(|e| {
+                WriteError::Encode {
+                    name: self.name.clone(),
+                    what: "the footer".into(),
+                    detail: e.to_string(),
+                }
+            })?;
         let last = footer.final_position;
-        let first = footer
-            .frames
-            .first()
-            .map(|f| f.first)
-            .unwrap_or_default();
+        let first = footer.frames.first().map(|f| f.first).unwrap_or_default();
         let footer_entry = self.write_frame(FrameKind::Footer, first, last, 1, &payload)?;
         self.write_raw(&[&encode_trailer(footer_entry.offset)], "the trailer")?;
         let sink = self.sink.take().expect("the sink is present until finish");
@@ -641,6 +640,5 @@ mod tests {
             zstd::zstd_safe::compress_bound(MAX_FRAME_PAYLOAD)
                 <= crate::frame::MAX_COMPRESSED_PAYLOAD
         );
-        assert!(crate::FRAME_HEADER_LEN < 100);
     }
 }

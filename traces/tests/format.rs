@@ -23,12 +23,19 @@ fn events_checkpoints_and_memory_round_trip() {
     assert_eq!(footer.events_total, 2000);
     assert_eq!(footer.event_counts.values().sum::<u64>(), 2000);
     assert_eq!(footer.exit.status, Some(3));
-    assert!(footer.frames.len() > 50, "small frames: {}", footer.frames.len());
+    assert!(
+        footer.frames.len() > 50,
+        "small frames: {}",
+        footer.frames.len()
+    );
 
     let cps = r.checkpoints().to_vec();
     assert_eq!(cps.len(), 4);
     assert!(cps[0].full && !cps[1].full);
-    assert!(cps[1].pages < cps[0].pages + 4, "deltas store only changed pages");
+    assert!(
+        cps[1].pages < cps[0].pages + 4,
+        "deltas store only changed pages"
+    );
     for (k, cp) in cps.iter().enumerate() {
         let mem = r.memory_at(cp).unwrap();
         assert_eq!(mem, rec.memories[k], "memory at checkpoint {k}");
@@ -63,7 +70,12 @@ fn events_checkpoints_and_memory_round_trip() {
     assert_eq!(lines, 2000);
     let text = String::from_utf8(out).unwrap();
     assert_eq!(text.lines().count(), 2001);
-    assert!(text.lines().nth(1).unwrap().contains(rec.events[0].kind.name()));
+    assert!(
+        text.lines()
+            .nth(1)
+            .unwrap()
+            .contains(rec.events[0].kind.name())
+    );
     let mut out = Vec::new();
     let opts = DumpOptions {
         kinds: vec!["interrupt".into()],
@@ -76,7 +88,10 @@ fn events_checkpoints_and_memory_round_trip() {
 
     let inf = info(&r);
     let text = inf.to_string();
-    assert!(text.contains("guest:hello") && text.contains("complete"), "{text}");
+    assert!(
+        text.contains("guest:hello") && text.contains("complete"),
+        "{text}"
+    );
 }
 
 /// A sink that counts bytes and keeps none.
@@ -135,13 +150,18 @@ fn truncation_at_every_byte_keeps_every_whole_frame() {
             Ok(r) => r,
             Err(e) => {
                 assert!(cut < header_len, "cut {cut}: {e}");
-                assert!(matches!(e, ReadError::TruncatedHeader { .. }), "cut {cut}: {e}");
+                assert!(
+                    matches!(e, ReadError::TruncatedHeader { .. }),
+                    "cut {cut}: {e}"
+                );
                 continue;
             }
         };
         let whole: Vec<&FrameIndexEntry> = frames
             .iter()
-            .filter(|f| f.offset + (FRAME_HEADER_LEN as u64) + f.compressed_len as u64 <= cut as u64)
+            .filter(|f| {
+                f.offset + (FRAME_HEADER_LEN as u64) + f.compressed_len as u64 <= cut as u64
+            })
             .collect();
         match r.status() {
             TraceStatus::Truncated {
@@ -174,10 +194,7 @@ fn truncation_at_every_byte_keeps_every_whole_frame() {
         if let Some(cp) = r.checkpoints().last().copied() {
             assert_eq!(cp, rec.footer.checkpoints[cp.ordinal as usize]);
             if cut % 97 == 0 {
-                assert_eq!(
-                    r.memory_at(&cp).unwrap(),
-                    rec.memories[cp.ordinal as usize]
-                );
+                assert_eq!(r.memory_at(&cp).unwrap(), rec.memories[cp.ordinal as usize]);
             }
         }
         let report = verify(&mut r).unwrap();
@@ -198,7 +215,9 @@ fn bit_flips_are_reported_with_the_frame_number_and_offset() {
         // A flip in the header and a few in the payload of every frame.
         let mut spots = vec![f.offset + rng.below(FRAME_HEADER_LEN as u64)];
         for _ in 0..3 {
-            spots.push(f.offset + FRAME_HEADER_LEN as u64 + rng.below(len - FRAME_HEADER_LEN as u64));
+            spots.push(
+                f.offset + FRAME_HEADER_LEN as u64 + rng.below(len - FRAME_HEADER_LEN as u64),
+            );
         }
         for at in spots {
             let mut bytes = rec.bytes.clone();
@@ -207,7 +226,11 @@ fn bit_flips_are_reported_with_the_frame_number_and_offset() {
             let report = verify(&mut r).unwrap();
             assert!(!report.ok);
             let p = &report.problems[0];
-            assert_eq!((p.frame, p.offset), (Some(f.seq), Some(f.offset)), "flip at {at}: {report}");
+            assert_eq!(
+                (p.frame, p.offset),
+                (Some(f.seq), Some(f.offset)),
+                "flip at {at}: {report}"
+            );
             if at >= f.offset + FRAME_HEADER_LEN as u64 {
                 assert!(p.message.contains("checksum mismatch"), "{p}");
             }
@@ -240,7 +263,11 @@ fn flips_in_header_footer_and_trailer_are_caught() {
         let mut bytes = rec.bytes.clone();
         bytes[at] ^= 0x04;
         let mut r = open(&bytes).unwrap();
-        assert!(matches!(r.status(), TraceStatus::Damaged { .. }), "{:?}", r.status());
+        assert!(
+            matches!(r.status(), TraceStatus::Damaged { .. }),
+            "{:?}",
+            r.status()
+        );
         assert_eq!(all_events(&mut r), rec.events);
         assert_eq!(r.checkpoints(), &rec.footer.checkpoints[..]);
         assert!(!verify(&mut r).unwrap().ok);
@@ -256,7 +283,10 @@ fn unknown_versions_are_rejected_naming_both() {
         let err = open(&bytes).err().expect("rejected");
         let text = err.to_string();
         assert!(text.contains(&format!("format version {v}")), "{text}");
-        assert!(text.contains(&format!("format version {FORMAT_VERSION}")), "{text}");
+        assert!(
+            text.contains(&format!("format version {FORMAT_VERSION}")),
+            "{text}"
+        );
         assert_eq!(text.contains("newer deja"), v > FORMAT_VERSION, "{text}");
     }
     let err = open(b"ELF\x7f and other things").err().unwrap();
@@ -276,17 +306,24 @@ fn a_failing_sink_leaves_every_complete_frame_readable() {
             Err(x) => x,
         };
         let text = err.to_string();
-        let WriteError::Io { committed, frames, .. } = &err else {
+        let WriteError::Io {
+            committed, frames, ..
+        } = &err
+        else {
             panic!("budget {budget}: {text}");
         };
-        assert!(text.contains("test.trace") && text.contains("No space left"), "{text}");
+        assert!(
+            text.contains("test.trace") && text.contains("No space left"),
+            "{text}"
+        );
         assert!(text.contains(&format!("{committed} bytes")), "{text}");
         assert_eq!(sink.written.len(), budget);
         match open(&sink.written) {
             Err(e) => assert!(budget < 400, "budget {budget}: {e}"),
             Ok(mut r) => {
                 let events = all_events(&mut r);
-                let expected: u64 = rec.footer.frames[..(*frames as usize).min(rec.footer.frames.len())]
+                let expected: u64 = rec.footer.frames
+                    [..(*frames as usize).min(rec.footer.frames.len())]
                     .iter()
                     .filter(|f| f.kind == FrameKind::Events.to_byte())
                     .map(|f| f.items as u64)
@@ -304,9 +341,22 @@ fn write_through(budget: usize) -> Result<(), (FailingSink, WriteError)> {
     // Re-record with the same seed but into the failing sink; compare through the reader.
     let rec = record(6, 200, 80, small_frames());
     let r = open(&rec.bytes).unwrap();
-    let mut w = match TraceWriter::new(FailingSink::new(budget), "test.trace", r.header(), small_frames()) {
+    let mut w = match TraceWriter::new(
+        FailingSink::new(budget),
+        "test.trace",
+        r.header(),
+        small_frames(),
+    ) {
         Ok(w) => w,
-        Err(e) => return Err((FailingSink { written: rec.bytes[..budget].to_vec(), budget: 0 }, e)),
+        Err(e) => {
+            return Err((
+                FailingSink {
+                    written: rec.bytes[..budget].to_vec(),
+                    budget: 0,
+                },
+                e,
+            ));
+        }
     };
     let mut reader = open(&rec.bytes).unwrap();
     let cps = reader.checkpoints().to_vec();
@@ -350,7 +400,10 @@ fn write_through(budget: usize) -> Result<(), (FailingSink, WriteError)> {
             Err(e) => {
                 // `finish` consumed the writer; rebuild the sink contents from the budget.
                 return Err((
-                    FailingSink { written: rec.bytes[..budget].to_vec(), budget: 0 },
+                    FailingSink {
+                        written: rec.bytes[..budget].to_vec(),
+                        budget: 0,
+                    },
                     e,
                 ));
             }

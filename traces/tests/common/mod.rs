@@ -63,18 +63,30 @@ pub fn header() -> Header {
 /// An event of a pseudo-random kind at `at`.
 pub fn event(rng: &mut Rng, at: Position) -> Event {
     let kind = match rng.below(11) {
-        0 => EventKind::TimeRead { ns: rng.next() >> 20 },
-        1 => EventKind::BootWallclock { secs: 1_700_000_000 },
+        0 => EventKind::TimeRead {
+            ns: rng.next() >> 20,
+        },
+        1 => EventKind::BootWallclock {
+            secs: 1_700_000_000,
+        },
         2 => EventKind::SerialInput {
-            byte: if rng.below(2) == 0 { None } else { Some(rng.next() as u8) },
+            byte: if rng.below(2) == 0 {
+                None
+            } else {
+                Some(rng.next() as u8)
+            },
         },
         3 => EventKind::Entropy { value: rng.next() },
-        4 => EventKind::PollQuantum { instructions: 20_000 },
+        4 => EventKind::PollQuantum {
+            instructions: 20_000,
+        },
         5 => EventKind::Idle {
             deadline_ns: Some(rng.next() >> 30),
             resumed_ns: rng.next() >> 30,
         },
-        6 => EventKind::Interrupt { vector: 0x20 + rng.below(16) as u8 },
+        6 => EventKind::Interrupt {
+            vector: 0x20 + rng.below(16) as u8,
+        },
         7 => EventKind::StateDigest {
             digest: Digest::of(&rng.next().to_le_bytes()),
         },
@@ -141,9 +153,12 @@ pub fn record(seed: u64, n_events: usize, every: usize, opts: WriterOptions) -> 
             };
             w.checkpoint(
                 input.clone(),
-                changed
-                    .iter()
-                    .map(|&p| (p, &mem[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE])),
+                changed.iter().map(|&p| {
+                    (
+                        p,
+                        &mem[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE],
+                    )
+                }),
             )
             .unwrap();
             let mut image = MemoryImage::new();
