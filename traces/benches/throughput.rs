@@ -68,7 +68,7 @@ fn write_events(evs: &[Event]) -> Vec<u8> {
 fn memory() -> Vec<u8> {
     let mut m = vec![0u8; MEMORY_PAGES * PAGE_SIZE];
     for (i, b) in m.iter_mut().enumerate() {
-        if (i / PAGE_SIZE) % 3 == 0 {
+        if (i / PAGE_SIZE).is_multiple_of(3) {
             *b = (i.wrapping_mul(2654435761) >> 13) as u8 & 0x3f | 0x40;
         }
     }
