@@ -3,7 +3,11 @@
 //! engine runs the guest.
 
 pub mod debug_exit;
+pub mod pci;
 pub mod post;
+pub mod reset;
+#[cfg(test)]
+pub(crate) mod scripted_host;
 
 use crate::host::{Host, Position};
 use serde::{Deserialize, Serialize};
@@ -119,7 +123,11 @@ pub enum DeviceState {
     Post(post::PostState),
     /// isa-debug-exit.
     DebugExit,
-}
+    /// System control port A (0x92).
+    Port92(reset::Port92State),
+    /// PCI configuration mechanism #1 with the i440FX host bridge and PIIX3 ISA bridge.
+    Pci(Box<pci::PciState>),
+                }
 
 impl DeviceState {
     /// The variant's name, for error messages.
