@@ -3,6 +3,7 @@
 //! engine runs the guest.
 
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod pci;
 pub mod post;
 pub mod reset;
@@ -127,7 +128,9 @@ pub enum DeviceState {
     Port92(reset::Port92State),
     /// PCI configuration mechanism #1 with the i440FX host bridge and PIIX3 ISA bridge.
     Pci(Box<pci::PciState>),
-                }
+    /// QEMU's firmware configuration interface.
+    FwCfg(fw_cfg::FwCfgState),
+}
 
 impl DeviceState {
     /// The variant's name, for error messages.

@@ -312,7 +312,10 @@ mod tests {
             );
         }
         // Bus 1 and a disabled address decode nothing.
-        assert_eq!(cfg_read(&mut p, &mut rig, addr(0, 0, 0) | 1 << 16, 0, 4), !0);
+        assert_eq!(
+            cfg_read(&mut p, &mut rig, addr(0, 0, 0) | 1 << 16, 0, 4),
+            !0
+        );
         assert_eq!(cfg_read(&mut p, &mut rig, 0x0000_0000, 0, 4), !0);
     }
 

@@ -69,7 +69,10 @@ impl Device for Port92 {
             DeviceState::Port92(s) if s.outport & PORT92_FAST_RESET != 0 => {
                 Err(DeviceError::InvalidState {
                     device: "port92",
-                    detail: format!("outport {:#04x} holds the self-clearing reset bit", s.outport),
+                    detail: format!(
+                        "outport {:#04x} holds the self-clearing reset bit",
+                        s.outport
+                    ),
                 })
             }
             DeviceState::Port92(s) => {
