@@ -1,1 +1,963 @@
-//! The kvm engine (not implemented yet; see issue #2).
+//! The kvm engine: deja-pc guests under the host's KVM with every device in deja's
+//! userspace.
+//!
+//! No in-kernel irqchip, PIT or irqfd: every port and MMIO access, every HLT and every
+//! interrupt passes through the [`Machine`], so every input the guest sees can be logged.
+//! Interrupts are injected with `KVM_INTERRUPT` when the vCPU can take them (or an
+//! interrupt window is requested). On hosts without a PMU (all the machines deja runs on
+//! today) kvm cannot count instructions, so positions are device-exit ordinals.
+//!
+//! See [`host_info`] for what the host's KVM is and what it cannot do.
+
+pub mod host_info;
+pub mod kick;
+pub mod state;
+
+use deja_machine::cpu::{PendingEvents, msr};
+use deja_machine::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Machine};
+use host_info::Flavour;
+use kick::KickTarget;
+use kvm_bindings as kb;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use std::sync::Arc;
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+const ENGINE: &str = "kvm";
+
+/// Guest-physical address of the three-page TSS Intel VT-x needs for real mode (as QEMU).
+pub const TSS_ADDR: u64 = 0xfeff_d000;
+/// Guest-physical address of the identity-map page VT-x without unrestricted guest needs.
+pub const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+
+/// Ioctls kvm-ioctls does not wrap.
+mod ioctls {
+    #![allow(missing_docs)]
+    use kvm_bindings as kb;
+    // KVM_INTERRUPT: queue an external interrupt (userspace irqchip only).
+    vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kb::KVMIO, 0x86, kb::kvm_interrupt);
+}
+use ioctls::KVM_INTERRUPT;
+
+/// Failures creating a [`KvmCpu`].
+#[derive(Debug, Error)]
+pub enum KvmError {
+    /// `/dev/kvm` could not be opened (missing, or no permission).
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(String),
+    /// The kernel speaks a different KVM API.
+    #[error("KVM API version {found}, deja needs {expected}")]
+    ApiVersion {
+        /// What the kernel reported.
+        found: i32,
+        /// What deja was written for.
+        expected: i32,
+    },
+    /// An ioctl needed to set the VM up failed.
+    #[error("{operation} failed: {detail}")]
+    Setup {
+        /// The operation, e.g. `KVM_CREATE_VM`.
+        operation: &'static str,
+        /// The host's error.
+        detail: String,
+    },
+    /// A guest memory range could not become a KVM memory slot.
+    #[error(
+        "registering guest memory {start:#x}+{len:#x} as KVM slot {slot} (flags {flags:#x}) failed: {detail}"
+    )]
+    MemorySlot {
+        /// The slot number.
+        slot: u32,
+        /// Guest-physical start.
+        start: u64,
+        /// Length in bytes.
+        len: u64,
+        /// KVM_MEM_* flags asked for.
+        flags: u32,
+        /// The host's error.
+        detail: String,
+    },
+    /// The machine's CPUID table does not fit KVM.
+    #[error("CPUID table with {entries} entries rejected: {detail}")]
+    Cpuid {
+        /// Entries in the table.
+        entries: usize,
+        /// Why.
+        detail: String,
+    },
+    /// The kick signal handler could not be installed.
+    #[error(transparent)]
+    Signal(#[from] kick::SignalError),
+    /// Setting the reset state failed.
+    #[error("setting the initial CPU state failed: {0}")]
+    InitialState(#[from] CpuError),
+}
+
+impl KvmError {
+    /// Whether the failure is "this host has no usable KVM" (tests skip, the CLI explains)
+    /// rather than a bug.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, KvmError::Open(_))
+    }
+}
+
+fn host_err(operation: &'static str, e: impl std::fmt::Display) -> CpuError {
+    CpuError::Host {
+        engine: ENGINE,
+        operation,
+        detail: e.to_string(),
+    }
+}
+
+fn setup_err(operation: &'static str, e: impl std::fmt::Display) -> KvmError {
+    KvmError::Setup {
+        operation,
+        detail: e.to_string(),
+    }
+}
+
+/// One KVM memory slot: a guest-physical range and whether the guest may write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Guest-physical start.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Registered with `KVM_MEM_READONLY` (writes exit as MMIO and are dropped).
+    pub readonly: bool,
+}
+
+/// Splits the RAM range `[start, start+len)` into slots around the read-only ranges
+/// (`(start, len)` pairs, any order, possibly overlapping the range partially).
+pub fn split_slots(start: u64, len: u64, readonly: &[(u64, u64)]) -> Vec<Slot> {
+    let end = start + len;
+    let mut cuts: Vec<(u64, u64)> = readonly
+        .iter()
+        .map(|&(s, l)| (s.max(start), (s + l).min(end)))
+        .filter(|(s, e)| s < e)
+        .collect();
+    cuts.sort_unstable();
+    // Overlapping or touching read-only ranges become one slot.
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in cuts {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let mut out = Vec::new();
+    let mut at = start;
+    for (s, e) in merged {
+        if at < s {
+            out.push(Slot {
+                start: at,
+                len: s - at,
+                readonly: false,
+            });
+        }
+        out.push(Slot {
+            start: s,
+            len: e - s,
+            readonly: true,
+        });
+        at = e;
+    }
+    if at < end {
+        out.push(Slot {
+            start: at,
+            len: end - at,
+            readonly: false,
+        });
+    }
+    out
+}
+
+/// What one `KVM_RUN` exit turned into.
+enum Step {
+    /// Keep running (the exit was handled inside the engine).
+    Continue,
+    /// Return this to the run loop.
+    Return(Exit),
+}
+
+/// The kvm engine's CPU: one vCPU of a VM whose memory is the machine's RAM.
+pub struct KvmCpu {
+    // Field order matters for drop: the vCPU and VM go before the memory they map.
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    _kvm: Kvm,
+    /// Keeps the guest RAM mapped for as long as KVM may access it.
+    _mem: GuestMemoryMmap,
+    run_size: usize,
+    kick: Arc<KickTarget>,
+    kicker: Kicker,
+    stats: EngineStats,
+    flavour: Flavour,
+    slots: Vec<Slot>,
+    msrs: Vec<u32>,
+    /// The guest executed HLT and has not taken an interrupt since.
+    halted: bool,
+    /// The last exit was I/O or MMIO, which KVM completes only on the next `KVM_RUN`.
+    completion_pending: bool,
+    /// `kvm_run.ready_for_interrupt_injection`/`if_flag` predate a `set_state`.
+    run_flags_stale: bool,
+    /// The TSC read or written since the guest last ran (the guest cannot have observed
+    /// time passing in between, so snapshots stay stable).
+    tsc_cache: Option<u64>,
+}
+
+impl KvmCpu {
+    /// Opens `/dev/kvm`, creates a VM with one vCPU over the machine's RAM, sets deja's
+    /// CPUID table and the reset state. No in-kernel irqchip or PIT is created.
+    pub fn new(machine: &Machine) -> Result<KvmCpu, KvmError> {
+        let kvm = Kvm::new().map_err(|e| KvmError::Open(e.to_string()))?;
+        let api = kvm.get_api_version();
+        if api != kb::KVM_API_VERSION as i32 {
+            return Err(KvmError::ApiVersion {
+                found: api,
+                expected: kb::KVM_API_VERSION as i32,
+            });
+        }
+        let info = host_info::HostInfo::detect_flavour_only();
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| setup_err("KVM_CREATE_VM", e))?;
+        if info.needs_tss_addr() {
+            vm.set_identity_map_address(IDENTITY_MAP_ADDR)
+                .map_err(|e| setup_err("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+            vm.set_tss_address(TSS_ADDR as usize)
+                .map_err(|e| setup_err("KVM_SET_TSS_ADDR", e))?;
+        }
+        if vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_EXIT_ON_EMULATION_FAILURE)) > 0
+        {
+            // Without it KVM may turn an instruction its emulator cannot handle into a #UD
+            // in the guest; deja would rather stop and say so.
+            let cap = kb::kvm_enable_cap {
+                cap: kb::KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+                args: [1, 0, 0, 0],
+                ..Default::default()
+            };
+            vm.enable_cap(&cap)
+                .map_err(|e| setup_err("KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)", e))?;
+        }
+        let readonly = readonly_ranges(machine);
+        let slots = register_memory(&vm, &machine.mem, &readonly)?;
+        let mut vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| setup_err("KVM_CREATE_VCPU", e))?;
+        set_cpuid(&vcpu, &machine.config.cpuid)?;
+        let run_size = vm.run_size();
+        kick::install_signal_handler()?;
+        let immediate_exit = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit);
+        let kick = KickTarget::new(immediate_exit);
+        let hook_target = Arc::clone(&kick);
+        let kicker = Kicker::with_hook(Arc::new(move || hook_target.kick()));
+        let msrs = supported_msrs(&vcpu);
+        let mut cpu = KvmCpu {
+            vcpu,
+            _vm: vm,
+            _kvm: kvm,
+            _mem: machine.mem.clone(),
+            run_size,
+            kick,
+            kicker,
+            stats: EngineStats::default(),
+            flavour: info,
+            slots,
+            msrs,
+            halted: false,
+            completion_pending: false,
+            run_flags_stale: true,
+            tsc_cache: None,
+        };
+        cpu.set_state(&CpuState::reset())?;
+        Ok(cpu)
+    }
+
+    /// The flavour of KVM this vCPU runs on.
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
+    /// The memory slots registered, in address order.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// The MSRs this host lets deja save and restore (a subset of [`state::KEPT_MSRS`]).
+    pub fn kept_msrs(&self) -> &[u32] {
+        &self.msrs
+    }
+
+    fn count(&mut self, name: &str) {
+        self.stats.add(name, 1);
+    }
+
+    /// Whether an external interrupt can be injected right now.
+    fn can_inject(&mut self) -> Result<bool, CpuError> {
+        if self.run_flags_stale {
+            let regs = self
+                .vcpu
+                .get_regs()
+                .map_err(|e| host_err("KVM_GET_REGS", e))?;
+            let ev = self
+                .vcpu
+                .get_vcpu_events()
+                .map_err(|e| host_err("KVM_GET_VCPU_EVENTS", e))?;
+            return Ok(regs.rflags & (1 << 9) != 0
+                && ev.interrupt.shadow == 0
+                && ev.interrupt.injected == 0
+                && ev.exception.injected == 0);
+        }
+        let run = self.vcpu.get_kvm_run();
+        Ok(run.ready_for_interrupt_injection != 0 && run.if_flag != 0)
+    }
+
+    fn inject(&mut self, machine: &mut Machine) -> Result<(), CpuError> {
+        let vector = machine.acknowledge_interrupt();
+        let irq = kb::kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the valid reference we pass;
+        // the fd is a vCPU fd.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.vcpu, KVM_INTERRUPT(), &irq) };
+        if rc != 0 {
+            return Err(host_err(
+                "KVM_INTERRUPT",
+                format!("vector {vector:#x}: {}", std::io::Error::last_os_error()),
+            ));
+        }
+        self.count("kvm.interrupts_injected");
+        // The flags in kvm_run describe the moment before this injection.
+        self.run_flags_stale = true;
+        Ok(())
+    }
+
+    /// Lets KVM finish an I/O or MMIO instruction whose data deja supplied, without running
+    /// the guest further, so that registers read now are those after the instruction.
+    fn complete_pending_io(&mut self) -> Result<(), CpuError> {
+        if !self.completion_pending {
+            return Ok(());
+        }
+        self.completion_pending = false;
+        self.vcpu.get_kvm_run().immediate_exit = 1;
+        let r = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+        self.kick.clear_immediate_exit();
+        match r {
+            Err(libc::EINTR) => Ok(()),
+            Ok(()) => {
+                // A repeated string instruction continued into its next batch and exited
+                // again: deja cannot serve that access here (no machine at hand).
+                let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                Err(CpuError::Unsupported {
+                    engine: ENGINE,
+                    rip,
+                    detail: format!(
+                        "state requested in the middle of a repeated string I/O instruction \
+                         (exit reason {} while completing it)",
+                        self.vcpu.get_kvm_run().exit_reason
+                    ),
+                })
+            }
+            Err(errno) => Err(host_err(
+                "KVM_RUN (completing I/O)",
+                std::io::Error::from_raw_os_error(errno),
+            )),
+        }
+    }
+
+    /// Handles the exit KVM left in `kvm_run`.
+    fn handle_exit(&mut self, machine: &mut Machine) -> Result<Step, CpuError> {
+        let run_size = self.run_size;
+        let run = self.vcpu.get_kvm_run();
+        let reason = run.exit_reason;
+        match reason {
+            kb::KVM_EXIT_IO => {
+                // SAFETY: the exit reason says the `io` member of the union is valid.
+                let io = unsafe { run.__bindgen_anon_1.io };
+                let size = usize::from(io.size);
+                let count = io.count as usize;
+                let offset = io.data_offset as usize;
+                let total = size * count;
+                if !matches!(size, 1 | 2 | 4) || offset.saturating_add(total) > run_size {
+                    return Err(host_err(
+                        "KVM_EXIT_IO",
+                        format!(
+                            "malformed I/O exit: port {:#x} size {size} count {count} offset {offset}",
+                            io.port
+                        ),
+                    ));
+                }
+                let base = std::ptr::from_mut(run).cast::<u8>();
+                // SAFETY: the kernel placed `total` bytes of I/O data at `data_offset` inside
+                // the kvm_run mapping of `run_size` bytes (checked above); nothing else
+                // aliases it while we hold the vCPU mutably.
+                let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), total) };
+                let is_in = u32::from(io.direction) == kb::KVM_EXIT_IO_IN;
+                for element in data.chunks_mut(size) {
+                    if is_in {
+                        machine.pio_read(io.port, element);
+                    } else {
+                        machine.pio_write(io.port, element);
+                    }
+                }
+                self.stats.add(if is_in { "exit.io_in" } else { "exit.io_out" }, 1);
+                if count > 1 {
+                    self.stats.add("exit.io_string_elements", count as u64);
+                }
+                self.completion_pending = true;
+                Ok(Step::Return(device_exit(machine)))
+            }
+            kb::KVM_EXIT_MMIO => {
+                // SAFETY: the exit reason says the `mmio` member of the union is valid.
+                let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+                let addr = mmio.phys_addr;
+                let len = (mmio.len as usize).min(mmio.data.len());
+                let write = mmio.is_write != 0;
+                if write {
+                    let data = mmio.data;
+                    if is_readonly(&self.slots, addr) {
+                        // A store to ROM: dropped, as on real hardware; not a device access.
+                        self.stats.add("exit.rom_write", 1);
+                        self.completion_pending = true;
+                        return Ok(Step::Continue);
+                    }
+                    machine.mmio_write(addr, &data[..len]);
+                } else {
+                    machine.mmio_read(addr, &mut mmio.data[..len]);
+                }
+                self.stats.add(
+                    if write {
+                        "exit.mmio_write"
+                    } else {
+                        "exit.mmio_read"
+                    },
+                    1,
+                );
+                self.completion_pending = true;
+                Ok(Step::Return(device_exit(machine)))
+            }
+            kb::KVM_EXIT_HLT => {
+                self.count("exit.hlt");
+                machine.note_halt();
+                self.halted = true;
+                Ok(Step::Return(Exit::Halted))
+            }
+            kb::KVM_EXIT_IRQ_WINDOW_OPEN => {
+                self.count("exit.irq_window_open");
+                Ok(Step::Continue)
+            }
+            kb::KVM_EXIT_SHUTDOWN => {
+                self.count("exit.shutdown");
+                Ok(Step::Return(Exit::Shutdown {
+                    reason: "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
+                }))
+            }
+            kb::KVM_EXIT_INTR => {
+                self.count("exit.intr");
+                Ok(Step::Continue)
+            }
+            kb::KVM_EXIT_INTERNAL_ERROR => {
+                let detail = internal_error_detail(run);
+                self.count("exit.internal_error");
+                Err(self.unsupported(detail))
+            }
+            kb::KVM_EXIT_FAIL_ENTRY => {
+                // SAFETY: the exit reason says the `fail_entry` member is valid.
+                let f = unsafe { run.__bindgen_anon_1.fail_entry };
+                self.count("exit.fail_entry");
+                let detail = format!(
+                    "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {:#x} on host cpu {}",
+                    f.hardware_entry_failure_reason, f.cpu
+                );
+                Err(self.unsupported(detail))
+            }
+            other => {
+                let name = exit_name(other);
+                self.count(&format!("exit.{name}"));
+                Err(self.unsupported(format!("unexpected KVM exit {name} ({other})")))
+            }
+        }
+    }
+
+    fn unsupported(&mut self, detail: String) -> CpuError {
+        let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+        CpuError::Unsupported {
+            engine: ENGINE,
+            rip,
+            detail,
+        }
+    }
+}
+
+impl Drop for KvmCpu {
+    fn drop(&mut self) {
+        // A kicker may outlive the vCPU; it must not write into the unmapped kvm_run.
+        self.kick.detach();
+    }
+}
+
+fn is_readonly(slots: &[Slot], addr: u64) -> bool {
+    slots
+        .iter()
+        .any(|s| s.readonly && (s.start..s.start + s.len).contains(&addr))
+}
+
+/// After a device access: stop if a device asked for it.
+fn device_exit(machine: &Machine) -> Exit {
+    if machine.stop_request().is_some() {
+        Exit::StopRequested
+    } else {
+        Exit::DeviceAccess
+    }
+}
+
+fn exit_name(reason: u32) -> String {
+    match reason {
+        kb::KVM_EXIT_UNKNOWN => "unknown".into(),
+        kb::KVM_EXIT_EXCEPTION => "exception".into(),
+        kb::KVM_EXIT_HYPERCALL => "hypercall".into(),
+        kb::KVM_EXIT_DEBUG => "debug".into(),
+        kb::KVM_EXIT_NMI => "nmi".into(),
+        kb::KVM_EXIT_SYSTEM_EVENT => "system_event".into(),
+        kb::KVM_EXIT_X86_RDMSR => "rdmsr".into(),
+        kb::KVM_EXIT_X86_WRMSR => "wrmsr".into(),
+        kb::KVM_EXIT_MEMORY_FAULT => "memory_fault".into(),
+        kb::KVM_EXIT_TPR_ACCESS => "tpr_access".into(),
+        kb::KVM_EXIT_SET_TPR => "set_tpr".into(),
+        kb::KVM_EXIT_NOTIFY => "notify".into(),
+        n => format!("reason_{n}"),
+    }
+}
+
+fn internal_error_detail(run: &kb::kvm_run) -> String {
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, whose `internal` member is valid.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let sub = match internal.suberror {
+        kb::KVM_INTERNAL_ERROR_EMULATION => "emulation failure",
+        kb::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+        kb::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+        kb::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected hardware exit reason",
+        _ => "unknown suberror",
+    };
+    let mut detail = format!(
+        "KVM_EXIT_INTERNAL_ERROR: {sub} (suberror {})",
+        internal.suberror
+    );
+    if internal.suberror == kb::KVM_INTERNAL_ERROR_EMULATION {
+        // SAFETY: for emulation failures the `emulation_failure` member is the valid view.
+        let ef = unsafe { run.__bindgen_anon_1.emulation_failure };
+        if ef.flags & u64::from(kb::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
+            // SAFETY: the flag says the instruction bytes are present.
+            let bytes = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+            let n = usize::from(bytes.insn_size).min(bytes.insn_bytes.len());
+            detail.push_str(&format!(
+                "; instruction bytes {:02x?}",
+                &bytes.insn_bytes[..n]
+            ));
+            return detail;
+        }
+    }
+    let n = (internal.ndata as usize).min(internal.data.len());
+    if n > 0 {
+        detail.push_str(&format!("; data {:#x?}", &internal.data[..n]));
+    }
+    detail
+}
+
+/// Read-only ranges of the machine's memory (firmware ROM), `(start, len)`.
+fn readonly_ranges(_machine: &Machine) -> Vec<(u64, u64)> {
+    // The machine does not describe ROM ranges yet; every RAM range is writable.
+    Vec::new()
+}
+
+fn register_memory(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    readonly: &[(u64, u64)],
+) -> Result<Vec<Slot>, KvmError> {
+    let mut slots = Vec::new();
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| setup_err("guest memory host address", e))?;
+        for piece in split_slots(start, region.len(), readonly) {
+            let slot = slots.len() as u32;
+            let flags = if piece.readonly {
+                kb::KVM_MEM_READONLY
+            } else {
+                0
+            };
+            let region = kb::kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: piece.start,
+                memory_size: piece.len,
+                userspace_addr: host as u64 + (piece.start - start),
+            };
+            // SAFETY: the host range lies inside a mapping of the machine's guest memory,
+            // which the KvmCpu keeps alive (it holds a clone of the GuestMemoryMmap) for
+            // as long as the VM exists.
+            unsafe { vm.set_user_memory_region(region) }.map_err(|e| KvmError::MemorySlot {
+                slot,
+                start: piece.start,
+                len: piece.len,
+                flags,
+                detail: e.to_string(),
+            })?;
+            slots.push(piece);
+        }
+    }
+    Ok(slots)
+}
+
+fn set_cpuid(vcpu: &VcpuFd, table: &deja_machine::CpuidTable) -> Result<(), KvmError> {
+    let entries: Vec<kb::kvm_cpuid_entry2> = table
+        .entries
+        .iter()
+        .map(|e| kb::kvm_cpuid_entry2 {
+            function: e.function,
+            index: if e.indexed { e.index } else { 0 },
+            flags: if e.indexed {
+                kb::KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            } else {
+                0
+            },
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+            padding: [0; 3],
+        })
+        .collect();
+    let err = |detail: String| KvmError::Cpuid {
+        entries: entries.len(),
+        detail,
+    };
+    let cpuid = kb::CpuId::from_entries(&entries).map_err(|e| err(format!("{e:?}")))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| err(format!("KVM_SET_CPUID2: {e}")))
+}
+
+/// The subset of [`state::KEPT_MSRS`] the host can read for this vCPU.
+fn supported_msrs(vcpu: &VcpuFd) -> Vec<u32> {
+    state::KEPT_MSRS
+        .iter()
+        .copied()
+        .filter(|&index| {
+            kb::Msrs::from_entries(&[kb::kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .ok()
+            .and_then(|mut m| vcpu.get_msrs(&mut m).ok())
+                == Some(1)
+        })
+        .collect()
+}
+
+impl Cpu for KvmCpu {
+    fn name(&self) -> &'static str {
+        ENGINE
+    }
+
+    fn counts_instructions(&self) -> bool {
+        false
+    }
+
+    fn run(&mut self, machine: &mut Machine, _limit: Limit) -> Result<Exit, CpuError> {
+        let _in_run = self.kick.enter();
+        loop {
+            if self.kicker.pending() {
+                self.kick.clear_immediate_exit();
+                return Ok(Exit::Kicked);
+            }
+            let pending = machine.interrupt_pending();
+            if self.halted {
+                if pending && self.can_inject()? {
+                    self.inject(machine)?;
+                    self.halted = false;
+                } else {
+                    // Still halted: nothing the guest can take yet. Not a new guest access.
+                    return Ok(Exit::Halted);
+                }
+            } else if pending && self.can_inject()? {
+                self.inject(machine)?;
+            }
+            // Ask for an exit as soon as the guest can take the (next) pending interrupt.
+            let want_window = machine.interrupt_pending();
+            self.vcpu.get_kvm_run().request_interrupt_window = u8::from(want_window);
+            self.tsc_cache = None;
+            let result = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+            self.completion_pending = false;
+            self.run_flags_stale = false;
+            match result {
+                Ok(()) => match self.handle_exit(machine)? {
+                    Step::Continue => continue,
+                    Step::Return(exit) => return Ok(exit),
+                },
+                Err(libc::EINTR) => {
+                    self.count("exit.intr");
+                    // Clear first, then look at the flag: a kick landing in between sets
+                    // immediate_exit again and the next KVM_RUN returns at once.
+                    self.kick.clear_immediate_exit();
+                    if self.kicker.pending() {
+                        return Ok(Exit::Kicked);
+                    }
+                }
+                Err(libc::EAGAIN) => self.count("exit.eagain"),
+                Err(errno) => {
+                    return Err(host_err(
+                        "KVM_RUN",
+                        std::io::Error::from_raw_os_error(errno),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn icount(&self) -> u64 {
+        0
+    }
+
+    fn state(&mut self) -> Result<CpuState, CpuError> {
+        self.complete_pending_io()?;
+        let regs = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| host_err("KVM_GET_REGS", e))?;
+        let sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| host_err("KVM_GET_SREGS", e))?;
+        let fpu = self
+            .vcpu
+            .get_fpu()
+            .map_err(|e| host_err("KVM_GET_FPU", e))?;
+        let debug = self
+            .vcpu
+            .get_debug_regs()
+            .map_err(|e| host_err("KVM_GET_DEBUGREGS", e))?;
+        let events = self
+            .vcpu
+            .get_vcpu_events()
+            .map_err(|e| host_err("KVM_GET_VCPU_EVENTS", e))?;
+        let (gpr, rip, rflags) = state::gprs_from_kvm(&regs);
+        let mut s = CpuState {
+            gpr,
+            rip,
+            rflags,
+            seg: [
+                state::segment_from_kvm(&sregs.es),
+                state::segment_from_kvm(&sregs.cs),
+                state::segment_from_kvm(&sregs.ss),
+                state::segment_from_kvm(&sregs.ds),
+                state::segment_from_kvm(&sregs.fs),
+                state::segment_from_kvm(&sregs.gs),
+            ],
+            tr: state::segment_from_kvm(&sregs.tr),
+            ldtr: state::segment_from_kvm(&sregs.ldt),
+            gdtr: state::dtable_from_kvm(&sregs.gdt),
+            idtr: state::dtable_from_kvm(&sregs.idt),
+            cr0: sregs.cr0,
+            cr2: sregs.cr2,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            cr8: sregs.cr8,
+            efer: sregs.efer,
+            msrs: Default::default(),
+            dr: debug.db,
+            dr6: debug.dr6,
+            dr7: debug.dr7,
+            fpu: state::fpu_from_kvm(&fpu),
+            pending: PendingEvents {
+                interrupt_shadow: events.interrupt.shadow != 0,
+                nmi_pending: events.nmi.pending != 0,
+                nmi_blocked: events.nmi.masked != 0,
+                halted: self.halted,
+            },
+        };
+        s.msrs.insert(msr::IA32_APIC_BASE, sregs.apic_base);
+        let entries: Vec<kb::kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|&index| kb::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = kb::Msrs::from_entries(&entries)
+            .map_err(|e| host_err("KVM_GET_MSRS", format!("{e:?}")))?;
+        let n = self
+            .vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|e| host_err("KVM_GET_MSRS", e))?;
+        if n != entries.len() {
+            return Err(host_err(
+                "KVM_GET_MSRS",
+                format!("MSR {:#x} could not be read", entries[n].index),
+            ));
+        }
+        for e in msrs.as_slice() {
+            s.msrs.insert(e.index, e.data);
+        }
+        match self.tsc_cache {
+            Some(tsc) => {
+                s.msrs.insert(msr::IA32_TSC, tsc);
+            }
+            None => self.tsc_cache = s.msrs.get(&msr::IA32_TSC).copied(),
+        }
+        Ok(s)
+    }
+
+    fn set_state(&mut self, s: &CpuState) -> Result<(), CpuError> {
+        // A half-finished IN would otherwise overwrite RAX after the new state is in.
+        self.complete_pending_io()?;
+        let mut sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| host_err("KVM_GET_SREGS", e))?;
+        sregs.es = state::segment_to_kvm(&s.seg[0]);
+        sregs.cs = state::segment_to_kvm(&s.seg[1]);
+        sregs.ss = state::segment_to_kvm(&s.seg[2]);
+        sregs.ds = state::segment_to_kvm(&s.seg[3]);
+        sregs.fs = state::segment_to_kvm(&s.seg[4]);
+        sregs.gs = state::segment_to_kvm(&s.seg[5]);
+        sregs.tr = state::segment_to_kvm(&s.tr);
+        sregs.ldt = state::segment_to_kvm(&s.ldtr);
+        sregs.gdt = state::dtable_to_kvm(&s.gdtr);
+        sregs.idt = state::dtable_to_kvm(&s.idtr);
+        sregs.cr0 = s.cr0;
+        sregs.cr2 = s.cr2;
+        sregs.cr3 = s.cr3;
+        sregs.cr4 = s.cr4;
+        sregs.cr8 = s.cr8;
+        sregs.efer = s.efer;
+        if let Some(&base) = s.msrs.get(&msr::IA32_APIC_BASE) {
+            sregs.apic_base = base;
+        }
+        self.vcpu
+            .set_sregs(&sregs)
+            .map_err(|e| host_err("KVM_SET_SREGS", e))?;
+        self.vcpu
+            .set_regs(&state::gprs_to_kvm(&s.gpr, s.rip, s.rflags))
+            .map_err(|e| host_err("KVM_SET_REGS", e))?;
+        self.vcpu
+            .set_fpu(&state::fpu_to_kvm(&s.fpu))
+            .map_err(|e| host_err("KVM_SET_FPU", e))?;
+        let mut debug = self
+            .vcpu
+            .get_debug_regs()
+            .map_err(|e| host_err("KVM_GET_DEBUGREGS", e))?;
+        debug.db = s.dr;
+        debug.dr6 = s.dr6;
+        debug.dr7 = s.dr7;
+        self.vcpu
+            .set_debug_regs(&debug)
+            .map_err(|e| host_err("KVM_SET_DEBUGREGS", e))?;
+        let mut events = self
+            .vcpu
+            .get_vcpu_events()
+            .map_err(|e| host_err("KVM_GET_VCPU_EVENTS", e))?;
+        events.interrupt.shadow = if s.pending.interrupt_shadow {
+            kb::KVM_X86_SHADOW_INT_STI as u8
+        } else {
+            0
+        };
+        events.nmi.pending = u8::from(s.pending.nmi_pending);
+        events.nmi.masked = u8::from(s.pending.nmi_blocked);
+        events.flags |= kb::KVM_VCPUEVENT_VALID_SHADOW | kb::KVM_VCPUEVENT_VALID_NMI_PENDING;
+        self.vcpu
+            .set_vcpu_events(&events)
+            .map_err(|e| host_err("KVM_SET_VCPU_EVENTS", e))?;
+        let mut entries = Vec::new();
+        for (&index, &data) in &s.msrs {
+            if self.msrs.contains(&index) {
+                entries.push(kb::kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                });
+            } else if index != msr::IA32_APIC_BASE && index != msr::IA32_EFER && data != 0 {
+                return Err(CpuError::Unsupported {
+                    engine: ENGINE,
+                    rip: s.rip,
+                    detail: format!(
+                        "the state holds MSR {index:#x} = {data:#x}, which this host's KVM cannot restore"
+                    ),
+                });
+            }
+        }
+        let msrs = kb::Msrs::from_entries(&entries)
+            .map_err(|e| host_err("KVM_SET_MSRS", format!("{e:?}")))?;
+        let n = self
+            .vcpu
+            .set_msrs(&msrs)
+            .map_err(|e| host_err("KVM_SET_MSRS", e))?;
+        if n != entries.len() {
+            return Err(host_err(
+                "KVM_SET_MSRS",
+                format!(
+                    "MSR {:#x} = {:#x} was refused",
+                    entries[n].index, entries[n].data
+                ),
+            ));
+        }
+        self.tsc_cache = s.msrs.get(&msr::IA32_TSC).copied();
+        self.halted = s.pending.halted;
+        self.run_flags_stale = true;
+        Ok(())
+    }
+
+    fn stats(&self) -> EngineStats {
+        self.stats.clone()
+    }
+
+    fn kicker(&self) -> Kicker {
+        self.kicker.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_split_around_readonly_ranges() {
+        let rw = |start, len| Slot {
+            start,
+            len,
+            readonly: false,
+        };
+        let ro = |start, len| Slot {
+            start,
+            len,
+            readonly: true,
+        };
+        assert_eq!(split_slots(0, 0x1000, &[]), vec![rw(0, 0x1000)]);
+        assert_eq!(
+            split_slots(0xc0000, 0x40000, &[(0xf0000, 0x10000)]),
+            vec![rw(0xc0000, 0x30000), ro(0xf0000, 0x10000)]
+        );
+        assert_eq!(
+            split_slots(0, 0x10000, &[(0x8000, 0x1000), (0x1000, 0x1000)]),
+            vec![
+                rw(0, 0x1000),
+                ro(0x1000, 0x1000),
+                rw(0x2000, 0x6000),
+                ro(0x8000, 0x1000),
+                rw(0x9000, 0x7000)
+            ]
+        );
+        // Ranges reaching outside, and overlapping each other.
+        assert_eq!(
+            split_slots(0x1000, 0x3000, &[(0, 0x2000), (0x1800, 0x1000)]),
+            vec![ro(0x1000, 0x1800), rw(0x2800, 0x1800)]
+        );
+        assert_eq!(
+            split_slots(0x1000, 0x1000, &[(0x3000, 0x1000)]),
+            vec![rw(0x1000, 0x1000)]
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! Conversions between KVM's register structures and deja's engine-independent
+//! [`CpuState`](deja_machine::CpuState).
+
+use deja_machine::cpu::{DescriptorTable, FpuState, Segment, msr};
+use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment};
+
+/// The MSRs deja keeps in [`CpuState::msrs`](deja_machine::CpuState::msrs) besides those
+/// KVM reports through `kvm_sregs` (EFER, APIC base) and the segment bases (FS, GS).
+pub const KEPT_MSRS: &[u32] = &[
+    msr::IA32_TSC,
+    msr::IA32_SYSENTER_CS,
+    msr::IA32_SYSENTER_ESP,
+    msr::IA32_SYSENTER_EIP,
+    msr::IA32_MISC_ENABLE,
+    msr::IA32_PAT,
+    msr::IA32_STAR,
+    msr::IA32_LSTAR,
+    msr::IA32_CSTAR,
+    msr::IA32_FMASK,
+    msr::IA32_KERNEL_GS_BASE,
+    msr::IA32_TSC_AUX,
+];
+
+/// `kvm_segment` to [`Segment`].
+pub fn segment_from_kvm(s: &kvm_segment) -> Segment {
+    Segment {
+        selector: s.selector,
+        base: s.base,
+        limit: s.limit,
+        type_: s.type_,
+        dpl: s.dpl,
+        s: s.s != 0,
+        present: s.present != 0,
+        db: s.db != 0,
+        l: s.l != 0,
+        g: s.g != 0,
+        avl: s.avl != 0,
+        unusable: s.unusable != 0,
+    }
+}
+
+/// [`Segment`] to `kvm_segment`.
+pub fn segment_to_kvm(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_ & 0xf,
+        present: u8::from(s.present),
+        dpl: s.dpl & 3,
+        db: u8::from(s.db),
+        s: u8::from(s.s),
+        l: u8::from(s.l),
+        g: u8::from(s.g),
+        avl: u8::from(s.avl),
+        unusable: u8::from(s.unusable),
+        padding: 0,
+    }
+}
+
+/// `kvm_dtable` to [`DescriptorTable`].
+pub fn dtable_from_kvm(d: &kvm_dtable) -> DescriptorTable {
+    DescriptorTable {
+        base: d.base,
+        limit: d.limit,
+    }
+}
+
+/// [`DescriptorTable`] to `kvm_dtable`.
+pub fn dtable_to_kvm(d: &DescriptorTable) -> kvm_dtable {
+    kvm_dtable {
+        base: d.base,
+        limit: d.limit,
+        padding: [0; 3],
+    }
+}
+
+/// `kvm_regs` to deja's GPR array (encoding order), RIP and RFLAGS.
+pub fn gprs_from_kvm(r: &kvm_regs) -> ([u64; 16], u64, u64) {
+    (
+        [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ],
+        r.rip,
+        r.rflags,
+    )
+}
+
+/// deja's GPRs, RIP and RFLAGS to `kvm_regs`.
+pub fn gprs_to_kvm(g: &[u64; 16], rip: u64, rflags: u64) -> kvm_regs {
+    kvm_regs {
+        rax: g[0],
+        rcx: g[1],
+        rdx: g[2],
+        rbx: g[3],
+        rsp: g[4],
+        rbp: g[5],
+        rsi: g[6],
+        rdi: g[7],
+        r8: g[8],
+        r9: g[9],
+        r10: g[10],
+        r11: g[11],
+        r12: g[12],
+        r13: g[13],
+        r14: g[14],
+        r15: g[15],
+        rip,
+        rflags,
+    }
+}
+
+/// `kvm_fpu` (FXSAVE layout) to [`FpuState`].
+pub fn fpu_from_kvm(f: &kvm_fpu) -> FpuState {
+    FpuState {
+        fcw: f.fcw,
+        fsw: f.fsw,
+        ftw: f.ftwx,
+        fop: f.last_opcode,
+        fip: f.last_ip,
+        fdp: f.last_dp,
+        st: f.fpr,
+        mxcsr: f.mxcsr,
+        xmm: f.xmm,
+    }
+}
+
+/// [`FpuState`] to `kvm_fpu`.
+pub fn fpu_to_kvm(f: &FpuState) -> kvm_fpu {
+    kvm_fpu {
+        fpr: f.st,
+        fcw: f.fcw,
+        fsw: f.fsw,
+        ftwx: f.ftw,
+        pad1: 0,
+        last_opcode: f.fop,
+        last_ip: f.fip,
+        last_dp: f.fdp,
+        xmm: f.xmm,
+        mxcsr: f.mxcsr,
+        pad2: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deja_machine::cpu::gpr;
+
+    #[test]
+    fn conversions_round_trip() {
+        let seg = Segment {
+            selector: 0x2b,
+            base: 0x1234_5678,
+            limit: 0xfffff,
+            type_: 0xa,
+            dpl: 3,
+            s: true,
+            present: true,
+            db: false,
+            l: true,
+            g: true,
+            avl: true,
+            unusable: false,
+        };
+        assert_eq!(segment_from_kvm(&segment_to_kvm(&seg)), seg);
+        let mut g = [0u64; 16];
+        for (i, v) in g.iter_mut().enumerate() {
+            *v = 0x1000 + i as u64;
+        }
+        let k = gprs_to_kvm(&g, 0x7c00, 0x202);
+        assert_eq!(k.rbx, 0x1000 + gpr::RBX as u64);
+        assert_eq!(k.rsp, 0x1000 + gpr::RSP as u64);
+        assert_eq!(gprs_from_kvm(&k), (g, 0x7c00, 0x202));
+        let mut f = FpuState::default();
+        f.xmm[3][5] = 9;
+        f.st[7][0] = 1;
+        f.fop = 0x7ff;
+        assert_eq!(fpu_from_kvm(&fpu_to_kvm(&f)), f);
+        let d = DescriptorTable {
+            base: 0xffff_8000_0000_1000,
+            limit: 0x7ff,
+        };
+        assert_eq!(dtable_from_kvm(&dtable_to_kvm(&d)), d);
+    }
+}
