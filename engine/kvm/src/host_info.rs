@@ -169,7 +169,11 @@ const CAPABILITIES: &[(&str, u32, &str)] = &[
     ("debugregs", kb::KVM_CAP_DEBUGREGS, "DR0-DR7 in snapshots"),
     ("xsave", kb::KVM_CAP_XSAVE, "extended FPU state"),
     ("xcrs", kb::KVM_CAP_XCRS, "XCR0 in snapshots"),
-    ("ext_cpuid", kb::KVM_CAP_EXT_CPUID, "KVM_SET_CPUID2 (deja's CPUID table)"),
+    (
+        "ext_cpuid",
+        kb::KVM_CAP_EXT_CPUID,
+        "KVM_SET_CPUID2 (deja's CPUID table)",
+    ),
     ("hlt", kb::KVM_CAP_HLT, "HLT exits to userspace"),
     ("mp_state", kb::KVM_CAP_MP_STATE, "halted state of a vCPU"),
     (
@@ -227,7 +231,11 @@ const CAPABILITIES: &[(&str, u32, &str)] = &[
         kb::KVM_CAP_X86_USER_SPACE_MSR,
         "MSR accesses forwarded to userspace",
     ),
-    ("nr_memslots", kb::KVM_CAP_NR_MEMSLOTS, "memory slots per VM"),
+    (
+        "nr_memslots",
+        kb::KVM_CAP_NR_MEMSLOTS,
+        "memory slots per VM",
+    ),
     ("max_vcpus", kb::KVM_CAP_MAX_VCPUS, "vCPUs per VM"),
 ];
 
@@ -429,7 +437,11 @@ fn probe_perf(name: &str, type_: u32, config: u64) -> PerfProbe {
 pub fn probe_perf_counters() -> Vec<PerfProbe> {
     vec![
         probe_perf("cpu-cycles", PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES),
-        probe_perf("instructions", PERF_TYPE_HARDWARE, PERF_COUNT_HW_INSTRUCTIONS),
+        probe_perf(
+            "instructions",
+            PERF_TYPE_HARDWARE,
+            PERF_COUNT_HW_INSTRUCTIONS,
+        ),
         probe_perf("task-clock", PERF_TYPE_SOFTWARE, PERF_COUNT_SW_TASK_CLOCK),
     ]
 }
@@ -578,7 +590,10 @@ mod tests {
         assert_eq!(f, Flavour::Pvm);
         assert!(ev.iter().any(|e| e.contains("vmx absent")));
         let mut ev = Vec::new();
-        assert_eq!(detect_flavour(&["kvm".into()], &[], &mut ev), Flavour::Unknown);
+        assert_eq!(
+            detect_flavour(&["kvm".into()], &[], &mut ev),
+            Flavour::Unknown
+        );
         assert!(Flavour::VmxShadow.needs_tss_addr());
         assert!(!Flavour::Pvm.needs_tss_addr());
         assert!(!Flavour::SvmNpt.needs_tss_addr());

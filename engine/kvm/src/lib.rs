@@ -195,6 +195,8 @@ pub struct KvmCpu {
     flavour: Flavour,
     slots: Vec<Slot>,
     msrs: Vec<u32>,
+    /// Whether x87/SSE state goes through KVM_GET/SET_XSAVE (else KVM_GET/SET_FPU).
+    xsave: bool,
     /// The guest executed HLT and has not taken an interrupt since.
     halted: bool,
     /// The last exit was I/O or MMIO, which KVM completes only on the next `KVM_RUN`.
@@ -219,17 +221,14 @@ impl KvmCpu {
             });
         }
         let info = host_info::HostInfo::detect_flavour_only();
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| setup_err("KVM_CREATE_VM", e))?;
+        let vm = kvm.create_vm().map_err(|e| setup_err("KVM_CREATE_VM", e))?;
         if info.needs_tss_addr() {
             vm.set_identity_map_address(IDENTITY_MAP_ADDR)
                 .map_err(|e| setup_err("KVM_SET_IDENTITY_MAP_ADDR", e))?;
             vm.set_tss_address(TSS_ADDR as usize)
                 .map_err(|e| setup_err("KVM_SET_TSS_ADDR", e))?;
         }
-        if vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_EXIT_ON_EMULATION_FAILURE)) > 0
-        {
+        if vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_EXIT_ON_EMULATION_FAILURE)) > 0 {
             // Without it KVM may turn an instruction its emulator cannot handle into a #UD
             // in the guest; deja would rather stop and say so.
             let cap = kb::kvm_enable_cap {
@@ -253,6 +252,8 @@ impl KvmCpu {
         let hook_target = Arc::clone(&kick);
         let kicker = Kicker::with_hook(Arc::new(move || hook_target.kick()));
         let msrs = supported_msrs(&vcpu);
+        let xsave = vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_XSAVE)) > 0
+            && vcpu.get_xsave().is_ok();
         let mut cpu = KvmCpu {
             vcpu,
             _vm: vm,
@@ -265,6 +266,7 @@ impl KvmCpu {
             flavour: info,
             slots,
             msrs,
+            xsave,
             halted: false,
             completion_pending: false,
             run_flags_stale: true,
@@ -401,7 +403,8 @@ impl KvmCpu {
                         machine.pio_write(io.port, element);
                     }
                 }
-                self.stats.add(if is_in { "exit.io_in" } else { "exit.io_out" }, 1);
+                self.stats
+                    .add(if is_in { "exit.io_in" } else { "exit.io_out" }, 1);
                 if count > 1 {
                     self.stats.add("exit.io_string_elements", count as u64);
                 }
@@ -480,6 +483,44 @@ impl KvmCpu {
         }
     }
 
+    fn get_fpu(&self) -> Result<deja_machine::cpu::FpuState, CpuError> {
+        if self.xsave {
+            let x = self
+                .vcpu
+                .get_xsave()
+                .map_err(|e| host_err("KVM_GET_XSAVE", e))?;
+            Ok(state::fpu_from_xsave(&xsave_bytes(&x)))
+        } else {
+            let f = self
+                .vcpu
+                .get_fpu()
+                .map_err(|e| host_err("KVM_GET_FPU", e))?;
+            Ok(state::fpu_from_kvm(&f))
+        }
+    }
+
+    fn set_fpu(&self, fpu: &deja_machine::cpu::FpuState) -> Result<(), CpuError> {
+        if self.xsave {
+            let mut x = self
+                .vcpu
+                .get_xsave()
+                .map_err(|e| host_err("KVM_GET_XSAVE", e))?;
+            let mut image = xsave_bytes(&x);
+            state::fpu_into_xsave(fpu, &mut image);
+            for (word, chunk) in x.region.iter_mut().zip(image.chunks_exact(4)) {
+                *word = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+            // SAFETY: the buffer is the kernel's own KVM_GET_XSAVE answer (so its feature
+            // set fits the 4 KiB kvm_xsave), changed only in the legacy area and in the x87
+            // and SSE bits of XSTATE_BV.
+            unsafe { self.vcpu.set_xsave(&x) }.map_err(|e| host_err("KVM_SET_XSAVE", e))
+        } else {
+            self.vcpu
+                .set_fpu(&state::fpu_to_kvm(fpu))
+                .map_err(|e| host_err("KVM_SET_FPU", e))
+        }
+    }
+
     fn unsupported(&mut self, detail: String) -> CpuError {
         let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
         CpuError::Unsupported {
@@ -495,6 +536,14 @@ impl Drop for KvmCpu {
         // A kicker may outlive the vCPU; it must not write into the unmapped kvm_run.
         self.kick.detach();
     }
+}
+
+fn xsave_bytes(x: &kb::kvm_xsave) -> [u8; 4096] {
+    let mut image = [0u8; 4096];
+    for (chunk, word) in image.chunks_exact_mut(4).zip(x.region.iter()) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    image
 }
 
 fn is_readonly(slots: &[Slot], addr: u64) -> bool {
@@ -731,10 +780,7 @@ impl Cpu for KvmCpu {
             .vcpu
             .get_sregs()
             .map_err(|e| host_err("KVM_GET_SREGS", e))?;
-        let fpu = self
-            .vcpu
-            .get_fpu()
-            .map_err(|e| host_err("KVM_GET_FPU", e))?;
+        let fpu = self.get_fpu()?;
         let debug = self
             .vcpu
             .get_debug_regs()
@@ -770,7 +816,7 @@ impl Cpu for KvmCpu {
             dr: debug.db,
             dr6: debug.dr6,
             dr7: debug.dr7,
-            fpu: state::fpu_from_kvm(&fpu),
+            fpu,
             pending: PendingEvents {
                 interrupt_shadow: events.interrupt.shadow != 0,
                 nmi_pending: events.nmi.pending != 0,
@@ -843,9 +889,7 @@ impl Cpu for KvmCpu {
         self.vcpu
             .set_regs(&state::gprs_to_kvm(&s.gpr, s.rip, s.rflags))
             .map_err(|e| host_err("KVM_SET_REGS", e))?;
-        self.vcpu
-            .set_fpu(&state::fpu_to_kvm(&s.fpu))
-            .map_err(|e| host_err("KVM_SET_FPU", e))?;
+        self.set_fpu(&s.fpu)?;
         let mut debug = self
             .vcpu
             .get_debug_regs()

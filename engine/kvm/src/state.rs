@@ -143,6 +143,64 @@ pub fn fpu_to_kvm(f: &FpuState) -> kvm_fpu {
     }
 }
 
+/// Offset of XSTATE_BV in the XSAVE header, right after the 512-byte legacy area.
+const XSTATE_BV: usize = 512;
+/// x87 and SSE components of XSTATE_BV.
+const XSTATE_X87_SSE: u64 = 0b11;
+
+fn le<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&b[at..at + N]);
+    out
+}
+
+/// Reads x87/SSE state from a standard-format XSAVE image (its FXSAVE legacy area).
+///
+/// Some hosts lose MXCSR through `KVM_SET_FPU`/`KVM_GET_FPU` (seen on PVM), while the XSAVE
+/// interface keeps it, so deja prefers XSAVE where the host has it.
+pub fn fpu_from_xsave(image: &[u8; 4096]) -> FpuState {
+    let mut st = [[0u8; 16]; 8];
+    for (i, r) in st.iter_mut().enumerate() {
+        *r = le::<16>(image, 32 + 16 * i);
+    }
+    let mut xmm = [[0u8; 16]; 16];
+    for (i, r) in xmm.iter_mut().enumerate() {
+        *r = le::<16>(image, 160 + 16 * i);
+    }
+    FpuState {
+        fcw: u16::from_le_bytes(le(image, 0)),
+        fsw: u16::from_le_bytes(le(image, 2)),
+        ftw: image[4],
+        fop: u16::from_le_bytes(le(image, 6)),
+        fip: u64::from_le_bytes(le(image, 8)),
+        fdp: u64::from_le_bytes(le(image, 16)),
+        st,
+        mxcsr: u32::from_le_bytes(le(image, 24)),
+        xmm,
+    }
+}
+
+/// Writes x87/SSE state into a standard-format XSAVE image and marks both components as
+/// present in XSTATE_BV, leaving every other component as it was.
+pub fn fpu_into_xsave(f: &FpuState, image: &mut [u8; 4096]) {
+    image[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+    image[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+    image[4] = f.ftw;
+    image[5] = 0;
+    image[6..8].copy_from_slice(&f.fop.to_le_bytes());
+    image[8..16].copy_from_slice(&f.fip.to_le_bytes());
+    image[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+    image[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
+    for (i, r) in f.st.iter().enumerate() {
+        image[32 + 16 * i..48 + 16 * i].copy_from_slice(r);
+    }
+    for (i, r) in f.xmm.iter().enumerate() {
+        image[160 + 16 * i..176 + 16 * i].copy_from_slice(r);
+    }
+    let bv = u64::from_le_bytes(le(image, XSTATE_BV)) | XSTATE_X87_SSE;
+    image[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +236,14 @@ mod tests {
         f.st[7][0] = 1;
         f.fop = 0x7ff;
         assert_eq!(fpu_from_kvm(&fpu_to_kvm(&f)), f);
+        f.mxcsr = 0x1fa0;
+        f.fip = 0x1122_3344_5566;
+        let mut image = [0xeeu8; 4096];
+        image[512..520].fill(0);
+        fpu_into_xsave(&f, &mut image);
+        assert_eq!(fpu_from_xsave(&image), f);
+        assert_eq!(image[512], 3);
+        assert_eq!(image[600], 0xee, "other components untouched");
         let d = DescriptorTable {
             base: 0xffff_8000_0000_1000,
             limit: 0x7ff,
