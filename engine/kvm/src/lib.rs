@@ -615,9 +615,13 @@ fn internal_error_detail(run: &kb::kvm_run) -> String {
 }
 
 /// Read-only ranges of the machine's memory (firmware ROM), `(start, len)`.
-fn readonly_ranges(_machine: &Machine) -> Vec<(u64, u64)> {
-    // The machine does not describe ROM ranges yet; every RAM range is writable.
-    Vec::new()
+fn readonly_ranges(machine: &Machine) -> Vec<(u64, u64)> {
+    machine
+        .layout
+        .rom
+        .iter()
+        .map(|r| (r.start, r.len))
+        .collect()
 }
 
 fn register_memory(

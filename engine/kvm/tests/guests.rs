@@ -649,3 +649,46 @@ fn an_instruction_the_host_cannot_emulate_is_reported_with_its_bytes() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[test]
+fn rom_is_mapped_read_only_and_guest_writes_to_it_are_dropped() {
+    const ROM: u64 = 0xffff_0000;
+    let mut rom = vec![0u8; 0x10000];
+    // Body at F000:0100; the reset vector F000:FFF0 jumps there.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(byte_ptr(0x200).cs(), 0x55u32).unwrap(); // a store into ROM
+    a.mov(al, byte_ptr(0x200).cs()).unwrap();
+    a.mov(dx, TEST_PORT as u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.hlt().unwrap();
+    let body = a.assemble(0x100).unwrap();
+    rom[0x100..0x100 + body.len()].copy_from_slice(&body);
+    rom[0x200] = 0xaa;
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.jmp(0x100u64).unwrap();
+    let reset = a.assemble(0xfff0).unwrap();
+    rom[0xfff0..0xfff0 + reset.len()].copy_from_slice(&reset);
+
+    let (mut m, log) = machine();
+    m.add_rom(ROM, &rom).unwrap();
+    let Some(mut cpu) = kvm_cpu(&m, "rom") else {
+        return;
+    };
+    assert!(
+        cpu.slots().iter().any(|s| s.readonly && s.start == ROM),
+        "{:?}",
+        cpu.slots()
+    );
+    // KvmCpu::new leaves the vCPU at RESET: F000:FFF0 with CS base 0xffff0000.
+    assert_eq!(run_until_not_device(&mut cpu, &mut m, 5), Exit::Halted);
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![Access::Out(TEST_PORT, vec![0xaa])]
+    );
+    let mut b = [0u8];
+    m.mem.read_slice(&mut b, GuestAddress(ROM + 0x200)).unwrap();
+    assert_eq!(b, [0xaa]);
+    assert_eq!(cpu.stats().get("exit.rom_write"), 1);
+    // The dropped store is not a device access: only the OUT and the HLT count.
+    assert_eq!(m.position().exits, 2);
+}
