@@ -6,7 +6,9 @@
 //! file header   magic "DEJATRAC", format version (u32 LE), header length (u32 LE),
 //!               bincode [`Header`], 64-bit BLAKE3 prefix of version..header
 //! frames        each: 68-byte fixed [`FrameHeader`] + zstd-compressed payload
-//!                 Events           bincode [`Event`]s, one after another
+//!                 Events           bincode (icount delta, exits delta, [`EventKind`]) per
+//!                                  event; deltas from the previous event, the first
+//!                                  event is at the frame's first position
 //!                 CheckpointPages  raw (page number u64 LE, 4096 bytes) items
 //!                 Checkpoint       bincode [`CheckpointMeta`]; commits the pages before it
 //!                 Footer           bincode [`Footer`] (always the last frame)

@@ -11,7 +11,8 @@ use crate::frame::{
 };
 use crate::memory::MemoryImage;
 use crate::types::{
-    CheckpointIndexEntry, CheckpointMeta, Event, Footer, FrameIndexEntry, Header, Position,
+    CheckpointIndexEntry, CheckpointMeta, Event, EventKind, Footer, FrameIndexEntry, Header,
+    Position,
 };
 use crate::{FILE_MAGIC, FORMAT_VERSION, MAX_HEADER_LEN, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
@@ -195,10 +196,22 @@ pub(crate) fn decode_events(
     let mut rest = payload;
     let mut previous = header.first;
     for i in 0..header.items {
-        let (event, used): (Event, usize) =
+        let ((d_icount, d_exits, kind), used): ((u64, u64, EventKind), usize) =
             bincode::serde::decode_from_slice(rest, crate::bincode_config())
                 .map_err(|e| format!("event {i} of {} does not decode: {e}", header.items))?;
-        if !previous.at_or_before(&event.at) || !event.at.at_or_before(&header.last) {
+        let at = match (
+            previous.icount.checked_add(d_icount),
+            previous.exits.checked_add(d_exits),
+        ) {
+            (Some(icount), Some(exits)) => Position { icount, exits },
+            _ => {
+                return Err(format!(
+                    "event {i}'s position delta (+{d_icount}, +{d_exits}) overflows from {previous}"
+                ));
+            }
+        };
+        let event = Event { at, kind };
+        if !event.at.at_or_before(&header.last) {
             return Err(format!(
                 "event {i} is at {}, outside the order (previous {previous}, frame ends at {})",
                 event.at, header.last

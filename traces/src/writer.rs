@@ -398,8 +398,21 @@ impl<W: Write> TraceWriter<W> {
         self.check_usable()?;
         self.check_position(&format!("a {} event", event.kind.name()), event.at)?;
         let before = self.events.len();
+        // Positions are stored as deltas from the previous event in the frame (the first
+        // event's delta is zero: its position is the frame header's `first`), which keeps
+        // the large icounts of bt out of every event.
+        let previous = if self.events_in_buffer == 0 {
+            event.at
+        } else {
+            self.buffer_last
+        };
+        let wire = (
+            event.at.icount - previous.icount,
+            event.at.exits - previous.exits,
+            &event.kind,
+        );
         if let Err(e) =
-            bincode::serde::encode_into_std_write(event, &mut self.events, crate::bincode_config())
+            bincode::serde::encode_into_std_write(wire, &mut self.events, crate::bincode_config())
         {
             self.events.truncate(before);
             return Err(WriteError::Encode {
