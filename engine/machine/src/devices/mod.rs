@@ -2,6 +2,7 @@
 //! [`Host`](crate::Host) answers, with an explicit serializable state; none knows which
 //! engine runs the guest.
 
+pub mod acpi;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod pci;
@@ -130,6 +131,8 @@ pub enum DeviceState {
     Pci(Box<pci::PciState>),
     /// QEMU's firmware configuration interface.
     FwCfg(fw_cfg::FwCfgState),
+    /// ACPI PM1 event/control blocks and PM timer.
+    AcpiPm(acpi::AcpiPmState),
 }
 
 impl DeviceState {

@@ -48,7 +48,6 @@ pub struct RecordingLines {
 
 impl RecordingLines {
     /// The last level driven on `line` (low if never driven).
-    #[allow(dead_code)]
     pub fn level(&self, line: u32) -> bool {
         self.changes
             .iter()
