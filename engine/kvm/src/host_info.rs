@@ -127,6 +127,9 @@ pub struct HostInfo {
     pub perf: Vec<PerfProbe>,
     /// Limits of the flavour that matter for deja's guests.
     pub limits: Vec<Fact>,
+    /// What tiny probe guests showed (empty unless [`HostInfo::detect_and_probe`] ran).
+    #[serde(default)]
+    pub probes: Vec<Fact>,
 }
 
 /// The capabilities `deja info` lists, with why each matters.
@@ -370,6 +373,14 @@ fn flavour_limits(flavour: Flavour, perf: &[PerfProbe]) -> Vec<Fact> {
     out
 }
 
+/// Inferred limits (by a phrase in their text) that the probe guests measure directly.
+const PROBED_TOPICS: &[&str] = &[
+    "about 1 µs per instruction",
+    "32-bit paging",
+    "real mode, 32-bit protected mode",
+    "ring-3 CPUID and RDTSC",
+];
+
 /// Minimal `perf_event_attr` (the version-0 layout, 64 bytes), enough to open one counter.
 #[repr(C)]
 #[derive(Default)]
@@ -506,6 +517,7 @@ impl HostInfo {
         }
         let limits = flavour_limits(flavour, &perf);
         HostInfo {
+            probes: Vec::new(),
             unavailable_reason,
             api_version,
             flavour,
@@ -518,6 +530,20 @@ impl HostInfo {
             perf,
             limits,
         }
+    }
+
+    /// [`HostInfo::detect`] plus the probe guests of [`crate::probe`] (about 0.1 s): the
+    /// inferred limits that a probe measured are replaced by what it measured.
+    pub fn detect_and_probe() -> HostInfo {
+        let mut info = Self::detect();
+        if info.unavailable_reason.is_some() {
+            return info;
+        }
+        info.probes = crate::probe::probe_guests(&deja_machine::CpuidTable::deja_default());
+        info.limits.retain(|l| {
+            !(l.basis == Basis::Inferred && PROBED_TOPICS.iter().any(|t| l.text.contains(t)))
+        });
+        info
     }
 
     /// The answer of one capability by name (`readonly_mem`, ...), 0 when unknown.
@@ -565,9 +591,9 @@ impl HostInfo {
                 }
             }
         }
-        if !self.limits.is_empty() {
+        if !self.limits.is_empty() || !self.probes.is_empty() {
             let _ = writeln!(s, "limits:");
-            for l in &self.limits {
+            for l in self.probes.iter().chain(&self.limits) {
                 let tag = match l.basis {
                     Basis::Detected => "detected",
                     Basis::Inferred => "inferred",
@@ -615,6 +641,36 @@ mod tests {
                 .all(|l| l.basis == Basis::Inferred && !l.text.is_empty())
         );
         assert!(limits.iter().any(|l| l.text.contains("32-bit paging")));
+    }
+
+    #[test]
+    fn probes_replace_the_inferred_limits_they_measure() {
+        let info = HostInfo::detect_and_probe();
+        if let Some(why) = &info.unavailable_reason {
+            println!("SKIP: probes need /dev/kvm: {why}");
+            assert!(info.probes.is_empty());
+            return;
+        }
+        println!("{}", info.render());
+        assert_eq!(info.probes.len(), 8, "{:#?}", info.probes);
+        assert!(info.probes.iter().all(|p| p.basis == Basis::Detected));
+        // Long mode and real mode run on every KVM flavour deja knows.
+        assert!(
+            info.probes[0].text.contains("ring-0 code runs at"),
+            "{:?}",
+            info.probes[0]
+        );
+        assert!(
+            info.probes[1].text.contains("ring-3 code runs at"),
+            "{:?}",
+            info.probes[1]
+        );
+        assert_eq!(info.probes[2].text, "real-mode code runs");
+        assert!(
+            info.limits
+                .iter()
+                .all(|l| !PROBED_TOPICS.iter().any(|t| l.text.contains(t)))
+        );
     }
 
     #[test]

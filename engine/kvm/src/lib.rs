@@ -11,6 +11,7 @@
 
 pub mod host_info;
 pub mod kick;
+pub mod probe;
 pub mod state;
 
 use deja_machine::cpu::{PendingEvents, msr};

@@ -692,3 +692,48 @@ fn rom_is_mapped_read_only_and_guest_writes_to_it_are_dropped() {
     // The dropped store is not a device access: only the OUT and the HLT count.
     assert_eq!(m.position().exits, 2);
 }
+
+#[test]
+fn a_ring3_long_mode_guest_does_port_io_and_can_be_kicked_out_of_a_spin() {
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(edx, u32::from(TEST_PORT)).unwrap();
+    a.mov(eax, 0x3333_3333u32).unwrap();
+    a.out(dx, eax).unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.inc(rcx).unwrap();
+    a.jmp(spin).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let Some((mut m, mut cpu, log)) =
+        guest("ring3", CODE, &code, |m| long_mode_state_at(m, CODE, 3))
+    else {
+        return;
+    };
+    assert_eq!(
+        cpu.run(&mut m, Limit::default()).unwrap(),
+        Exit::DeviceAccess
+    );
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![Access::Out(TEST_PORT, vec![0x33; 4])]
+    );
+    let s = cpu.state().unwrap();
+    assert_eq!(s.cpl(), 3);
+    let kicker = cpu.kicker();
+    let started = std::time::Instant::now();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        kicker.kick();
+    });
+    assert_eq!(cpu.run(&mut m, Limit::default()).unwrap(), Exit::Kicked);
+    watchdog.join().unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    let s = cpu.state().unwrap();
+    assert!(s.gpr[gpr::RCX] > 0, "the guest made progress");
+    assert!(s.rip >= CODE + 11 && s.rip < CODE + code.len() as u64);
+    println!(
+        "ring 3 spun {} iterations in {:?}",
+        s.gpr[gpr::RCX],
+        started.elapsed()
+    );
+}

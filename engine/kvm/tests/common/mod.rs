@@ -209,14 +209,21 @@ pub const PAGE_TABLES: u64 = 0x10_0000;
 
 /// 64-bit long mode with the first 4 MiB identity mapped (2 MiB pages), entered at `rip`.
 pub fn long_mode_state(machine: &Machine, rip: u64) -> CpuState {
+    long_mode_state_at(machine, rip, 0)
+}
+
+/// Long mode entered at privilege level `cpl` (3: user pages, ring-3 segments, IOPL 3 so
+/// that port I/O still reaches deja).
+pub fn long_mode_state_at(machine: &Machine, rip: u64, cpl: u8) -> CpuState {
+    let user = if cpl == 3 { 4 } else { 0 };
     let pml4 = PAGE_TABLES;
     let pdpt = PAGE_TABLES + 0x1000;
     let pd = PAGE_TABLES + 0x2000;
     let mem = &machine.mem;
-    mem.write_obj(pdpt | 3, GuestAddress(pml4)).unwrap();
-    mem.write_obj(pd | 3, GuestAddress(pdpt)).unwrap();
+    mem.write_obj(pdpt | 3 | user, GuestAddress(pml4)).unwrap();
+    mem.write_obj(pd | 3 | user, GuestAddress(pdpt)).unwrap();
     for i in 0..2u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(pd + i * 8))
+        mem.write_obj((i << 21) | 0x83 | user, GuestAddress(pd + i * 8))
             .unwrap();
     }
     let mut s = CpuState::reset();
@@ -235,6 +242,13 @@ pub fn long_mode_state(machine: &Machine, rip: u64) -> CpuState {
     s.rip = rip;
     s.gpr[4] = 0x7000;
     s.gpr[2] = 0;
+    if cpl == 3 {
+        for (i, sg) in s.seg.iter_mut().enumerate() {
+            sg.dpl = 3;
+            sg.selector = if i == seg::CS { 0x1b } else { 0x23 };
+        }
+        s.rflags |= 3 << 12; // IOPL 3
+    }
     s
 }
 
