@@ -20,6 +20,15 @@
 //! crash, a full disk) has no trailer; readers then walk the frames and everything up to the
 //! last whole frame stays readable.
 //!
+//! Recording: [`TraceWriter::create`] with a [`Header`], then [`TraceWriter::push`] every
+//! `Host` answer (and recorder facts) with its [`Position`], [`TraceWriter::checkpoint`] now
+//! and then (pages from a [`PageTracker`]), and [`TraceWriter::finish`].
+//!
+//! Replaying from position P: [`TraceReader::open`], [`TraceReader::nearest_checkpoint`]`(P)`,
+//! [`TraceReader::memory_at`] (copy its pages into zeroed guest memory),
+//! [`TraceReader::read_checkpoint`] for the CPU and device blobs, then
+//! [`TraceReader::events_after`] the checkpoint. From the start: [`TraceReader::events`].
+//!
 //! This crate knows nothing of engines: machine-specific state (CPU state, device state) is
 //! carried as opaque blobs the recorder encodes, and everything a human wants to see in
 //! `deja trace info` (machine configuration, CPUID table, images) is held in plain types here.

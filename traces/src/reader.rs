@@ -950,7 +950,8 @@ impl<R: Read + Seek> TraceReader<R> {
 }
 
 /// Iterator over events in file order; yields an error (then stops) at the first damaged
-/// frame. A truncated trace simply ends after its last whole frame.
+/// frame. A truncated trace simply ends after its last whole frame. Checkpoint frames are
+/// stepped over by their headers without reading their payloads (`verify` checks those).
 pub struct Events<'a, R> {
     reader: &'a mut TraceReader<R>,
     offset: u64,

@@ -61,6 +61,10 @@ pub struct TraceInfo {
     pub header: Header,
     /// Frames before the footer (or the cut).
     pub frames: usize,
+    /// Events in those frames (known from the frame index even without a footer).
+    pub events: u64,
+    /// Position of the last event or checkpoint in those frames.
+    pub last_position: Position,
     /// Checkpoints.
     pub checkpoints: Vec<CheckpointIndexEntry>,
     /// The footer's outcome, if the trace has a footer.
@@ -76,6 +80,13 @@ pub fn info<R: Read + Seek>(reader: &TraceReader<R>) -> TraceInfo {
         status: reader.status().clone(),
         header: reader.header().clone(),
         frames: reader.frames().len(),
+        events: reader
+            .frames()
+            .iter()
+            .filter(|f| f.kind == FrameKind::Events.to_byte())
+            .map(|f| f.items as u64)
+            .sum(),
+        last_position: reader.frames().last().map(|f| f.last).unwrap_or_default(),
         checkpoints: reader.checkpoints().to_vec(),
         outcome: reader.footer().map(|f| OutcomeSummary {
             final_position: f.final_position,
@@ -135,7 +146,11 @@ impl fmt::Display for TraceInfo {
         for (k, v) in &h.notes {
             writeln!(f, "note         {k} = {v}")?;
         }
-        writeln!(f, "frames       {}", self.frames)?;
+        writeln!(
+            f,
+            "frames       {} holding {} events, last at {}",
+            self.frames, self.events, self.last_position
+        )?;
         writeln!(f, "checkpoints  {}", self.checkpoints.len())?;
         for c in &self.checkpoints {
             writeln!(

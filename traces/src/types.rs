@@ -221,6 +221,47 @@ pub struct Header {
     pub notes: BTreeMap<String, String>,
 }
 
+impl Header {
+    /// A header for a recording starting now with this build's version, no images and
+    /// default options; the recorder fills in the rest.
+    pub fn new(engine: &str, clock: ClockMode, delivery: Delivery, machine: MachineInfo) -> Self {
+        let created_unix_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        Self {
+            deja_version: crate::DEJA_VERSION.to_string(),
+            engine: engine.to_string(),
+            clock,
+            delivery,
+            machine,
+            images: Vec::new(),
+            options: RecordingOptions::default(),
+            created_unix_secs,
+            notes: BTreeMap::new(),
+        }
+    }
+}
+
+impl ImageRecord {
+    /// The record of an image with these bytes (size and digest computed here).
+    pub fn new(name: &str, bytes: &[u8], load: &str, load_spec: Vec<u8>) -> Self {
+        Self {
+            name: name.to_string(),
+            size: bytes.len() as u64,
+            digest: Digest::of(bytes),
+            load: load.to_string(),
+            load_spec,
+        }
+    }
+
+    /// Whether `bytes` are this image (same length and digest): the replayer's check before
+    /// loading an image found by name.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        self.size == bytes.len() as u64 && self.digest == Digest::of(bytes)
+    }
+}
+
 /// One logged fact with its position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {

@@ -277,3 +277,84 @@ fn digests_print_as_hex_in_json_like_formats() {
     assert_eq!(d.to_hex().len(), 64);
     assert!(d.to_hex().starts_with("6437b3ac"));
 }
+
+#[test]
+fn files_on_disk_round_trip_and_json_output_is_readable() {
+    let dir = std::env::temp_dir().join(format!("deja-traces-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("run.trace");
+    let mut h = Header::new(
+        "kvm",
+        ClockMode::Host,
+        Delivery::ExitSynchronous,
+        MachineInfo {
+            ram_size: 1 << 20,
+            ..Default::default()
+        },
+    );
+    h.images.push(ImageRecord::new(
+        "guest:x",
+        b"\x90\xf4",
+        "raw at 0x1000",
+        vec![],
+    ));
+    assert!(h.images[0].matches(b"\x90\xf4") && !h.images[0].matches(b"\x90\x90"));
+    let mut w = TraceWriter::create(&path, &h, WriterOptions::default()).unwrap();
+    w.checkpoint(
+        CheckpointInput {
+            position: Position::default(),
+            cpu_state: vec![1, 2],
+            device_state: vec![3],
+            state_digest: None,
+            full: true,
+        },
+        [(0u64, &[0x55u8; PAGE_SIZE][..])],
+    )
+    .unwrap();
+    for exits in 1..=1000u64 {
+        w.event(
+            Position::new(0, exits),
+            EventKind::TimeRead { ns: exits * 1000 },
+        )
+        .unwrap();
+    }
+    w.finish(FinishInfo {
+        final_position: Position::new(0, 1000),
+        final_state_digest: Some(Digest::of(b"s")),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut r = TraceReader::open(&path).unwrap();
+    assert_eq!(r.header(), &h);
+    assert_eq!(r.events().count(), 1000);
+    let inf = info(&r);
+    assert_eq!(inf.events, 1000);
+    assert_eq!(inf.last_position, Position::new(0, 1000));
+    let json = serde_json::to_value(&inf).unwrap();
+    assert_eq!(
+        json["header"]["images"][0]["digest"],
+        Digest::of(b"\x90\xf4").to_hex()
+    );
+    assert_eq!(
+        json["outcome"]["final_state_digest"],
+        Digest::of(b"s").to_hex()
+    );
+    let back: TraceInfo = serde_json::from_value(json).unwrap();
+    assert_eq!(back, inf);
+    let report = verify(&mut r).unwrap();
+    assert!(
+        serde_json::to_string(&report)
+            .unwrap()
+            .contains("\"ok\":true")
+    );
+    let st = stats(&mut r).unwrap();
+    assert!(
+        serde_json::to_string(&st)
+            .unwrap()
+            .contains("events_by_kind")
+    );
+    // A missing file names itself.
+    let err = TraceReader::open(dir.join("missing.trace")).err().unwrap();
+    assert!(err.to_string().contains("missing.trace"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
