@@ -680,10 +680,10 @@ impl<R: Read + Seek> TraceReader<R> {
         let mut pages_run: (u64, u64, u64, u64) = (0, 0, 0, offset); // pages, frames, bytes, first
         let cut: Result<String, String> = loop {
             if offset == self.file_len {
-                break Ok(format!(
-                    "{why}; the file ends after frame {}",
-                    seq as i64 - 1
-                ));
+                break Ok(match seq {
+                    0 => format!("{why}; the file ends after the header"),
+                    n => format!("{why}; the file ends after frame {}", n - 1),
+                });
             }
             if self.file_len - offset < FRAME_HEADER_LEN as u64 {
                 if self.zero_tail(offset)? {

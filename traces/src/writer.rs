@@ -506,11 +506,17 @@ impl<W: Write> TraceWriter<W> {
         for (page, bytes) in pages {
             let bytes = bytes.as_ref();
             if bytes.len() != PAGE_SIZE {
-                return Err(WriteError::BadPage {
+                let err = WriteError::BadPage {
                     name: self.name.clone(),
                     page,
                     len: bytes.len(),
-                });
+                };
+                if page_frames > 0 {
+                    // Page frames of a checkpoint that will never be committed are already
+                    // in the file; anything written after them would be misread.
+                    self.failed = Some(format!("{err} (after {page_frames} page frames)"));
+                }
+                return Err(err);
             }
             buf.extend_from_slice(&page.to_le_bytes());
             buf.extend_from_slice(bytes);

@@ -228,6 +228,21 @@ fn writer_refuses_what_could_not_replay() {
     };
     let e = w.event(Position::new(10, 2), huge).unwrap_err();
     assert!(matches!(e, WriteError::TooLarge { .. }), "{e}");
+    // A bad page after whole page frames were written poisons the writer: those frames
+    // belong to a checkpoint that can never be committed.
+    {
+        let mut w2 = TraceWriter::new(Vec::new(), "bad2", &header(), small_frames()).unwrap();
+        let good = [1u8; PAGE_SIZE];
+        let pages = (0..10u64).map(|n| (n, if n == 7 { &good[..9] } else { &good[..] }));
+        assert!(matches!(
+            w2.checkpoint(cp(true), pages),
+            Err(WriteError::BadPage { .. })
+        ));
+        let e = w2
+            .event(Position::new(11, 2), EventKind::Entropy { value: 3 })
+            .unwrap_err();
+        assert!(matches!(e, WriteError::Failed { .. }), "{e}");
+    }
     // The writer is still usable after refusing input (nothing was written).
     w.event(Position::new(11, 2), EventKind::Entropy { value: 3 })
         .unwrap();
