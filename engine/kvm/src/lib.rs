@@ -196,6 +196,8 @@ pub struct KvmCpu {
     flavour: Flavour,
     slots: Vec<Slot>,
     msrs: Vec<u32>,
+    /// Whether to ask KVM for an interrupt-window exit while an interrupt waits for IF.
+    interrupt_windows: bool,
     /// Whether x87/SSE state goes through KVM_GET/SET_XSAVE (else KVM_GET/SET_FPU).
     xsave: bool,
     /// The guest executed HLT and has not taken an interrupt since.
@@ -268,6 +270,7 @@ impl KvmCpu {
             slots,
             msrs,
             xsave,
+            interrupt_windows: true,
             halted: false,
             completion_pending: false,
             run_flags_stale: true,
@@ -275,6 +278,21 @@ impl KvmCpu {
         };
         cpu.set_state(&CpuState::reset())?;
         Ok(cpu)
+    }
+
+    /// Chooses where a pending interrupt that the guest cannot take yet (IF = 0, interrupt
+    /// shadow) is delivered.
+    ///
+    /// On (the default): KVM is asked for an interrupt-window exit, so the interrupt arrives
+    /// at the first instruction boundary where the guest can take it, as on hardware. On
+    /// VT-x and AMD-V that boundary is exact; on PVM the window opens only between batches
+    /// of emulated ring-0 instructions, hundreds of instructions late.
+    ///
+    /// Off: interrupts are injected only when [`Cpu::run`] is entered after a device exit
+    /// (or HLT) with the guest able to take them, so the delivery point is a device-exit
+    /// ordinal on every host, which is what exit-synchronous recording needs.
+    pub fn set_interrupt_windows(&mut self, on: bool) {
+        self.interrupt_windows = on;
     }
 
     /// The flavour of KVM this vCPU runs on.
@@ -740,7 +758,7 @@ impl Cpu for KvmCpu {
                 self.inject(machine)?;
             }
             // Ask for an exit as soon as the guest can take the (next) pending interrupt.
-            let want_window = machine.interrupt_pending();
+            let want_window = self.interrupt_windows && machine.interrupt_pending();
             self.vcpu.get_kvm_run().request_interrupt_window = u8::from(want_window);
             self.tsc_cache = None;
             let result = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());

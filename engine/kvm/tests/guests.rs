@@ -737,3 +737,50 @@ fn a_ring3_long_mode_guest_does_port_io_and_can_be_kicked_out_of_a_spin() {
         started.elapsed()
     );
 }
+
+#[test]
+fn without_interrupt_windows_a_deferred_interrupt_arrives_at_the_next_device_exit() {
+    let code = interrupt_guest(|a| {
+        a.cli()?;
+        a.mov(dx, (TEST_PORT + 3) as u32)?;
+        a.out(dx, al)?; // IRQ 0 is raised here, while IF = 0
+        a.sti()?;
+        a.mov(cx, 100u32)?;
+        let mut again = a.create_label();
+        a.set_label(&mut again)?;
+        a.dec(cx)?;
+        a.jnz(again)?;
+        a.mov(dx, (TEST_PORT + 4) as u32)?;
+        a.out(dx, al)?; // first device exit with IF = 1: delivered after it
+        a.mov(dx, (TEST_PORT + 5) as u32)?;
+        a.out(dx, al)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let Some((mut m, mut cpu, log)) = guest("no_windows", CODE, &code, |_| real_mode_state(CODE))
+    else {
+        return;
+    };
+    cpu.set_interrupt_windows(false);
+    assert_eq!(
+        cpu.run(&mut m, Limit::default()).unwrap(),
+        Exit::DeviceAccess
+    );
+    m.set_irq(0, true);
+    assert_eq!(run_until_not_device(&mut cpu, &mut m, 10), Exit::Halted);
+    let ports: Vec<u16> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| match a {
+            Access::Out(p, _) => *p,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        vec![TEST_PORT + 3, TEST_PORT + 4, TEST_PORT + 1, TEST_PORT + 5]
+    );
+    assert_eq!(cpu.stats().get("exit.irq_window_open"), 0);
+    assert_eq!(cpu.stats().get("kvm.interrupts_injected"), 1);
+}
