@@ -1,1 +1,656 @@
-//! The bt engine: a binary translator for x86 (not implemented yet; see issue #3).
+//! The bt engine: a binary translator for x86 that runs every guest in-process.
+//!
+//! Guest code is decoded with iced-x86 into blocks of operand-specialized micro-ops
+//! ([`ir::UOp`]: one handler per instruction and operand form, operands resolved at
+//! translation), kept in a block cache keyed by guest-physical address and mode, with a
+//! direct-mapped lookup cache in front and direct chaining between blocks of one page.
+//! Arithmetic flags are evaluated lazily and dead flags are not produced at all. Privileged
+//! and sensitive instructions are monitor calls with exact semantics ([`system`]). Stores
+//! into translated code invalidate exactly the blocks they hit, and a store into the running
+//! block ends it right after the store. Execution can stop after exactly N instructions.
+//!
+//! Layers (each a seam): [`translate`] (decode to IR) → [`cache`] (blocks, lookup, chains)
+//! → the run loop here (icount, interrupts, exits) → [`exec`] (operands, segmentation, fast
+//! TLB) → [`paging`] (the MMU).
+
+pub mod cache;
+pub mod core;
+pub mod exec;
+pub mod ir;
+pub mod ops;
+pub mod paging;
+pub mod sse;
+pub mod system;
+pub mod translate;
+
+use crate::cache::{Block, BlockCache, Key, Link};
+use crate::core::Core;
+use crate::exec::{Ctx, MemSys};
+use crate::ir::{Ctl, Exc};
+use crate::paging::Kind;
+use crate::system::EventKind;
+use deja_machine::cpu::seg;
+use deja_machine::vm_memory::{GuestAddress, GuestMemoryBackend};
+use deja_machine::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Machine};
+use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// Most instructions in one block.
+pub const MAX_BLOCK_INSNS: usize = 64;
+
+/// Failures creating the engine.
+#[derive(Debug, Error)]
+pub enum BtError {
+    /// The machine's configuration cannot be run by bt.
+    #[error("bt cannot run this machine: {0}")]
+    Unsupported(String),
+}
+
+/// The engine's counters.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Blocks translated.
+    pub blocks_translated: u64,
+    /// Guest instructions translated.
+    pub insns_translated: u64,
+    /// Block lookups answered by the lookup cache or the map.
+    pub lookup_hits: u64,
+    /// Block lookups that needed a translation.
+    pub lookup_misses: u64,
+    /// Blocks invalidated by stores or replaced code.
+    pub invalidations: u64,
+    /// Transfers that followed a chain link without a lookup.
+    pub chained: u64,
+    /// Exceptions raised, by vector.
+    pub exceptions: BTreeMap<u8, u64>,
+    /// Interrupts delivered.
+    pub interrupts: u64,
+    /// Named counters (unimplemented instructions and the like).
+    pub extra: EngineStats,
+    /// Set when an event could not be delivered (triple fault).
+    pub triple_fault: bool,
+}
+
+/// The bt engine.
+pub struct BtCpu {
+    core: Core,
+    mem: MemSys,
+    cache: BlockCache,
+    stats: Stats,
+    icount: u64,
+    kicker: Kicker,
+}
+
+/// What a lookup found.
+enum Found {
+    Block(u32),
+    Fault(Exc),
+}
+
+impl BtCpu {
+    /// An engine for `machine`, in the reset state.
+    pub fn new(machine: &Machine) -> Result<BtCpu, BtError> {
+        if machine.layout.ranges.is_empty() {
+            return Err(BtError::Unsupported("the machine has no RAM".into()));
+        }
+        Ok(Self {
+            core: Core::from_state(&CpuState::reset()),
+            mem: MemSys::new(paging::default_translator()),
+            cache: BlockCache::default(),
+            stats: Stats::default(),
+            icount: 0,
+            kicker: Kicker::new(),
+        })
+    }
+
+    /// Replaces the MMU (the seam where soft TLB, shadow and nested strategies plug in).
+    pub fn set_mmu(&mut self, mmu: Box<dyn paging::Translate>) {
+        self.mem = MemSys::new(mmu);
+        self.cache.flush_lookup();
+    }
+
+    /// The counters as a struct.
+    pub fn raw_stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Number of live translated blocks.
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn mode_bits(c: &Core) -> u32 {
+        let bit = |b: bool, n: u32| (b as u32) << n;
+        bit(c.protected(), 0)
+            | bit(c.vm86(), 1)
+            | bit(c.long_mode(), 2)
+            | bit(c.seg[seg::CS].l, 3)
+            | bit(c.seg[seg::CS].db, 4)
+            | bit(c.seg[seg::SS].db, 5)
+            | bit(c.cr0 & core::crb::PG != 0, 6)
+            | (c.cpl() as u32) << 7
+    }
+
+    fn lin_rip(c: &Core) -> u64 {
+        let l = c.seg[seg::CS].base.wrapping_add(c.rip);
+        if c.mode64() {
+            c.rip
+        } else if c.long_mode() {
+            l & 0xffff_ffff
+        } else {
+            l & 0xffff_ffff
+        }
+    }
+
+    /// Finds or translates the block at the current RIP.
+    fn find_block(&mut self, machine: &mut Machine) -> Result<Found, CpuError> {
+        let c = &self.core;
+        let mode = Self::mode_bits(c);
+        let cs_base = c.seg[seg::CS].base;
+        if let Some(slot) = self.cache.fast_lookup(c.rip, cs_base, mode) {
+            self.stats.lookup_hits += 1;
+            return Ok(Found::Block(slot));
+        }
+        let rip = c.rip;
+        let user = c.cpl() == 3;
+        if !c.mode64() && rip > c.seg[seg::CS].limit as u64 {
+            return Ok(Found::Fault(Exc::gp(0)));
+        }
+        if c.mode64() && !exec::canonical(rip) {
+            return Ok(Found::Fault(Exc::gp(0)));
+        }
+        let lin = Self::lin_rip(c);
+        let regs = paging::Regs {
+            cr0: c.cr0,
+            cr3: c.cr3,
+            cr4: c.cr4,
+            efer: c.efer,
+        };
+        let phys = match self
+            .mem
+            .mmu
+            .translate(&machine.mem, &regs, lin, Kind::Execute, user)
+        {
+            Ok(p) => p,
+            Err(f) => {
+                self.core.cr2 = f.address;
+                return Ok(Found::Fault(Exc {
+                    vector: 14,
+                    error: Some(f.error_code),
+                }));
+            }
+        };
+        let key = Key {
+            rip,
+            cs_base,
+            phys,
+            mode,
+        };
+        if let Some(slot) = self.cache.lookup(&key) {
+            if self.still_valid(machine, slot) {
+                self.stats.lookup_hits += 1;
+                self.cache.remember(slot);
+                return Ok(Found::Block(slot));
+            }
+            self.cache.discard(slot);
+            self.stats.invalidations += 1;
+        }
+        self.stats.lookup_misses += 1;
+        match self.translate(machine, key, lin, &regs, user)? {
+            Ok(block) => {
+                let slot = self.cache.insert(block);
+                // The page now holds code: stores to it must take the checked path.
+                self.mem.flush_writes();
+                self.cache.remember(slot);
+                Ok(Found::Block(slot))
+            }
+            Err(e) => Ok(Found::Fault(e)),
+        }
+    }
+
+    /// Whether a cached block's guest bytes are unchanged (code can be replaced behind the
+    /// CPU, by DMA or a loader, without a store the engine sees).
+    fn still_valid(&self, machine: &Machine, slot: u32) -> bool {
+        let Some(b) = self.cache.block(slot) else {
+            return false;
+        };
+        let mut at = 0usize;
+        for &(s, e) in &b.extents {
+            if e <= s {
+                continue;
+            }
+            let len = (e - s) as usize;
+            let mut buf = vec![0u8; len];
+            if read_phys(machine, s, &mut buf).is_err() || buf[..] != b.bytes[at..at + len] {
+                return false;
+            }
+            at += len;
+        }
+        true
+    }
+
+    fn translate(
+        &mut self,
+        machine: &Machine,
+        key: Key,
+        lin: u64,
+        regs: &paging::Regs,
+        user: bool,
+    ) -> Result<Result<Block, Exc>, CpuError> {
+        let c = &self.core;
+        let bitness = c.bitness();
+        let in_page = 4096 - (key.phys & 0xfff) as usize;
+        let mut avail = in_page;
+        if !c.mode64() {
+            let lim = c.seg[seg::CS].limit as u64;
+            avail = avail.min((lim - key.rip + 1).min(4096) as usize);
+        }
+        let mut bytes = vec![0u8; avail];
+        if read_phys(machine, key.phys, &mut bytes).is_err() {
+            return Err(CpuError::Unsupported {
+                engine: "bt",
+                rip: key.rip,
+                detail: format!(
+                    "instruction fetch from guest-physical {:#x}, which is not RAM",
+                    key.phys
+                ),
+            });
+        }
+        let mut insns = Vec::new();
+        let mut ops = Vec::new();
+        let mut extents = [(key.phys, key.phys), (0, 0)];
+        let mut decoder = Decoder::with_ip(bitness, &bytes, key.rip, DecoderOptions::NONE);
+        let mut insn = Instruction::default();
+        let mut consumed = 0usize;
+        while decoder.can_decode() && ops.len() < MAX_BLOCK_INSNS {
+            decoder.decode_out(&mut insn);
+            if decoder.last_error() == DecoderError::NoMoreBytes {
+                break;
+            }
+            consumed += insn.len();
+            ops.push(translate::build(&insn, bitness));
+            insns.push(insn);
+            if insn.flow_control() != FlowControl::Next || ends_block(&insn) {
+                break;
+            }
+        }
+        if ops.is_empty() {
+            // The first instruction crosses the page (or the CS limit).
+            if avail < in_page {
+                return Ok(Err(Exc::gp(0)));
+            }
+            let next_lin = (lin & !0xfff).wrapping_add(0x1000);
+            let next_lin = if c.long_mode() {
+                next_lin
+            } else {
+                next_lin & 0xffff_ffff
+            };
+            let p2 = match self.mem.mmu.translate(
+                &machine.mem,
+                regs,
+                next_lin,
+                Kind::Execute,
+                user,
+            ) {
+                Ok(p) => p,
+                Err(f) => {
+                    self.core.cr2 = f.address;
+                    return Ok(Err(Exc {
+                        vector: 14,
+                        error: Some(f.error_code),
+                    }));
+                }
+            };
+            let mut more = vec![0u8; 15];
+            if read_phys(machine, p2, &mut more).is_err() {
+                return Err(CpuError::Unsupported {
+                    engine: "bt",
+                    rip: key.rip,
+                    detail: format!("instruction fetch from non-RAM {p2:#x}"),
+                });
+            }
+            bytes.extend_from_slice(&more);
+            let mut decoder = Decoder::with_ip(bitness, &bytes, key.rip, DecoderOptions::NONE);
+            decoder.decode_out(&mut insn);
+            let len = insn.len();
+            ops.push(translate::build(&insn, bitness));
+            insns.push(insn);
+            let first = avail.min(len);
+            consumed = first;
+            extents[1] = (p2, p2 + (len - first) as u64);
+            bytes.truncate(avail);
+            bytes.extend_from_slice(&more[..len - first]);
+        }
+        extents[0].1 = key.phys + consumed as u64;
+        bytes.truncate(consumed + (extents[1].1 - extents[1].0) as usize);
+        if extents[1].1 == extents[1].0 {
+            bytes.truncate(consumed);
+        }
+        translate::eliminate_dead_flags(&mut ops, &insns);
+        self.stats.blocks_translated += 1;
+        self.stats.insns_translated += ops.len() as u64;
+        Ok(Ok(Block {
+            key,
+            ops,
+            extents,
+            bytes,
+            links: Default::default(),
+        }))
+    }
+
+    fn ctx<'a>(&'a mut self, machine: &'a mut Machine) -> Ctx<'a> {
+        Ctx {
+            core: &mut self.core,
+            machine,
+            mem: &mut self.mem,
+            cache: &mut self.cache,
+            icount: self.icount,
+            device: false,
+            smc_current: false,
+            exact_flags: true,
+            stats: &mut self.stats,
+        }
+    }
+
+    /// Delivers an exception or interrupt; `false` on a triple fault.
+    fn raise(&mut self, machine: &mut Machine, e: Exc, kind: EventKind, rip: u64) -> bool {
+        let mut ctx = self.ctx(machine);
+        let ok = system::raise(&mut ctx, e, kind, rip);
+        self.cache.bury();
+        ok
+    }
+
+    fn shutdown(&self, why: &str) -> Exit {
+        Exit::Shutdown {
+            reason: format!(
+                "bt: {why} at {:04x}:{:#x}",
+                self.core.seg[seg::CS].selector,
+                self.core.rip
+            ),
+        }
+    }
+}
+
+/// Instructions after which a block ends even though they fall through (they change the
+/// state blocks are translated under, or are device accesses best kept at block ends).
+fn ends_block(insn: &Instruction) -> bool {
+    use iced_x86::Mnemonic as M;
+    let r0 = insn.op0_register();
+    match insn.mnemonic() {
+        M::Mov => r0.is_cr() || r0.is_dr() || r0.is_segment_register(),
+        M::Pop => r0.is_segment_register(),
+        M::Cli
+        | M::Sti
+        | M::Popf
+        | M::Popfd
+        | M::Popfq
+        | M::Lgdt
+        | M::Lidt
+        | M::Lldt
+        | M::Ltr
+        | M::Lmsw
+        | M::Invlpg
+        | M::Wrmsr
+        | M::Lss
+        | M::Lds
+        | M::Les
+        | M::Lfs
+        | M::Lgs
+        | M::Hlt
+        | M::Swapgs => true,
+        _ => false,
+    }
+}
+
+fn read_phys(machine: &Machine, phys: u64, out: &mut [u8]) -> Result<(), ()> {
+    let mut done = 0;
+    while done < out.len() {
+        let p = phys + done as u64;
+        if !machine.layout.is_ram(p) {
+            return Err(());
+        }
+        let chunk = (4096 - (p & 0xfff) as usize).min(out.len() - done);
+        let h = machine
+            .mem
+            .get_host_address(GuestAddress(p))
+            .map_err(|_| ())?;
+        // SAFETY: `h` points at a RAM page of guest memory and `chunk` stays within it.
+        unsafe { std::ptr::copy_nonoverlapping(h, out[done..].as_mut_ptr(), chunk) };
+        done += chunk;
+    }
+    Ok(())
+}
+
+impl Cpu for BtCpu {
+    fn name(&self) -> &'static str {
+        "bt"
+    }
+
+    fn counts_instructions(&self) -> bool {
+        true
+    }
+
+    fn run(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
+        self.mem.flush_fast();
+        self.cache.flush_lookup();
+        let stop_at = limit.stop_at_icount.unwrap_or(u64::MAX);
+        let mut irq_line = machine.interrupt_pending();
+        if self.core.pending.halted {
+            if irq_line && self.core.rflags & core::fl::IF != 0 {
+                self.core.pending.halted = false;
+            } else {
+                return Ok(Exit::Halted);
+            }
+        }
+        loop {
+            if self.kicker.pending() {
+                self.kicker.take();
+                return Ok(Exit::Kicked);
+            }
+            if self.icount >= stop_at {
+                return Ok(Exit::InstructionLimit);
+            }
+            let shadow = self.core.pending.interrupt_shadow;
+            if irq_line && !shadow && self.core.rflags & core::fl::IF != 0 {
+                machine.set_icount(self.icount);
+                let vector = machine.acknowledge_interrupt();
+                self.stats.interrupts += 1;
+                let rip = self.core.rip;
+                if !self.raise(machine, Exc { vector, error: None }, EventKind::External, rip) {
+                    return Ok(self.shutdown("triple fault delivering an interrupt"));
+                }
+                irq_line = machine.interrupt_pending();
+                continue;
+            }
+            let slot = match self.find_block(machine)? {
+                Found::Block(s) => s,
+                Found::Fault(e) => {
+                    let rip = self.core.rip;
+                    if !self.raise(machine, e, EventKind::Exception, rip) {
+                        return Ok(self.shutdown("triple fault"));
+                    }
+                    continue;
+                }
+            };
+            // Execute a chain of blocks.
+            let mut slot = slot;
+            loop {
+                let budget = if self.core.pending.interrupt_shadow {
+                    1
+                } else {
+                    (stop_at - self.icount).min(u64::MAX - 1)
+                };
+                let Some(ptr) = self.cache.block_ptr(slot) else {
+                    break;
+                };
+                // SAFETY: blocks are boxed and never freed while executing: invalidation
+                // moves them to the graveyard, emptied by `bury` after this block returns.
+                let block: &Block = unsafe { &*ptr };
+                self.cache.enter(slot);
+                let n = (block.ops.len() as u64).min(budget) as usize;
+                let mut ctx = self.ctx(machine);
+                ctx.exact_flags = n < block.ops.len();
+                let mut outcome = Ctl::Next;
+                let mut fault = None;
+                let mut i = 0;
+                while i < n {
+                    let op = &block.ops[i];
+                    match (op.exec)(&mut ctx, op) {
+                        Ok(Ctl::Next) => {
+                            ctx.icount += 1;
+                            i += 1;
+                            if ctx.device || ctx.smc_current {
+                                ctx.core.rip = op.next_rip;
+                                outcome = Ctl::End;
+                                break;
+                            }
+                        }
+                        Ok(Ctl::Restart) => {
+                            ctx.core.rip = op.rip;
+                            outcome = Ctl::End;
+                            break;
+                        }
+                        Ok(c) => {
+                            ctx.icount += 1;
+                            outcome = c;
+                            break;
+                        }
+                        Err(e) => {
+                            ctx.core.rip = op.rip;
+                            fault = Some((e, op.rip));
+                            break;
+                        }
+                    }
+                }
+                if outcome == Ctl::Next && fault.is_none() {
+                    ctx.core.rip = block.ops[n - 1].next_rip;
+                }
+                let device = ctx.device;
+                let triple = std::mem::take(&mut ctx.stats.triple_fault);
+                self.icount = ctx.icount;
+                if n > 0 && self.core.pending.interrupt_shadow && fault.is_none() {
+                    // The instruction after STI / MOV SS has retired.
+                    self.core.pending.interrupt_shadow = false;
+                }
+                self.cache.bury();
+                if let Some((e, rip)) = fault {
+                    if !self.raise(machine, e, EventKind::Exception, rip) {
+                        return Ok(self.shutdown("triple fault"));
+                    }
+                    if device {
+                        return Ok(Exit::DeviceAccess);
+                    }
+                    break;
+                }
+                if triple {
+                    return Ok(self.shutdown("triple fault in INT n"));
+                }
+                if outcome == Ctl::Halt {
+                    machine.set_icount(self.icount);
+                    machine.note_halt();
+                    if irq_line && self.core.rflags & core::fl::IF != 0 {
+                        // An interrupt is already waiting: HLT retires and wakes at once.
+                        break;
+                    }
+                    self.core.pending.halted = true;
+                    return Ok(Exit::Halted);
+                }
+                if device {
+                    return Ok(Exit::DeviceAccess);
+                }
+                if outcome != Ctl::Jump && outcome != Ctl::Next {
+                    break;
+                }
+                if self.kicker.pending() || self.icount >= stop_at {
+                    break;
+                }
+                if irq_line && self.core.rflags & core::fl::IF != 0 {
+                    break;
+                }
+                // Chaining: follow a link, or create one to a block in the same page.
+                let rip = self.core.rip;
+                let from = slot;
+                let Some(b) = self.cache.block(from) else {
+                    break;
+                };
+                let same_page = (b.key.rip ^ rip) & !0xfff == 0;
+                let which = if b.ops.last().is_some_and(|o| o.target == rip) {
+                    0
+                } else {
+                    1
+                };
+                let link = b.links[which].get();
+                if link.rip == rip
+                    && self.cache.block(link.slot).is_some()
+                    && self.cache.generation(link.slot) == link.generation
+                    && same_page
+                {
+                    self.stats.chained += 1;
+                    slot = link.slot;
+                    continue;
+                }
+                match self.find_block(machine)? {
+                    Found::Block(next) => {
+                        if same_page && let Some(b) = self.cache.block(from) {
+                            b.links[which].set(Link {
+                                rip,
+                                slot: next,
+                                generation: self.cache.generation(next),
+                            });
+                        }
+                        slot = next;
+                    }
+                    Found::Fault(e) => {
+                        let rip = self.core.rip;
+                        if !self.raise(machine, e, EventKind::Exception, rip) {
+                            return Ok(self.shutdown("triple fault"));
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn icount(&self) -> u64 {
+        self.icount
+    }
+
+    fn state(&mut self) -> Result<CpuState, CpuError> {
+        Ok(self.core.to_state())
+    }
+
+    fn set_state(&mut self, state: &CpuState) -> Result<(), CpuError> {
+        self.core = Core::from_state(state);
+        self.mem.mmu.flush(true);
+        self.mem.flush_fast();
+        self.cache.flush_lookup();
+        Ok(())
+    }
+
+    fn stats(&self) -> EngineStats {
+        let s = &self.stats;
+        let mut e = EngineStats::default();
+        e.add("bt.blocks_translated", s.blocks_translated);
+        e.add("bt.insns_translated", s.insns_translated);
+        e.add("bt.lookup_hits", s.lookup_hits);
+        e.add("bt.lookup_misses", s.lookup_misses);
+        e.add("bt.invalidations", s.invalidations);
+        e.add("bt.chained", s.chained);
+        e.add("bt.instructions", self.icount);
+        e.add("bt.interrupts", s.interrupts);
+        for (v, n) in &s.exceptions {
+            if *n > 0 {
+                e.add(&format!("bt.exceptions.{v}"), *n);
+            }
+        }
+        e.merge(&s.extra);
+        e.merge(&self.mem.mmu.stats());
+        e
+    }
+
+    fn kicker(&self) -> Kicker {
+        self.kicker.clone()
+    }
+}

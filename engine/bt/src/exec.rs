@@ -1,0 +1,465 @@
+//! The execution context of micro-ops: register and memory operand access, segmentation
+//! (limits, rights, canonical checks), the fast TLB in front of the MMU, device accesses,
+//! and the store side of code coherence.
+
+use crate::cache::BlockCache;
+use crate::core::Core;
+use crate::ir::{Exc, MemRef, NO_REG, Operand, RIP_REL, UOp};
+use crate::paging::{Kind, Regs, Translate};
+use deja_machine::Machine;
+use deja_machine::cpu::seg;
+use deja_machine::vm_memory::{GuestAddress, GuestMemoryBackend};
+
+const TLB_SIZE: usize = 256;
+
+#[derive(Clone, Copy)]
+struct TlbEntry {
+    /// Linear page number << 12 | user << 1 | valid.
+    tag: u64,
+    /// Host address of the page.
+    host: *mut u8,
+}
+
+const EMPTY: TlbEntry = TlbEntry {
+    tag: 0,
+    host: std::ptr::null_mut(),
+};
+
+/// The memory system: MMU plus a linear-page to host-pointer cache for RAM pages.
+pub struct MemSys {
+    read_tlb: Box<[TlbEntry; TLB_SIZE]>,
+    write_tlb: Box<[TlbEntry; TLB_SIZE]>,
+    /// The linear-to-physical translator.
+    pub mmu: Box<dyn Translate>,
+}
+
+// SAFETY: the host pointers in the TLBs point into guest memory owned by the `Machine`; they
+// are only dereferenced during `run` (which holds `&mut Machine`) and the TLBs are flushed at
+// the start of every run, so moving the engine between threads cannot make them dangle.
+unsafe impl Send for MemSys {}
+
+impl MemSys {
+    /// A memory system around `mmu`.
+    pub fn new(mmu: Box<dyn Translate>) -> Self {
+        Self {
+            read_tlb: Box::new([EMPTY; TLB_SIZE]),
+            write_tlb: Box::new([EMPTY; TLB_SIZE]),
+            mmu,
+        }
+    }
+
+    /// Forgets every cached host pointer.
+    pub fn flush_fast(&mut self) {
+        self.read_tlb.fill(EMPTY);
+        self.write_tlb.fill(EMPTY);
+    }
+
+    /// Forgets cached write permissions (a page became a code page).
+    pub fn flush_writes(&mut self) {
+        self.write_tlb.fill(EMPTY);
+    }
+}
+
+/// Everything a micro-op may touch.
+pub struct Ctx<'a> {
+    /// The CPU.
+    pub core: &'a mut Core,
+    /// Devices and memory.
+    pub machine: &'a mut Machine,
+    /// MMU and TLB.
+    pub mem: &'a mut MemSys,
+    /// The block cache (for store-side invalidation).
+    pub cache: &'a mut BlockCache,
+    /// Instructions retired before the current one.
+    pub icount: u64,
+    /// A device access happened during the current instruction.
+    pub device: bool,
+    /// A store hit the block being executed.
+    pub smc_current: bool,
+    /// Every op must produce its flags (the block runs only partly, so dead-flag
+    /// elimination's block-end assumption does not hold).
+    pub exact_flags: bool,
+    /// Counters the ops bump.
+    pub stats: &'a mut crate::Stats,
+}
+
+/// Whether `v` is a canonical 48-bit address.
+#[inline(always)]
+pub fn canonical(v: u64) -> bool {
+    ((v as i64) << 16 >> 16) as u64 == v
+}
+
+impl Ctx<'_> {
+    fn regs(&self) -> Regs {
+        Regs {
+            cr0: self.core.cr0,
+            cr3: self.core.cr3,
+            cr4: self.core.cr4,
+            efer: self.core.efer,
+        }
+    }
+
+    /// The effective address (offset within the segment) of a memory operand.
+    #[inline(always)]
+    pub fn ea(&self, m: &MemRef) -> u64 {
+        let mut a = m.disp;
+        if m.base != NO_REG && m.base != RIP_REL {
+            a = a.wrapping_add(self.core.gpr[m.base as usize]);
+        }
+        if m.index != NO_REG {
+            a = a.wrapping_add(self.core.gpr[m.index as usize].wrapping_mul(m.scale as u64));
+        }
+        match m.asize {
+            2 => a & 0xffff,
+            4 => a & 0xffff_ffff,
+            _ => a,
+        }
+    }
+
+    /// Segmentation: offset to linear address, with limit, rights and canonical checks.
+    #[inline(always)]
+    pub fn linear(&self, sreg: u8, off: u64, size: u64, write: bool) -> Result<u64, Exc> {
+        let c = &*self.core;
+        let s = &c.seg[sreg as usize];
+        if c.mode64() {
+            let lin = if sreg as usize >= seg::FS {
+                off.wrapping_add(s.base)
+            } else {
+                off
+            };
+            if !canonical(lin) || !canonical(lin.wrapping_add(size - 1)) {
+                return Err(if sreg as usize == seg::SS {
+                    Exc::ss(0)
+                } else {
+                    Exc::gp(0)
+                });
+            }
+            return Ok(lin);
+        }
+        let fault = || {
+            if sreg as usize == seg::SS {
+                Exc::ss(0)
+            } else {
+                Exc::gp(0)
+            }
+        };
+        if c.protected() && !c.vm86() {
+            if s.unusable || !s.present {
+                return Err(fault());
+            }
+            let code = s.type_ & 8 != 0;
+            if write && (code || s.type_ & 2 == 0) {
+                return Err(fault());
+            }
+            if !write && code && s.type_ & 2 == 0 {
+                return Err(fault());
+            }
+        }
+        let last = off.wrapping_add(size - 1);
+        if s.s && s.type_ & 0xc == 4 {
+            // Expand-down data segment: valid offsets are (limit, top].
+            let top = if s.db { 0xffff_ffff } else { 0xffff };
+            if off <= s.limit as u64 || last > top || last < off {
+                return Err(fault());
+            }
+        } else if last > s.limit as u64 || last < off {
+            return Err(fault());
+        }
+        Ok(s.base.wrapping_add(off) & 0xffff_ffff)
+    }
+
+    fn user(&self) -> bool {
+        self.core.cpl() == 3
+    }
+
+    /// Translates a linear address, raising #PF (and setting CR2) on failure.
+    pub fn translate(&mut self, lin: u64, kind: Kind, user: bool) -> Result<u64, Exc> {
+        let regs = self.regs();
+        match self
+            .mem
+            .mmu
+            .translate(&self.machine.mem, &regs, lin, kind, user)
+        {
+            Ok(p) => Ok(p),
+            Err(f) => {
+                self.core.cr2 = f.address;
+                Err(Exc {
+                    vector: 14,
+                    error: Some(f.error_code),
+                })
+            }
+        }
+    }
+
+    fn host_ptr(&self, phys: u64) -> Option<*mut u8> {
+        if !self.machine.layout.is_ram(phys) {
+            return None;
+        }
+        self.machine.mem.get_host_address(GuestAddress(phys)).ok()
+    }
+
+    /// Reads `size` (1, 2, 4, 8) bytes at a linear address.
+    #[inline(always)]
+    pub fn read_lin(&mut self, lin: u64, size: u8) -> Result<u64, Exc> {
+        let user = self.user();
+        self.read_lin_as(lin, size, user)
+    }
+
+    /// Reads with an explicit user/supervisor access type (descriptor tables are supervisor).
+    #[inline(always)]
+    pub fn read_lin_as(&mut self, lin: u64, size: u8, user: bool) -> Result<u64, Exc> {
+        let page = lin & !0xfff;
+        let off = (lin & 0xfff) as usize;
+        let e = self.mem.read_tlb[((lin >> 12) as usize) % TLB_SIZE];
+        if e.tag == page | (user as u64) << 1 | 1 && off + size as usize <= 4096 {
+            // SAFETY: the entry maps a RAM page of the machine's guest memory (checked by
+            // `host_ptr` when filled; flushed at every run start and mapping change), and
+            // `off + size` stays within that 4 KiB page.
+            return Ok(unsafe { load(e.host.add(off), size) });
+        }
+        self.read_slow(lin, size, user)
+    }
+
+    #[inline(never)]
+    fn read_slow(&mut self, lin: u64, size: u8, user: bool) -> Result<u64, Exc> {
+        let mut buf = [0u8; 8];
+        self.read_bytes(lin, &mut buf[..size as usize], user)?;
+        Ok(u64::from_le_bytes(buf))
+    }
+
+    /// Reads bytes at a linear address (any length, page crossings handled).
+    pub fn read_bytes(&mut self, lin: u64, out: &mut [u8], user: bool) -> Result<(), Exc> {
+        let mut done = 0usize;
+        // Translate every page first so a fault leaves nothing half done.
+        let mut pieces = [(0u64, 0usize, 0usize); 3];
+        let mut n = 0;
+        while done < out.len() {
+            let a = self.wrap(lin.wrapping_add(done as u64));
+            let chunk = (4096 - (a & 0xfff) as usize).min(out.len() - done);
+            let p = self.translate(a, Kind::Read, user)?;
+            if n < 3 {
+                pieces[n] = (p, done, chunk);
+                n += 1;
+            }
+            done += chunk;
+        }
+        for &(p, at, len) in &pieces[..n] {
+            if let Some(h) = self.host_ptr(p) {
+                // SAFETY: `h` points at RAM page of guest memory holding `p`, and the chunk
+                // does not cross the 4 KiB page.
+                unsafe { std::ptr::copy_nonoverlapping(h, out[at..].as_mut_ptr(), len) };
+                if len == out.len() {
+                    let page = self.wrap(lin) & !0xfff;
+                    let tag = page | (user as u64) << 1 | 1;
+                    // SAFETY: page-aligned host address of the same RAM page.
+                    let base = unsafe { h.sub((p & 0xfff) as usize) };
+                    self.mem.read_tlb[((page >> 12) as usize) % TLB_SIZE] =
+                        TlbEntry { tag, host: base };
+                }
+            } else {
+                self.machine.set_icount(self.icount);
+                self.machine.mmio_read(p, &mut out[at..at + len]);
+                self.device = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn wrap(&self, lin: u64) -> u64 {
+        if self.core.long_mode() {
+            lin
+        } else {
+            lin & 0xffff_ffff
+        }
+    }
+
+    /// Writes `size` bytes at a linear address.
+    #[inline(always)]
+    pub fn write_lin(&mut self, lin: u64, size: u8, v: u64) -> Result<(), Exc> {
+        let user = self.user();
+        self.write_lin_as(lin, size, v, user)
+    }
+
+    /// Writes with an explicit user/supervisor access type.
+    #[inline(always)]
+    pub fn write_lin_as(&mut self, lin: u64, size: u8, v: u64, user: bool) -> Result<(), Exc> {
+        let page = lin & !0xfff;
+        let off = (lin & 0xfff) as usize;
+        let e = self.mem.write_tlb[((lin >> 12) as usize) % TLB_SIZE];
+        if e.tag == page | (user as u64) << 1 | 1 && off + size as usize <= 4096 {
+            // SAFETY: as in `read_lin_as`; write entries are only installed for RAM pages
+            // that hold no translated code.
+            unsafe { store(e.host.add(off), size, v) };
+            return Ok(());
+        }
+        let b = v.to_le_bytes();
+        self.write_bytes(lin, &b[..size as usize], user)
+    }
+
+    /// Writes bytes at a linear address (page crossings handled; both pages are checked
+    /// before anything is written).
+    pub fn write_bytes(&mut self, lin: u64, data: &[u8], user: bool) -> Result<(), Exc> {
+        let mut done = 0usize;
+        let mut pieces = [(0u64, 0usize, 0usize); 3];
+        let mut n = 0;
+        while done < data.len() {
+            let a = self.wrap(lin.wrapping_add(done as u64));
+            let chunk = (4096 - (a & 0xfff) as usize).min(data.len() - done);
+            let p = self.translate(a, Kind::Write, user)?;
+            if n < 3 {
+                pieces[n] = (p, done, chunk);
+                n += 1;
+            }
+            done += chunk;
+        }
+        for &(p, at, len) in &pieces[..n] {
+            if let Some(h) = self.host_ptr(p) {
+                let code = self.cache.is_code_page(p >> 12);
+                // SAFETY: `h` points into a RAM page of guest memory; the chunk stays in it.
+                unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), h, len) };
+                if code {
+                    self.cache
+                        .invalidate_range(p, len as u64, &mut self.stats.invalidations);
+                    if self.cache.current_invalidated() {
+                        self.smc_current = true;
+                    }
+                } else if len == data.len() {
+                    let page = self.wrap(lin) & !0xfff;
+                    let tag = page | (user as u64) << 1 | 1;
+                    // SAFETY: page-aligned host address of the same RAM page.
+                    let base = unsafe { h.sub((p & 0xfff) as usize) };
+                    self.mem.write_tlb[((page >> 12) as usize) % TLB_SIZE] =
+                        TlbEntry { tag, host: base };
+                }
+            } else {
+                self.machine.set_icount(self.icount);
+                self.machine.mmio_write(p, &data[at..at + len]);
+                self.device = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a memory operand of `size` bytes.
+    #[inline(always)]
+    pub fn read_mem(&mut self, m: &MemRef, size: u8) -> Result<u64, Exc> {
+        let off = self.ea(m);
+        let lin = self.linear(m.seg, off, size as u64, false)?;
+        self.read_lin(lin, size)
+    }
+
+    /// Writes a memory operand of `size` bytes.
+    #[inline(always)]
+    pub fn write_mem(&mut self, m: &MemRef, size: u8, v: u64) -> Result<(), Exc> {
+        let off = self.ea(m);
+        let lin = self.linear(m.seg, off, size as u64, true)?;
+        self.write_lin(lin, size, v)
+    }
+
+    /// Reads an operand.
+    #[inline(always)]
+    pub fn get(&mut self, o: &Operand, size: u8) -> Result<u64, Exc> {
+        match *o {
+            Operand::Reg { idx, hi } => Ok(self.core.reg(idx, hi, size)),
+            Operand::Imm(v) => Ok(v),
+            Operand::Mem(ref m) => self.read_mem(m, size),
+            Operand::Sreg(s) => Ok(self.core.seg[s as usize].selector as u64),
+            _ => Ok(0),
+        }
+    }
+
+    /// Writes an operand.
+    #[inline(always)]
+    pub fn put(&mut self, o: &Operand, size: u8, v: u64) -> Result<(), Exc> {
+        match *o {
+            Operand::Reg { idx, hi } => {
+                self.core.set_reg(idx, hi, size, v);
+                Ok(())
+            }
+            Operand::Mem(ref m) => self.write_mem(m, size, v),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pushes onto the stack with the current stack size.
+    pub fn push(&mut self, size: u8, v: u64) -> Result<(), Exc> {
+        let ss = self.core.stack_size();
+        let sp = self.core.gpr[4];
+        let nsp = sp.wrapping_sub(size as u64) & crate::core::mask(ss);
+        let lin = self.linear(seg::SS as u8, nsp, size as u64, true)?;
+        self.write_lin(lin, size, v)?;
+        self.core.set_reg(4, false, ss, nsp);
+        Ok(())
+    }
+
+    /// Reads the stack top at `extra` bytes above the stack pointer.
+    pub fn peek(&mut self, size: u8, extra: u64) -> Result<u64, Exc> {
+        let ss = self.core.stack_size();
+        let sp = self.core.gpr[4].wrapping_add(extra) & crate::core::mask(ss);
+        let lin = self.linear(seg::SS as u8, sp, size as u64, false)?;
+        self.read_lin(lin, size)
+    }
+
+    /// Pops from the stack.
+    pub fn pop(&mut self, size: u8) -> Result<u64, Exc> {
+        let v = self.peek(size, 0)?;
+        let ss = self.core.stack_size();
+        let nsp = self.core.gpr[4].wrapping_add(size as u64);
+        self.core.set_reg(4, false, ss, nsp);
+        Ok(v)
+    }
+
+    /// Counts an event.
+    pub fn count(&mut self, name: &str) {
+        self.stats.extra.add(name, 1);
+    }
+
+    /// Marks the current instruction as having made a device access (position updated).
+    pub fn device_access(&mut self) {
+        self.machine.set_icount(self.icount);
+        self.device = true;
+    }
+
+    /// The RIP a branch lands on, truncated to the operand size outside 64-bit mode.
+    pub fn branch_rip(&self, op: &UOp, target: u64) -> u64 {
+        match op.size {
+            2 => target & 0xffff,
+            4 => target & 0xffff_ffff,
+            _ => target,
+        }
+    }
+}
+
+/// Loads `size` bytes (little endian) from `p`.
+///
+/// # Safety
+/// `p` must be valid for reads of `size` bytes.
+#[inline(always)]
+unsafe fn load(p: *const u8, size: u8) -> u64 {
+    // SAFETY: the caller guarantees `size` readable bytes; unaligned reads are explicit.
+    unsafe {
+        match size {
+            1 => *p as u64,
+            2 => (p as *const u16).read_unaligned() as u64,
+            4 => (p as *const u32).read_unaligned() as u64,
+            _ => (p as *const u64).read_unaligned(),
+        }
+    }
+}
+
+/// Stores the low `size` bytes of `v` at `p`.
+///
+/// # Safety
+/// `p` must be valid for writes of `size` bytes.
+#[inline(always)]
+unsafe fn store(p: *mut u8, size: u8, v: u64) {
+    // SAFETY: the caller guarantees `size` writable bytes; unaligned writes are explicit.
+    unsafe {
+        match size {
+            1 => *p = v as u8,
+            2 => (p as *mut u16).write_unaligned(v as u16),
+            4 => (p as *mut u32).write_unaligned(v as u32),
+            _ => (p as *mut u64).write_unaligned(v),
+        }
+    }
+}
