@@ -72,6 +72,7 @@ pub struct BlockCache {
     map: HashMap<Key, u32>,
     lookup: Box<[LookupEntry]>,
     pages: HashMap<u64, Vec<u32>>,
+    #[allow(clippy::vec_box)] // boxes keep blocks at stable addresses while they run
     graveyard: Vec<Box<Block>>,
     current: u32,
     current_hit: bool,
@@ -236,11 +237,8 @@ impl BlockCache {
             .iter()
             .copied()
             .filter(|&s| {
-                self.block(s).is_some_and(|b| {
-                    b.extents
-                        .iter()
-                        .any(|&(a, e)| e > a && a < end && phys < e)
-                })
+                self.block(s)
+                    .is_some_and(|b| b.extents.iter().any(|&(a, e)| e > a && a < end && phys < e))
             })
             .collect();
         for s in &hit {

@@ -159,7 +159,7 @@ impl Lazy {
         if self.cf() {
             f |= fl::CF;
         }
-        if (r as u8).count_ones() % 2 == 0 {
+        if (r as u8).count_ones().is_multiple_of(2) {
             f |= fl::PF;
         }
         if self.op != FlagOp::Logic && (self.a ^ self.b ^ self.res) & 0x10 != 0 {

@@ -313,6 +313,10 @@ impl Ctx<'_> {
             done += chunk;
         }
         for &(p, at, len) in &pieces[..n] {
+            if self.machine.layout.is_rom(p) {
+                // Stores into firmware ROM are dropped, without a device access.
+                continue;
+            }
             if let Some(h) = self.host_ptr(p) {
                 let code = self.cache.is_code_page(p >> 12);
                 // SAFETY: `h` points into a RAM page of guest memory; the chunk stays in it.

@@ -134,13 +134,7 @@ impl BtCpu {
 
     fn lin_rip(c: &Core) -> u64 {
         let l = c.seg[seg::CS].base.wrapping_add(c.rip);
-        if c.mode64() {
-            c.rip
-        } else if c.long_mode() {
-            l & 0xffff_ffff
-        } else {
-            l & 0xffff_ffff
-        }
+        if c.mode64() { c.rip } else { l & 0xffff_ffff }
     }
 
     /// Finds or translates the block at the current RIP.
@@ -286,13 +280,11 @@ impl BtCpu {
             } else {
                 next_lin & 0xffff_ffff
             };
-            let p2 = match self.mem.mmu.translate(
-                &machine.mem,
-                regs,
-                next_lin,
-                Kind::Execute,
-                user,
-            ) {
+            let p2 = match self
+                .mem
+                .mmu
+                .translate(&machine.mem, regs, next_lin, Kind::Execute, user)
+            {
                 Ok(p) => p,
                 Err(f) => {
                     self.core.cr2 = f.address;
@@ -457,7 +449,15 @@ impl Cpu for BtCpu {
                 let vector = machine.acknowledge_interrupt();
                 self.stats.interrupts += 1;
                 let rip = self.core.rip;
-                if !self.raise(machine, Exc { vector, error: None }, EventKind::External, rip) {
+                if !self.raise(
+                    machine,
+                    Exc {
+                        vector,
+                        error: None,
+                    },
+                    EventKind::External,
+                    rip,
+                ) {
                     return Ok(self.shutdown("triple fault delivering an interrupt"));
                 }
                 irq_line = machine.interrupt_pending();
@@ -476,7 +476,8 @@ impl Cpu for BtCpu {
             // Execute a chain of blocks.
             let mut slot = slot;
             loop {
-                let budget = if self.core.pending.interrupt_shadow {
+                let shadow_before = self.core.pending.interrupt_shadow;
+                let budget = if shadow_before {
                     1
                 } else {
                     (stop_at - self.icount).min(u64::MAX - 1)
@@ -529,7 +530,7 @@ impl Cpu for BtCpu {
                 let device = ctx.device;
                 let triple = std::mem::take(&mut ctx.stats.triple_fault);
                 self.icount = ctx.icount;
-                if n > 0 && self.core.pending.interrupt_shadow && fault.is_none() {
+                if n > 0 && shadow_before && fault.is_none() {
                     // The instruction after STI / MOV SS has retired.
                     self.core.pending.interrupt_shadow = false;
                 }

@@ -243,7 +243,7 @@ fn szp(r: u64, size: u8) -> u64 {
     if r & msb(size) != 0 {
         f |= fl::SF;
     }
-    if (r as u8).count_ones() % 2 == 0 {
+    if (r as u8).count_ones().is_multiple_of(2) {
         f |= fl::PF;
     }
     f
@@ -869,7 +869,11 @@ pub fn bt(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 _ => ea,
             };
             let lin = ctx.linear(m.seg, ea, size as u64, op.aux != 0)?;
-            (ctx.read_lin(lin, size)?, (off & (bits - 1)) as u32, Some(lin))
+            (
+                ctx.read_lin(lin, size)?,
+                (off & (bits - 1)) as u32,
+                Some(lin),
+            )
         }
         _ => (ctx.get(&op.dst, size)?, (off & (bits - 1)) as u32, None),
     };
@@ -1163,14 +1167,16 @@ pub fn string_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
             string::MOVS | string::LODS | string::CMPS | string::OUTS
         ) {
             let v = si.wrapping_add(step) & am;
-            ctx.core.set_reg(6, false, asz.max(2), v | (ctx.core.gpr[6] & !am));
+            ctx.core
+                .set_reg(6, false, asz.max(2), v | (ctx.core.gpr[6] & !am));
         }
         if matches!(
             kind,
             string::MOVS | string::STOS | string::CMPS | string::SCAS | string::INS
         ) {
             let v = di.wrapping_add(step) & am;
-            ctx.core.set_reg(7, false, asz.max(2), v | (ctx.core.gpr[7] & !am));
+            ctx.core
+                .set_reg(7, false, asz.max(2), v | (ctx.core.gpr[7] & !am));
         }
         if let Some((a, b)) = cmp {
             let r = a.wrapping_sub(b) & mask(size);

@@ -101,8 +101,9 @@ fn lanes(v: u128, w: u32) -> impl Iterator<Item = u64> {
 
 fn pack(vals: impl Iterator<Item = u64>, w: u32) -> u128 {
     let m = if w == 64 { u64::MAX } else { (1u64 << w) - 1 };
-    vals.enumerate()
-        .fold(0u128, |acc, (i, x)| acc | (((x & m) as u128) << (i as u32 * w)))
+    vals.enumerate().fold(0u128, |acc, (i, x)| {
+        acc | (((x & m) as u128) << (i as u32 * w))
+    })
 }
 
 /// Packed integer and logical operations; `aux` selects the operation, `target` the lane
@@ -117,8 +118,14 @@ fn packed(ctx: &mut Ctx, op: &UOp) -> OpResult {
         1 => a & b,
         2 => a | b,
         3 => !a & b,
-        4 => pack(lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.wrapping_add(y)), w),
-        5 => pack(lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.wrapping_sub(y)), w),
+        4 => pack(
+            lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.wrapping_add(y)),
+            w,
+        ),
+        5 => pack(
+            lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.wrapping_sub(y)),
+            w,
+        ),
         6 => pack(
             lanes(a, w)
                 .zip(lanes(b, w))
@@ -138,18 +145,8 @@ fn packed(ctx: &mut Ctx, op: &UOp) -> OpResult {
             let n = la.len() / 2;
             pack((n..2 * n).flat_map(|i| [la[i], lb[i]]), w)
         }
-        9 => pack(
-            lanes(a, w)
-                .zip(lanes(b, w))
-                .map(|(x, y)| x.min(y)),
-            w,
-        ),
-        10 => pack(
-            lanes(a, w)
-                .zip(lanes(b, w))
-                .map(|(x, y)| x.max(y)),
-            w,
-        ),
+        9 => pack(lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.min(y)), w),
+        10 => pack(lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.max(y)), w),
         _ => return Err(Exc::UD),
     };
     put128(ctx, &op.dst, 16, r, false)?;

@@ -520,7 +520,7 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if !t.s || t.type_ & 8 == 0 || t.dpl > cpl {
         return Err(Exc::gp(tcode));
     }
-    if long && !(t.l && !t.db) {
+    if long && (!t.l || t.db) {
         return Err(Exc::gp(tcode));
     }
     if !t.present {
@@ -543,7 +543,11 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
         for i in 0..params as u64 {
             args.push(ctx.peek(gsize, i * gsize as u64)?);
         }
-        let saved = (ctx.core.seg[seg::SS], ctx.core.seg[seg::CS], ctx.core.gpr[4]);
+        let saved = (
+            ctx.core.seg[seg::SS],
+            ctx.core.seg[seg::CS],
+            ctx.core.gpr[4],
+        );
         if long {
             let rsp = ctx.read_lin_as(ctx.core.tr.base + 4 + new as u64 * 8, 8, false)?;
             let mut ss = Segment {
@@ -561,7 +565,8 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
             let ssd = load_inner_ss(ctx, nss, new)?;
             enter_cs(ctx, t, new, target_off);
             ctx.core.seg[seg::SS] = ssd;
-            ctx.core.set_reg(4, false, ctx.core.stack_size().max(4), nsp);
+            ctx.core
+                .set_reg(4, false, ctx.core.stack_size().max(4), nsp);
             if !ssd.db {
                 ctx.core.gpr[4] &= 0xffff;
             }
@@ -656,8 +661,12 @@ pub fn far_ret(ctx: &mut Ctx, op: &UOp) -> OpResult {
         return Err(e);
     }
     let ss = ctx.core.stack_size();
-    ctx.core
-        .set_reg(4, false, ss.max(if size == 8 { 8 } else { 2 }), nsp.wrapping_add(op.target));
+    ctx.core.set_reg(
+        4,
+        false,
+        ss.max(if size == 8 { 8 } else { 2 }),
+        nsp.wrapping_add(op.target),
+    );
     null_outer_segments(ctx, rpl);
     Ok(Ctl::End)
 }
@@ -891,7 +900,7 @@ pub fn deliver(
     if !t.s || t.type_ & 8 == 0 || t.dpl > cpl {
         return Err(Exc::gp(tcode));
     }
-    if long && !(t.l && !t.db) {
+    if long && (!t.l || t.db) {
         return Err(Exc::gp(tcode));
     }
     if !t.present {
@@ -953,7 +962,11 @@ pub fn deliver(
             let ssd = load_inner_ss(ctx, nss, new_cpl)?;
             enter_cs(ctx, t, new_cpl, toff);
             ctx.core.seg[seg::SS] = ssd;
-            ctx.core.gpr[4] = if ssd.db { nsp & 0xffff_ffff } else { nsp & 0xffff };
+            ctx.core.gpr[4] = if ssd.db {
+                nsp & 0xffff_ffff
+            } else {
+                nsp & 0xffff
+            };
             if vm86 {
                 for r in [seg::GS, seg::FS, seg::DS, seg::ES] {
                     let v = saved.0[r].selector as u64;
@@ -1046,7 +1059,15 @@ pub fn int_n(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if c.vm86() && c.iopl() < 3 && op.aux != 2 {
         return Err(Exc::gp(0));
     }
-    if !raise(ctx, Exc { vector, error: None }, EventKind::Software, op.next_rip) {
+    if !raise(
+        ctx,
+        Exc {
+            vector,
+            error: None,
+        },
+        EventKind::Software,
+        op.next_rip,
+    ) {
         ctx.stats.triple_fault = true;
     }
     Ok(Ctl::End)
@@ -1391,8 +1412,13 @@ pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 paging_changed(ctx, true);
             }
         }
-        msr::IA32_FS_BASE | msr::IA32_GS_BASE | msr::IA32_KERNEL_GS_BASE | msr::IA32_LSTAR
-        | msr::IA32_CSTAR | msr::IA32_SYSENTER_ESP | msr::IA32_SYSENTER_EIP => {
+        msr::IA32_FS_BASE
+        | msr::IA32_GS_BASE
+        | msr::IA32_KERNEL_GS_BASE
+        | msr::IA32_LSTAR
+        | msr::IA32_CSTAR
+        | msr::IA32_SYSENTER_ESP
+        | msr::IA32_SYSENTER_EIP => {
             if !crate::exec::canonical(v) {
                 return Err(Exc::gp(0));
             }

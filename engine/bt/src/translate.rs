@@ -58,9 +58,7 @@ pub fn mem_ref(insn: &Instruction, bitness: u32) -> MemRef {
         4
     } else if bitness == 64 {
         8
-    } else if insn.memory_displ_size() == 2 {
-        2
-    } else if bitness == 16 && insn.memory_displ_size() == 0 {
+    } else if insn.memory_displ_size() == 2 || (bitness == 16 && insn.memory_displ_size() == 0) {
         2
     } else {
         4
@@ -214,10 +212,19 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
         }
         Mnemonic::Lea => op.exec = ops::lea,
         Mnemonic::Xchg => op.exec = ops::xchg,
-        Mnemonic::Nop | Mnemonic::Pause | Mnemonic::Lfence | Mnemonic::Sfence
-        | Mnemonic::Mfence | Mnemonic::Prefetchnta | Mnemonic::Prefetcht0
-        | Mnemonic::Prefetcht1 | Mnemonic::Prefetcht2 | Mnemonic::Prefetchw
-        | Mnemonic::Clflush | Mnemonic::Endbr64 | Mnemonic::Endbr32 => op.exec = ops::nop,
+        Mnemonic::Nop
+        | Mnemonic::Pause
+        | Mnemonic::Lfence
+        | Mnemonic::Sfence
+        | Mnemonic::Mfence
+        | Mnemonic::Prefetchnta
+        | Mnemonic::Prefetcht0
+        | Mnemonic::Prefetcht1
+        | Mnemonic::Prefetcht2
+        | Mnemonic::Prefetchw
+        | Mnemonic::Clflush
+        | Mnemonic::Endbr64
+        | Mnemonic::Endbr32 => op.exec = ops::nop,
         Mnemonic::Inc | Mnemonic::Dec => {
             op.aux = (m == Mnemonic::Dec) as u8;
             op.exec = ops::incdec;
@@ -431,8 +438,12 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
             op.target = insn.near_branch_target();
             op.exec = ops::jcc;
         }
-        Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne | Mnemonic::Jcxz
-        | Mnemonic::Jecxz | Mnemonic::Jrcxz => {
+        Mnemonic::Loop
+        | Mnemonic::Loope
+        | Mnemonic::Loopne
+        | Mnemonic::Jcxz
+        | Mnemonic::Jecxz
+        | Mnemonic::Jrcxz => {
             op.target = insn.near_branch_target();
             op.src = Operand::Imm(match m {
                 Mnemonic::Loop => 0,

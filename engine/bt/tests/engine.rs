@@ -1,0 +1,394 @@
+//! Engine behaviour: exact icount, code coherence, device exits, HLT and interrupts,
+//! exceptions with error codes, mode switches.
+
+mod common;
+
+use common::*;
+use deja_machine::cpu::seg;
+use deja_machine::{Cpu, Exit, Limit};
+use iced_x86::code_asm::*;
+
+fn loop_guest(m: &deja_machine::Machine) -> deja_machine::CpuState {
+    let code = asm(64, 0x20_0000, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 1000).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(eax, ecx).unwrap();
+        a.mov(qword_ptr(0x30_0000u64 as i64 as u64), rax).unwrap();
+        a.imul_2(ebx, eax).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    load(m, 0x20_0000, &code);
+    long_mode_state(m, 0x20_0000)
+}
+
+#[test]
+fn stopping_at_every_instruction_count_gives_the_same_final_state() {
+    let (mut m1, _, _) = machine();
+    let s = loop_guest(&m1);
+    let mut whole = cpu(&m1, &s);
+    assert_eq!(run(&mut whole, &mut m1, u64::MAX), Exit::Halted);
+    let total = whole.icount();
+    assert_eq!(total, 2 + 5 * 1000 + 1);
+    let expect = whole.state().unwrap();
+
+    let (mut m2, _, _) = machine();
+    let s = loop_guest(&m2);
+    let mut steps = cpu(&m2, &s);
+    // Irregular stops, including single steps.
+    let mut n = 0u64;
+    let mut k = 0u64;
+    loop {
+        k += 1;
+        n = (n + k % 7).min(total);
+        let exit = steps
+            .run(
+                &mut m2,
+                Limit {
+                    stop_at_icount: Some(n),
+                },
+            )
+            .unwrap();
+        assert_eq!(steps.icount(), n.min(steps.icount()).max(steps.icount()));
+        if exit == Exit::Halted {
+            break;
+        }
+        assert_eq!(exit, Exit::InstructionLimit);
+        assert_eq!(steps.icount(), n, "stopped at the wrong count");
+    }
+    assert_eq!(steps.icount(), total);
+    let got = steps.state().unwrap();
+    assert!(got.diff(&expect).is_empty(), "{:?}", got.diff(&expect));
+    let st = steps.stats();
+    assert!(st.get("bt.chained") > 0 || whole.stats().get("bt.chained") > 0);
+}
+
+#[test]
+fn chaining_and_lookup_counters_move() {
+    let (mut m, _, _) = machine();
+    let s = loop_guest(&m);
+    let mut c = cpu(&m, &s);
+    run(&mut c, &mut m, u64::MAX);
+    let st = c.stats();
+    assert!(st.get("bt.blocks_translated") >= 2, "{st:?}");
+    assert!(st.get("bt.chained") >= 900, "{st:?}");
+    assert_eq!(st.get("bt.instructions"), 5003);
+}
+
+#[test]
+fn store_into_the_next_instruction_runs_the_new_code() {
+    let (mut m, _, _) = machine();
+    // mov byte [rip+patch+1], 42 patches the immediate of the following "mov eax, 1".
+    // mov rdi, imm64 (10) + mov byte [rdi], 42 (3): the patched mov starts at +13.
+    let code = asm(64, 0x20_0000, |a| {
+        a.mov(rdi, 0x20_000eu64).unwrap();
+        a.mov(byte_ptr(rdi), 42).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(code[13], 0xb8);
+    load(&m, 0x20_0000, &code);
+    let s = long_mode_state(&m, 0x20_0000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    assert_eq!(c.state().unwrap().gpr[0], 42);
+    assert!(c.stats().get("bt.invalidations") >= 1);
+}
+
+#[test]
+fn store_into_a_later_block_invalidates_only_it_and_reruns_new_code() {
+    let (mut m, _, _) = machine();
+    // Run a function once, patch its immediate, run it again.
+    let f = 0x20_0800u64;
+    load(
+        &m,
+        f,
+        &asm(64, f, |a| {
+            a.mov(eax, 7).unwrap();
+            a.ret().unwrap();
+        }),
+    );
+    let code = asm(64, 0x20_0000, |a| {
+        a.mov(rsi, f).unwrap();
+        a.call(rsi).unwrap();
+        a.mov(ebx, eax).unwrap();
+        a.mov(rdi, f + 1).unwrap();
+        a.mov(byte_ptr(rdi), 9).unwrap();
+        a.call(rsi).unwrap();
+        a.hlt().unwrap();
+    });
+    load(&m, 0x20_0000, &code);
+    let s = long_mode_state(&m, 0x20_0000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!((st.gpr[3], st.gpr[0]), (7, 9));
+    assert_eq!(c.stats().get("bt.invalidations"), 1);
+}
+
+#[test]
+fn store_into_the_running_block_ends_it_after_the_store() {
+    let (mut m, _, _) = machine();
+    // A loop whose body rewrites its own "add eax, imm8" immediate each iteration.
+    // mov ecx (5) + xor (2) + mov dl (2) + mov rdi imm64 (10) = 19: top; the store is 2
+    // bytes, so "add ebx, imm8" (83 c3 ib) starts at 21 and its immediate is at 23.
+    let code = asm(64, 0x20_0000, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 3).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.mov(dl, 1).unwrap();
+        a.mov(rdi, 0x20_0017u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(byte_ptr(rdi), dl).unwrap();
+        a.add(ebx, 100).unwrap();
+        a.shl(dl, 1).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(&code[21..24], &[0x83, 0xc3, 100]);
+    load(&m, 0x20_0000, &code);
+    let s = long_mode_state(&m, 0x20_0000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 1000), Exit::Halted);
+    assert_eq!(c.state().unwrap().gpr[3], 1 + 2 + 4);
+}
+
+#[test]
+fn code_replaced_behind_the_cpu_runs_as_new_code() {
+    let (mut m, _, _) = machine();
+    let f = 0x20_0000u64;
+    load(
+        &m,
+        f,
+        &asm(64, f, |a| {
+            a.mov(eax, 1).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let s = long_mode_state(&m, f);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    assert_eq!(c.state().unwrap().gpr[0], 1);
+    // A loader (or DMA) replaces the page's code without a CPU store.
+    load(
+        &m,
+        f,
+        &asm(64, f, |a| {
+            a.mov(eax, 2).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    c.set_state(&s).unwrap();
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    assert_eq!(c.state().unwrap().gpr[0], 2);
+}
+
+#[test]
+fn port_and_mmio_accesses_exit_after_the_instruction_with_exact_position() {
+    let (mut m, log, _) = machine();
+    let code = asm(64, 0x20_0000, |a| {
+        a.mov(dx, TEST_PORT as u32).unwrap();
+        a.mov(al, 0x11).unwrap();
+        a.out(dx, al).unwrap();
+        a.in_(eax, dx).unwrap();
+        a.mov(dword_ptr(TEST_MMIO), eax).unwrap();
+        a.mov(ebx, dword_ptr(TEST_MMIO + 4)).unwrap();
+        a.mov(dx, STOP_PORT as u32).unwrap();
+        a.out(dx, al).unwrap();
+    });
+    load(&m, 0x20_0000, &code);
+    let s = long_mode_state(&m, 0x20_0000);
+    let mut c = cpu(&m, &s);
+    let e = c.run(&mut m, Limit::default()).unwrap();
+    assert_eq!(e, Exit::DeviceAccess);
+    assert_eq!(c.icount(), 3);
+    assert_eq!(m.position().icount, 2);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::StopRequested);
+    let log = log.lock().unwrap();
+    assert_eq!(log[0], (TEST_PORT as u64, vec![0x11], true));
+    assert_eq!(log[1], (TEST_PORT as u64, vec![1, 2, 3, 4], false));
+    assert_eq!(log[2], (TEST_MMIO, vec![1, 2, 3, 4], true));
+    assert_eq!(log[3], (TEST_MMIO + 4, vec![5, 6, 7, 8], false));
+    assert_eq!(c.state().unwrap().gpr[3], 0x0807_0605);
+}
+
+#[test]
+fn real_mode_interrupt_through_the_ivt_wakes_hlt() {
+    let (mut m, _, lines) = machine();
+    // IVT[0x21] -> 0000:0x2000, which counts in BX and returns.
+    load(&m, 0x21 * 4, &[0x00, 0x20, 0x00, 0x00]);
+    load(
+        &m,
+        0x2000,
+        &asm(16, 0x2000, |a| {
+            a.inc(bx).unwrap();
+            a.iret().unwrap();
+        }),
+    );
+    load(
+        &m,
+        0x1000,
+        &asm(16, 0x1000, |a| {
+            a.sti().unwrap();
+            a.hlt().unwrap();
+            a.mov(dx, STOP_PORT as u32).unwrap();
+            a.out(dx, al).unwrap();
+        }),
+    );
+    let s = real_mode_state(0x1000);
+    let mut c = cpu(&m, &s);
+    let e = c.run(&mut m, Limit::default()).unwrap();
+    assert_eq!(e, Exit::Halted);
+    assert_eq!(c.run(&mut m, Limit::default()).unwrap(), Exit::Halted);
+    *lines.lock().unwrap() |= 2;
+    assert_eq!(run(&mut c, &mut m, 100), Exit::StopRequested);
+    let st = c.state().unwrap();
+    assert_eq!(st.gpr[3] & 0xffff, 1);
+    assert_eq!(st.gpr[4], 0x7000);
+    assert_eq!(c.stats().get("bt.interrupts"), 1);
+}
+
+#[test]
+fn sti_shadow_delays_the_interrupt_by_one_instruction() {
+    let (mut m, _, lines) = machine();
+    load(&m, 0x21 * 4, &[0x00, 0x20, 0x00, 0x00]);
+    // The handler records CX (how many INC CX ran before it).
+    load(
+        &m,
+        0x2000,
+        &asm(16, 0x2000, |a| {
+            a.mov(bx, cx).unwrap();
+            a.iret().unwrap();
+        }),
+    );
+    load(
+        &m,
+        0x1000,
+        &asm(16, 0x1000, |a| {
+            a.sti().unwrap();
+            a.inc(cx).unwrap();
+            a.inc(cx).unwrap();
+            a.mov(dx, STOP_PORT as u32).unwrap();
+            a.out(dx, al).unwrap();
+        }),
+    );
+    *lines.lock().unwrap() |= 2;
+    let s = real_mode_state(0x1000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::StopRequested);
+    assert_eq!(c.state().unwrap().gpr[3] & 0xffff, 1);
+}
+
+#[test]
+fn page_fault_pushes_the_error_code_and_sets_cr2() {
+    let (mut m, _, _) = machine();
+    let handler = 0x20_1000u64;
+    load(
+        &m,
+        handler,
+        &asm(64, handler, |a| {
+            a.pop(rbx).unwrap(); // error code
+            a.mov(rcx, cr2).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let code = asm(64, 0x20_0000, |a| {
+        a.mov(rax, 0x4000_0000u64).unwrap();
+        a.mov(dword_ptr(rax), 1).unwrap();
+    });
+    load(&m, 0x20_0000, &code);
+    let s = long_mode_state(&m, 0x20_0000);
+    load(&m, IDT + 14 * 16, &gate(handler));
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!(st.gpr[3], 2, "not-present write in ring 0");
+    assert_eq!(st.gpr[1], 0x4000_0000);
+}
+
+#[test]
+fn divide_error_and_general_protection_from_ring3() {
+    let (mut m, _, _) = machine();
+    let h0 = 0x20_1000u64;
+    let h13 = 0x20_1100u64;
+    load(
+        &m,
+        h0,
+        &asm(64, h0, |a| {
+            a.mov(r8, 0xdeu64).unwrap();
+            a.add(qword_ptr(rsp), 2).unwrap(); // skip the 2-byte div
+            a.iretq().unwrap();
+        }),
+    );
+    load(
+        &m,
+        h13,
+        &asm(64, h13, |a| {
+            a.pop(r9).unwrap();
+            a.mov(r10, qword_ptr(rsp) + 8).unwrap(); // CS of the interrupted code
+            a.hlt().unwrap();
+        }),
+    );
+    load(&m, IDT, &gate(h0));
+    load(&m, IDT + 13 * 16, &gate(h13));
+    // Ring 0 goes to ring 3 through IRETQ; ring 3 divides by zero, then runs CLI.
+    let user = 0x20_2000u64;
+    load(
+        &m,
+        user,
+        &asm(64, user, |a| {
+            a.xor(ecx, ecx).unwrap();
+            a.div(ecx).unwrap();
+            a.cli().unwrap();
+        }),
+    );
+    let code = asm(64, 0x20_0000, |a| {
+        a.push(0x2b).unwrap(); // SS = data ring 3
+        a.push(0x9000).unwrap();
+        a.push(0x202).unwrap();
+        a.push(0x33).unwrap(); // CS = code64 ring 3
+        a.mov(rax, user).unwrap();
+        a.push(rax).unwrap();
+        a.iretq().unwrap();
+    });
+    load(&m, 0x20_0000, &code);
+    let s = long_mode_state(&m, 0x20_0000);
+    // RSP0 for the ring transition.
+    load(&m, TSS + 4, &0xa000u64.to_le_bytes());
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 200), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!(st.gpr[8], 0xde);
+    assert_eq!(st.gpr[9], 0, "#GP(0) for CLI at CPL 3 with IOPL 0");
+    assert_eq!(st.gpr[10], 0x33);
+    assert_eq!(st.seg[seg::CS].dpl, 0);
+    assert_eq!(c.stats().get("bt.exceptions.13"), 1);
+    assert_eq!(c.stats().get("bt.exceptions.0"), 1);
+}
+
+#[test]
+fn missing_idt_entries_triple_fault_into_shutdown() {
+    let (mut m, _, _) = machine();
+    let code = asm(64, 0x20_0000, |a| {
+        a.ud2().unwrap();
+    });
+    load(&m, 0x20_0000, &code);
+    let mut s = long_mode_state(&m, 0x20_0000);
+    s.idtr.limit = 0;
+    let mut c = cpu(&m, &s);
+    assert!(matches!(run(&mut c, &mut m, 100), Exit::Shutdown { .. }));
+}
+
+/// A 64-bit interrupt gate to `target` in the ring-0 code segment.
+fn gate(target: u64) -> [u8; 16] {
+    let lo =
+        (target & 0xffff) | (0x18u64 << 16) | (0x8eu64 << 40) | ((target >> 16) & 0xffff) << 48;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&lo.to_le_bytes());
+    b[8..].copy_from_slice(&(target >> 32).to_le_bytes());
+    b
+}
