@@ -355,6 +355,15 @@ fn flavour_limits(flavour: Flavour, perf: &[PerfProbe]) -> Vec<Fact> {
             out.push(inferred(
                 "guest single-step and hardware breakpoints do not work for guest ring-3 code",
             ));
+            out.push(inferred(
+                "interrupt-window exits come only between batches of emulated ring-0 \
+                 instructions (hundreds of instructions after STI in deja's tests): \
+                 interrupts waiting for IF=1 arrive late; exit-synchronous delivery is exact",
+            ));
+            out.push(inferred(
+                "real-mode exceptions and interrupts are vectored through the IVT without a \
+                 limit check (KVM's emulator), so an empty IVT loops instead of shutting down",
+            ));
         }
         Flavour::VmxShadow | Flavour::SvmShadow => {
             out.push(inferred(
@@ -652,7 +661,7 @@ mod tests {
             return;
         }
         println!("{}", info.render());
-        assert_eq!(info.probes.len(), 8, "{:#?}", info.probes);
+        assert_eq!(info.probes.len(), 9, "{:#?}", info.probes);
         assert!(info.probes.iter().all(|p| p.basis == Basis::Detected));
         // Long mode and real mode run on every KVM flavour deja knows.
         assert!(

@@ -256,34 +256,38 @@ pub fn probe_guests(cpuid: &deja_machine::CpuidTable) -> Vec<Fact> {
             },
         ));
     }
-    // Ring-3 CPUID leaf 0: xor eax,eax; xor ecx,ecx; cpuid; out dx,al.
+    // CPUID leaf 0 in ring 0 and ring 3: xor eax,eax; xor ecx,ecx; cpuid; out dx,al.
     let cpuid_code = [0x31, 0xc0, 0x31, 0xc9, 0x0f, 0xa2, 0xee];
-    out.push(detected(
-        match run_probe(&cpuid_code, |m| long_mode(m, 3)) {
-            Outcome::Finished(s, _) => {
-                let mut vendor = Vec::new();
-                for r in [gpr::RBX, gpr::RDX, gpr::RCX] {
-                    vendor.extend_from_slice(&(s.gpr[r] as u32).to_le_bytes());
+    let ours = cpuid.lookup(0, 0);
+    let mut want = Vec::new();
+    for r in [ours[1], ours[3], ours[2]] {
+        want.extend_from_slice(&r.to_le_bytes());
+    }
+    let want_text = String::from_utf8_lossy(&want).into_owned();
+    for cpl in [0u8, 3] {
+        out.push(detected(
+            match run_probe(&cpuid_code, |m| long_mode(m, cpl)) {
+                Outcome::Finished(s, _) => {
+                    let mut vendor = Vec::new();
+                    for r in [gpr::RBX, gpr::RDX, gpr::RCX] {
+                        vendor.extend_from_slice(&(s.gpr[r] as u32).to_le_bytes());
+                    }
+                    let seen = String::from_utf8_lossy(&vendor).into_owned();
+                    if vendor == want {
+                        format!(
+                            "guest ring-{cpl} CPUID answers from deja's table (vendor {seen:?})"
+                        )
+                    } else {
+                        format!(
+                            "guest ring-{cpl} CPUID is not intercepted: it answered vendor \
+                             {seen:?}, deja's table says {want_text:?}"
+                        )
+                    }
                 }
-                let ours = cpuid.lookup(0, 0);
-                let mut want = Vec::new();
-                for r in [ours[1], ours[3], ours[2]] {
-                    want.extend_from_slice(&r.to_le_bytes());
-                }
-                let seen = String::from_utf8_lossy(&vendor).into_owned();
-                if vendor == want {
-                    format!("guest ring-3 CPUID answers from deja's table (vendor {seen:?})")
-                } else {
-                    format!(
-                        "guest ring-3 CPUID is not intercepted: it answered vendor {seen:?}, \
-                         deja's table says {:?}",
-                        String::from_utf8_lossy(&want)
-                    )
-                }
-            }
-            Outcome::Failed(e) => format!("guest ring-3 CPUID could not be probed: {e}"),
-        },
-    ));
+                Outcome::Failed(e) => format!("guest ring-{cpl} CPUID could not be probed: {e}"),
+            },
+        ));
+    }
     // Ring-3 RDTSC right after the TSC was set to 0: rdtsc; out dx,al.
     let rdtsc_code = [0x0f, 0x31, 0xee];
     out.push(detected(

@@ -784,3 +784,43 @@ fn without_interrupt_windows_a_deferred_interrupt_arrives_at_the_next_device_exi
     assert_eq!(cpu.stats().get("exit.irq_window_open"), 0);
     assert_eq!(cpu.stats().get("kvm.interrupts_injected"), 1);
 }
+
+#[test]
+fn ring0_cpuid_answers_from_the_machine_table() {
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, 0x4000_0000u32).unwrap();
+    a.xor(ecx, ecx).unwrap();
+    a.cpuid().unwrap();
+    a.mov(r8, rbx).unwrap();
+    a.mov(r9, rcx).unwrap();
+    a.mov(r10, rdx).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.xor(ecx, ecx).unwrap();
+    a.cpuid().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let Some((mut m, mut cpu, _log)) = guest("cpuid", CODE, &code, |m| long_mode_state(m, CODE))
+    else {
+        return;
+    };
+    assert_eq!(cpu.run(&mut m, Limit::default()).unwrap(), Exit::Halted);
+    let s = cpu.state().unwrap();
+    let table = &m.config.cpuid;
+    let want0 = table.lookup(0, 0);
+    assert_eq!(s.gpr[gpr::RAX] as u32, want0[0]);
+    assert_eq!(
+        [
+            s.gpr[gpr::RBX] as u32,
+            s.gpr[gpr::RCX] as u32,
+            s.gpr[gpr::RDX] as u32
+        ],
+        [want0[1], want0[2], want0[3]],
+        "vendor"
+    );
+    let hv = table.lookup(0x4000_0000, 0);
+    assert_eq!(
+        [s.gpr[8] as u32, s.gpr[9] as u32, s.gpr[10] as u32],
+        [hv[1], hv[2], hv[3]],
+        "hypervisor leaf"
+    );
+}
