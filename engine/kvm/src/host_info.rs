@@ -661,7 +661,7 @@ mod tests {
             return;
         }
         println!("{}", info.render());
-        assert_eq!(info.probes.len(), 9, "{:#?}", info.probes);
+        assert_eq!(info.probes.len(), 10, "{:#?}", info.probes);
         assert!(info.probes.iter().all(|p| p.basis == Basis::Detected));
         // Long mode and real mode run on every KVM flavour deja knows.
         assert!(

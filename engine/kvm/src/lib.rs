@@ -196,6 +196,8 @@ pub struct KvmCpu {
     flavour: Flavour,
     slots: Vec<Slot>,
     msrs: Vec<u32>,
+    /// Whether writing IA32_TSC changes the guest TSC (PVM accepts the write and ignores it).
+    tsc_settable: bool,
     /// Whether to ask KVM for an interrupt-window exit while an interrupt waits for IF.
     interrupt_windows: bool,
     /// Whether x87/SSE state goes through KVM_GET/SET_XSAVE (else KVM_GET/SET_FPU).
@@ -271,11 +273,13 @@ impl KvmCpu {
             msrs,
             xsave,
             interrupt_windows: true,
+            tsc_settable: true,
             halted: false,
             completion_pending: false,
             run_flags_stale: true,
             tsc_cache: None,
         };
+        cpu.tsc_settable = cpu.probe_tsc_write();
         cpu.set_state(&CpuState::reset())?;
         Ok(cpu)
     }
@@ -293,6 +297,36 @@ impl KvmCpu {
     /// ordinal on every host, which is what exit-synchronous recording needs.
     pub fn set_interrupt_windows(&mut self, on: bool) {
         self.interrupt_windows = on;
+    }
+
+    /// Whether the guest TSC can be set. When it cannot (PVM: the write is accepted and has
+    /// no effect; the guest sees the host's TSC), [`Cpu::set_state`] leaves the TSC alone
+    /// and [`Cpu::state`] reports the TSC as read, so snapshots still round-trip.
+    pub fn tsc_settable(&self) -> bool {
+        self.tsc_settable
+    }
+
+    /// Writes 0 to IA32_TSC and reads it back: a settable TSC is then tiny; an ignored
+    /// write leaves the host's TSC (the host's uptime in cycles).
+    fn probe_tsc_write(&self) -> bool {
+        let zero = [kb::kvm_msr_entry {
+            index: msr::IA32_TSC,
+            ..Default::default()
+        }];
+        let Ok(msrs) = kb::Msrs::from_entries(&zero) else {
+            return false;
+        };
+        if self.vcpu.set_msrs(&msrs) != Ok(1) {
+            return false;
+        }
+        let Ok(mut back) = kb::Msrs::from_entries(&zero) else {
+            return false;
+        };
+        if self.vcpu.get_msrs(&mut back) != Ok(1) {
+            return false;
+        }
+        // A second of cycles at 10 GHz: far above what passes between the two ioctls.
+        back.as_slice()[0].data < 10_000_000_000
     }
 
     /// The flavour of KVM this vCPU runs on.
@@ -940,6 +974,9 @@ impl Cpu for KvmCpu {
             .map_err(|e| host_err("KVM_SET_VCPU_EVENTS", e))?;
         let mut entries = Vec::new();
         for (&index, &data) in &s.msrs {
+            if index == msr::IA32_TSC && !self.tsc_settable {
+                continue;
+            }
             if self.msrs.contains(&index) {
                 entries.push(kb::kvm_msr_entry {
                     index,

@@ -288,6 +288,17 @@ pub fn probe_guests(cpuid: &deja_machine::CpuidTable) -> Vec<Fact> {
             },
         ));
     }
+    out.push(detected(
+        match machine().and_then(|m| KvmCpu::new(&m).map_err(|e| e.to_string())) {
+            Ok(cpu) if cpu.tsc_settable() => {
+                "the guest TSC can be set (KVM_SET_MSRS IA32_TSC)".into()
+            }
+            Ok(_) => "the guest TSC cannot be set: KVM accepts a write of IA32_TSC and ignores it \
+                  (the guest sees the host's TSC)"
+                .into(),
+            Err(e) => format!("the guest TSC could not be probed: {e}"),
+        },
+    ));
     // Ring-3 RDTSC right after the TSC was set to 0: rdtsc; out dx,al.
     let rdtsc_code = [0x0f, 0x31, 0xee];
     out.push(detected(
