@@ -4,11 +4,11 @@
 //! in. The kick (1) raises the [`Kicker`](deja_machine::Kicker) flag, (2) sets
 //! `kvm_run.immediate_exit` so that a thread about to enter `KVM_RUN` returns at once, and
 //! (3) sends a real-time signal, with a no-op handler installed without `SA_RESTART`, to the
-//! thread currently inside [`Cpu::run`](deja_machine::Cpu::run), which makes a running
+//! vCPU thread while it is inside the `KVM_RUN` ioctl, which makes a running
 //! `KVM_RUN` return `EINTR`. Steps 2 and 3 together close the window between the vCPU
 //! checking the flag and entering the kernel.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use thiserror::Error;
 
@@ -68,6 +68,9 @@ struct Target {
 #[derive(Debug, Default)]
 pub struct KickTarget {
     inner: Mutex<Target>,
+    /// The vCPU thread is in (or about to enter) the `KVM_RUN` ioctl. Signals are sent only
+    /// then, so they never interrupt deja's own system calls (trace writes, device I/O).
+    in_kvm_run: AtomicBool,
 }
 
 impl KickTarget {
@@ -78,6 +81,7 @@ impl KickTarget {
                 immediate_exit: immediate_exit as usize,
                 thread: None,
             }),
+            in_kvm_run: AtomicBool::new(false),
         })
     }
 
@@ -94,12 +98,27 @@ impl KickTarget {
             let flag = unsafe { &*(t.immediate_exit as *const AtomicU8) };
             flag.store(1, Ordering::SeqCst);
         }
+        // immediate_exit is set before this load (SeqCst): a vCPU that raises `in_kvm_run`
+        // after the load below reads immediate_exit = 1 in KVM_RUN and returns at once.
+        if !self.in_kvm_run.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(thread) = t.thread {
             // SAFETY: `thread` is registered only while that thread is inside `Cpu::run`
             // (the guard removes it under this lock before returning), so it is alive; the
             // signal has a no-op handler installed.
             unsafe { libc::pthread_kill(thread, kick_signal()) };
         }
+    }
+
+    /// The vCPU side, right before the `KVM_RUN` ioctl.
+    pub fn entering_kvm_run(&self) {
+        self.in_kvm_run.store(true, Ordering::SeqCst);
+    }
+
+    /// The vCPU side, right after the `KVM_RUN` ioctl returned.
+    pub fn left_kvm_run(&self) {
+        self.in_kvm_run.store(false, Ordering::SeqCst);
     }
 
     /// The vCPU side: clears `immediate_exit` (before re-checking the kick flag).

@@ -795,7 +795,9 @@ impl Cpu for KvmCpu {
             let want_window = self.interrupt_windows && machine.interrupt_pending();
             self.vcpu.get_kvm_run().request_interrupt_window = u8::from(want_window);
             self.tsc_cache = None;
+            self.kick.entering_kvm_run();
             let result = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+            self.kick.left_kvm_run();
             self.completion_pending = false;
             self.run_flags_stale = false;
             match result {
