@@ -59,6 +59,20 @@ pub enum AcpiError {
         /// End of the area.
         end: u64,
     },
+    /// A firmware ROM covers part of the area (firmware builds its own tables then).
+    #[error(
+        "ACPI table area {start:#x}..{end:#x} overlaps firmware ROM at {rom_start:#x}..{rom_end:#x}"
+    )]
+    InRom {
+        /// Start of the area.
+        start: u64,
+        /// End of the area.
+        end: u64,
+        /// Start of the ROM.
+        rom_start: u64,
+        /// End of the ROM.
+        rom_end: u64,
+    },
     /// The tables do not fit the area.
     #[error("ACPI tables need {needed:#x} bytes, the area at {start:#x} holds {available:#x}")]
     TooLarge {
@@ -254,6 +268,14 @@ pub fn install_acpi_tables_with(
     let (start, end) = (ACPI_REGION_START, ACPI_REGION_END);
     if !layout.is_ram(start) || !layout.is_ram(end - 1) {
         return Err(AcpiError::NotRam { start, end });
+    }
+    if let Some(rom) = layout.rom.iter().find(|r| r.start < end && r.end() > start) {
+        return Err(AcpiError::InRom {
+            start,
+            end,
+            rom_start: rom.start,
+            rom_end: rom.end(),
+        });
     }
     let rsdp = start;
     let facs_at = align(rsdp + 36, 64);
@@ -834,6 +856,18 @@ mod tests {
         assert!(matches!(
             install_acpi_tables(&rig.mem, &layout),
             Err(AcpiError::NotRam { .. })
+        ));
+        let mut layout = rig.layout.clone();
+        layout.rom.push(crate::memory::RamRange {
+            start: 0xe_0000,
+            len: 0x2_0000,
+        });
+        assert!(matches!(
+            install_acpi_tables(&rig.mem, &layout),
+            Err(AcpiError::InRom {
+                rom_start: 0xe_0000,
+                ..
+            })
         ));
     }
 }

@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod lapic;
 pub mod pci;
 pub mod post;
 pub mod reset;
@@ -133,6 +134,8 @@ pub enum DeviceState {
     FwCfg(fw_cfg::FwCfgState),
     /// ACPI PM1 event/control blocks and PM timer.
     AcpiPm(acpi::AcpiPmState),
+    /// Local APIC.
+    Lapic(Box<lapic::LapicState>),
 }
 
 impl DeviceState {
