@@ -43,9 +43,14 @@ use ioctls::KVM_INTERRUPT;
 /// Failures creating a [`KvmCpu`].
 #[derive(Debug, Error)]
 pub enum KvmError {
-    /// `/dev/kvm` could not be opened (missing, or no permission).
-    #[error("cannot open /dev/kvm: {0}")]
-    Open(String),
+    /// The KVM device could not be opened (missing, or no permission).
+    #[error("cannot open {path}: {detail}")]
+    Open {
+        /// The device path (normally `/dev/kvm`).
+        path: String,
+        /// The OS error.
+        detail: String,
+    },
     /// The kernel speaks a different KVM API.
     #[error("KVM API version {found}, deja needs {expected}")]
     ApiVersion {
@@ -98,7 +103,7 @@ impl KvmError {
     /// Whether the failure is "this host has no usable KVM" (tests skip, the CLI explains)
     /// rather than a bug.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, KvmError::Open(_))
+        matches!(self, KvmError::Open { .. })
     }
 }
 
@@ -217,7 +222,19 @@ impl KvmCpu {
     /// Opens `/dev/kvm`, creates a VM with one vCPU over the machine's RAM, sets deja's
     /// CPUID table and the reset state. No in-kernel irqchip or PIT is created.
     pub fn new(machine: &Machine) -> Result<KvmCpu, KvmError> {
-        let kvm = Kvm::new().map_err(|e| KvmError::Open(e.to_string()))?;
+        Self::with_device(machine, "/dev/kvm")
+    }
+
+    /// [`KvmCpu::new`] with the KVM device at another path (containers, tests).
+    pub fn with_device(machine: &Machine, path: &str) -> Result<KvmCpu, KvmError> {
+        let c_path = std::ffi::CString::new(path).map_err(|_| KvmError::Open {
+            path: path.to_string(),
+            detail: "the path contains a NUL byte".into(),
+        })?;
+        let kvm = Kvm::new_with_path(&c_path).map_err(|e| KvmError::Open {
+            path: path.to_string(),
+            detail: e.to_string(),
+        })?;
         let api = kvm.get_api_version();
         if api != kb::KVM_API_VERSION as i32 {
             return Err(KvmError::ApiVersion {

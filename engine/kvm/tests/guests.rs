@@ -875,3 +875,16 @@ fn the_tsc_is_restored_where_the_host_allows_it() {
         assert_ne!(after, SET);
     }
 }
+
+#[test]
+fn a_missing_kvm_device_is_reported_as_unavailable() {
+    let (m, _log) = machine();
+    let err = match deja_kvm::KvmCpu::with_device(&m, "/nonexistent/kvm") {
+        Ok(_) => panic!("a KVM vCPU from a path that does not exist"),
+        Err(e) => e,
+    };
+    assert!(err.is_unavailable(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("/nonexistent/kvm"), "{text}");
+    assert!(text.contains("No such file"), "{text}");
+}
