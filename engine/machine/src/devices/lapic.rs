@@ -598,8 +598,9 @@ impl Lapic {
         }
     }
 
-    /// Whether an IPI's destination field (no shorthand) names this APIC.
-    fn is_destination(&self, dest: u32, logical: bool) -> bool {
+    /// Whether a destination field (an IPI without shorthand, an I/O APIC redirection entry
+    /// or MSI) names this APIC, in physical or logical mode.
+    pub fn is_destination(&self, dest: u32, logical: bool) -> bool {
         if self.x2apic() {
             if dest == 0xffff_ffff {
                 return true;

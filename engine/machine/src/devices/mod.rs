@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod ioapic;
 pub mod lapic;
 pub mod pci;
 pub mod post;
@@ -136,6 +137,8 @@ pub enum DeviceState {
     AcpiPm(acpi::AcpiPmState),
     /// Local APIC.
     Lapic(Box<lapic::LapicState>),
+    /// I/O APIC.
+    Ioapic(Box<ioapic::IoapicState>),
 }
 
 impl DeviceState {
