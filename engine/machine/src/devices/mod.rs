@@ -8,10 +8,14 @@ pub mod fw_cfg;
 pub mod ioapic;
 pub mod lapic;
 pub mod pci;
+pub mod pic;
+pub mod pit;
 pub mod post;
 pub mod reset;
 #[cfg(test)]
 pub(crate) mod scripted_host;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use crate::host::{Host, Position};
 use serde::{Deserialize, Serialize};
@@ -139,6 +143,10 @@ pub enum DeviceState {
     Lapic(Box<lapic::LapicState>),
     /// I/O APIC.
     Ioapic(Box<ioapic::IoapicState>),
+    /// The 8259A pair and ELCR.
+    Pic(pic::PicState),
+    /// The 8254 PIT and port 0x61.
+    Pit(pit::PitState),
 }
 
 impl DeviceState {
