@@ -13,9 +13,11 @@ pub mod host;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod pc;
 
 pub use cpu::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Segment};
 pub use cpuid::CpuidTable;
 pub use host::{ClockMode, Host, LiveHost, Position};
 pub use machine::{Machine, MachineConfig, MachineError};
+pub use pc::build_pc;
 pub use vm_memory;

@@ -67,3 +67,243 @@ pub fn serial_bytes_written(machine: &Machine) -> u64 {
         _ => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::StopRequest;
+    use crate::devices::pit::{PIT_HZ, ns_of_tick};
+    use crate::devices::testutil::ScriptedHost;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedBuf {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pc() -> (Machine, ScriptedHost, SharedBuf) {
+        let host = ScriptedHost::default();
+        host.0.lock().unwrap().wallclock = 1_795_467_886;
+        let out = SharedBuf::default();
+        let config = MachineConfig {
+            ram_size: 16 << 20,
+            ..MachineConfig::default()
+        };
+        let m = build_pc(config, Box::new(host.clone()), Box::new(out.clone())).unwrap();
+        (m, host, out)
+    }
+
+    fn inb(m: &mut Machine, port: u16) -> u8 {
+        let mut b = [0u8];
+        m.pio_read(port, &mut b);
+        b[0]
+    }
+
+    /// The PIC programming of the deja guests' runtime: vectors 0x20/0x28, then masks.
+    fn init_pic(m: &mut Machine, master_mask: u8, slave_mask: u8) {
+        for (port, v) in [
+            (0x20, 0x11),
+            (0xa0, 0x11),
+            (0x21, 0x20),
+            (0xa1, 0x28),
+            (0x21, 0x04),
+            (0xa1, 0x02),
+            (0x21, 0x01),
+            (0xa1, 0x01),
+            (0x21, master_mask),
+            (0xa1, slave_mask),
+        ] {
+            m.pio_write(port, &[v]);
+        }
+    }
+
+    #[test]
+    fn every_port_reaches_its_device_and_the_rest_read_all_ones() {
+        let (mut m, _, _) = pc();
+        let mapped: &[(u16, &str)] = &[
+            (0x20, "pic"),
+            (0x21, "pic"),
+            (0xa0, "pic"),
+            (0xa1, "pic"),
+            (0x4d0, "pic"),
+            (0x4d1, "pic"),
+            (0x40, "pit"),
+            (0x43, "pit"),
+            (0x61, "pit"),
+            (0x60, "i8042"),
+            (0x64, "i8042"),
+            (0x70, "rtc"),
+            (0x71, "rtc"),
+            (0x80, "post"),
+            (0xf4, "debug-exit"),
+            (0x3f8, "serial"),
+            (0x3ff, "serial"),
+        ];
+        for &(port, name) in mapped {
+            let key = format!("io.{name}.pio_read");
+            let before = m.stats().get(&key);
+            inb(&mut m, port);
+            assert_eq!(m.stats().get(&key), before + 1, "port {port:#x} -> {name}");
+        }
+        for port in [
+            0x22u16, 0x44, 0x62, 0x65, 0x72, 0x81, 0xf5, 0x3f7, 0x400, 0x4d2,
+        ] {
+            assert_eq!(inb(&mut m, port), 0xff, "port {port:#x}");
+            assert_eq!(
+                m.stats().get(&format!("io.unmapped_pio.{port:#06x}")),
+                1,
+                "port {port:#x}"
+            );
+        }
+        // A few reset values that prove the right device answered.
+        assert_eq!(inb(&mut m, 0x64), 0x18, "i8042 status");
+        assert_eq!(inb(&mut m, 0x3fd), 0x60, "COM1 LSR");
+        m.pio_write(0x70, &[0x0d]);
+        assert_eq!(inb(&mut m, 0x71), 0x80, "RTC register D");
+        m.pio_write(0x70, &[0x17]);
+        assert_eq!(inb(&mut m, 0x71), 0x00, "15 MiB extended: 0x3c00");
+        m.pio_write(0x70, &[0x18]);
+        assert_eq!(inb(&mut m, 0x71), 0x3c);
+    }
+
+    #[test]
+    fn timer_path_pit_channel_0_through_the_pic() {
+        let (mut m, host, _) = pc();
+        init_pic(&mut m, !1, 0xff);
+        let count: u32 = 4773; // 250 Hz
+        m.pio_write(0x43, &[0x34]);
+        m.pio_write(0x40, &[count as u8]);
+        m.pio_write(0x40, &[(count >> 8) as u8]);
+        // The guest halts: the machine idles to the next OUT0 edge and wakes with IRQ0.
+        assert!(!m.interrupt_pending());
+        let deadline = m.next_deadline().unwrap();
+        assert_eq!(
+            deadline,
+            ns_of_tick(crate::devices::pit::ticks_at(0) + 4773)
+        );
+        m.idle();
+        assert_eq!(host.0.lock().unwrap().now, deadline);
+        assert!(m.interrupt_pending());
+        assert_eq!(m.acknowledge_interrupt(), 0x20);
+        assert!(!m.interrupt_pending());
+        m.pio_write(0x20, &[0x20]);
+        // One second of guest time in 100 us steps: 250 interrupts (one already taken).
+        let mut taken = 1;
+        for step in 1..=10_000u64 {
+            host.set_now(step * 100_000);
+            m.poll();
+            if m.interrupt_pending() {
+                assert_eq!(m.acknowledge_interrupt(), 0x20);
+                m.pio_write(0x20, &[0x20]);
+                taken += 1;
+            }
+        }
+        let expected = (1_000_000_000u64 * PIT_HZ / 1_000_000_000) / u64::from(count);
+        assert_eq!(taken, expected, "interrupts in one second at 250 Hz");
+        // A guest that does not take the interrupt for 10 periods sees one, not ten.
+        host.set_now(1_100_000_000);
+        m.poll();
+        assert!(m.interrupt_pending());
+        assert_eq!(m.acknowledge_interrupt(), 0x20);
+        assert!(!m.interrupt_pending());
+    }
+
+    #[test]
+    fn echo_path_com1_input_raises_irq4_and_output_is_written() {
+        let (mut m, host, out) = pc();
+        init_pic(&mut m, !(1 << 4), 0xff);
+        for (port, v) in [
+            (0x3fb, 0x80),
+            (0x3f8, 0x01),
+            (0x3f9, 0x00),
+            (0x3fb, 0x03),
+            (0x3fa, 0x07),
+            (0x3fc, 0x0b),
+            (0x3f9, 0x01),
+        ] {
+            m.pio_write(port, &[v]);
+        }
+        m.poll();
+        assert!(!m.interrupt_pending());
+        host.push_input(b"hi\x04");
+        m.poll();
+        assert!(m.interrupt_pending());
+        assert_eq!(m.acknowledge_interrupt(), 0x24);
+        let mut got = Vec::new();
+        while inb(&mut m, 0x3fd) & 1 != 0 {
+            got.push(inb(&mut m, 0x3f8));
+        }
+        m.pio_write(0x20, &[0x20]);
+        assert_eq!(got, b"hi\x04");
+        assert!(!m.interrupt_pending());
+        for &c in &got[..2] {
+            m.pio_write(0x3f8, &[c]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi");
+        assert_eq!(serial_bytes_written(&m), 2);
+        // More input later interrupts again.
+        host.push_input(b"!");
+        m.poll();
+        assert_eq!(m.acknowledge_interrupt(), 0x24);
+    }
+
+    #[test]
+    fn rtc_interrupt_arrives_through_the_slave() {
+        let (mut m, host, _) = pc();
+        init_pic(&mut m, !(1 << 2), !1);
+        m.pio_write(0x70, &[0x0c]);
+        inb(&mut m, 0x71);
+        m.pio_write(0x70, &[0x0b]);
+        m.pio_write(0x71, &[0x42]); // PIE, 24 h
+        let deadline = m.next_deadline().unwrap();
+        host.set_now(deadline);
+        m.poll();
+        assert_eq!(m.acknowledge_interrupt(), 0x28);
+    }
+
+    #[test]
+    fn stops_post_codes_and_reset() {
+        let (mut m, _, _) = pc();
+        for c in [0x10u8, 0x20, 0x30] {
+            m.pio_write(POST_PORT, &[c]);
+        }
+        assert_eq!(post_codes(&m), vec![0x10, 0x20, 0x30]);
+        m.pio_write(0x64, &[0xfe]);
+        assert_eq!(m.take_stop(), Some(StopRequest::Reset { source: "i8042" }));
+        m.pio_write(DEBUG_EXIT_PORT, &[3]);
+        assert_eq!(m.take_stop(), Some(StopRequest::DebugExit { value: 3 }));
+    }
+
+    #[test]
+    fn machine_state_round_trips_and_rejects_a_shuffled_one() {
+        let (mut m, host, _) = pc();
+        init_pic(&mut m, 0, 0);
+        m.pio_write(0x43, &[0x34]);
+        m.pio_write(0x40, &[0x00]);
+        m.pio_write(0x40, &[0x10]);
+        host.push_input(b"x");
+        host.set_now(5_000_000);
+        m.poll();
+        m.pio_write(0x80, &[0x42]);
+        let saved = m.save_devices();
+        let (mut n, _, _) = pc();
+        n.restore_devices(&saved).unwrap();
+        assert_eq!(n.save_devices(), saved);
+        assert_eq!(n.next_deadline(), m.next_deadline());
+        assert_eq!(n.interrupt_pending(), m.interrupt_pending());
+        let mut shuffled = saved.clone();
+        shuffled.swap(1, 2);
+        assert!(matches!(
+            n.restore_devices(&shuffled),
+            Err(MachineError::Device(_))
+        ));
+    }
+}

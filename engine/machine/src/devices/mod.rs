@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod i8042;
 pub mod ioapic;
 pub mod lapic;
 pub mod pci;
@@ -12,8 +13,10 @@ pub mod pic;
 pub mod pit;
 pub mod post;
 pub mod reset;
+pub mod rtc;
 #[cfg(test)]
 pub(crate) mod scripted_host;
+pub mod serial;
 #[cfg(test)]
 pub(crate) mod testutil;
 
@@ -147,6 +150,12 @@ pub enum DeviceState {
     Pic(pic::PicState),
     /// The 8254 PIT and port 0x61.
     Pit(pit::PitState),
+    /// The MC146818 RTC and CMOS memory.
+    Rtc(rtc::RtcState),
+    /// A 16550A UART.
+    Serial(serial::SerialState),
+    /// The i8042 keyboard controller.
+    I8042(i8042::I8042State),
 }
 
 impl DeviceState {

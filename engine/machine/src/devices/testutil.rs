@@ -31,7 +31,6 @@ impl ScriptedHost {
         self.0.lock().unwrap().now = ns;
     }
     /// Queues serial input.
-    #[allow(dead_code)]
     pub fn push_input(&self, bytes: &[u8]) {
         self.0.lock().unwrap().input.extend(bytes);
     }
