@@ -403,6 +403,16 @@ impl Lapic {
         self.level_eoi.take()
     }
 
+    /// An NMI message arrived (from the I/O APIC).
+    pub fn set_nmi_pending(&mut self) {
+        self.state.nmi_pending = true;
+    }
+
+    /// An INIT message arrived (from the I/O APIC).
+    pub fn set_init_pending(&mut self) {
+        self.state.init_pending = true;
+    }
+
     /// Takes a pending NMI (from LINT1 or an IPI).
     pub fn take_nmi(&mut self) -> bool {
         std::mem::take(&mut self.state.nmi_pending)

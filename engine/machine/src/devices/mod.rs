@@ -8,6 +8,7 @@ pub mod fw_cfg;
 pub mod i8042;
 pub mod ioapic;
 pub mod lapic;
+pub mod pc_irqchip;
 pub mod pci;
 pub mod pic;
 pub mod pit;
@@ -156,6 +157,8 @@ pub enum DeviceState {
     Serial(serial::SerialState),
     /// The i8042 keyboard controller.
     I8042(i8042::I8042State),
+    /// The PIC, I/O APIC and local APIC together.
+    PcIrqchip(Box<pc_irqchip::PcIrqchipState>),
 }
 
 impl DeviceState {
