@@ -17,6 +17,7 @@ pub mod cache;
 pub mod core;
 pub mod exec;
 pub mod ir;
+pub mod mmu;
 pub mod ops;
 pub mod paging;
 pub mod sse;

@@ -1,0 +1,225 @@
+//! The bt engine's MMU: guest paging as the Intel SDM vol. 3 chapter 4 describes it.
+//!
+//! Two layers, so that the MMU strategies of issue #7 (shadow page tables, a nested
+//! EPT/NPT-style two-dimensional walk, and this plain soft TLB) can share the part that is
+//! pure architecture:
+//!
+//! - [`walk`] is the page walker: a pure function over a view of guest-physical memory
+//!   ([`PhysView`]) that returns every paging-structure entry it read (address and value),
+//!   the translation or the page fault. It writes nothing; [`set_accessed_dirty`] applies the
+//!   accessed/dirty updates a successful access makes, in the order the hardware makes them.
+//! - [`Mmu`] is a strategy: it owns whatever caching it does (here a soft TLB,
+//!   [`soft_tlb`]) and counts its events under `mmu.*` names that follow KVM's.
+//!
+//! Modes: paging off, 32-bit paging (with CR4.PSE 4 MiB pages and PSE-36), PAE paging (with
+//! the four PDPTE registers, see [`Mmu::load_pdptes`]) and 4-level paging (4 KiB, 2 MiB and
+//! 1 GiB pages). MAXPHYADDR is [`MAXPHYADDR`] (40, as deja's CPUID leaf 0x8000_0008 says);
+//! SMAP, PKE, PCID and 5-level paging are not claimed by deja's CPUID and not modelled.
+
+mod tlb;
+mod walk;
+
+#[cfg(test)]
+mod tests;
+
+pub use tlb::{SoftTlb, TLB_ENTRIES};
+pub use walk::{
+    Level, PageSize, PagingConfig, PagingMode, PhysView, Translation, Walk, WalkEntry,
+    pae_pdpte_reserved_bits, read_pae_pdptes, set_accessed_dirty, walk,
+};
+
+use deja_machine::EngineStats;
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+
+/// The physical-address width deja's CPUID reports (leaf 0x8000_0008 EAX[7:0]). Entry bits
+/// from here up to bit 51 are reserved and fault with RSVD.
+pub const MAXPHYADDR: u32 = 40;
+
+/// The control registers and MSR that decide how linear addresses translate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PagingRegs {
+    /// CR0 (PG bit 31, WP bit 16).
+    pub cr0: u64,
+    /// CR3: the root of the paging structures.
+    pub cr3: u64,
+    /// CR4 (PSE bit 4, PAE bit 5, PGE bit 7, SMEP bit 20).
+    pub cr4: u64,
+    /// IA32_EFER (LME bit 8, LMA bit 10, NXE bit 11).
+    pub efer: u64,
+}
+
+/// What an access does with the bytes, which decides the rights it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessKind {
+    /// A data read.
+    Read,
+    /// A data write (including the write half of a read-modify-write).
+    Write,
+    /// An instruction fetch.
+    Execute,
+}
+
+/// One access to be translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// Read, write or fetch.
+    pub kind: AccessKind,
+    /// A user-mode (CPL 3) access. Implicit supervisor accesses made at CPL 3 (descriptor
+    /// tables, the TSS, the interrupt stack frame setup) pass `false`, as the SDM treats them
+    /// as supervisor-mode accesses.
+    pub user: bool,
+}
+
+impl Access {
+    /// A supervisor data read.
+    pub const SUPERVISOR_READ: Access = Access {
+        kind: AccessKind::Read,
+        user: false,
+    };
+    /// A supervisor data write.
+    pub const SUPERVISOR_WRITE: Access = Access {
+        kind: AccessKind::Write,
+        user: false,
+    };
+    /// A supervisor instruction fetch.
+    pub const SUPERVISOR_FETCH: Access = Access {
+        kind: AccessKind::Execute,
+        user: false,
+    };
+}
+
+/// A page fault (#PF, vector 14) to deliver to the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageFault {
+    /// The faulting linear address: what the CPU loads into CR2.
+    pub address: u64,
+    /// The error code pushed with the exception (see the `PF_*` constants).
+    pub error_code: u32,
+}
+
+/// Error-code bit 0: the fault was a protection violation (or a reserved bit), not a
+/// not-present entry.
+pub const PF_PRESENT: u32 = 1 << 0;
+/// Error-code bit 1: the access was a write.
+pub const PF_WRITE: u32 = 1 << 1;
+/// Error-code bit 2: the access was a user-mode access.
+pub const PF_USER: u32 = 1 << 2;
+/// Error-code bit 3: a reserved bit was set in some paging-structure entry.
+pub const PF_RESERVED: u32 = 1 << 3;
+/// Error-code bit 4: the access was an instruction fetch (reported only with CR4.SMEP, or
+/// with EFER.NXE under PAE or 4-level paging).
+pub const PF_FETCH: u32 = 1 << 4;
+
+/// CR0.WP: supervisor writes honour read-only pages.
+pub const CR0_WP: u64 = 1 << 16;
+/// CR0.PG: paging enabled.
+pub const CR0_PG: u64 = 1 << 31;
+/// CR4.PSE: 4 MiB pages under 32-bit paging.
+pub const CR4_PSE: u64 = 1 << 4;
+/// CR4.PAE: PAE or 4-level paging.
+pub const CR4_PAE: u64 = 1 << 5;
+/// CR4.PGE: global pages.
+pub const CR4_PGE: u64 = 1 << 7;
+/// CR4.SMEP: supervisor fetches from user pages fault.
+pub const CR4_SMEP: u64 = 1 << 20;
+/// EFER.LME: long mode enable.
+pub const EFER_LME: u64 = 1 << 8;
+/// EFER.LMA: long mode active.
+pub const EFER_LMA: u64 = 1 << 10;
+/// EFER.NXE: the XD bit (63) is honoured instead of reserved.
+pub const EFER_NXE: u64 = 1 << 11;
+
+/// Names of the counters MMU strategies keep (KVM's names, under `mmu.`).
+pub mod counters {
+    /// Translations answered from the soft TLB.
+    pub const TLB_HIT: &str = "mmu.tlb_hit";
+    /// Translations the soft TLB could not answer (absent entry, or one whose cached rights
+    /// do not allow the access, or a write to a page whose dirty bit is not yet set).
+    pub const TLB_MISS: &str = "mmu.tlb_miss";
+    /// Page walks through guest memory.
+    pub const WALKS: &str = "mmu.walks";
+    /// INVLPG (single-address invalidations).
+    pub const INVLPG: &str = "mmu.invlpg";
+    /// Whole-TLB flushes (CR3 loads, paging-mode changes).
+    pub const TLB_FLUSH: &str = "mmu.tlb_flush";
+    /// Page faults reflected to the guest.
+    pub const PF_GUEST: &str = "mmu.pf_guest";
+    /// Loads of the four PAE PDPTE registers.
+    pub const PDPTE_LOAD: &str = "mmu.pdpte_load";
+}
+
+/// Failures an MMU reports to the CPU (not page faults: those go to the guest).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MmuError {
+    /// A present PAE PDPTE has a reserved bit set: the load of CR3 (or of CR0/CR4 that
+    /// entered PAE paging) must raise #GP(0) and not take effect.
+    #[error(
+        "PAE PDPTE {index} at guest-physical {address:#x} (CR3 {cr3:#x}) is {value:#018x}: reserved bits {reserved:#x} are set, so the load raises #GP(0)"
+    )]
+    ReservedPdpte {
+        /// Which of the four PDPTEs (bits 31:30 of the linear address).
+        index: usize,
+        /// Its guest-physical address.
+        address: u64,
+        /// The CR3 it was loaded through.
+        cr3: u64,
+        /// The entry as read.
+        value: u64,
+        /// The reserved bits that are set.
+        reserved: u64,
+    },
+}
+
+/// An MMU strategy: translates linear addresses for the bt engine and keeps whatever caches
+/// it keeps coherent with the guest's TLB-management instructions.
+pub trait Mmu: Send {
+    /// Linear to guest-physical; with CR0.PG clear returns `linear` unchanged. Sets A/D bits
+    /// as hardware does.
+    ///
+    /// Outside long mode linear addresses are 32 bits wide: the upper half of `linear` is
+    /// ignored and a fault reports the 32-bit address. In 4-level paging `linear` must be
+    /// canonical (the #GP for a non-canonical address is the CPU's job); bits 63:48 are
+    /// ignored here.
+    fn translate(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        regs: &PagingRegs,
+        linear: u64,
+        access: Access,
+    ) -> Result<u64, PageFault>;
+
+    /// INVLPG: drops every cached translation for the page holding `linear`, whatever its
+    /// size and even if global.
+    fn invlpg(&mut self, linear: u64);
+
+    /// CR3 load: flush(false) keeps global pages; CR4.PGE/PAE/PSE/SMEP or CR0.PG/WP changes:
+    /// flush(true).
+    fn flush(&mut self, include_global: bool);
+
+    /// The strategy's counters, named `mmu.*` (see [`counters`]).
+    fn stats(&self) -> EngineStats;
+
+    /// Loads the four PAE PDPTE registers from the PDPT `regs.cr3` points to, as the CPU does
+    /// when PAE paging is (or becomes) active on a MOV to CR3, a MOV to CR0/CR4 that changes
+    /// PG, PAE, PGE, PSE or SMEP, or a task switch (SDM 4.4.1). A present PDPTE with a
+    /// reserved bit set makes the instruction raise #GP(0); the registers then keep their old
+    /// values. Call it before or after the matching [`Mmu::flush`], in either order.
+    ///
+    /// If the CPU never calls it, [`Mmu::translate`] loads the PDPTEs itself at the first PAE
+    /// translation after a flush (a reserved bit found that late becomes a #PF with RSVD),
+    /// which differs from hardware only when the guest rewrites its PDPT between the CR3
+    /// load and its first memory access.
+    fn load_pdptes(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        regs: &PagingRegs,
+    ) -> Result<[u64; 4], MmuError> {
+        read_pae_pdptes(mem, regs.cr3)
+    }
+}
+
+/// The plain soft-TLB strategy (`--mmu tlb`): a direct-mapped TLB in front of the walker.
+pub fn soft_tlb() -> Box<dyn Mmu> {
+    Box::new(SoftTlb::new())
+}
