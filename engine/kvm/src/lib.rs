@@ -962,6 +962,9 @@ impl Cpu for KvmCpu {
         self.vcpu
             .set_sregs(&sregs)
             .map_err(|e| host_err("KVM_SET_SREGS", e))?;
+        // Without an in-kernel local APIC, every KVM_RUN reloads CR8 from kvm_run.cr8 (the
+        // TPR as userspace last saw it): keep it in step or the next entry undoes this.
+        self.vcpu.get_kvm_run().cr8 = s.cr8;
         self.vcpu
             .set_regs(&state::gprs_to_kvm(&s.gpr, s.rip, s.rflags))
             .map_err(|e| host_err("KVM_SET_REGS", e))?;

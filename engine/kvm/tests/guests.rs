@@ -888,3 +888,31 @@ fn a_missing_kvm_device_is_reported_as_unavailable() {
     assert!(text.contains("/nonexistent/kvm"), "{text}");
     assert!(text.contains("No such file"), "{text}");
 }
+
+#[test]
+fn cr8_set_through_the_state_is_what_the_guest_reads() {
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(edx, u32::from(TEST_PORT)).unwrap();
+    a.out(dx, al).unwrap();
+    a.mov(rbx, cr8).unwrap();
+    a.mov(eax, 3u32).unwrap();
+    a.mov(cr8, rax).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let Some((mut m, mut cpu, _log)) = guest("cr8", CODE, &code, |m| long_mode_state(m, CODE))
+    else {
+        return;
+    };
+    // Set CR8 between two runs (after an exit), as a snapshot restore would.
+    assert_eq!(
+        cpu.run(&mut m, Limit::default()).unwrap(),
+        Exit::DeviceAccess
+    );
+    let mut s = cpu.state().unwrap();
+    s.cr8 = 7;
+    cpu.set_state(&s).unwrap();
+    assert_eq!(cpu.run(&mut m, Limit::default()).unwrap(), Exit::Halted);
+    let s = cpu.state().unwrap();
+    assert_eq!(s.gpr[gpr::RBX], 7, "the guest read CR8");
+    assert_eq!(s.cr8, 3, "the guest's write of CR8");
+}
