@@ -118,6 +118,23 @@ pub struct Vm {
     next_poll: u64,
 }
 
+/// Watches a run between exits; see [`Vm::run_observed`].
+pub trait RunObserver {
+    /// Called after each exit has been handled, with the CPU between instructions and
+    /// `next_poll` the icount of the next scheduled device poll. Returns whether the run
+    /// goes on.
+    fn between_exits(&mut self, machine: &mut Machine, cpu: &mut dyn Cpu, next_poll: u64) -> bool;
+}
+
+/// The observer of a plain run.
+struct NoObserver;
+
+impl RunObserver for NoObserver {
+    fn between_exits(&mut self, _: &mut Machine, _: &mut dyn Cpu, _: u64) -> bool {
+        true
+    }
+}
+
 /// Kicks the engine when a deadline passes, unless dropped first.
 struct Watchdog {
     cancel: Option<std::sync::mpsc::Sender<()>>,
@@ -170,6 +187,29 @@ impl Vm {
 
     /// Runs until the guest stops, shuts down, or a limit passes.
     pub fn run(&mut self, opts: RunOptions) -> Result<RunOutcome, RunError> {
+        self.run_observed(opts, &mut NoObserver)
+    }
+
+    /// The instruction count at which the run loop next polls devices (engines that count
+    /// instructions): part of the machine's state for checkpoints.
+    pub fn next_poll(&self) -> u64 {
+        self.next_poll
+    }
+
+    /// Restores [`Vm::next_poll`] from a checkpoint.
+    pub fn set_next_poll(&mut self, icount: u64) {
+        self.next_poll = icount;
+    }
+
+    /// [`Vm::run`] with an observer called after every exit has been handled (devices
+    /// polled), while the CPU is between instructions: the recorder takes state digests and
+    /// checkpoints there, the replayer checks them. An observer that returns `false` ends the
+    /// run with [`RunEnd::Interrupted`].
+    pub fn run_observed(
+        &mut self,
+        opts: RunOptions,
+        observer: &mut dyn RunObserver,
+    ) -> Result<RunOutcome, RunError> {
         let started = Instant::now();
         let kicker = self.cpu.kicker();
         let watchdog = opts.timeout.map(|t| Watchdog::start(t, kicker.clone()));
@@ -232,6 +272,9 @@ impl Vm {
             }
             if let Some(stop) = self.machine.take_stop() {
                 break RunEnd::Stopped(stop);
+            }
+            if !observer.between_exits(&mut self.machine, self.cpu.as_mut(), self.next_poll) {
+                break RunEnd::Interrupted;
             }
         };
         drop(watchdog);

@@ -1,1 +1,541 @@
-//! Live run to trace: the recording `Host` (not implemented yet; see issue #4).
+//! Live run to trace.
+//!
+//! [`Recorder`] builds a machine whose [`Host`] is a [`RecordingHost`]: every time read,
+//! serial input byte, entropy value, poll quantum, idle period and interrupt delivery is
+//! logged with its position into a [`deja_traces::TraceWriter`] as it happens (write-through,
+//! so memory stays bounded and a crash loses at most one frame). Between exits the recorder
+//! adds a state digest every [`RecordOptions::digest_interval`] events and, every
+//! [`RecordOptions::checkpoint_every`] digests, a checkpoint (CPU, devices, changed pages) so
+//! replay can seek and report register differences. The guest's serial output is teed into a
+//! digest for the footer.
+//!
+//! Delivery disciplines: on engines that count instructions (bt) interrupts land at exact
+//! instruction boundaries decided by logged poll quanta ([`Delivery::InstructionExact`]);
+//! on kvm without a PMU they land only at device exits ([`Delivery::ExitSynchronous`]),
+//! which bt can also do, so such traces replay on either engine.
+
+pub mod host;
+pub mod state;
+
+pub use host::{Chaos, NO_POLL_QUANTUM, RecordingHost, Shared, TraceSink};
+pub use state::{MachineSnapshot, StateError, restore, snapshot, state_digest};
+
+use deja_engine::{EngineKind, RunEnd, RunError, RunObserver, RunOptions, RunOutcome, Vm};
+use deja_machine::devices::StopRequest;
+use deja_machine::loader::Image;
+use deja_machine::{
+    ClockMode, Cpu, CpuError, Host, InterruptDelivery, Kicker, Machine, MachineConfig,
+};
+use deja_traces::{
+    CheckpointInput, Delivery, Digest, EventKind, ExitInfo, FinishInfo, Footer, Header,
+    ImageRecord, MachineInfo, PageTracker, RecordingOptions, TraceWriter, WriteError,
+    WriterOptions,
+};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+
+/// Failures of a recording (the guest failing is not one: that is an outcome).
+#[derive(Debug, Error)]
+pub enum RecordError {
+    /// The trace could not be started.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// The machine could not be built.
+    #[error("building the machine for {image} on {engine}: {detail}")]
+    Build {
+        /// The image.
+        image: String,
+        /// The engine.
+        engine: EngineKind,
+        /// The builder's explanation.
+        detail: String,
+    },
+    /// The engine cannot deliver interrupts the way the recording needs.
+    #[error("{engine} cannot record with {delivery:?} delivery: {source}")]
+    Delivery {
+        /// The engine.
+        engine: EngineKind,
+        /// The discipline asked for.
+        delivery: Delivery,
+        /// Why.
+        source: CpuError,
+    },
+    /// The run loop failed (engine error).
+    #[error("running the guest: {0}")]
+    Run(#[from] RunError),
+    /// Reading the machine state for a digest or checkpoint failed.
+    #[error("taking a state digest at {at}: {source}")]
+    State {
+        /// Where.
+        at: deja_traces::Position,
+        /// Why.
+        source: StateError,
+    },
+}
+
+/// How to record.
+#[derive(Debug, Clone)]
+pub struct RecordOptions {
+    /// The engine (goes into the header).
+    pub engine: EngineKind,
+    /// The clock the live host uses (goes into the header).
+    pub clock: ClockMode,
+    /// The delivery discipline; [`RecordOptions::new`] picks the engine's natural one.
+    pub delivery: Delivery,
+    /// A state digest every this many events (0: only at the end).
+    pub digest_interval: u64,
+    /// A checkpoint at every this many digests (0: none). The first is full, later ones
+    /// hold changed pages only.
+    pub checkpoint_every: u64,
+    /// Chaos mode: poll quanta drawn from a generator with this seed.
+    pub chaos_seed: Option<u64>,
+    /// Largest chaos poll quantum, in instructions.
+    pub chaos_max_quantum: u64,
+    /// Limits of the run.
+    pub run: RunOptions,
+    /// Facts for humans in the header (host flavour, command line).
+    pub notes: BTreeMap<String, String>,
+    /// How the writer cuts frames.
+    pub writer: WriterOptions,
+}
+
+/// Default events between state digests.
+pub const DEFAULT_DIGEST_INTERVAL: u64 = 4096;
+/// Default largest chaos poll quantum (instructions).
+pub const DEFAULT_CHAOS_MAX_QUANTUM: u64 = 4000;
+
+impl RecordOptions {
+    /// Options for `engine` with its natural delivery: exact on bt, exit-synchronous on kvm.
+    pub fn new(engine: EngineKind, clock: ClockMode) -> Self {
+        Self {
+            engine,
+            clock,
+            delivery: match engine {
+                EngineKind::Bt => Delivery::InstructionExact,
+                EngineKind::Kvm => Delivery::ExitSynchronous,
+            },
+            digest_interval: DEFAULT_DIGEST_INTERVAL,
+            checkpoint_every: 1,
+            chaos_seed: None,
+            chaos_max_quantum: DEFAULT_CHAOS_MAX_QUANTUM,
+            run: RunOptions::default(),
+            notes: BTreeMap::new(),
+            writer: WriterOptions::default(),
+        }
+    }
+}
+
+/// The guest's serial output, teed: passed on to where it was going, and hashed.
+#[derive(Default)]
+pub struct SerialCapture {
+    hasher: blake3::Hasher,
+    total: u64,
+    pending: Vec<u8>,
+    keep: Option<Vec<u8>>,
+}
+
+impl SerialCapture {
+    /// A capture that also keeps every byte (for callers that inspect the output).
+    pub fn keeping() -> Self {
+        Self {
+            keep: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// Bytes since the last call.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// BLAKE3 of all output so far.
+    pub fn digest(&self) -> Digest {
+        Digest::from(self.hasher.finalize())
+    }
+
+    /// Bytes of output so far.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Every byte, if this capture keeps them.
+    pub fn kept(&self) -> Option<&[u8]> {
+        self.keep.as_deref()
+    }
+}
+
+/// A writer that feeds a [`SerialCapture`] and passes bytes on.
+pub struct SerialTee {
+    inner: Box<dyn Write + Send>,
+    capture: Arc<Mutex<SerialCapture>>,
+}
+
+impl SerialTee {
+    /// Tees `inner` into `capture`.
+    pub fn new(inner: Box<dyn Write + Send>, capture: Arc<Mutex<SerialCapture>>) -> Self {
+        Self { inner, capture }
+    }
+}
+
+impl Write for SerialTee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        {
+            let mut c = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+            c.hasher.update(buf);
+            c.total += buf.len() as u64;
+            c.pending.extend_from_slice(buf);
+            if let Some(k) = &mut c.keep {
+                k.extend_from_slice(buf);
+            }
+        }
+        // The guest's output is recorded whether or not the terminal takes it.
+        let _ = self.inner.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.inner.flush();
+        Ok(())
+    }
+}
+
+/// Locks a serial capture, recovering from poisoning.
+pub fn lock_capture(c: &Mutex<SerialCapture>) -> std::sync::MutexGuard<'_, SerialCapture> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The machine's CPUID table in trace terms.
+pub fn machine_info(config: &MachineConfig) -> MachineInfo {
+    MachineInfo {
+        ram_size: config.ram_size,
+        cmdline: config.cmdline.clone(),
+        cpuid: config
+            .cpuid
+            .entries
+            .iter()
+            .map(|e| deja_traces::CpuidEntry {
+                function: e.function,
+                index: e.index,
+                indexed: e.indexed,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect(),
+        extra: state::encode(config),
+    }
+}
+
+/// The image's record for the header: name, digest, and its load format.
+pub fn image_record(image: &Image) -> ImageRecord {
+    ImageRecord::new(
+        &image.name,
+        &image.bytes,
+        &format!("{:?}", image.format),
+        state::encode(&image.format),
+    )
+}
+
+/// Human-readable reason and process status of a run's end.
+pub fn describe_end(end: &RunEnd) -> (Option<i32>, String) {
+    let reason = match end {
+        RunEnd::Stopped(StopRequest::DebugExit { value }) => format!("debug-exit {value:#x}"),
+        RunEnd::Stopped(StopRequest::Reset { source }) => format!("reset ({source})"),
+        RunEnd::Stopped(StopRequest::PowerOff) => "power off".into(),
+        RunEnd::Shutdown { reason, .. } => format!("shutdown: {reason}"),
+        RunEnd::Timeout => "timeout".into(),
+        RunEnd::InstructionLimit => "instruction limit".into(),
+        RunEnd::Interrupted => "interrupted".into(),
+    };
+    let status = match end {
+        RunEnd::Stopped(StopRequest::DebugExit { value }) => Some((value & 0xff) as i32),
+        RunEnd::Stopped(_) => Some(0),
+        _ => None,
+    };
+    (status, reason)
+}
+
+/// Takes digests and checkpoints between exits.
+struct Observer {
+    shared: Arc<Mutex<Shared>>,
+    serial: Arc<Mutex<SerialCapture>>,
+    tracker: PageTracker,
+    digest_interval: u64,
+    checkpoint_every: u64,
+    digests: u64,
+    checkpoints: u64,
+    error: Option<RecordError>,
+}
+
+impl Observer {
+    fn digest_now(&mut self, machine: &Machine, cpu: &mut dyn Cpu, next_poll: u64) {
+        let at = state::trace_position(machine.position());
+        let output = lock_capture(&self.serial).take_pending();
+        let mut s = host::lock(&self.shared);
+        if !output.is_empty() {
+            s.log(at, EventKind::SerialOutput { bytes: output });
+        }
+        self.digests += 1;
+        let checkpoint = self.checkpoint_every > 0 && self.digests % self.checkpoint_every == 1
+            || self.checkpoint_every == 1;
+        let result = if checkpoint {
+            snapshot(machine, cpu, next_poll, &mut self.tracker).map(|snap| {
+                s.log(at, EventKind::StateDigest {
+                    digest: snap.digest,
+                });
+                if s.error.is_none()
+                    && let Some(w) = s.writer.as_mut()
+                {
+                    let input = CheckpointInput {
+                        position: snap.position,
+                        cpu_state: snap.cpu_state,
+                        device_state: snap.machine_state,
+                        state_digest: Some(snap.digest),
+                        full: self.checkpoints == 0,
+                    };
+                    match w.checkpoint(input, snap.pages.iter().map(|(n, p)| (*n, p))) {
+                        Ok(_) => self.checkpoints += 1,
+                        Err(e) => s.error = Some(e),
+                    }
+                }
+            })
+        } else {
+            cpu.state().map_err(StateError::from).map(|st| {
+                let digest = state_digest(machine, &st);
+                s.log(at, EventKind::StateDigest { digest });
+            })
+        };
+        s.since_digest = 0;
+        if let Err(source) = result {
+            self.error = Some(RecordError::State { at, source });
+        }
+    }
+}
+
+impl RunObserver for Observer {
+    fn between_exits(&mut self, machine: &mut Machine, cpu: &mut dyn Cpu, next_poll: u64) -> bool {
+        let due = {
+            let s = host::lock(&self.shared);
+            if s.error.is_some() {
+                return false;
+            }
+            self.digest_interval > 0 && s.since_digest >= self.digest_interval
+        };
+        if due {
+            self.digest_now(machine, cpu, next_poll);
+        }
+        self.error.is_none() && host::lock(&self.shared).error.is_none()
+    }
+}
+
+/// What a recording produced.
+#[derive(Debug)]
+pub struct RecordOutcome {
+    /// How the run went (`None` if a write error stopped it before it ended by itself is
+    /// still reported here as an interrupted run).
+    pub run: RunOutcome,
+    /// The footer written, when the trace was finished.
+    pub footer: Option<Footer>,
+    /// The write error that cut the trace short, if any (the file keeps every whole frame).
+    pub write_error: Option<String>,
+    /// State digest at the end.
+    pub final_digest: Digest,
+    /// BLAKE3 of the guest's serial output.
+    pub serial_digest: Digest,
+    /// Bytes of serial output.
+    pub serial_bytes: u64,
+    /// Events logged.
+    pub events: u64,
+    /// Trace bytes written.
+    pub trace_bytes: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+}
+
+/// A recording in progress: the machine is built, the header written.
+pub struct Recorder {
+    vm: Vm,
+    shared: Arc<Mutex<Shared>>,
+    serial: Arc<Mutex<SerialCapture>>,
+    opts: RecordOptions,
+}
+
+impl Recorder {
+    /// Writes the header to `sink` and builds the machine with `build` (given the recording
+    /// host and the teed serial output; the CLI passes `deja_engine::build_vm`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<E: std::fmt::Display>(
+        image: &Image,
+        config: &MachineConfig,
+        live: Box<dyn Host>,
+        sink: TraceSink,
+        sink_name: &str,
+        serial_out: Box<dyn Write + Send>,
+        serial: Arc<Mutex<SerialCapture>>,
+        opts: RecordOptions,
+        build: impl FnOnce(Box<dyn Host>, Box<dyn Write + Send>) -> Result<Vm, E>,
+    ) -> Result<Self, RecordError> {
+        let mut header = Header::new(
+            opts.engine.name(),
+            match opts.clock {
+                ClockMode::Host => deja_traces::ClockMode::Host,
+                ClockMode::Virtual => deja_traces::ClockMode::Virtual,
+            },
+            opts.delivery,
+            machine_info(config),
+        );
+        header.images.push(image_record(image));
+        header.options = RecordingOptions {
+            digest_interval: opts.digest_interval,
+            checkpoint_interval: opts.digest_interval * opts.checkpoint_every,
+            chaos_seed: opts.chaos_seed,
+        };
+        header.notes = opts.notes.clone();
+        let writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
+        let shared = Arc::new(Mutex::new(Shared {
+            writer: Some(writer),
+            error: None,
+            since_digest: 0,
+            last: deja_traces::Position::default(),
+            kicker: None,
+        }));
+        let exit_sync = opts.delivery == Delivery::ExitSynchronous;
+        let chaos = opts
+            .chaos_seed
+            .map(|seed| Chaos::new(seed, opts.chaos_max_quantum));
+        let host = RecordingHost::new(live, shared.clone(), exit_sync, chaos);
+        let tee = SerialTee::new(serial_out, serial.clone());
+        let mut vm = build(Box::new(host), Box::new(tee)).map_err(|e| RecordError::Build {
+            image: image.name.clone(),
+            engine: opts.engine,
+            detail: e.to_string(),
+        })?;
+        let delivery = if exit_sync {
+            InterruptDelivery::AtExits
+        } else if vm.cpu.counts_instructions() {
+            InterruptDelivery::Exact
+        } else {
+            return Err(RecordError::Delivery {
+                engine: opts.engine,
+                delivery: opts.delivery,
+                source: CpuError::Unsupported {
+                    engine: vm.cpu.name(),
+                    rip: 0,
+                    detail: "it cannot count instructions, so it cannot deliver interrupts at \
+                             recorded instruction boundaries; record exit-synchronously"
+                        .into(),
+                },
+            });
+        };
+        vm.cpu
+            .set_interrupt_delivery(delivery)
+            .map_err(|source| RecordError::Delivery {
+                engine: opts.engine,
+                delivery: opts.delivery,
+                source,
+            })?;
+        host::lock(&shared).kicker = Some(vm.cpu.kicker());
+        Ok(Self {
+            vm,
+            shared,
+            serial,
+            opts,
+        })
+    }
+
+    /// A handle that stops the recording cleanly (Ctrl-C, SIGTERM): the trace is finished.
+    pub fn kicker(&self) -> Kicker {
+        self.vm.cpu.kicker()
+    }
+
+    /// The machine being recorded.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Runs the guest to its end and finishes the trace.
+    pub fn run(mut self) -> Result<RecordOutcome, RecordError> {
+        let mut observer = Observer {
+            shared: self.shared.clone(),
+            serial: self.serial.clone(),
+            tracker: PageTracker::new(),
+            digest_interval: self.opts.digest_interval,
+            checkpoint_every: self.opts.checkpoint_every,
+            digests: 0,
+            checkpoints: 0,
+            error: None,
+        };
+        let run = self.vm.run_observed(self.opts.run, &mut observer)?;
+        if let Some(e) = observer.error.take() {
+            return Err(e);
+        }
+        let machine = &self.vm.machine;
+        let at = state::trace_position(machine.position());
+        let cpu_state = self
+            .vm
+            .cpu
+            .state()
+            .map_err(|e| RecordError::State {
+                at,
+                source: e.into(),
+            })?;
+        let final_digest = state_digest(machine, &cpu_state);
+        let (status, reason) = describe_end(&run.end);
+        let (serial_digest, serial_bytes, output) = {
+            let mut c = lock_capture(&self.serial);
+            (c.digest(), c.total(), c.take_pending())
+        };
+        let mut s = host::lock(&self.shared);
+        if !output.is_empty() {
+            s.log(at, EventKind::SerialOutput { bytes: output });
+        }
+        s.log(
+            at,
+            EventKind::End {
+                status,
+                reason: reason.clone(),
+            },
+        );
+        let writer = s.writer.take();
+        let mut write_error = s.error.take().map(|e| e.to_string());
+        let at = if s.last.at_or_before(&at) { at } else { s.last };
+        drop(s);
+        let mut footer = None;
+        let mut events = 0;
+        let mut trace_bytes = 0;
+        if let Some(w) = writer {
+            events = w.events_written();
+            trace_bytes = w.bytes_written();
+            if write_error.is_none() {
+                match w.finish(FinishInfo {
+                    final_position: at,
+                    final_state_digest: Some(final_digest),
+                    serial_output_digest: Some(serial_digest),
+                    serial_output_bytes: serial_bytes,
+                    exit: ExitInfo { status, reason },
+                }) {
+                    Ok((_, f)) => {
+                        footer = Some(f);
+                    }
+                    Err(e) => write_error = Some(e.to_string()),
+                }
+            } else {
+                drop(w.into_inner());
+            }
+        }
+        Ok(RecordOutcome {
+            run,
+            footer,
+            write_error,
+            final_digest,
+            serial_digest,
+            serial_bytes,
+            events,
+            trace_bytes,
+            checkpoints: observer.checkpoints,
+        })
+    }
+}

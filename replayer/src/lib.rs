@@ -1,1 +1,654 @@
-//! Trace to deterministic re-execution (not implemented yet; see issue #4).
+//! Trace to deterministic re-execution.
+//!
+//! [`replay`] rebuilds the recorded machine (configuration and image digests from the
+//! header), gives it a [`ReplayingHost`] that answers every question from the trace and never
+//! from the real world, and runs it. Every answer must be asked for at the recorded position
+//! and be of the recorded kind; every interrupt must land where it landed; every state digest
+//! must match where it was taken; at the end the final digest, the serial-output digest and
+//! the exit status must match the footer. The first difference stops the run and is reported
+//! with its position, the expected and the actual event or state, and (where the trace holds
+//! the recorded CPU state there) the register difference.
+//!
+//! Positions are compared by device-exit ordinal always, and by exact instruction count when
+//! both the trace and the replaying engine count instructions (bt) — a kvm trace carries no
+//! instruction counts, and its exit-synchronous delivery is reproduced on either engine.
+//!
+//! [`ReplayOptions::until`] stops at a position and returns the machine state there,
+//! starting from the nearest checkpoint at or before it.
+
+mod host;
+
+pub use host::{Mismatch, Player, ReplayingHost};
+
+use deja_engine::{EngineKind, RunEnd, RunError, RunObserver, RunOptions, RunOutcome, Vm};
+use deja_machine::loader::{Image, ImageFormat};
+use deja_machine::{Cpu, CpuError, CpuState, Host, InterruptDelivery, Machine, MachineConfig};
+use deja_recorder::{SerialCapture, SerialTee, StateError, lock_capture, state, state_digest};
+use deja_traces::{
+    CheckpointIndexEntry, Delivery, Digest, Event, EventKind, Footer, Header, ImageRecord,
+    Position, ReadError, TraceReader, TraceStatus,
+};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Failures that prevent a replay (a divergence is not one: it is a verdict).
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    /// The trace cannot be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The trace's machine configuration or image format does not decode.
+    #[error("trace {trace}: {detail}")]
+    BadTrace {
+        /// The file.
+        trace: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The recorded image cannot be found or does not match its digest.
+    #[error("image {name}: {detail}")]
+    Image {
+        /// The image's recorded name.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The machine could not be built.
+    #[error("building the machine on {engine}: {detail}")]
+    Build {
+        /// The engine.
+        engine: EngineKind,
+        /// Why.
+        detail: String,
+    },
+    /// The replaying engine cannot reproduce the trace's delivery discipline.
+    #[error(
+        "a trace recorded with {delivery:?} delivery cannot be replayed on {engine}: {detail}"
+    )]
+    Delivery {
+        /// The engine.
+        engine: EngineKind,
+        /// The trace's discipline.
+        delivery: Delivery,
+        /// Why.
+        detail: String,
+    },
+    /// The run loop failed.
+    #[error("replaying: {0}")]
+    Run(#[from] RunError),
+    /// Restoring a checkpoint or reading state failed.
+    #[error("{0}")]
+    State(#[from] StateError),
+    /// Reading the CPU state failed.
+    #[error("reading the CPU state: {0}")]
+    Cpu(#[from] CpuError),
+}
+
+/// Where `--until` stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Until {
+    /// After exactly this many retired instructions (engines that count them).
+    Icount(u64),
+    /// At the first point between exits where this many device exits have happened.
+    Exit(u64),
+}
+
+impl std::str::FromStr for Until {
+    type Err = String;
+
+    /// `N` or `icount:N` (instructions), `exit:N` (device exits).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str| {
+            t.trim()
+                .replace('_', "")
+                .parse::<u64>()
+                .map_err(|_| format!("{s:?} is not a position (N, icount:N or exit:N)"))
+        };
+        if let Some(rest) = s.strip_prefix("exit:") {
+            Ok(Until::Exit(num(rest)?))
+        } else if let Some(rest) = s.strip_prefix("icount:") {
+            Ok(Until::Icount(num(rest)?))
+        } else {
+            Ok(Until::Icount(num(s)?))
+        }
+    }
+}
+
+/// How to replay.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// The engine to replay on.
+    pub engine: EngineKind,
+    /// Stop there and report the state.
+    pub until: Option<Until>,
+    /// Start from the nearest checkpoint at or before `until` (else from the beginning).
+    pub seek: bool,
+    /// Host wall-clock limit.
+    pub timeout: Option<Duration>,
+}
+
+/// The first difference between the recording and the replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct Divergence {
+    /// Where the replay was.
+    pub at: Position,
+    /// Index of the expected event in the trace.
+    pub event_index: u64,
+    /// What the trace holds there.
+    pub expected: String,
+    /// What the replay did.
+    pub actual: String,
+    /// Register differences `name: recorded -> replayed`, when the trace holds the recorded
+    /// CPU state at that position (a checkpoint).
+    pub register_diff: Vec<String>,
+    /// The replay's CPU state when it stopped.
+    pub state: Option<CpuState>,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "replay diverged at {} (event #{})", self.at, self.event_index)?;
+        writeln!(f, "  expected: {}", self.expected)?;
+        writeln!(f, "  actual:   {}", self.actual)?;
+        if !self.register_diff.is_empty() {
+            writeln!(f, "  registers (recorded -> replayed):")?;
+            for d in &self.register_diff {
+                writeln!(f, "    {d}")?;
+            }
+        }
+        if let Some(s) = &self.state {
+            writeln!(f, "  replay CPU state:\n{s}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a replay ended.
+#[derive(Debug, Clone, Serialize)]
+pub enum Verdict {
+    /// Everything matched, to the end of the recording.
+    Verified,
+    /// The replay differed from the recording.
+    Diverged(Box<Divergence>),
+    /// The trace ends early (no footer): everything it holds matched, up to here.
+    TraceEnded {
+        /// Where the last recorded event was.
+        at: Position,
+        /// Why the trace ends.
+        detail: String,
+    },
+    /// `until` was reached; everything up to it matched.
+    ReachedUntil {
+        /// The exact position.
+        at: Position,
+        /// The CPU state there.
+        state: Box<CpuState>,
+    },
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Retired instructions (0 on engines that cannot count).
+    pub icount: u64,
+    /// Device exits.
+    pub exits: u64,
+    /// Events checked.
+    pub events: u64,
+    /// State digests checked.
+    pub digests_checked: u64,
+    /// State digest at the end of the replay.
+    pub final_digest: Digest,
+    /// Exit status of the replayed guest, if it ended with one.
+    pub exit_status: Option<i32>,
+    /// How the replayed run ended.
+    pub end: String,
+    /// The checkpoint the replay started from, if it seeked.
+    pub started_from: Option<Position>,
+    /// Host seconds the replay ran.
+    pub elapsed_seconds: f64,
+    /// The engine the trace was recorded on.
+    pub recorded_engine: String,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.verdict {
+            Verdict::Verified => write!(
+                f,
+                "replay verified: {} instructions, {} exits, {} events, {} digests, digest {}",
+                self.icount, self.exits, self.events, self.digests_checked, self.final_digest
+            ),
+            Verdict::Diverged(d) => write!(f, "{d}"),
+            Verdict::TraceEnded { at, detail } => write!(
+                f,
+                "trace ends early ({detail}): replay matched every one of its {} events and {} \
+                 digests up to {at}; nothing to check after that",
+                self.events, self.digests_checked
+            ),
+            Verdict::ReachedUntil { at, state } => {
+                write!(f, "stopped at {at} (all {} events up to it matched)\n{state}", self.events)
+            }
+        }
+    }
+}
+
+/// Finds images by their recorded name: `guest:NAME` through `guests`, anything else as a
+/// file path. The digest must match.
+pub fn resolve_image(
+    record: &ImageRecord,
+    guests: &dyn Fn(&str) -> Option<Image>,
+) -> Result<Image, ReplayError> {
+    let err = |detail: String| ReplayError::Image {
+        name: record.name.clone(),
+        detail,
+    };
+    let format: ImageFormat = state::decode(&record.load_spec, "image format")
+        .map_err(|e| err(e.to_string()))?;
+    let image = if let Some(name) = record.name.strip_prefix("guest:") {
+        guests(name).ok_or_else(|| err(format!("no built-in guest named {name:?}")))?
+    } else {
+        let bytes = std::fs::read(&record.name).map_err(|e| err(format!("reading it: {e}")))?;
+        Image {
+            name: record.name.clone(),
+            bytes,
+            format,
+        }
+    };
+    if !record.matches(&image.bytes) {
+        return Err(err(format!(
+            "it is not the image recorded ({} bytes, BLAKE3 {}; found {} bytes, BLAKE3 {})",
+            record.size,
+            record.digest,
+            image.bytes.len(),
+            Digest::of(&image.bytes)
+        )));
+    }
+    Ok(image)
+}
+
+/// The machine configuration a trace was recorded with.
+pub fn machine_config(header: &Header, trace: &str) -> Result<MachineConfig, ReplayError> {
+    state::decode(&header.machine.extra, "machine configuration").map_err(|e| {
+        ReplayError::BadTrace {
+            trace: trace.to_string(),
+            detail: e.to_string(),
+        }
+    })
+}
+
+/// Builds the machine a replay runs: `(config, image, host, serial output)` to a `Vm`.
+pub type Builder<'a> = dyn FnOnce(&MachineConfig, &Image, Box<dyn Host>, Box<dyn Write + Send>) -> Result<Vm, String>
+    + 'a;
+
+struct Observer {
+    player: Arc<Mutex<Player>>,
+    serial: Arc<Mutex<SerialCapture>>,
+    until_exit: Option<u64>,
+    reached: bool,
+    digests: u64,
+}
+
+impl RunObserver for Observer {
+    fn between_exits(&mut self, machine: &mut Machine, cpu: &mut dyn Cpu, _next_poll: u64) -> bool {
+        let at = state::trace_position(machine.position());
+        let mut p = host::lock(&self.player);
+        if p.stopped() {
+            return false;
+        }
+        while let Some(e) = p.peek().cloned() {
+            match &e.kind {
+                EventKind::SerialOutput { bytes } if p.same_position(e.at, at) => {
+                    let got = lock_capture(&self.serial).take_pending();
+                    if &got != bytes {
+                        p.diverge(
+                            at,
+                            format!("serial output {:?}", String::from_utf8_lossy(bytes)),
+                            format!("serial output {:?}", String::from_utf8_lossy(&got)),
+                        );
+                        return false;
+                    }
+                    p.consume();
+                }
+                EventKind::StateDigest { digest } if p.same_position(e.at, at) => {
+                    let state = match cpu.state() {
+                        Ok(s) => s,
+                        Err(err) => {
+                            p.diverge(at, format!("state digest {digest}"), format!("no CPU state: {err}"));
+                            return false;
+                        }
+                    };
+                    let actual = state_digest(machine, &state);
+                    if actual != *digest {
+                        p.diverge(at, format!("state digest {digest}"), format!("state digest {actual}"));
+                        p.set_state(state);
+                        return false;
+                    }
+                    self.digests += 1;
+                    p.consume();
+                }
+                EventKind::SerialOutput { .. } | EventKind::StateDigest { .. }
+                    if p.passed(e.at, at) =>
+                {
+                    p.diverge(at, format!("{} at {}", e.kind, e.at), "execution passed that position without reaching it".into());
+                    return false;
+                }
+                _ => break,
+            }
+        }
+        if let Some(k) = self.until_exit
+            && at.exits >= k
+        {
+            self.reached = true;
+            return false;
+        }
+        true
+    }
+}
+
+/// Replays the trace at `path`.
+pub fn replay(
+    path: &Path,
+    opts: &ReplayOptions,
+    guests: &dyn Fn(&str) -> Option<Image>,
+    serial_out: Box<dyn Write + Send>,
+    build: Box<Builder<'_>>,
+) -> Result<ReplayReport, ReplayError> {
+    let started = std::time::Instant::now();
+    let name = path.display().to_string();
+    let mut reader = TraceReader::open(path)?;
+    let header = reader.header().clone();
+    let footer: Option<Footer> = reader.footer().cloned();
+    let config = machine_config(&header, &name)?;
+    let record = header.images.first().ok_or_else(|| ReplayError::BadTrace {
+        trace: name.clone(),
+        detail: "the header lists no image".into(),
+    })?;
+    let image = resolve_image(record, guests)?;
+    let exit_sync = header.delivery == Delivery::ExitSynchronous;
+
+    // Where to start: the nearest checkpoint at or before the target, when seeking.
+    let checkpoint: Option<CheckpointIndexEntry> = match (opts.until, opts.seek) {
+        (Some(Until::Icount(n)), true) => reader.nearest_checkpoint(Position::new(n, u64::MAX)),
+        (Some(Until::Exit(k)), true) => reader.nearest_checkpoint(Position::new(u64::MAX, k)),
+        _ => None,
+    };
+
+    let serial = Arc::new(Mutex::new(SerialCapture::default()));
+    let tee = SerialTee::new(serial_out, serial.clone());
+    let player = Arc::new(Mutex::new(Player::new(
+        path.to_path_buf(),
+        checkpoint,
+        exit_sync,
+    )));
+    let host = ReplayingHost::new(player.clone());
+    let mut vm = build(&config, &image, Box::new(host), Box::new(tee)).map_err(|detail| {
+        ReplayError::Build {
+            engine: opts.engine,
+            detail,
+        }
+    })?;
+    let counts = vm.cpu.counts_instructions();
+    host::lock(&player).set_compare_icount(counts && !exit_sync);
+    let delivery = if exit_sync {
+        InterruptDelivery::AtExits
+    } else if counts {
+        InterruptDelivery::Exact
+    } else {
+        return Err(ReplayError::Delivery {
+            engine: opts.engine,
+            delivery: header.delivery,
+            detail: "the engine cannot count instructions, so it cannot deliver interrupts at \
+                     the recorded instruction boundaries"
+                .into(),
+        });
+    };
+    vm.cpu
+        .set_interrupt_delivery(delivery)
+        .map_err(|e| ReplayError::Delivery {
+            engine: opts.engine,
+            delivery: header.delivery,
+            detail: e.to_string(),
+        })?;
+    host::lock(&player).set_kicker(vm.cpu.kicker());
+
+    let mut started_from = None;
+    if let Some(cp) = checkpoint {
+        let memory = reader.memory_at(&cp)?;
+        let meta = reader.read_checkpoint(&cp)?.meta;
+        let (next_poll, _) = state::restore(
+            &mut vm.machine,
+            vm.cpu.as_mut(),
+            &memory,
+            &meta.cpu_state,
+            &meta.device_state,
+        )?;
+        vm.set_next_poll(next_poll);
+        started_from = Some(cp.position);
+    }
+
+    let (max_instructions, until_exit) = match opts.until {
+        Some(Until::Icount(n)) if counts => (Some(n), None),
+        Some(Until::Icount(n)) => {
+            return Err(ReplayError::Delivery {
+                engine: opts.engine,
+                delivery: header.delivery,
+                detail: format!(
+                    "--until icount:{n} needs an engine that counts instructions (bt); \
+                     use exit:N"
+                ),
+            });
+        }
+        Some(Until::Exit(k)) => (None, Some(k)),
+        None => (None, None),
+    };
+    let mut observer = Observer {
+        player: player.clone(),
+        serial: serial.clone(),
+        until_exit,
+        reached: false,
+        digests: 0,
+    };
+    let run = vm.run_observed(
+        RunOptions {
+            timeout: opts.timeout,
+            max_instructions,
+        },
+        &mut observer,
+    )?;
+    let at = state::trace_position(vm.machine.position());
+    let cpu_state = vm.cpu.state()?;
+    let final_digest = state_digest(&vm.machine, &cpu_state);
+    let (exit_status, end) = deja_recorder::describe_end(&run.end);
+
+    let mut p = host::lock(&player);
+    let reached_until = observer.reached
+        || (max_instructions.is_some() && run.end == RunEnd::InstructionLimit);
+    let verdict = if let Some(m) = p.take_mismatch() {
+        let mut register_diff = Vec::new();
+        // The recorded CPU state at that very position, if a checkpoint holds it.
+        if let Some(cp) = reader
+            .checkpoints()
+            .iter()
+            .find(|c| c.position == m.expected_at.unwrap_or_default())
+            .copied()
+            && let Ok(c) = reader.read_checkpoint(&cp)
+            && let Ok(recorded) = state::decode::<CpuState>(&c.meta.cpu_state, "CPU state")
+        {
+            register_diff = recorded.diff(m.state.as_ref().unwrap_or(&cpu_state));
+        }
+        Verdict::Diverged(Box::new(Divergence {
+            at: m.at,
+            event_index: m.event_index,
+            expected: m.expected,
+            actual: m.actual,
+            register_diff,
+            state: Some(m.state.unwrap_or_else(|| cpu_state.clone())),
+        }))
+    } else if let Some(detail) = p.trace_end() {
+        Verdict::TraceEnded {
+            at: p.last_position(),
+            detail,
+        }
+    } else if reached_until {
+        Verdict::ReachedUntil {
+            at,
+            state: Box::new(cpu_state.clone()),
+        }
+    } else {
+        finish_check(
+            &mut p,
+            &run,
+            at,
+            final_digest,
+            exit_status,
+            &end,
+            footer.as_ref(),
+            &serial,
+            started_from.is_some(),
+            &cpu_state,
+            &header,
+        )
+    };
+    let events = p.consumed();
+    drop(p);
+    Ok(ReplayReport {
+        verdict,
+        icount: run.icount,
+        exits: run.exits,
+        events,
+        digests_checked: observer.digests,
+        final_digest,
+        exit_status,
+        end,
+        started_from,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        recorded_engine: header.engine.clone(),
+    })
+}
+
+/// At the natural end of a replay: the rest of the trace must be the recorded end.
+#[allow(clippy::too_many_arguments)]
+fn finish_check(
+    p: &mut Player,
+    run: &RunOutcome,
+    at: Position,
+    final_digest: Digest,
+    exit_status: Option<i32>,
+    end: &str,
+    footer: Option<&Footer>,
+    serial: &Mutex<SerialCapture>,
+    seeked: bool,
+    state: &CpuState,
+    _header: &Header,
+) -> Verdict {
+    let diverged = |p: &Player, expected: String, actual: String| {
+        Verdict::Diverged(Box::new(Divergence {
+            at,
+            event_index: p.consumed(),
+            expected,
+            actual,
+            register_diff: Vec::new(),
+            state: Some(state.clone()),
+        }))
+    };
+    if matches!(run.end, RunEnd::Timeout | RunEnd::Interrupted) {
+        return diverged(
+            p,
+            "the recording to continue".into(),
+            format!("the replay stopped: {end}"),
+        );
+    }
+    loop {
+        let Some(e) = p.peek().cloned() else {
+            return match p.trace_end() {
+                Some(detail) => Verdict::TraceEnded {
+                    at: p.last_position(),
+                    detail,
+                },
+                None => diverged(p, "an end event".into(), format!("the run ended ({end})")),
+            };
+        };
+        match &e.kind {
+            EventKind::SerialOutput { bytes } => {
+                let got = lock_capture(serial).take_pending();
+                if &got != bytes {
+                    return diverged(
+                        p,
+                        format!("serial output {:?}", String::from_utf8_lossy(bytes)),
+                        format!("serial output {:?}", String::from_utf8_lossy(&got)),
+                    );
+                }
+                p.consume();
+            }
+            EventKind::End { status, reason } => {
+                if !p.same_position(e.at, at) || *status != exit_status {
+                    return diverged(
+                        p,
+                        format!("the run to end at {} with {}", e.at, e.kind),
+                        format!("it ended at {at} with status {exit_status:?}: {end}"),
+                    );
+                }
+                let _ = reason;
+                p.consume();
+                break;
+            }
+            _ => {
+                return diverged(
+                    p,
+                    format!("{} at {}", e.kind, e.at),
+                    format!("the run ended ({end})"),
+                );
+            }
+        }
+    }
+    let Some(f) = footer else {
+        return Verdict::TraceEnded {
+            at: p.last_position(),
+            detail: "the trace has no footer to check the final state against".into(),
+        };
+    };
+    if let Some(d) = f.final_state_digest
+        && d != final_digest
+    {
+        return diverged(
+            p,
+            format!("final state digest {d}"),
+            format!("final state digest {final_digest}"),
+        );
+    }
+    if !seeked && let Some(d) = f.serial_output_digest {
+        let c = lock_capture(serial);
+        if d != c.digest() || f.serial_output_bytes != c.total() {
+            return diverged(
+                p,
+                format!("serial output of {} bytes, BLAKE3 {d}", f.serial_output_bytes),
+                format!("serial output of {} bytes, BLAKE3 {}", c.total(), c.digest()),
+            );
+        }
+    }
+    Verdict::Verified
+}
+
+/// The trace file a replay reads, for messages.
+pub fn trace_name(path: &Path) -> PathBuf {
+    path.to_path_buf()
+}
+
+/// Whether a trace reads as complete, for callers that want to warn before replaying.
+pub fn trace_status(path: &Path) -> Result<TraceStatus, ReplayError> {
+    Ok(TraceReader::open(path)?.status().clone())
+}
+
+/// Convenience for tests and tools: events of a trace as a vector.
+pub fn read_events(path: &Path) -> Result<Vec<Event>, ReplayError> {
+    let mut r = TraceReader::open(path)?;
+    let events: Result<Vec<Event>, ReadError> = r.events().collect();
+    Ok(events?)
+}

@@ -785,6 +785,14 @@ impl Cpu for KvmCpu {
         ENGINE
     }
 
+    fn set_interrupt_delivery(
+        &mut self,
+        delivery: deja_machine::InterruptDelivery,
+    ) -> Result<(), CpuError> {
+        self.set_interrupt_windows(delivery == deja_machine::InterruptDelivery::Exact);
+        Ok(())
+    }
+
     fn counts_instructions(&self) -> bool {
         false
     }

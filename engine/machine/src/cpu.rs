@@ -544,6 +544,35 @@ pub trait Cpu: Send {
     fn stats(&self) -> EngineStats;
     /// A handle other threads can use to interrupt [`Cpu::run`].
     fn kicker(&self) -> Kicker;
+    /// Sets the retired-instruction count, when a snapshot is restored (replay seeking from
+    /// a checkpoint). Engines that cannot count ignore it; a counting engine that does not
+    /// override it cannot seek, which callers detect by reading [`Cpu::icount`] back.
+    fn set_icount(&mut self, _icount: u64) {}
+    /// Chooses where external interrupts may be delivered. Every engine supports
+    /// [`InterruptDelivery::Exact`]; [`InterruptDelivery::AtExits`] (what kvm recording
+    /// without a PMU needs, and what replaying such a trace on another engine needs) returns
+    /// an error from engines that cannot restrict delivery that way.
+    fn set_interrupt_delivery(&mut self, delivery: InterruptDelivery) -> Result<(), CpuError> {
+        match delivery {
+            InterruptDelivery::Exact => Ok(()),
+            InterruptDelivery::AtExits => Err(CpuError::Unsupported {
+                engine: self.name(),
+                rip: 0,
+                detail: "this engine cannot restrict interrupt delivery to device exits".into(),
+            }),
+        }
+    }
+}
+
+/// Where an engine delivers a pending external interrupt the guest can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InterruptDelivery {
+    /// At the first instruction boundary where the guest can take it, as hardware does.
+    Exact,
+    /// Only when [`Cpu::run`] is entered after a device exit or HLT, with the guest able to
+    /// take it: the delivery point is then a device-exit ordinal on every engine, which is
+    /// what recording on kvm without a PMU relies on (exit-synchronous delivery).
+    AtExits,
 }
 
 impl std::fmt::Display for CpuState {

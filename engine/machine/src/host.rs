@@ -48,6 +48,10 @@ pub trait Host: Send {
     /// The guest is idle (halted) until `deadline_ns` of guest time, or until external
     /// input arrives when `deadline_ns` is `None`. Live hosts wait; virtual clocks jump.
     fn idle(&mut self, at: Position, deadline_ns: Option<u64>);
+    /// The CPU took external interrupt `vector` here (the machine calls it at interrupt
+    /// acknowledge). Not a question: live hosts ignore it; recording hosts log it so a
+    /// replay can check that every interrupt lands at the same position.
+    fn interrupt_delivered(&mut self, _at: Position, _vector: u8) {}
 }
 
 /// How a live host tells time.

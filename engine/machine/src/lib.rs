@@ -15,7 +15,9 @@ pub mod machine;
 pub mod memory;
 pub mod pc;
 
-pub use cpu::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Segment};
+pub use cpu::{
+    Cpu, CpuError, CpuState, EngineStats, Exit, InterruptDelivery, Kicker, Limit, Segment,
+};
 pub use cpuid::CpuidTable;
 pub use host::{ClockMode, Host, LiveHost, Position};
 pub use machine::{Machine, MachineConfig, MachineError};

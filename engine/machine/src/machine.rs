@@ -228,6 +228,11 @@ impl Machine {
         self.position
     }
 
+    /// Moves the position, when a snapshot is restored (replay seeking from a checkpoint).
+    pub fn set_position(&mut self, position: Position) {
+        self.position = position;
+    }
+
     /// Engines that count instructions report the count before every device access.
     pub fn set_icount(&mut self, icount: u64) {
         self.position.icount = icount;
@@ -392,7 +397,9 @@ impl Machine {
     /// Interrupt acknowledge: the vector the CPU must deliver now.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
         self.stats.add("io.interrupts_delivered", 1);
-        self.irqchip.acknowledge()
+        let vector = self.irqchip.acknowledge();
+        self.host.interrupt_delivered(self.position, vector);
+        vector
     }
 
     /// Drives an interrupt line from outside the device set (tests, injected events).

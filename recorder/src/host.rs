@@ -1,0 +1,219 @@
+//! The recording [`Host`]: answers from a live host and logs every answer, with its position,
+//! straight into the trace writer.
+
+use crate::state::trace_position;
+use deja_machine::{Host, Kicker, Position};
+use deja_traces::{Event, EventKind, TraceWriter};
+use std::io::Write;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What `Host::poll_quantum` answers under exit-synchronous delivery: devices are polled at
+/// device exits only, so the answer is not an input and is not logged.
+pub const NO_POLL_QUANTUM: u64 = 1 << 62;
+
+/// A sink for trace bytes (a file, or anything a test wants).
+pub type TraceSink = Box<dyn Write + Send>;
+
+/// The trace writer and the recording's bookkeeping, shared by the recording host (which
+/// logs answers) and the recorder (which adds digests and checkpoints between exits).
+pub struct Shared {
+    /// The writer; `None` once finished.
+    pub writer: Option<TraceWriter<TraceSink>>,
+    /// The first write error: the recording stops at the next exit and says so.
+    pub error: Option<deja_traces::WriteError>,
+    /// Events logged since the last state digest.
+    pub since_digest: u64,
+    /// Position of the last event logged.
+    pub last: deja_traces::Position,
+    /// Stops the CPU when writing fails.
+    pub kicker: Option<Kicker>,
+}
+
+impl Shared {
+    /// Logs one event (after a write error: drops it; the error is already kept).
+    pub fn log(&mut self, at: deja_traces::Position, kind: EventKind) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(w) = self.writer.as_mut() else {
+            return;
+        };
+        // Events whose position the host cannot know (boot wallclock) take the last one.
+        let at = if self.last.at_or_before(&at) {
+            at
+        } else {
+            self.last
+        };
+        match w.push(&Event::new(at, kind)) {
+            Ok(()) => {
+                self.last = at;
+                self.since_digest += 1;
+            }
+            Err(e) => {
+                self.error = Some(e);
+                if let Some(k) = &self.kicker {
+                    k.kick();
+                }
+            }
+        }
+    }
+}
+
+/// Locks the shared state, recovering it if a panicking thread poisoned the lock (the data
+/// is a writer and counters, still consistent).
+pub fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A small deterministic generator (splitmix64) for chaos perturbations: the seed is in the
+/// trace header, every value it produces is in the trace.
+#[derive(Debug, Clone)]
+pub struct Chaos {
+    state: u64,
+    /// Poll quanta are drawn from `1..=max_quantum`.
+    pub max_quantum: u64,
+}
+
+impl Chaos {
+    /// A generator from `seed`, drawing poll quanta up to `max_quantum` instructions.
+    pub fn new(seed: u64, max_quantum: u64) -> Self {
+        Self {
+            state: seed,
+            max_quantum: max_quantum.max(1),
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The next poll quantum. Mostly short, sometimes long, so interrupts land at widely
+    /// different instruction boundaries from one attempt to the next.
+    pub fn quantum(&mut self) -> u64 {
+        let r = self.next();
+        let span = if r & 3 == 0 {
+            self.max_quantum
+        } else {
+            (self.max_quantum / 16).max(1)
+        };
+        1 + (r >> 8) % span
+    }
+}
+
+/// The recording host: every answer of the live host it wraps is logged with its position.
+pub struct RecordingHost {
+    live: Box<dyn Host>,
+    shared: Arc<Mutex<Shared>>,
+    exit_synchronous: bool,
+    chaos: Option<Chaos>,
+}
+
+impl RecordingHost {
+    /// Wraps `live`. Under exit-synchronous delivery the poll quantum is not asked of the
+    /// live host (devices are polled at exits only); with `chaos` it is drawn at random.
+    pub fn new(
+        live: Box<dyn Host>,
+        shared: Arc<Mutex<Shared>>,
+        exit_synchronous: bool,
+        chaos: Option<Chaos>,
+    ) -> Self {
+        Self {
+            live,
+            shared,
+            exit_synchronous,
+            chaos,
+        }
+    }
+
+    fn log(&self, at: Position, kind: EventKind) {
+        lock(&self.shared).log(trace_position(at), kind);
+    }
+}
+
+impl Host for RecordingHost {
+    fn time_ns(&mut self, at: Position) -> u64 {
+        let ns = self.live.time_ns(at);
+        self.log(at, EventKind::TimeRead { ns });
+        ns
+    }
+
+    fn boot_wallclock(&mut self) -> i64 {
+        let secs = self.live.boot_wallclock();
+        let at = lock(&self.shared).last;
+        lock(&self.shared).log(at, EventKind::BootWallclock { secs });
+        secs
+    }
+
+    fn serial_input(&mut self, at: Position) -> Option<u8> {
+        let byte = self.live.serial_input(at);
+        self.log(at, EventKind::SerialInput { byte });
+        byte
+    }
+
+    fn entropy(&mut self, at: Position) -> u64 {
+        let value = self.live.entropy(at);
+        self.log(at, EventKind::Entropy { value });
+        value
+    }
+
+    fn poll_quantum(&mut self, at: Position) -> u64 {
+        if self.exit_synchronous {
+            return NO_POLL_QUANTUM;
+        }
+        let instructions = match &mut self.chaos {
+            Some(c) => {
+                let q = c.quantum();
+                self.log(
+                    at,
+                    EventKind::Chaos {
+                        perturbation: "poll-quantum".into(),
+                        value: q,
+                    },
+                );
+                q
+            }
+            None => self.live.poll_quantum(at),
+        };
+        self.log(at, EventKind::PollQuantum { instructions });
+        instructions
+    }
+
+    fn idle(&mut self, at: Position, deadline_ns: Option<u64>) {
+        self.live.idle(at, deadline_ns);
+        let resumed_ns = self.live.time_ns(at);
+        self.log(
+            at,
+            EventKind::Idle {
+                deadline_ns,
+                resumed_ns,
+            },
+        );
+    }
+
+    fn interrupt_delivered(&mut self, at: Position, vector: u8) {
+        self.log(at, EventKind::Interrupt { vector });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chaos_quanta_are_reproducible_from_the_seed_and_stay_in_range() {
+        let mut a = Chaos::new(7, 1000);
+        let mut b = Chaos::new(7, 1000);
+        let xs: Vec<u64> = (0..200).map(|_| a.quantum()).collect();
+        let ys: Vec<u64> = (0..200).map(|_| b.quantum()).collect();
+        assert_eq!(xs, ys);
+        assert!(xs.iter().all(|&q| (1..=1000).contains(&q)));
+        let distinct: std::collections::BTreeSet<_> = xs.iter().collect();
+        assert!(distinct.len() > 50, "{} distinct quanta", distinct.len());
+        let mut c = Chaos::new(8, 1000);
+        assert_ne!(xs, (0..200).map(|_| c.quantum()).collect::<Vec<_>>());
+    }
+}

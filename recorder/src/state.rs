@@ -1,0 +1,276 @@
+//! The machine state a trace talks about: the digest that record and replay compare, and the
+//! snapshot a checkpoint stores (CPU state, device states, position, poll schedule, memory).
+//!
+//! Both are defined by content only, so they are the same whichever engine produced them:
+//! the CPU part of the digest covers the architectural core both engines keep identically
+//! (not engine-private MSR lists or descriptor-cache bits), and memory counts every non-zero
+//! page by number and contents.
+
+use deja_machine::devices::DeviceState;
+use deja_machine::vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use deja_machine::{Cpu, CpuError, CpuState, Machine, MachineError, Position};
+use deja_traces::{Digest, PAGE_SIZE, PageTracker};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Failures reading or restoring machine state.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// The engine could not report or take its state.
+    #[error("CPU state: {0}")]
+    Cpu(#[from] CpuError),
+    /// The devices refused a saved state.
+    #[error("device state: {0}")]
+    Machine(#[from] MachineError),
+    /// A saved blob does not decode.
+    #[error("cannot decode the {what} of a checkpoint: {detail}")]
+    Decode {
+        /// Which blob.
+        what: &'static str,
+        /// bincode's explanation.
+        detail: String,
+    },
+    /// A page of a checkpoint lies outside guest memory.
+    #[error("checkpoint page {page:#x} (address {:#x}) is not in guest memory", page * PAGE_SIZE as u64)]
+    PageOutsideMemory {
+        /// The page number.
+        page: u64,
+    },
+    /// The engine cannot be moved to the checkpoint's instruction count.
+    #[error(
+        "the {engine} engine cannot seek: its instruction count is {actual} after restoring a \
+         checkpoint at icount {wanted}"
+    )]
+    CannotSeek {
+        /// The engine.
+        engine: &'static str,
+        /// The checkpoint's icount.
+        wanted: u64,
+        /// What the engine reports.
+        actual: u64,
+    },
+}
+
+/// Everything but the CPU and memory that a checkpoint must hold to resume a run exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSnapshot {
+    /// The position (icount and device-exit ordinal).
+    pub position: deja_traces::Position,
+    /// When the run loop next polls devices (instruction-counting engines).
+    pub next_poll: u64,
+    /// Every device's state, interrupt controller first.
+    pub devices: Vec<DeviceState>,
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+/// Encodes a value for a checkpoint blob.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding plain in-memory structures into a Vec cannot fail.
+    bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
+}
+
+/// Decodes a checkpoint blob.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, StateError> {
+    bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map(|(v, _)| v)
+        .map_err(|e| StateError::Decode {
+            what,
+            detail: e.to_string(),
+        })
+}
+
+/// The machine's position in trace terms.
+pub fn trace_position(p: Position) -> deja_traces::Position {
+    deja_traces::Position::new(p.icount, p.exits)
+}
+
+/// The architectural core of a CPU state that both engines report identically: what the
+/// state digest covers.
+fn cpu_core(s: &CpuState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
+    for r in s.gpr {
+        put(r);
+    }
+    put(s.rip);
+    // Arithmetic, control and system flags; RF and the reserved bits are left out.
+    put(s.rflags & 0x0024_7fd5 | 0x2);
+    for sg in &s.seg {
+        put(u64::from(sg.selector));
+        put(sg.base);
+    }
+    put(s.cr0 & 0xe005_002f);
+    put(s.cr3);
+    put(s.cr4);
+    put(s.efer & 0xd01);
+    put(s.gdtr.base);
+    put(u64::from(s.gdtr.limit));
+    put(s.idtr.base);
+    put(u64::from(s.idtr.limit));
+    put(u64::from(s.fpu.mxcsr));
+    for x in &s.fpu.xmm {
+        out.extend_from_slice(x);
+    }
+    out
+}
+
+/// Calls `f` with the number and contents of every resident page of guest memory (RAM and
+/// ROM), in ascending order. Pages the host never backed are zero and are skipped without
+/// being read, so a mostly untouched guest costs little whatever its RAM size. The guest
+/// must not be running (callers are on the vCPU thread between exits).
+pub fn for_each_resident_page(machine: &Machine, mut f: impl FnMut(u64, &[u8])) {
+    let mut regions: Vec<_> = machine.mem.iter().collect();
+    regions.sort_by_key(|r| r.start_addr().0);
+    for region in regions {
+        let start = region.start_addr().0;
+        let len = region.len() as usize;
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let pages = len.div_ceil(PAGE_SIZE);
+        let mut resident = vec![0u8; pages];
+        // SAFETY: `host..host+len` is the region's own mapping, which `machine.mem` keeps
+        // alive; mincore only reads the page tables and writes `pages` bytes into `resident`.
+        let rc = unsafe { libc::mincore(host.cast(), len, resident.as_mut_ptr()) };
+        if rc != 0 {
+            // Cannot tell residency: treat every page as resident (correct, slower).
+            resident.fill(1);
+        }
+        for (i, r) in resident.iter().enumerate() {
+            if r & 1 == 0 {
+                continue;
+            }
+            let off = i * PAGE_SIZE;
+            let n = PAGE_SIZE.min(len - off);
+            // SAFETY: `off + n <= len` lies inside the mapping; the guest is not running, so
+            // nothing writes the page while this shared view exists.
+            let page = unsafe { std::slice::from_raw_parts(host.add(off), n) };
+            f((start + off as u64) / PAGE_SIZE as u64, page);
+        }
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}
+
+/// The state digest: BLAKE3 over the CPU's architectural core, every device's state and
+/// every non-zero page of guest memory (number and contents). Identical machines on either
+/// engine give identical digests.
+pub fn state_digest(machine: &Machine, cpu: &CpuState) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"deja-state-v1\0");
+    h.update(&cpu_core(cpu));
+    h.update(&encode(&machine.save_devices()));
+    for_each_resident_page(machine, |n, page| {
+        if !is_zero(page) {
+            h.update(&n.to_le_bytes());
+            h.update(page);
+        }
+    });
+    Digest::from(h.finalize())
+}
+
+/// What a checkpoint holds, ready for [`deja_traces::TraceWriter::checkpoint`].
+pub struct Snapshot {
+    /// The position.
+    pub position: deja_traces::Position,
+    /// bincode [`CpuState`].
+    pub cpu_state: Vec<u8>,
+    /// bincode [`MachineSnapshot`].
+    pub machine_state: Vec<u8>,
+    /// The state digest.
+    pub digest: Digest,
+    /// Pages changed since the previous checkpoint (all non-zero pages for the first).
+    pub pages: Vec<(u64, Vec<u8>)>,
+}
+
+/// Takes a snapshot: CPU, devices, and the pages `tracker` says changed.
+pub fn snapshot(
+    machine: &Machine,
+    cpu: &mut dyn Cpu,
+    next_poll: u64,
+    tracker: &mut PageTracker,
+) -> Result<Snapshot, StateError> {
+    let state = cpu.state()?;
+    let position = trace_position(machine.position());
+    let mut pages = Vec::new();
+    for_each_resident_page(machine, |n, page| {
+        if !tracker.update(n, page).is_empty() {
+            let mut p = page.to_vec();
+            p.resize(PAGE_SIZE, 0);
+            pages.push((n, p));
+        }
+    });
+    let snap = MachineSnapshot {
+        position,
+        next_poll,
+        devices: machine.save_devices(),
+    };
+    Ok(Snapshot {
+        position,
+        cpu_state: encode(&state),
+        machine_state: encode(&snap),
+        digest: state_digest(machine, &state),
+        pages,
+    })
+}
+
+/// Restores a checkpoint into a freshly built machine: memory (every resident page not in
+/// `memory` is zeroed), CPU state and icount, devices, position. Returns the poll schedule
+/// to give [`deja_engine::Vm::set_next_poll`] and the restored CPU state.
+pub fn restore(
+    machine: &mut Machine,
+    cpu: &mut dyn Cpu,
+    memory: &deja_traces::MemoryImage,
+    cpu_state: &[u8],
+    machine_state: &[u8],
+) -> Result<(u64, CpuState), StateError> {
+    let state: CpuState = decode(cpu_state, "CPU state")?;
+    let snap: MachineSnapshot = decode(machine_state, "machine state")?;
+    let mut stale = Vec::new();
+    for_each_resident_page(machine, |n, page| {
+        if memory.page(n).is_none() && !is_zero(page) {
+            stale.push(n);
+        }
+    });
+    use deja_machine::vm_memory::{Bytes, GuestAddress};
+    let zero = [0u8; PAGE_SIZE];
+    for n in stale {
+        let addr = GuestAddress(n * PAGE_SIZE as u64);
+        machine
+            .mem
+            .write_slice(&zero, addr)
+            .map_err(|_| StateError::PageOutsideMemory { page: n })?;
+    }
+    for (n, page) in memory.pages() {
+        let addr = GuestAddress(n * PAGE_SIZE as u64);
+        machine
+            .mem
+            .write_slice(page, addr)
+            .map_err(|_| StateError::PageOutsideMemory { page: n })?;
+    }
+    cpu.set_state(&state)?;
+    machine.restore_devices(&snap.devices)?;
+    machine.set_position(Position {
+        icount: snap.position.icount,
+        exits: snap.position.exits,
+    });
+    if cpu.counts_instructions() {
+        cpu.set_icount(snap.position.icount);
+        if cpu.icount() != snap.position.icount {
+            return Err(StateError::CannotSeek {
+                engine: cpu.name(),
+                wanted: snap.position.icount,
+                actual: cpu.icount(),
+            });
+        }
+    }
+    Ok((snap.next_poll, state))
+}

@@ -1,0 +1,323 @@
+//! The replaying [`Host`]: answers from the trace, in order, and checks that each question
+//! comes at the recorded position and is of the recorded kind.
+
+use deja_machine::{CpuState, Host, Kicker};
+use deja_recorder::NO_POLL_QUANTUM;
+use deja_recorder::state::trace_position;
+use deja_traces::{CheckpointIndexEntry, Event, EventKind, Position, TraceReader};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Events decoded ahead of the replay by the reader thread.
+const READ_AHEAD: usize = 8192;
+
+/// The first mismatch a replay met.
+#[derive(Debug, Clone)]
+pub struct Mismatch {
+    /// Where the replay was.
+    pub at: Position,
+    /// The expected event's index.
+    pub event_index: u64,
+    /// The expected event's position, if there was one.
+    pub expected_at: Option<Position>,
+    /// What the trace holds.
+    pub expected: String,
+    /// What happened instead.
+    pub actual: String,
+    /// The replay's CPU state there, if the observer read it.
+    pub state: Option<CpuState>,
+}
+
+enum Item {
+    Event(Event),
+    Error(String),
+}
+
+/// The trace's events as the replay consumes them, and what went wrong.
+pub struct Player {
+    rx: Receiver<Item>,
+    peeked: Option<Event>,
+    ended: Option<String>,
+    consumed: u64,
+    last: Position,
+    compare_icount: bool,
+    exit_sync: bool,
+    mismatch: Option<Mismatch>,
+    kicker: Option<Kicker>,
+    last_time: u64,
+}
+
+impl Player {
+    /// Reads the events of the trace at `path` on a background thread (from just after
+    /// `checkpoint`, when given).
+    pub fn new(path: PathBuf, checkpoint: Option<CheckpointIndexEntry>, exit_sync: bool) -> Self {
+        let (tx, rx) = sync_channel(READ_AHEAD);
+        let _ = std::thread::Builder::new()
+            .name("deja-replay-events".into())
+            .spawn(move || {
+                let mut reader = match TraceReader::open(&path) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Item::Error(e.to_string()));
+                        return;
+                    }
+                };
+                let events = match &checkpoint {
+                    Some(cp) => match reader.events_after(cp) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            let _ = tx.send(Item::Error(e.to_string()));
+                            return;
+                        }
+                    },
+                    None => reader.events(),
+                };
+                for e in events {
+                    let item = match e {
+                        Ok(e) => Item::Event(e),
+                        Err(e) => Item::Error(e.to_string()),
+                    };
+                    if tx.send(item).is_err() {
+                        return;
+                    }
+                }
+            });
+        Self {
+            rx,
+            peeked: None,
+            ended: None,
+            consumed: checkpoint.map_or(0, |c| c.event_index),
+            last: checkpoint.map_or(Position::default(), |c| c.position),
+            compare_icount: false,
+            exit_sync,
+            mismatch: None,
+            kicker: None,
+            last_time: 0,
+        }
+    }
+
+    /// Whether positions must match in instruction count too (both sides count them).
+    pub fn set_compare_icount(&mut self, on: bool) {
+        self.compare_icount = on;
+    }
+
+    /// The kicker that stops the CPU at the first mismatch.
+    pub fn set_kicker(&mut self, kicker: Kicker) {
+        self.kicker = Some(kicker);
+    }
+
+    /// The next event, without consuming it (`None` at the end of the trace).
+    pub fn peek(&mut self) -> Option<&Event> {
+        if self.peeked.is_none() && self.ended.is_none() {
+            match self.rx.recv() {
+                Ok(Item::Event(e)) => self.peeked = Some(e),
+                Ok(Item::Error(e)) => self.ended = Some(e),
+                Err(_) => self.ended = Some(String::new()),
+            }
+        }
+        self.peeked.as_ref()
+    }
+
+    /// Consumes the peeked event.
+    pub fn consume(&mut self) {
+        if let Some(e) = self.peeked.take() {
+            self.last = e.at;
+            self.consumed += 1;
+        }
+    }
+
+    /// Events consumed so far (the index of the next one).
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Position of the last event consumed.
+    pub fn last_position(&self) -> Position {
+        self.last
+    }
+
+    /// Whether a recorded position is the replay's position.
+    pub fn same_position(&self, recorded: Position, actual: Position) -> bool {
+        recorded.exits == actual.exits && (!self.compare_icount || recorded.icount == actual.icount)
+    }
+
+    /// Whether the replay has gone past a recorded position.
+    pub fn passed(&self, recorded: Position, actual: Position) -> bool {
+        recorded.exits < actual.exits || (self.compare_icount && recorded.icount < actual.icount)
+    }
+
+    /// Records the first mismatch and stops the CPU.
+    pub fn diverge(&mut self, at: Position, expected: String, actual: String) {
+        if self.mismatch.is_some() {
+            return;
+        }
+        self.mismatch = Some(Mismatch {
+            at,
+            event_index: self.consumed,
+            expected_at: self.peeked.as_ref().map(|e| e.at),
+            expected,
+            actual,
+            state: None,
+        });
+        if let Some(k) = &self.kicker {
+            k.kick();
+        }
+    }
+
+    /// Attaches the replay's CPU state to the mismatch.
+    pub fn set_state(&mut self, state: CpuState) {
+        if let Some(m) = &mut self.mismatch {
+            m.state = Some(state);
+        }
+    }
+
+    /// Takes the mismatch, if any.
+    pub fn take_mismatch(&mut self) -> Option<Mismatch> {
+        self.mismatch.take()
+    }
+
+    /// Why the trace ended before the run did (truncated or damaged), if it did. A trace
+    /// that simply holds no more events after its End event is not "ended early".
+    pub fn trace_end(&self) -> Option<String> {
+        match &self.ended {
+            Some(e) if e.is_empty() => Some("the trace ends after its last whole frame".into()),
+            Some(e) => Some(e.clone()),
+            None => None,
+        }
+    }
+
+    /// Whether the replay must stop (mismatch or end of trace).
+    pub fn stopped(&self) -> bool {
+        self.mismatch.is_some() || self.ended.is_some()
+    }
+
+    fn stop_at_end(&mut self) {
+        if let Some(k) = &self.kicker {
+            k.kick();
+        }
+    }
+
+    /// The recorded answer to a question of kind `ordinal` asked at `at`, or `None` after a
+    /// mismatch (which is recorded) or at the end of the trace.
+    fn answer(&mut self, at: Position, ordinal: usize, asked: &str, check_position: bool) -> Option<EventKind> {
+        if self.mismatch.is_some() {
+            return None;
+        }
+        loop {
+            let Some(e) = self.peek().cloned() else {
+                self.stop_at_end();
+                return None;
+            };
+            if let EventKind::Chaos { .. } = e.kind {
+                self.consume();
+                continue;
+            }
+            if e.kind.ordinal() == ordinal && (!check_position || self.same_position(e.at, at)) {
+                self.consume();
+                return Some(e.kind);
+            }
+            self.diverge(at, format!("{} at {}", e.kind, e.at), format!("{asked} at {at}"));
+            return None;
+        }
+    }
+}
+
+/// Locks the player, recovering from poisoning.
+pub fn lock(p: &Mutex<Player>) -> MutexGuard<'_, Player> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The replaying host: never touches the real world.
+pub struct ReplayingHost {
+    player: Arc<Mutex<Player>>,
+}
+
+impl ReplayingHost {
+    /// A host answering from `player`.
+    pub fn new(player: Arc<Mutex<Player>>) -> Self {
+        Self { player }
+    }
+}
+
+impl Host for ReplayingHost {
+    fn time_ns(&mut self, at: deja_machine::Position) -> u64 {
+        let mut p = lock(&self.player);
+        match p.answer(trace_position(at), 0, "a time read", true) {
+            Some(EventKind::TimeRead { ns }) => {
+                p.last_time = ns;
+                ns
+            }
+            _ => p.last_time,
+        }
+    }
+
+    fn boot_wallclock(&mut self) -> i64 {
+        let mut p = lock(&self.player);
+        let at = p.last;
+        match p.answer(at, 1, "the boot wallclock", false) {
+            Some(EventKind::BootWallclock { secs }) => secs,
+            _ => 0,
+        }
+    }
+
+    fn serial_input(&mut self, at: deja_machine::Position) -> Option<u8> {
+        let mut p = lock(&self.player);
+        match p.answer(trace_position(at), 2, "a serial input poll", true) {
+            Some(EventKind::SerialInput { byte }) => byte,
+            _ => None,
+        }
+    }
+
+    fn entropy(&mut self, at: deja_machine::Position) -> u64 {
+        let mut p = lock(&self.player);
+        match p.answer(trace_position(at), 3, "an entropy read", true) {
+            Some(EventKind::Entropy { value }) => value,
+            _ => 0,
+        }
+    }
+
+    fn poll_quantum(&mut self, at: deja_machine::Position) -> u64 {
+        let mut p = lock(&self.player);
+        if p.exit_sync {
+            return NO_POLL_QUANTUM;
+        }
+        match p.answer(trace_position(at), 4, "a poll quantum", true) {
+            Some(EventKind::PollQuantum { instructions }) => instructions.max(1),
+            _ => NO_POLL_QUANTUM,
+        }
+    }
+
+    fn idle(&mut self, at: deja_machine::Position, deadline_ns: Option<u64>) {
+        let mut p = lock(&self.player);
+        let at = trace_position(at);
+        if let Some(EventKind::Idle {
+            deadline_ns: recorded,
+            ..
+        }) = p.answer(at, 5, "an idle period", true)
+            && recorded != deadline_ns
+        {
+            let fmt = |d: Option<u64>| d.map_or("input".to_string(), |d| format!("{d} ns"));
+            p.diverge(
+                at,
+                format!("idle until {}", fmt(recorded)),
+                format!("idle until {}", fmt(deadline_ns)),
+            );
+        }
+    }
+
+    fn interrupt_delivered(&mut self, at: deja_machine::Position, vector: u8) {
+        let mut p = lock(&self.player);
+        let at = trace_position(at);
+        if let Some(EventKind::Interrupt { vector: recorded }) =
+            p.answer(at, 6, &format!("interrupt vector {vector:#04x}"), true)
+            && recorded != vector
+        {
+            p.diverge(
+                at,
+                format!("interrupt vector {recorded:#04x}"),
+                format!("interrupt vector {vector:#04x}"),
+            );
+        }
+    }
+}
