@@ -225,7 +225,7 @@ pub fn machine_info(config: &MachineConfig) -> MachineInfo {
                 edx: e.edx,
             })
             .collect(),
-        extra: state::encode(config),
+        extra: serde_json::to_vec(config).unwrap_or_default(),
     }
 }
 
@@ -235,7 +235,7 @@ pub fn image_record(image: &Image) -> ImageRecord {
         &image.name,
         &image.bytes,
         &format!("{:?}", image.format),
-        state::encode(&image.format),
+        serde_json::to_vec(&image.format).unwrap_or_default(),
     )
 }
 
@@ -283,9 +283,12 @@ impl Observer {
             || self.checkpoint_every == 1;
         let result = if checkpoint {
             snapshot(machine, cpu, next_poll, &mut self.tracker).map(|snap| {
-                s.log(at, EventKind::StateDigest {
-                    digest: snap.digest,
-                });
+                s.log(
+                    at,
+                    EventKind::StateDigest {
+                        digest: snap.digest,
+                    },
+                );
                 if s.error.is_none()
                     && let Some(w) = s.writer.as_mut()
                 {
@@ -474,14 +477,10 @@ impl Recorder {
         }
         let machine = &self.vm.machine;
         let at = state::trace_position(machine.position());
-        let cpu_state = self
-            .vm
-            .cpu
-            .state()
-            .map_err(|e| RecordError::State {
-                at,
-                source: e.into(),
-            })?;
+        let cpu_state = self.vm.cpu.state().map_err(|e| RecordError::State {
+            at,
+            source: e.into(),
+        })?;
         let final_digest = state_digest(machine, &cpu_state);
         let (status, reason) = describe_end(&run.end);
         let (serial_digest, serial_bytes, output) = {

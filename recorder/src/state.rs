@@ -23,7 +23,7 @@ pub enum StateError {
     #[error("device state: {0}")]
     Machine(#[from] MachineError),
     /// A saved blob does not decode.
-    #[error("cannot decode the {what} of a checkpoint: {detail}")]
+    #[error("cannot decode the {what}: {detail}")]
     Decode {
         /// Which blob.
         what: &'static str,
@@ -83,6 +83,17 @@ pub fn decode<T: serde::de::DeserializeOwned>(
             what,
             detail: e.to_string(),
         })
+}
+
+/// Decodes a JSON blob of the header (machine configuration, image format).
+pub fn decode_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Decode {
+        what,
+        detail: e.to_string(),
+    })
 }
 
 /// The machine's position in trace terms.

@@ -200,7 +200,13 @@ impl Player {
 
     /// The recorded answer to a question of kind `ordinal` asked at `at`, or `None` after a
     /// mismatch (which is recorded) or at the end of the trace.
-    fn answer(&mut self, at: Position, ordinal: usize, asked: &str, check_position: bool) -> Option<EventKind> {
+    fn answer(
+        &mut self,
+        at: Position,
+        ordinal: usize,
+        asked: &str,
+        check_position: bool,
+    ) -> Option<EventKind> {
         if self.mismatch.is_some() {
             return None;
         }
@@ -217,7 +223,11 @@ impl Player {
                 self.consume();
                 return Some(e.kind);
             }
-            self.diverge(at, format!("{} at {}", e.kind, e.at), format!("{asked} at {at}"));
+            self.diverge(
+                at,
+                format!("{} at {}", e.kind, e.at),
+                format!("{asked} at {at}"),
+            );
             return None;
         }
     }

@@ -66,9 +66,7 @@ pub enum ReplayError {
         detail: String,
     },
     /// The replaying engine cannot reproduce the trace's delivery discipline.
-    #[error(
-        "a trace recorded with {delivery:?} delivery cannot be replayed on {engine}: {detail}"
-    )]
+    #[error("a trace recorded with {delivery:?} delivery cannot be replayed on {engine}: {detail}")]
     Delivery {
         /// The engine.
         engine: EngineKind,
@@ -151,7 +149,11 @@ pub struct Divergence {
 
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "replay diverged at {} (event #{})", self.at, self.event_index)?;
+        writeln!(
+            f,
+            "replay diverged at {} (event #{})",
+            self.at, self.event_index
+        )?;
         writeln!(f, "  expected: {}", self.expected)?;
         writeln!(f, "  actual:   {}", self.actual)?;
         if !self.register_diff.is_empty() {
@@ -233,7 +235,11 @@ impl std::fmt::Display for ReplayReport {
                 self.events, self.digests_checked
             ),
             Verdict::ReachedUntil { at, state } => {
-                write!(f, "stopped at {at} (all {} events up to it matched)\n{state}", self.events)
+                write!(
+                    f,
+                    "stopped at {at} (all {} events up to it matched)\n{state}",
+                    self.events
+                )
             }
         }
     }
@@ -249,8 +255,8 @@ pub fn resolve_image(
         name: record.name.clone(),
         detail,
     };
-    let format: ImageFormat = state::decode(&record.load_spec, "image format")
-        .map_err(|e| err(e.to_string()))?;
+    let format: ImageFormat =
+        state::decode_json(&record.load_spec, "image format").map_err(|e| err(e.to_string()))?;
     let image = if let Some(name) = record.name.strip_prefix("guest:") {
         guests(name).ok_or_else(|| err(format!("no built-in guest named {name:?}")))?
     } else {
@@ -275,7 +281,7 @@ pub fn resolve_image(
 
 /// The machine configuration a trace was recorded with.
 pub fn machine_config(header: &Header, trace: &str) -> Result<MachineConfig, ReplayError> {
-    state::decode(&header.machine.extra, "machine configuration").map_err(|e| {
+    state::decode_json(&header.machine.extra, "machine configuration").map_err(|e| {
         ReplayError::BadTrace {
             trace: trace.to_string(),
             detail: e.to_string(),
@@ -320,13 +326,21 @@ impl RunObserver for Observer {
                     let state = match cpu.state() {
                         Ok(s) => s,
                         Err(err) => {
-                            p.diverge(at, format!("state digest {digest}"), format!("no CPU state: {err}"));
+                            p.diverge(
+                                at,
+                                format!("state digest {digest}"),
+                                format!("no CPU state: {err}"),
+                            );
                             return false;
                         }
                     };
                     let actual = state_digest(machine, &state);
                     if actual != *digest {
-                        p.diverge(at, format!("state digest {digest}"), format!("state digest {actual}"));
+                        p.diverge(
+                            at,
+                            format!("state digest {digest}"),
+                            format!("state digest {actual}"),
+                        );
                         p.set_state(state);
                         return false;
                     }
@@ -336,7 +350,11 @@ impl RunObserver for Observer {
                 EventKind::SerialOutput { .. } | EventKind::StateDigest { .. }
                     if p.passed(e.at, at) =>
                 {
-                    p.diverge(at, format!("{} at {}", e.kind, e.at), "execution passed that position without reaching it".into());
+                    p.diverge(
+                        at,
+                        format!("{} at {}", e.kind, e.at),
+                        "execution passed that position without reaching it".into(),
+                    );
                     return false;
                 }
                 _ => break,
@@ -468,8 +486,8 @@ pub fn replay(
     let (exit_status, end) = deja_recorder::describe_end(&run.end);
 
     let mut p = host::lock(&player);
-    let reached_until = observer.reached
-        || (max_instructions.is_some() && run.end == RunEnd::InstructionLimit);
+    let reached_until =
+        observer.reached || (max_instructions.is_some() && run.end == RunEnd::InstructionLimit);
     let verdict = if let Some(m) = p.take_mismatch() {
         let mut register_diff = Vec::new();
         // The recorded CPU state at that very position, if a checkpoint holds it.
@@ -628,8 +646,15 @@ fn finish_check(
         if d != c.digest() || f.serial_output_bytes != c.total() {
             return diverged(
                 p,
-                format!("serial output of {} bytes, BLAKE3 {d}", f.serial_output_bytes),
-                format!("serial output of {} bytes, BLAKE3 {}", c.total(), c.digest()),
+                format!(
+                    "serial output of {} bytes, BLAKE3 {d}",
+                    f.serial_output_bytes
+                ),
+                format!(
+                    "serial output of {} bytes, BLAKE3 {}",
+                    c.total(),
+                    c.digest()
+                ),
             );
         }
     }

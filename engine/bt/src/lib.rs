@@ -81,6 +81,9 @@ pub struct BtCpu {
     stats: Stats,
     icount: u64,
     kicker: Kicker,
+    /// Deliver external interrupts only on entry to `run` (exit-synchronous delivery, as kvm
+    /// without a PMU does), never in the middle of a run.
+    deliver_at_exits: bool,
 }
 
 /// What a lookup found.
@@ -102,6 +105,7 @@ impl BtCpu {
             stats: Stats::default(),
             icount: 0,
             kicker: Kicker::new(),
+            deliver_at_exits: false,
         })
     }
 
@@ -464,6 +468,10 @@ impl Cpu for BtCpu {
                 irq_line = machine.interrupt_pending();
                 continue;
             }
+            if self.deliver_at_exits {
+                // Exit-synchronous delivery: whatever was pending at entry had its chance.
+                irq_line = false;
+            }
             let slot = match self.find_block(machine)? {
                 Found::Block(s) => s,
                 Found::Fault(e) => {
@@ -617,6 +625,18 @@ impl Cpu for BtCpu {
 
     fn icount(&self) -> u64 {
         self.icount
+    }
+
+    fn set_icount(&mut self, icount: u64) {
+        self.icount = icount;
+    }
+
+    fn set_interrupt_delivery(
+        &mut self,
+        delivery: deja_machine::InterruptDelivery,
+    ) -> Result<(), CpuError> {
+        self.deliver_at_exits = delivery == deja_machine::InterruptDelivery::AtExits;
+        Ok(())
     }
 
     fn state(&mut self) -> Result<CpuState, CpuError> {

@@ -1,0 +1,403 @@
+//! Record on one engine, replay on the same or the other, with the test board machine.
+
+mod common;
+
+use common::{Engine, build, config, guest, kvm_available};
+use deja_engine::{EngineKind, RunEnd};
+use deja_machine::devices::StopRequest;
+use deja_machine::loader::Image;
+use deja_machine::{ClockMode, LiveHost};
+use deja_recorder::{RecordOptions, RecordOutcome, Recorder, SerialCapture};
+use deja_replayer::{ReplayOptions, ReplayReport, Until, Verdict, replay};
+use deja_traces::{
+    CheckpointInput, Event, EventKind, FinishInfo, TraceReader, TraceWriter, WriterOptions,
+};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("deja-rr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn kind(e: Engine) -> EngineKind {
+    match e {
+        Engine::Kvm => EngineKind::Kvm,
+        Engine::Bt => EngineKind::Bt,
+    }
+}
+
+struct Recorded {
+    outcome: RecordOutcome,
+    output: Vec<u8>,
+}
+
+fn record_with(
+    engine: Engine,
+    image: &Image,
+    path: &Path,
+    input: &[u8],
+    tweak: impl FnOnce(&mut RecordOptions),
+) -> Recorded {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for &b in input {
+        tx.send(b).unwrap();
+    }
+    drop(tx);
+    let live = Box::new(LiveHost::new(ClockMode::Host).with_input(rx));
+    let mut opts = RecordOptions::new(kind(engine), ClockMode::Host);
+    opts.digest_interval = 16;
+    tweak(&mut opts);
+    let serial = Arc::new(Mutex::new(SerialCapture::keeping()));
+    let sink = Box::new(std::fs::File::create(path).unwrap());
+    let cfg = config();
+    let rec = Recorder::new(
+        image,
+        &cfg,
+        live,
+        sink,
+        &path.display().to_string(),
+        Box::new(std::io::sink()),
+        serial.clone(),
+        opts,
+        |host, out| build(engine, &cfg, image, host, out),
+    )
+    .unwrap();
+    let outcome = rec.run().unwrap();
+    let output = serial.lock().unwrap().kept().unwrap().to_vec();
+    Recorded { outcome, output }
+}
+
+fn record(engine: Engine, image: &Image, path: &Path, input: &[u8]) -> Recorded {
+    record_with(engine, image, path, input, |_| {})
+}
+
+fn replay_on(
+    engine: Engine,
+    path: &Path,
+    image: &Image,
+    until: Option<Until>,
+    seek: bool,
+) -> ReplayReport {
+    let opts = ReplayOptions {
+        engine: kind(engine),
+        until,
+        seek,
+        timeout: Some(std::time::Duration::from_secs(60)),
+    };
+    let img = image.clone();
+    replay(
+        path,
+        &opts,
+        &move |name| (name == "board").then(|| img.clone()),
+        Box::new(std::io::sink()),
+        Box::new(move |cfg, image, host, out| build(engine, cfg, image, host, out)),
+    )
+    .unwrap()
+}
+
+fn assert_verified(r: &ReplayReport) {
+    assert!(matches!(r.verdict, Verdict::Verified), "{r}");
+}
+
+fn check_round_trip(engine: Engine) {
+    let image = guest(12);
+    let path = tmp(&format!("round-trip-{engine:?}.trace"));
+    let rec = record(engine, &image, &path, b"hi!");
+    assert_eq!(
+        rec.outcome.run.end,
+        RunEnd::Stopped(StopRequest::DebugExit { value: 0x10 })
+    );
+    assert!(rec.outcome.write_error.is_none());
+    let footer = rec.outcome.footer.as_ref().unwrap();
+    assert!(
+        rec.output.starts_with(b"............"),
+        "{:?}",
+        String::from_utf8_lossy(&rec.output)
+    );
+    assert!(rec.output.windows(3).any(|w| w == b"hi!"));
+    assert!(
+        footer.event_counts["interrupt"] >= 12,
+        "{:?}",
+        footer.event_counts
+    );
+    assert!(footer.event_counts["time"] > 10);
+    assert!(footer.event_counts["state-digest"] >= 2);
+    assert!(!footer.checkpoints.is_empty());
+    for _ in 0..2 {
+        let r = replay_on(engine, &path, &image, None, false);
+        assert_verified(&r);
+        assert_eq!(r.final_digest, rec.outcome.final_digest);
+        assert_eq!(r.exit_status, Some(0x10));
+        assert_eq!(r.events, footer.events_total);
+        assert!(r.digests_checked >= 2);
+    }
+}
+
+#[test]
+fn a_kvm_recording_replays_verified_on_kvm() {
+    if !kvm_available("a_kvm_recording_replays_verified_on_kvm") {
+        return;
+    }
+    check_round_trip(Engine::Kvm);
+}
+
+#[test]
+fn a_bt_recording_replays_verified_on_bt() {
+    check_round_trip(Engine::Bt);
+}
+
+#[test]
+fn a_kvm_recording_replays_on_bt_with_the_same_digests() {
+    if !kvm_available("a_kvm_recording_replays_on_bt_with_the_same_digests") {
+        return;
+    }
+    let image = guest(8);
+    let path = tmp("kvm-to-bt.trace");
+    let rec = record(Engine::Kvm, &image, &path, b"x");
+    let r = replay_on(Engine::Bt, &path, &image, None, false);
+    assert_verified(&r);
+    assert_eq!(r.final_digest, rec.outcome.final_digest);
+    assert!(r.icount > 0);
+}
+
+#[test]
+fn an_exit_synchronous_bt_recording_replays_on_kvm() {
+    let image = guest(8);
+    let path = tmp("bt-sync-to-kvm.trace");
+    let rec = record_with(Engine::Bt, &image, &path, b"", |o| {
+        o.delivery = deja_traces::Delivery::ExitSynchronous;
+    });
+    let on_bt = replay_on(Engine::Bt, &path, &image, None, false);
+    assert_verified(&on_bt);
+    if !kvm_available("an_exit_synchronous_bt_recording_replays_on_kvm") {
+        return;
+    }
+    let r = replay_on(Engine::Kvm, &path, &image, None, false);
+    assert_verified(&r);
+    assert_eq!(r.final_digest, rec.outcome.final_digest);
+}
+
+#[test]
+fn chaos_recordings_replay_exactly() {
+    let image = guest(10);
+    for seed in [1u64, 2, 3] {
+        let path = tmp(&format!("chaos-{seed}.trace"));
+        let rec = record_with(Engine::Bt, &image, &path, b"", |o| {
+            o.chaos_seed = Some(seed);
+            o.chaos_max_quantum = 500;
+        });
+        let footer = rec.outcome.footer.as_ref().unwrap();
+        assert!(footer.event_counts["chaos"] > 0);
+        let r = replay_on(Engine::Bt, &path, &image, None, false);
+        assert_verified(&r);
+        assert_eq!(r.icount, rec.outcome.run.icount);
+    }
+}
+
+/// Rewrites a trace with `edit` applied to its events (checkpoints kept where they were).
+fn rewrite(src: &Path, dst: &Path, edit: impl Fn(u64, &mut Event)) {
+    let mut r = TraceReader::open(src).unwrap();
+    let header = r.header().clone();
+    let footer = r.footer().cloned().unwrap();
+    let checkpoints = r.checkpoints().to_vec();
+    let events: Vec<Event> = r.events().map(|e| e.unwrap()).collect();
+    let mut w = TraceWriter::create(dst, &header, WriterOptions::default()).unwrap();
+    let mut next_cp = 0;
+    for (i, mut e) in events.into_iter().enumerate() {
+        while next_cp < checkpoints.len() && checkpoints[next_cp].event_index == i as u64 {
+            let c = r.read_checkpoint(&checkpoints[next_cp]).unwrap();
+            w.checkpoint(
+                CheckpointInput {
+                    position: c.meta.position,
+                    cpu_state: c.meta.cpu_state,
+                    device_state: c.meta.device_state,
+                    state_digest: c.meta.state_digest,
+                    full: c.meta.full,
+                },
+                c.pages.iter().map(|(n, p)| (*n, &p[..])),
+            )
+            .unwrap();
+            next_cp += 1;
+        }
+        edit(i as u64, &mut e);
+        w.push(&e).unwrap();
+    }
+    w.finish(FinishInfo {
+        final_position: footer.final_position,
+        final_state_digest: footer.final_state_digest,
+        serial_output_digest: footer.serial_output_digest,
+        serial_output_bytes: footer.serial_output_bytes,
+        exit: footer.exit,
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_tampered_time_answer_is_reported_as_a_divergence_at_its_position() {
+    let image = guest(6);
+    let path = tmp("tamper-src.trace");
+    record(Engine::Bt, &image, &path, b"");
+    let events = deja_replayer::read_events(&path).unwrap();
+    // The clock read that starts the 300 µs polling loop: the last time read before the
+    // second-to-last serial output... simply take the time read in the middle.
+    let times: Vec<(usize, &Event)> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.kind, EventKind::TimeRead { .. }))
+        .collect();
+    let (index, victim) = times[times.len() / 2];
+    let victim_at = victim.at;
+    let tampered = tmp("tamper.trace");
+    rewrite(&path, &tampered, |i, e| {
+        if i == index as u64
+            && let EventKind::TimeRead { ns } = &mut e.kind
+        {
+            *ns += 7_000_000;
+        }
+    });
+    let r = replay_on(Engine::Bt, &tampered, &image, None, false);
+    let Verdict::Diverged(d) = &r.verdict else {
+        panic!("tampering went unnoticed: {r}");
+    };
+    assert!(
+        victim_at.at_or_before(&d.at),
+        "divergence at {} before the tampered event at {victim_at}",
+        d.at
+    );
+    let text = r.to_string();
+    assert!(text.contains("replay diverged at icount"), "{text}");
+    assert!(
+        text.contains("expected:") && text.contains("actual:"),
+        "{text}"
+    );
+    // The untouched copy still verifies.
+    assert_verified(&replay_on(Engine::Bt, &path, &image, None, false));
+}
+
+#[test]
+fn a_truncated_trace_replays_up_to_what_it_holds() {
+    let image = guest(12);
+    let path = tmp("truncate-src.trace");
+    let rec = record_with(Engine::Bt, &image, &path, b"", |o| {
+        o.writer.frame_events = 32;
+    });
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = tmp("truncated.trace");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let r = replay_on(Engine::Bt, &cut, &image, None, false);
+    let Verdict::TraceEnded { detail, .. } = &r.verdict else {
+        panic!("{r}");
+    };
+    assert!(
+        r.events > 0 && r.events < rec.outcome.events,
+        "{} of {}",
+        r.events,
+        rec.outcome.events
+    );
+    assert!(!detail.is_empty());
+    assert!(r.to_string().contains("trace ends early"), "{r}");
+}
+
+#[test]
+fn until_stops_at_the_exact_instruction_with_and_without_a_checkpoint() {
+    let image = guest(10);
+    let path = tmp("until.trace");
+    let rec = record(Engine::Bt, &image, &path, b"");
+    let target = rec.outcome.run.icount * 3 / 4 + 1;
+    let from_start = replay_on(
+        Engine::Bt,
+        &path,
+        &image,
+        Some(Until::Icount(target)),
+        false,
+    );
+    let seeked = replay_on(Engine::Bt, &path, &image, Some(Until::Icount(target)), true);
+    for r in [&from_start, &seeked] {
+        let Verdict::ReachedUntil { at, .. } = &r.verdict else {
+            panic!("{r}");
+        };
+        assert_eq!(at.icount, target);
+        assert_eq!(r.icount, target);
+    }
+    assert!(seeked.started_from.is_some(), "no checkpoint used");
+    assert!(from_start.started_from.is_none());
+    let (Verdict::ReachedUntil { state: a, .. }, Verdict::ReachedUntil { state: b, .. }) =
+        (&from_start.verdict, &seeked.verdict)
+    else {
+        unreachable!()
+    };
+    assert_eq!(a.diff(b), Vec::<String>::new());
+    assert_eq!(from_start.final_digest, seeked.final_digest);
+}
+
+/// A sink that takes `limit` bytes and then reports a full disk.
+struct FullDisk {
+    file: std::fs::File,
+    left: usize,
+}
+
+impl std::io::Write for FullDisk {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() > self.left {
+            return Err(std::io::Error::from_raw_os_error(libc_enospc()));
+        }
+        self.left -= buf.len();
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+fn libc_enospc() -> i32 {
+    28
+}
+
+#[test]
+fn a_full_disk_keeps_every_whole_frame_and_says_so() {
+    let image = guest(20);
+    let path = tmp("full.trace");
+    let full = tmp("full-disk.trace");
+    let rec = record(Engine::Bt, &image, &path, b"");
+    let limit = std::fs::metadata(&path).unwrap().len() as usize / 2;
+    let live = Box::new(LiveHost::new(ClockMode::Host));
+    let mut opts = RecordOptions::new(EngineKind::Bt, ClockMode::Host);
+    opts.digest_interval = 16;
+    opts.writer.frame_events = 64;
+    let cfg = config();
+    let sink = Box::new(FullDisk {
+        file: std::fs::File::create(&full).unwrap(),
+        left: limit,
+    });
+    let outcome = Recorder::new(
+        &image,
+        &cfg,
+        live,
+        sink,
+        "full-disk.trace",
+        Box::new(std::io::sink()),
+        Arc::new(Mutex::new(SerialCapture::default())),
+        opts,
+        |host, out| build(Engine::Bt, &cfg, &image, host, out),
+    )
+    .unwrap()
+    .run()
+    .unwrap();
+    let err = outcome.write_error.expect("the full disk went unnoticed");
+    assert!(err.contains("whole frames"), "{err}");
+    assert!(outcome.footer.is_none());
+    assert!(outcome.run.icount < rec.outcome.run.icount);
+    let r = TraceReader::open(&full).unwrap();
+    assert!(
+        matches!(r.status(), deja_traces::TraceStatus::Truncated { .. }),
+        "{}",
+        r.status()
+    );
+    let replayed = replay_on(Engine::Bt, &full, &image, None, false);
+    assert!(
+        matches!(replayed.verdict, Verdict::TraceEnded { .. }),
+        "{replayed}"
+    );
+}
