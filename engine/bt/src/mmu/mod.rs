@@ -28,7 +28,9 @@ pub use walk::{
     pae_pdpte_reserved_bits, read_pae_pdptes, set_accessed_dirty, walk,
 };
 
-use deja_machine::EngineStats;
+use deja_machine::{CpuState, EngineStats};
+use std::fmt;
+use std::str::FromStr;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
@@ -47,6 +49,18 @@ pub struct PagingRegs {
     pub cr4: u64,
     /// IA32_EFER (LME bit 8, LMA bit 10, NXE bit 11).
     pub efer: u64,
+}
+
+impl PagingRegs {
+    /// The paging registers of an architectural CPU state.
+    pub fn from_state(state: &CpuState) -> Self {
+        Self {
+            cr0: state.cr0,
+            cr3: state.cr3,
+            cr4: state.cr4,
+            efer: state.efer,
+        }
+    }
 }
 
 /// What an access does with the bytes, which decides the rights it needs.
@@ -149,6 +163,60 @@ pub mod counters {
     pub const PDPTE_LOAD: &str = "mmu.pdpte_load";
 }
 
+/// The MMU strategies deja compares (`--mmu shadow|nested|tlb`, issue #7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MmuStrategy {
+    /// Shadow page tables kept coherent by write-tracing the guest's page tables.
+    Shadow,
+    /// The EPT/NPT model: a two-dimensional walk on every TLB miss.
+    Nested,
+    /// A plain soft TLB flushed on CR3 loads and INVLPG ([`soft_tlb`]).
+    Tlb,
+}
+
+impl MmuStrategy {
+    /// Every strategy, in the order reports list them.
+    pub const ALL: [MmuStrategy; 3] = [MmuStrategy::Shadow, MmuStrategy::Nested, MmuStrategy::Tlb];
+
+    /// The name `--mmu` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            MmuStrategy::Shadow => "shadow",
+            MmuStrategy::Nested => "nested",
+            MmuStrategy::Tlb => "tlb",
+        }
+    }
+
+    /// A fresh MMU of this strategy, or an error naming what is not implemented yet.
+    pub fn create(self) -> Result<Box<dyn Mmu>, MmuError> {
+        match self {
+            MmuStrategy::Tlb => Ok(soft_tlb()),
+            MmuStrategy::Shadow | MmuStrategy::Nested => {
+                Err(MmuError::StrategyNotImplemented { strategy: self })
+            }
+        }
+    }
+}
+
+impl fmt::Display for MmuStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for MmuStrategy {
+    type Err = MmuError;
+
+    fn from_str(text: &str) -> Result<Self, MmuError> {
+        MmuStrategy::ALL
+            .into_iter()
+            .find(|s| s.name() == text)
+            .ok_or_else(|| MmuError::UnknownStrategy {
+                text: text.to_string(),
+            })
+    }
+}
+
 /// Failures an MMU reports to the CPU (not page faults: those go to the guest).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum MmuError {
@@ -168,6 +236,18 @@ pub enum MmuError {
         value: u64,
         /// The reserved bits that are set.
         reserved: u64,
+    },
+    /// `--mmu` named no strategy deja knows.
+    #[error("unknown MMU strategy {text:?}: expected shadow, nested or tlb")]
+    UnknownStrategy {
+        /// What was given.
+        text: String,
+    },
+    /// The strategy exists in the design but is not implemented yet (issue #7).
+    #[error("the {strategy} MMU strategy is not implemented yet (issue #7); use --mmu tlb")]
+    StrategyNotImplemented {
+        /// The strategy asked for.
+        strategy: MmuStrategy,
     },
 }
 

@@ -1064,3 +1064,115 @@ fn stats_name_every_counter() {
         assert!(name.starts_with("mmu."));
     }
 }
+
+#[test]
+fn a_page_fault_invalidates_the_cached_translation_of_its_address() {
+    let mem = memory();
+    // Read-only page: a read caches it.
+    let m = map_4k(&mem, 4, 0xa_a000, 0b101);
+    let mut tlb = soft_tlb();
+    let lin = linear_of(4);
+    assert_eq!(tlb.translate(&mem, &m.regs, lin, READ), Ok(0xa_a000));
+    // Retarget without INVLPG; a write still faults (the new PTE is read-only too), and
+    // the fault drops the stale entry (SDM 4.10.4.1), so the next read sees the new frame.
+    mem.write_obj(0xb_b000u64 | 0b101, GuestAddress(m.pte))
+        .unwrap();
+    assert_eq!(
+        tlb.translate(&mem, &m.regs, lin, WRITE)
+            .unwrap_err()
+            .error_code,
+        PF_PRESENT | PF_WRITE
+    );
+    assert_eq!(tlb.translate(&mem, &m.regs, lin, READ), Ok(0xb_b000));
+}
+
+/// Every combination of P, R/W, U/S and XD on the leaf and (uniformly) on the upper levels,
+/// × access kind × user/supervisor × CR0.WP × EFER.NXE × CR4.SMEP × CR4.PGE with G, in
+/// every shape, against the reference model.
+#[test]
+fn exhaustive_rights_combinations_match_the_reference_model() {
+    let mem = memory();
+    let mut checked = 0;
+    for shape in SHAPES {
+        let names = shape.levels();
+        for flags in 0u32..1 << 14 {
+            let bit = |i: u32| flags & (1 << i) != 0;
+            let leaf = (bit(0), bit(1), bit(2), bit(3));
+            let upper = (bit(4), bit(5), bit(6));
+            let kind = match (flags >> 7) % 4 {
+                0 => AccessKind::Read,
+                1 => AccessKind::Write,
+                2 => AccessKind::Execute,
+                _ => continue,
+            };
+            let levels = names
+                .iter()
+                .enumerate()
+                .map(|(i, (name, _, _))| {
+                    let last = i + 1 == names.len();
+                    let pdpte_register = shape.pae() && i == 0;
+                    let (present, writable, user, xd) = if last {
+                        leaf
+                    } else {
+                        (true, upper.0, upper.1, upper.2)
+                    };
+                    LevelSpec {
+                        name,
+                        present,
+                        writable,
+                        user,
+                        execute_disable: xd && !pdpte_register,
+                        accessed: false,
+                        dirty: false,
+                        global: last,
+                        reserved_bit: None,
+                        ignored: 0,
+                    }
+                })
+                .collect();
+            let case = Case {
+                shape,
+                pse: true,
+                wp: bit(9),
+                nxe: bit(10),
+                smep: bit(11),
+                pge: bit(12),
+                access: Access {
+                    kind,
+                    user: bit(13),
+                },
+                linear: 0x7654_3210,
+                frame: shape.page_bytes() * 3,
+                levels,
+            };
+            check_case(&mem, &case);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 7 * 3 * (1 << 12));
+}
+
+#[test]
+fn strategies_parse_by_name_and_only_tlb_exists_yet() {
+    for s in MmuStrategy::ALL {
+        assert_eq!(s.name().parse::<MmuStrategy>(), Ok(s));
+        assert_eq!(s.to_string(), s.name());
+    }
+    let err = "ept".parse::<MmuStrategy>().unwrap_err();
+    assert!(err.to_string().contains("\"ept\""), "{err}");
+    assert!(MmuStrategy::Tlb.create().is_ok());
+    let err = MmuStrategy::Shadow.create().err().unwrap();
+    assert!(err.to_string().contains("shadow"), "{err}");
+}
+
+#[test]
+fn paging_regs_come_from_the_cpu_state() {
+    let mut state = deja_machine::CpuState::reset();
+    state.cr0 |= CR0_PG;
+    state.cr3 = 0x1000;
+    state.cr4 = CR4_PAE;
+    state.efer = EFER_LME | EFER_LMA;
+    let regs = PagingRegs::from_state(&state);
+    assert_eq!(PagingConfig::from_regs(&regs).mode, PagingMode::FourLevel);
+    assert_eq!(regs.cr3, 0x1000);
+}
