@@ -21,7 +21,7 @@ pub struct Key {
 }
 
 /// A link from a block's exit to a successor in the same page.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Link {
     /// The successor's RIP.
     pub rip: u64,
@@ -29,6 +29,17 @@ pub struct Link {
     pub slot: u32,
     /// The slot's generation when linked (a stale link never matches).
     pub generation: u32,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        // No slot has this number, so an unset link never matches.
+        Self {
+            rip: 0,
+            slot: u32::MAX,
+            generation: 0,
+        }
+    }
 }
 
 /// One translated block.
@@ -159,7 +170,10 @@ impl BlockCache {
     /// The generation of `slot`.
     #[inline(always)]
     pub fn generation(&self, slot: u32) -> u32 {
-        self.generations[slot as usize]
+        self.generations
+            .get(slot as usize)
+            .copied()
+            .unwrap_or(u32::MAX)
     }
 
     /// Inserts a new block, returning its slot.

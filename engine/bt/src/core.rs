@@ -333,7 +333,7 @@ impl Core {
     }
 
     /// Evaluates condition code `cc` (the low nibble of Jcc/SETcc/CMOVcc opcodes).
-    #[inline]
+    #[inline(always)]
     pub fn cond(&self, cc: u8) -> bool {
         let l = &self.lazy;
         // Fast paths for the common producer/consumer pairs.

@@ -10,7 +10,13 @@ use deja_machine::Machine;
 use deja_machine::cpu::seg;
 use deja_machine::vm_memory::{GuestAddress, GuestMemoryBackend};
 
-const TLB_SIZE: usize = 256;
+const TLB_SIZE: usize = 1024;
+
+#[inline(always)]
+fn tlb_index(lin: u64) -> usize {
+    let page = lin >> 12;
+    ((page ^ (page >> 10)) as usize) & (TLB_SIZE - 1)
+}
 
 #[derive(Clone, Copy)]
 struct TlbEntry {
@@ -210,7 +216,7 @@ impl Ctx<'_> {
     pub fn read_lin_as(&mut self, lin: u64, size: u8, user: bool) -> Result<u64, Exc> {
         let page = lin & !0xfff;
         let off = (lin & 0xfff) as usize;
-        let e = self.mem.read_tlb[((lin >> 12) as usize) % TLB_SIZE];
+        let e = self.mem.read_tlb[tlb_index(lin)];
         if e.tag == page | (user as u64) << 1 | 1 && off + size as usize <= 4096 {
             // SAFETY: the entry maps a RAM page of the machine's guest memory (checked by
             // `host_ptr` when filled; flushed at every run start and mapping change), and
@@ -253,7 +259,7 @@ impl Ctx<'_> {
                     let tag = page | (user as u64) << 1 | 1;
                     // SAFETY: page-aligned host address of the same RAM page.
                     let base = unsafe { h.sub((p & 0xfff) as usize) };
-                    self.mem.read_tlb[((page >> 12) as usize) % TLB_SIZE] =
+                    self.mem.read_tlb[tlb_index(page)] =
                         TlbEntry { tag, host: base };
                 }
             } else {
@@ -285,7 +291,7 @@ impl Ctx<'_> {
     pub fn write_lin_as(&mut self, lin: u64, size: u8, v: u64, user: bool) -> Result<(), Exc> {
         let page = lin & !0xfff;
         let off = (lin & 0xfff) as usize;
-        let e = self.mem.write_tlb[((lin >> 12) as usize) % TLB_SIZE];
+        let e = self.mem.write_tlb[tlb_index(lin)];
         if e.tag == page | (user as u64) << 1 | 1 && off + size as usize <= 4096 {
             // SAFETY: as in `read_lin_as`; write entries are only installed for RAM pages
             // that hold no translated code.
@@ -332,7 +338,7 @@ impl Ctx<'_> {
                     let tag = page | (user as u64) << 1 | 1;
                     // SAFETY: page-aligned host address of the same RAM page.
                     let base = unsafe { h.sub((p & 0xfff) as usize) };
-                    self.mem.write_tlb[((page >> 12) as usize) % TLB_SIZE] =
+                    self.mem.write_tlb[tlb_index(page)] =
                         TlbEntry { tag, host: base };
                 }
             } else {

@@ -353,9 +353,7 @@ impl BtCpu {
     /// Delivers an exception or interrupt; `false` on a triple fault.
     fn raise(&mut self, machine: &mut Machine, e: Exc, kind: EventKind, rip: u64) -> bool {
         let mut ctx = self.ctx(machine);
-        let ok = system::raise(&mut ctx, e, kind, rip);
-        self.cache.bury();
-        ok
+        system::raise(&mut ctx, e, kind, rip)
     }
 
     fn shutdown(&self, why: &str) -> Exit {
@@ -441,6 +439,7 @@ impl Cpu for BtCpu {
             }
         }
         loop {
+            self.cache.bury();
             if self.kicker.pending() {
                 self.kicker.take();
                 return Ok(Exit::Kicked);
@@ -489,18 +488,24 @@ impl Cpu for BtCpu {
                 let budget = if shadow_before {
                     1
                 } else {
-                    (stop_at - self.icount).min(u64::MAX - 1)
+                    stop_at - self.icount
                 };
                 let Some(ptr) = self.cache.block_ptr(slot) else {
                     break;
                 };
-                // SAFETY: blocks are boxed and never freed while executing: invalidation
-                // moves them to the graveyard, emptied by `bury` after this block returns.
+                // SAFETY: blocks are boxed and never freed while the chain runs: invalidation
+                // moves them to the graveyard, emptied by `bury` only at the top of the outer
+                // loop, after this reference is dead.
                 let block: &Block = unsafe { &*ptr };
                 self.cache.enter(slot);
-                let n = (block.ops.len() as u64).min(budget) as usize;
+                let len = block.ops.len();
+                let n = if (len as u64) <= budget {
+                    len
+                } else {
+                    budget as usize
+                };
                 let mut ctx = self.ctx(machine);
-                ctx.exact_flags = n < block.ops.len();
+                ctx.exact_flags = n < len;
                 let mut outcome = Ctl::Next;
                 let mut fault = None;
                 let mut i = 0;
@@ -537,13 +542,13 @@ impl Cpu for BtCpu {
                     ctx.core.rip = block.ops[n - 1].next_rip;
                 }
                 let device = ctx.device;
-                let triple = std::mem::take(&mut ctx.stats.triple_fault);
+                let smc = ctx.smc_current;
+                let triple = ctx.stats.triple_fault;
                 self.icount = ctx.icount;
-                if n > 0 && shadow_before && fault.is_none() {
+                if shadow_before && n > 0 && fault.is_none() {
                     // The instruction after STI / MOV SS has retired.
                     self.core.pending.interrupt_shadow = false;
                 }
-                self.cache.bury();
                 if let Some((e, rip)) = fault {
                     if !self.raise(machine, e, EventKind::Exception, rip) {
                         return Ok(self.shutdown("triple fault"));
@@ -554,6 +559,7 @@ impl Cpu for BtCpu {
                     break;
                 }
                 if triple {
+                    self.stats.triple_fault = false;
                     return Ok(self.shutdown("triple fault in INT n"));
                 }
                 if outcome == Ctl::Halt {
@@ -569,41 +575,33 @@ impl Cpu for BtCpu {
                 if device {
                     return Ok(Exit::DeviceAccess);
                 }
-                if outcome != Ctl::Jump && outcome != Ctl::Next {
-                    break;
-                }
-                if self.kicker.pending() || self.icount >= stop_at {
-                    break;
-                }
-                if irq_line && self.core.rflags & core::fl::IF != 0 {
+                if (outcome != Ctl::Jump && outcome != Ctl::Next)
+                    || smc
+                    || self.icount >= stop_at
+                    || self.kicker.pending()
+                    || (irq_line && self.core.rflags & core::fl::IF != 0)
+                {
                     break;
                 }
                 // Chaining: follow a link, or create one to a block in the same page.
                 let rip = self.core.rip;
-                let from = slot;
-                let Some(b) = self.cache.block(from) else {
-                    break;
-                };
-                let same_page = (b.key.rip ^ rip) & !0xfff == 0;
-                let which = if b.ops.last().is_some_and(|o| o.target == rip) {
-                    0
-                } else {
-                    1
-                };
-                let link = b.links[which].get();
-                if link.rip == rip
-                    && self.cache.block(link.slot).is_some()
-                    && self.cache.generation(link.slot) == link.generation
-                    && same_page
-                {
-                    self.stats.chained += 1;
-                    slot = link.slot;
-                    continue;
+                let same_page = (block.key.rip ^ rip) & !0xfff == 0;
+                let which = usize::from(block.ops[len - 1].target != rip);
+                if same_page {
+                    let link = block.links[which].get();
+                    if link.rip == rip
+                        && link.slot != u32::MAX
+                        && self.cache.generation(link.slot) == link.generation
+                    {
+                        self.stats.chained += 1;
+                        slot = link.slot;
+                        continue;
+                    }
                 }
                 match self.find_block(machine)? {
                     Found::Block(next) => {
-                        if same_page && let Some(b) = self.cache.block(from) {
-                            b.links[which].set(Link {
+                        if same_page {
+                            block.links[which].set(Link {
                                 rip,
                                 slot: next,
                                 generation: self.cache.generation(next),

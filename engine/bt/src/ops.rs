@@ -89,6 +89,112 @@ pub fn alu_ri(ctx: &mut Ctx, op: &UOp) -> OpResult {
     Ok(Ctl::Next)
 }
 
+#[inline(always)]
+fn alu_const<const K: u8, const S: u8>(ctx: &mut Ctx, op: &UOp, d: u8, a: u64, b: u64) {
+    let m = mask(S);
+    let (r, f) = match K {
+        alu::ADD => (a.wrapping_add(b) & m, FlagOp::Add),
+        alu::OR => (a | b, FlagOp::Logic),
+        alu::AND | alu::TEST => (a & b, FlagOp::Logic),
+        alu::XOR => (a ^ b, FlagOp::Logic),
+        alu::SUB | alu::CMP => (a.wrapping_sub(b) & m, FlagOp::Sub),
+        _ => alu_compute(ctx, K, S, a, b),
+    };
+    if K != alu::CMP && K != alu::TEST {
+        ctx.core.set_reg(d, false, S, r);
+    }
+    if op.flags_live || ctx.exact_flags {
+        ctx.core.set_lazy(f, S, r, a, b);
+    }
+}
+
+/// ALU register, register, specialized by kind and size.
+pub fn alu_rr_t<const K: u8, const S: u8>(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let (Operand::Reg { idx: d, .. }, Operand::Reg { idx: s, .. }) = (op.dst, op.src) else {
+        return alu_any(ctx, op);
+    };
+    let m = mask(S);
+    let a = ctx.core.gpr[(d & 15) as usize] & m;
+    let b = ctx.core.gpr[(s & 15) as usize] & m;
+    alu_const::<K, S>(ctx, op, d, a, b);
+    Ok(Ctl::Next)
+}
+
+/// ALU register, immediate, specialized by kind and size.
+pub fn alu_ri_t<const K: u8, const S: u8>(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let (Operand::Reg { idx: d, .. }, Operand::Imm(b)) = (op.dst, op.src) else {
+        return alu_any(ctx, op);
+    };
+    let a = ctx.core.gpr[(d & 15) as usize] & mask(S);
+    alu_const::<K, S>(ctx, op, d, a, b);
+    Ok(Ctl::Next)
+}
+
+macro_rules! alu_table {
+    ($f:ident) => {
+        [
+            [$f::<0, 1>, $f::<0, 2>, $f::<0, 4>, $f::<0, 8>],
+            [$f::<1, 1>, $f::<1, 2>, $f::<1, 4>, $f::<1, 8>],
+            [$f::<2, 1>, $f::<2, 2>, $f::<2, 4>, $f::<2, 8>],
+            [$f::<3, 1>, $f::<3, 2>, $f::<3, 4>, $f::<3, 8>],
+            [$f::<4, 1>, $f::<4, 2>, $f::<4, 4>, $f::<4, 8>],
+            [$f::<5, 1>, $f::<5, 2>, $f::<5, 4>, $f::<5, 8>],
+            [$f::<6, 1>, $f::<6, 2>, $f::<6, 4>, $f::<6, 8>],
+            [$f::<7, 1>, $f::<7, 2>, $f::<7, 4>, $f::<7, 8>],
+            [$f::<8, 1>, $f::<8, 2>, $f::<8, 4>, $f::<8, 8>],
+        ]
+    };
+}
+
+/// Specialized register-register ALU handlers by kind and size index (1, 2, 4, 8 bytes).
+pub static ALU_RR: [[crate::ir::Handler; 4]; 9] = alu_table!(alu_rr_t);
+/// Specialized register-immediate ALU handlers by kind and size index.
+pub static ALU_RI: [[crate::ir::Handler; 4]; 9] = alu_table!(alu_ri_t);
+
+/// Index of an operand size in the specialization tables.
+pub fn size_index(size: u8) -> Option<usize> {
+    match size {
+        1 => Some(0),
+        2 => Some(1),
+        4 => Some(2),
+        8 => Some(3),
+        _ => None,
+    }
+}
+
+/// INC/DEC of a plain register, specialized by direction and size.
+pub fn incdec_r<const DEC: bool, const S: u8>(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let Operand::Reg { idx: d, hi: false } = op.dst else {
+        return incdec(ctx, op);
+    };
+    let a = ctx.core.gpr[(d & 15) as usize] & mask(S);
+    let r = if DEC { a.wrapping_sub(1) } else { a.wrapping_add(1) } & mask(S);
+    ctx.core.set_reg(d, false, S, r);
+    if op.flags_live || ctx.exact_flags {
+        let carry = ctx.core.cf();
+        let f = if DEC { FlagOp::Dec } else { FlagOp::Inc };
+        ctx.core.set_lazy(f, S, r, a, 1);
+        ctx.core.lazy.carry = carry;
+    }
+    Ok(Ctl::Next)
+}
+
+/// Specialized INC/DEC handlers: [inc, dec][size index].
+pub static INCDEC_R: [[crate::ir::Handler; 4]; 2] = [
+    [
+        incdec_r::<false, 1>,
+        incdec_r::<false, 2>,
+        incdec_r::<false, 4>,
+        incdec_r::<false, 8>,
+    ],
+    [
+        incdec_r::<true, 1>,
+        incdec_r::<true, 2>,
+        incdec_r::<true, 4>,
+        incdec_r::<true, 8>,
+    ],
+];
+
 /// ALU with any operand forms.
 pub fn alu_any(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let a = ctx.get(&op.dst, op.size)?;

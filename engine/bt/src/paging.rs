@@ -138,7 +138,8 @@ impl Translate for Walker {
         let mut user_ok = true;
         let mut write_ok = true;
         let mut nx = false;
-        let mut entries: Vec<(u64, u64)> = Vec::with_capacity(4);
+        let mut entries = [(0u64, 0u64); 4];
+        let mut n_entries = 0;
         for (depth, &(shift, bits)) in levels.iter().enumerate() {
             let idx = (linear >> shift) & ((1 << bits) - 1);
             let esz = if wide { 8 } else { 4 };
@@ -158,7 +159,8 @@ impl Translate for Walker {
                 user_ok &= pte & 4 != 0;
                 write_ok &= pte & 2 != 0;
             }
-            entries.push((ea, pte));
+            entries[n_entries] = (ea, pte);
+            n_entries += 1;
             let last = depth == levels.len() - 1;
             let large = !pdpte_legacy
                 && !last
@@ -184,11 +186,11 @@ impl Translate for Walker {
                 if exec && !user && smep && user_ok {
                     return Err(fault(true, false));
                 }
-                for (i, &(ea, pte)) in entries.iter().enumerate() {
+                for (i, &(ea, pte)) in entries[..n_entries].iter().enumerate() {
                     if pae && !long && i == 0 {
                         continue;
                     }
-                    let leaf = i == entries.len() - 1;
+                    let leaf = i == n_entries - 1;
                     let mut n = pte | 0x20;
                     if leaf && write {
                         n |= 0x40;

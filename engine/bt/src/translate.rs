@@ -165,9 +165,14 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
         if let Operand::Imm(v) = op.src {
             op.src = Operand::Imm(v & crate::core::mask(op.size));
         }
-        op.exec = match (op.dst, op.src) {
-            (Operand::Reg { hi: false, .. }, Operand::Reg { hi: false, .. }) => ops::alu_rr,
-            (Operand::Reg { hi: false, .. }, Operand::Imm(_)) => ops::alu_ri,
+        let si = ops::size_index(op.size);
+        op.exec = match (op.dst, op.src, si) {
+            (Operand::Reg { hi: false, .. }, Operand::Reg { hi: false, .. }, Some(i)) => {
+                ops::ALU_RR[k as usize][i]
+            }
+            (Operand::Reg { hi: false, .. }, Operand::Imm(_), Some(i)) => {
+                ops::ALU_RI[k as usize][i]
+            }
             _ => ops::alu_any,
         };
         return op;
@@ -227,7 +232,10 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
         | Mnemonic::Endbr32 => op.exec = ops::nop,
         Mnemonic::Inc | Mnemonic::Dec => {
             op.aux = (m == Mnemonic::Dec) as u8;
-            op.exec = ops::incdec;
+            op.exec = match (op.dst, ops::size_index(op.size)) {
+                (Operand::Reg { hi: false, .. }, Some(i)) => ops::INCDEC_R[op.aux as usize][i],
+                _ => ops::incdec,
+            };
         }
         Mnemonic::Neg => op.exec = ops::neg,
         Mnemonic::Not => op.exec = ops::not,
