@@ -10,7 +10,7 @@ use deja_machine::devices::{Device, DeviceError, DeviceState, InterruptLines, Io
 use deja_machine::vm_memory::{Bytes, GuestAddress};
 use deja_machine::{ClockMode, Cpu, Exit, Limit, LiveHost, Machine, MachineConfig};
 use iced_x86::code_asm::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct NoIrq;
 impl Device for NoIrq {
@@ -91,15 +91,30 @@ fn asm(f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
     a.assemble(CODE).unwrap()
 }
 
-/// Runs `code` to its HLT on a fresh CPU (translation included) and returns the time spent
-/// in the guest loop after a warm-up and the instructions retired.
+/// CPU time of this thread: the machine the benches run on is shared by many processes, so
+/// wall-clock time would mostly measure the others.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Runs the guest to its HLT on a fresh CPU (translation included) and returns the thread
+/// CPU time it took and the instructions retired.
 fn run_guest(m: &mut Machine, s: &CpuState) -> (Duration, u64) {
     let mut cpu = BtCpu::new(m).unwrap();
     cpu.set_state(s).unwrap();
-    let t = Instant::now();
+    let t = thread_cpu_time();
     let exit = cpu.run(m, Limit::default()).unwrap();
     assert_eq!(exit, Exit::Halted);
-    (t.elapsed(), cpu.icount())
+    (thread_cpu_time() - t, cpu.icount())
 }
 
 fn bench_loop(c: &mut Criterion, name: &str, iters: u64, code: Vec<u8>) {

@@ -259,8 +259,7 @@ impl Ctx<'_> {
                     let tag = page | (user as u64) << 1 | 1;
                     // SAFETY: page-aligned host address of the same RAM page.
                     let base = unsafe { h.sub((p & 0xfff) as usize) };
-                    self.mem.read_tlb[tlb_index(page)] =
-                        TlbEntry { tag, host: base };
+                    self.mem.read_tlb[tlb_index(page)] = TlbEntry { tag, host: base };
                 }
             } else {
                 self.machine.set_icount(self.icount);
@@ -338,8 +337,7 @@ impl Ctx<'_> {
                     let tag = page | (user as u64) << 1 | 1;
                     // SAFETY: page-aligned host address of the same RAM page.
                     let base = unsafe { h.sub((p & 0xfff) as usize) };
-                    self.mem.write_tlb[tlb_index(page)] =
-                        TlbEntry { tag, host: base };
+                    self.mem.write_tlb[tlb_index(page)] = TlbEntry { tag, host: base };
                 }
             } else {
                 self.machine.set_icount(self.icount);

@@ -168,7 +168,11 @@ pub fn incdec_r<const DEC: bool, const S: u8>(ctx: &mut Ctx, op: &UOp) -> OpResu
         return incdec(ctx, op);
     };
     let a = ctx.core.gpr[(d & 15) as usize] & mask(S);
-    let r = if DEC { a.wrapping_sub(1) } else { a.wrapping_add(1) } & mask(S);
+    let r = if DEC {
+        a.wrapping_sub(1)
+    } else {
+        a.wrapping_add(1)
+    } & mask(S);
     ctx.core.set_reg(d, false, S, r);
     if op.flags_live || ctx.exact_flags {
         let carry = ctx.core.cf();

@@ -403,41 +403,53 @@ fn real_to_protected_to_long_mode_switch() {
     load(&m, 0x600, &ptr);
     // Identity-mapped page tables (as long_mode_state builds them).
     let _ = long_mode_state(&m, 0);
-    load(&m, 0x1000, &asm(16, 0x1000, |a| {
-        a.cli().unwrap();
-        a.lgdt(ptr_operand16(0x600)).unwrap();
-        a.mov(eax, cr0).unwrap();
-        a.or(eax, 1).unwrap();
-        a.mov(cr0, eax).unwrap();
-        a.jmp_far(0x08, 0x2000).unwrap();
-    }));
-    load(&m, 0x2000, &asm(32, 0x2000, |a| {
-        a.mov(ax, 0x10).unwrap();
-        a.mov(ds, ax).unwrap();
-        a.mov(es, ax).unwrap();
-        a.mov(ss, ax).unwrap();
-        a.mov(esp, 0x8000).unwrap();
-        a.mov(eax, cr4).unwrap();
-        a.or(eax, 0x20).unwrap();
-        a.mov(cr4, eax).unwrap();
-        a.mov(eax, PML4 as u32).unwrap();
-        a.mov(cr3, eax).unwrap();
-        a.mov(ecx, 0xc000_0080u32).unwrap();
-        a.rdmsr().unwrap();
-        a.or(eax, 0x100).unwrap();
-        a.wrmsr().unwrap();
-        a.mov(eax, cr0).unwrap();
-        a.or(eax, 0x8000_0000u32).unwrap();
-        a.mov(cr0, eax).unwrap();
-        a.jmp_far(0x18, 0x3000).unwrap();
-    }));
-    load(&m, 0x3000, &asm(64, 0x3000, |a| {
-        a.mov(rax, 0x1234_5678_9abc_def0u64).unwrap();
-        a.push(rax).unwrap();
-        a.pop(rbx).unwrap();
-        a.mov(dx, STOP_PORT as u32).unwrap();
-        a.out(dx, al).unwrap();
-    }));
+    load(
+        &m,
+        0x1000,
+        &asm(16, 0x1000, |a| {
+            a.cli().unwrap();
+            a.lgdt(ptr_operand16(0x600)).unwrap();
+            a.mov(eax, cr0).unwrap();
+            a.or(eax, 1).unwrap();
+            a.mov(cr0, eax).unwrap();
+            a.jmp_far(0x08, 0x2000).unwrap();
+        }),
+    );
+    load(
+        &m,
+        0x2000,
+        &asm(32, 0x2000, |a| {
+            a.mov(ax, 0x10).unwrap();
+            a.mov(ds, ax).unwrap();
+            a.mov(es, ax).unwrap();
+            a.mov(ss, ax).unwrap();
+            a.mov(esp, 0x8000).unwrap();
+            a.mov(eax, cr4).unwrap();
+            a.or(eax, 0x20).unwrap();
+            a.mov(cr4, eax).unwrap();
+            a.mov(eax, PML4 as u32).unwrap();
+            a.mov(cr3, eax).unwrap();
+            a.mov(ecx, 0xc000_0080u32).unwrap();
+            a.rdmsr().unwrap();
+            a.or(eax, 0x100).unwrap();
+            a.wrmsr().unwrap();
+            a.mov(eax, cr0).unwrap();
+            a.or(eax, 0x8000_0000u32).unwrap();
+            a.mov(cr0, eax).unwrap();
+            a.jmp_far(0x18, 0x3000).unwrap();
+        }),
+    );
+    load(
+        &m,
+        0x3000,
+        &asm(64, 0x3000, |a| {
+            a.mov(rax, 0x1234_5678_9abc_def0u64).unwrap();
+            a.push(rax).unwrap();
+            a.pop(rbx).unwrap();
+            a.mov(dx, STOP_PORT as u32).unwrap();
+            a.out(dx, al).unwrap();
+        }),
+    );
     let s = real_mode_state(0x1000);
     let mut c = cpu(&m, &s);
     assert_eq!(run(&mut c, &mut m, 1000), Exit::StopRequested);
