@@ -1,8 +1,7 @@
 //! The seam between the engine and the MMU that turns linear into guest-physical addresses.
 //!
 //! The engine only talks to a [`Translate`] object: the "mmu" module (soft TLB, shadow page
-//! tables, nested model) plugs in here. Until those are installed, the engine uses
-//! [`Walker`], a plain page walker without a TLB.
+//! tables, nested model) plugs in here through [`MmuAdapter`]; the default is the soft TLB.
 
 use vm_memory::GuestMemoryMmap;
 
@@ -56,34 +55,28 @@ pub trait Translate: Send {
     fn flush(&mut self, include_global: bool);
     /// Counters, named `mmu.*`.
     fn stats(&self) -> deja_machine::EngineStats;
-}
-
-/// A plain page walker without a TLB: 32-bit, PAE and 4-level paging with 4K/2M/4M/1G
-/// pages, U/S, R/W with CR0.WP, NX, SMEP, and A/D updates. The engine's interim MMU until
-/// the `mmu` module's strategies are installed through [`crate::BtCpu::set_mmu`].
-#[derive(Debug, Default)]
-pub struct Walker;
-
-fn read_pte(mem: &GuestMemoryMmap, addr: u64, wide: bool) -> Option<u64> {
-    use vm_memory::{Bytes, GuestAddress};
-    if wide {
-        mem.read_obj::<u64>(GuestAddress(addr)).ok()
-    } else {
-        mem.read_obj::<u32>(GuestAddress(addr)).ok().map(u64::from)
+    /// Loads the PAE PDPTE registers (MOV to CR3/CR0/CR4 with PAE paging); `false` when a
+    /// present PDPTE has reserved bits set (the instruction then raises #GP(0)).
+    fn load_pdptes(&mut self, _mem: &GuestMemoryMmap, _regs: &Regs) -> bool {
+        true
     }
 }
 
-fn write_pte(mem: &GuestMemoryMmap, addr: u64, v: u64, wide: bool) {
-    use vm_memory::{Bytes, GuestAddress};
-    // A/D updates to tables outside RAM are dropped, as writes to nothing are.
-    let _ = if wide {
-        mem.write_obj::<u64>(v, GuestAddress(addr))
-    } else {
-        mem.write_obj::<u32>(v as u32, GuestAddress(addr))
-    };
+/// The `mmu` module's strategies behind the engine's seam.
+pub struct MmuAdapter(pub Box<dyn crate::mmu::Mmu>);
+
+impl MmuAdapter {
+    fn regs(r: &Regs) -> crate::mmu::PagingRegs {
+        crate::mmu::PagingRegs {
+            cr0: r.cr0,
+            cr3: r.cr3,
+            cr4: r.cr4,
+            efer: r.efer,
+        }
+    }
 }
 
-impl Translate for Walker {
+impl Translate for MmuAdapter {
     fn translate(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -92,130 +85,38 @@ impl Translate for Walker {
         kind: Kind,
         user: bool,
     ) -> Result<u64, Fault> {
-        if regs.cr0 & (1 << 31) == 0 {
-            return Ok(linear);
-        }
-        let pae = regs.cr4 & (1 << 5) != 0;
-        let long = regs.efer & (1 << 10) != 0;
-        let nxe = regs.efer & (1 << 11) != 0;
-        let wp = regs.cr0 & (1 << 16) != 0;
-        let pse = regs.cr4 & (1 << 4) != 0;
-        let smep = regs.cr4 & (1 << 20) != 0;
-        let write = kind == Kind::Write;
-        let exec = kind == Kind::Execute;
-        let fault = |present: bool, rsvd: bool| {
-            let mut e = present as u32;
-            if write {
-                e |= 2;
-            }
-            if user {
-                e |= 4;
-            }
-            if rsvd {
-                e |= 8;
-            }
-            if exec && (nxe || smep) {
-                e |= 16;
-            }
-            Fault {
-                address: linear,
-                error_code: e,
-            }
+        let kind = match kind {
+            Kind::Read => crate::mmu::AccessKind::Read,
+            Kind::Write => crate::mmu::AccessKind::Write,
+            Kind::Execute => crate::mmu::AccessKind::Execute,
         };
-        // (table address, index shift, index bits) per level.
-        let (levels, wide, mut table): (&[(u32, u32)], bool, u64) = if long {
-            (
-                &[(39, 9), (30, 9), (21, 9), (12, 9)],
-                true,
-                regs.cr3 & 0x000f_ffff_ffff_f000,
+        self.0
+            .translate(
+                mem,
+                &Self::regs(regs),
+                linear,
+                crate::mmu::Access { kind, user },
             )
-        } else if pae {
-            (&[(30, 2), (21, 9), (12, 9)], true, regs.cr3 & 0xffff_ffe0)
-        } else {
-            (&[(22, 10), (12, 10)], false, regs.cr3 & 0xffff_f000)
-        };
-        let addr_mask = 0x000f_ffff_ffff_f000u64;
-        let mut user_ok = true;
-        let mut write_ok = true;
-        let mut nx = false;
-        let mut entries = [(0u64, 0u64); 4];
-        let mut n_entries = 0;
-        for (depth, &(shift, bits)) in levels.iter().enumerate() {
-            let idx = (linear >> shift) & ((1 << bits) - 1);
-            let esz = if wide { 8 } else { 4 };
-            let ea = table + idx * esz;
-            let pte = read_pte(mem, ea, wide).ok_or_else(|| fault(false, false))?;
-            if pte & 1 == 0 {
-                return Err(fault(false, false));
-            }
-            let pdpte_legacy = pae && !long && depth == 0;
-            if nxe && wide && pte >> 63 != 0 {
-                nx = true;
-            }
-            if wide && !nxe && pte >> 63 != 0 {
-                return Err(fault(true, true));
-            }
-            if !pdpte_legacy {
-                user_ok &= pte & 4 != 0;
-                write_ok &= pte & 2 != 0;
-            }
-            entries[n_entries] = (ea, pte);
-            n_entries += 1;
-            let last = depth == levels.len() - 1;
-            let large = !pdpte_legacy
-                && !last
-                && pte & 0x80 != 0
-                && (shift == 21 || shift == 30 || (shift == 22 && pse));
-            if last || large {
-                let page_mask = (1u64 << shift) - 1;
-                let base = if !wide && large {
-                    // 4 MiB page with PSE-36 bits.
-                    (pte & 0xffc0_0000) | ((pte >> 13) & 0xff) << 32
-                } else {
-                    pte & addr_mask & !page_mask
-                };
-                if user && !user_ok {
-                    return Err(fault(true, false));
-                }
-                if write && !write_ok && (user || wp) {
-                    return Err(fault(true, false));
-                }
-                if exec && nx {
-                    return Err(fault(true, false));
-                }
-                if exec && !user && smep && user_ok {
-                    return Err(fault(true, false));
-                }
-                for (i, &(ea, pte)) in entries[..n_entries].iter().enumerate() {
-                    if pae && !long && i == 0 {
-                        continue;
-                    }
-                    let leaf = i == n_entries - 1;
-                    let mut n = pte | 0x20;
-                    if leaf && write {
-                        n |= 0x40;
-                    }
-                    if n != pte {
-                        write_pte(mem, ea, n, wide);
-                    }
-                }
-                return Ok(base | (linear & page_mask));
-            }
-            table = pte & addr_mask;
-            if !wide {
-                table &= 0xffff_f000;
-            }
-        }
-        Err(fault(false, false))
+            .map_err(|f| Fault {
+                address: f.address,
+                error_code: f.error_code,
+            })
     }
-    fn invlpg(&mut self, _linear: u64) {}
-    fn flush(&mut self, _include_global: bool) {}
+    fn invlpg(&mut self, linear: u64) {
+        self.0.invlpg(linear);
+    }
+    fn flush(&mut self, include_global: bool) {
+        self.0.flush(include_global);
+    }
     fn stats(&self) -> deja_machine::EngineStats {
-        deja_machine::EngineStats::default()
+        self.0.stats()
+    }
+    fn load_pdptes(&mut self, mem: &GuestMemoryMmap, regs: &Regs) -> bool {
+        self.0.load_pdptes(mem, &Self::regs(regs)).is_ok()
     }
 }
 
-/// The translator the engine uses by default.
+/// The translator the engine uses by default: the soft TLB.
 pub fn default_translator() -> Box<dyn Translate> {
-    Box::new(Walker)
+    Box::new(MmuAdapter(crate::mmu::soft_tlb()))
 }

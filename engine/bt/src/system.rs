@@ -1117,8 +1117,14 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 }
                 c.efer &= !crb::LMA;
             }
+            let old_efer = c.efer;
             c.cr0 = v;
             if (old ^ v) & (crb::PG | crb::WP | crb::PE) != 0 {
+                if (old ^ v) & crb::PG != 0 && !pae_pdptes_ok(ctx) {
+                    ctx.core.cr0 = old;
+                    ctx.core.efer = old_efer;
+                    return Err(Exc::gp(0));
+                }
                 paging_changed(ctx, true);
             }
         }
@@ -1129,7 +1135,12 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             } else {
                 v & 0xffff_ffff
             };
+            let old = ctx.core.cr3;
             ctx.core.cr3 = v;
+            if !pae_pdptes_ok(ctx) {
+                ctx.core.cr3 = old;
+                return Err(Exc::gp(0));
+            }
             paging_changed(ctx, false);
         }
         4 => {
@@ -1154,6 +1165,10 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             let old = ctx.core.cr4;
             ctx.core.cr4 = v;
             if (old ^ v) & (crb::PAE | crb::PGE | crb::PSE | crb::SMEP) != 0 {
+                if !pae_pdptes_ok(ctx) {
+                    ctx.core.cr4 = old;
+                    return Err(Exc::gp(0));
+                }
                 paging_changed(ctx, true);
             }
         }
@@ -1167,6 +1182,22 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     ctx.core.rip = op.next_rip;
     Ok(Ctl::End)
+}
+
+/// With PAE paging active (outside long mode), loads the PDPTE registers as MOV to
+/// CR0/CR3/CR4 does; `false` means #GP(0).
+fn pae_pdptes_ok(ctx: &mut Ctx) -> bool {
+    let c = &*ctx.core;
+    if c.cr0 & crb::PG == 0 || c.cr4 & crb::PAE == 0 || c.long_mode() {
+        return true;
+    }
+    let regs = crate::paging::Regs {
+        cr0: c.cr0,
+        cr3: c.cr3,
+        cr4: c.cr4,
+        efer: c.efer,
+    };
+    ctx.mem.mmu.load_pdptes(&ctx.machine.mem, &regs)
 }
 
 /// Flushes every cached translation after a paging change.
