@@ -116,3 +116,124 @@ fn hello_boots_to_long_mode_and_exits_0_on_kvm() {
         outcome.exits, outcome.elapsed
     );
 }
+
+/// COM1 output collected in memory.
+#[derive(Clone, Default)]
+struct Output(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs a built-in guest on the deja-pc machine under kvm; `None` when KVM is unavailable.
+fn run_on_pc(
+    name: &str,
+    host: LiveHost,
+    windows: bool,
+) -> Option<(deja_engine::RunOutcome, String)> {
+    let config = MachineConfig {
+        ram_size: 16 << 20,
+        ..MachineConfig::default()
+    };
+    let out = Output::default();
+    let mut m = deja_machine::pc::build_pc(config, Box::new(host), Box::new(out.clone())).unwrap();
+    let image = deja_guests::find(name).unwrap().image().unwrap();
+    let state = loader::load(&mut m, &image).unwrap();
+    let mut cpu = match KvmCpu::new(&m) {
+        Ok(c) => c,
+        Err(e) if e.is_unavailable() => {
+            println!("SKIP: {name} on kvm: /dev/kvm not available: {e}");
+            return None;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    cpu.set_interrupt_windows(windows);
+    cpu.set_state(&state).unwrap();
+    let mut vm = Vm::new(m, Box::new(cpu));
+    let outcome = vm
+        .run(RunOptions {
+            timeout: Some(Duration::from_secs(30)),
+            max_instructions: None,
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+    println!(
+        "{name} on kvm (windows {windows}): {:?}, {} device exits, {} interrupts injected, {:?}",
+        outcome.end,
+        outcome.exits,
+        outcome.stats.get("kvm.interrupts_injected"),
+        outcome.elapsed
+    );
+    Some((outcome, text))
+}
+
+#[test]
+fn echo_echoes_serial_input_through_the_8259a_on_kvm() {
+    for windows in [true, false] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for &b in b"deja\x04" {
+            tx.send(b).unwrap();
+        }
+        let host = LiveHost::new(ClockMode::Virtual).with_input(rx);
+        let Some((outcome, text)) = run_on_pc("echo", host, windows) else {
+            return;
+        };
+        assert_eq!(
+            outcome.end,
+            RunEnd::Stopped(StopRequest::DebugExit { value: 0 }),
+            "output: {text:?}"
+        );
+        assert!(text.starts_with(deja_guests::echo::BANNER), "{text:?}");
+        assert!(text.contains("deja"), "{text:?}");
+        assert!(text.ends_with(&deja_guests::echo::trailer(4)), "{text:?}");
+        assert!(outcome.stats.get("kvm.interrupts_injected") >= 1);
+        drop(tx);
+    }
+}
+
+#[test]
+fn timer_counts_pit_interrupts_through_the_8259a_on_kvm() {
+    for windows in [true, false] {
+        let Some((outcome, text)) = run_on_pc("timer", LiveHost::new(ClockMode::Virtual), windows)
+        else {
+            return;
+        };
+        assert_eq!(
+            outcome.end,
+            RunEnd::Stopped(StopRequest::DebugExit { value: 0 }),
+            "output: {text:?}"
+        );
+        assert!(
+            outcome.stats.get("kvm.interrupts_injected")
+                > u64::from(deja_guests::timer::INTERRUPTS),
+            "{:?}",
+            outcome.stats
+        );
+    }
+}
+
+#[test]
+fn exit_synchronous_delivery_makes_kvm_runs_repeatable_under_a_virtual_clock() {
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let Some((outcome, text)) = run_on_pc("timer", LiveHost::new(ClockMode::Virtual), false)
+        else {
+            return;
+        };
+        runs.push((
+            outcome.exits,
+            outcome.stats.get("kvm.interrupts_injected"),
+            outcome.stats.get("exit.io_in"),
+            outcome.stats.get("exit.io_out"),
+            outcome.stats.get("exit.hlt"),
+            text,
+        ));
+    }
+    assert_eq!(runs[0], runs[1]);
+}
