@@ -426,6 +426,10 @@ impl Machine {
         for (addr, n) in &self.unmapped_mmio {
             s.add(&format!("io.unmapped_mmio.{addr:#x}"), *n);
         }
+        self.irqchip.add_stats(&mut s);
+        for d in &self.devices {
+            d.add_stats(&mut s);
+        }
         s
     }
 

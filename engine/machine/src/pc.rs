@@ -249,6 +249,10 @@ mod tests {
         }
         assert_eq!(&*out.0.lock().unwrap(), b"hi");
         assert_eq!(serial_bytes_written(&m), 2);
+        let stats = m.stats();
+        assert_eq!(stats.get("serial.tx_bytes"), 2);
+        assert_eq!(stats.get("serial.rx_bytes"), 3);
+        assert_eq!(stats.get("pic.acknowledged"), 1);
         // More input later interrupts again.
         host.push_input(b"!");
         m.poll();

@@ -195,4 +195,8 @@ pub trait Device: Send {
     fn save(&self) -> DeviceState;
     /// Replaces the device's state.
     fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError>;
+    /// Adds the device's own counters (bytes transmitted, interrupts raised, ...) to the
+    /// machine's statistics, named `<device>.<counter>`. They describe the run for people
+    /// and benchmarks; they are not guest state and are not saved.
+    fn add_stats(&self, _stats: &mut crate::cpu::EngineStats) {}
 }

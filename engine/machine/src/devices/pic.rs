@@ -11,6 +11,7 @@
 //! `acknowledge` is the INTA cycle.
 
 use super::{Device, DeviceError, DeviceState, InterruptLines, IoCtx, Irqchip};
+use crate::cpu::EngineStats;
 use serde::{Deserialize, Serialize};
 
 /// The master's command and data ports.
@@ -152,6 +153,8 @@ fn init_reset(s: &mut PicChipState) {
 #[derive(Debug, Default)]
 pub struct Pic {
     state: PicState,
+    acknowledged: u64,
+    spurious: u64,
 }
 
 impl Pic {
@@ -338,6 +341,9 @@ impl Irqchip for Pic {
                 intack(&mut self.state.master, CASCADE_IRQ);
                 // The slave's request vanished: it answers with its IR7 (IRQ15), and the
                 // master still marks IR2 in service.
+                if slave_irq.is_none() {
+                    self.spurious += 1;
+                }
                 self.state.slave.irq_base + slave_irq.unwrap_or(7)
             }
             Some(irq) => {
@@ -345,8 +351,12 @@ impl Irqchip for Pic {
                 self.state.master.irq_base + irq
             }
             // The request vanished: spurious IRQ7, nothing goes in service.
-            None => self.state.master.irq_base + 7,
+            None => {
+                self.spurious += 1;
+                self.state.master.irq_base + 7
+            }
         };
+        self.acknowledged += 1;
         self.update_cascade();
         vector
     }
@@ -371,6 +381,11 @@ impl Device for Pic {
 
     fn save(&self) -> DeviceState {
         DeviceState::Pic(self.state.clone())
+    }
+
+    fn add_stats(&self, stats: &mut EngineStats) {
+        stats.add("pic.acknowledged", self.acknowledged);
+        stats.add("pic.spurious", self.spurious);
     }
 
     fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
@@ -637,6 +652,10 @@ mod tests {
         assert_eq!(b.inb(&mut p, 0x20), 0x04, "master has IR2 in service");
         b.out(&mut p, 0xa0, 0x0b);
         assert_eq!(b.inb(&mut p, 0xa0), 0, "slave put nothing in service");
+        let mut stats = EngineStats::default();
+        p.add_stats(&mut stats);
+        assert_eq!(stats.get("pic.spurious"), 2);
+        assert_eq!(stats.get("pic.acknowledged"), 2);
     }
 
     #[test]

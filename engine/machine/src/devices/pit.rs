@@ -14,6 +14,7 @@
 //! count of 1 in those modes behaves as 2.
 
 use super::{Device, DeviceError, DeviceState, IoCtx};
+use crate::cpu::EngineStats;
 use serde::{Deserialize, Serialize};
 
 /// The PIT's input clock in Hz.
@@ -184,16 +185,22 @@ impl ChannelState {
         }
     }
 
-    /// Whether OUT rises in the ticks `(from, to]` (absolute).
-    fn rises_between(&self, from: u64, to: u64) -> bool {
+    /// How many times OUT rises in the ticks `(from, to]` (absolute).
+    fn edges_between(&self, from: u64, to: u64) -> u64 {
         if !self.running || self.paused_at.is_some() || to <= from {
-            return false;
+            return 0;
         }
-        let d0 = from.saturating_sub(self.load_tick);
-        let start = if from < self.load_tick { 0 } else { d0 };
-        match self.first_edge_after(start) {
-            Some(e) => self.load_tick + e <= to,
-            None => false,
+        let start = from.saturating_sub(self.load_tick);
+        let Some(first) = self.first_edge_after(start) else {
+            return 0;
+        };
+        if self.load_tick + first > to {
+            return 0;
+        }
+        match self.mode() {
+            // Periodic: one edge per period from the first.
+            2 | 3 => (to - self.load_tick - first) / u64::from(self.count) + 1,
+            _ => 1,
         }
     }
 
@@ -389,6 +396,8 @@ impl ChannelState {
 #[derive(Debug)]
 pub struct Pit {
     state: PitState,
+    irq0_pulses: u64,
+    irq0_edges_coalesced: u64,
 }
 
 impl Default for Pit {
@@ -411,6 +420,8 @@ impl Pit {
                 irq_checked_tick: 0,
                 port_b: 0,
             },
+            irq0_pulses: 0,
+            irq0_edges_coalesced: 0,
         }
     }
 
@@ -424,23 +435,24 @@ impl Pit {
     fn advance(&mut self, ctx: &mut IoCtx, t: u64) {
         let from = self.state.irq_checked_tick;
         let ch0 = &mut self.state.channels[0];
-        let mut rose = false;
+        let mut edges = 0;
         if let Some(boundary) = ch0.pending_count.map(|(_, at)| at)
             && t >= boundary
         {
-            rose |= ch0.rises_between(from, boundary);
-            if ch0.sync(t).is_some() {
-                rose |= from < boundary;
-            }
+            // The old period runs up to its end (itself an edge), the new one after it.
+            edges += ch0.edges_between(from, boundary);
+            ch0.sync(t);
         }
-        rose |= ch0.rises_between(from.max(ch0.load_tick), t);
+        edges += ch0.edges_between(from.max(ch0.load_tick), t);
         for ch in &mut self.state.channels[1..] {
             ch.sync(t);
         }
         self.state.irq_checked_tick = t.max(from);
-        if rose {
+        if edges > 0 {
             ctx.irq.set_irq(PIT_IRQ, true);
             ctx.irq.set_irq(PIT_IRQ, false);
+            self.irq0_pulses += 1;
+            self.irq0_edges_coalesced += edges - 1;
         }
     }
 
@@ -534,6 +546,11 @@ impl Device for Pit {
         DeviceState::Pit(self.state.clone())
     }
 
+    fn add_stats(&self, stats: &mut EngineStats) {
+        stats.add("pit.irq0_pulses", self.irq0_pulses);
+        stats.add("pit.irq0_edges_coalesced", self.irq0_edges_coalesced);
+    }
+
     fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
         let DeviceState::Pit(s) = state else {
             return Err(DeviceError::WrongState {
@@ -543,7 +560,8 @@ impl Device for Pit {
         };
         for (i, ch) in s.channels.iter().enumerate() {
             let limit = if ch.bcd { 10_000 } else { 0x10000 };
-            let bad_count = ch.count > limit || (ch.running && ch.count == 0);
+            let bad_pending = ch.pending_count.is_some_and(|(c, _)| c == 0 || c > limit);
+            let bad_count = ch.count > limit || (ch.running && ch.count == 0) || bad_pending;
             if ch.mode_bits > 7 || !(1..=3).contains(&ch.rw) || bad_count {
                 return Err(DeviceError::InvalidState {
                     device: "pit",
@@ -899,6 +917,14 @@ mod tests {
         b.poll(&mut p);
         assert_eq!(b.lines.rises[0], 2);
         assert_eq!(p.next_deadline(), Some(ns_of_tick(LOAD + 7000)));
+        let mut stats = EngineStats::default();
+        p.add_stats(&mut stats);
+        assert_eq!(stats.get("pit.irq0_pulses"), 2);
+        assert_eq!(
+            stats.get("pit.irq0_edges_coalesced"),
+            4,
+            "edges at +2000..+6000"
+        );
     }
 
     #[test]

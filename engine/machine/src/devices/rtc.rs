@@ -17,6 +17,7 @@
 //! layout, the equipment byte, the century, and the standard checksum over 0x10-0x2d.
 
 use super::{Device, DeviceError, DeviceState, IoCtx};
+use crate::cpu::EngineStats;
 use crate::memory::MemoryLayout;
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +94,7 @@ pub struct RtcState {
 #[derive(Debug)]
 pub struct Rtc {
     state: RtcState,
+    irq8_raised: u64,
 }
 
 fn to_bcd(v: u8) -> u8 {
@@ -180,6 +182,7 @@ impl Rtc {
                 flags_checked_ns: 0,
                 irq_level: false,
             },
+            irq8_raised: 0,
         }
     }
 
@@ -357,6 +360,7 @@ impl Rtc {
         self.state.cmos[REG_C] = if irqf { c | C_IRQF } else { c & !C_IRQF };
         if irqf != self.state.irq_level {
             self.state.irq_level = irqf;
+            self.irq8_raised += u64::from(irqf);
             ctx.irq.set_irq(RTC_IRQ, irqf);
         }
     }
@@ -491,6 +495,10 @@ impl Device for Rtc {
 
     fn save(&self) -> DeviceState {
         DeviceState::Rtc(self.state.clone())
+    }
+
+    fn add_stats(&self, stats: &mut EngineStats) {
+        stats.add("rtc.irq8_raised", self.irq8_raised);
     }
 
     fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError> {

@@ -11,6 +11,7 @@
 //! the one it reports, and disabling an interrupt in IER withdraws it.
 
 use super::{Device, DeviceError, DeviceState, IoCtx};
+use crate::cpu::EngineStats;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use vm_superio::Trigger;
@@ -115,6 +116,7 @@ pub struct Serial {
     uart: Uart<NoTrigger, NoEvents, Output>,
     tx_bytes: u64,
     irq_level: bool,
+    rx_bytes: u64,
 }
 
 impl Serial {
@@ -124,6 +126,7 @@ impl Serial {
             uart: Uart::new(NoTrigger, out),
             tx_bytes: 0,
             irq_level: false,
+            rx_bytes: 0,
         }
     }
 
@@ -243,6 +246,7 @@ impl Device for Serial {
             // Cannot fail: there is room and the UART is not in loopback.
             let _ = self.uart.enqueue_raw_bytes(&[byte]);
             room -= 1;
+            self.rx_bytes += 1;
             got = true;
         }
         if got {
@@ -252,6 +256,11 @@ impl Device for Serial {
 
     fn wants_input(&self) -> bool {
         true
+    }
+
+    fn add_stats(&self, stats: &mut EngineStats) {
+        stats.add("serial.tx_bytes", self.tx_bytes);
+        stats.add("serial.rx_bytes", self.rx_bytes);
     }
 
     fn save(&self) -> DeviceState {
