@@ -7,6 +7,10 @@
 //! [`Host::poll_quantum`](deja_machine::Host::poll_quantum) instructions; a halted guest
 //! idles until the next device deadline.
 
+mod boot;
+
+pub use boot::{BuildError, build_vm};
+
 use deja_machine::devices::StopRequest;
 use deja_machine::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Machine};
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,231 @@
+//! The built-in guests booted through [`deja_engine::build_vm`] on each engine: the boot
+//! path (real -> protected -> long mode), serial output and input, the 8259A, the PIT and
+//! HLT wake-ups, checked by the guests' own output and exit status.
+
+use deja_engine::{BuildError, EngineKind, RunEnd, RunOptions, RunOutcome, build_vm};
+use deja_machine::devices::StopRequest;
+use deja_machine::{ClockMode, LiveHost, MachineConfig};
+use std::io::Write;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Serial output captured for the test to read while the guest owns the writer.
+#[derive(Clone, Default)]
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("serial buffer lock poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedBuffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("serial buffer lock")).into_owned()
+    }
+}
+
+/// Whether this host can run the kvm engine; says why not, visibly, when it cannot.
+fn kvm_usable(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIP: {test}: /dev/kvm not available ({e})");
+            false
+        }
+    }
+}
+
+/// Boots guest `name` on `engine` and runs it to the end. `None` when the engine cannot be
+/// built on this host (printed as a SKIP line).
+fn run_guest(
+    test: &str,
+    engine: EngineKind,
+    name: &str,
+    clock: ClockMode,
+    input: Option<Receiver<u8>>,
+    timeout: Duration,
+) -> Option<(RunOutcome, String)> {
+    if engine == EngineKind::Kvm && !kvm_usable(test) {
+        return None;
+    }
+    let image = deja_guests::find(name)
+        .unwrap_or_else(|| panic!("no built-in guest {name:?}"))
+        .image()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut host = LiveHost::new(clock);
+    if let Some(rx) = input {
+        host = host.with_input(rx);
+    }
+    let serial = SharedBuffer::default();
+    let config = MachineConfig {
+        ram_size: 16 << 20,
+        ..MachineConfig::default()
+    };
+    let mut vm = match build_vm(
+        engine,
+        config,
+        Box::new(host),
+        Box::new(serial.clone()),
+        &image,
+    ) {
+        Ok(vm) => vm,
+        Err(BuildError::EngineUnavailable { engine, reason }) => {
+            println!("SKIP: {test}: engine {engine} is not available: {reason}");
+            return None;
+        }
+        Err(e) => panic!("{test}: building the vm for {name} on {engine}: {e}"),
+    };
+    let outcome = vm
+        .run(RunOptions {
+            timeout: Some(timeout),
+            max_instructions: None,
+        })
+        .unwrap_or_else(|e| panic!("{test}: running {name} on {engine}: {e}"));
+    let text = serial.text();
+    println!(
+        "{test}: {name} on {engine}: {:?} after {:?}, {} exits; serial:\n{text}",
+        outcome.end, outcome.elapsed, outcome.exits
+    );
+    Some((outcome, text))
+}
+
+fn assert_debug_exit(test: &str, outcome: &RunOutcome, text: &str, value: u32) {
+    assert_eq!(
+        outcome.end,
+        RunEnd::Stopped(StopRequest::DebugExit { value }),
+        "{test}: serial output was:\n{text}"
+    );
+    assert_eq!(outcome.exit_status(), value as i32);
+}
+
+fn hello(engine: EngineKind, test: &str) {
+    let Some((outcome, text)) = run_guest(
+        test,
+        engine,
+        "hello",
+        ClockMode::Virtual,
+        None,
+        Duration::from_secs(20),
+    ) else {
+        return;
+    };
+    assert_eq!(text, deja_guests::hello::GREETING);
+    assert_debug_exit(test, &outcome, &text, 0);
+}
+
+/// Sends the input in pieces with pauses, so that some bytes arrive while the guest is
+/// halted and must wake it, then EOT.
+fn echo(engine: EngineKind, clock: ClockMode, test: &str) {
+    let pieces: [&[u8]; 3] = [b"hello, ", b"deja\r\n", b"bye\x7f!"];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        for piece in pieces {
+            std::thread::sleep(Duration::from_millis(30));
+            for &b in piece {
+                if tx.send(b).is_err() {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        let _ = tx.send(deja_guests::echo::EOT);
+        // Bytes after EOT must not be echoed.
+        let _ = tx.send(b'X');
+    });
+    let run = run_guest(
+        test,
+        engine,
+        "echo",
+        clock,
+        Some(rx),
+        Duration::from_secs(30),
+    );
+    sender.join().expect("input thread");
+    let Some((outcome, text)) = run else {
+        return;
+    };
+    let sent: Vec<u8> = pieces.concat();
+    let expected = format!(
+        "{}{}{}",
+        deja_guests::echo::BANNER,
+        String::from_utf8_lossy(&sent),
+        deja_guests::echo::trailer(sent.len())
+    );
+    assert_eq!(text, expected);
+    assert_debug_exit(test, &outcome, &text, 0);
+    assert!(
+        outcome.stats.get("io.hlt") > 0,
+        "{test}: the guest never halted: {:?}",
+        outcome.stats
+    );
+}
+
+fn timer(engine: EngineKind, clock: ClockMode, test: &str) {
+    let Some((outcome, text)) =
+        run_guest(test, engine, "timer", clock, None, Duration::from_secs(30))
+    else {
+        return;
+    };
+    assert!(
+        text.contains("timer: PASS"),
+        "{test}: serial output was:\n{text}"
+    );
+    assert_debug_exit(test, &outcome, &text, 0);
+    let interrupts = outcome.stats.get("io.interrupts_delivered");
+    assert!(
+        interrupts > u64::from(deja_guests::timer::INTERRUPTS),
+        "{test}: only {interrupts} interrupts delivered"
+    );
+}
+
+#[test]
+fn hello_on_kvm() {
+    hello(EngineKind::Kvm, "hello_on_kvm");
+}
+
+#[test]
+fn echo_on_kvm() {
+    echo(EngineKind::Kvm, ClockMode::Host, "echo_on_kvm");
+}
+
+#[test]
+fn timer_on_kvm_with_the_host_clock() {
+    timer(
+        EngineKind::Kvm,
+        ClockMode::Host,
+        "timer_on_kvm_with_the_host_clock",
+    );
+}
+
+#[test]
+fn hello_on_bt() {
+    hello(EngineKind::Bt, "hello_on_bt");
+}
+
+#[test]
+fn echo_on_bt() {
+    echo(EngineKind::Bt, ClockMode::Virtual, "echo_on_bt");
+}
+
+#[test]
+fn timer_on_bt_with_the_virtual_clock() {
+    timer(EngineKind::Bt, ClockMode::Virtual, "timer_on_bt_with_the_virtual_clock");
+}
+
+#[test]
+fn timer_on_bt_with_the_host_clock() {
+    timer(EngineKind::Bt, ClockMode::Host, "timer_on_bt_with_the_host_clock");
+}
