@@ -75,7 +75,7 @@ static GUESTS: [Guest; 3] = [
     Guest {
         name: "timer",
         description: "counts PIT channel 0 interrupts in a HLT loop and checks them against \
-                      channel 2 time; prints both, exits 0 if they agree within 5%",
+                      channel 2 time; prints both, exits 0 if they agree within 10%",
         build: timer::build,
     },
 ];

@@ -24,7 +24,17 @@ pub const TIMER_COUNT: u32 = (PIT_HZ + TIMER_HZ / 2) / TIMER_HZ;
 /// Interrupts measured (after the first, which starts the measurement).
 pub const INTERRUPTS: u32 = 50;
 /// How far channel 2's measurement may differ from `INTERRUPTS * TIMER_COUNT`.
-pub const TOLERANCE_PERCENT: u32 = 5;
+///
+/// With a virtual clock the two agree exactly. With the host's clock a vCPU thread that
+/// the host does not schedule for longer than a period loses or bunches ticks (as a real
+/// PC under a loaded hypervisor does); 10% absorbs about 20 ms of such stalls in the
+/// 200 ms run and still catches the errors a timer model makes (a wrong input clock, a
+/// channel 2 counting in steps of 2 as in mode 3, a reload off by a factor).
+pub const TOLERANCE_PERCENT: u32 = 10;
+const _: () = assert!(
+    100 % TOLERANCE_PERCENT == 0,
+    "the guest divides by 100 / percent"
+);
 
 pub(crate) fn build() -> Result<Image, LinkError> {
     long_mode_image(
