@@ -380,6 +380,10 @@ pub fn shift_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let cmask = if size == 8 { 0x3f } else { 0x1f };
     let count = (ctx.get(&op.src, 1)? & cmask) as u32;
     if count == 0 {
+        // Flags untouched, but a 32-bit register destination is still zero-extended.
+        if size == 4 && !op.dst.is_mem() {
+            ctx.put(&op.dst, 4, a)?;
+        }
         return Ok(Ctl::Next);
     }
     let m = mask(size);
@@ -503,6 +507,10 @@ pub fn shxd(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let cmask = if size == 8 { 0x3f } else { 0x1f };
     let count = (ctx.get(&op.src2, 1)? & cmask) as u32;
     if count == 0 {
+        // Flags untouched, but a 32-bit register destination is still zero-extended.
+        if size == 4 && !op.dst.is_mem() {
+            ctx.put(&op.dst, 4, a)?;
+        }
         return Ok(Ctl::Next);
     }
     let m = mask(size);
@@ -900,8 +908,9 @@ pub fn xadd(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let a = ctx.get(&op.dst, op.size)?;
     let b = ctx.get(&op.src, op.size)?;
     let r = a.wrapping_add(b) & mask(op.size);
-    ctx.put(&op.dst, op.size, r)?;
+    // SRC := DEST, then DEST := sum (so XADD r, r leaves the sum).
     ctx.put(&op.src, op.size, a)?;
+    ctx.put(&op.dst, op.size, r)?;
     if live(ctx, op) {
         ctx.core.set_lazy(FlagOp::Add, op.size, r, a, b);
     }
@@ -918,8 +927,11 @@ pub fn cmpxchg(ctx: &mut Ctx, op: &UOp) -> OpResult {
         let s = ctx.get(&op.src, size)?;
         ctx.put(&op.dst, size, s)?;
     } else {
-        // The destination is written back with its own value (a locked cycle).
-        ctx.put(&op.dst, size, d)?;
+        // A memory destination is written back with its own value (a locked cycle); a
+        // register destination is left alone (no zero-extension).
+        if op.dst.is_mem() {
+            ctx.put(&op.dst, size, d)?;
+        }
         ctx.core.set_reg(0, false, size, d);
     }
     ctx.core.set_lazy(FlagOp::Sub, size, r, a, d);
