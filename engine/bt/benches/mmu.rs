@@ -6,9 +6,10 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use deja_bt::mmu::{
     Access, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE, PagingConfig,
-    PagingRegs, TLB_ENTRIES, soft_tlb, walk,
+    PagingRegs, soft_tlb, walk,
 };
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const PML4: u64 = 0x1000;
@@ -75,9 +76,49 @@ fn bench(c: &mut Criterion) {
         b.iter(|| walk(&mem, black_box(&cfg), None, black_box(0x7123), read))
     });
 
+    // A supervisor write that hits (the dirty bit is already known set).
+    let write = Access::SUPERVISOR_WRITE;
     let mut tlb = soft_tlb();
-    c.bench_function("mmu/flush_non_global", |b| b.iter(|| tlb.flush(false)));
-    let _ = TLB_ENTRIES;
+    tlb.translate(&mem, &regs, 0x9000, write).unwrap();
+    c.bench_function("mmu/tlb_hit_write", |b| {
+        b.iter(|| tlb.translate(&mem, black_box(&regs), black_box(0x9abc), write))
+    });
+
+    // 32-bit paging, two levels: the PD at 0x5_0000 points to the PT at 0x6_0000.
+    mem.write_obj(0x6_0000u32 | 0b111, GuestAddress(0x5_0000))
+        .unwrap();
+    mem.write_obj(0x100_0000u32 | 0b111_0111, GuestAddress(0x6_0000 + 7 * 4))
+        .unwrap();
+    let regs32 = PagingRegs {
+        cr0: CR0_PG | 1,
+        cr3: 0x5_0000,
+        cr4: 0,
+        efer: 0,
+    };
+    let mut tlb = soft_tlb();
+    c.bench_function("mmu/tlb_miss_32bit_walk", |b| {
+        b.iter(|| {
+            tlb.invlpg(0x7000);
+            tlb.translate(&mem, black_box(&regs32), black_box(0x7123), read)
+        })
+    });
+
+    // A CR3 flush of a TLB holding 512 translations (none global).
+    let mut tlb = soft_tlb();
+    c.bench_function("mmu/flush_full_tlb", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                for i in 0..512u64 {
+                    tlb.translate(&mem, &regs, i << 12, read).unwrap();
+                }
+                let start = Instant::now();
+                tlb.flush(false);
+                total += start.elapsed();
+            }
+            total
+        })
+    });
 }
 
 criterion_group!(benches, bench);
