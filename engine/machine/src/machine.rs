@@ -36,6 +36,9 @@ pub enum MachineError {
         /// What is wrong.
         reason: String,
     },
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] crate::devices::acpi::AcpiError),
     /// A saved machine state has a different set of devices.
     #[error("saved state has {found} devices, this machine has {expected}")]
     DeviceCountMismatch {

@@ -10,12 +10,25 @@
 //! | POST | 0x80 | |
 //! | isa-debug-exit | 0xf4 | |
 //! | COM1 16550A | 0x3f8-0x3ff | 4 |
+//! | System control port A | 0x92 | |
+//! | PCI config (i440FX, PIIX3), reset control | 0xcf8-0xcff | |
+//! | fw_cfg | 0x510-0x511, DMA 0x514-0x51b | |
+//! | ACPI PM1a, PM timer | 0x600-0x60b | 9 (SCI) |
+//! | local APIC, I/O APIC (in the irqchip) | MMIO 0xfee00000, 0xfec00000 | |
+//!
+//! ACPI tables (RSDP in 0xe0000..0xf0000) are written into RAM when the machine is built.
 
+use crate::devices::acpi::{self, AcpiPm, install_acpi_tables};
 use crate::devices::debug_exit::DebugExit;
+use crate::devices::fw_cfg::{self, FwCfg};
 use crate::devices::i8042::I8042;
+use crate::devices::lapic::Lapic;
+use crate::devices::pc_irqchip::PcIrqchip;
+use crate::devices::pci::{self, PciHost};
 use crate::devices::pic::{ELCR_BASE, MASTER_BASE, Pic, SLAVE_BASE};
 use crate::devices::pit::{PIT_BASE, PORT_B, Pit};
 use crate::devices::post::PostPort;
+use crate::devices::reset::{PORT_92, Port92};
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{COM1_BASE, Serial};
 use crate::devices::{DeviceState, i8042, rtc};
@@ -36,8 +49,14 @@ pub fn build_pc(
     host: Box<dyn Host>,
     serial_out: Box<dyn Write + Send>,
 ) -> Result<Machine, MachineError> {
-    let mut m = Machine::new(config, host, Box::new(Pic::new()))?;
-    m.map_irqchip(&[(MASTER_BASE, 2), (SLAVE_BASE, 2), (ELCR_BASE, 2)], &[])?;
+    // The APICs start as firmware leaves them (LINT0 virtual wire), so PIC-only guests see
+    // no difference from a bare 8259 pair.
+    let irqchip = PcIrqchip::new(Box::new(Pic::new()), Lapic::firmware_handoff(0));
+    let mut m = Machine::new(config, host, Box::new(irqchip))?;
+    m.map_irqchip(
+        &[(MASTER_BASE, 2), (SLAVE_BASE, 2), (ELCR_BASE, 2)],
+        &PcIrqchip::mmio_ranges(),
+    )?;
     m.add_device(Box::new(Pit::new()), &[(PIT_BASE, 4), (PORT_B, 1)], &[])?;
     m.add_device(
         Box::new(I8042::new()),
@@ -49,6 +68,16 @@ pub fn build_pc(
     m.add_device(Box::<PostPort>::default(), &[(POST_PORT, 1)], &[])?;
     m.add_device(Box::new(DebugExit), &[(DEBUG_EXIT_PORT, 1)], &[])?;
     m.add_device(Box::new(Serial::new(serial_out)), &[(COM1_BASE, 8)], &[])?;
+    m.add_device(Box::<Port92>::default(), &[(PORT_92, 1)], &[])?;
+    m.add_device(Box::new(PciHost::new()), &[pci::PORT_RANGE], &[])?;
+    let fw_cfg = FwCfg::new(&m.config, &m.layout);
+    m.add_device(
+        Box::new(fw_cfg),
+        &[fw_cfg::PIO_RANGE, fw_cfg::DMA_RANGE],
+        &[],
+    )?;
+    m.add_device(Box::<AcpiPm>::default(), &[acpi::PM_RANGE], &[])?;
+    install_acpi_tables(&m.mem, &m.layout)?;
     Ok(m)
 }
 
@@ -129,12 +158,19 @@ mod tests {
     fn every_port_reaches_its_device_and_the_rest_read_all_ones() {
         let (mut m, _, _) = pc();
         let mapped: &[(u16, &str)] = &[
-            (0x20, "pic"),
-            (0x21, "pic"),
-            (0xa0, "pic"),
-            (0xa1, "pic"),
-            (0x4d0, "pic"),
-            (0x4d1, "pic"),
+            (0x20, "pc-irqchip"),
+            (0x21, "pc-irqchip"),
+            (0xa0, "pc-irqchip"),
+            (0xa1, "pc-irqchip"),
+            (0x4d0, "pc-irqchip"),
+            (0x4d1, "pc-irqchip"),
+            (0x92, "port92"),
+            (0xcfc, "pci"),
+            (0xcf9, "pci"),
+            (0x510, "fw_cfg"),
+            (0x514, "fw_cfg"),
+            (0x600, "acpi-pm"),
+            (0x608, "acpi-pm"),
             (0x40, "pit"),
             (0x43, "pit"),
             (0x61, "pit"),

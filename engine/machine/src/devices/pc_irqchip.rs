@@ -501,4 +501,116 @@ mod tests {
         assert_eq!(d.acknowledge(), 0x49);
         assert!(d.restore(&DeviceState::DebugExit).is_err());
     }
+
+    /// The real 8259 pair behind the complex, programmed through the machine's ports as
+    /// guests do, and the new platform devices as `build_pc` maps them.
+    #[test]
+    fn build_pc_platform_devices_answer() {
+        use crate::devices::StopRequest;
+        use crate::devices::scripted_host::ScriptedHost;
+        use crate::machine::MachineConfig;
+        use vm_memory::{Bytes, GuestAddress};
+        let config = MachineConfig {
+            ram_size: 16 << 20,
+            cmdline: "console=ttyS0".into(),
+            ..MachineConfig::default()
+        };
+        let mut m = crate::build_pc(
+            config,
+            Box::<ScriptedHost>::default(),
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        let inb = |m: &mut crate::Machine, port: u16| {
+            let mut b = [0u8];
+            m.pio_read(port, &mut b);
+            b[0]
+        };
+        // PIC through the complex: vectors 0x20/0x28, IRQ 4 unmasked.
+        for (port, v) in [
+            (0x20, 0x11),
+            (0xa0, 0x11),
+            (0x21, 0x20),
+            (0xa1, 0x28),
+            (0x21, 0x04),
+            (0xa1, 0x02),
+            (0x21, 0x01),
+            (0xa1, 0x01),
+            (0x21, 0xef),
+            (0xa1, 0xff),
+        ] {
+            m.pio_write(port, &[v]);
+        }
+        m.set_irq(4, true);
+        assert!(m.interrupt_pending());
+        assert_eq!(m.acknowledge_interrupt(), 0x24);
+        m.set_irq(4, false);
+        m.pio_write(0x20, &[0x20]);
+        assert!(!m.interrupt_pending());
+        // Local APIC version through MMIO, I/O APIC version through its window.
+        let mut d = [0u8; 4];
+        m.mmio_read(0xfee0_0030, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x0005_0014);
+        m.mmio_write(0xfec0_0000, &[1, 0, 0, 0]);
+        m.mmio_read(0xfec0_0010, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x0017_0011);
+        // fw_cfg signature and command line.
+        m.pio_write(0x510, &0u16.to_le_bytes());
+        let sig: Vec<u8> = (0..4).map(|_| inb(&mut m, 0x511)).collect();
+        assert_eq!(sig, b"QEMU");
+        m.pio_write(0x510, &0x15u16.to_le_bytes());
+        let cmd: Vec<u8> = (0..14).map(|_| inb(&mut m, 0x511)).collect();
+        assert_eq!(cmd, b"console=ttyS0\0");
+        // PCI host bridge ID.
+        m.pio_write(0xcf8, &0x8000_0000u32.to_le_bytes());
+        m.pio_read(0xcfc, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1237_8086);
+        // ACPI tables are in memory.
+        let mut sig = [0u8; 8];
+        m.mem
+            .read_slice(&mut sig, GuestAddress(acpi_start()))
+            .unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        // Port 0x92 fast reset.
+        m.pio_write(0x92, &[1]);
+        assert_eq!(
+            m.take_stop(),
+            Some(StopRequest::Reset {
+                source: "port 0x92"
+            })
+        );
+        // ACPI soft-off.
+        m.pio_write(0x604, &(1u16 << 13).to_le_bytes());
+        assert_eq!(m.take_stop(), Some(StopRequest::PowerOff));
+        // The whole machine's state round-trips.
+        let saved = m.save_devices();
+        assert!(matches!(saved[0], DeviceState::PcIrqchip(_)));
+        m.restore_devices(&saved).unwrap();
+        assert_eq!(m.save_devices(), saved);
+    }
+
+    fn acpi_start() -> u64 {
+        crate::devices::acpi::ACPI_REGION_START
+    }
+
+    /// The PIT's IRQ 0 reaches I/O APIC pin 2 through the real PIC path too.
+    #[test]
+    fn irq0_goes_to_pin_2_with_the_real_pic() {
+        let mut rig = Rig::new(4 << 20);
+        let mut c = PcIrqchip::new(
+            Box::new(crate::devices::pic::Pic::new()),
+            Lapic::firmware_handoff(0),
+        );
+        route(&mut c, &mut rig, 2, 0x30);
+        c.set_irq(0, true);
+        assert_eq!(c.lapic().deliverable_vector(), Some(0x30));
+        // The APIC wins; the PIC (IMR 0 after reset) signals IRQ 0 too, through LINT0, which
+        // is why OSes mask the 8259 before using the I/O APIC.
+        assert_eq!(c.acknowledge(), 0x30);
+        assert!(c.interrupt_pending());
+        c.lapic_mut().set_cr8(0xf);
+        let mut rig2 = Rig::new(4 << 20);
+        c.write(&mut rig2.ctx(), 0x21, &[0xff]);
+        assert!(!c.interrupt_pending(), "PIC masked, APIC vector in service");
+    }
 }
