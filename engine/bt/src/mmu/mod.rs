@@ -11,6 +11,14 @@
 //! - [`Mmu`] is a strategy: it owns whatever caching it does (here a soft TLB,
 //!   [`soft_tlb`]) and counts its events under `mmu.*` names that follow KVM's.
 //!
+//! How the CPU drives it: [`Mmu::translate`] for every linear access (one call per page an
+//! access touches; a fault goes to the guest as #PF with CR2 = `address`); INVLPG →
+//! [`Mmu::invlpg`]; MOV to CR3 → [`Mmu::flush`]`(false)`; a change of CR0.PG/WP or
+//! CR4.PGE/PAE/PSE/SMEP → [`Mmu::flush`]`(true)`; under PAE paging also
+//! [`Mmu::load_pdptes`] at those points, raising #GP(0) (and not loading the register) on
+//! [`MmuError::ReservedPdpte`]. [`PagingRegs::from_state`] builds the registers from a
+//! [`CpuState`].
+//!
 //! Modes: paging off, 32-bit paging (with CR4.PSE 4 MiB pages and PSE-36), PAE paging (with
 //! the four PDPTE registers, see [`Mmu::load_pdptes`]) and 4-level paging (4 KiB, 2 MiB and
 //! 1 GiB pages). MAXPHYADDR is [`MAXPHYADDR`] (40, as deja's CPUID leaf 0x8000_0008 says);
@@ -34,7 +42,7 @@ use std::str::FromStr;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
-/// The physical-address width deja's CPUID reports (leaf 0x8000_0008 EAX[7:0]). Entry bits
+/// The physical-address width deja's CPUID reports (leaf 0x8000_0008, EAX bits 7:0). Entry bits
 /// from here up to bit 51 are reserved and fault with RSVD.
 pub const MAXPHYADDR: u32 = 40;
 
