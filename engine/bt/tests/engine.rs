@@ -463,3 +463,188 @@ fn real_to_protected_to_long_mode_switch() {
 fn ptr_operand16(addr: u64) -> AsmMemoryOperand {
     ptr(addr)
 }
+
+/// A 64-bit gate with a DPL.
+fn gate_dpl(target: u64, dpl: u8) -> [u8; 16] {
+    let mut g = gate(target);
+    g[5] = 0x8e | (dpl << 5);
+    g
+}
+
+#[test]
+fn cli_sti_popf_in_ring3_follow_iopl() {
+    for iopl in 0..4u64 {
+        let (mut m, _, _) = machine();
+        let gp = 0x20_1000u64;
+        load(
+            &m,
+            gp,
+            &asm(64, gp, |a| {
+                a.inc(r12).unwrap();
+                a.pop(r13).unwrap();
+                a.add(qword_ptr(rsp), 1).unwrap(); // skip the 1-byte CLI/STI
+                a.iretq().unwrap();
+            }),
+        );
+        let done = 0x20_1100u64;
+        load(&m, done, &asm(64, done, |a| a.hlt().unwrap()));
+        load(&m, IDT + 13 * 16, &gate(gp));
+        load(&m, IDT + 0x80 * 16, &gate_dpl(done, 3));
+        let user = 0x20_2000u64;
+        load(
+            &m,
+            user,
+            &asm(64, user, |a| {
+                a.cli().unwrap();
+                a.pushfq().unwrap();
+                a.pop(r8).unwrap();
+                a.push(0x2).unwrap();
+                a.popfq().unwrap();
+                a.pushfq().unwrap();
+                a.pop(r9).unwrap();
+                a.sti().unwrap();
+                a.pushfq().unwrap();
+                a.pop(r10).unwrap();
+                a.int(0x80).unwrap();
+            }),
+        );
+        load(
+            &m,
+            0x20_0000,
+            &asm(64, 0x20_0000, |a| {
+                a.push(0x2b).unwrap();
+                a.push(0x9000).unwrap();
+                a.push((0x202 | (iopl << 12)) as i32).unwrap();
+                a.push(0x33).unwrap();
+                a.mov(rax, user).unwrap();
+                a.push(rax).unwrap();
+                a.iretq().unwrap();
+            }),
+        );
+        let s = long_mode_state(&m, 0x20_0000);
+        load(&m, TSS + 4, &0xa000u64.to_le_bytes());
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 500), Exit::Halted, "iopl {iopl}");
+        let st = c.state().unwrap();
+        let (if_, iopl_bits) = (1u64 << 9, 3u64 << 12);
+        let (r8v, r9v, r10v, gps) = (st.gpr[8], st.gpr[9], st.gpr[10], st.gpr[12]);
+        if iopl == 3 {
+            assert_eq!(gps, 0, "iopl 3: no #GP");
+            assert_eq!(r8v & if_, 0, "iopl 3: CLI clears IF");
+            assert_eq!(r9v & if_, 0, "iopl 3: POPF changes IF");
+            assert_ne!(r10v & if_, 0, "iopl 3: STI sets IF");
+        } else {
+            assert_eq!(gps, 2, "iopl {iopl}: CLI and STI fault");
+            assert_eq!(st.gpr[13], 0, "#GP(0)");
+            assert_ne!(r8v & if_, 0, "iopl {iopl}: IF kept after faulting CLI");
+            assert_ne!(r9v & if_, 0, "iopl {iopl}: POPF leaves IF silently");
+            assert_ne!(r10v & if_, 0);
+        }
+        for v in [r8v, r9v, r10v] {
+            assert_eq!(v & iopl_bits, iopl << 12, "ring 3 never changes IOPL");
+        }
+    }
+}
+
+#[test]
+fn bcd_and_far_call_through_a_call_gate_in_32_bit_mode() {
+    let (mut m, _, _) = machine();
+    // Call gate in GDT slot 9 (0x48): to the ring-0 code32 segment, 0x2100, DPL 3.
+    let gate = (0x2100u64 & 0xffff) | (0x08u64 << 16) | (0xecu64 << 40) | ((0x2100u64 >> 16) << 48);
+    load(&m, GDT + 0x48, &gate.to_le_bytes());
+    load(
+        &m,
+        0x2100,
+        &asm(32, 0x2100, |a| {
+            a.mov(esi, 0x1234).unwrap();
+            a.retf().unwrap();
+        }),
+    );
+    load(
+        &m,
+        0x2000,
+        &asm(32, 0x2000, |a| {
+            a.mov(al, 0x19).unwrap();
+            a.add(al, 0x28).unwrap();
+            a.daa().unwrap();
+            a.mov(bl, al).unwrap();
+            a.mov(al, 0x10).unwrap();
+            a.sub(al, 0x01).unwrap();
+            a.das().unwrap();
+            a.mov(bh, al).unwrap();
+            a.call_far(0x48, 0).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let mut s = protected_mode_state(&m, 0x2000);
+    s.gdtr.limit = 0x4f;
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!(
+        st.gpr[3] & 0xffff,
+        0x0947,
+        "DAA 0x19+0x28 = 0x47, DAS 0x10-0x01 = 0x09"
+    );
+    assert_eq!(st.gpr[6], 0x1234);
+    assert_eq!(st.seg[seg::CS].selector, 0x08);
+}
+
+/// A 32-bit interrupt gate to `target` in the ring-0 code segment.
+fn gate32(target: u64) -> [u8; 8] {
+    let g = (target & 0xffff) | (0x08u64 << 16) | (0x8eu64 << 40) | ((target >> 16) << 48);
+    g.to_le_bytes()
+}
+
+#[test]
+fn segment_load_faults_carry_the_selector_in_the_error_code() {
+    // (selector loaded into DS, vector expected, error code expected)
+    let cases: [(u16, u8, u32); 4] = [
+        (0x60, 13, 0x60),     // beyond the GDT limit
+        (0x08 | 3, 13, 0x08), // code segment not readable? it is readable: RPL 3 > DPL 0
+        (0x38, 13, 0x38),     // a TSS descriptor is not a data segment
+        (0x50, 11, 0x50),     // not present
+    ];
+    for (sel, vector, code) in cases {
+        let (mut m, _, _) = machine();
+        let handler = 0x2800u64;
+        load(
+            &m,
+            handler,
+            &asm(32, handler, |a| {
+                a.pop(ebx).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        load(&m, IDT + 11 * 8, &gate32(handler));
+        load(&m, IDT + 13 * 8, &gate32(handler + 0x10));
+        load(
+            &m,
+            handler + 0x10,
+            &asm(32, handler + 0x10, |a| {
+                a.pop(ebx).unwrap();
+                a.mov(ecx, 13).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        // GDT slot 10 (0x50): a data segment marked not present.
+        load(&m, GDT + 0x50, &0x00cf_1300_0000_ffffu64.to_le_bytes());
+        load(
+            &m,
+            0x2000,
+            &asm(32, 0x2000, |a| {
+                a.mov(ecx, 11).unwrap();
+                a.mov(ax, sel as u32).unwrap();
+                a.mov(ds, ax).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        let mut s = protected_mode_state(&m, 0x2000);
+        s.gdtr.limit = 0x57;
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+        let st = c.state().unwrap();
+        assert_eq!(st.gpr[1] as u8, vector, "selector {sel:#x}");
+        assert_eq!(st.gpr[3] as u32, code, "selector {sel:#x}");
+    }
+}
