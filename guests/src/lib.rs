@@ -12,6 +12,7 @@
 pub mod echo;
 pub mod hello;
 mod link;
+pub mod racy_kernel;
 mod rt;
 pub mod timer;
 
@@ -59,7 +60,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 3] = [
+static GUESTS: [Guest; 4] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -77,6 +78,13 @@ static GUESTS: [Guest; 3] = [
         description: "counts PIT channel 0 interrupts in a HLT loop and checks them against \
                       channel 2 time; prints both, exits 0 if they agree within 10%",
         build: timer::build,
+    },
+    Guest {
+        name: "racy-kernel",
+        description: "two tasks and a timer-driven scheduler racing on a non-atomic counter \
+                      increment; panics on COM1 and exits 3 on a lost update, exits 0 after \
+                      400 clean ticks (bt; use chaos recording to make it fail)",
+        build: racy_kernel::build,
     },
 ];
 

@@ -77,7 +77,7 @@ pub fn long_mode_image(
 }
 
 /// [`long_mode_image`] before it becomes an [`Image`]: bytes and symbols.
-fn long_mode_link(
+pub(crate) fn long_mode_link(
     name: &str,
     messages: BootMessages,
     handlers: &[(u8, &'static str)],

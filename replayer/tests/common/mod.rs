@@ -356,3 +356,22 @@ pub fn guest(ticks: u16) -> Image {
 fn handler_offset_placeholder() -> i32 {
     0x5a5a
 }
+
+/// Builds the deja-pc machine (PIC, PIT, RTC, COM1, ...) with `image` loaded, on `engine`:
+/// what `deja_engine::build_vm` does, kept here so these tests do not depend on it.
+pub fn build_pc(
+    engine: Engine,
+    config: &MachineConfig,
+    image: &Image,
+    host: Box<dyn Host>,
+    out: Box<dyn Write + Send>,
+) -> Result<Vm, String> {
+    let mut m = deja_machine::pc::build_pc(config.clone(), host, out).map_err(|e| e.to_string())?;
+    let state = deja_machine::loader::load(&mut m, image).map_err(|e| e.to_string())?;
+    let mut cpu: Box<dyn Cpu> = match engine {
+        Engine::Kvm => Box::new(deja_kvm::KvmCpu::new(&m).map_err(|e| e.to_string())?),
+        Engine::Bt => Box::new(deja_bt::BtCpu::new(&m).map_err(|e| e.to_string())?),
+    };
+    cpu.set_state(&state).map_err(|e| e.to_string())?;
+    Ok(Vm::new(m, cpu))
+}
