@@ -550,7 +550,8 @@ fn cli_sti_popf_in_ring3_follow_iopl() {
 fn bcd_and_far_call_through_a_call_gate_in_32_bit_mode() {
     let (mut m, _, _) = machine();
     // Call gate in GDT slot 9 (0x48): to the ring-0 code32 segment, 0x2100, DPL 3.
-    let gate = (0x2100u64 & 0xffff) | (0x08u64 << 16) | (0xecu64 << 40) | ((0x2100u64 >> 16) << 48);
+    let target = 0x2100u64;
+    let gate = (target & 0xffff) | (0x08u64 << 16) | (0xecu64 << 40) | ((target >> 16) << 48);
     load(&m, GDT + 0x48, &gate.to_le_bytes());
     load(
         &m,
