@@ -35,6 +35,10 @@ pub struct PcIrqchip {
     pic: Box<dyn Irqchip>,
     ioapic: Ioapic,
     lapic: Lapic,
+    /// Vectors the local APIC delivered (statistics only, not guest state).
+    lapic_acknowledged: u64,
+    /// Messages the I/O APIC sent (statistics only).
+    ioapic_deliveries: u64,
 }
 
 impl PcIrqchip {
@@ -45,6 +49,8 @@ impl PcIrqchip {
             pic,
             ioapic: Ioapic::new(),
             lapic,
+            lapic_acknowledged: 0,
+            ioapic_deliveries: 0,
         }
     }
 
@@ -78,6 +84,7 @@ impl PcIrqchip {
             level,
         } in self.ioapic.take_deliveries()
         {
+            self.ioapic_deliveries += 1;
             if !self.lapic.is_destination(u32::from(dest), logical) {
                 continue;
             }
@@ -215,6 +222,12 @@ impl Device for PcIrqchip {
             .min()
     }
 
+    fn add_stats(&self, stats: &mut crate::cpu::EngineStats) {
+        self.pic.add_stats(stats);
+        stats.add("lapic.acknowledged", self.lapic_acknowledged);
+        stats.add("ioapic.deliveries", self.ioapic_deliveries);
+    }
+
     fn save(&self) -> DeviceState {
         DeviceState::PcIrqchip(Box::new(PcIrqchipState {
             pic: self.pic.save(),
@@ -247,6 +260,7 @@ impl Irqchip for PcIrqchip {
 
     fn acknowledge(&mut self) -> u8 {
         if self.lapic.deliverable_vector().is_some() {
+            self.lapic_acknowledged += 1;
             return self.lapic.acknowledge();
         }
         if self.lapic.accepts_pic_interrupts() && self.pic.interrupt_pending() {
@@ -485,6 +499,9 @@ mod tests {
         assert!(PcIrqchip::handles_msr(0x6e0) && !PcIrqchip::handles_msr(0x10));
         c.wrmsr(0, 0x80b, 0).unwrap();
         assert!(c.wrmsr(0, MSR_APIC_BASE, 0xfee0_0900).is_err());
+        let mut stats = crate::cpu::EngineStats::default();
+        c.add_stats(&mut stats);
+        assert_eq!(stats.get("lapic.acknowledged"), 1);
     }
 
     #[test]
