@@ -649,3 +649,171 @@ fn segment_load_faults_carry_the_selector_in_the_error_code() {
         assert_eq!(st.gpr[3] as u32, code, "selector {sel:#x}");
     }
 }
+
+#[test]
+fn syscall_and_sysret_round_trip_between_rings() {
+    let (mut m, _, _) = machine();
+    let kernel = 0x20_1000u64;
+    load(
+        &m,
+        kernel,
+        &asm(64, kernel, |a| {
+            a.mov(r8, rcx).unwrap(); // return RIP
+            a.mov(r9, r11).unwrap(); // saved RFLAGS
+            a.pushfq().unwrap();
+            a.pop(r10).unwrap(); // RFLAGS in the kernel (FMASK applied)
+            a.sysretq().unwrap();
+        }),
+    );
+    let user = 0x20_2000u64;
+    load(
+        &m,
+        user,
+        &asm(64, user, |a| {
+            a.syscall().unwrap();
+            a.mov(r12, 0x77u64).unwrap();
+            a.int(0x80).unwrap();
+        }),
+    );
+    let done = 0x20_1100u64;
+    load(&m, done, &asm(64, done, |a| a.hlt().unwrap()));
+    load(&m, IDT + 0x80 * 16, &gate_dpl(done, 3));
+    load(
+        &m,
+        0x20_0000,
+        &asm(64, 0x20_0000, |a| {
+            // STAR: kernel CS 0x18 (SS 0x20); SYSRET base 0x20 -> CS 0x30|3, SS 0x28|3.
+            a.mov(ecx, 0xc000_0081u32).unwrap();
+            a.xor(eax, eax).unwrap();
+            a.mov(edx, 0x0020_0018).unwrap();
+            a.wrmsr().unwrap();
+            a.mov(ecx, 0xc000_0082u32).unwrap();
+            a.mov(eax, kernel as u32).unwrap();
+            a.xor(edx, edx).unwrap();
+            a.wrmsr().unwrap();
+            a.mov(ecx, 0xc000_0084u32).unwrap();
+            a.mov(eax, 0x200).unwrap(); // FMASK clears IF
+            a.wrmsr().unwrap();
+            a.mov(ecx, 0xc000_0080u32).unwrap();
+            a.rdmsr().unwrap();
+            a.or(eax, 1).unwrap(); // SCE
+            a.wrmsr().unwrap();
+            a.push(0x2b).unwrap();
+            a.push(0x9000).unwrap();
+            a.push(0x202).unwrap();
+            a.push(0x33).unwrap();
+            a.mov(rax, user).unwrap();
+            a.push(rax).unwrap();
+            a.iretq().unwrap();
+        }),
+    );
+    let s = long_mode_state(&m, 0x20_0000);
+    load(&m, TSS + 4, &0xa000u64.to_le_bytes());
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 500), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!(st.gpr[8], user + 2, "RCX = return RIP");
+    assert_ne!(st.gpr[9] & 0x200, 0, "R11 holds the user RFLAGS (IF set)");
+    assert_eq!(st.gpr[10] & 0x200, 0, "FMASK cleared IF in the kernel");
+    assert_eq!(st.gpr[12], 0x77, "SYSRET returned to ring 3");
+}
+
+#[test]
+fn sse2_integer_and_move_operations() {
+    let (mut m, _, _) = machine();
+    let data = 0x30_0000u64;
+    let bytes: Vec<u8> = (0..64u8).collect();
+    load(&m, data, &bytes);
+    load(
+        &m,
+        0x20_0000,
+        &asm(64, 0x20_0000, |a| {
+            a.mov(rsi, data).unwrap();
+            a.movdqu(xmm0, xmmword_ptr(rsi)).unwrap();
+            a.movdqa(xmm1, xmmword_ptr(rsi + 16)).unwrap();
+            a.paddd(xmm0, xmm1).unwrap();
+            a.movdqu(xmmword_ptr(rsi + 32), xmm0).unwrap();
+            a.pxor(xmm2, xmm2).unwrap();
+            a.pcmpeqb(xmm2, xmm1).unwrap(); // no zero bytes in 16..32 -> all clear
+            a.pmovmskb(eax, xmm2).unwrap();
+            a.movq(rbx, xmm1).unwrap();
+            a.pshufd(xmm3, xmm1, 0x1b).unwrap();
+            a.movd(ecx, xmm3).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let s = long_mode_state(&m, 0x20_0000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    let sum = peek(&m, data + 32, 16);
+    for lane in 0..4 {
+        let a = u32::from_le_bytes(bytes[lane * 4..lane * 4 + 4].try_into().unwrap());
+        let b = u32::from_le_bytes(bytes[16 + lane * 4..20 + lane * 4].try_into().unwrap());
+        let got = u32::from_le_bytes(sum[lane * 4..lane * 4 + 4].try_into().unwrap());
+        assert_eq!(got, a.wrapping_add(b));
+    }
+    assert_eq!(st.gpr[0], 0);
+    assert_eq!(
+        st.gpr[3],
+        u64::from_le_bytes(bytes[16..24].try_into().unwrap())
+    );
+    assert_eq!(
+        st.gpr[1],
+        u32::from_le_bytes(bytes[28..32].try_into().unwrap()) as u64
+    );
+}
+
+#[test]
+fn virtual_8086_mode_enters_by_iret_and_leaves_by_interrupt() {
+    let (mut m, _, _) = machine();
+    load(&m, TSS + 4, &0xa000u32.to_le_bytes());
+    load(&m, TSS + 8, &0x10u32.to_le_bytes());
+    let handler = 0x2800u64;
+    let mut g = gate32(handler);
+    g[5] = 0xee; // DPL 3
+    load(&m, IDT + 0x21 * 8, &g);
+    load(
+        &m,
+        handler,
+        &asm(32, handler, |a| {
+            a.mov(ebx, dword_ptr(esp + 8)).unwrap(); // EFLAGS
+            a.mov(ecx, dword_ptr(esp + 4)).unwrap(); // CS
+            a.mov(edx, dword_ptr(esp + 20)).unwrap(); // ES
+            a.hlt().unwrap();
+        }),
+    );
+    load(
+        &m,
+        0x1000,
+        &asm(16, 0x1000, |a| {
+            a.mov(ax, 0x1234).unwrap();
+            a.mov(es, ax).unwrap();
+            a.int(0x21).unwrap();
+        }),
+    );
+    load(
+        &m,
+        0x2000,
+        &asm(32, 0x2000, |a| {
+            for v in [0u32, 0, 0, 0, 0, 0x7000, 0x0002_3202, 0x100, 0] {
+                a.push(v as i32).unwrap();
+            }
+            a.iretd().unwrap();
+        }),
+    );
+    let s = protected_mode_state(&m, 0x2000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_ne!(st.gpr[3] & 0x2_0000, 0, "the pushed EFLAGS has VM set");
+    assert_eq!(st.gpr[1], 0x100, "the pushed CS is the real-mode segment");
+    assert_eq!(st.gpr[2], 0x1234, "ES was pushed for the monitor");
+    assert_eq!(st.gpr[4], 0xa000 - 36);
+    assert_eq!(
+        st.rflags & 0x2_0000,
+        0,
+        "the handler runs outside virtual-8086 mode"
+    );
+    assert_eq!(st.seg[seg::ES].selector, 0, "data segments are cleared");
+}
