@@ -817,3 +817,35 @@ fn virtual_8086_mode_enters_by_iret_and_leaves_by_interrupt() {
     );
     assert_eq!(st.seg[seg::ES].selector, 0, "data segments are cleared");
 }
+
+#[test]
+fn sse2_scalar_double_arithmetic_conversions_and_compare() {
+    let (mut m, _, _) = machine();
+    load(
+        &m,
+        0x20_0000,
+        &asm(64, 0x20_0000, |a| {
+            a.mov(eax, 7).unwrap();
+            a.cvtsi2sd(xmm0, eax).unwrap(); // 7.0
+            a.mov(eax, 2).unwrap();
+            a.cvtsi2sd(xmm1, eax).unwrap(); // 2.0
+            a.divsd(xmm0, xmm1).unwrap(); // 3.5
+            a.movapd(xmm2, xmm0).unwrap();
+            a.mulsd(xmm2, xmm1).unwrap(); // 7.0
+            a.sqrtsd(xmm3, xmm1).unwrap(); // sqrt 2
+            a.cvttsd2si(rbx, xmm0).unwrap(); // 3
+            a.ucomisd(xmm0, xmm1).unwrap(); // 3.5 > 2.0: CF = ZF = 0
+            a.seta(cl).unwrap();
+            a.movq(rdx, xmm3).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let s = long_mode_state(&m, 0x20_0000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!(st.gpr[3], 3);
+    assert_eq!(st.gpr[1] & 0xff, 1);
+    assert_eq!(st.gpr[2], 2f64.sqrt().to_bits());
+    assert_eq!(&st.fpu.xmm[2][..8], &7f64.to_bits().to_le_bytes());
+}
