@@ -794,6 +794,17 @@ impl Lapic {
         true
     }
 
+    /// Whether an access to the register at `offset` depends on the current time: the
+    /// timer registers, or any register while the timer is armed (it may fire first).
+    /// Accesses that do not need it can skip the host clock (and its trace event).
+    pub fn needs_time(&self, offset: u64) -> bool {
+        self.state.timer_deadline_ns.is_some()
+            || matches!(
+                (offset & 0xff0) as u32,
+                reg::LVT_TIMER | reg::TIMER_INITIAL | reg::TIMER_CURRENT | reg::TIMER_DIVIDE
+            )
+    }
+
     /// A guest read of the xAPIC page at `offset` (any width; registers are dwords on
     /// 16-byte boundaries).
     pub fn mmio_read(&mut self, now: u64, offset: u64, data: &mut [u8]) {
@@ -907,18 +918,30 @@ impl Device for Lapic {
     }
 
     fn read(&mut self, ctx: &mut IoCtx, addr: u64, data: &mut [u8]) {
-        let now = ctx.now();
-        self.mmio_read(now, addr.wrapping_sub(LAPIC_BASE), data);
+        let offset = addr.wrapping_sub(LAPIC_BASE);
+        let now = if self.needs_time(offset) {
+            ctx.now()
+        } else {
+            0
+        };
+        self.mmio_read(now, offset, data);
     }
 
     fn write(&mut self, ctx: &mut IoCtx, addr: u64, data: &[u8]) {
-        let now = ctx.now();
-        self.mmio_write(now, addr.wrapping_sub(LAPIC_BASE), data);
+        let offset = addr.wrapping_sub(LAPIC_BASE);
+        let now = if self.needs_time(offset) {
+            ctx.now()
+        } else {
+            0
+        };
+        self.mmio_write(now, offset, data);
     }
 
     fn poll(&mut self, ctx: &mut IoCtx) {
-        let now = ctx.now();
-        self.run_timer(now);
+        if self.state.timer_deadline_ns.is_some() {
+            let now = ctx.now();
+            self.run_timer(now);
+        }
     }
 
     fn next_deadline(&self) -> Option<u64> {

@@ -181,8 +181,13 @@ impl Device for PcIrqchip {
 
     fn read(&mut self, ctx: &mut IoCtx, addr: u64, data: &mut [u8]) {
         if Self::in_lapic(addr) {
-            let now = ctx.now();
-            self.lapic.mmio_read(now, addr - LAPIC_BASE, data);
+            let offset = addr - LAPIC_BASE;
+            let now = if self.lapic.needs_time(offset) {
+                ctx.now()
+            } else {
+                0
+            };
+            self.lapic.mmio_read(now, offset, data);
             self.after_lapic_access();
         } else if Self::in_ioapic(addr) {
             self.ioapic.mmio_read(addr - IOAPIC_BASE, data);
@@ -194,8 +199,13 @@ impl Device for PcIrqchip {
 
     fn write(&mut self, ctx: &mut IoCtx, addr: u64, data: &[u8]) {
         if Self::in_lapic(addr) {
-            let now = ctx.now();
-            self.lapic.mmio_write(now, addr - LAPIC_BASE, data);
+            let offset = addr - LAPIC_BASE;
+            let now = if self.lapic.needs_time(offset) {
+                ctx.now()
+            } else {
+                0
+            };
+            self.lapic.mmio_write(now, offset, data);
             self.after_lapic_access();
         } else if Self::in_ioapic(addr) {
             self.ioapic.mmio_write(addr - IOAPIC_BASE, data);
@@ -445,6 +455,29 @@ mod tests {
         route(&mut c, &mut rig, 19, 0x8000 | 0x53);
         c.set_irq(19, true);
         assert_eq!(c.acknowledge(), 0x53);
+    }
+
+    #[test]
+    fn only_timer_accesses_read_the_clock() {
+        let mut rig = Rig::new(4 << 20);
+        let mut c = chip(Lapic::firmware_handoff(0));
+        let mut d = [0u8; 4];
+        c.read(&mut rig.ctx(), LAPIC_BASE + u64::from(reg::VERSION), &mut d);
+        mmio_write(&mut c, &mut rig, LAPIC_BASE + u64::from(reg::EOI), 0);
+        mmio_write(&mut c, &mut rig, LAPIC_BASE + u64::from(reg::TPR), 0x20);
+        c.poll(&mut rig.ctx());
+        assert_eq!(rig.host.clock_reads, 0);
+        mmio_write(
+            &mut c,
+            &mut rig,
+            LAPIC_BASE + u64::from(reg::TIMER_INITIAL),
+            100,
+        );
+        assert_eq!(rig.host.clock_reads, 1);
+        // While armed, every access asks (the timer may have fired first).
+        c.read(&mut rig.ctx(), LAPIC_BASE + u64::from(reg::VERSION), &mut d);
+        c.poll(&mut rig.ctx());
+        assert_eq!(rig.host.clock_reads, 3);
     }
 
     #[test]
