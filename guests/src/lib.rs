@@ -4,7 +4,8 @@
 //! mode (own GDT and page tables), talks through COM1 (0x3f8, polling LSR.THRE before each
 //! byte) and reports through isa-debug-exit (port 0xf4): 0 when its checks pass,
 //! [`EXIT_CHECK_FAILED`] when one fails, [`EXIT_UNEXPECTED_VECTOR`] on an exception or
-//! interrupt it did not expect (after printing the vector, error code and RIP).
+//! interrupt it did not expect (after printing the vector, error code and RIP), and
+//! [`EXIT_INCONCLUSIVE`] when the host kept it from deciding (the guest says why).
 //!
 //! Guests are deliberately short (a few thousand instructions): on hosts where KVM emulates
 //! ring-0 code (PVM) every guest instruction costs about a microsecond.
@@ -17,7 +18,7 @@ mod rt;
 pub mod timer;
 
 pub use link::LinkError;
-pub use rt::{EXIT_CHECK_FAILED, EXIT_PASS, EXIT_UNEXPECTED_VECTOR, LOAD_ADDR};
+pub use rt::{EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE, EXIT_PASS, EXIT_UNEXPECTED_VECTOR, LOAD_ADDR};
 
 use deja_machine::loader::Image;
 use thiserror::Error;

@@ -31,6 +31,9 @@ pub const EXIT_PASS: u8 = 0;
 pub const EXIT_CHECK_FAILED: u8 = 1;
 /// Exit status: an exception or interrupt arrived that the guest did not expect.
 pub const EXIT_UNEXPECTED_VECTOR: u8 = 2;
+/// Exit status: the check could not decide (e.g. the host did not run the guest when
+/// timer ticks were due); running again may decide it.
+pub const EXIT_INCONCLUSIVE: u8 = 4;
 
 /// COM1 data register (THR/RBR, DLL with DLAB).
 pub const COM1: u16 = 0x3f8;
