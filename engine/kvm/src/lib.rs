@@ -7,10 +7,24 @@
 //! interrupt window is requested). On hosts without a PMU (all the machines deja runs on
 //! today) kvm cannot count instructions, so positions are device-exit ordinals.
 //!
-//! See [`host_info`] for what the host's KVM is and what it cannot do.
+//! See [`host_info`] for what the host's KVM is and what it cannot do, and [`probe`] for
+//! the tiny guests that measure it.
+//!
+//! Counters ([`Cpu::stats`]): `exit.io_in`, `exit.io_out` (one per exit; string I/O also adds
+//! its element count to `exit.io_string_elements`), `exit.mmio_read`, `exit.mmio_write`,
+//! `exit.rom_write` (stores into ROM, dropped), `exit.hlt`, `exit.irq_window_open`,
+//! `exit.shutdown`, `exit.intr` (signals and kicks), `exit.internal_error`,
+//! `exit.fail_entry`, `exit.<name>` for anything unexpected, `kvm.interrupts_injected`,
+//! and KVM's own non-zero counters as `kvm.stat.vcpu.<name>` and `kvm.stat.vm.<name>`.
+//!
+//! Known gaps: an interrupt queued with `KVM_INTERRUPT` whose `KVM_RUN` was cut short by a
+//! kick stays queued inside KVM and is not part of [`CpuState`] (a snapshot taken then
+//! loses it); MSRs of deja's local APIC (x2APIC, TSC deadline) are not forwarded to the
+//! machine yet (the machine has no MSR route).
 
 pub mod host_info;
 pub mod kick;
+pub mod kvm_stats;
 pub mod probe;
 pub mod state;
 
@@ -20,6 +34,7 @@ use host_info::Flavour;
 use kick::KickTarget;
 use kvm_bindings as kb;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
@@ -201,6 +216,8 @@ pub struct KvmCpu {
     flavour: Flavour,
     slots: Vec<Slot>,
     msrs: Vec<u32>,
+    /// KVM's own statistics for the vCPU and the VM, when the host offers them.
+    kvm_stats: Vec<(&'static str, kvm_stats::StatsFile)>,
     /// Whether writing IA32_TSC changes the guest TSC (PVM accepts the write and ignores it).
     tsc_settable: bool,
     /// Whether to ask KVM for an interrupt-window exit while an interrupt waits for IF.
@@ -276,7 +293,15 @@ impl KvmCpu {
         let msrs = supported_msrs(&vcpu);
         let xsave = vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_XSAVE)) > 0
             && vcpu.get_xsave().is_ok();
+        let mut kvm_stats = Vec::new();
+        if let Ok(f) = kvm_stats::StatsFile::open(&vcpu) {
+            kvm_stats.push(("vcpu", f));
+        }
+        if let Ok(f) = kvm_stats::StatsFile::open(&vm) {
+            kvm_stats.push(("vm", f));
+        }
         let mut cpu = KvmCpu {
+            kvm_stats,
             vcpu,
             _vm: vm,
             _kvm: kvm,
@@ -314,6 +339,23 @@ impl KvmCpu {
     /// ordinal on every host, which is what exit-synchronous recording needs.
     pub fn set_interrupt_windows(&mut self, on: bool) {
         self.interrupt_windows = on;
+    }
+
+    /// KVM's own non-zero counters for this vCPU (`vcpu.exits`, `vcpu.insn_emulation`,
+    /// `vcpu.pf_fixed`, ...) and its VM (`vm.mmu_shadow_zapped`, ...), since creation.
+    /// Empty on hosts without `KVM_CAP_BINARY_STATS_FD`.
+    pub fn kvm_stats(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (scope, file) in &self.kvm_stats {
+            if let Ok(values) = file.read() {
+                for (name, value) in values {
+                    if value != 0 {
+                        out.insert(format!("{scope}.{name}"), value);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Whether the guest TSC can be set. When it cannot (PVM: the write is accepted and has
@@ -1045,7 +1087,11 @@ impl Cpu for KvmCpu {
     }
 
     fn stats(&self) -> EngineStats {
-        self.stats.clone()
+        let mut s = self.stats.clone();
+        for (name, value) in self.kvm_stats() {
+            s.add(&format!("kvm.stat.{name}"), value);
+        }
+        s
     }
 
     fn kicker(&self) -> Kicker {

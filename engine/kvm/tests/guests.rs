@@ -916,3 +916,34 @@ fn cr8_set_through_the_state_is_what_the_guest_reads() {
     assert_eq!(s.gpr[gpr::RBX], 7, "the guest read CR8");
     assert_eq!(s.cr8, 3, "the guest's write of CR8");
 }
+
+#[test]
+fn kvm_own_counters_see_the_exits_deja_handled() {
+    let code = asm16(|a| {
+        a.mov(dx, TEST_PORT as u32)?;
+        for _ in 0..3 {
+            a.out(dx, al)?;
+        }
+        a.hlt()
+    });
+    let Some((mut m, mut cpu, _log)) = guest("kvm_stats", CODE, &code, |_| real_mode_state(CODE))
+    else {
+        return;
+    };
+    assert_eq!(run_until_not_device(&mut cpu, &mut m, 5), Exit::Halted);
+    let ks = cpu.kvm_stats();
+    if ks.is_empty() {
+        println!("note: this host has no KVM binary statistics");
+        return;
+    }
+    println!("{ks:#?}");
+    // Three OUTs and a HLT reached userspace. (On PVM `io_exits` stays 0: ring-0 port I/O
+    // is emulated and counted under `insn_emulation`.)
+    assert!(ks.get("vcpu.exits").copied().unwrap_or(0) >= 4, "{ks:?}");
+    assert!(
+        ks.get("vcpu.halt_exits").copied().unwrap_or(0) >= 1,
+        "{ks:?}"
+    );
+    let st = cpu.stats();
+    assert_eq!(st.get("kvm.stat.vcpu.exits"), ks["vcpu.exits"]);
+}
