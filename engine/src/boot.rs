@@ -94,3 +94,68 @@ fn create_engine(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deja_machine::loader::{EntryMode, ImageFormat};
+    use deja_machine::{ClockMode, LiveHost};
+
+    fn raw(bytes: Vec<u8>, load_addr: u64) -> Image {
+        Image {
+            name: "test-image".into(),
+            bytes,
+            format: ImageFormat::Raw {
+                load_addr,
+                entry: load_addr,
+                mode: EntryMode::Real,
+            },
+        }
+    }
+
+    fn build(config: MachineConfig, image: &Image) -> Result<Vm, BuildError> {
+        build_vm(
+            EngineKind::Bt,
+            config,
+            Box::new(LiveHost::new(ClockMode::Virtual)),
+            Box::new(std::io::sink()),
+            image,
+        )
+    }
+
+    fn small() -> MachineConfig {
+        MachineConfig {
+            ram_size: 16 << 20,
+            ..MachineConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_bad_memory_size_is_a_machine_error() {
+        let config = MachineConfig {
+            ram_size: 4096,
+            ..MachineConfig::default()
+        };
+        let err = build(config, &raw(vec![0xf4], 0x7c00)).err().unwrap();
+        assert!(matches!(err, BuildError::Machine(_)), "{err}");
+    }
+
+    #[test]
+    fn a_load_failure_names_the_image() {
+        let err = build(small(), &raw(Vec::new(), 0x7c00)).err().unwrap();
+        assert!(
+            matches!(&err, BuildError::Load { image, .. } if image == "test-image"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("test-image"), "{err}");
+    }
+
+    #[test]
+    fn the_engine_starts_in_the_loaders_state() {
+        let mut vm = build(small(), &raw(vec![0xf4], 0x7c00)).unwrap();
+        let state = vm.cpu.state().unwrap();
+        let cs = state.seg[deja_machine::cpu::seg::CS];
+        assert_eq!(cs.base + state.rip, 0x7c00);
+        assert_eq!(state.cr0 & 1, 0, "real mode");
+    }
+}
