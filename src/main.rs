@@ -1,5 +1,58 @@
-//! The `deja` command-line program.
+//! The `deja` command-line program: parses arguments and calls into the crates.
 
-fn main() -> anyhow::Result<()> {
-    Ok(())
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// deja: record/replay deterministic x86 virtualization.
+///
+/// deja runs x86 guests on two engines that share one machine model (a subset of QEMU's
+/// `pc` machine): the host's KVM and deja's own binary translator (bt).
+#[derive(Parser, Debug)]
+#[command(name = "deja", version, about, long_about = None, after_help = cli::EXIT_CODES_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a guest until it writes the debug-exit port, shuts down, or a limit passes.
+    Run(cli::run::RunArgs),
+    /// Show what this host offers: KVM API, virtualization flavour, capabilities, perf counters.
+    Info(cli::info::InfoArgs),
+    /// The built-in guest corpus.
+    #[command(subcommand)]
+    Guests(cli::guests::GuestsCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => cli::run::run(args),
+        Command::Info(args) => cli::info::info(args),
+        Command::Guests(cmd) => cli::guests::guests(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("deja: error: {}", error_chain(&e));
+            ExitCode::from(cli::EXIT_DEJA_ERROR)
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping causes whose text an outer message
+/// already includes (many library errors embed their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }

@@ -1,0 +1,351 @@
+//! `deja run`: boot an image on an engine and report how the run ended.
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome};
+use deja_machine::devices::StopRequest;
+use deja_machine::loader::{EntryMode, Image, ImageFormat};
+use deja_machine::{ClockMode, LiveHost, MachineConfig, memory};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// The engine, as the command line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// The host's KVM, every device emulated in deja's userspace.
+    Kvm,
+    /// deja's binary translator.
+    Bt,
+}
+
+impl From<EngineArg> for EngineKind {
+    fn from(e: EngineArg) -> Self {
+        match e {
+            EngineArg::Kvm => EngineKind::Kvm,
+            EngineArg::Bt => EngineKind::Bt,
+        }
+    }
+}
+
+/// The clock, as the command line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClockArg {
+    /// Host monotonic time (what QEMU does; only a trace makes it reproducible).
+    Host,
+    /// Time derived from guest progress: reproducible without a trace.
+    Virtual,
+}
+
+/// The CPU mode a raw image starts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Real mode.
+    Real,
+    /// 32-bit protected mode, flat segments, paging off.
+    Protected,
+    /// 64-bit long mode with identity-mapped page tables built by deja.
+    Long,
+}
+
+/// Arguments of `deja run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// What to run: `guest:NAME` (see `deja guests list`), a multiboot kernel, a file with a
+    /// `FILE.json` load description (as `deja guests build` writes), or with --bios/--raw a
+    /// firmware ROM or raw image.
+    pub image: String,
+    /// Which engine runs the guest.
+    #[arg(long, value_enum, default_value = "kvm")]
+    pub engine: EngineArg,
+    /// Guest RAM, e.g. 256M, 1G, 4G (above 3.5 GiB RAM continues at 4 GiB, as QEMU's pc).
+    #[arg(long, default_value = "256M", value_parser = parse_mem)]
+    pub mem: u64,
+    /// Stop the run after this many seconds of host time (exit status 124).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+    /// Stop after exactly this many guest instructions (bt only).
+    #[arg(long, value_name = "N")]
+    pub max_instructions: Option<u64>,
+    /// Guest-visible clock.
+    #[arg(long, value_enum, default_value = "host")]
+    pub clock: ClockArg,
+    /// Print the counters (exits by reason, device accesses, engine counters) after the run.
+    #[arg(long)]
+    pub stats: bool,
+    /// Write a machine-readable summary of the run to FILE (`-` for stdout; then use
+    /// --serial-out so guest output does not mix with it).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Also show how the run ended when it ended normally, and the POST codes written to 0x80.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Write the guest's COM1 output to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub serial_out: Option<PathBuf>,
+    /// Kernel command line (multiboot).
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    pub append: String,
+    /// IMAGE is a firmware ROM, mapped below 4 GiB and started at the reset vector (as -bios).
+    #[arg(long, conflicts_with = "raw")]
+    pub bios: bool,
+    /// IMAGE is a raw image loaded at ADDR (with --entry and --mode).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr, requires = "mode")]
+    pub raw: Option<u64>,
+    /// Entry point of a raw image (default: its load address).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr, requires = "raw")]
+    pub entry: Option<u64>,
+    /// CPU mode a raw image starts in.
+    #[arg(long, value_enum, requires = "raw")]
+    pub mode: Option<ModeArg>,
+}
+
+fn parse_mem(s: &str) -> Result<u64, String> {
+    memory::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("bad timeout {s:?}: {e}"))
+}
+
+fn parse_addr(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not an address (decimal or 0x-prefixed hex)"))
+}
+
+/// Resolves the IMAGE argument and its flags into an image to load.
+pub fn resolve_image(args: &RunArgs) -> anyhow::Result<Image> {
+    if let Some(name) = args.image.strip_prefix("guest:") {
+        let guest = deja_guests::find(name).with_context(|| {
+            let names: Vec<_> = deja_guests::all().iter().map(|g| g.name).collect();
+            format!(
+                "no built-in guest named {name:?}; there are: {}",
+                names.join(", ")
+            )
+        })?;
+        return guest
+            .image()
+            .with_context(|| format!("assembling guest {name}"));
+    }
+    let path = Path::new(&args.image);
+    let read = || std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    if args.bios {
+        return Ok(Image {
+            name: args.image.clone(),
+            bytes: read()?,
+            format: ImageFormat::Firmware,
+        });
+    }
+    if let Some(load_addr) = args.raw {
+        let mode = match args.mode {
+            Some(ModeArg::Real) => EntryMode::Real,
+            Some(ModeArg::Protected) => EntryMode::Protected,
+            Some(ModeArg::Long) => EntryMode::Long,
+            None => bail!("--raw needs --mode real|protected|long"),
+        };
+        let entry = args.entry.unwrap_or(load_addr);
+        return Ok(Image {
+            name: args.image.clone(),
+            bytes: read()?,
+            format: ImageFormat::Raw {
+                load_addr,
+                entry,
+                mode,
+            },
+        });
+    }
+    Ok(Image::from_file(path)?)
+}
+
+/// Stops the run cleanly on the first Ctrl-C or SIGTERM; a second one exits at once.
+fn kick_on_signals(kicker: deja_machine::Kicker) -> anyhow::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use, and
+    // pthread_sigmask only changes this thread's mask (threads spawned later inherit it).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            bail!("blocking SIGINT/SIGTERM failed: error {rc}");
+        }
+        std::thread::Builder::new()
+            .name("deja-signals".into())
+            .spawn(move || {
+                let mut first = true;
+                loop {
+                    let mut sig = 0;
+                    // SAFETY: `set` is initialised above and outlives the loop; `sig` is valid.
+                    if libc::sigwait(&set, &mut sig) != 0 {
+                        return;
+                    }
+                    if !first {
+                        std::process::exit(130);
+                    }
+                    first = false;
+                    kicker.kick();
+                }
+            })?;
+    }
+    Ok(())
+}
+
+/// Runs `deja run`.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let image = resolve_image(&args)?;
+    let engine = EngineKind::from(args.engine);
+    if args.max_instructions.is_some() && engine == EngineKind::Kvm {
+        bail!("--max-instructions needs an engine that counts instructions (bt); kvm cannot here");
+    }
+    let config = MachineConfig {
+        ram_size: args.mem,
+        cmdline: args.append.clone(),
+        ..MachineConfig::default()
+    };
+    let clock = match args.clock {
+        ClockArg::Host => ClockMode::Host,
+        ClockArg::Virtual => ClockMode::Virtual,
+    };
+    let host = Box::new(LiveHost::new(clock).with_stdin());
+    let serial_out: Box<dyn Write + Send> = match &args.serial_out {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout()),
+    };
+    let mut vm = deja_engine::build_vm(engine, config, host, serial_out, &image)
+        .with_context(|| format!("starting {} on {engine}", image.name))?;
+    kick_on_signals(vm.cpu.kicker())?;
+    let outcome = vm
+        .run(RunOptions {
+            timeout: args.timeout,
+            max_instructions: args.max_instructions,
+        })
+        .with_context(|| format!("running {} on {engine}", image.name))?;
+    let _ = std::io::stdout().flush();
+
+    let post_codes = deja_machine::pc::post_codes(&vm.machine);
+    report(&args, engine, &image, &outcome, &post_codes)?;
+    Ok(ExitCode::from(outcome.exit_status() as u8))
+}
+
+/// One line saying how the run ended.
+pub fn describe_end(outcome: &RunOutcome) -> String {
+    match &outcome.end {
+        RunEnd::Stopped(StopRequest::DebugExit { value }) => format!(
+            "guest wrote {value:#x} to debug-exit (exit status {}, QEMU's would be {})",
+            outcome.exit_status(),
+            (value << 1) | 1
+        ),
+        RunEnd::Stopped(StopRequest::Reset { source }) => {
+            format!("guest reset the machine ({source})")
+        }
+        RunEnd::Stopped(StopRequest::PowerOff) => "guest powered off".to_string(),
+        RunEnd::Shutdown { reason, .. } => format!("guest CPU shut down: {reason}"),
+        RunEnd::Timeout => "time limit reached".to_string(),
+        RunEnd::InstructionLimit => format!("instruction limit reached at {}", outcome.icount),
+        RunEnd::Interrupted => "interrupted".to_string(),
+    }
+}
+
+fn report(
+    args: &RunArgs,
+    engine: EngineKind,
+    image: &Image,
+    outcome: &RunOutcome,
+    post: &[u8],
+) -> anyhow::Result<()> {
+    let normal = matches!(outcome.end, RunEnd::Stopped(_) | RunEnd::InstructionLimit);
+    if args.verbose || !normal {
+        eprintln!("deja: {}", describe_end(outcome));
+    }
+    if let RunEnd::Shutdown { state, .. } = &outcome.end {
+        eprintln!("deja: CPU state at shutdown:\n{state}");
+    }
+    if args.verbose && !post.is_empty() {
+        let codes: Vec<String> = post.iter().map(|c| format!("{c:02x}")).collect();
+        eprintln!("deja: POST codes (port 0x80): {}", codes.join(" "));
+    }
+    if args.stats {
+        eprintln!(
+            "deja: {engine}: {} instructions, {} device exits, {:.3} s",
+            outcome.icount,
+            outcome.exits,
+            outcome.elapsed.as_secs_f64()
+        );
+        let mut section = "";
+        for (name, value) in &outcome.stats.counters {
+            let head = name.split('.').next().unwrap_or("");
+            if head != section {
+                section = head;
+                eprintln!("  [{}]", section_title(head));
+            }
+            eprintln!("    {name:<40} {value:>14}");
+        }
+    }
+    if let Some(path) = &args.json {
+        let state = match &outcome.end {
+            RunEnd::Shutdown { state, .. } => Some(state.as_ref()),
+            _ => None,
+        };
+        let summary = serde_json::json!({
+            "image": image.name,
+            "engine": engine.name(),
+            "end": describe_end(outcome),
+            "exit_status": outcome.exit_status(),
+            "icount": outcome.icount,
+            "exits": outcome.exits,
+            "elapsed_seconds": outcome.elapsed.as_secs_f64(),
+            "stats": outcome.stats.counters,
+            "post_codes": post,
+            "shutdown_state": state,
+        });
+        let text = serde_json::to_string_pretty(&summary)?;
+        if path.as_os_str() == "-" {
+            println!("{text}");
+        } else {
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn section_title(prefix: &str) -> &str {
+    match prefix {
+        "exit" => "exits by reason (engine)",
+        "io" => "device accesses (machine)",
+        "bt" => "translation cache (bt)",
+        "mmu" => "MMU",
+        "kvm" => "kvm",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_in_hex_and_decimal() {
+        assert_eq!(parse_addr("0x7c00"), Ok(0x7c00));
+        assert_eq!(parse_addr("4096"), Ok(4096));
+        assert!(parse_addr("0xzz").is_err());
+    }
+
+    #[test]
+    fn timeouts_parse_as_seconds() {
+        assert_eq!(parse_timeout("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_timeout("-1").is_err());
+        assert!(parse_timeout("soon").is_err());
+    }
+}
