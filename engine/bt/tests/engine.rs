@@ -849,3 +849,41 @@ fn sse2_scalar_double_arithmetic_conversions_and_compare() {
     assert_eq!(st.gpr[2], 2f64.sqrt().to_bits());
     assert_eq!(&st.fpu.xmm[2][..8], &7f64.to_bits().to_le_bytes());
 }
+
+#[test]
+fn a_fault_while_delivering_a_fault_becomes_a_double_fault() {
+    let (mut m, _, _) = machine();
+    let df = 0x2800u64;
+    load(
+        &m,
+        df,
+        &asm(32, df, |a| {
+            a.pop(ebx).unwrap();
+            a.mov(ecx, 8).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    load(&m, IDT + 8 * 8, &gate32(df));
+    // Gate 13 is not present: delivering #GP raises #NP, and #GP then #NP is a #DF.
+    let mut g = gate32(0x2900);
+    g[5] &= 0x7f;
+    load(&m, IDT + 13 * 8, &g);
+    load(
+        &m,
+        0x2000,
+        &asm(32, 0x2000, |a| {
+            a.mov(ax, 0x60).unwrap();
+            a.mov(ds, ax).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let mut s = protected_mode_state(&m, 0x2000);
+    s.gdtr.limit = 0x4f;
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!((st.gpr[1], st.gpr[3]), (8, 0), "#DF with error code 0");
+    let stats = c.stats();
+    assert_eq!(stats.get("bt.exceptions.13"), 1);
+    assert_eq!(stats.get("bt.exceptions.11"), 1);
+}
