@@ -464,7 +464,7 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if sel & 0xfffc == 0 {
         return Err(Exc::gp(0));
     }
-    let (_, d) = read_descriptor(ctx, sel)?;
+    let (addr, d) = read_descriptor(ctx, sel)?;
     let s = parse_descriptor(sel, d);
     if s.s {
         code_checks(ctx, &s, sel)?;
@@ -473,6 +473,8 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
         if !mode64 && rip > s.limit as u64 {
             return Err(Exc::gp(0));
         }
+        // Loading CS sets the descriptor's accessed bit in the GDT/LDT, as hardware does.
+        set_accessed(ctx, addr, d)?;
         if call {
             ctx.push(op.size, old_cs as u64)?;
             ctx.push(op.size, op.next_rip)?;
