@@ -11,7 +11,13 @@
 //!
 //! Layers (each a seam): [`translate`] (decode to IR) → [`cache`] (blocks, lookup, chains)
 //! → the run loop here (icount, interrupts, exits) → [`exec`] (operands, segmentation, fast
-//! TLB) → [`paging`] (the MMU).
+//! TLB) → [`paging`] (the MMU; [`mmu`] strategies plug in through `paging::MmuAdapter`).
+//!
+//! Not implemented yet (each raises #UD or #GP and is counted under `bt.unimplemented.*`):
+//! hardware task switches (task gates, far JMP/CALL to a TSS, IRET with NT), x87
+//! instructions, SSE beyond the integer/move/basic floating-point set in [`sse`], MMX,
+//! debug-register breakpoints and single-stepping (TF), #AC, NMI delivery, MXCSR exception
+//! flags.
 
 pub mod cache;
 pub mod core;
