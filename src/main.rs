@@ -25,6 +25,13 @@ enum Command {
     /// The built-in guest corpus.
     #[command(subcommand)]
     Guests(cli::guests::GuestsCommand),
+    /// Run a guest and record every nondeterministic input into a trace.
+    Record(cli::record::RecordArgs),
+    /// Re-execute a trace deterministically and verify it, or stop at a position.
+    Replay(cli::replay::ReplayArgs),
+    /// Inspect a trace: info, verify, dump, stats.
+    #[command(subcommand)]
+    Trace(cli::trace::TraceCommand),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +40,9 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run::run(args),
         Command::Info(args) => cli::info::info(args),
         Command::Guests(cmd) => cli::guests::guests(cmd),
+        Command::Record(args) => cli::record::record(args),
+        Command::Replay(args) => cli::replay::run(args),
+        Command::Trace(cmd) => cli::trace::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -102,7 +102,7 @@ pub struct RecordOptions {
 }
 
 /// Default events between state digests.
-pub const DEFAULT_DIGEST_INTERVAL: u64 = 4096;
+pub const DEFAULT_DIGEST_INTERVAL: u64 = 1024;
 /// Default largest chaos poll quantum (instructions).
 pub const DEFAULT_CHAOS_MAX_QUANTUM: u64 = 4000;
 
@@ -537,4 +537,74 @@ impl Recorder {
             checkpoints: observer.checkpoints,
         })
     }
+}
+
+/// Whether a recorded run is a failure worth keeping: the guest wrote a non-zero status to
+/// debug-exit, or its CPU shut down.
+pub fn is_failure(run: &RunOutcome) -> bool {
+    match &run.end {
+        RunEnd::Stopped(StopRequest::DebugExit { value }) => *value != 0,
+        RunEnd::Shutdown { .. } => true,
+        _ => false,
+    }
+}
+
+/// What [`record_until_failure`] found.
+#[derive(Debug)]
+pub struct UntilFailure {
+    /// Attempts made.
+    pub attempts: u64,
+    /// The chaos seed of the failing attempt, if one failed.
+    pub failing_seed: Option<u64>,
+    /// The last attempt's outcome (the failing one, if any).
+    pub last: Option<RecordOutcome>,
+}
+
+/// Records again and again, each time with the next chaos seed from `first_seed`, until the
+/// guest fails or `max_attempts` have run, or an attempt ends without the guest ending
+/// (interrupted, timed out). Each attempt writes `path` with `.attempt` appended; a failing
+/// attempt's trace is renamed to `path`, the others are removed. `record_one(trace_path,
+/// seed)` makes one recording; `progress(attempt, seed, outcome)` hears about each.
+pub fn record_until_failure(
+    path: &std::path::Path,
+    max_attempts: u64,
+    first_seed: u64,
+    mut record_one: impl FnMut(&std::path::Path, u64) -> Result<RecordOutcome, RecordError>,
+    mut progress: impl FnMut(u64, u64, &RecordOutcome),
+) -> Result<UntilFailure, RecordError> {
+    let mut attempt_path = path.as_os_str().to_owned();
+    attempt_path.push(".attempt");
+    let attempt_path = std::path::PathBuf::from(attempt_path);
+    let mut result = UntilFailure {
+        attempts: 0,
+        failing_seed: None,
+        last: None,
+    };
+    for i in 0..max_attempts {
+        let seed = first_seed.wrapping_add(i);
+        let outcome = record_one(&attempt_path, seed)?;
+        result.attempts += 1;
+        progress(i + 1, seed, &outcome);
+        let failed = is_failure(&outcome.run);
+        let ended = matches!(
+            outcome.run.end,
+            RunEnd::Stopped(_) | RunEnd::Shutdown { .. }
+        );
+        result.last = Some(outcome);
+        if failed {
+            std::fs::rename(&attempt_path, path).map_err(|source| {
+                RecordError::Write(WriteError::Create {
+                    name: path.display().to_string(),
+                    source,
+                })
+            })?;
+            result.failing_seed = Some(seed);
+            return Ok(result);
+        }
+        let _ = std::fs::remove_file(&attempt_path);
+        if !ended {
+            break;
+        }
+    }
+    Ok(result)
 }

@@ -3,7 +3,10 @@
 
 pub mod guests;
 pub mod info;
+pub mod record;
+pub mod replay;
 pub mod run;
+pub mod trace;
 
 /// deja itself failed (bad arguments beyond clap's checks, unreadable image, engine error).
 pub const EXIT_DEJA_ERROR: u8 = 1;
@@ -17,4 +20,10 @@ Exit status of `deja run`:
   2    bad command line
   124  the --timeout passed
   125  the guest triple-faulted (the CPU state is printed)
-  130  interrupted (Ctrl-C)";
+  130  interrupted (Ctrl-C)
+Exit status of `deja record`: as `deja run` (the recorded guest's status); 1 when the trace
+  could not be finished (e.g. a full disk: every whole frame is kept); with --until-failure
+  0 when a failing run was kept, 4 when no attempt failed
+Exit status of `deja replay`: 0 verified (or --until reached), 3 diverged, 4 the trace ends
+  early (everything it holds matched), 1 could not replay
+Exit status of `deja trace verify`: 0 complete and sound, 3 problems found";

@@ -166,7 +166,7 @@ pub fn resolve_image(args: &RunArgs) -> anyhow::Result<Image> {
 }
 
 /// Stops the run cleanly on the first Ctrl-C or SIGTERM; a second one exits at once.
-fn kick_on_signals(kicker: deja_machine::Kicker) -> anyhow::Result<()> {
+pub(crate) fn kick_on_signals(kicker: deja_machine::Kicker) -> anyhow::Result<()> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use, and
     // pthread_sigmask only changes this thread's mask (threads spawned later inherit it).
     unsafe {

@@ -1,0 +1,217 @@
+//! `deja record`, `deja replay` and `deja trace` as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn deja(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deja"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running deja")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("deja exited by signal")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("deja-rr-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn record_then_replay_hello_on_bt_and_inspect_the_trace() {
+    let dir = scratch("hello");
+    let trace = dir.join("hello.trace");
+    let o = deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "guest:hello",
+        "-o",
+        s(&trace),
+        "--mem",
+        "32M",
+    ]);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("Hello from deja"));
+    assert!(
+        text(&o.stderr).contains("recorded guest:hello on bt"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let r = deja(&["replay", s(&trace)]);
+    assert_eq!(code(&r), 0, "stderr: {}", text(&r.stderr));
+    assert!(
+        text(&r.stdout).starts_with("replay verified: "),
+        "{}",
+        text(&r.stdout)
+    );
+
+    let j = deja(&["replay", s(&trace), "--json"]);
+    assert_eq!(code(&j), 0);
+    let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+    assert_eq!(v["verdict"], "Verified");
+    let icount = v["icount"].as_u64().unwrap();
+    assert!(icount > 100);
+
+    let target = icount / 2;
+    let u = deja(&[
+        "replay",
+        s(&trace),
+        "--until",
+        &target.to_string(),
+        "--json",
+    ]);
+    assert_eq!(code(&u), 0, "stderr: {}", text(&u.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&u.stdout).unwrap();
+    assert_eq!(v["verdict"]["ReachedUntil"]["at"]["icount"], target);
+    assert!(
+        v["verdict"]["ReachedUntil"]["state"]["rip"]
+            .as_u64()
+            .is_some()
+    );
+
+    for sub in ["info", "verify", "stats"] {
+        let t = deja(&["trace", sub, s(&trace)]);
+        assert_eq!(code(&t), 0, "trace {sub}: {}", text(&t.stderr));
+        let tj = deja(&["trace", sub, s(&trace), "--json"]);
+        assert_eq!(code(&tj), 0, "trace {sub} --json: {}", text(&tj.stderr));
+        serde_json::from_slice::<serde_json::Value>(&tj.stdout).unwrap();
+    }
+    let d = deja(&["trace", "dump", s(&trace), "--kind", "end"]);
+    assert_eq!(code(&d), 0);
+    assert!(
+        text(&d.stdout).contains("debug-exit"),
+        "{}",
+        text(&d.stdout)
+    );
+    let bad = deja(&["trace", "dump", s(&trace), "--kind", "nonsense"]);
+    assert_eq!(code(&bad), 1);
+    assert!(text(&bad.stderr).contains("unknown event kind"));
+}
+
+#[test]
+fn a_truncated_trace_replays_what_it_holds_and_says_so() {
+    let dir = scratch("truncated");
+    let trace = dir.join("timer.trace");
+    let o = deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "--clock",
+        "virtual",
+        "guest:timer",
+        "-o",
+        s(&trace),
+        "--mem",
+        "32M",
+        "--digest-interval",
+        "64",
+    ]);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    let bytes = std::fs::read(&trace).unwrap();
+    let cut = dir.join("cut.trace");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let r = deja(&["replay", s(&cut)]);
+    assert_eq!(
+        code(&r),
+        4,
+        "stdout {} stderr {}",
+        text(&r.stdout),
+        text(&r.stderr)
+    );
+    assert!(
+        text(&r.stderr).contains("trace ends early"),
+        "{}",
+        text(&r.stderr)
+    );
+}
+
+#[test]
+fn chaos_until_failure_keeps_a_racy_kernel_panic_that_replays_exactly() {
+    let dir = scratch("racy");
+    let trace = dir.join("racy.trace");
+    let out = dir.join("racy.out");
+    let o = deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "--chaos",
+        "--chaos-seed",
+        "1",
+        "--until-failure",
+        "--attempts",
+        "10",
+        "guest:racy-kernel",
+        "-o",
+        s(&trace),
+        "--serial-out",
+        s(&out),
+        "--mem",
+        "32M",
+    ]);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("kept its trace"),
+        "{}",
+        text(&o.stderr)
+    );
+    let recorded = std::fs::read_to_string(&out).unwrap();
+    assert!(recorded.contains("PANIC: lost update"), "{recorded}");
+    let mut verdicts = Vec::new();
+    for i in 0..2 {
+        let replay_out = dir.join(format!("replay{i}.out"));
+        let r = deja(&["replay", s(&trace), "--serial-out", s(&replay_out)]);
+        assert_eq!(code(&r), 0, "stderr: {}", text(&r.stderr));
+        assert_eq!(std::fs::read_to_string(&replay_out).unwrap(), recorded);
+        verdicts.push(text(&r.stdout));
+    }
+    assert_eq!(verdicts[0], verdicts[1]);
+    assert!(verdicts[0].starts_with("replay verified: "));
+}
+
+#[test]
+fn a_kvm_recording_replays_on_bt() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP: a_kvm_recording_replays_on_bt: /dev/kvm not available on this machine");
+        return;
+    }
+    let dir = scratch("kvm");
+    let trace = dir.join("hello.trace");
+    let o = deja(&[
+        "record",
+        "--engine",
+        "kvm",
+        "guest:hello",
+        "-o",
+        s(&trace),
+        "--mem",
+        "32M",
+    ]);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    let r = deja(&["replay", s(&trace), "--engine", "bt"]);
+    assert_eq!(
+        code(&r),
+        0,
+        "stdout {} stderr {}",
+        text(&r.stdout),
+        text(&r.stderr)
+    );
+    assert!(
+        text(&r.stderr).contains("recorded on kvm"),
+        "{}",
+        text(&r.stderr)
+    );
+}
