@@ -24,12 +24,18 @@
 //! 1 GiB pages). MAXPHYADDR is [`MAXPHYADDR`] (40, as deja's CPUID leaf 0x8000_0008 says);
 //! SMAP, PKE, PCID and 5-level paging are not claimed by deja's CPUID and not modelled.
 
+mod nested;
+mod shadow;
 mod tlb;
 mod walk;
 
 #[cfg(test)]
+mod strategy_tests;
+#[cfg(test)]
 mod tests;
 
+pub use nested::NestedMmu;
+pub use shadow::{FLOOD_WRITES, SHADOW_ROOTS, ShadowMmu, UNSYNC_WRITES};
 pub use tlb::{SoftTlb, TLB_ENTRIES};
 pub use walk::{
     Level, PageSize, PagingConfig, PagingMode, PhysView, Translation, Walk, WalkEntry,
@@ -169,6 +175,26 @@ pub mod counters {
     pub const PF_GUEST: &str = "mmu.pf_guest";
     /// Loads of the four PAE PDPTE registers.
     pub const PDPTE_LOAD: &str = "mmu.pdpte_load";
+    /// Hidden faults fixed by installing a shadow entry (shadow).
+    pub const PF_FIXED: &str = "mmu.pf_fixed";
+    /// Guest stores to a write-traced page-table page (shadow).
+    pub const MMU_PTE_WRITE: &str = "mmu.mmu_pte_write";
+    /// Shadow entries updated in place after a traced guest PTE write (shadow).
+    pub const MMU_PTE_UPDATED: &str = "mmu.mmu_pte_updated";
+    /// Page-table pages whose shadows were dropped because the guest kept writing them
+    /// without using them (shadow).
+    pub const MMU_FLOODED: &str = "mmu.mmu_flooded";
+    /// Shadow entries dropped by write tracing, flooding or resynchronisation (shadow).
+    pub const MMU_SHADOW_ZAPPED: &str = "mmu.mmu_shadow_zapped";
+    /// Shadow roots evicted from the bounded root cache to make room (shadow).
+    pub const MMU_RECYCLED: &str = "mmu.mmu_recycled";
+    /// CR3 (and role) combinations with no cached shadow root (shadow).
+    pub const MMU_CACHE_MISS: &str = "mmu.mmu_cache_miss";
+    /// Leaf page-table pages let go out of sync (no longer traced until the next INVLPG,
+    /// CR3 load or CR4 change) (shadow).
+    pub const MMU_UNSYNC: &str = "mmu.mmu_unsync";
+    /// Memory references made by two-dimensional walks, EPT and guest entries (nested).
+    pub const WALK_REFS: &str = "mmu.walk_refs";
 }
 
 /// The MMU strategies deja compares (`--mmu shadow|nested|tlb`, issue #7).
@@ -195,13 +221,13 @@ impl MmuStrategy {
         }
     }
 
-    /// A fresh MMU of this strategy, or an error naming what is not implemented yet.
+    /// A fresh MMU of this strategy (every strategy exists; the `Result` is kept so callers
+    /// need not change when a strategy needs configuration that can be wrong).
     pub fn create(self) -> Result<Box<dyn Mmu>, MmuError> {
         match self {
             MmuStrategy::Tlb => Ok(soft_tlb()),
-            MmuStrategy::Shadow | MmuStrategy::Nested => {
-                Err(MmuError::StrategyNotImplemented { strategy: self })
-            }
+            MmuStrategy::Shadow => Ok(Box::new(ShadowMmu::new())),
+            MmuStrategy::Nested => Ok(Box::new(NestedMmu::new())),
         }
     }
 }
@@ -251,12 +277,6 @@ pub enum MmuError {
         /// What was given.
         text: String,
     },
-    /// The strategy exists in the design but is not implemented yet (issue #7).
-    #[error("the {strategy} MMU strategy is not implemented yet (issue #7); use --mmu tlb")]
-    StrategyNotImplemented {
-        /// The strategy asked for.
-        strategy: MmuStrategy,
-    },
 }
 
 /// An MMU strategy: translates linear addresses for the bt engine and keeps whatever caches
@@ -304,6 +324,21 @@ pub trait Mmu: Send {
         regs: &PagingRegs,
     ) -> Result<[u64; 4], MmuError> {
         read_pae_pdptes(mem, regs.cr3)
+    }
+
+    /// Whether a guest store to guest-physical `phys` must be reported through
+    /// [`Mmu::note_guest_write`] (the page holds guest page tables that a shadow depends
+    /// on). Strategies that trace nothing answer `false`.
+    fn is_write_tracked(&self, phys: u64) -> bool {
+        let _ = phys;
+        false
+    }
+
+    /// The guest stored `len` bytes at guest-physical `phys`, a page for which
+    /// [`Mmu::is_write_tracked`] answered `true` (called after the store is in memory). The
+    /// shadow strategy updates or drops the shadow entries built from what changed.
+    fn note_guest_write(&mut self, mem: &GuestMemoryMmap, phys: u64, len: usize) {
+        let _ = (mem, phys, len);
     }
 }
 

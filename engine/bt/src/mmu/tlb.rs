@@ -25,22 +25,22 @@ const INVALID: u64 = u64::MAX;
 
 // Rights and state kept in the low 12 bits of an entry's frame word.
 /// U/S = 1 at every level.
-const T_USER: u64 = 1 << 0;
+pub(super) const T_USER: u64 = 1 << 0;
 /// U/S = 0 at some level (what SMEP tests for supervisor fetches).
-const T_SUPERVISOR: u64 = 1 << 1;
+pub(super) const T_SUPERVISOR: u64 = 1 << 1;
 /// R/W = 1 at every level.
-const T_WRITABLE: u64 = 1 << 2;
+pub(super) const T_WRITABLE: u64 = 1 << 2;
 /// XD clear at every level (or execute-disable not in force when filled).
-const T_EXECUTABLE: u64 = 1 << 3;
+pub(super) const T_EXECUTABLE: u64 = 1 << 3;
 /// The leaf's dirty bit is set in guest memory.
-const T_DIRTY: u64 = 1 << 4;
+pub(super) const T_DIRTY: u64 = 1 << 4;
 /// A global translation (leaf G with CR4.PGE): survives `flush(false)`.
-const T_GLOBAL: u64 = 1 << 5;
+pub(super) const T_GLOBAL: u64 = 1 << 5;
 /// log2 of the page size, bits 11:6.
-const T_SHIFT_POS: u32 = 6;
+pub(super) const T_SHIFT_POS: u32 = 6;
 
 /// The bits of the frame word an access needs, indexed by [`need_index`].
-static NEED: [u64; 48] = need_table();
+pub(super) static NEED: [u64; 48] = need_table();
 
 const fn need_table() -> [u64; 48] {
     let mut table = [0u64; 48];
@@ -71,7 +71,7 @@ const fn need_table() -> [u64; 48] {
 
 /// Index into [`NEED`]: access kind, user, CR0.WP, execute-disable in force, CR4.SMEP.
 #[inline(always)]
-fn need_index(regs: &PagingRegs, access: Access) -> usize {
+pub(super) fn need_index(regs: &PagingRegs, access: Access) -> usize {
     let kind = match access.kind {
         AccessKind::Read => 0,
         AccessKind::Write => 1,
@@ -168,7 +168,7 @@ impl SoftTlb {
 
     /// The PAE PDPTE registers to walk with: the loaded ones for this CR3, else read from
     /// the PDPT now and kept until the next flush.
-    fn pae_pdptes(&mut self, mem: &GuestMemoryMmap, cr3: u64) -> [u64; 4] {
+    pub(super) fn pae_pdptes(&mut self, mem: &GuestMemoryMmap, cr3: u64) -> [u64; 4] {
         if let Some(p) = &self.pdptes
             && p.cr3 == cr3
         {
@@ -187,6 +187,23 @@ impl SoftTlb {
             explicit: false,
         });
         values
+    }
+
+    /// The hit path alone, for strategies that put this TLB in front of their own walk:
+    /// the physical address if an entry allows the access (counted as a hit), else `None`
+    /// (not counted: the caller counts its own miss).
+    #[inline]
+    pub(super) fn lookup(&mut self, regs: &PagingRegs, linear: u64, access: Access) -> Option<u64> {
+        let vpn = linear >> 12;
+        let e = self.entries[slot(vpn)];
+        if e.tag == vpn {
+            let need = NEED[need_index(regs, access)];
+            if e.frame & need == need {
+                self.hits += 1;
+                return Some((e.frame & !0xfff) | (linear & 0xfff));
+            }
+        }
+        None
     }
 
     #[inline(never)]
@@ -218,7 +235,7 @@ impl SoftTlb {
         }
     }
 
-    fn fill(&mut self, linear: u64, t: &Translation, wrote: bool) {
+    pub(super) fn fill(&mut self, linear: u64, t: &Translation, wrote: bool) {
         let vpn = linear >> 12;
         let page = t.frame | (linear & (t.size.bytes() - 1) & !0xfff);
         let mut bits = if t.user { T_USER } else { T_SUPERVISOR };
@@ -245,7 +262,7 @@ impl SoftTlb {
     }
 
     /// Drops every entry that translates `linear`, whatever the page size.
-    fn invalidate(&mut self, linear: u64) {
+    pub(super) fn invalidate(&mut self, linear: u64) {
         // Outside long mode entries are tagged with 32-bit addresses; drop both readings.
         for vpn in [linear >> 12, (linear & 0xffff_ffff) >> 12] {
             let e = &mut self.entries[slot(vpn)];
