@@ -10,6 +10,7 @@
 //! Guests are deliberately short (a few thousand instructions): on hosts where KVM emulates
 //! ring-0 code (PVM) every guest instruction costs about a microsecond.
 
+pub mod bench;
 pub mod echo;
 pub mod hello;
 mod link;
@@ -61,7 +62,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 4] = [
+static GUESTS: [Guest; 12] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -86,6 +87,46 @@ static GUESTS: [Guest; 4] = [
                       increment; panics on COM1 and exits 3 on a lost update, exits 0 after \
                       400 clean ticks (bt; use chaos recording to make it fail)",
         build: racy_kernel::build,
+    },
+    Guest {
+        name: "bench-in",
+        description: "benchmark: 1000 x IN from an unclaimed port between bench marks (0xe8); exits 0",
+        build: bench::build_in,
+    },
+    Guest {
+        name: "bench-out",
+        description: "benchmark: 1000 x OUT to an unclaimed port between bench marks; exits 0",
+        build: bench::build_out,
+    },
+    Guest {
+        name: "bench-cpuid",
+        description: "benchmark: 1000 x CPUID leaf 0 between bench marks; exits 0",
+        build: bench::build_cpuid,
+    },
+    Guest {
+        name: "bench-call-ret",
+        description: "benchmark: 1000 x CALL to a bare RET between bench marks; exits 0",
+        build: bench::build_call_ret,
+    },
+    Guest {
+        name: "bench-divzero",
+        description: "benchmark: 1000 x DIV by zero, #DE handler skips it, between bench marks; exits 0",
+        build: bench::build_divzero,
+    },
+    Guest {
+        name: "bench-integer",
+        description: "benchmark: 1000 x an IMUL/ADD/ROR/XOR chain between bench marks; exits 0",
+        build: bench::build_integer,
+    },
+    Guest {
+        name: "bench-memory",
+        description: "benchmark: 1000 x a cache-line-strided load over 64 KiB between bench marks; exits 0",
+        build: bench::build_memory,
+    },
+    Guest {
+        name: "bench-call",
+        description: "benchmark: 1000 x three nested calls with arithmetic between bench marks; exits 0",
+        build: bench::build_call,
     },
 ];
 
