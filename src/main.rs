@@ -32,6 +32,10 @@ enum Command {
     /// Inspect a trace: info, verify, dump, stats.
     #[command(subcommand)]
     Trace(cli::trace::TraceCommand),
+    /// Nanobenchmarks: ns and exits per operation for each benchmark x engine x MMU strategy.
+    Bench(cli::bench::BenchArgs),
+    /// Plots, index.html and summary.md from `deja bench --json` results.
+    Report(cli::report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,8 @@ fn main() -> ExitCode {
         Command::Record(args) => cli::record::record(args),
         Command::Replay(args) => cli::replay::run(args),
         Command::Trace(cmd) => cli::trace::run(cmd),
+        Command::Bench(args) => cli::bench::bench(args),
+        Command::Report(args) => cli::report::report(args),
     };
     match result {
         Ok(code) => code,

@@ -1,10 +1,12 @@
 //! Subcommand implementations. Each parses nothing itself (clap does) and does little more
 //! than call the library crates and format their answers.
 
+pub mod bench;
 pub mod guests;
 pub mod info;
 pub mod record;
 pub mod replay;
+pub mod report;
 pub mod run;
 pub mod trace;
 

@@ -1,0 +1,130 @@
+//! `deja bench`: nanobenchmarks across engines and MMU strategies.
+
+use anyhow::Context;
+use clap::Args;
+use deja_bench::runner::{self, BenchConfig, Column};
+use deja_bench::{BenchResults, Status};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Arguments of `deja bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Columns: bt, kvm, native (benchmarks that can run in a host process), qemu-tcg.
+    #[arg(long, value_delimiter = ',', default_value = "bt,kvm,native,qemu-tcg")]
+    pub engines: Vec<String>,
+    /// bt's MMU strategies: tlb, shadow, nested (unimplemented ones are recorded as skipped).
+    #[arg(long, value_delimiter = ',', default_value = "tlb")]
+    pub mmu: Vec<String>,
+    /// Only benchmarks whose name contains PATTERN.
+    #[arg(long, value_name = "PATTERN")]
+    pub filter: Option<String>,
+    /// Repeats per measurement (ns/op is reported as median, min and max over them).
+    #[arg(long, default_value_t = 5)]
+    pub repeat: u32,
+    /// Operations per repeat on every column (default: chosen per engine, small on kvm).
+    #[arg(long, value_name = "N")]
+    pub iterations: Option<u32>,
+    /// Write the results as JSON to FILE (read by `deja report`).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// Runs `deja bench`.
+pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let columns = args
+        .engines
+        .iter()
+        .map(|e| Column::parse(e.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = BenchConfig {
+        columns,
+        mmus: args.mmu.iter().map(|m| m.trim().to_string()).collect(),
+        filter: args.filter.clone(),
+        repeat: args.repeat,
+        iterations: args.iterations,
+    };
+    let jobs = runner::plan(&config)?;
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let machine = runner::machine();
+    let bar = ProgressBar::new(jobs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut measurements = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        bar.set_message(job.label());
+        measurements.push(runner::run_job(job, &config));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let results = BenchResults {
+        format_version: deja_bench::results::FORMAT_VERSION,
+        deja_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_revision: runner::git_revision(),
+        started_unix,
+        machine,
+        measurements,
+    };
+    print_table(&results);
+    if let Some(path) = &args.json {
+        let text = results.to_json().context("serializing the results")?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("results written to {}", path.display());
+    }
+    let failed = results
+        .measurements
+        .iter()
+        .any(|m| matches!(m.status, Status::Failed { .. }));
+    Ok(if failed {
+        ExitCode::from(super::EXIT_DEJA_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_table(results: &BenchResults) {
+    println!(
+        "host: {} ({}), deja {} {}",
+        results.machine.host.flavour.describe(),
+        results.machine.kernel,
+        results.deja_version,
+        results.git_revision.as_deref().unwrap_or("(no git revision)")
+    );
+    println!(
+        "{:<10} {:<12} {:>12} {:>12} {:>12} {:>10}  exits/op",
+        "bench", "column", "ns/op", "min", "max", "iters"
+    );
+    for m in &results.measurements {
+        match (&m.status, &m.ns_per_op) {
+            (Status::Ok, Some(ns)) => {
+                let exits: Vec<String> = m
+                    .exits_per_op
+                    .iter()
+                    .map(|(k, v)| format!("{}={v:.2}", k.trim_start_matches("exit.")))
+                    .collect();
+                println!(
+                    "{:<10} {:<12} {:>12.1} {:>12.1} {:>12.1} {:>10}  {}",
+                    m.bench,
+                    m.column(),
+                    ns.median,
+                    ns.min,
+                    ns.max,
+                    m.iterations,
+                    exits.join(" ")
+                );
+            }
+            (Status::Skipped { reason }, _) => {
+                println!("{:<10} {:<12} skipped: {reason}", m.bench, m.column());
+            }
+            (Status::Failed { error }, _) => {
+                println!("{:<10} {:<12} FAILED: {error}", m.bench, m.column());
+            }
+            (Status::Ok, None) => println!("{:<10} {:<12} (no timing)", m.bench, m.column()),
+        }
+    }
+}
