@@ -120,7 +120,10 @@ mod tests {
 
     #[test]
     fn more_iterations_take_longer() {
-        let short = (0..5).map(|_| run(Bench::Call, 1000).unwrap()).min().unwrap();
+        let short = (0..5)
+            .map(|_| run(Bench::Call, 1000).unwrap())
+            .min()
+            .unwrap();
         let long = (0..5)
             .map(|_| run(Bench::Call, 1_000_000).unwrap())
             .min()

@@ -171,7 +171,8 @@ mod tests {
 
     #[test]
     fn summary_takes_median_min_and_max() {
-        let cases: &[(&[f64], Option<(f64, f64, f64)>)] = &[
+        type Case<'a> = (&'a [f64], Option<(f64, f64, f64)>);
+        let cases: &[Case] = &[
             (&[], None),
             (&[3.0], Some((3.0, 3.0, 3.0))),
             (&[5.0, 1.0, 3.0], Some((3.0, 1.0, 5.0))),

@@ -4,7 +4,7 @@ use crate::marker::{BenchMarker, MARK_STOP_BASE, MarkHandle};
 use crate::perf::PerfSet;
 use crate::results::{Machine, Measurement, PerfValue, Status, Summary};
 use deja_engine::{BuildError, EngineKind, RunEnd, RunOptions, Vm, build_vm};
-use deja_guests::bench::{BENCH_MARKER_PORT, Bench, MARK_END, MARK_START};
+use deja_guests::bench::{BENCH_MARKER_PORT, Bench, MARK_END, MARK_INSTRUCTIONS, MARK_START};
 use deja_machine::devices::StopRequest;
 use deja_machine::{ClockMode, EngineStats, LiveHost, MachineConfig};
 use std::collections::BTreeMap;
@@ -113,7 +113,12 @@ impl Job {
         if self.mmu == "host" {
             format!("{} on {}", self.bench.name(), self.column.name())
         } else {
-            format!("{} on {}/{}", self.bench.name(), self.column.name(), self.mmu)
+            format!(
+                "{} on {}/{}",
+                self.bench.name(),
+                self.column.name(),
+                self.mmu
+            )
         }
     }
 }
@@ -127,7 +132,12 @@ pub fn plan(config: &BenchConfig) -> Result<Vec<Job>, BenchError> {
     }
     let benches: Vec<Bench> = Bench::ALL
         .into_iter()
-        .filter(|b| config.filter.as_deref().is_none_or(|f| b.name().contains(f)))
+        .filter(|b| {
+            config
+                .filter
+                .as_deref()
+                .is_none_or(|f| b.name().contains(f))
+        })
         .collect();
     if benches.is_empty() {
         let names: Vec<_> = Bench::ALL.iter().map(|b| b.name()).collect();
@@ -299,8 +309,11 @@ fn measure_once(bench: Bench, engine: EngineKind, iterations: u32) -> Result<Sam
     let s1 = vm.stats();
     run_to(&mut vm, &marks, None, budget)?;
     let mut counters = delta(&s0, &s1);
-    // The end mark's own OUT is inside the deltas; it is not part of the loop.
+    // The end mark's own MOV and OUT are inside the deltas; they are not part of the loop.
     counters.remove("io.bench-marker.pio_write");
+    if let Some(n) = counters.get_mut("bt.instructions") {
+        *n = n.saturating_sub(MARK_INSTRUCTIONS);
+    }
     if let Some(out) = counters.get_mut("exit.io_out") {
         *out -= 1;
     }
@@ -433,9 +446,8 @@ fn summarize(job: &Job, iterations: u32, samples: &[Sample]) -> Measurement {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// The host the harness runs on.

@@ -22,6 +22,9 @@ pub const BENCH_MARKER_PORT: u16 = 0xe8;
 pub const MARK_START: u8 = 0x01;
 /// The byte written to [`BENCH_MARKER_PORT`] just after the last iteration.
 pub const MARK_END: u8 = 0x02;
+/// Instructions one mark takes (`MOV AL, imm8; OUT imm8, AL`): the end mark's are counted
+/// between the marks, and harnesses take them out.
+pub const MARK_INSTRUCTIONS: u64 = 2;
 /// The port `bench-in` reads and `bench-out` writes: no device claims it, so every access
 /// is a device exit that the machine answers with all ones (reads) or drops (writes).
 pub const UNUSED_PORT: u16 = 0xec;
@@ -257,6 +260,10 @@ mod tests {
     #[test]
     fn the_iteration_count_is_in_the_image() {
         let a = Bench::Cpuid.image(0x1234_5678).unwrap();
-        assert!(a.bytes.windows(4).any(|w| w == 0x1234_5678u32.to_le_bytes()));
+        assert!(
+            a.bytes
+                .windows(4)
+                .any(|w| w == 0x1234_5678u32.to_le_bytes())
+        );
     }
 }

@@ -172,9 +172,23 @@ fn plot_ns_per_op<DB: DrawingBackend>(
 ) -> Result<(), String> {
     let ms = ok_measurements(results);
     let benches = ordered(ms.iter().map(|m| m.bench.as_str()));
-    let columns = ordered(ms.iter().map(|m| m.column()).collect::<Vec<_>>().iter().map(String::as_str));
-    let values: Vec<f64> = ms.iter().filter_map(|m| m.ns_per_op.map(|s| s.median)).collect();
-    let lo = values.iter().copied().fold(f64::INFINITY, f64::min).max(1e-3) / 2.0;
+    let columns = ordered(
+        ms.iter()
+            .map(|m| m.column())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str),
+    );
+    let values: Vec<f64> = ms
+        .iter()
+        .filter_map(|m| m.ns_per_op.map(|s| s.median))
+        .collect();
+    let lo = values
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-3)
+        / 2.0;
     let hi = values.iter().copied().fold(0.0, f64::max).max(lo * 10.0) * 2.0;
     let lo = if lo.is_finite() { lo } else { 0.1 };
     bars(
@@ -245,7 +259,10 @@ fn bars<DB: DrawingBackend>(
                     .filter_map(|(gi, g)| {
                         let v = value(g, s)?;
                         let x0 = gi as f64 - 0.4 + si as f64 * width;
-                        Some(Rectangle::new([(x0, $base), (x0 + width * 0.9, v)], c.filled()))
+                        Some(Rectangle::new(
+                            [(x0, $base), (x0 + width * 0.9, v)],
+                            c.filled(),
+                        ))
                     })
                     .collect();
                 let drawn = chart.draw_series(rects).map_err(|e| e.to_string())?;
@@ -296,8 +313,14 @@ fn plot_exits<DB: DrawingBackend>(
         .into_iter()
         .filter(|m| !m.exits_per_op.is_empty())
         .collect();
-    let labels: Vec<String> = ms.iter().map(|m| format!("{} {}", m.bench, m.column())).collect();
-    let reasons = ordered(ms.iter().flat_map(|m| m.exits_per_op.keys().map(String::as_str)));
+    let labels: Vec<String> = ms
+        .iter()
+        .map(|m| format!("{} {}", m.bench, m.column()))
+        .collect();
+    let reasons = ordered(
+        ms.iter()
+            .flat_map(|m| m.exits_per_op.keys().map(String::as_str)),
+    );
     let top = ms
         .iter()
         .map(|m| m.exits_per_op.values().sum::<f64>())
@@ -345,7 +368,10 @@ fn plot_exits<DB: DrawingBackend>(
                     .filter_map(|r| m.exits_per_op.get(r))
                     .sum();
                 let x = i as f64;
-                Some(Rectangle::new([(x - 0.3, below), (x + 0.3, below + v)], c.filled()))
+                Some(Rectangle::new(
+                    [(x - 0.3, below), (x + 0.3, below + v)],
+                    c.filled(),
+                ))
             })
             .collect();
         let drawn = chart.draw_series(rects).map_err(|e| e.to_string())?;
@@ -381,7 +407,10 @@ fn plot_mmu<DB: DrawingBackend>(
             .flat_map(|m| m.counters_per_op.keys().map(String::as_str))
             .filter(|k| k.starts_with("mmu.")),
     );
-    let series: Vec<String> = ms.iter().map(|m| format!("{} {}", m.bench, m.column())).collect();
+    let series: Vec<String> = ms
+        .iter()
+        .map(|m| format!("{} {}", m.bench, m.column()))
+        .collect();
     let top = ms
         .iter()
         .flat_map(|m| counters.iter().filter_map(|c| m.counters_per_op.get(c)))
@@ -439,14 +468,20 @@ pub fn summary_markdown(results: &[BenchResults], text_in_plots: bool) -> String
     md.push_str("## ns per operation (median [min, max] over the repeats)\n\n");
     let all: Vec<&Measurement> = results.iter().flat_map(|r| r.measurements.iter()).collect();
     let benches = ordered(all.iter().map(|m| m.bench.as_str()));
-    let columns = ordered(all.iter().map(|m| m.column()).collect::<Vec<_>>().iter().map(String::as_str));
+    let columns = ordered(
+        all.iter()
+            .map(|m| m.column())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str),
+    );
     let _ = writeln!(md, "| bench | {} |", columns.join(" | "));
     let _ = writeln!(md, "|---|{}", "---:|".repeat(columns.len()));
     for b in &benches {
         let cells: Vec<String> = columns
             .iter()
-            .map(|c| {
-                match all.iter().find(|m| &m.bench == b && &m.column() == c) {
+            .map(
+                |c| match all.iter().find(|m| &m.bench == b && &m.column() == c) {
                     None => String::new(),
                     Some(m) => match (&m.status, m.ns_per_op) {
                         (Status::Ok, Some(s)) => {
@@ -456,8 +491,8 @@ pub fn summary_markdown(results: &[BenchResults], text_in_plots: bool) -> String
                         (Status::Failed { .. }, _) => "FAILED".into(),
                         (Status::Ok, None) => "-".into(),
                     },
-                }
-            })
+                },
+            )
             .collect();
         let _ = writeln!(md, "| {b} | {} |", cells.join(" | "));
     }
@@ -480,7 +515,10 @@ pub fn summary_markdown(results: &[BenchResults], text_in_plots: bool) -> String
     }
     md.push_str("\n## host perf counters per operation\n\n");
     let mut unavailable = BTreeMap::new();
-    for m in all.iter().filter(|m| m.status == Status::Ok && !m.perf.is_empty()) {
+    for m in all
+        .iter()
+        .filter(|m| m.status == Status::Ok && !m.perf.is_empty())
+    {
         let vals: Vec<String> = m
             .perf
             .iter()

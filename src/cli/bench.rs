@@ -93,7 +93,10 @@ fn print_table(results: &BenchResults) {
         results.machine.host.flavour.describe(),
         results.machine.kernel,
         results.deja_version,
-        results.git_revision.as_deref().unwrap_or("(no git revision)")
+        results
+            .git_revision
+            .as_deref()
+            .unwrap_or("(no git revision)")
     );
     println!(
         "{:<10} {:<12} {:>12} {:>12} {:>12} {:>10}  exits/op",

@@ -1,0 +1,145 @@
+//! A short bench run through the real engines: the counters per operation must make sense.
+
+use deja_bench::runner::{self, BenchConfig, Column};
+use deja_bench::{BenchResults, Measurement, Status};
+use deja_engine::EngineKind;
+
+fn short_run(filter: &str, columns: Vec<Column>) -> Vec<Measurement> {
+    let config = BenchConfig {
+        columns,
+        mmus: vec!["tlb".into(), "nested".into()],
+        filter: Some(filter.into()),
+        repeat: 2,
+        iterations: Some(40),
+    };
+    runner::plan(&config)
+        .unwrap()
+        .iter()
+        .map(|job| runner::run_job(job, &config))
+        .collect()
+}
+
+fn find<'a>(ms: &'a [Measurement], bench: &str, column: &str) -> &'a Measurement {
+    ms.iter()
+        .find(|m| m.bench == bench && m.column() == column)
+        .unwrap_or_else(|| panic!("no {bench} on {column} in {ms:#?}"))
+}
+
+#[test]
+fn in_on_bt_makes_one_unclaimed_port_access_per_operation() {
+    let ms = short_run("in", vec![Column::Engine(EngineKind::Bt)]);
+    let m = find(&ms, "in", "bt/tlb");
+    assert_eq!(m.status, Status::Ok, "{m:#?}");
+    assert_eq!((m.iterations, m.repeats), (40, 2));
+    // Exactly one access per IN: the loop makes no other device access.
+    assert_eq!(m.counters_per_op.get("io.unmapped_pio.0x00ec"), Some(&1.0));
+    // IN, DEC, JNZ.
+    assert_eq!(m.counters_per_op.get("bt.instructions"), Some(&3.0));
+    assert!(m.ns_per_op.unwrap().median > 0.0);
+    assert!(
+        m.perf
+            .iter()
+            .any(|p| p.event == "task-clock-ns" && p.per_op.is_some_and(|v| v > 0.0)),
+        "{:?}",
+        m.perf
+    );
+    let nested = find(&ms, "in", "bt/nested");
+    assert!(
+        matches!(&nested.status, Status::Skipped { reason } if reason.contains("nested")),
+        "{nested:?}"
+    );
+}
+
+#[test]
+fn in_on_kvm_exits_to_userspace_at_least_once_per_operation() {
+    let ms = short_run("in", vec![Column::Engine(EngineKind::Kvm)]);
+    let m = find(&ms, "in", "kvm");
+    if let Status::Skipped { reason } = &m.status {
+        println!("SKIP: kvm unavailable (/dev/kvm): {reason}");
+        return;
+    }
+    assert_eq!(m.status, Status::Ok, "{m:#?}");
+    let io_in = m.exits_per_op.get("exit.io_in").copied().unwrap_or(0.0);
+    assert!(io_in >= 1.0, "{:?}", m.exits_per_op);
+    // The end mark's own OUT is taken out of the deltas.
+    assert_eq!(
+        m.exits_per_op.get("exit.io_out"),
+        None,
+        "{:?}",
+        m.exits_per_op
+    );
+}
+
+#[test]
+fn compute_loops_make_no_device_access_and_have_a_native_column() {
+    let ms = short_run("call", vec![Column::Engine(EngineKind::Bt), Column::Native]);
+    for bench in ["call-ret", "call"] {
+        let bt = find(&ms, bench, "bt/tlb");
+        assert_eq!(bt.status, Status::Ok, "{bt:#?}");
+        assert!(
+            !bt.counters_per_op.keys().any(|k| k.starts_with("io.")),
+            "{:?}",
+            bt.counters_per_op
+        );
+        let native = find(&ms, bench, "native");
+        assert_eq!(native.status, Status::Ok);
+        assert!(native.ns_per_op.unwrap().min > 0.0);
+    }
+    // CALL, RET, DEC, JNZ; three nested calls with arithmetic: 13.
+    let per_op = |b| find(&ms, b, "bt/tlb").counters_per_op["bt.instructions"];
+    assert_eq!((per_op("call-ret"), per_op("call")), (4.0, 13.0));
+}
+
+#[test]
+fn results_round_trip_through_json() {
+    let mut ms = short_run(
+        "cpuid",
+        vec![Column::Engine(EngineKind::Bt), Column::QemuTcg],
+    );
+    // JSON keeps these exactly (dyadic fractions), so equality is exact.
+    for m in &mut ms {
+        if let Some(s) = &mut m.ns_per_op {
+            s.median = 12.5;
+            s.min = 10.25;
+            s.max = 20.0;
+        }
+        for v in m.counters_per_op.values_mut() {
+            *v = (*v * 1024.0).round() / 1024.0;
+        }
+        for p in &mut m.perf {
+            p.per_op = p.per_op.map(|v| (v * 1024.0).round() / 1024.0);
+        }
+    }
+    let results = BenchResults {
+        format_version: deja_bench::results::FORMAT_VERSION,
+        deja_version: "0.1.0".into(),
+        git_revision: runner::git_revision(),
+        started_unix: 1_795_000_000,
+        machine: runner::machine(),
+        measurements: ms,
+    };
+    let text = results.to_json().unwrap();
+    assert_eq!(BenchResults::from_json(&text).unwrap(), results);
+    assert!(text.contains("\"status\": \"skipped\""), "{text}");
+    assert!(BenchResults::from_json("{\"format_version\": 1}").is_err());
+}
+
+#[test]
+fn bad_names_are_refused() {
+    let config = BenchConfig {
+        mmus: vec!["ept".into()],
+        ..BenchConfig::default()
+    };
+    assert!(
+        runner::plan(&config)
+            .unwrap_err()
+            .to_string()
+            .contains("ept")
+    );
+    assert!(Column::parse("vmware").is_err());
+    let config = BenchConfig {
+        filter: Some("no-such".into()),
+        ..BenchConfig::default()
+    };
+    assert!(runner::plan(&config).is_err());
+}
