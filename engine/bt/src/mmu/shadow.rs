@@ -200,12 +200,16 @@ impl ShadowMmu {
             let roots: Vec<(u64, u32)> = self
                 .shadows
                 .iter()
-                .filter(|(id, _)| self.current.is_none_or(|(_, c)| c != **id))
                 .filter(|(_, s)| s.cfg.cr3 != GLOBAL_ROOT)
                 .map(|(id, s)| (s.last_use, *id))
                 .collect();
-            if roots.len() + 1 >= SHADOW_ROOTS
-                && let Some(&(_, victim)) = roots.iter().min()
+            let victim = roots
+                .iter()
+                .filter(|(_, id)| self.current.is_none_or(|(_, c)| c != *id))
+                .min()
+                .map(|&(_, id)| id);
+            if roots.len() >= SHADOW_ROOTS
+                && let Some(victim) = victim
             {
                 self.drop_shadow(victim);
                 self.recycled += 1;

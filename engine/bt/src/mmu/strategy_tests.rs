@@ -404,3 +404,329 @@ fn random_sequences_agree_across_strategies_and_with_a_fresh_walk() {
         }
     }
 }
+
+/// Two 4-level address spaces; page 0 of each maps a private frame, page 0 of the global
+/// region maps a global frame.
+fn two_spaces(mem: &GuestMemoryMmap) -> (Space, Space) {
+    let mode = Mode::FourLevel;
+    let a = build_space(mem, mode, 0x1_0000);
+    let b = build_space(mem, mode, 0x2_0000);
+    put(mem, mode, a.pt, FRAMES | P | RW | US);
+    put(mem, mode, a.pt + 8, (FRAMES + 0x1000) | P | RW | US);
+    put(mem, mode, b.pt, (FRAMES + 0x8000) | P | RW | US);
+    put(mem, mode, PT_GLOBAL, (FRAMES + 0x4000) | P | RW | G);
+    (a, b)
+}
+
+const READ: Access = Access::SUPERVISOR_READ;
+const GLOBAL_PAGE: u64 = 1 << 21;
+
+fn stat(mmu: &dyn Mmu, name: &str) -> u64 {
+    mmu.stats().get(name)
+}
+
+#[test]
+fn a_pte_write_on_a_tracked_page_is_traced_under_shadow_only() {
+    for strategy in MmuStrategy::ALL {
+        let mem = memory();
+        let (a, _) = two_spaces(&mem);
+        let regs = Mode::FourLevel.regs(a.cr3);
+        let mut m = Machine {
+            name: strategy.name(),
+            mem,
+            mmu: strategy.create().unwrap(),
+        };
+        assert_eq!(
+            m.mmu.translate(&m.mem, &regs, 0x123, READ),
+            Ok(FRAMES + 0x123)
+        );
+        let traced = strategy == MmuStrategy::Shadow;
+        assert_eq!(m.mmu.is_write_tracked(a.pt), traced, "{}", m.name);
+        assert_eq!(m.mmu.is_write_tracked(a.pt + 0xff8), traced, "{}", m.name);
+        assert!(!m.mmu.is_write_tracked(FRAMES), "{}: a data page", m.name);
+        // The guest points the PTE at another frame (already accessed) and invalidates it.
+        guest_store(
+            &mut m,
+            Mode::FourLevel,
+            a.pt,
+            (FRAMES + 0x3000) | P | RW | US | A,
+        );
+        m.mmu.invlpg(0);
+        let misses = stat(&*m.mmu, counters::TLB_MISS);
+        assert_eq!(
+            m.mmu.translate(&m.mem, &regs, 0x123, READ),
+            Ok(FRAMES + 0x3123)
+        );
+        let s = m.mmu.stats();
+        if traced {
+            assert_eq!(s.get(counters::MMU_PTE_WRITE), 1);
+            assert_eq!(s.get(counters::MMU_PTE_UPDATED), 1);
+        } else {
+            assert_eq!(s.get(counters::MMU_PTE_WRITE), 0, "{}", m.name);
+            assert_eq!(s.get(counters::TLB_MISS), misses + 1, "{}", m.name);
+        }
+    }
+}
+
+#[test]
+fn a_traced_pte_write_updates_the_shadow_in_place_without_a_miss() {
+    let mem = memory();
+    let (a, _) = two_spaces(&mem);
+    let regs = Mode::FourLevel.regs(a.cr3);
+    let mut m = Machine {
+        name: "shadow",
+        mem,
+        mmu: Box::new(ShadowMmu::new()),
+    };
+    assert_eq!(
+        m.mmu.translate(&m.mem, &regs, 0x10, READ),
+        Ok(FRAMES + 0x10)
+    );
+    guest_store(
+        &mut m,
+        Mode::FourLevel,
+        a.pt,
+        (FRAMES + 0x5000) | P | US | A,
+    );
+    let misses = stat(&*m.mmu, counters::TLB_MISS);
+    // Already updated before the INVLPG: the shadow follows the guest entry.
+    assert_eq!(
+        m.mmu.translate(&m.mem, &regs, 0x10, READ),
+        Ok(FRAMES + 0x5010)
+    );
+    assert_eq!(stat(&*m.mmu, counters::TLB_MISS), misses);
+    // An entry not yet accessed cannot be installed ahead of the access: it is zapped.
+    guest_store(&mut m, Mode::FourLevel, a.pt, (FRAMES + 0x6000) | P | US);
+    assert_eq!(stat(&*m.mmu, counters::MMU_SHADOW_ZAPPED), 1);
+    assert_eq!(
+        m.mmu.translate(&m.mem, &regs, 0x10, READ),
+        Ok(FRAMES + 0x6010)
+    );
+    assert_eq!(stat(&*m.mmu, counters::TLB_MISS), misses + 1);
+    // Read-only (CR0.WP set): a supervisor write faults with P|W and CR2 = the address, and
+    // the fault drops the shadow entry, so the page is no longer traced.
+    assert_eq!(
+        m.mmu
+            .translate(&m.mem, &regs, 0x10, Access::SUPERVISOR_WRITE),
+        Err(PageFault {
+            address: 0x10,
+            error_code: PF_PRESENT | PF_WRITE
+        })
+    );
+    assert_eq!(stat(&*m.mmu, counters::PF_GUEST), 1);
+    assert!(!m.mmu.is_write_tracked(a.pt));
+}
+
+#[test]
+fn nested_cold_misses_cost_24_references_for_4k_pages_on_4_level() {
+    let mem = memory();
+    let (a, _) = two_spaces(&mem);
+    let mut nested = NestedMmu::new();
+    let regs = Mode::FourLevel.regs(a.cr3);
+    assert_eq!(nested.translate(&mem, &regs, 0x20, READ), Ok(FRAMES + 0x20));
+    assert_eq!(stat(&nested, counters::WALKS), 1);
+    assert_eq!(stat(&nested, counters::WALK_REFS), 24);
+    assert!(nested.ept_tables() >= 4);
+    // A hit walks nothing.
+    assert_eq!(nested.translate(&mem, &regs, 0x28, READ), Ok(FRAMES + 0x28));
+    assert_eq!(stat(&nested, counters::WALK_REFS), 24);
+    assert_eq!(stat(&nested, counters::TLB_HIT), 1);
+    // A 2 MiB guest page: three guest levels, 3 * (4 + 1) + 4 = 19.
+    assert_eq!(
+        nested.translate(&mem, &regs, 2 << 21, READ),
+        Ok(large_frame(Mode::FourLevel))
+    );
+    assert_eq!(stat(&nested, counters::WALK_REFS), 24 + 19);
+    // A fault still paid for the levels it read: not present at the PD, after 3 levels.
+    assert!(nested.translate(&mem, &regs, 3 << 21, READ).is_err());
+    assert_eq!(stat(&nested, counters::WALK_REFS), 24 + 19 + 15);
+    // 32-bit paging: two guest levels, 2 * (4 + 1) + 4 = 14.
+    let mem32 = memory();
+    let s = build_space(&mem32, Mode::Bits32, 0x1_0000);
+    put(&mem32, Mode::Bits32, s.pt, FRAMES | P | RW);
+    let mut nested = NestedMmu::new();
+    let regs = Mode::Bits32.regs(s.cr3);
+    assert_eq!(
+        nested.translate(&mem32, &regs, 0x30, READ),
+        Ok(FRAMES + 0x30)
+    );
+    assert_eq!(stat(&nested, counters::WALK_REFS), 14);
+}
+
+#[test]
+fn a_cr3_switch_back_to_a_cached_root_hits_under_shadow_and_misses_under_tlb() {
+    for strategy in [MmuStrategy::Shadow, MmuStrategy::Tlb] {
+        let mem = memory();
+        let (a, b) = two_spaces(&mem);
+        let mut mmu = strategy.create().unwrap();
+        let ra = Mode::FourLevel.regs(a.cr3);
+        let rb = Mode::FourLevel.regs(b.cr3);
+        assert_eq!(mmu.translate(&mem, &ra, 0x1, READ), Ok(FRAMES + 1));
+        mmu.flush(false);
+        assert_eq!(mmu.translate(&mem, &rb, 0x1, READ), Ok(FRAMES + 0x8001));
+        mmu.flush(false);
+        let before = mmu.stats();
+        assert_eq!(mmu.translate(&mem, &ra, 0x1, READ), Ok(FRAMES + 1));
+        let after = mmu.stats();
+        let misses = after.get(counters::TLB_MISS) - before.get(counters::TLB_MISS);
+        assert_eq!(after.get(counters::TLB_FLUSH), 2, "{strategy}");
+        if strategy == MmuStrategy::Shadow {
+            assert_eq!(misses, 0, "the cached shadow of A answers");
+            assert_eq!(after.get(counters::MMU_CACHE_MISS), 2, "A and B, once each");
+        } else {
+            assert_eq!(misses, 1, "the soft TLB kept nothing of A");
+        }
+    }
+}
+
+#[test]
+fn global_pages_survive_cr3_switches_until_a_full_flush() {
+    for strategy in MmuStrategy::ALL {
+        let mem = memory();
+        let (a, b) = two_spaces(&mem);
+        let mut mmu = strategy.create().unwrap();
+        let ra = Mode::FourLevel.regs(a.cr3);
+        let rb = Mode::FourLevel.regs(b.cr3);
+        assert_eq!(
+            mmu.translate(&mem, &ra, GLOBAL_PAGE, READ),
+            Ok(FRAMES + 0x4000)
+        );
+        mmu.flush(false);
+        let misses = stat(&*mmu, counters::TLB_MISS);
+        assert_eq!(
+            mmu.translate(&mem, &rb, GLOBAL_PAGE, READ),
+            Ok(FRAMES + 0x4000)
+        );
+        assert_eq!(stat(&*mmu, counters::TLB_MISS), misses, "{strategy}");
+        // CR4.PGE toggled: global entries go too.
+        mmu.flush(true);
+        assert_eq!(
+            mmu.translate(&mem, &rb, GLOBAL_PAGE, READ),
+            Ok(FRAMES + 0x4000)
+        );
+        assert_eq!(stat(&*mmu, counters::TLB_MISS), misses + 1, "{strategy}");
+        // INVLPG drops a global page too.
+        mmu.invlpg(GLOBAL_PAGE);
+        assert_eq!(
+            mmu.translate(&mem, &rb, GLOBAL_PAGE, READ),
+            Ok(FRAMES + 0x4000)
+        );
+        assert_eq!(stat(&*mmu, counters::TLB_MISS), misses + 2, "{strategy}");
+        assert_eq!(stat(&*mmu, counters::INVLPG), 1, "{strategy}");
+    }
+}
+
+#[test]
+fn repeated_writes_to_an_unused_upper_table_flood_its_shadow() {
+    let mem = memory();
+    let (a, _) = two_spaces(&mem);
+    let regs = Mode::FourLevel.regs(a.cr3);
+    let mut m = Machine {
+        name: "shadow",
+        mem,
+        mmu: Box::new(ShadowMmu::new()),
+    };
+    assert_eq!(m.mmu.translate(&m.mem, &regs, 0x0, READ), Ok(FRAMES));
+    assert!(m.mmu.is_write_tracked(a.pd));
+    // Writes to an unrelated entry of the page directory, never walked through.
+    for i in 0..FLOOD_WRITES {
+        assert!(m.mmu.is_write_tracked(a.pd), "write {i}");
+        guest_store(&mut m, Mode::FourLevel, a.pd + 8 * 100, u64::from(i) << 12);
+    }
+    let s = m.mmu.stats();
+    assert_eq!(s.get(counters::MMU_PTE_WRITE), u64::from(FLOOD_WRITES));
+    assert_eq!(s.get(counters::MMU_FLOODED), 1);
+    assert_eq!(s.get(counters::MMU_SHADOW_ZAPPED), 1);
+    assert!(!m.mmu.is_write_tracked(a.pd));
+    let misses = s.get(counters::TLB_MISS);
+    assert_eq!(m.mmu.translate(&m.mem, &regs, 0x0, READ), Ok(FRAMES));
+    assert_eq!(stat(&*m.mmu, counters::TLB_MISS), misses + 1);
+    assert!(m.mmu.is_write_tracked(a.pd), "traced again once used again");
+}
+
+#[test]
+fn a_leaf_table_goes_unsync_and_is_resynchronised_by_a_cr3_load() {
+    let mem = memory();
+    let (a, _) = two_spaces(&mem);
+    let regs = Mode::FourLevel.regs(a.cr3);
+    let mut m = Machine {
+        name: "shadow",
+        mem,
+        mmu: Box::new(ShadowMmu::new()),
+    };
+    assert_eq!(m.mmu.translate(&m.mem, &regs, 0x0, READ), Ok(FRAMES));
+    assert_eq!(
+        m.mmu.translate(&m.mem, &regs, 0x1000, READ),
+        Ok(FRAMES + 0x1000)
+    );
+    for i in 0..UNSYNC_WRITES {
+        guest_store(&mut m, Mode::FourLevel, a.pt + 8 * 50, u64::from(i) << 12);
+    }
+    assert_eq!(stat(&*m.mmu, counters::MMU_UNSYNC), 1);
+    assert!(!m.mmu.is_write_tracked(a.pt), "unsync pages are not traced");
+    // Untraced now: the shadow keeps the old translation, as a TLB may, until INVLPG...
+    guest_store(&mut m, Mode::FourLevel, a.pt, (FRAMES + 0x7000) | P | RW);
+    guest_store(
+        &mut m,
+        Mode::FourLevel,
+        a.pt + 8,
+        (FRAMES + 0x9000) | P | RW,
+    );
+    assert_eq!(
+        stat(&*m.mmu, counters::MMU_PTE_WRITE),
+        u64::from(UNSYNC_WRITES)
+    );
+    assert_eq!(m.mmu.translate(&m.mem, &regs, 0x0, READ), Ok(FRAMES));
+    m.mmu.invlpg(0);
+    assert_eq!(
+        m.mmu.translate(&m.mem, &regs, 0x0, READ),
+        Ok(FRAMES + 0x7000)
+    );
+    assert_eq!(
+        m.mmu.translate(&m.mem, &regs, 0x1000, READ),
+        Ok(FRAMES + 0x1000)
+    );
+    // ...or a CR3 load, which resynchronises the whole page.
+    m.mmu.flush(false);
+    assert_eq!(
+        m.mmu.translate(&m.mem, &regs, 0x1000, READ),
+        Ok(FRAMES + 0x9000)
+    );
+    assert!(
+        m.mmu.is_write_tracked(a.pt),
+        "traced again after the resync"
+    );
+}
+
+#[test]
+fn shadow_roots_are_bounded_and_recycled() {
+    let mem = memory();
+    let mut shadow = ShadowMmu::new();
+    let extra = 3;
+    for i in 0..(SHADOW_ROOTS + extra) as u64 {
+        let s = build_space(&mem, Mode::FourLevel, 0x1_0000 * (i + 1));
+        put(&mem, Mode::FourLevel, s.pt, (FRAMES + (i << 12)) | P | RW);
+        shadow.flush(false);
+        let regs = Mode::FourLevel.regs(s.cr3);
+        assert_eq!(
+            shadow.translate(&mem, &regs, 0x5, READ),
+            Ok(FRAMES + (i << 12) + 5)
+        );
+    }
+    let s = shadow.stats();
+    assert_eq!(
+        s.get(counters::MMU_CACHE_MISS),
+        (SHADOW_ROOTS + extra) as u64
+    );
+    assert_eq!(s.get(counters::MMU_RECYCLED), extra as u64);
+    // The roots plus one pseudo-root of global pages for the role.
+    assert_eq!(shadow.roots(), SHADOW_ROOTS + 1);
+    // The oldest root was recycled: going back to it misses.
+    let first = Mode::FourLevel.regs(0x1_0000);
+    shadow.flush(false);
+    assert_eq!(shadow.translate(&mem, &first, 0x5, READ), Ok(FRAMES + 5));
+    assert_eq!(
+        shadow.stats().get(counters::MMU_CACHE_MISS),
+        (SHADOW_ROOTS + extra + 1) as u64
+    );
+}
