@@ -38,6 +38,16 @@ pub enum BuildError {
         /// The engine's explanation.
         detail: String,
     },
+    /// An MMU strategy was asked of an engine that cannot use it.
+    #[error("the {engine} engine cannot use the {strategy} MMU strategy: {reason}")]
+    MmuStrategy {
+        /// The engine asked for.
+        engine: EngineKind,
+        /// The strategy asked for.
+        strategy: deja_bt::mmu::MmuStrategy,
+        /// Why not.
+        reason: &'static str,
+    },
     /// The engine refused the loader's initial CPU state.
     #[error("setting the {engine} engine's initial CPU state: {source}")]
     SetState {
@@ -58,21 +68,68 @@ pub fn build_vm(
     serial_out: Box<dyn Write + Send>,
     image: &Image,
 ) -> Result<Vm, BuildError> {
+    build(engine, config, host, serial_out, image, None)
+}
+
+fn build(
+    engine: EngineKind,
+    config: MachineConfig,
+    host: Box<dyn Host>,
+    serial_out: Box<dyn Write + Send>,
+    image: &Image,
+    mmu: Option<deja_bt::mmu::MmuStrategy>,
+) -> Result<Vm, BuildError> {
     let mut machine = build_pc(config, host, serial_out)?;
     let state = loader::load(&mut machine, image).map_err(|source| BuildError::Load {
         image: image.name.clone(),
         source,
     })?;
-    let mut cpu = create_engine(engine, &machine)?;
+    let mut cpu = create_engine(engine, &machine, mmu)?;
     cpu.set_state(&state)
         .map_err(|source| BuildError::SetState { engine, source })?;
     Ok(Vm::new(machine, cpu))
 }
 
+/// [`build_vm`] with the bt engine's MMU strategy chosen (`deja run --mmu`, issue #7).
+/// `None` keeps the engine's default (the soft TLB). kvm uses the host's MMU and takes no
+/// strategy. `shadow` is refused until bt's store path reports guest stores to
+/// write-tracked pages ([`deja_bt::mmu::Mmu::note_guest_write`]): without that its shadows
+/// would go stale when the guest edits its page tables.
+pub fn build_vm_with_mmu(
+    engine: EngineKind,
+    config: MachineConfig,
+    host: Box<dyn Host>,
+    serial_out: Box<dyn Write + Send>,
+    image: &Image,
+    mmu: Option<deja_bt::mmu::MmuStrategy>,
+) -> Result<Vm, BuildError> {
+    build(engine, config, host, serial_out, image, mmu)
+}
+
 fn create_engine(
     engine: EngineKind,
     machine: &deja_machine::Machine,
+    mmu: Option<deja_bt::mmu::MmuStrategy>,
 ) -> Result<Box<dyn Cpu>, BuildError> {
+    use deja_bt::mmu::MmuStrategy;
+    if let Some(strategy) = mmu {
+        let refuse = |reason| {
+            Err(BuildError::MmuStrategy {
+                engine,
+                strategy,
+                reason,
+            })
+        };
+        if engine == EngineKind::Kvm {
+            return refuse("kvm translates with the host's MMU");
+        }
+        if strategy == MmuStrategy::Shadow {
+            return refuse(
+                "bt does not report guest stores to write-tracked page-table pages yet, \
+                 which shadow page tables need to stay coherent",
+            );
+        }
+    }
     match engine {
         EngineKind::Kvm => match deja_kvm::KvmCpu::new(machine) {
             Ok(cpu) => Ok(Box::new(cpu)),
@@ -86,7 +143,16 @@ fn create_engine(
             }),
         },
         EngineKind::Bt => match deja_bt::BtCpu::new(machine) {
-            Ok(cpu) => Ok(Box::new(cpu)),
+            Ok(mut cpu) => {
+                if let Some(strategy) = mmu {
+                    let created = strategy.create().map_err(|e| BuildError::Engine {
+                        engine,
+                        detail: e.to_string(),
+                    })?;
+                    cpu.set_mmu(Box::new(deja_bt::paging::MmuAdapter(created)));
+                }
+                Ok(Box::new(cpu))
+            }
             Err(e) => Err(BuildError::Engine {
                 engine,
                 detail: e.to_string(),

@@ -9,7 +9,9 @@
 
 mod boot;
 
-pub use boot::{BuildError, build_vm};
+pub use boot::{BuildError, build_vm, build_vm_with_mmu};
+/// The bt engine's MMU strategies (`deja run --mmu`), re-exported for [`build_vm_with_mmu`].
+pub use deja_bt::mmu::MmuStrategy;
 
 use deja_machine::devices::StopRequest;
 use deja_machine::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Machine};

@@ -131,6 +131,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         timeout: args.timeout,
         max_instructions: args.max_instructions,
         clock: args.clock,
+        mmu: None,
         stats: false,
         json: None,
         verbose: false,

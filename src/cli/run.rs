@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// Guest-visible clock.
     #[arg(long, value_enum, default_value = "host")]
     pub clock: ClockArg,
+    /// bt's MMU strategy: tlb (soft TLB, the default) or nested (EPT-style two-dimensional
+    /// walks); shadow is refused until bt traces guest page-table writes (issue #7).
+    #[arg(long, value_name = "STRATEGY", value_parser = parse_mmu)]
+    pub mmu: Option<deja_engine::MmuStrategy>,
     /// Print the counters (exits by reason, device accesses, engine counters) after the run.
     #[arg(long)]
     pub stats: bool,
@@ -103,6 +107,11 @@ pub struct RunArgs {
 
 fn parse_mem(s: &str) -> Result<u64, String> {
     memory::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_mmu(s: &str) -> Result<deja_engine::MmuStrategy, String> {
+    s.parse::<deja_engine::MmuStrategy>()
+        .map_err(|e| e.to_string())
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -222,7 +231,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => Box::new(std::io::stdout()),
     };
-    let mut vm = deja_engine::build_vm(engine, config, host, serial_out, &image)
+    let mut vm = deja_engine::build_vm_with_mmu(engine, config, host, serial_out, &image, args.mmu)
         .with_context(|| format!("starting {} on {engine}", image.name))?;
     kick_on_signals(vm.cpu.kicker())?;
     let outcome = vm

@@ -1,0 +1,100 @@
+//! The bt engine's MMU strategies chosen through [`deja_engine::build_vm_with_mmu`]: the
+//! hello guest (which runs in long mode with paging on) gives the same output and exit on
+//! `tlb` and `nested`, the nested strategy's two-dimensional walks show in the counters,
+//! and the strategies an engine cannot use are refused with a reason.
+
+use deja_engine::{BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, build_vm_with_mmu};
+use deja_machine::devices::StopRequest;
+use deja_machine::{ClockMode, LiveHost, MachineConfig};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Default)]
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("serial buffer lock poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn build(
+    engine: EngineKind,
+    mmu: Option<MmuStrategy>,
+    serial: &SharedBuffer,
+) -> Result<deja_engine::Vm, BuildError> {
+    let image = deja_guests::find("hello")
+        .expect("the hello guest")
+        .image()
+        .expect("hello's image");
+    build_vm_with_mmu(
+        engine,
+        MachineConfig {
+            ram_size: 16 << 20,
+            ..MachineConfig::default()
+        },
+        Box::new(LiveHost::new(ClockMode::Virtual)),
+        Box::new(serial.clone()),
+        &image,
+        mmu,
+    )
+}
+
+#[test]
+fn hello_runs_the_same_on_tlb_and_nested_and_nested_walks_in_two_dimensions() {
+    let mut texts = Vec::new();
+    for strategy in [MmuStrategy::Tlb, MmuStrategy::Nested] {
+        let serial = SharedBuffer::default();
+        let mut vm = build(EngineKind::Bt, Some(strategy), &serial).expect("bt builds");
+        let outcome = vm
+            .run(RunOptions {
+                timeout: Some(Duration::from_secs(20)),
+                max_instructions: None,
+            })
+            .expect("hello runs");
+        let text = String::from_utf8_lossy(&serial.0.lock().unwrap()).into_owned();
+        assert_eq!(
+            outcome.end,
+            RunEnd::Stopped(StopRequest::DebugExit { value: 0 }),
+            "{strategy}: {text}"
+        );
+        assert_eq!(text, deja_guests::hello::GREETING, "{strategy}");
+        let stats = vm.stats();
+        let walks = stats.get("mmu.walks");
+        let refs = stats.get("mmu.walk_refs");
+        println!("{strategy}: mmu.walks {walks}, mmu.walk_refs {refs}");
+        assert!(
+            walks > 0,
+            "{strategy}: the guest runs with paging on: {stats:?}"
+        );
+        if strategy == MmuStrategy::Nested {
+            // Every guest reference costs an EPT walk too: more than 5 references a walk.
+            assert!(refs > 5 * walks, "{stats:?}");
+        } else {
+            assert_eq!(refs, 0, "{stats:?}");
+        }
+        texts.push(text);
+    }
+    assert_eq!(texts[0], texts[1]);
+}
+
+#[test]
+fn strategies_an_engine_cannot_use_are_refused_with_a_reason() {
+    let serial = SharedBuffer::default();
+    let err = build(EngineKind::Kvm, Some(MmuStrategy::Nested), &serial)
+        .err()
+        .expect("kvm takes no strategy");
+    assert!(err.to_string().contains("host's MMU"), "{err}");
+    let err = build(EngineKind::Bt, Some(MmuStrategy::Shadow), &serial)
+        .err()
+        .expect("shadow needs store tracing in bt first");
+    assert!(err.to_string().contains("shadow"), "{err}");
+}
