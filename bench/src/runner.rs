@@ -3,18 +3,20 @@
 use crate::marker::{BenchMarker, MARK_STOP_BASE, MarkHandle};
 use crate::perf::PerfSet;
 use crate::results::{Machine, Measurement, PerfValue, Status, Summary};
+use deja_bt::BtCpu;
+use deja_bt::mmu::MmuStrategy;
+use deja_bt::paging::MmuAdapter;
 use deja_engine::{BuildError, EngineKind, RunEnd, RunOptions, Vm, build_vm};
 use deja_guests::bench::{BENCH_MARKER_PORT, Bench, MARK_END, MARK_INSTRUCTIONS, MARK_START};
 use deja_machine::devices::StopRequest;
-use deja_machine::{ClockMode, EngineStats, LiveHost, MachineConfig};
+use deja_machine::loader::{self, Image};
+use deja_machine::pc::build_pc;
+use deja_machine::{ClockMode, Cpu, EngineStats, LiveHost, MachineConfig};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// MMU strategies bt implements today; others named on the command line are recorded as
-/// skipped.
-pub const BT_MMU_STRATEGIES: &[&str] = &["tlb"];
-/// Every MMU strategy name the harness accepts.
+/// Every MMU strategy name the harness accepts (bt's [`MmuStrategy`] names).
 pub const KNOWN_MMU_STRATEGIES: &[&str] = &["tlb", "shadow", "nested"];
 
 /// Failures of the harness itself (not of a measurement, which is recorded as failed).
@@ -226,21 +228,16 @@ pub fn run_job(job: &Job, config: &BenchConfig) -> Measurement {
             }
         }
         Column::Engine(engine) => {
-            if engine == EngineKind::Bt && !BT_MMU_STRATEGIES.contains(&job.mmu.as_str()) {
-                return Measurement::skipped(
-                    bench,
-                    column,
-                    &job.mmu,
-                    format!(
-                        "bt has no {:?} MMU strategy yet (implemented: {})",
-                        job.mmu,
-                        BT_MMU_STRATEGIES.join(", ")
-                    ),
-                );
-            }
+            let mmu = match engine {
+                EngineKind::Bt => match job.mmu.parse::<MmuStrategy>() {
+                    Ok(m) => Some(m),
+                    Err(e) => return Measurement::skipped(bench, column, &job.mmu, e.to_string()),
+                },
+                EngineKind::Kvm => None,
+            };
             let mut samples = Vec::new();
             for _ in 0..repeat {
-                match measure_once(job.bench, engine, iterations) {
+                match measure_once(job.bench, engine, mmu, iterations) {
                     Ok(s) => samples.push(s),
                     Err(Outcome::Unavailable(reason)) => {
                         return Measurement::skipped(bench, column, &job.mmu, reason);
@@ -270,27 +267,45 @@ enum Outcome {
     Failed(String),
 }
 
-fn measure_once(bench: Bench, engine: EngineKind, iterations: u32) -> Result<Sample, Outcome> {
-    let image = bench
-        .image(iterations)
-        .map_err(|e| Outcome::Failed(format!("building bench-{}: {e}", bench.name())))?;
+/// The machine for one repeat: [`build_vm`] for kvm; for bt the same steps by hand, so that
+/// the engine gets the MMU strategy before it starts.
+fn build(engine: EngineKind, mmu: Option<MmuStrategy>, image: &Image) -> Result<Vm, Outcome> {
     let config = MachineConfig {
         ram_size: 16 << 20,
         ..MachineConfig::default()
     };
-    let mut vm = match build_vm(
-        engine,
-        config,
-        Box::new(LiveHost::new(ClockMode::Virtual)),
-        Box::new(std::io::sink()),
-        &image,
-    ) {
-        Ok(vm) => vm,
-        Err(BuildError::EngineUnavailable { reason, .. }) => {
-            return Err(Outcome::Unavailable(reason));
-        }
-        Err(e) => return Err(Outcome::Failed(e.to_string())),
+    let host = Box::new(LiveHost::new(ClockMode::Virtual));
+    let Some(strategy) = mmu else {
+        return match build_vm(engine, config, host, Box::new(std::io::sink()), image) {
+            Ok(vm) => Ok(vm),
+            Err(BuildError::EngineUnavailable { reason, .. }) => Err(Outcome::Unavailable(reason)),
+            Err(e) => Err(Outcome::Failed(e.to_string())),
+        };
     };
+    let failed = |what: &str, e: &dyn std::fmt::Display| Outcome::Failed(format!("{what}: {e}"));
+    let mut machine = build_pc(config, host, Box::new(std::io::sink()))
+        .map_err(|e| failed("building the machine", &e))?;
+    let state = loader::load(&mut machine, image).map_err(|e| failed("loading", &e))?;
+    let mut cpu = BtCpu::new(&machine).map_err(|e| failed("creating bt", &e))?;
+    let translator = strategy
+        .create()
+        .map_err(|e| failed(&format!("creating the {strategy} MMU"), &e))?;
+    cpu.set_mmu(Box::new(MmuAdapter(translator)));
+    cpu.set_state(&state)
+        .map_err(|e| failed("setting bt's initial state", &e))?;
+    Ok(Vm::new(machine, Box::new(cpu)))
+}
+
+fn measure_once(
+    bench: Bench,
+    engine: EngineKind,
+    mmu: Option<MmuStrategy>,
+    iterations: u32,
+) -> Result<Sample, Outcome> {
+    let image = bench
+        .image(iterations)
+        .map_err(|e| Outcome::Failed(format!("building bench-{}: {e}", bench.name())))?;
+    let mut vm = build(engine, mmu, &image)?;
     let (marker, marks) = BenchMarker::new();
     vm.machine
         .add_device(Box::new(marker), &[(BENCH_MARKER_PORT, 1)], &[])

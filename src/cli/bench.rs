@@ -14,7 +14,7 @@ pub struct BenchArgs {
     /// Columns: bt, kvm, native (benchmarks that can run in a host process), qemu-tcg.
     #[arg(long, value_delimiter = ',', default_value = "bt,kvm,native,qemu-tcg")]
     pub engines: Vec<String>,
-    /// bt's MMU strategies: tlb, shadow, nested (unimplemented ones are recorded as skipped).
+    /// bt's MMU strategies: tlb, shadow, nested (kvm always uses the host's MMU).
     #[arg(long, value_delimiter = ',', default_value = "tlb")]
     pub mmu: Vec<String>,
     /// Only benchmarks whose name contains PATTERN.
