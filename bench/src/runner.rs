@@ -235,6 +235,19 @@ pub fn run_job(job: &Job, config: &BenchConfig) -> Measurement {
                 },
                 EngineKind::Kvm => None,
             };
+            if engine == EngineKind::Kvm
+                && job.bench == Bench::Syscall
+                && deja_kvm::host_info::HostInfo::detect_flavour_only()
+                    == deja_kvm::host_info::Flavour::Pvm
+            {
+                return Measurement::skipped(
+                    bench,
+                    column,
+                    &job.mmu,
+                    "under PVM, a deja guest's SYSCALL from ring 3 reaches LSTAR still in ring 3 \
+                     (observed: CS 0x3b at the handler, then a triple fault at SYSRETQ)",
+                );
+            }
             let mut samples = Vec::new();
             for _ in 0..repeat {
                 match measure_once(job.bench, engine, mmu, iterations) {

@@ -145,3 +145,38 @@ fn bad_names_are_refused() {
     };
     assert!(runner::plan(&config).is_err());
 }
+
+#[test]
+fn paging_benchmarks_count_their_mmu_events_under_every_strategy() {
+    let config = BenchConfig {
+        columns: vec![Column::Engine(EngineKind::Bt)],
+        mmus: vec!["tlb".into(), "shadow".into(), "nested".into()],
+        filter: Some("p".into()), // ptemod, pgfault (and cpuid)
+        repeat: 1,
+        iterations: Some(30),
+    };
+    let ms: Vec<Measurement> = runner::plan(&config)
+        .unwrap()
+        .iter()
+        .map(|job| runner::run_job(job, &config))
+        .collect();
+    for mmu in ["tlb", "shadow", "nested"] {
+        let column = format!("bt/{mmu}");
+        let ptemod = find(&ms, "ptemod", &column);
+        assert_eq!(ptemod.status, Status::Ok, "{ptemod:#?}");
+        assert_eq!(
+            ptemod.counters_per_op.get("mmu.invlpg"),
+            Some(&1.0),
+            "{column}: {:?}",
+            ptemod.counters_per_op
+        );
+        let pgfault = find(&ms, "pgfault", &column);
+        assert_eq!(pgfault.status, Status::Ok, "{pgfault:#?}");
+        assert_eq!(
+            pgfault.counters_per_op.get("mmu.pf_guest"),
+            Some(&1.0),
+            "{column}: {:?}",
+            pgfault.counters_per_op
+        );
+    }
+}

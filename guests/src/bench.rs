@@ -30,6 +30,19 @@ pub const MARK_INSTRUCTIONS: u64 = 2;
 pub const UNUSED_PORT: u16 = 0xec;
 /// Where `bench-memory` keeps its buffer (inside the identity-mapped first 2 MiB).
 const MEMORY_BUFFER: i32 = 0x10_0000;
+/// The boot path's page directory (`rt`: PML4 at 0x1000, PDPT at 0x2000, PD at 0x3000).
+const PML4: i32 = 0x1000;
+/// A page table the paging benchmarks hook into PD[1] (virtual 2 MiB..4 MiB).
+const BENCH_PT: i32 = 0x12_0000;
+/// The frames `bench-ptemod` alternates its PTE between.
+const PTE_FRAME: i32 = 0x13_0000;
+/// The virtual page `bench-ptemod` loads through (PT[0]); `bench-pgfault` uses the next,
+/// not-present page.
+const PTE_VIRT: i32 = 0x20_0000;
+/// GDT selectors of `bench-syscall`: STAR's SYSCALL base (kernel CS, SS = +8) and SYSRET
+/// base (user SS = +8, user 64-bit CS = +16).
+const SYSCALL_CS: u32 = 0x18;
+const SYSRET_BASE: u32 = 0x28;
 /// The size of `bench-memory`'s buffer: 64 KiB, larger than an L1 data cache.
 pub const MEMORY_BUFFER_BYTES: u32 = 0x1_0000;
 
@@ -52,11 +65,17 @@ pub enum Bench {
     Memory,
     /// A call-heavy computation: three nested calls with arithmetic in each.
     Call,
+    /// Changing a live 4 KiB PTE (toggling its frame), `INVLPG`, and a load through it.
+    PteMod,
+    /// A load from a not-present page: #PF delivered, the handler skips the load, `IRETQ`.
+    PgFault,
+    /// `SYSCALL` from ring 3 to a ring-0 handler that only `SYSRETQ`s.
+    Syscall,
 }
 
 impl Bench {
     /// Every benchmark, in a stable order.
-    pub const ALL: [Bench; 8] = [
+    pub const ALL: [Bench; 11] = [
         Bench::In,
         Bench::Out,
         Bench::Cpuid,
@@ -65,6 +84,9 @@ impl Bench {
         Bench::Integer,
         Bench::Memory,
         Bench::Call,
+        Bench::PteMod,
+        Bench::PgFault,
+        Bench::Syscall,
     ];
 
     /// The benchmark's short name (the guest is `bench-NAME`).
@@ -78,6 +100,9 @@ impl Bench {
             Bench::Integer => "integer",
             Bench::Memory => "memory",
             Bench::Call => "call",
+            Bench::PteMod => "ptemod",
+            Bench::PgFault => "pgfault",
+            Bench::Syscall => "syscall",
         }
     }
 
@@ -97,6 +122,9 @@ impl Bench {
             Bench::Integer => "a dependent chain of IMUL, ADD, ROR, XOR",
             Bench::Memory => "a load striding one cache line through a 64 KiB buffer",
             Bench::Call => "three nested calls with arithmetic in each",
+            Bench::PteMod => "rewrite a live 4 KiB PTE, INVLPG, load through it",
+            Bench::PgFault => "a load from a not-present page: #PF, handler skips it, IRETQ",
+            Bench::Syscall => "SYSCALL from ring 3, SYSRETQ from ring 0",
         }
     }
 
@@ -128,12 +156,35 @@ fn mark(a: &mut CodeAssembler, value: u8) -> Result<(), IcedError> {
 fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
     let name = format!("bench-{}", bench.name());
     let handlers: &[(u8, &'static str)] = match bench {
-        Bench::DivZero => &[(0, "bench_de")],
+        Bench::DivZero => &[(0, "bench_skip")],
+        Bench::PgFault => &[(14, "bench_skip")],
         _ => &[],
     };
     long_mode_image(&name, BootMessages::default(), handlers, &|s, rt| {
-        if bench == Bench::DivZero {
+        if matches!(bench, Bench::DivZero | Bench::PgFault) {
             rt.load_idt(s)?;
+        }
+        if matches!(bench, Bench::PteMod | Bench::PgFault) {
+            // PD[1] -> a zeroed page table whose PT[0] maps PTE_VIRT to PTE_FRAME.
+            let a = &mut s.a;
+            a.mov(edi, BENCH_PT)?;
+            a.xor(eax, eax)?;
+            a.mov(ecx, 512)?;
+            a.rep().stosq()?;
+            a.mov(edi, BENCH_PT)?;
+            a.mov(qword_ptr(rdi), PTE_FRAME | 3)?;
+            a.mov(edi, PML4 + 0x2000 + 8)?;
+            a.mov(qword_ptr(rdi), BENCH_PT | 3)?;
+            a.mov(rax, cr3)?;
+            a.mov(cr3, rax)?;
+            a.mov(r8d, BENCH_PT)?;
+            a.mov(r9d, PTE_VIRT)?;
+            if bench == Bench::PgFault {
+                a.add(r9d, 0x1000)?;
+            }
+        }
+        if bench == Bench::Syscall {
+            enter_ring3_with_syscall(s)?;
         }
         let a = &mut s.a;
         let mut func = a.create_label();
@@ -181,6 +232,17 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
             Bench::Call => {
                 a.call(func)?;
             }
+            Bench::PteMod => {
+                a.xor(qword_ptr(r8), 0x1000)?;
+                a.invlpg(byte_ptr(r9))?;
+                a.mov(rax, qword_ptr(r9))?;
+            }
+            Bench::PgFault => {
+                a.mov(rax, qword_ptr(r9))?; // 3 bytes: 49 8b 01; the handler skips them
+            }
+            Bench::Syscall => {
+                a.syscall()?;
+            }
         }
         a.dec(r15)?;
         a.jnz(top)?;
@@ -203,13 +265,80 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
             a.add(rax, rbx)?;
         }
         a.ret()?;
-        if bench == Bench::DivZero {
-            s.export_here("bench_de")?;
+        if matches!(bench, Bench::DivZero | Bench::PgFault) {
+            s.export_here("bench_skip")?;
+            if bench == Bench::PgFault {
+                s.a.add(rsp, 8)?; // the error code
+            }
             s.a.add(qword_ptr(rsp), 3)?;
             s.a.iretq()?;
         }
+        if bench == Bench::Syscall {
+            s.export_here("bench_sysret")?;
+            s.a.sysretq()?;
+            s.export_here("bench_gdt")?;
+            s.a.dq(&[
+                0,
+                0x00cf_9a00_0000_ffff, // 0x08: 32-bit code
+                0x00cf_9200_0000_ffff, // 0x10: data
+                0x00af_9a00_0000_ffff, // 0x18: 64-bit code (SYSCALL CS)
+                0x00cf_9200_0000_ffff, // 0x20: data (SYSCALL SS)
+                0x00cf_fa00_0000_ffff, // 0x28: 32-bit user code (SYSRET base)
+                0x00cf_f200_0000_ffff, // 0x30: user data (SYSRET SS)
+                0x00af_fa00_0000_ffff, // 0x38: 64-bit user code (SYSRET CS)
+            ])?;
+            let gdt = s.sym("bench_gdt");
+            s.export_here("bench_gdt_ptr")?;
+            s.a.dw(&[8 * 8 - 1])?;
+            s.a.dq(&[gdt])?;
+        }
         Ok(())
     })
+}
+
+/// Loads a GDT with user segments, makes the identity map user-accessible, enables SYSCALL
+/// (EFER.SCE, STAR, LSTAR, FMASK) and `IRETQ`s to the code that follows in ring 3 with IOPL 3
+/// (so that the marks and the exit can still write their ports).
+fn enter_ring3_with_syscall(s: &mut crate::link::SectionAsm<'_>) -> Result<(), LinkError> {
+    let gdt_ptr = s.sym("bench_gdt_ptr");
+    let handler = s.sym("bench_sysret");
+    let a = &mut s.a;
+    a.mov(rax, gdt_ptr)?;
+    a.lgdt(ptr(rax))?;
+    for table in [PML4, PML4 + 0x1000, PML4 + 0x2000] {
+        a.mov(edi, table)?;
+        a.or(dword_ptr(rdi), 4)?; // U/S
+    }
+    a.mov(rax, cr3)?;
+    a.mov(cr3, rax)?;
+    a.mov(ecx, 0xc000_0080u32)?; // EFER.SCE
+    a.rdmsr()?;
+    a.or(eax, 1)?;
+    a.wrmsr()?;
+    a.mov(ecx, 0xc000_0081u32)?; // STAR
+    a.xor(eax, eax)?;
+    a.mov(edx, (SYSRET_BASE << 16 | SYSCALL_CS) as i32)?;
+    a.wrmsr()?;
+    a.mov(ecx, 0xc000_0082u32)?; // LSTAR
+    a.mov(rax, handler)?;
+    a.mov(rdx, rax)?;
+    a.shr(rdx, 32)?;
+    a.wrmsr()?;
+    a.mov(ecx, 0xc000_0084u32)?; // FMASK: keep every flag
+    a.xor(eax, eax)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
+    let mut user = a.create_label();
+    a.mov(rax, rsp)?;
+    a.push((SYSRET_BASE + 8 | 3) as i32)?; // SS
+    a.push(rax)?; // RSP
+    a.push(0x3002)?; // RFLAGS: IOPL 3, reserved bit 1
+    a.push((SYSRET_BASE + 16 | 3) as i32)?; // CS
+    a.lea(rax, ptr(user))?;
+    a.push(rax)?;
+    a.iretq()?;
+    a.set_label(&mut user)?;
+    Ok(())
 }
 
 pub(crate) fn build_in() -> Result<Image, LinkError> {
@@ -232,6 +361,15 @@ pub(crate) fn build_integer() -> Result<Image, LinkError> {
 }
 pub(crate) fn build_memory() -> Result<Image, LinkError> {
     Bench::Memory.image(Bench::Memory.default_iterations())
+}
+pub(crate) fn build_ptemod() -> Result<Image, LinkError> {
+    Bench::PteMod.image(Bench::PteMod.default_iterations())
+}
+pub(crate) fn build_pgfault() -> Result<Image, LinkError> {
+    Bench::PgFault.image(Bench::PgFault.default_iterations())
+}
+pub(crate) fn build_syscall() -> Result<Image, LinkError> {
+    Bench::Syscall.image(Bench::Syscall.default_iterations())
 }
 pub(crate) fn build_call() -> Result<Image, LinkError> {
     Bench::Call.image(Bench::Call.default_iterations())

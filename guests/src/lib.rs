@@ -62,7 +62,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 12] = [
+static GUESTS: [Guest; 15] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -127,6 +127,21 @@ static GUESTS: [Guest; 12] = [
         name: "bench-call",
         description: "benchmark: 1000 x three nested calls with arithmetic between bench marks; exits 0",
         build: bench::build_call,
+    },
+    Guest {
+        name: "bench-ptemod",
+        description: "benchmark: 1000 x rewrite a live PTE, INVLPG, load through it, between bench marks; exits 0",
+        build: bench::build_ptemod,
+    },
+    Guest {
+        name: "bench-pgfault",
+        description: "benchmark: 1000 x #PF on a not-present page, handler skips the load, between bench marks; exits 0",
+        build: bench::build_pgfault,
+    },
+    Guest {
+        name: "bench-syscall",
+        description: "benchmark: 1000 x SYSCALL from ring 3 / SYSRETQ between bench marks; exits 0",
+        build: bench::build_syscall,
     },
 ];
 
