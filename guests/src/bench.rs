@@ -317,7 +317,7 @@ fn enter_ring3_with_syscall(s: &mut crate::link::SectionAsm<'_>) -> Result<(), L
     a.wrmsr()?;
     a.mov(ecx, 0xc000_0081u32)?; // STAR
     a.xor(eax, eax)?;
-    a.mov(edx, (SYSRET_BASE << 16 | SYSCALL_CS) as i32)?;
+    a.mov(edx, ((SYSRET_BASE << 16) | SYSCALL_CS) as i32)?;
     a.wrmsr()?;
     a.mov(ecx, 0xc000_0082u32)?; // LSTAR
     a.mov(rax, handler)?;
@@ -330,10 +330,10 @@ fn enter_ring3_with_syscall(s: &mut crate::link::SectionAsm<'_>) -> Result<(), L
     a.wrmsr()?;
     let mut user = a.create_label();
     a.mov(rax, rsp)?;
-    a.push((SYSRET_BASE + 8 | 3) as i32)?; // SS
+    a.push(((SYSRET_BASE + 8) | 3) as i32)?; // SS
     a.push(rax)?; // RSP
     a.push(0x3002)?; // RFLAGS: IOPL 3, reserved bit 1
-    a.push((SYSRET_BASE + 16 | 3) as i32)?; // CS
+    a.push(((SYSRET_BASE + 16) | 3) as i32)?; // CS
     a.lea(rax, ptr(user))?;
     a.push(rax)?;
     a.iretq()?;
