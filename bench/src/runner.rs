@@ -3,15 +3,11 @@
 use crate::marker::{BenchMarker, MARK_STOP_BASE, MarkHandle};
 use crate::perf::PerfSet;
 use crate::results::{Machine, Measurement, PerfValue, Status, Summary};
-use deja_bt::BtCpu;
-use deja_bt::mmu::MmuStrategy;
-use deja_bt::paging::MmuAdapter;
-use deja_engine::{BuildError, EngineKind, RunEnd, RunOptions, Vm, build_vm};
+use deja_engine::{BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, Vm, build_vm_with_mmu};
 use deja_guests::bench::{BENCH_MARKER_PORT, Bench, MARK_END, MARK_INSTRUCTIONS, MARK_START};
 use deja_machine::devices::StopRequest;
-use deja_machine::loader::{self, Image};
-use deja_machine::pc::build_pc;
-use deja_machine::{ClockMode, Cpu, EngineStats, LiveHost, MachineConfig};
+use deja_machine::loader::Image;
+use deja_machine::{ClockMode, EngineStats, LiveHost, MachineConfig};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -280,33 +276,19 @@ enum Outcome {
     Failed(String),
 }
 
-/// The machine for one repeat: [`build_vm`] for kvm; for bt the same steps by hand, so that
-/// the engine gets the MMU strategy before it starts.
+/// The machine for one repeat (`mmu`: bt's strategy; `None` for kvm).
 fn build(engine: EngineKind, mmu: Option<MmuStrategy>, image: &Image) -> Result<Vm, Outcome> {
     let config = MachineConfig {
         ram_size: 16 << 20,
         ..MachineConfig::default()
     };
     let host = Box::new(LiveHost::new(ClockMode::Virtual));
-    let Some(strategy) = mmu else {
-        return match build_vm(engine, config, host, Box::new(std::io::sink()), image) {
-            Ok(vm) => Ok(vm),
-            Err(BuildError::EngineUnavailable { reason, .. }) => Err(Outcome::Unavailable(reason)),
-            Err(e) => Err(Outcome::Failed(e.to_string())),
-        };
-    };
-    let failed = |what: &str, e: &dyn std::fmt::Display| Outcome::Failed(format!("{what}: {e}"));
-    let mut machine = build_pc(config, host, Box::new(std::io::sink()))
-        .map_err(|e| failed("building the machine", &e))?;
-    let state = loader::load(&mut machine, image).map_err(|e| failed("loading", &e))?;
-    let mut cpu = BtCpu::new(&machine).map_err(|e| failed("creating bt", &e))?;
-    let translator = strategy
-        .create()
-        .map_err(|e| failed(&format!("creating the {strategy} MMU"), &e))?;
-    cpu.set_mmu(Box::new(MmuAdapter(translator)));
-    cpu.set_state(&state)
-        .map_err(|e| failed("setting bt's initial state", &e))?;
-    Ok(Vm::new(machine, Box::new(cpu)))
+    match build_vm_with_mmu(engine, config, host, Box::new(std::io::sink()), image, mmu) {
+        Ok(vm) => Ok(vm),
+        Err(BuildError::EngineUnavailable { reason, .. }) => Err(Outcome::Unavailable(reason)),
+        Err(e @ BuildError::MmuStrategy { .. }) => Err(Outcome::Unavailable(e.to_string())),
+        Err(e) => Err(Outcome::Failed(e.to_string())),
+    }
 }
 
 fn measure_once(

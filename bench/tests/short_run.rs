@@ -163,6 +163,12 @@ fn paging_benchmarks_count_their_mmu_events_under_every_strategy() {
     for mmu in ["tlb", "shadow", "nested"] {
         let column = format!("bt/{mmu}");
         let ptemod = find(&ms, "ptemod", &column);
+        if let (Status::Skipped { reason }, "shadow") = (&ptemod.status, mmu) {
+            // The engine refuses shadow until bt reports page-table stores; say so visibly.
+            println!("SKIP: bt/shadow: {reason}");
+            assert!(!reason.is_empty());
+            continue;
+        }
         assert_eq!(ptemod.status, Status::Ok, "{ptemod:#?}");
         assert_eq!(
             ptemod.counters_per_op.get("mmu.invlpg"),
