@@ -186,3 +186,14 @@ fn paging_benchmarks_count_their_mmu_events_under_every_strategy() {
         );
     }
 }
+
+#[test]
+fn self_modifying_code_makes_bt_retranslate_every_operation() {
+    let ms = short_run("smc", vec![Column::Engine(EngineKind::Bt)]);
+    let m = find(&ms, "smc", "bt/tlb");
+    assert_eq!(m.status, Status::Ok, "{m:#?}");
+    let invalidations = m.counters_per_op.get("bt.invalidations").copied();
+    assert!(invalidations >= Some(1.0), "{:?}", m.counters_per_op);
+    let translated = m.counters_per_op.get("bt.blocks_translated").copied();
+    assert!(translated >= Some(1.0), "{:?}", m.counters_per_op);
+}

@@ -71,11 +71,16 @@ pub enum Bench {
     PgFault,
     /// `SYSCALL` from ring 3 to a ring-0 handler that only `SYSRETQ`s.
     Syscall,
+    /// `MOV CR8, RAX` (the task priority register) with 0.
+    Cr8Write,
+    /// Self-modifying code: a store into the immediate of the next instruction, which then
+    /// runs (a binary translator must notice and retranslate).
+    Smc,
 }
 
 impl Bench {
     /// Every benchmark, in a stable order.
-    pub const ALL: [Bench; 11] = [
+    pub const ALL: [Bench; 13] = [
         Bench::In,
         Bench::Out,
         Bench::Cpuid,
@@ -87,6 +92,8 @@ impl Bench {
         Bench::PteMod,
         Bench::PgFault,
         Bench::Syscall,
+        Bench::Cr8Write,
+        Bench::Smc,
     ];
 
     /// The benchmark's short name (the guest is `bench-NAME`).
@@ -103,6 +110,8 @@ impl Bench {
             Bench::PteMod => "ptemod",
             Bench::PgFault => "pgfault",
             Bench::Syscall => "syscall",
+            Bench::Cr8Write => "cr8wr",
+            Bench::Smc => "smc",
         }
     }
 
@@ -125,6 +134,8 @@ impl Bench {
             Bench::PteMod => "rewrite a live 4 KiB PTE, INVLPG, load through it",
             Bench::PgFault => "a load from a not-present page: #PF, handler skips it, IRETQ",
             Bench::Syscall => "SYSCALL from ring 3, SYSRETQ from ring 0",
+            Bench::Cr8Write => "MOV CR8, RAX (TPR write) with 0",
+            Bench::Smc => "store into the next instruction's immediate, then execute it",
         }
     }
 
@@ -191,6 +202,10 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
         let mut f2 = a.create_label();
         let mut f3 = a.create_label();
         let mut top = a.create_label();
+        let mut patched = a.create_label();
+        if bench == Bench::Smc {
+            a.lea(rdi, ptr(patched))?;
+        }
         // Operands every loop may use: RBX a multiplier, RSI the buffer, RDX an offset.
         a.mov(rbx, 0x5851_f42d_4c95_7f2du64)?;
         a.mov(esi, MEMORY_BUFFER)?;
@@ -242,6 +257,15 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
             }
             Bench::Syscall => {
                 a.syscall()?;
+            }
+            Bench::Cr8Write => {
+                a.xor(eax, eax)?;
+                a.mov(cr8, rax)?;
+            }
+            Bench::Smc => {
+                a.inc(byte_ptr(rdi + 1))?; // the imm8 of the MOV below
+                a.set_label(&mut patched)?;
+                a.mov(cl, 0)?; // b1 ib: rewritten every iteration
             }
         }
         a.dec(r15)?;
@@ -370,6 +394,12 @@ pub(crate) fn build_pgfault() -> Result<Image, LinkError> {
 }
 pub(crate) fn build_syscall() -> Result<Image, LinkError> {
     Bench::Syscall.image(Bench::Syscall.default_iterations())
+}
+pub(crate) fn build_cr8wr() -> Result<Image, LinkError> {
+    Bench::Cr8Write.image(Bench::Cr8Write.default_iterations())
+}
+pub(crate) fn build_smc() -> Result<Image, LinkError> {
+    Bench::Smc.image(Bench::Smc.default_iterations())
 }
 pub(crate) fn build_call() -> Result<Image, LinkError> {
     Bench::Call.image(Bench::Call.default_iterations())

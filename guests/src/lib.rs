@@ -62,7 +62,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 15] = [
+static GUESTS: [Guest; 17] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -142,6 +142,16 @@ static GUESTS: [Guest; 15] = [
         name: "bench-syscall",
         description: "benchmark: 1000 x SYSCALL from ring 3 / SYSRETQ between bench marks; exits 0",
         build: bench::build_syscall,
+    },
+    Guest {
+        name: "bench-cr8wr",
+        description: "benchmark: 1000 x MOV CR8, RAX between bench marks; exits 0",
+        build: bench::build_cr8wr,
+    },
+    Guest {
+        name: "bench-smc",
+        description: "benchmark: 1000 x a store into the next instruction, then running it, between bench marks; exits 0",
+        build: bench::build_smc,
     },
 ];
 
