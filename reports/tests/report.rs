@@ -21,7 +21,10 @@ fn measurement(
         repeats: 3,
         ns_per_op: Summary::of(&[ns, ns * 0.9, ns * 1.2]),
         exits_per_op: exits.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        counters_per_op: BTreeMap::from([("mmu.tlb_hit".to_string(), 1.5)]),
+        counters_per_op: BTreeMap::from([
+            ("mmu.tlb_hit".to_string(), 1.5),
+            ("mmu.walks".to_string(), 0.5),
+        ]),
         perf: vec![PerfValue {
             event: "cycles".into(),
             per_op: None,
