@@ -215,3 +215,45 @@ fn a_kvm_recording_replays_on_bt() {
         text(&r.stderr)
     );
 }
+
+#[test]
+fn sigterm_ends_a_recording_with_a_complete_trace_that_replays() {
+    let dir = scratch("sigterm");
+    let trace = dir.join("echo.trace");
+    // echo waits for input forever; stdin stays open and silent.
+    let child = Command::new(env!("CARGO_BIN_EXE_deja"))
+        .args([
+            "record",
+            "--engine",
+            "bt",
+            "guest:echo",
+            "-o",
+            s(&trace),
+            "--mem",
+            "32M",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill with a pid we spawned and a valid signal number.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 130, "stderr: {}", text(&o.stderr));
+    let info = deja(&["trace", "info", s(&trace), "--json"]);
+    assert_eq!(code(&info), 0);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["status"], "Complete", "{v}");
+    assert_eq!(v["outcome"]["exit"]["reason"], "interrupted");
+    let r = deja(&["replay", s(&trace)]);
+    assert_eq!(
+        code(&r),
+        0,
+        "stdout {} stderr {}",
+        text(&r.stdout),
+        text(&r.stderr)
+    );
+}

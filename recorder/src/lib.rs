@@ -267,6 +267,7 @@ struct Observer {
     checkpoint_every: u64,
     digests: u64,
     checkpoints: u64,
+    last_digest_at: Option<deja_machine::Position>,
     error: Option<RecordError>,
 }
 
@@ -325,9 +326,14 @@ impl RunObserver for Observer {
             if s.error.is_some() {
                 return false;
             }
-            self.digest_interval > 0 && s.since_digest >= self.digest_interval
+            // A guest idling in HLT answers many questions at one position; a digest
+            // there would repeat the previous one, so digests wait for progress.
+            self.digest_interval > 0
+                && s.since_digest >= self.digest_interval
+                && self.last_digest_at != Some(machine.position())
         };
         if due {
+            self.last_digest_at = Some(machine.position());
             self.digest_now(machine, cpu, next_poll);
         }
         self.error.is_none() && host::lock(&self.shared).error.is_none()
@@ -469,6 +475,7 @@ impl Recorder {
             checkpoint_every: self.opts.checkpoint_every,
             digests: 0,
             checkpoints: 0,
+            last_digest_at: None,
             error: None,
         };
         let run = self.vm.run_observed(self.opts.run, &mut observer)?;
@@ -509,9 +516,14 @@ impl Recorder {
             events = w.events_written();
             trace_bytes = w.bytes_written();
             if write_error.is_none() {
+                // An exit-synchronous recording stopped from outside (Ctrl-C, timeout) ran on
+                // past its last exit by a number of instructions nobody counted: its final
+                // state is not a reproducible position, so the footer claims no digest.
+                let reproducible =
+                    status.is_some() || self.opts.delivery == Delivery::InstructionExact;
                 match w.finish(FinishInfo {
                     final_position: at,
-                    final_state_digest: Some(final_digest),
+                    final_state_digest: reproducible.then_some(final_digest),
                     serial_output_digest: Some(serial_digest),
                     serial_output_bytes: serial_bytes,
                     exit: ExitInfo { status, reason },

@@ -298,6 +298,10 @@ struct Observer {
     serial: Arc<Mutex<SerialCapture>>,
     until_exit: Option<u64>,
     reached: bool,
+    /// Stop where the recording stopped (it was interrupted or hit a limit): at the End
+    /// event's position.
+    stop_at_end: bool,
+    reached_end: bool,
     digests: u64,
 }
 
@@ -364,6 +368,14 @@ impl RunObserver for Observer {
             && at.exits >= k
         {
             self.reached = true;
+            return false;
+        }
+        if self.stop_at_end
+            && let Some(e) = p.peek().cloned()
+            && matches!(e.kind, EventKind::End { .. })
+            && p.same_position(e.at, at)
+        {
+            self.reached_end = true;
             return false;
         }
         true
@@ -466,20 +478,32 @@ pub fn replay(
         Some(Until::Exit(k)) => (None, Some(k)),
         None => (None, None),
     };
+    // A recording that was interrupted (Ctrl-C, timeout, instruction limit) ends wherever
+    // it was stopped: the replay stops there too, exactly on engines that count.
+    let stop_at_end =
+        opts.until.is_none() && footer.as_ref().is_some_and(|f| f.exit.status.is_none());
+    let end_icount = footer
+        .as_ref()
+        .filter(|_| stop_at_end && counts && !exit_sync)
+        .map(|f| f.final_position.icount);
     let mut observer = Observer {
         player: player.clone(),
         serial: serial.clone(),
         until_exit,
         reached: false,
+        stop_at_end,
+        reached_end: false,
         digests: 0,
     };
     let run = vm.run_observed(
         RunOptions {
             timeout: opts.timeout,
-            max_instructions,
+            max_instructions: max_instructions.or(end_icount),
         },
         &mut observer,
     )?;
+    let stopped_at_recorded_end =
+        observer.reached_end || (end_icount.is_some() && run.end == RunEnd::InstructionLimit);
     let at = state::trace_position(vm.machine.position());
     let cpu_state = vm.cpu.state()?;
     let final_digest = state_digest(&vm.machine, &cpu_state);
@@ -531,7 +555,7 @@ pub fn replay(
             &serial,
             started_from.is_some(),
             &cpu_state,
-            &header,
+            stopped_at_recorded_end,
         )
     };
     let events = p.consumed();
@@ -564,7 +588,7 @@ fn finish_check(
     serial: &Mutex<SerialCapture>,
     seeked: bool,
     state: &CpuState,
-    _header: &Header,
+    stopped_at_recorded_end: bool,
 ) -> Verdict {
     let diverged = |p: &Player, expected: String, actual: String| {
         Verdict::Diverged(Box::new(Divergence {
@@ -576,7 +600,7 @@ fn finish_check(
             state: Some(state.clone()),
         }))
     };
-    if matches!(run.end, RunEnd::Timeout | RunEnd::Interrupted) {
+    if !stopped_at_recorded_end && matches!(run.end, RunEnd::Timeout | RunEnd::Interrupted) {
         return diverged(
             p,
             "the recording to continue".into(),

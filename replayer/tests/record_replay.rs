@@ -401,3 +401,79 @@ fn a_full_disk_keeps_every_whole_frame_and_says_so() {
         "{replayed}"
     );
 }
+
+#[test]
+fn a_recording_stopped_by_an_instruction_limit_replays_to_exactly_there() {
+    let image = guest(30);
+    let path = tmp("limit.trace");
+    let rec = record_with(Engine::Bt, &image, &path, b"", |o| {
+        o.run.max_instructions = Some(50_000);
+    });
+    assert_eq!(rec.outcome.run.end, RunEnd::InstructionLimit);
+    assert_eq!(rec.outcome.run.icount, 50_000);
+    assert!(rec.outcome.footer.is_some());
+    let r = replay_on(Engine::Bt, &path, &image, None, false);
+    assert_verified(&r);
+    assert_eq!(r.icount, 50_000);
+    assert_eq!(r.final_digest, rec.outcome.final_digest);
+}
+
+fn check_kicked_recording(engine: Engine) {
+    let image = guest(5_000);
+    let path = tmp(&format!("kicked-{engine:?}.trace"));
+    let live = Box::new(LiveHost::new(ClockMode::Host));
+    let mut opts = RecordOptions::new(kind(engine), ClockMode::Host);
+    opts.digest_interval = 16;
+    let cfg = config();
+    let rec = Recorder::new(
+        &image,
+        &cfg,
+        live,
+        Box::new(std::fs::File::create(&path).unwrap()),
+        "kicked.trace",
+        Box::new(std::io::sink()),
+        Arc::new(Mutex::new(SerialCapture::default())),
+        opts,
+        |host, out| build(engine, &cfg, &image, host, out),
+    )
+    .unwrap();
+    let kicker = rec.kicker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        kicker.kick();
+    });
+    let outcome = rec.run().unwrap();
+    t.join().unwrap();
+    assert_eq!(outcome.run.end, RunEnd::Interrupted);
+    let footer = outcome
+        .footer
+        .expect("an interrupted recording is finished");
+    assert_eq!(footer.exit.reason, "interrupted");
+    let mut engines = vec![engine];
+    if engine == Engine::Kvm {
+        engines.push(Engine::Bt);
+    }
+    for e in engines {
+        let r = replay_on(e, &path, &image, None, false);
+        assert_verified(&r);
+        if engine == Engine::Bt {
+            assert_eq!(r.final_digest, outcome.final_digest, "{engine:?} -> {e:?}");
+        } else {
+            // kvm ran on past the last exit until the kick: no reproducible final state.
+            assert_eq!(footer.final_state_digest, None);
+        }
+    }
+}
+
+#[test]
+fn a_kicked_bt_recording_is_complete_and_replays_to_where_it_stopped() {
+    check_kicked_recording(Engine::Bt);
+}
+
+#[test]
+fn a_kicked_kvm_recording_is_complete_and_replays_to_where_it_stopped() {
+    if !kvm_available("a_kicked_kvm_recording_is_complete_and_replays_to_where_it_stopped") {
+        return;
+    }
+    check_kicked_recording(Engine::Kvm);
+}

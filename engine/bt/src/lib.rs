@@ -446,6 +446,11 @@ impl Cpu for BtCpu {
         self.cache.flush_lookup();
         let stop_at = limit.stop_at_icount.unwrap_or(u64::MAX);
         let mut irq_line = machine.interrupt_pending();
+        if self.kicker.pending() {
+            // A kick must stop a halted guest too (Ctrl-C while the guest idles).
+            self.kicker.take();
+            return Ok(Exit::Kicked);
+        }
         if self.core.pending.halted {
             if irq_line && self.core.rflags & core::fl::IF != 0 {
                 self.core.pending.halted = false;
