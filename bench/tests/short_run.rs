@@ -197,3 +197,29 @@ fn self_modifying_code_makes_bt_retranslate_every_operation() {
     let translated = m.counters_per_op.get("bt.blocks_translated").copied();
     assert!(translated >= Some(1.0), "{:?}", m.counters_per_op);
 }
+
+#[test]
+fn hlt_wake_halts_once_and_touches_the_lapic_twice_per_operation() {
+    let ms = short_run(
+        "hlt-wake",
+        vec![
+            Column::Engine(EngineKind::Bt),
+            Column::Engine(EngineKind::Kvm),
+        ],
+    );
+    let bt = find(&ms, "hlt-wake", "bt/tlb");
+    assert_eq!(bt.status, Status::Ok, "{bt:#?}");
+    let kvm = find(&ms, "hlt-wake", "kvm");
+    if let Status::Skipped { reason } = &kvm.status {
+        println!("SKIP: kvm unavailable (/dev/kvm): {reason}");
+        return;
+    }
+    assert_eq!(kvm.status, Status::Ok, "{kvm:#?}");
+    // ICR and EOI writes; one HLT.
+    assert_eq!(
+        kvm.exits_per_op.get("exit.mmio_write"),
+        Some(&2.0),
+        "{kvm:?}"
+    );
+    assert!(kvm.exits_per_op.get("exit.hlt") >= Some(&1.0), "{kvm:?}");
+}

@@ -43,6 +43,12 @@ const PTE_VIRT: i32 = 0x20_0000;
 /// base (user SS = +8, user 64-bit CS = +16).
 const SYSCALL_CS: u32 = 0x18;
 const SYSRET_BASE: u32 = 0x28;
+/// The local APIC's MMIO base (mapped by `bench-hlt-wake` with a 2 MiB uncached page).
+const LAPIC_BASE: u64 = 0xfee0_0000;
+/// The vector of `bench-hlt-wake`'s self-IPI (inside the IDT the runtime builds).
+const IPI_VECTOR: u8 = 0x2f;
+/// A page directory for 3 GiB..4 GiB, where the local APIC lives.
+const HIGH_PD: i32 = 0x12_1000;
 /// The size of `bench-memory`'s buffer: 64 KiB, larger than an L1 data cache.
 pub const MEMORY_BUFFER_BYTES: u32 = 0x1_0000;
 
@@ -76,11 +82,14 @@ pub enum Bench {
     /// Self-modifying code: a store into the immediate of the next instruction, which then
     /// runs (a binary translator must notice and retranslate).
     Smc,
+    /// A self-IPI through the local APIC's ICR with interrupts off, then `STI; HLT`: the halt
+    /// is woken at once by the IPI, whose handler writes EOI and `IRETQ`s.
+    HltWake,
 }
 
 impl Bench {
     /// Every benchmark, in a stable order.
-    pub const ALL: [Bench; 13] = [
+    pub const ALL: [Bench; 14] = [
         Bench::In,
         Bench::Out,
         Bench::Cpuid,
@@ -94,6 +103,7 @@ impl Bench {
         Bench::Syscall,
         Bench::Cr8Write,
         Bench::Smc,
+        Bench::HltWake,
     ];
 
     /// The benchmark's short name (the guest is `bench-NAME`).
@@ -112,6 +122,7 @@ impl Bench {
             Bench::Syscall => "syscall",
             Bench::Cr8Write => "cr8wr",
             Bench::Smc => "smc",
+            Bench::HltWake => "hlt-wake",
         }
     }
 
@@ -136,6 +147,7 @@ impl Bench {
             Bench::Syscall => "SYSCALL from ring 3, SYSRETQ from ring 0",
             Bench::Cr8Write => "MOV CR8, RAX (TPR write) with 0",
             Bench::Smc => "store into the next instruction's immediate, then execute it",
+            Bench::HltWake => "self-IPI, STI; HLT woken by it, EOI, IRETQ",
         }
     }
 
@@ -169,11 +181,29 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
     let handlers: &[(u8, &'static str)] = match bench {
         Bench::DivZero => &[(0, "bench_skip")],
         Bench::PgFault => &[(14, "bench_skip")],
+        Bench::HltWake => &[(IPI_VECTOR, "bench_ipi")],
         _ => &[],
     };
     long_mode_image(&name, BootMessages::default(), handlers, &|s, rt| {
-        if matches!(bench, Bench::DivZero | Bench::PgFault) {
+        if matches!(bench, Bench::DivZero | Bench::PgFault | Bench::HltWake) {
             rt.load_idt(s)?;
+        }
+        if bench == Bench::HltWake {
+            // PDPT[3] -> HIGH_PD, whose entry 503 maps the local APIC's 2 MiB (PCD, PWT).
+            let a = &mut s.a;
+            a.mov(edi, HIGH_PD)?;
+            a.xor(eax, eax)?;
+            a.mov(ecx, 512)?;
+            a.rep().stosq()?;
+            a.mov(edi, HIGH_PD + 503 * 8)?;
+            a.mov(eax, 0xfee0_009bu32 as i32)?; // P, RW, PWT, PCD, PS
+            a.mov(qword_ptr(rdi), rax)?;
+            a.mov(edi, PML4 + 0x1000 + 3 * 8)?;
+            a.mov(qword_ptr(rdi), HIGH_PD | 3)?;
+            a.mov(rax, cr3)?;
+            a.mov(cr3, rax)?;
+            a.mov(r8, LAPIC_BASE)?;
+            a.mov(dword_ptr(r8 + 0xf0), 0x1ff)?; // SVR: software enabled
         }
         if matches!(bench, Bench::PteMod | Bench::PgFault) {
             // PD[1] -> a zeroed page table whose PT[0] maps PTE_VIRT to PTE_FRAME.
@@ -262,6 +292,13 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
                 a.xor(eax, eax)?;
                 a.mov(cr8, rax)?;
             }
+            Bench::HltWake => {
+                a.cli()?;
+                // ICR: fixed delivery to self (shorthand 01), vector IPI_VECTOR.
+                a.mov(dword_ptr(r8 + 0x300), (1 << 18) | i32::from(IPI_VECTOR))?;
+                a.sti()?;
+                a.hlt()?;
+            }
             Bench::Smc => {
                 a.inc(byte_ptr(rdi + 1))?; // the imm8 of the MOV below
                 a.set_label(&mut patched)?;
@@ -295,6 +332,11 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
                 s.a.add(rsp, 8)?; // the error code
             }
             s.a.add(qword_ptr(rsp), 3)?;
+            s.a.iretq()?;
+        }
+        if bench == Bench::HltWake {
+            s.export_here("bench_ipi")?;
+            s.a.mov(dword_ptr(r8 + 0xb0), 0)?; // EOI
             s.a.iretq()?;
         }
         if bench == Bench::Syscall {
@@ -400,6 +442,9 @@ pub(crate) fn build_cr8wr() -> Result<Image, LinkError> {
 }
 pub(crate) fn build_smc() -> Result<Image, LinkError> {
     Bench::Smc.image(Bench::Smc.default_iterations())
+}
+pub(crate) fn build_hlt_wake() -> Result<Image, LinkError> {
+    Bench::HltWake.image(Bench::HltWake.default_iterations())
 }
 pub(crate) fn build_call() -> Result<Image, LinkError> {
     Bench::Call.image(Bench::Call.default_iterations())

@@ -62,7 +62,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 17] = [
+static GUESTS: [Guest; 18] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -152,6 +152,11 @@ static GUESTS: [Guest; 17] = [
         name: "bench-smc",
         description: "benchmark: 1000 x a store into the next instruction, then running it, between bench marks; exits 0",
         build: bench::build_smc,
+    },
+    Guest {
+        name: "bench-hlt-wake",
+        description: "benchmark: 1000 x LAPIC self-IPI, STI; HLT woken by it, EOI, between bench marks; exits 0",
+        build: bench::build_hlt_wake,
     },
 ];
 
