@@ -1,37 +1,9 @@
 //! The `deja` program as a user runs it: exit codes, output, error messages.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn deja(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deja"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running deja")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("deja exited by signal")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn kvm_available(test: &str) -> bool {
-    let ok = Path::new("/dev/kvm").exists();
-    if !ok {
-        eprintln!("SKIP: {test}: /dev/kvm not available on this machine");
-    }
-    ok
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("deja-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{code, deja, kvm_available, scratch, text};
+use std::path::Path;
 
 #[test]
 fn guests_list_names_the_corpus() {

@@ -1,18 +1,8 @@
 //! `deja run --mmu`: bt's MMU strategy chosen on the command line (issue #7).
 
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn deja(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deja"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running deja")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{deja, text};
 
 /// The value of counter `name` in `--stats` output.
 fn counter(stderr: &str, name: &str) -> Option<u64> {

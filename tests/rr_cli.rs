@@ -1,33 +1,9 @@
 //! `deja record`, `deja replay` and `deja trace` as a user runs them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn deja(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deja"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running deja")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("deja exited by signal")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("deja-rr-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{code, deja, kvm_available, s, scratch, text};
+use std::process::{Command, Stdio};
 
 #[test]
 fn record_then_replay_hello_on_bt_and_inspect_the_trace() {
@@ -184,8 +160,7 @@ fn chaos_until_failure_keeps_a_racy_kernel_panic_that_replays_exactly() {
 
 #[test]
 fn a_kvm_recording_replays_on_bt() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIP: a_kvm_recording_replays_on_bt: /dev/kvm not available on this machine");
+    if !kvm_available("a_kvm_recording_replays_on_bt") {
         return;
     }
     let dir = scratch("kvm");

@@ -1,0 +1,45 @@
+//! Running the `deja` binary from integration tests.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Runs `deja` with `args`, stdin closed, and captures its output.
+pub fn deja(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deja"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running deja")
+}
+
+/// The exit status (a test failure if deja died of a signal).
+pub fn code(o: &Output) -> i32 {
+    o.status.code().expect("deja exited by signal")
+}
+
+/// Output bytes as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A fresh per-process scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("deja-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A path as `&str` for an argument list.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Whether /dev/kvm exists; prints a visible SKIP line naming `test` when it does not.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = Path::new("/dev/kvm").exists();
+    if !ok {
+        eprintln!("SKIP: {test}: /dev/kvm not available on this machine");
+    }
+    ok
+}
