@@ -450,10 +450,20 @@ fn convert(ctx: &mut Ctx, op: &UOp) -> OpResult {
     Ok(Ctl::Next)
 }
 
+/// Element width in bits of a packed-integer instruction (the b/w/d/q its name ends in).
+fn lane_bits(m: Mnemonic) -> u64 {
+    use Mnemonic::*;
+    match m {
+        Paddb | Psubb | Pcmpeqb | Punpcklbw | Punpckhbw => 8,
+        Paddw | Psubw | Pcmpeqw | Punpcklwd | Punpckhwd | Psllw | Psrlw => 16,
+        Paddd | Psubd | Pcmpeqd | Punpckldq | Punpckhdq | Pslld | Psrld => 32,
+        _ => 64,
+    }
+}
+
 /// Picks the handler for SSE instructions; anything else stays unimplemented.
 pub fn build(insn: &Instruction, op: &mut UOp) {
     let m = insn.mnemonic();
-    let w = |n| n as u64;
     match m {
         Mnemonic::Movaps | Mnemonic::Movapd | Mnemonic::Movdqa => {
             op.aux = 1;
@@ -493,51 +503,27 @@ pub fn build(insn: &Instruction, op: &mut UOp) {
         }
         Mnemonic::Paddb | Mnemonic::Paddw | Mnemonic::Paddd | Mnemonic::Paddq => {
             op.aux = 4;
-            op.target = match m {
-                Mnemonic::Paddb => w(8),
-                Mnemonic::Paddw => w(16),
-                Mnemonic::Paddd => w(32),
-                _ => w(64),
-            };
+            op.target = lane_bits(m);
             op.exec = packed;
         }
         Mnemonic::Psubb | Mnemonic::Psubw | Mnemonic::Psubd | Mnemonic::Psubq => {
             op.aux = 5;
-            op.target = match m {
-                Mnemonic::Psubb => w(8),
-                Mnemonic::Psubw => w(16),
-                Mnemonic::Psubd => w(32),
-                _ => w(64),
-            };
+            op.target = lane_bits(m);
             op.exec = packed;
         }
         Mnemonic::Pcmpeqb | Mnemonic::Pcmpeqw | Mnemonic::Pcmpeqd => {
             op.aux = 6;
-            op.target = match m {
-                Mnemonic::Pcmpeqb => w(8),
-                Mnemonic::Pcmpeqw => w(16),
-                _ => w(32),
-            };
+            op.target = lane_bits(m);
             op.exec = packed;
         }
         Mnemonic::Punpcklbw | Mnemonic::Punpcklwd | Mnemonic::Punpckldq | Mnemonic::Punpcklqdq => {
             op.aux = 7;
-            op.target = match m {
-                Mnemonic::Punpcklbw => w(8),
-                Mnemonic::Punpcklwd => w(16),
-                Mnemonic::Punpckldq => w(32),
-                _ => w(64),
-            };
+            op.target = lane_bits(m);
             op.exec = packed;
         }
         Mnemonic::Punpckhbw | Mnemonic::Punpckhwd | Mnemonic::Punpckhdq | Mnemonic::Punpckhqdq => {
             op.aux = 8;
-            op.target = match m {
-                Mnemonic::Punpckhbw => w(8),
-                Mnemonic::Punpckhwd => w(16),
-                Mnemonic::Punpckhdq => w(32),
-                _ => w(64),
-            };
+            op.target = lane_bits(m);
             op.exec = packed;
         }
         Mnemonic::Pminub => {
@@ -554,20 +540,12 @@ pub fn build(insn: &Instruction, op: &mut UOp) {
         Mnemonic::Pshufd => op.exec = pshufd,
         Mnemonic::Psllw | Mnemonic::Pslld | Mnemonic::Psllq => {
             op.aux = 0;
-            op.target = match m {
-                Mnemonic::Psllw => 16,
-                Mnemonic::Pslld => 32,
-                _ => 64,
-            };
+            op.target = lane_bits(m);
             op.exec = pshift;
         }
         Mnemonic::Psrlw | Mnemonic::Psrld | Mnemonic::Psrlq => {
             op.aux = 1;
-            op.target = match m {
-                Mnemonic::Psrlw => 16,
-                Mnemonic::Psrld => 32,
-                _ => 64,
-            };
+            op.target = lane_bits(m);
             op.exec = pshift;
         }
         Mnemonic::Psraw | Mnemonic::Psrad => {

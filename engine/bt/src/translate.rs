@@ -341,18 +341,7 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
                 op.exec = ops::jmp;
             }
             OpKind::FarBranch16 | OpKind::FarBranch32 => {
-                op.size = if insn.op_kind(0) == OpKind::FarBranch16 {
-                    2
-                } else {
-                    4
-                };
-                op.target = if op.size == 2 {
-                    insn.far_branch16() as u64
-                } else {
-                    insn.far_branch32() as u64
-                };
-                op.src2 = Operand::Imm(insn.far_branch_selector() as u64);
-                op.src = Operand::None;
+                set_far_branch_target(insn, &mut op);
                 op.exec = system::far_transfer;
             }
             _ => {
@@ -372,18 +361,7 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
                 op.exec = ops::call;
             }
             OpKind::FarBranch16 | OpKind::FarBranch32 => {
-                op.size = if insn.op_kind(0) == OpKind::FarBranch16 {
-                    2
-                } else {
-                    4
-                };
-                op.target = if op.size == 2 {
-                    insn.far_branch16() as u64
-                } else {
-                    insn.far_branch32() as u64
-                };
-                op.src2 = Operand::Imm(insn.far_branch_selector() as u64);
-                op.src = Operand::None;
+                set_far_branch_target(insn, &mut op);
                 op.aux = 1;
                 op.exec = system::far_transfer;
             }
@@ -857,4 +835,17 @@ pub fn eliminate_dead_flags(ops: &mut [UOp], insns: &[Instruction]) {
             live = (live & !written) | read;
         }
     }
+}
+
+/// Direct far JMP/CALL: operand size, offset and selector from the instruction.
+fn set_far_branch_target(insn: &Instruction, op: &mut UOp) {
+    if insn.op_kind(0) == OpKind::FarBranch16 {
+        op.size = 2;
+        op.target = u64::from(insn.far_branch16());
+    } else {
+        op.size = 4;
+        op.target = u64::from(insn.far_branch32());
+    }
+    op.src2 = Operand::Imm(u64::from(insn.far_branch_selector()));
+    op.src = Operand::None;
 }

@@ -25,6 +25,7 @@
 //! SMAP, PKE, PCID and 5-level paging are not claimed by deja's CPUID and not modelled.
 
 mod nested;
+mod pdpte;
 mod shadow;
 mod tlb;
 mod walk;

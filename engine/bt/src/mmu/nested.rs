@@ -187,7 +187,7 @@ impl NestedMmu {
             self.ept = Some((fingerprint, Ept::identity(mem)));
         }
         let cfg = PagingConfig::from_regs(regs);
-        let pdptes = (cfg.mode == PagingMode::Pae).then(|| self.tlb.pae_pdptes(mem, cfg.cr3));
+        let pdptes = (cfg.mode == PagingMode::Pae).then(|| self.tlb.pdptes_for_walk(mem, cfg.cr3));
         let Some((_, ept)) = self.ept.as_ref() else {
             unreachable!("built above")
         };

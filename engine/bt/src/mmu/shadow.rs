@@ -49,13 +49,13 @@
 //! other). Until that refactor the engine can keep its code-page set and call
 //! `is_write_tracked` next to it.
 
+use super::pdpte::PdpteRegisters;
 use super::tlb::{NEED, T_DIRTY, T_EXECUTABLE, T_GLOBAL, T_SHIFT_POS, T_SUPERVISOR, T_USER};
 use super::tlb::{T_WRITABLE, need_index};
 use super::walk::walk as guest_walk;
-use super::walk::{PagingConfig, PagingMode, PhysView, Translation, Walk, set_accessed_dirty};
+use super::walk::{PagingConfig, PagingMode, Translation, Walk, set_accessed_dirty};
 use super::{
     Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, PageFault, PagingRegs, counters,
-    read_pae_pdptes,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use vm_memory::GuestMemoryMmap;
@@ -117,14 +117,6 @@ struct Tracked {
     unsync: bool,
 }
 
-/// PAE PDPTE registers (as the soft TLB keeps them).
-#[derive(Clone, Copy)]
-struct PdpteRegisters {
-    cr3: u64,
-    values: [u64; 4],
-    explicit: bool,
-}
-
 /// The `shadow` MMU strategy. See the module documentation.
 #[derive(Default)]
 pub struct ShadowMmu {
@@ -135,7 +127,7 @@ pub struct ShadowMmu {
     current: Option<((u64, u8), u32)>,
     tracked: BTreeMap<u64, Tracked>,
     unsync_pages: BTreeSet<u64>,
-    pdptes: Option<PdpteRegisters>,
+    pdptes: PdpteRegisters,
     clock: u64,
     hits: u64,
     misses: u64,
@@ -150,7 +142,6 @@ pub struct ShadowMmu {
     unsync: u64,
     flushes: u64,
     invlpgs: u64,
-    pdpte_loads: u64,
 }
 
 impl ShadowMmu {
@@ -167,27 +158,6 @@ impl ShadowMmu {
     /// The number of shadow entries held (for tests and diagnostics).
     pub fn shadow_entries(&self) -> usize {
         self.shadows.values().map(|s| s.entries.len()).sum()
-    }
-
-    fn pae_pdptes(&mut self, mem: &GuestMemoryMmap, cr3: u64) -> [u64; 4] {
-        if let Some(p) = &self.pdptes
-            && p.cr3 == cr3
-        {
-            return p.values;
-        }
-        let base = cr3 & 0xffff_ffe0;
-        let mut values = [0u64; 4];
-        for (i, v) in values.iter_mut().enumerate() {
-            let Ok(value) = PhysView::read_u64(mem, base + 8 * i as u64);
-            *v = value;
-        }
-        self.pdpte_loads += 1;
-        self.pdptes = Some(PdpteRegisters {
-            cr3,
-            values,
-            explicit: false,
-        });
-        values
     }
 
     /// The shadow for `key`, created (and something recycled) if needed.
@@ -364,7 +334,7 @@ impl ShadowMmu {
         };
         let global = self.shadow_for((GLOBAL_ROOT, role), cfg);
         if cfg.mode == PagingMode::Pae {
-            let pdptes = self.pae_pdptes(mem, cfg.cr3);
+            let pdptes = self.pdptes.for_walk(mem, cfg.cr3);
             for sid in [id, global] {
                 let stale = self.shadows[&sid].pdptes.is_some_and(|p| p != pdptes);
                 if stale {
@@ -523,9 +493,7 @@ impl Mmu for ShadowMmu {
                 self.drop_shadow(id);
             }
         }
-        if self.pdptes.is_some_and(|p| !p.explicit) {
-            self.pdptes = None;
-        }
+        self.pdptes.flush();
     }
 
     fn stats(&self) -> EngineStats {
@@ -544,7 +512,7 @@ impl Mmu for ShadowMmu {
         s.add(counters::MMU_UNSYNC, self.unsync);
         s.add(counters::TLB_FLUSH, self.flushes);
         s.add(counters::INVLPG, self.invlpgs);
-        s.add(counters::PDPTE_LOAD, self.pdpte_loads);
+        s.add(counters::PDPTE_LOAD, self.pdptes.loads);
         s
     }
 
@@ -553,14 +521,7 @@ impl Mmu for ShadowMmu {
         mem: &GuestMemoryMmap,
         regs: &PagingRegs,
     ) -> Result<[u64; 4], MmuError> {
-        let values = read_pae_pdptes(mem, regs.cr3)?;
-        self.pdpte_loads += 1;
-        self.pdptes = Some(PdpteRegisters {
-            cr3: regs.cr3,
-            values,
-            explicit: true,
-        });
-        Ok(values)
+        self.pdptes.load(mem, regs.cr3)
     }
 
     fn is_write_tracked(&self, phys: u64) -> bool {

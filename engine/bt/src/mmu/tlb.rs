@@ -9,11 +9,9 @@
 //! a page whose dirty bit is not known set) walks again, as hardware re-walks before it
 //! faults or sets a dirty bit.
 
+use super::pdpte::PdpteRegisters;
 use super::walk::{PageSize, PagingConfig, PagingMode, Translation, set_accessed_dirty, walk};
-use super::{
-    Access, AccessKind, CR0_PG, EngineStats, MmuError, PageFault, PagingRegs, counters,
-    read_pae_pdptes,
-};
+use super::{Access, AccessKind, CR0_PG, EngineStats, MmuError, PageFault, PagingRegs, counters};
 use super::{CR0_WP, CR4_PAE, CR4_SMEP, EFER_NXE, Mmu};
 use vm_memory::GuestMemoryMmap;
 
@@ -111,31 +109,19 @@ impl Entry {
     }
 }
 
-/// PAE PDPTE registers as the soft TLB holds them.
-#[derive(Clone, Copy, Debug)]
-struct PdpteRegisters {
-    /// The CR3 they were loaded through.
-    cr3: u64,
-    values: [u64; 4],
-    /// Loaded by [`Mmu::load_pdptes`] (kept across flushes) rather than lazily by a walk
-    /// (dropped by every flush, so the next CR3's PDPT is read).
-    explicit: bool,
-}
-
 /// The `tlb` MMU strategy. See the module documentation.
 pub struct SoftTlb {
     entries: Box<[Entry; TLB_ENTRIES]>,
     /// Whether an entry for a large page may be present (INVLPG then scans for entries of
     /// that page other than the one for the address itself).
     large_cached: bool,
-    pdptes: Option<PdpteRegisters>,
+    pdptes: PdpteRegisters,
     hits: u64,
     misses: u64,
     walks: u64,
     invlpgs: u64,
     flushes: u64,
     guest_faults: u64,
-    pdpte_loads: u64,
 }
 
 impl Default for SoftTlb {
@@ -150,14 +136,13 @@ impl SoftTlb {
         Self {
             entries: Box::new([Entry::EMPTY; TLB_ENTRIES]),
             large_cached: false,
-            pdptes: None,
+            pdptes: PdpteRegisters::default(),
             hits: 0,
             misses: 0,
             walks: 0,
             invlpgs: 0,
             flushes: 0,
             guest_faults: 0,
-            pdpte_loads: 0,
         }
     }
 
@@ -166,27 +151,9 @@ impl SoftTlb {
         self.entries.iter().filter(|e| e.tag != INVALID).count()
     }
 
-    /// The PAE PDPTE registers to walk with: the loaded ones for this CR3, else read from
-    /// the PDPT now and kept until the next flush.
-    pub(super) fn pae_pdptes(&mut self, mem: &GuestMemoryMmap, cr3: u64) -> [u64; 4] {
-        if let Some(p) = &self.pdptes
-            && p.cr3 == cr3
-        {
-            return p.values;
-        }
-        let base = cr3 & 0xffff_ffe0;
-        let mut values = [0u64; 4];
-        for (i, v) in values.iter_mut().enumerate() {
-            let Ok(value) = super::PhysView::read_u64(mem, base + 8 * i as u64);
-            *v = value;
-        }
-        self.pdpte_loads += 1;
-        self.pdptes = Some(PdpteRegisters {
-            cr3,
-            values,
-            explicit: false,
-        });
-        values
+    /// The PAE PDPTE registers to walk with (for strategies that put this TLB in front).
+    pub(super) fn pdptes_for_walk(&mut self, mem: &GuestMemoryMmap, cr3: u64) -> [u64; 4] {
+        self.pdptes.for_walk(mem, cr3)
     }
 
     /// The hit path alone, for strategies that put this TLB in front of their own walk:
@@ -216,7 +183,7 @@ impl SoftTlb {
     ) -> Result<u64, PageFault> {
         self.misses += 1;
         let cfg = PagingConfig::from_regs(regs);
-        let pdptes = (cfg.mode == PagingMode::Pae).then(|| self.pae_pdptes(mem, cfg.cr3));
+        let pdptes = (cfg.mode == PagingMode::Pae).then(|| self.pdptes.for_walk(mem, cfg.cr3));
         self.walks += 1;
         let Ok(w) = walk(mem, &cfg, pdptes.as_ref(), linear, access);
         match w.result {
@@ -332,9 +299,7 @@ impl Mmu for SoftTlb {
             }
         }
         self.large_cached = large;
-        if self.pdptes.is_some_and(|p| !p.explicit) {
-            self.pdptes = None;
-        }
+        self.pdptes.flush();
     }
 
     fn stats(&self) -> EngineStats {
@@ -345,7 +310,7 @@ impl Mmu for SoftTlb {
         s.add(counters::INVLPG, self.invlpgs);
         s.add(counters::TLB_FLUSH, self.flushes);
         s.add(counters::PF_GUEST, self.guest_faults);
-        s.add(counters::PDPTE_LOAD, self.pdpte_loads);
+        s.add(counters::PDPTE_LOAD, self.pdptes.loads);
         s
     }
 
@@ -354,13 +319,6 @@ impl Mmu for SoftTlb {
         mem: &GuestMemoryMmap,
         regs: &PagingRegs,
     ) -> Result<[u64; 4], MmuError> {
-        let values = read_pae_pdptes(mem, regs.cr3)?;
-        self.pdpte_loads += 1;
-        self.pdptes = Some(PdpteRegisters {
-            cr3: regs.cr3,
-            values,
-            explicit: true,
-        });
-        Ok(values)
+        self.pdptes.load(mem, regs.cr3)
     }
 }
