@@ -10,6 +10,7 @@
 pub mod marker;
 pub mod native;
 pub mod perf;
+pub mod qemu;
 pub mod results;
 pub mod runner;
 

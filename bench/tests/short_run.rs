@@ -94,10 +94,13 @@ fn compute_loops_make_no_device_access_and_have_a_native_column() {
 
 #[test]
 fn results_round_trip_through_json() {
-    let mut ms = short_run(
+    let mut ms = short_run("cpuid", vec![Column::Engine(EngineKind::Bt)]);
+    ms.push(Measurement::skipped(
         "cpuid",
-        vec![Column::Engine(EngineKind::Bt), Column::QemuTcg],
-    );
+        "qemu-tcg",
+        "host",
+        "qemu-system-x86_64 is not on PATH",
+    ));
     // JSON keeps these exactly (dyadic fractions), so equality is exact.
     for m in &mut ms {
         if let Some(s) = &mut m.ns_per_op {
@@ -199,7 +202,7 @@ fn self_modifying_code_makes_bt_retranslate_every_operation() {
 }
 
 #[test]
-fn hlt_wake_halts_once_and_touches_the_lapic_twice_per_operation() {
+fn hlt_wake_halts_once_woken_by_one_timer_interrupt_per_operation() {
     let ms = short_run(
         "hlt-wake",
         vec![
@@ -209,17 +212,67 @@ fn hlt_wake_halts_once_and_touches_the_lapic_twice_per_operation() {
     );
     let bt = find(&ms, "hlt-wake", "bt/tlb");
     assert_eq!(bt.status, Status::Ok, "{bt:#?}");
+    // One halt, one interrupt acknowledged at the LAPIC (the 8259As are masked, and the
+    // guest sends no IPI: only its one-shot timer can wake it), two LAPIC writes (the
+    // timer's initial count and EOI).
+    for (counter, want) in [
+        ("io.hlt", 1.0),
+        ("lapic.acknowledged", 1.0),
+        ("io.pc-irqchip.mmio_write", 2.0),
+    ] {
+        assert_eq!(
+            bt.counters_per_op.get(counter),
+            Some(&want),
+            "{counter}: {:?}",
+            bt.counters_per_op
+        );
+    }
     let kvm = find(&ms, "hlt-wake", "kvm");
     if let Status::Skipped { reason } = &kvm.status {
-        println!("SKIP: kvm unavailable (/dev/kvm): {reason}");
+        println!(
+            "SKIP: hlt_wake_halts_once_woken_by_one_timer_interrupt_per_operation: /dev/kvm not available: {reason}"
+        );
         return;
     }
     assert_eq!(kvm.status, Status::Ok, "{kvm:#?}");
-    // ICR and EOI writes; one HLT.
     assert_eq!(
         kvm.exits_per_op.get("exit.mmio_write"),
         Some(&2.0),
         "{kvm:?}"
     );
     assert!(kvm.exits_per_op.get("exit.hlt") >= Some(&1.0), "{kvm:?}");
+    assert_eq!(
+        kvm.counters_per_op.get("lapic.acknowledged"),
+        Some(&1.0),
+        "{kvm:?}"
+    );
+}
+
+#[test]
+fn qemu_tcg_times_the_marked_loop_when_installed() {
+    let config = BenchConfig {
+        columns: vec![Column::QemuTcg],
+        mmus: vec!["tlb".into()],
+        filter: Some("cpuid".into()),
+        repeat: 1,
+        iterations: Some(2000),
+    };
+    let jobs = runner::plan(&config).unwrap();
+    assert_eq!(jobs.len(), 1);
+    let m = runner::run_job(&jobs[0], &config);
+    if !deja_bench::qemu::on_path(deja_bench::qemu::QEMU) {
+        println!(
+            "SKIP: qemu_tcg_times_the_marked_loop_when_installed: qemu-system-x86_64 not on PATH"
+        );
+        assert_eq!(
+            m.status,
+            Status::Skipped {
+                reason: "qemu-system-x86_64 is not on PATH".into()
+            }
+        );
+        return;
+    }
+    assert_eq!(m.status, Status::Ok, "{m:#?}");
+    assert_eq!((m.engine.as_str(), m.iterations), ("qemu-tcg", 2000));
+    assert!(m.ns_per_op.unwrap().min > 0.0, "{m:?}");
 }

@@ -155,7 +155,7 @@ static GUESTS: [Guest; 18] = [
     },
     Guest {
         name: "bench-hlt-wake",
-        description: "benchmark: 1000 x LAPIC self-IPI, STI; HLT woken by it, EOI, between bench marks; exits 0",
+        description: "benchmark: 1000 x LAPIC one-shot timer (2 µs), STI; HLT woken by it, EOI, between bench marks; exits 0",
         build: bench::build_hlt_wake,
     },
 ];
