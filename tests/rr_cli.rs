@@ -156,6 +156,54 @@ fn chaos_until_failure_keeps_a_racy_kernel_panic_that_replays_exactly() {
     }
     assert_eq!(verdicts[0], verdicts[1]);
     assert!(verdicts[0].starts_with("replay verified: "));
+
+    // The README's workflow: the panic names the counter's address; --watch lists every
+    // store to it and names the last; --until that icount shows the machine just before it.
+    let addr = recorded
+        .split("counter at ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {recorded}"));
+    let w = deja(&["replay", "--watch", addr, s(&trace)]);
+    assert_eq!(code(&w), 0, "stderr: {}", text(&w.stderr));
+    let watched = text(&w.stdout);
+    let hits: Vec<&str> = watched
+        .lines()
+        .filter(|l| l.starts_with("watch: icount "))
+        .collect();
+    assert!(hits.len() > 10, "{watched}");
+    let summary = watched
+        .lines()
+        .find(|l| l.contains("deja replay --until "))
+        .unwrap_or_else(|| panic!("no summary in {watched}"));
+    let icount = summary
+        .split("--until ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap();
+    let last_rip = hits
+        .last()
+        .unwrap()
+        .split("rip ")
+        .nth(1)
+        .and_then(|t| t.strip_suffix(':').or(t.split(':').next()))
+        .unwrap()
+        .to_string();
+    assert!(
+        hits.last()
+            .unwrap()
+            .starts_with(&format!("watch: icount {icount} ")),
+        "{watched}"
+    );
+    let u = deja(&["replay", "--until", icount, "--json", s(&trace)]);
+    assert_eq!(code(&u), 0, "stderr: {}", text(&u.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&u.stdout).unwrap();
+    let state = &report["verdict"]["ReachedUntil"]["state"];
+    assert_eq!(
+        format!("{:#x}", state["rip"].as_u64().unwrap()),
+        last_rip,
+        "{report}"
+    );
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! and a store. If a timer interrupt lands after the load and before the store, the
 //! handler's increment is overwritten: a lost update. After every increment task A checks,
 //! with interrupts off, that `counter == its own increments + ticks`; on a lost update it
-//! panics on COM1 naming the values and exits with [`EXIT_LOST_UPDATE`]. After [`TICKS`]
+//! panics on COM1 naming the counter's physical address and the values and exits with
+//! [`EXIT_LOST_UPDATE`] (`deja replay --watch ADDRESS` then lists every store to it). After [`TICKS`]
 //! ticks without one, it reports and exits 0. Task B only burns cycles.
 //!
 //! Where interrupts land decides everything. On bt with a fixed poll quantum that is a
@@ -140,7 +141,12 @@ fn emit(s: &mut crate::link::SectionAsm<'_>, rt: &mut crate::rt::Runtime) -> Res
 
     // The panic: interrupts are off.
     a.set_label(&mut lost)?;
-    rt.print(s, b"racy-kernel: PANIC: lost update: counter ")?;
+    // The counter's address lets `deja replay --watch` find the store that lost the update.
+    let panic = format!(
+        "racy-kernel: PANIC: lost update: counter at {:#x} is ",
+        VARS + COUNTER as u64
+    );
+    rt.print(s, panic.as_bytes())?;
     s.a.mov(rax, qword_ptr(r15 + COUNTER))?;
     rt.print_dec(s)?;
     rt.print(s, b", expected ")?;

@@ -22,7 +22,9 @@ pub use host::{Mismatch, Player, ReplayingHost};
 
 use deja_engine::{EngineKind, RunEnd, RunError, RunObserver, RunOptions, RunOutcome, Vm};
 use deja_machine::loader::{Image, ImageFormat};
-use deja_machine::{Cpu, CpuError, CpuState, Host, InterruptDelivery, Machine, MachineConfig};
+use deja_machine::{
+    Cpu, CpuError, CpuState, Host, InterruptDelivery, Machine, MachineConfig, WatchHit,
+};
 use deja_recorder::{SerialCapture, SerialTee, StateError, lock_capture, state, state_digest};
 use deja_traces::{
     CheckpointIndexEntry, Delivery, Digest, Event, EventKind, Footer, Header, ImageRecord,
@@ -127,6 +129,34 @@ pub struct ReplayOptions {
     pub seek: bool,
     /// Host wall-clock limit.
     pub timeout: Option<Duration>,
+    /// Guest-physical ranges `(start, len)` whose every store is reported (engines that see
+    /// individual stores: bt).
+    pub watch: Vec<(u64, u64)>,
+}
+
+impl ReplayOptions {
+    /// Replays the whole trace on `engine`, with no limits and nothing watched.
+    pub fn new(engine: EngineKind) -> Self {
+        Self {
+            engine,
+            until: None,
+            seek: true,
+            timeout: None,
+            watch: Vec::new(),
+        }
+    }
+}
+
+/// Most recent watch hits a [`ReplayReport`] keeps (the hook hears every one).
+pub const WATCH_TAIL: usize = 64;
+
+/// Callers' hooks into a running replay.
+#[derive(Default)]
+pub struct ReplayHooks<'a> {
+    /// Hears every store into a watched range, in execution order.
+    pub on_watch: Option<&'a mut dyn FnMut(&WatchHit)>,
+    /// Hears the replay's position between exits (for progress displays).
+    pub progress: Option<&'a mut dyn FnMut(Position)>,
 }
 
 /// The first difference between the recording and the replay.
@@ -217,6 +247,10 @@ pub struct ReplayReport {
     pub elapsed_seconds: f64,
     /// The engine the trace was recorded on.
     pub recorded_engine: String,
+    /// Stores seen into watched ranges.
+    pub watch_hits: u64,
+    /// The last [`WATCH_TAIL`] of them, oldest first.
+    pub watch: Vec<WatchHit>,
 }
 
 impl std::fmt::Display for ReplayReport {
@@ -293,7 +327,10 @@ pub fn machine_config(header: &Header, trace: &str) -> Result<MachineConfig, Rep
 pub type Builder<'a> = dyn FnOnce(&MachineConfig, &Image, Box<dyn Host>, Box<dyn Write + Send>) -> Result<Vm, String>
     + 'a;
 
-struct Observer {
+struct Observer<'h> {
+    hooks: ReplayHooks<'h>,
+    watch_hits: u64,
+    watch_tail: std::collections::VecDeque<WatchHit>,
     player: Arc<Mutex<Player>>,
     serial: Arc<Mutex<SerialCapture>>,
     until_exit: Option<u64>,
@@ -305,9 +342,29 @@ struct Observer {
     digests: u64,
 }
 
-impl RunObserver for Observer {
+impl Observer<'_> {
+    /// Hands the engine's watch hits to the hook and keeps the tail.
+    fn drain_watch(&mut self, cpu: &mut dyn Cpu) {
+        for hit in cpu.take_watch_hits() {
+            if let Some(f) = self.hooks.on_watch.as_mut() {
+                f(&hit);
+            }
+            self.watch_hits += 1;
+            if self.watch_tail.len() == WATCH_TAIL {
+                self.watch_tail.pop_front();
+            }
+            self.watch_tail.push_back(hit);
+        }
+    }
+}
+
+impl RunObserver for Observer<'_> {
     fn between_exits(&mut self, machine: &mut Machine, cpu: &mut dyn Cpu, _next_poll: u64) -> bool {
         let at = state::trace_position(machine.position());
+        self.drain_watch(cpu);
+        if let Some(f) = self.hooks.progress.as_mut() {
+            f(at);
+        }
         let mut p = host::lock(&self.player);
         if p.stopped() {
             return false;
@@ -390,6 +447,25 @@ pub fn replay(
     serial_out: Box<dyn Write + Send>,
     build: Box<Builder<'_>>,
 ) -> Result<ReplayReport, ReplayError> {
+    replay_with(
+        path,
+        opts,
+        guests,
+        serial_out,
+        build,
+        ReplayHooks::default(),
+    )
+}
+
+/// [`replay`], with hooks that watch stores and follow progress.
+pub fn replay_with(
+    path: &Path,
+    opts: &ReplayOptions,
+    guests: &dyn Fn(&str) -> Option<Image>,
+    serial_out: Box<dyn Write + Send>,
+    build: Box<Builder<'_>>,
+    hooks: ReplayHooks<'_>,
+) -> Result<ReplayReport, ReplayError> {
     let started = std::time::Instant::now();
     let name = path.display().to_string();
     let mut reader = TraceReader::open(path)?;
@@ -447,6 +523,7 @@ pub fn replay(
             detail: e.to_string(),
         })?;
     host::lock(&player).set_kicker(vm.cpu.kicker());
+    vm.cpu.set_watch(&opts.watch)?;
 
     let mut started_from = None;
     if let Some(cp) = checkpoint {
@@ -487,6 +564,9 @@ pub fn replay(
         .filter(|_| stop_at_end && counts && !exit_sync)
         .map(|f| f.final_position.icount);
     let mut observer = Observer {
+        hooks,
+        watch_hits: 0,
+        watch_tail: Default::default(),
         player: player.clone(),
         serial: serial.clone(),
         until_exit,
@@ -502,6 +582,7 @@ pub fn replay(
         },
         &mut observer,
     )?;
+    observer.drain_watch(vm.cpu.as_mut());
     let stopped_at_recorded_end =
         observer.reached_end || (end_icount.is_some() && run.end == RunEnd::InstructionLimit);
     let at = state::trace_position(vm.machine.position());
@@ -572,6 +653,8 @@ pub fn replay(
         started_from,
         elapsed_seconds: started.elapsed().as_secs_f64(),
         recorded_engine: header.engine.clone(),
+        watch_hits: observer.watch_hits,
+        watch: observer.watch_tail.into(),
     })
 }
 

@@ -83,6 +83,7 @@ fn replay_on(engine: EngineKind, path: &Path) -> ReplayReport {
             until: None,
             seek: false,
             timeout: Some(Duration::from_secs(120)),
+            watch: Vec::new(),
         },
         &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
         Box::new(std::io::sink()),

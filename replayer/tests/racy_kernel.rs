@@ -8,7 +8,7 @@ use deja_engine::{EngineKind, RunEnd, RunOptions};
 use deja_machine::devices::StopRequest;
 use deja_machine::{ClockMode, LiveHost, MachineConfig};
 use deja_recorder::{RecordOptions, Recorder, SerialCapture};
-use deja_replayer::{ReplayOptions, ReplayReport, Until, Verdict, replay};
+use deja_replayer::{ReplayHooks, ReplayOptions, ReplayReport, Until, Verdict, replay_with};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -98,18 +98,29 @@ fn record(path: &Path, chaos_seed: Option<u64>) -> Recording {
 }
 
 fn replay_bt(path: &Path, until: Option<Until>) -> ReplayReport {
+    replay_bt_with(path, until, Vec::new(), ReplayHooks::default())
+}
+
+fn replay_bt_with(
+    path: &Path,
+    until: Option<Until>,
+    watch: Vec<(u64, u64)>,
+    hooks: ReplayHooks<'_>,
+) -> ReplayReport {
     let opts = ReplayOptions {
         engine: EngineKind::Bt,
         until,
         seek: true,
         timeout: Some(std::time::Duration::from_secs(60)),
+        watch,
     };
-    replay(
+    replay_with(
         path,
         &opts,
         &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
         Box::new(std::io::sink()),
         Box::new(|cfg, image, host, out| build_pc(Engine::Bt, cfg, image, host, out)),
+        hooks,
     )
     .unwrap()
 }
@@ -158,45 +169,66 @@ fn chaos_finds_the_race_and_replay_reproduces_the_panic_at_the_same_instruction(
         assert_eq!(r.final_digest, rec.digest);
     }
 
-    // --until: the state one instruction before the corrupting store. The store is in the
-    // window task A resumes in after the last interrupt (B -> A switch).
-    let events = deja_replayer::read_events(&rec.path).unwrap();
-    let last_irq = events
-        .iter()
-        .rev()
-        .find(|e| matches!(e.kind, deja_traces::EventKind::Interrupt { .. }))
-        .unwrap()
-        .at
-        .icount;
+    // The panic names the counter's address; watching it lists every store.
+    let counter = deja_guests::racy_kernel::VARS + deja_guests::racy_kernel::COUNTER as u64;
+    assert!(
+        rec.output.contains(&format!("counter at {counter:#x}")),
+        "{}",
+        rec.output
+    );
     let syms = deja_guests::racy_kernel::symbols().unwrap();
     let store = syms["racy_store"];
-    let load = syms["racy_load"];
-    let mut found = None;
-    for k in 0..(deja_guests::racy_kernel::LOOP_LEN as u64 * 4) {
-        let target = last_irq + k;
-        let r = replay_bt(&rec.path, Some(Until::Icount(target)));
-        let Verdict::ReachedUntil { at, state } = &r.verdict else {
-            panic!("{r}");
-        };
-        assert_eq!(at.icount, target);
-        if state.rip == store {
-            found = Some((target, state.clone()));
-            break;
-        }
-    }
-    let (at, state) = found.expect("the corrupting store was not found after the last interrupt");
-    assert!(at < rec.icount);
-    // RAX holds the stale value + 1 that is about to overwrite the handler's increment:
-    // one more step from a replay shows the store executing.
+    let tick = syms["tick"];
+    let mut heard = Vec::new();
+    let mut on_watch = |h: &deja_machine::WatchHit| heard.push(h.clone());
+    let watched = replay_bt_with(
+        &rec.path,
+        None,
+        vec![(counter, 8)],
+        ReplayHooks {
+            on_watch: Some(&mut on_watch),
+            progress: None,
+        },
+    );
+    assert!(matches!(watched.verdict, Verdict::Verified), "{watched}");
+    assert_eq!(watched.final_digest, rec.digest, "watching changed the run");
+    assert_eq!(watched.watch_hits, heard.len() as u64);
+    assert!(heard.windows(2).all(|w| w[0].icount < w[1].icount));
+    // The last store before the panic is task A's, writing its stale value + 1 over the
+    // handlers' increments (two ticks: A -> B and back), so the counter goes backwards; the
+    // store before it is a handler's, made inside task A's window.
+    let le = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
+    let last = heard.last().unwrap();
+    let before = &heard[heard.len() - 2];
+    assert_eq!(last.rip, store, "{last:?}");
+    assert_eq!(last.address, counter);
+    assert!(le(&last.new) < le(&last.old), "{last:?}");
+    assert!(before.rip > tick, "{before:?}");
+    assert_eq!(le(&before.new), le(&before.old) + 1, "{before:?}");
+    assert_eq!(le(&before.new), le(&last.old), "{before:?}");
+
+    // --until that icount: the state one instruction before the corrupting store, RIP at
+    // the store, RAX holding the stale value it is about to write.
+    let at = last.icount;
+    let r = replay_bt(&rec.path, Some(Until::Icount(at)));
+    let Verdict::ReachedUntil { at: pos, state } = &r.verdict else {
+        panic!("{r}");
+    };
+    assert_eq!(pos.icount, at);
+    assert_eq!(state.rip, store);
+    assert_eq!(state.gpr[0].to_le_bytes().to_vec(), last.new);
+    // One more instruction and the store has executed.
     let after = replay_bt(&rec.path, Some(Until::Icount(at + 1)));
     let Verdict::ReachedUntil { state: next, .. } = &after.verdict else {
         panic!("{after}");
     };
     assert!(
         next.rip > store && next.rip < store + 8,
-        "after the store at {store:#x} (load at {load:#x}) rip is {:#x}",
+        "after the store at {store:#x} rip is {:#x}",
         next.rip
     );
-    assert_eq!(next.gpr[0], state.gpr[0]);
-    println!("corrupting store at icount {at}: rax {:#x}", state.gpr[0]);
+    println!(
+        "corrupting store at icount {at} of {}: rax {:#x}",
+        watched.watch_hits, state.gpr[0]
+    );
 }

@@ -85,6 +85,7 @@ fn replay_on(
         until,
         seek,
         timeout: Some(std::time::Duration::from_secs(60)),
+        watch: Vec::new(),
     };
     let img = image.clone();
     replay(

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod guests;
 pub mod info;
+pub mod progress;
 pub mod record;
 pub mod replay;
 pub mod report;

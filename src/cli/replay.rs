@@ -4,7 +4,8 @@ use super::run::EngineArg;
 use anyhow::Context;
 use clap::Args;
 use deja_engine::{EngineKind, build_vm};
-use deja_replayer::{ReplayOptions, Until, Verdict, replay};
+use deja_machine::WatchHit;
+use deja_replayer::{ReplayHooks, ReplayOptions, Until, Verdict, replay_with};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,60 @@ pub struct ReplayArgs {
     /// Give up after this many seconds of host time.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// Report every CPU store into the guest-physical bytes ADDR..ADDR+LEN (LEN defaults
+    /// to 8, a 64-bit variable), with the icount and RIP of the storing instruction and the
+    /// old and new values (bt). `--until ICOUNT` with a reported icount then shows the
+    /// machine just before that store. May be given more than once.
+    #[arg(long, value_name = "ADDR[:LEN]", value_parser = parse_watch)]
+    pub watch: Vec<(u64, u64)>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+fn parse_watch(s: &str) -> Result<(u64, u64), String> {
+    let num = |t: &str| {
+        let t = t.trim().replace('_', "");
+        match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => t.parse(),
+        }
+        .map_err(|_| format!("{s:?} is not ADDR[:LEN] (decimal or 0x-prefixed hex)"))
+    };
+    let (addr, len) = match s.split_once(':') {
+        Some((a, l)) => (num(a)?, num(l)?),
+        None => (num(s)?, 8),
+    };
+    if len == 0 {
+        return Err(format!("{s:?}: a watched range needs at least one byte"));
+    }
+    addr.checked_add(len)
+        .ok_or_else(|| format!("{s:?}: the range passes the end of the address space"))?;
+    Ok((addr, len))
+}
+
+/// The watched bytes as a number (little endian, up to 8 bytes) or as hex bytes.
+fn value(bytes: &[u8]) -> String {
+    if bytes.len() <= 8 {
+        let mut b = [0u8; 8];
+        b[..bytes.len()].copy_from_slice(bytes);
+        format!("{:#x}", u64::from_le_bytes(b))
+    } else {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn describe_hit(h: &WatchHit) -> String {
+    let change = if h.old == h.new { " (unchanged)" } else { "" };
+    format!(
+        "watch: icount {} rip {:#x}: [{:#x}] {} bytes {} -> {}{change}",
+        h.icount,
+        h.rip,
+        h.address,
+        h.new.len(),
+        value(&h.old),
+        value(&h.new)
+    )
 }
 
 /// Runs `deja replay`.
@@ -54,6 +109,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             reader.status()
         );
     }
+    let end = reader.footer().map(|f| f.final_position);
     drop(reader);
     let engine = match args.engine {
         Some(e) => EngineKind::from(e),
@@ -72,8 +128,34 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         until: args.until,
         seek: !args.from_start,
         timeout: args.timeout.map(Duration::from_secs_f64),
+        watch: args.watch.clone(),
     };
-    let report = replay(
+    // Progress towards the recorded end (or the --until target), by instructions where the
+    // trace counts them, else by device exits.
+    let (total, by_icount) = match (args.until, end) {
+        (Some(Until::Icount(n)), _) => (Some(n), true),
+        (Some(Until::Exit(k)), _) => (Some(k), false),
+        (None, Some(p)) if p.icount > 0 => (Some(p.icount), true),
+        (None, Some(p)) => (Some(p.exits), false),
+        (None, None) => (None, true),
+    };
+    let unit = if by_icount { "instructions" } else { "exits" };
+    let pb = super::progress::bar(total, unit, !args.quiet && !args.json);
+    pb.set_message(format!("replaying on {engine}"));
+    let mut progress = |p: deja_traces::Position| {
+        pb.set_position(if by_icount { p.icount } else { p.exits });
+    };
+    let print_hits = !args.json;
+    let pb_for_hits = pb.clone();
+    let mut on_watch = |h: &WatchHit| {
+        if print_hits {
+            pb_for_hits.suspend(|| {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}", describe_hit(h));
+            });
+        }
+    };
+    let report = replay_with(
         &args.trace,
         &opts,
         &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
@@ -81,9 +163,30 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Box::new(move |cfg, image, host, out| {
             build_vm(engine, cfg.clone(), host, out, image).map_err(|e| e.to_string())
         }),
+        ReplayHooks {
+            on_watch: Some(&mut on_watch),
+            progress: Some(&mut progress),
+        },
     )
     .with_context(|| format!("replaying {} on {engine}", args.trace.display()))?;
+    pb.finish_and_clear();
     let _ = std::io::stdout().flush();
+    if !args.json
+        && !args.watch.is_empty()
+        && let Some(last) = report.watch.last()
+    {
+        println!(
+            "watch: {} stores into the watched bytes; the last, at icount {} (rip {:#x}), is \
+             shown just before it runs by: deja replay --until {} {}",
+            report.watch_hits,
+            last.icount,
+            last.rip,
+            last.icount,
+            args.trace.display()
+        );
+    } else if !args.json && !args.watch.is_empty() {
+        println!("watch: no store touched the watched bytes");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -37,6 +37,57 @@ pub struct MemSys {
     write_tlb: Box<[TlbEntry; TLB_SIZE]>,
     /// The linear-to-physical translator.
     pub mmu: Box<dyn Translate>,
+    /// Watched guest-physical ranges and the stores seen in them (debugging; `None` costs
+    /// nothing on the store path).
+    pub watch: Option<Box<Watch>>,
+}
+
+/// Watched guest-physical ranges: their pages never get fast write entries, so every store
+/// into them takes [`Ctx::write_bytes`], which reports it.
+#[derive(Debug, Default)]
+pub struct Watch {
+    /// `(start, len)` ranges.
+    pub ranges: Vec<(u64, u64)>,
+    /// Stores seen since they were last taken; their RIP is filled in when the storing
+    /// instruction completes.
+    pub hits: Vec<deja_machine::WatchHit>,
+    /// Hits at the end of `hits` whose RIP is not known yet.
+    pub unresolved: usize,
+}
+
+impl Watch {
+    /// Whether a store of `len` bytes at `phys` touches a watched page.
+    pub fn page_watched(&self, phys: u64) -> bool {
+        self.ranges.iter().any(|&(start, len)| {
+            let first = start >> 12;
+            let last = start.saturating_add(len.max(1) - 1) >> 12;
+            (first..=last).contains(&(phys >> 12))
+        })
+    }
+
+    /// The watched part of a store of `len` bytes at `phys`: `(offset into the store, length)`.
+    fn overlap(&self, phys: u64, len: u64) -> Option<(u64, u64)> {
+        let mut lo = u64::MAX;
+        let mut hi = 0;
+        for &(start, wlen) in &self.ranges {
+            let a = start.max(phys);
+            let b = start.saturating_add(wlen).min(phys.saturating_add(len));
+            if a < b {
+                lo = lo.min(a);
+                hi = hi.max(b);
+            }
+        }
+        (lo < hi).then(|| (lo - phys, hi - lo))
+    }
+
+    /// Gives the hits still waiting for it the storing instruction's RIP.
+    pub fn resolve(&mut self, rip: u64) {
+        let n = self.hits.len();
+        for h in &mut self.hits[n - self.unresolved..] {
+            h.rip = rip;
+        }
+        self.unresolved = 0;
+    }
 }
 
 // SAFETY: the host pointers in the TLBs point into guest memory owned by the `Machine`; they
@@ -51,6 +102,7 @@ impl MemSys {
             read_tlb: Box::new([EMPTY; TLB_SIZE]),
             write_tlb: Box::new([EMPTY; TLB_SIZE]),
             mmu,
+            watch: None,
         }
     }
 
@@ -324,9 +376,38 @@ impl Ctx<'_> {
             }
             if let Some(h) = self.host_ptr(p) {
                 let code = self.cache.is_code_page(p >> 12);
+                let watched = match self.mem.watch.as_deref_mut() {
+                    Some(w) if w.page_watched(p) => {
+                        if let Some((skip, n)) = w.overlap(p, len as u64) {
+                            let mut old = vec![0u8; n as usize];
+                            // SAFETY: `h` points into a RAM page of guest memory and
+                            // `skip + n <= len` stays within the chunk.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    h.add(skip as usize),
+                                    old.as_mut_ptr(),
+                                    n as usize,
+                                )
+                            };
+                            let from = at + skip as usize;
+                            w.hits.push(deja_machine::WatchHit {
+                                icount: self.icount,
+                                rip: self.core.rip,
+                                address: p + skip,
+                                old,
+                                new: data[from..from + n as usize].to_vec(),
+                            });
+                            w.unresolved += 1;
+                        }
+                        true
+                    }
+                    _ => false,
+                };
                 // SAFETY: `h` points into a RAM page of guest memory; the chunk stays in it.
                 unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), h, len) };
-                if code {
+                if watched {
+                    // No fast write entry: the next store here must be seen too.
+                } else if code {
                     self.cache
                         .invalidate_range(p, len as u64, &mut self.stats.invalidations);
                     if self.cache.current_invalidated() {

@@ -368,7 +368,14 @@ impl BtCpu {
     /// Delivers an exception or interrupt; `false` on a triple fault.
     fn raise(&mut self, machine: &mut Machine, e: Exc, kind: EventKind, rip: u64) -> bool {
         let mut ctx = self.ctx(machine);
-        system::raise(&mut ctx, e, kind, rip)
+        let delivered = system::raise(&mut ctx, e, kind, rip);
+        if let Some(w) = self.mem.watch.as_deref_mut()
+            && w.unresolved > 0
+        {
+            // Stores made delivering the event (its frame) belong to the interrupted RIP.
+            w.resolve(rip);
+        }
+        delivered
     }
 
     fn shutdown(&self, why: &str) -> Exit {
@@ -531,7 +538,13 @@ impl Cpu for BtCpu {
                 let mut i = 0;
                 while i < n {
                     let op = &block.ops[i];
-                    match (op.exec)(&mut ctx, op) {
+                    let result = (op.exec)(&mut ctx, op);
+                    if let Some(w) = ctx.mem.watch.as_deref_mut()
+                        && w.unresolved > 0
+                    {
+                        w.resolve(op.rip);
+                    }
+                    match result {
                         Ok(Ctl::Next) => {
                             ctx.icount += 1;
                             i += 1;
@@ -692,5 +705,26 @@ impl Cpu for BtCpu {
 
     fn kicker(&self) -> Kicker {
         self.kicker.clone()
+    }
+
+    fn set_watch(&mut self, ranges: &[(u64, u64)]) -> Result<(), CpuError> {
+        self.mem.watch = (!ranges.is_empty()).then(|| {
+            Box::new(exec::Watch {
+                ranges: ranges.to_vec(),
+                ..exec::Watch::default()
+            })
+        });
+        self.mem.flush_fast();
+        Ok(())
+    }
+
+    fn take_watch_hits(&mut self) -> Vec<deja_machine::WatchHit> {
+        match self.mem.watch.as_deref_mut() {
+            Some(w) => {
+                w.unresolved = 0;
+                std::mem::take(&mut w.hits)
+            }
+            None => Vec::new(),
+        }
     }
 }

@@ -562,6 +562,41 @@ pub trait Cpu: Send {
             }),
         }
     }
+    /// Watches guest-physical byte ranges `(start, len)`: from now on every CPU store that
+    /// touches one is reported by [`Cpu::take_watch_hits`] with its exact position, so a
+    /// replay can name the instruction that corrupted a variable. An empty list stops
+    /// watching. Engines that cannot see individual stores (kvm) return an error.
+    fn set_watch(&mut self, ranges: &[(u64, u64)]) -> Result<(), CpuError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        Err(CpuError::Unsupported {
+            engine: self.name(),
+            rip: 0,
+            detail: "this engine cannot report individual stores; watch on bt".into(),
+        })
+    }
+    /// The stores into watched ranges since the last call, in execution order.
+    fn take_watch_hits(&mut self) -> Vec<WatchHit> {
+        Vec::new()
+    }
+}
+
+/// One CPU store into a watched range (see [`Cpu::set_watch`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchHit {
+    /// Instructions retired before the storing instruction: stopping a replay at this
+    /// icount shows the machine just before the store, with RIP at the storing instruction.
+    pub icount: u64,
+    /// RIP of the storing instruction (for stores made while delivering an interrupt or
+    /// exception, the RIP the event interrupted).
+    pub rip: u64,
+    /// Guest-physical address of the first watched byte written.
+    pub address: u64,
+    /// The watched bytes before the store.
+    pub old: Vec<u8>,
+    /// The watched bytes after the store.
+    pub new: Vec<u8>,
 }
 
 /// Where an engine delivers a pending external interrupt the guest can take.

@@ -16,7 +16,7 @@ pub mod memory;
 pub mod pc;
 
 pub use cpu::{
-    Cpu, CpuError, CpuState, EngineStats, Exit, InterruptDelivery, Kicker, Limit, Segment,
+    Cpu, CpuError, CpuState, EngineStats, Exit, InterruptDelivery, Kicker, Limit, Segment, WatchHit,
 };
 pub use cpuid::CpuidTable;
 pub use host::{ClockMode, Host, LiveHost, Position};
