@@ -31,14 +31,13 @@ pub const UNUSED_PORT: u16 = 0xec;
 /// Where `bench-memory` keeps its buffer (inside the identity-mapped first 2 MiB).
 const MEMORY_BUFFER: i32 = 0x10_0000;
 /// The boot path's page directory (`rt`: PML4 at 0x1000, PDPT at 0x2000, PD at 0x3000).
-const PML4: i32 = 0x1000;
+pub(crate) const PML4: i32 = 0x1000;
 /// A page table the paging benchmarks hook into PD[1] (virtual 2 MiB..4 MiB).
-const BENCH_PT: i32 = 0x12_0000;
+pub(crate) const BENCH_PT: i32 = 0x12_0000;
 /// The frames `bench-ptemod` alternates its PTE between.
-const PTE_FRAME: i32 = 0x13_0000;
-/// The virtual page `bench-ptemod` loads through (PT[0]); `bench-pgfault` uses the next,
-/// not-present page.
-const PTE_VIRT: i32 = 0x20_0000;
+pub(crate) const PTE_FRAME: i32 = 0x13_0000;
+/// The virtual page `bench-ptemod` loads through (PT[0]) and `bench-pgfault` maps lazily.
+pub(crate) const PTE_VIRT: i32 = 0x20_0000;
 /// GDT selectors of `bench-syscall`: STAR's SYSCALL base (kernel CS, SS = +8) and SYSRET
 /// base (user SS = +8, user 64-bit CS = +16).
 const SYSCALL_CS: u32 = 0x18;
@@ -59,7 +58,7 @@ const HIGH_PD: i32 = 0x12_1000;
 /// the image's first byte, on the same 4 KiB page as its code, and a translator that
 /// tracks code writes per page (QEMU's TCG) would then take every CALL's or exception's
 /// stack write as a possible code modification and make `call-ret` 100 times slower.
-const BENCH_STACK_TOP: i32 = 0x9_0000;
+pub(crate) const BENCH_STACK_TOP: i32 = 0x9_0000;
 /// The size of `bench-memory`'s buffer: 64 KiB, larger than an L1 data cache.
 pub const MEMORY_BUFFER_BYTES: u32 = 0x1_0000;
 
@@ -96,11 +95,19 @@ pub enum Bench {
     /// The local APIC timer armed in one-shot mode with interrupts off, then `STI; HLT`: the
     /// halt is woken by the timer's interrupt, whose handler writes EOI and `IRETQ`s.
     HltWake,
+    /// fork + wait: copy the parent's page tables into a child address space with every
+    /// writable page made copy-on-write in both, switch to the child, take a copy-on-write
+    /// fault, exit back to the parent, free the child, take the parent's reuse fault.
+    ForkWait,
+    /// `MOV CR3` round-robin between four address spaces, touching a private page in each.
+    Cr3Switch,
+    /// A load from each of 4096 distinct 4 KiB pages in turn: more than a TLB holds.
+    TlbMiss,
 }
 
 impl Bench {
     /// Every benchmark, in a stable order.
-    pub const ALL: [Bench; 14] = [
+    pub const ALL: [Bench; 17] = [
         Bench::In,
         Bench::Out,
         Bench::Cpuid,
@@ -115,6 +122,9 @@ impl Bench {
         Bench::Cr8Write,
         Bench::Smc,
         Bench::HltWake,
+        Bench::ForkWait,
+        Bench::Cr3Switch,
+        Bench::TlbMiss,
     ];
 
     /// The benchmark's short name (the guest is `bench-NAME`).
@@ -134,6 +144,9 @@ impl Bench {
             Bench::Cr8Write => "cr8wr",
             Bench::Smc => "smc",
             Bench::HltWake => "hlt-wake",
+            Bench::ForkWait => "forkwait",
+            Bench::Cr3Switch => "cr3switch",
+            Bench::TlbMiss => "tlbmiss",
         }
     }
 
@@ -154,13 +167,22 @@ impl Bench {
             Bench::Memory => "a load striding one cache line through a 64 KiB buffer",
             Bench::Call => "three nested calls with arithmetic in each",
             Bench::PteMod => "rewrite a live 4 KiB PTE, INVLPG, load through it",
-            Bench::PgFault => "a load from a not-present page: #PF, handler skips it, IRETQ",
+            Bench::PgFault => {
+                "a load from an unmapped page: #PF, the handler maps the page, IRETQ re-runs \
+                 the load; then the PTE is cleared and INVLPG'd for the next one"
+            }
             Bench::Syscall => "SYSCALL from ring 3, SYSRETQ from ring 0",
             Bench::Cr8Write => "MOV CR8, RAX (TPR write) with 0",
             Bench::Smc => "store into the next instruction's immediate, then execute it",
             Bench::HltWake => {
                 "arm the LAPIC timer (one-shot, 2 µs), STI; HLT woken by it, EOI, IRETQ"
             }
+            Bench::ForkWait => {
+                "fork (copy tables, write-protect both), CR3 to the child, copy-on-write \
+                 fault, CR3 back, free the child, the parent's reuse fault"
+            }
+            Bench::Cr3Switch => "MOV CR3 to the next of four address spaces, load a private page",
+            Bench::TlbMiss => "a load from the next of 4096 distinct pages, round-robin",
         }
     }
 
@@ -175,7 +197,11 @@ impl Bench {
 
     /// The iteration count the registry's `bench-NAME` guests use.
     pub fn default_iterations(self) -> u32 {
-        1000
+        match self {
+            // Two rounds over the 4096 pages.
+            Bench::TlbMiss => 2 * crate::bench_paging::TLBMISS_PAGES,
+            _ => 1000,
+        }
     }
 
     /// The guest image running `iterations` operations (at least 1).
@@ -184,22 +210,27 @@ impl Bench {
     }
 }
 
-fn mark(a: &mut CodeAssembler, value: u8) -> Result<(), IcedError> {
+pub(crate) fn mark(a: &mut CodeAssembler, value: u8) -> Result<(), IcedError> {
     a.mov(al, i32::from(value))?;
     a.out(u32::from(BENCH_MARKER_PORT), al)
 }
 
 fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
+    if matches!(
+        bench,
+        Bench::PgFault | Bench::ForkWait | Bench::Cr3Switch | Bench::TlbMiss
+    ) {
+        return crate::bench_paging::build(bench, iterations);
+    }
     let name = format!("bench-{}", bench.name());
     let handlers: &[(u8, &'static str)] = match bench {
         Bench::DivZero => &[(0, "bench_skip")],
-        Bench::PgFault => &[(14, "bench_skip")],
         Bench::HltWake => &[(TIMER_VECTOR, "bench_timer")],
         _ => &[],
     };
     long_mode_image(&name, BootMessages::default(), handlers, &|s, rt| {
         s.a.mov(esp, BENCH_STACK_TOP)?;
-        if matches!(bench, Bench::DivZero | Bench::PgFault | Bench::HltWake) {
+        if matches!(bench, Bench::DivZero | Bench::HltWake) {
             rt.load_idt(s)?;
         }
         if bench == Bench::HltWake {
@@ -224,7 +255,7 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
             a.mov(dword_ptr(r8 + 0x3e0), 0xb)?; // timer divide configuration: by 1
             a.mov(dword_ptr(r8 + 0x320), i32::from(TIMER_VECTOR))?; // LVT timer: one-shot
         }
-        if matches!(bench, Bench::PteMod | Bench::PgFault) {
+        if bench == Bench::PteMod {
             // PD[1] -> a zeroed page table whose PT[0] maps PTE_VIRT to PTE_FRAME.
             let a = &mut s.a;
             a.mov(edi, BENCH_PT)?;
@@ -239,9 +270,6 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
             a.mov(cr3, rax)?;
             a.mov(r8d, BENCH_PT)?;
             a.mov(r9d, PTE_VIRT)?;
-            if bench == Bench::PgFault {
-                a.add(r9d, 0x1000)?;
-            }
         }
         if bench == Bench::Syscall {
             enter_ring3_with_syscall(s)?;
@@ -301,9 +329,8 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
                 a.invlpg(byte_ptr(r9))?;
                 a.mov(rax, qword_ptr(r9))?;
             }
-            Bench::PgFault => {
-                a.mov(rax, qword_ptr(r9))?; // 3 bytes: 49 8b 01; the handler skips them
-            }
+            // Built by `bench_paging`, which `build` hands them to before this point.
+            Bench::PgFault | Bench::ForkWait | Bench::Cr3Switch | Bench::TlbMiss => {}
             Bench::Syscall => {
                 a.syscall()?;
             }
@@ -345,11 +372,8 @@ fn build(bench: Bench, iterations: u32) -> Result<Image, LinkError> {
             a.add(rax, rbx)?;
         }
         a.ret()?;
-        if matches!(bench, Bench::DivZero | Bench::PgFault) {
+        if bench == Bench::DivZero {
             s.export_here("bench_skip")?;
-            if bench == Bench::PgFault {
-                s.a.add(rsp, 8)?; // the error code
-            }
             s.a.add(qword_ptr(rsp), 3)?;
             s.a.iretq()?;
         }
@@ -464,6 +488,15 @@ pub(crate) fn build_smc() -> Result<Image, LinkError> {
 }
 pub(crate) fn build_hlt_wake() -> Result<Image, LinkError> {
     Bench::HltWake.image(Bench::HltWake.default_iterations())
+}
+pub(crate) fn build_forkwait() -> Result<Image, LinkError> {
+    Bench::ForkWait.image(Bench::ForkWait.default_iterations())
+}
+pub(crate) fn build_cr3switch() -> Result<Image, LinkError> {
+    Bench::Cr3Switch.image(Bench::Cr3Switch.default_iterations())
+}
+pub(crate) fn build_tlbmiss() -> Result<Image, LinkError> {
+    Bench::TlbMiss.image(Bench::TlbMiss.default_iterations())
 }
 pub(crate) fn build_call() -> Result<Image, LinkError> {
     Bench::Call.image(Bench::Call.default_iterations())

@@ -11,6 +11,7 @@
 //! ring-0 code (PVM) every guest instruction costs about a microsecond.
 
 pub mod bench;
+mod bench_paging;
 pub mod echo;
 pub mod hello;
 mod link;
@@ -62,7 +63,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 18] = [
+static GUESTS: [Guest; 21] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -135,7 +136,8 @@ static GUESTS: [Guest; 18] = [
     },
     Guest {
         name: "bench-pgfault",
-        description: "benchmark: 1000 x #PF on a not-present page, handler skips the load, between bench marks; exits 0",
+        description: "benchmark: 1000 x a load from an unmapped page: #PF, the handler maps it, the load \
+                      runs again; unmap + INVLPG; between bench marks; exits 0",
         build: bench::build_pgfault,
     },
     Guest {
@@ -157,6 +159,24 @@ static GUESTS: [Guest; 18] = [
         name: "bench-hlt-wake",
         description: "benchmark: 1000 x LAPIC one-shot timer (2 µs), STI; HLT woken by it, EOI, between bench marks; exits 0",
         build: bench::build_hlt_wake,
+    },
+    Guest {
+        name: "bench-forkwait",
+        description: "benchmark: 1000 x fork (copy tables, copy-on-write) + child CR3 + COW fault + \
+                      wait (free) + the parent's reuse fault, between bench marks; exits 0",
+        build: bench::build_forkwait,
+    },
+    Guest {
+        name: "bench-cr3switch",
+        description: "benchmark: 1000 x MOV CR3 round-robin over 4 address spaces + a load and an \
+                      increment of a private page, between bench marks; checks both; exits 0",
+        build: bench::build_cr3switch,
+    },
+    Guest {
+        name: "bench-tlbmiss",
+        description: "benchmark: 8192 x a load from the next of 4096 distinct pages, between bench \
+                      marks; exits 0",
+        build: bench::build_tlbmiss,
     },
 ];
 
