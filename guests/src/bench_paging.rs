@@ -18,9 +18,7 @@
 //! All of them run in ring 0 of long mode with CR0.WP set, on tables placed in the boot
 //! path's identity-mapped first 2 MiB (physical = virtual there).
 
-use crate::bench::{
-    BENCH_STACK_TOP, Bench, MARK_END, MARK_START, PML4, PTE_FRAME, PTE_VIRT, mark,
-};
+use crate::bench::{BENCH_STACK_TOP, Bench, MARK_END, MARK_START, PML4, PTE_FRAME, PTE_VIRT, mark};
 use crate::link::{LinkError, SectionAsm};
 use crate::rt::{BootMessages, EXIT_CHECK_FAILED, EXIT_PASS, long_mode_image};
 use deja_machine::loader::Image;
