@@ -13,22 +13,27 @@
 //! → the run loop here (icount, interrupts, exits) → [`exec`] (operands, segmentation, fast
 //! TLB) → [`paging`] (the MMU; [`mmu`] strategies plug in through `paging::MmuAdapter`).
 //!
+//! x87, MMX and SSE/SSE2 run on the host FPU ([`native`]: real 80-bit precision, MXCSR
+//! rounding and flags, bit-exact with the host), the environment formats and masked stores in
+//! software ([`x87`]), the hot XMM moves and integer operations in software ([`sse`]).
+//!
 //! Not implemented yet (each raises #UD or #GP and is counted under `bt.unimplemented.*`):
-//! hardware task switches (task gates, far JMP/CALL to a TSS, IRET with NT), x87
-//! instructions, SSE beyond the integer/move/basic floating-point set in [`sse`], MMX,
-//! debug-register breakpoints and single-stepping (TF), #AC, NMI delivery, MXCSR exception
-//! flags.
+//! hardware task switches (task gates, far JMP/CALL to a TSS, IRET with NT), anything beyond
+//! SSE2 (SSE3 and later are not in deja's CPUID), debug-register breakpoints and
+//! single-stepping (TF), #AC, NMI delivery.
 
 pub mod cache;
 pub mod core;
 pub mod exec;
 pub mod ir;
 pub mod mmu;
+pub mod native;
 pub mod ops;
 pub mod paging;
 pub mod sse;
 pub mod system;
 pub mod translate;
+pub mod x87;
 
 use crate::cache::{Block, BlockCache, Key, Link};
 use crate::core::Core;

@@ -261,7 +261,9 @@ fn fxsave(ctx: &mut Ctx, op: &UOp) -> OpResult {
         b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
         b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
         b[4] = f.ftw;
-        b[6..8].copy_from_slice(&f.fop.to_le_bytes());
+        // The last opcode only with an exception pending (Intel, FOP compatibility mode off).
+        let fop = if f.fsw & 0x80 != 0 { f.fop } else { 0 };
+        b[6..8].copy_from_slice(&fop.to_le_bytes());
         b[8..16].copy_from_slice(&f.fip.to_le_bytes());
         b[16..24].copy_from_slice(&f.fdp.to_le_bytes());
         b[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
@@ -298,158 +300,6 @@ fn fxsave(ctx: &mut Ctx, op: &UOp) -> OpResult {
     Ok(Ctl::Next)
 }
 
-/// Scalar and packed floating point arithmetic (`aux`: 0 add, 1 sub, 2 mul, 3 div, 4 min,
-/// 5 max, 6 sqrt; `size` 4 or 8 = element width; `target` 1 = packed). The host is x86, so
-/// Rust's `f32`/`f64` operations are the same SSE operations in the default MXCSR mode
-/// (round to nearest, exceptions masked), including NaN propagation; min/max follow the
-/// SSE rule (the second operand when either is NaN or both are zero).
-fn fparith(ctx: &mut Ctx, op: &UOp) -> OpResult {
-    sse_enabled(ctx)?;
-    let packed = op.target == 1;
-    let w = op.size as u32 * 8;
-    let a = get128(ctx, &op.dst, 16, false)?;
-    let bsize = if packed { 16 } else { op.size };
-    let b = get128(ctx, &op.src, bsize, packed && op.src.is_mem())?;
-    let n = if packed { 128 / w } else { 1 };
-    let mut r = a;
-    for i in 0..n {
-        let sh = i * w;
-        let m = if w == 64 { u64::MAX } else { (1u64 << w) - 1 };
-        let x = ((a >> sh) as u64) & m;
-        let y = ((b >> sh) as u64) & m;
-        let z = if w == 64 {
-            let (x, y) = (f64::from_bits(x), f64::from_bits(y));
-            let v = match op.aux {
-                0 => x + y,
-                1 => x - y,
-                2 => x * y,
-                3 => x / y,
-                4 => {
-                    if x < y {
-                        x
-                    } else {
-                        y
-                    }
-                }
-                5 => {
-                    if x > y {
-                        x
-                    } else {
-                        y
-                    }
-                }
-                _ => y.sqrt(),
-            };
-            v.to_bits()
-        } else {
-            let (x, y) = (f32::from_bits(x as u32), f32::from_bits(y as u32));
-            let v = match op.aux {
-                0 => x + y,
-                1 => x - y,
-                2 => x * y,
-                3 => x / y,
-                4 => {
-                    if x < y {
-                        x
-                    } else {
-                        y
-                    }
-                }
-                5 => {
-                    if x > y {
-                        x
-                    } else {
-                        y
-                    }
-                }
-                _ => y.sqrt(),
-            };
-            v.to_bits() as u64
-        };
-        let lane = (m as u128) << sh;
-        r = (r & !lane) | ((z as u128) << sh);
-    }
-    put128(ctx, &op.dst, 16, r, false)?;
-    Ok(Ctl::Next)
-}
-
-/// UCOMISS/UCOMISD/COMISS/COMISD: ZF, PF, CF from the comparison; OF, SF, AF cleared.
-fn fpcompare(ctx: &mut Ctx, op: &UOp) -> OpResult {
-    sse_enabled(ctx)?;
-    let a = get128(ctx, &op.dst, op.size, false)? as u64;
-    let b = get128(ctx, &op.src, op.size, false)? as u64;
-    let ord = if op.size == 8 {
-        f64::from_bits(a).partial_cmp(&f64::from_bits(b))
-    } else {
-        f32::from_bits(a as u32).partial_cmp(&f32::from_bits(b as u32))
-    };
-    use crate::core::fl;
-    let f = match ord {
-        None => fl::ZF | fl::PF | fl::CF,
-        Some(std::cmp::Ordering::Less) => fl::CF,
-        Some(std::cmp::Ordering::Equal) => fl::ZF,
-        Some(std::cmp::Ordering::Greater) => 0,
-    };
-    ctx.core.set_arith(f);
-    Ok(Ctl::Next)
-}
-
-/// Conversions (`aux`: 0 int -> f64, 1 int -> f32, 2 f64 -> int truncating, 3 f32 -> int
-/// truncating, 4 f32 -> f64, 5 f64 -> f32; `size` = integer width for 0-3).
-fn convert(ctx: &mut Ctx, op: &UOp) -> OpResult {
-    sse_enabled(ctx)?;
-    match op.aux {
-        0 | 1 => {
-            let v = ctx.get(&op.src, op.size)?;
-            let i = crate::core::sext(v, op.size) as i64;
-            let cur = u128::from_le_bytes(match op.dst {
-                Operand::Xmm(d) => ctx.core.fpu.xmm[d as usize],
-                _ => return Err(Exc::UD),
-            });
-            let r = if op.aux == 0 {
-                (cur & !(u64::MAX as u128)) | (i as f64).to_bits() as u128
-            } else {
-                (cur & !(u32::MAX as u128)) | (i as f32).to_bits() as u128
-            };
-            put128(ctx, &op.dst, 16, r, false)?;
-        }
-        2 | 3 => {
-            let src = get128(ctx, &op.src, if op.aux == 2 { 8 } else { 4 }, false)? as u64;
-            let x = if op.aux == 2 {
-                f64::from_bits(src)
-            } else {
-                f32::from_bits(src as u32) as f64
-            };
-            let bits = op.size as u32 * 8;
-            let lim = 2f64.powi(bits as i32 - 1);
-            // Out of range and NaN give the "integer indefinite" value.
-            let r = if x.is_nan() || x >= lim || x < -lim {
-                1u64 << (bits - 1)
-            } else {
-                (x.trunc() as i64) as u64 & crate::core::mask(op.size)
-            };
-            ctx.put(&op.dst, op.size, r)?;
-        }
-        4 | 5 => {
-            let src = get128(ctx, &op.src, if op.aux == 4 { 4 } else { 8 }, false)? as u64;
-            let cur = u128::from_le_bytes(match op.dst {
-                Operand::Xmm(d) => ctx.core.fpu.xmm[d as usize],
-                _ => return Err(Exc::UD),
-            });
-            let r = if op.aux == 4 {
-                let v = f32::from_bits(src as u32) as f64;
-                (cur & !(u64::MAX as u128)) | v.to_bits() as u128
-            } else {
-                let v = f64::from_bits(src) as f32;
-                (cur & !(u32::MAX as u128)) | v.to_bits() as u128
-            };
-            put128(ctx, &op.dst, 16, r, false)?;
-        }
-        _ => return Err(Exc::UD),
-    }
-    Ok(Ctl::Next)
-}
-
 /// Element width in bits of a packed-integer instruction (the b/w/d/q its name ends in).
 fn lane_bits(m: Mnemonic) -> u64 {
     use Mnemonic::*;
@@ -461,8 +311,20 @@ fn lane_bits(m: Mnemonic) -> u64 {
     }
 }
 
-/// Picks the handler for SSE instructions; anything else stays unimplemented.
-pub fn build(insn: &Instruction, op: &mut UOp) {
+/// Picks the handler for SSE, MMX and x87 instructions: the exact software forms here for
+/// the XMM moves and integer operations gcc-built code uses most (no MXCSR involvement, no
+/// host FPU round trip), the environment and masked-store instructions in [`crate::x87`],
+/// and host execution ([`crate::native`]) for the rest; anything else stays unimplemented.
+pub fn build(insn: &Instruction, bitness: u32, op: &mut UOp) {
+    let mmx = (0..insn.op_count())
+        .any(|i| insn.op_kind(i) == iced_x86::OpKind::Register && insn.op_register(i).is_mm());
+    if (mmx || !software(insn, op)) && !crate::x87::build(insn, op) {
+        crate::native::build(insn, bitness, op);
+    }
+}
+
+/// The software SSE forms; returns whether `op` got one.
+fn software(insn: &Instruction, op: &mut UOp) -> bool {
     let m = insn.mnemonic();
     match m {
         Mnemonic::Movaps | Mnemonic::Movapd | Mnemonic::Movdqa => {
@@ -561,67 +423,6 @@ pub fn build(insn: &Instruction, op: &mut UOp) {
             op.aux = 3;
             op.exec = pshift;
         }
-        Mnemonic::Addsd
-        | Mnemonic::Subsd
-        | Mnemonic::Mulsd
-        | Mnemonic::Divsd
-        | Mnemonic::Minsd
-        | Mnemonic::Maxsd
-        | Mnemonic::Sqrtsd
-        | Mnemonic::Addss
-        | Mnemonic::Subss
-        | Mnemonic::Mulss
-        | Mnemonic::Divss
-        | Mnemonic::Minss
-        | Mnemonic::Maxss
-        | Mnemonic::Sqrtss
-        | Mnemonic::Addpd
-        | Mnemonic::Subpd
-        | Mnemonic::Mulpd
-        | Mnemonic::Divpd
-        | Mnemonic::Addps
-        | Mnemonic::Subps
-        | Mnemonic::Mulps
-        | Mnemonic::Divps => {
-            let name = format!("{m:?}");
-            op.aux = match &name[..3] {
-                "Add" => 0,
-                "Sub" => 1,
-                "Mul" => 2,
-                "Div" => 3,
-                "Min" => 4,
-                "Max" => 5,
-                _ => 6,
-            };
-            op.size = if name.ends_with('d') { 8 } else { 4 };
-            op.target = u64::from(name.ends_with("pd") || name.ends_with("ps"));
-            op.exec = fparith;
-        }
-        Mnemonic::Ucomisd | Mnemonic::Comisd | Mnemonic::Ucomiss | Mnemonic::Comiss => {
-            op.size = if matches!(m, Mnemonic::Ucomisd | Mnemonic::Comisd) {
-                8
-            } else {
-                4
-            };
-            op.exec = fpcompare;
-        }
-        Mnemonic::Cvtsi2sd | Mnemonic::Cvtsi2ss => {
-            op.aux = u8::from(m == Mnemonic::Cvtsi2ss);
-            op.size = match insn.op1_kind() {
-                iced_x86::OpKind::Register => insn.op1_register().size() as u8,
-                _ => insn.memory_size().size() as u8,
-            };
-            op.exec = convert;
-        }
-        Mnemonic::Cvttsd2si | Mnemonic::Cvttss2si => {
-            op.aux = if m == Mnemonic::Cvttsd2si { 2 } else { 3 };
-            op.size = insn.op0_register().size() as u8;
-            op.exec = convert;
-        }
-        Mnemonic::Cvtss2sd | Mnemonic::Cvtsd2ss => {
-            op.aux = if m == Mnemonic::Cvtss2sd { 4 } else { 5 };
-            op.exec = convert;
-        }
         Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr => {
             op.aux = (m == Mnemonic::Stmxcsr) as u8;
             op.exec = mxcsr;
@@ -630,6 +431,7 @@ pub fn build(insn: &Instruction, op: &mut UOp) {
             op.aux = matches!(m, Mnemonic::Fxrstor | Mnemonic::Fxrstor64) as u8;
             op.exec = fxsave;
         }
-        _ => {}
+        _ => return false,
     }
+    true
 }

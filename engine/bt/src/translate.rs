@@ -684,7 +684,7 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
         }
         Mnemonic::Ud2 | Mnemonic::Ud0 | Mnemonic::Ud1 => op.exec = system::ud,
         _ => {
-            sse::build(insn, &mut op);
+            sse::build(insn, bitness, &mut op);
         }
     }
     op
