@@ -24,6 +24,40 @@ pub fn events() -> Vec<(&'static str, Event)> {
     ]
 }
 
+/// Whether `event` (a name from [`events`]) is a kernel software counter, which every
+/// Linux host has.
+fn is_software(event: &str) -> bool {
+    matches!(event, "task-clock-ns" | "page-faults" | "context-switches")
+}
+
+/// Why `perf_event_open` refused `event`, in words a reader can act on, followed by the
+/// OS error.
+pub fn explain(event: &str, error: &std::io::Error) -> String {
+    let has_pmu = std::fs::read_dir("/sys/bus/event_source/devices").is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("cpu"))
+    });
+    let why = match error.raw_os_error() {
+        Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV) if !is_software(event) && !has_pmu => {
+            "the kernel has no hardware PMU (no cpu* under /sys/bus/event_source/devices; \
+             usual inside a VM whose hypervisor exposes no virtual PMU)"
+                .to_string()
+        }
+        Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV) => {
+            "this host's PMU does not count this event".to_string()
+        }
+        Some(libc::EACCES | libc::EPERM) => format!(
+            "not permitted: kernel.perf_event_paranoid is {} and the process lacks \
+             CAP_PERFMON",
+            std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+                .map_or("unknown".into(), |s| s.trim().to_string())
+        ),
+        _ => "perf_event_open failed".to_string(),
+    };
+    format!("{why}: {error}")
+}
+
 /// The counters of one measurement: each event either counting or unavailable with the
 /// reason `perf_event_open` gave.
 pub struct PerfSet {
@@ -40,7 +74,7 @@ impl PerfSet {
                     .kind(event)
                     .build()
                     .and_then(|mut c| c.enable().map(|()| c))
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| explain(name, &e));
                 (name, counter)
             })
             .collect();
@@ -59,5 +93,32 @@ impl PerfSet {
                 (*name, v)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_explained_and_keep_the_os_error() {
+        let cases: &[(&str, i32, &str)] = &[
+            ("cycles", libc::EACCES, "perf_event_paranoid"),
+            ("task-clock-ns", libc::EPERM, "CAP_PERFMON"),
+            ("task-clock-ns", libc::ENOENT, "does not count this event"),
+            ("cycles", libc::EINVAL, "perf_event_open failed"),
+        ];
+        for &(event, errno, want) in cases {
+            let error = std::io::Error::from_raw_os_error(errno);
+            let text = explain(event, &error);
+            assert!(text.contains(want), "{event} {errno}: {text}");
+            assert!(text.ends_with(&error.to_string()), "{text}");
+        }
+        // A hardware event the host cannot count: either no PMU at all or not this event.
+        let text = explain("cycles", &std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert!(
+            text.contains("no hardware PMU") || text.contains("does not count"),
+            "{text}"
+        );
     }
 }

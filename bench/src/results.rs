@@ -24,7 +24,8 @@ pub struct BenchResults {
     pub measurements: Vec<Measurement>,
 }
 
-/// The host: KVM flavour and capabilities (as `deja info` reports them) and basics.
+/// The host: KVM flavour and capabilities (as `deja info` reports them) and basics. The
+/// fields after `host` were added later; older files read back with them empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Machine {
     /// `uname -srm`-like kernel description.
@@ -33,6 +34,37 @@ pub struct Machine {
     pub cpus: usize,
     /// What `deja info` detects.
     pub host: HostInfo,
+    /// Physical memory (MemTotal), bytes.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// The 1, 5 and 15 minute load averages when the run started: numbers from a loaded
+    /// machine are noisy, and readers should know.
+    #[serde(default)]
+    pub load_average: Option<[f64; 3]>,
+    /// How deja was built (`release` or `debug`): a debug build's bt is several times slower.
+    #[serde(default)]
+    pub build_profile: Option<String>,
+    /// `qemu-system-x86_64 --version`'s first line, when QEMU is installed (the qemu-tcg
+    /// column's peer).
+    #[serde(default)]
+    pub qemu_version: Option<String>,
+}
+
+/// Recording a trace of the same loop: what it costs and how much it writes. Filled by the
+/// recording measurement (`bench::record`); absent when the run did not record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recording {
+    /// Host nanoseconds per operation while recording (median, min, max over repeats).
+    pub ns_per_op: Option<Summary>,
+    /// Median ns per operation recording over median ns per operation not recording.
+    pub overhead: Option<f64>,
+    /// Bytes of the whole trace file (compressed, header and footer included).
+    pub trace_bytes: u64,
+    /// Trace bytes attributable to one operation (between the marks where the recorder
+    /// can tell, otherwise the whole trace over the iteration count).
+    pub trace_bytes_per_op: f64,
+    /// Trace events logged per operation.
+    pub events_per_op: f64,
 }
 
 /// Whether a measurement ran.
@@ -122,6 +154,9 @@ pub struct Measurement {
     pub counters_per_op: BTreeMap<String, f64>,
     /// Host perf-event counters per operation.
     pub perf: Vec<PerfValue>,
+    /// Recording overhead and trace size, when the run recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<Recording>,
 }
 
 impl Measurement {
@@ -140,6 +175,7 @@ impl Measurement {
             exits_per_op: BTreeMap::new(),
             counters_per_op: BTreeMap::new(),
             perf: Vec::new(),
+            recording: None,
         }
     }
 

@@ -86,7 +86,7 @@ impl Default for BenchConfig {
                 Column::Native,
                 Column::QemuTcg,
             ],
-            mmus: vec!["tlb".into()],
+            mmus: vec!["shadow".into(), "nested".into(), "tlb".into()],
             filter: None,
             repeat: 5,
             iterations: None,
@@ -486,6 +486,7 @@ fn summarize(job: &Job, iterations: u32, samples: &[Sample]) -> Measurement {
         exits_per_op,
         counters_per_op,
         perf,
+        recording: None,
     }
 }
 
@@ -497,10 +498,38 @@ pub fn machine() -> Machine {
         .map(|s| s.trim().to_string())
         .collect::<Vec<_>>()
         .join(" ");
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| {
+            let v: Vec<f64> = text
+                .split_whitespace()
+                .take(3)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (v.len() == 3).then(|| [v[0], v[1], v[2]])
+        });
     Machine {
         kernel: format!("{kernel} {}", std::env::consts::ARCH),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         host: deja_kvm::host_info::HostInfo::detect(),
+        memory_bytes,
+        load_average,
+        build_profile: Some(
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .into(),
+        ),
+        qemu_version: crate::qemu::version(),
     }
 }
 

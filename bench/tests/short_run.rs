@@ -127,6 +127,20 @@ fn results_round_trip_through_json() {
     assert_eq!(BenchResults::from_json(&text).unwrap(), results);
     assert!(text.contains("\"status\": \"skipped\""), "{text}");
     assert!(BenchResults::from_json("{\"format_version\": 1}").is_err());
+    // Files written before the machine description grew still read back.
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let machine = value["machine"].as_object_mut().unwrap();
+    for field in [
+        "memory_bytes",
+        "load_average",
+        "build_profile",
+        "qemu_version",
+    ] {
+        assert!(machine.remove(field).is_some(), "{field} is not written");
+    }
+    let old = BenchResults::from_json(&value.to_string()).unwrap();
+    assert_eq!(old.machine.build_profile, None);
+    assert_eq!(old.measurements, results.measurements);
 }
 
 #[test]

@@ -1,11 +1,11 @@
 //! Plots and HTML/Markdown reports from `deja bench` results: ns per operation for each
 //! benchmark grouped by engine and MMU strategy (log scale), exits per operation by reason
-//! as stacked bars, MMU counters per strategy, an `index.html` and a `summary.md`.
+//! as stacked bars, MMU counters per strategy (one panel per benchmark that makes the MMU
+//! work), recording overhead and trace size, an `index.html` and a `summary.md`.
 //!
 //! Text in plots needs a TrueType font (plotters lays text out with ab_glyph, for SVG as
-//! well as PNG). The report uses DejaVu Sans or Liberation Sans from the usual system font
-//! directories; without one it still draws every plot, without titles, labels and legends,
-//! and says so in the summary.
+//! well as PNG). The report embeds DejaVu Sans (`reports/fonts`, with its license), so the
+//! plots look the same whatever fonts the machine drawing them has.
 
 use deja_bench::{BenchResults, Measurement, Status};
 use plotters::coord::Shift;
@@ -35,33 +35,32 @@ pub enum ReportError {
         /// plotters' explanation.
         message: String,
     },
+    /// The embedded font could not be registered with plotters.
+    #[error("registering the embedded DejaVu Sans font with plotters: {0}")]
+    Font(String),
     /// No results were given.
     #[error("no results to report on")]
     Empty,
 }
 
-/// Where fonts are looked for, in order.
-const FONT_PATHS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-];
+/// DejaVu Sans 2.37 (Bitstream Vera license, `reports/fonts/LICENSE-DejaVu.txt`).
+const FONT: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
+/// The family name plots ask for; bound to [`FONT`].
+const FAMILY: &str = "sans-serif";
 
-/// Registers a system font with plotters once; whether text can be drawn.
-fn text_available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        FONT_PATHS.iter().any(|p| {
-            std::fs::read(p).is_ok_and(|bytes| {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-            })
+/// Registers the embedded font with plotters (once per process).
+fn register_font() -> Result<(), ReportError> {
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
+                .map_err(|_| "ab_glyph cannot parse the embedded font".to_string())
         })
-    })
+        .clone()
+        .map_err(ReportError::Font)
 }
 
-/// Measurements that ran, with the column label, from every result file in order.
+/// Measurements that ran, from every result file in order.
 fn ok_measurements(results: &[BenchResults]) -> Vec<&Measurement> {
     results
         .iter()
@@ -70,6 +69,7 @@ fn ok_measurements(results: &[BenchResults]) -> Vec<&Measurement> {
         .collect()
 }
 
+/// The distinct items in first-seen order.
 fn ordered<'a>(items: impl Iterator<Item = &'a str>) -> Vec<String> {
     let mut seen = BTreeSet::new();
     items
@@ -78,52 +78,88 @@ fn ordered<'a>(items: impl Iterator<Item = &'a str>) -> Vec<String> {
         .collect()
 }
 
+/// A plot: its file stem, its size, and how it is drawn.
+struct PlotSpec {
+    name: &'static str,
+    size: (u32, u32),
+}
+
+/// The plots `results` call for: the MMU panel grid grows with the benchmarks in it, and
+/// the recording plot is drawn only when some measurement recorded a trace.
+fn plots(results: &[BenchResults]) -> Vec<PlotSpec> {
+    let mut specs = vec![
+        PlotSpec {
+            name: "ns_per_op",
+            size: (1400, 640),
+        },
+        PlotSpec {
+            name: "exits_per_op",
+            size: (1400, 600),
+        },
+    ];
+    let panels = mmu_benches(results).len();
+    if panels > 0 {
+        specs.push(PlotSpec {
+            name: "mmu_counters",
+            size: (1400, 380 * panels.div_ceil(2) as u32),
+        });
+    }
+    if ok_measurements(results)
+        .iter()
+        .any(|m| m.recording.is_some())
+    {
+        specs.push(PlotSpec {
+            name: "recording",
+            size: (1400, 900),
+        });
+    }
+    specs
+}
+
 /// Writes the plots (SVG and PNG), `index.html` and `summary.md` into `dir`; returns the
 /// files written.
 pub fn write_report(results: &[BenchResults], dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
     if results.is_empty() {
         return Err(ReportError::Empty);
     }
+    register_font()?;
     std::fs::create_dir_all(dir).map_err(|source| ReportError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    let text = text_available();
+    let specs = plots(results);
     let mut written = Vec::new();
-    for name in ["ns_per_op", "exits_per_op", "mmu_counters"] {
-        let svg = dir.join(format!("{name}.svg"));
-        {
-            let root = SVGBackend::new(&svg, (1000, 560)).into_drawing_area();
-            plot(name, &root, results, text).map_err(|message| ReportError::Draw {
-                plot: format!("{name}.svg"),
+    for spec in &specs {
+        let draw_err = |file: String| {
+            move |message: String| ReportError::Draw {
+                plot: file,
                 message,
-            })?;
-            root.present().map_err(|e| ReportError::Draw {
-                plot: format!("{name}.svg"),
-                message: e.to_string(),
-            })?;
+            }
+        };
+        let svg = dir.join(format!("{}.svg", spec.name));
+        {
+            let root = SVGBackend::new(&svg, spec.size).into_drawing_area();
+            plot(spec.name, &root, results).map_err(draw_err(format!("{}.svg", spec.name)))?;
+            root.present()
+                .map_err(|e| draw_err(format!("{}.svg", spec.name))(e.to_string()))?;
         }
         written.push(svg);
-        let png = dir.join(format!("{name}.png"));
+        let png = dir.join(format!("{}.png", spec.name));
         {
-            let root = BitMapBackend::new(&png, (1000, 560)).into_drawing_area();
-            plot(name, &root, results, text).map_err(|message| ReportError::Draw {
-                plot: format!("{name}.png"),
-                message,
-            })?;
-            root.present().map_err(|e| ReportError::Draw {
-                plot: format!("{name}.png"),
-                message: e.to_string(),
-            })?;
+            let root = BitMapBackend::new(&png, spec.size).into_drawing_area();
+            plot(spec.name, &root, results).map_err(draw_err(format!("{}.png", spec.name)))?;
+            root.present()
+                .map_err(|e| draw_err(format!("{}.png", spec.name))(e.to_string()))?;
         }
         written.push(png);
     }
-    let summary = summary_markdown(results, text);
+    let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+    let summary = summary_markdown(results, &names);
     let path = dir.join("summary.md");
     write(&path, &summary)?;
     written.push(path);
     let path = dir.join("index.html");
-    write(&path, &index_html(&summary))?;
+    write(&path, &index_html(&summary, &names))?;
     written.push(path);
     Ok(written)
 }
@@ -140,16 +176,18 @@ fn plot<DB: DrawingBackend>(
     name: &str,
     root: &DrawingArea<DB, Shift>,
     results: &[BenchResults],
-    text: bool,
 ) -> Result<(), String> {
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
     match name {
-        "ns_per_op" => plot_ns_per_op(root, results, text),
-        "exits_per_op" => plot_exits(root, results, text),
-        _ => plot_mmu(root, results, text),
+        "ns_per_op" => plot_ns_per_op(root, results),
+        "exits_per_op" => plot_exits(root, results),
+        "mmu_counters" => plot_mmu(root, results),
+        "recording" => plot_recording(root, results),
+        other => Err(format!("no plot called {other}")),
     }
 }
 
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 10] = [
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0xff, 0x7f, 0x0e),
     RGBColor(0x2c, 0xa0, 0x2c),
@@ -158,80 +196,101 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(0x8c, 0x56, 0x4b),
     RGBColor(0xe3, 0x77, 0xc2),
     RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
 ];
 
 fn color(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
+/// The lower and upper bound of a log axis over `values` (positive ones), with headroom
+/// above for the legend.
+fn log_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let positive: Vec<f64> = values.filter(|v| *v > 0.0 && v.is_finite()).collect();
+    let lo = positive.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = positive.iter().copied().fold(0.0, f64::max);
+    if !lo.is_finite() {
+        return 0.1..10.0;
+    }
+    let lo = lo / 2.0;
+    lo..(hi.max(lo * 10.0) * 30.0)
+}
+
 /// Grouped bars on a log axis: one group per benchmark, one bar per column.
 fn plot_ns_per_op<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     results: &[BenchResults],
-    text: bool,
 ) -> Result<(), String> {
     let ms = ok_measurements(results);
     let benches = ordered(ms.iter().map(|m| m.bench.as_str()));
-    let columns = ordered(
+    let columns = column_order(&ms);
+    let y = log_range(ms.iter().filter_map(|m| m.ns_per_op.map(|s| s.median)));
+    bars(
+        root,
+        &Bars {
+            title: "host ns per operation (median over repeats; log scale)",
+            y_desc: "ns/op",
+            groups: &benches,
+            series: &columns,
+            log: true,
+        },
+        |b, c| {
+            ms.iter()
+                .find(|m| &m.bench == b && &m.column() == c)
+                .and_then(|m| m.ns_per_op.map(|s| s.median))
+        },
+        y,
+    )
+}
+
+/// Columns in a fixed, readable order: bt strategies, kvm, qemu-tcg, native, then others.
+fn column_order(ms: &[&Measurement]) -> Vec<String> {
+    let mut columns = ordered(
         ms.iter()
             .map(|m| m.column())
             .collect::<Vec<_>>()
             .iter()
             .map(String::as_str),
     );
-    let values: Vec<f64> = ms
-        .iter()
-        .filter_map(|m| m.ns_per_op.map(|s| s.median))
-        .collect();
-    let lo = values
-        .iter()
-        .copied()
-        .fold(f64::INFINITY, f64::min)
-        .max(1e-3)
-        / 2.0;
-    let hi = values.iter().copied().fold(0.0, f64::max).max(lo * 10.0) * 2.0;
-    let lo = if lo.is_finite() { lo } else { 0.1 };
-    bars(
-        root,
-        text,
-        "ns per operation (median; log scale)",
-        "ns/op",
-        &benches,
-        &columns,
-        |b, c| {
-            ms.iter()
-                .find(|m| &m.bench == b && &m.column() == c)
-                .and_then(|m| m.ns_per_op.map(|s| s.median))
-        },
-        lo..hi,
-        true,
-    )
+    let rank = |c: &str| match c {
+        "bt/shadow" => 0,
+        "bt/nested" => 1,
+        "bt/tlb" => 2,
+        "kvm" => 3,
+        "qemu-tcg" => 4,
+        "native" => 5,
+        _ => 6,
+    };
+    columns.sort_by_key(|c| rank(c));
+    columns
 }
 
-/// Draws grouped bars; `log` picks a log y axis.
-#[allow(clippy::too_many_arguments)]
+/// What [`bars`] draws.
+struct Bars<'a> {
+    title: &'a str,
+    y_desc: &'a str,
+    groups: &'a [String],
+    series: &'a [String],
+    log: bool,
+}
+
+/// Draws grouped bars: one group per `groups` entry, one bar per `series` entry.
 fn bars<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    text: bool,
-    title: &str,
-    y_desc: &str,
-    groups: &[String],
-    series: &[String],
+    spec: &Bars<'_>,
     value: impl Fn(&String, &String) -> Option<f64>,
     y: std::ops::Range<f64>,
-    log: bool,
 ) -> Result<(), String> {
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let groups = spec.groups;
     let n = groups.len().max(1) as f64;
-    let width = 0.8 / series.len().max(1) as f64;
+    let width = 0.8 / spec.series.len().max(1) as f64;
     let mut builder = ChartBuilder::on(root);
-    builder.margin(15);
-    if text {
-        builder
-            .caption(title, ("sans-serif", 22))
-            .x_label_area_size(40)
-            .y_label_area_size(70);
-    }
+    builder
+        .margin(15)
+        .caption(spec.title, (FAMILY, 22))
+        .x_label_area_size(40)
+        .y_label_area_size(70);
     macro_rules! draw {
         ($chart:expr, $base:expr) => {{
             let mut chart = $chart;
@@ -243,15 +302,16 @@ fn bars<DB: DrawingBackend>(
                     String::new()
                 }
             };
-            if text {
-                let mut mesh = chart.configure_mesh();
-                mesh.disable_x_mesh()
-                    .y_desc(y_desc)
-                    .x_labels(groups.len() + 1)
-                    .x_label_formatter(&formatter);
-                mesh.draw().map_err(|e| e.to_string())?;
-            }
-            for (si, s) in series.iter().enumerate() {
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .y_desc(spec.y_desc)
+                .x_labels(groups.len() + 1)
+                .x_label_formatter(&formatter)
+                .x_label_style((FAMILY, 13))
+                .draw()
+                .map_err(|e| e.to_string())?;
+            for (si, s) in spec.series.iter().enumerate() {
                 let c = color(si);
                 let rects: Vec<_> = groups
                     .iter()
@@ -265,25 +325,24 @@ fn bars<DB: DrawingBackend>(
                         ))
                     })
                     .collect();
-                let drawn = chart.draw_series(rects).map_err(|e| e.to_string())?;
-                if text {
-                    drawn.label(s.as_str()).legend(move |(x, y)| {
+                chart
+                    .draw_series(rects)
+                    .map_err(|e| e.to_string())?
+                    .label(s.as_str())
+                    .legend(move |(x, y)| {
                         Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled())
                     });
-                }
             }
-            if text {
-                chart
-                    .configure_series_labels()
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .position(SeriesLabelPosition::UpperRight)
-                    .draw()
-                    .map_err(|e| e.to_string())?;
-            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()
+                .map_err(|e| e.to_string())?;
         }};
     }
-    if log {
+    if spec.log {
         let base = y.start;
         draw!(
             builder
@@ -306,9 +365,7 @@ fn bars<DB: DrawingBackend>(
 fn plot_exits<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     results: &[BenchResults],
-    text: bool,
 ) -> Result<(), String> {
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
     let ms: Vec<&Measurement> = ok_measurements(results)
         .into_iter()
         .filter(|m| !m.exits_per_op.is_empty())
@@ -326,36 +383,34 @@ fn plot_exits<DB: DrawingBackend>(
         .map(|m| m.exits_per_op.values().sum::<f64>())
         .fold(0.0, f64::max)
         .max(1e-3)
-        * 1.2;
+        * 1.6;
     let n = labels.len().max(1) as f64;
-    let mut builder = ChartBuilder::on(root);
-    builder.margin(15);
-    if text {
-        builder
-            .caption("exits per operation by reason", ("sans-serif", 22))
-            .x_label_area_size(40)
-            .y_label_area_size(70);
-    }
-    let mut chart = builder
+    let mut chart = ChartBuilder::on(root)
+        .margin(15)
+        .caption(
+            "exits to deja per operation by reason (kvm; bt handles devices without exiting)",
+            (FAMILY, 22),
+        )
+        .x_label_area_size(40)
+        .y_label_area_size(70)
         .build_cartesian_2d(-0.5..(n - 0.5), 0.0..top)
         .map_err(|e| e.to_string())?;
-    if text {
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .y_desc("exits/op")
-            .x_labels(labels.len() + 1)
-            .x_label_formatter(&|x: &f64| {
-                let i = x.round() as usize;
-                if (x - x.round()).abs() < 1e-6 && i < labels.len() {
-                    labels[i].clone()
-                } else {
-                    String::new()
-                }
-            })
-            .draw()
-            .map_err(|e| e.to_string())?;
-    }
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc("exits/op")
+        .x_labels(labels.len() + 1)
+        .x_label_style((FAMILY, 12))
+        .x_label_formatter(&|x: &f64| {
+            let i = x.round() as usize;
+            if (x - x.round()).abs() < 1e-6 && i < labels.len() {
+                labels[i].clone()
+            } else {
+                String::new()
+            }
+        })
+        .draw()
+        .map_err(|e| e.to_string())?;
     for (ri, reason) in reasons.iter().enumerate() {
         let c = color(ri);
         let rects: Vec<_> = ms
@@ -374,114 +429,229 @@ fn plot_exits<DB: DrawingBackend>(
                 ))
             })
             .collect();
-        let drawn = chart.draw_series(rects).map_err(|e| e.to_string())?;
-        if text {
-            drawn
-                .label(reason.as_str())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
-        }
-    }
-    if text {
         chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())?;
+            .draw_series(rects)
+            .map_err(|e| e.to_string())?
+            .label(reason.trim_start_matches("exit."))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// An MMU counter worth plotting: the MMU did more than hit its TLB, in a good share of
+/// the operations (not only the first touches of a page).
+fn mmu_work(key: &str, value: f64) -> bool {
+    key.starts_with("mmu.") && key != "mmu.tlb_hit" && value >= 0.05
+}
+
+/// Benchmarks whose bt runs make the MMU do more than hit its TLB (walks, INVLPG, guest
+/// faults, shadow-table work), in first-seen order.
+fn mmu_benches(results: &[BenchResults]) -> Vec<String> {
+    let ms = ok_measurements(results);
+    ordered(
+        ms.iter()
+            .filter(|m| m.counters_per_op.iter().any(|(k, v)| mmu_work(k, *v)))
+            .map(|m| m.bench.as_str()),
+    )
+}
+
+/// MMU counters per operation: one panel per benchmark that makes the MMU work, counters
+/// along x, one bar per column (MMU strategy), log scale.
+fn plot_mmu<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    results: &[BenchResults],
+) -> Result<(), String> {
+    let benches = mmu_benches(results);
+    let ms = ok_measurements(results);
+    let rows = benches.len().div_ceil(2).max(1);
+    let panels = root.split_evenly((rows, 2));
+    for (bench, area) in benches.iter().zip(panels.iter()) {
+        // The columns that have an MMU to count (bt's strategies).
+        let runs: Vec<&&Measurement> = ms
+            .iter()
+            .filter(|m| {
+                &m.bench == bench && m.counters_per_op.keys().any(|k| k.starts_with("mmu."))
+            })
+            .collect();
+        let counters = ordered(
+            runs.iter()
+                .flat_map(|m| m.counters_per_op.iter())
+                .filter(|(k, v)| k.starts_with("mmu.") && **v >= 0.01)
+                .map(|(k, _)| k.as_str()),
+        );
+        let columns = column_order(&runs.iter().map(|m| **m).collect::<Vec<_>>());
+        let short: Vec<String> = counters
+            .iter()
+            .map(|c| c.trim_start_matches("mmu.").to_string())
+            .collect();
+        let y = log_range(
+            runs.iter()
+                .flat_map(|m| counters.iter().filter_map(|c| m.counters_per_op.get(c)))
+                .copied(),
+        );
+        let title = format!("{bench}: MMU counters per operation (log scale)");
+        bars(
+            area,
+            &Bars {
+                title: &title,
+                y_desc: "per op",
+                groups: &short,
+                series: &columns,
+                log: true,
+            },
+            |counter, column| {
+                let m = runs.iter().find(|m| &m.column() == column)?;
+                m.counters_per_op
+                    .get(&format!("mmu.{counter}"))
+                    .copied()
+                    .filter(|v| *v >= 0.01)
+            },
+            y,
+        )?;
     }
     Ok(())
 }
 
-/// MMU counters per operation, grouped by counter, one bar per benchmark x strategy, for
-/// the benchmarks that make the MMU do more than hit its TLB.
-fn plot_mmu<DB: DrawingBackend>(
+/// Recording: time per operation with and without recording (log scale) and trace bytes
+/// per operation, for every measurement that recorded a trace.
+fn plot_recording<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     results: &[BenchResults],
-    text: bool,
 ) -> Result<(), String> {
     let ms: Vec<&Measurement> = ok_measurements(results)
         .into_iter()
-        // Benchmarks that exercise the MMU beyond TLB hits (walks, INVLPG, guest faults);
-        // the others only add bars of TLB hits.
-        .filter(|m| {
-            m.counters_per_op
-                .iter()
-                .any(|(k, v)| k.starts_with("mmu.") && k != "mmu.tlb_hit" && *v >= 0.01)
-        })
+        .filter(|m| m.recording.is_some())
         .collect();
-    let counters = ordered(
+    let benches = ordered(ms.iter().map(|m| m.bench.as_str()));
+    let columns = column_order(&ms);
+    let (top, bottom) = root.split_vertically(450);
+    let mut series = Vec::new();
+    for c in &columns {
+        series.push(format!("{c} plain"));
+        series.push(format!("{c} recording"));
+    }
+    let find = |b: &String, s: &String| -> Option<&Measurement> {
+        let (column, _) = s.rsplit_once(' ')?;
         ms.iter()
-            .flat_map(|m| m.counters_per_op.keys().map(String::as_str))
-            .filter(|k| k.starts_with("mmu.")),
-    );
-    let series: Vec<String> = ms
-        .iter()
-        .map(|m| format!("{} {}", m.bench, m.column()))
-        .collect();
-    let top = ms
-        .iter()
-        .flat_map(|m| counters.iter().filter_map(|c| m.counters_per_op.get(c)))
-        .copied()
-        .fold(0.0, f64::max)
-        .max(1e-3)
-        * 1.2;
+            .copied()
+            .find(|m| &m.bench == b && m.column() == column)
+    };
+    let y = log_range(ms.iter().flat_map(|m| {
+        [
+            m.ns_per_op.map(|s| s.median),
+            m.recording
+                .as_ref()
+                .and_then(|r| r.ns_per_op)
+                .map(|s| s.median),
+        ]
+        .into_iter()
+        .flatten()
+    }));
     bars(
-        root,
-        text,
-        "MMU counters per operation, by strategy",
-        "per op",
-        &counters,
-        &series,
-        |counter, s| {
-            let i = series.iter().position(|x| x == s)?;
-            ms[i].counters_per_op.get(counter).copied()
+        &top,
+        &Bars {
+            title: "ns per operation, plain and while recording a trace (log scale)",
+            y_desc: "ns/op",
+            groups: &benches,
+            series: &series,
+            log: true,
         },
-        0.0..top,
-        false,
+        |b, s| {
+            let m = find(b, s)?;
+            if s.ends_with(" recording") {
+                m.recording.as_ref()?.ns_per_op.map(|x| x.median)
+            } else {
+                m.ns_per_op.map(|x| x.median)
+            }
+        },
+        y,
+    )?;
+    let y = log_range(
+        ms.iter()
+            .filter_map(|m| m.recording.as_ref().map(|r| r.trace_bytes_per_op)),
+    );
+    bars(
+        &bottom,
+        &Bars {
+            title: "trace bytes per operation (compressed; log scale)",
+            y_desc: "bytes/op",
+            groups: &benches,
+            series: &columns,
+            log: true,
+        },
+        |b, c| {
+            ms.iter()
+                .find(|m| &m.bench == b && &m.column() == c)
+                .and_then(|m| m.recording.as_ref())
+                .map(|r| r.trace_bytes_per_op)
+        },
+        y,
     )
 }
 
-/// The tables of the report in Markdown.
-pub fn summary_markdown(results: &[BenchResults], text_in_plots: bool) -> String {
+/// The tables of the report in Markdown; `plots` are the plot files (stems) written.
+pub fn summary_markdown(results: &[BenchResults], plots: &[&str]) -> String {
     let mut md = String::from("# deja bench report\n\n");
     for r in results {
+        let m = &r.machine;
         let _ = writeln!(
             md,
-            "- host: {} ({}, {} CPUs{}), deja {} at {}, started at Unix time {}",
-            r.machine.host.flavour.describe(),
-            r.machine.kernel,
-            r.machine.cpus,
-            r.machine
-                .host
+            "- host: {} ({}, {} CPUs{}{}), deja {} ({} build) at {}, started at Unix time {}",
+            m.host.flavour.describe(),
+            m.kernel,
+            m.cpus,
+            m.host
                 .cpu_model
                 .as_deref()
-                .map(|m| format!(", {m}"))
+                .map(|c| format!(", {c}"))
+                .unwrap_or_default(),
+            m.memory_bytes
+                .map(|b| format!(", {} MiB RAM", b >> 20))
                 .unwrap_or_default(),
             r.deja_version,
+            m.build_profile.as_deref().unwrap_or("unknown"),
             r.git_revision.as_deref().unwrap_or("(unknown revision)"),
             r.started_unix
         );
-    }
-    md.push_str(
-        "\n![ns per operation](ns_per_op.svg)\n![exits per operation](exits_per_op.svg)\n\
-         ![MMU counters](mmu_counters.svg)\n\n",
-    );
-    if !text_in_plots {
-        md.push_str(
-            "Note: no TrueType font was found, so the plots have no titles, labels or legends; \
-             the tables below carry the numbers.\n\n",
+        if let Some(load) = m.load_average {
+            let _ = writeln!(
+                md,
+                "  - load average at the start: {:.2} {:.2} {:.2} (1, 5, 15 min) on {} CPUs{}",
+                load[0],
+                load[1],
+                load[2],
+                m.cpus,
+                if load[0] > m.cpus as f64 * 0.5 {
+                    ": a loaded machine; expect noisy timings (compare min columns)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let _ = writeln!(
+            md,
+            "  - qemu-tcg peer: {}",
+            m.qemu_version
+                .as_deref()
+                .unwrap_or("not installed (or not recorded)")
         );
     }
+    md.push('\n');
+    for p in plots {
+        let _ = writeln!(md, "![{}]({p}.svg)", p.replace('_', " "));
+    }
+    md.push('\n');
     md.push_str("## ns per operation (median [min, max] over the repeats)\n\n");
     let all: Vec<&Measurement> = results.iter().flat_map(|r| r.measurements.iter()).collect();
     let benches = ordered(all.iter().map(|m| m.bench.as_str()));
-    let columns = ordered(
-        all.iter()
-            .map(|m| m.column())
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str),
-    );
+    let columns = column_order(&all);
     let _ = writeln!(md, "| bench | {} |", columns.join(" | "));
     let _ = writeln!(md, "|---|{}", "---:|".repeat(columns.len()));
     for b in &benches {
@@ -503,7 +673,14 @@ pub fn summary_markdown(results: &[BenchResults], text_in_plots: bool) -> String
             .collect();
         let _ = writeln!(md, "| {b} | {} |", cells.join(" | "));
     }
-    md.push_str("\n## exits and counters per operation\n\n| bench | column | exits/op | other counters/op |\n|---|---|---|---|\n");
+    mmu_table(&mut md, &all);
+    recording_table(&mut md, &all);
+    md.push_str(
+        "\n## exits and counters per operation\n\n\
+         Exits (`exit.*`) are kvm's returns to deja; `bt.*` the translation cache, `mmu.*` \
+         the MMU strategy, `io.*` device accesses, `kvm.stat.*` KVM's own binary statistics.\n\n\
+         | bench | column | exits/op | other counters/op |\n|---|---|---|---|\n",
+    );
     for m in all.iter().filter(|m| m.status == Status::Ok) {
         let fmt = |map: &BTreeMap<String, f64>| {
             map.iter()
@@ -533,16 +710,22 @@ pub fn summary_markdown(results: &[BenchResults], text_in_plots: bool) -> String
             .collect();
         for p in &m.perf {
             if let Some(e) = &p.unavailable {
-                unavailable.insert(p.event.clone(), e.clone());
+                unavailable
+                    .entry((p.event.clone(), e.clone()))
+                    .or_insert_with(Vec::new)
+                    .push(m.column());
             }
         }
-        let _ = writeln!(md, "- {} {}: {}", m.bench, m.column(), vals.join(", "));
+        if !vals.is_empty() {
+            let _ = writeln!(md, "- {} {}: {}", m.bench, m.column(), vals.join(", "));
+        }
     }
-    for (event, why) in unavailable {
-        let _ = writeln!(md, "- {event}: unavailable on this host ({why})");
+    for ((event, why), columns) in unavailable {
+        let columns = ordered(columns.iter().map(String::as_str));
+        let _ = writeln!(md, "- {event}: unavailable ({}): {why}", columns.join(", "));
     }
     md.push_str("\n## not measured\n\n");
-    for m in all.iter() {
+    for m in &all {
         match &m.status {
             Status::Skipped { reason } => {
                 let _ = writeln!(md, "- {} on {}: skipped: {reason}", m.bench, m.column());
@@ -553,11 +736,85 @@ pub fn summary_markdown(results: &[BenchResults], text_in_plots: bool) -> String
             Status::Ok => {}
         }
     }
-    md.push_str(
-        "- recording overhead and trace size: not measured yet (the harness does not run \
-         the recorder)\n",
-    );
+    if !all.iter().any(|m| m.recording.is_some()) {
+        md.push_str("- recording overhead and trace size: no measurement recorded a trace\n");
+    }
     md
+}
+
+/// MMU counters per operation, one row per benchmark x strategy that makes the MMU work.
+fn mmu_table(md: &mut String, all: &[&Measurement]) {
+    let rows: Vec<&&Measurement> = all
+        .iter()
+        .filter(|m| m.status == Status::Ok)
+        .filter(|m| m.counters_per_op.iter().any(|(k, v)| mmu_work(k, *v)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let counters = ordered(
+        rows.iter()
+            .flat_map(|m| m.counters_per_op.keys())
+            .filter(|k| k.starts_with("mmu."))
+            .map(String::as_str),
+    );
+    md.push_str("\n## MMU counters per operation, by strategy\n\n");
+    let short: Vec<&str> = counters
+        .iter()
+        .map(|c| c.trim_start_matches("mmu."))
+        .collect();
+    let _ = writeln!(md, "| bench | column | {} |", short.join(" | "));
+    let _ = writeln!(md, "|---|---|{}", "---:|".repeat(counters.len()));
+    for m in rows {
+        let cells: Vec<String> = counters
+            .iter()
+            .map(|c| {
+                m.counters_per_op
+                    .get(c)
+                    .map_or(String::new(), |v| format!("{v:.2}"))
+            })
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            m.bench,
+            m.column(),
+            cells.join(" | ")
+        );
+    }
+}
+
+/// Recording overhead and trace size, for the measurements that recorded.
+fn recording_table(md: &mut String, all: &[&Measurement]) {
+    let rows: Vec<(&&Measurement, &deja_bench::results::Recording)> = all
+        .iter()
+        .filter(|m| m.status == Status::Ok)
+        .filter_map(|m| Some((m, m.recording.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str(
+        "\n## recording overhead and trace size\n\n\
+         | bench | column | ns/op plain | ns/op recording | overhead | trace bytes/op | trace bytes | events/op |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (m, r) in rows {
+        let ns =
+            |s: Option<deja_bench::Summary>| s.map_or("-".into(), |s| format!("{:.1}", s.median));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {:.3} |",
+            m.bench,
+            m.column(),
+            ns(m.ns_per_op),
+            ns(r.ns_per_op),
+            r.overhead.map_or("-".into(), |o| format!("{o:.2}x")),
+            r.trace_bytes_per_op,
+            r.trace_bytes,
+            r.events_per_op
+        );
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -567,14 +824,19 @@ fn escape(s: &str) -> String {
 }
 
 /// `index.html`: the plots and the summary's text (as preformatted Markdown).
-fn index_html(summary: &str) -> String {
+fn index_html(summary: &str, plots: &[&str]) -> String {
+    let images: String = plots
+        .iter()
+        .map(|p| {
+            format!(
+                "<p><a href=\"{p}.svg\"><img src=\"{p}.png\" alt=\"{}\" style=\"max-width:100%\"></a></p>\n",
+                p.replace('_', " ")
+            )
+        })
+        .collect();
     format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>deja bench report</title>\
-         </head><body>\n<h1>deja bench report</h1>\n\
-         <p><img src=\"ns_per_op.svg\" alt=\"ns per operation\"></p>\n\
-         <p><img src=\"exits_per_op.svg\" alt=\"exits per operation\"></p>\n\
-         <p><img src=\"mmu_counters.svg\" alt=\"MMU counters\"></p>\n\
-         <pre>{}</pre>\n</body></html>\n",
+         </head><body>\n<h1>deja bench report</h1>\n{images}<pre>{}</pre>\n</body></html>\n",
         escape(summary)
     )
 }

@@ -1,7 +1,7 @@
 //! Report generation writes files that parse: well-formed SVG, decodable PNG, tables with
 //! the numbers.
 
-use deja_bench::results::{FORMAT_VERSION, Machine, PerfValue};
+use deja_bench::results::{FORMAT_VERSION, Machine, PerfValue, Recording};
 use deja_bench::{BenchResults, Measurement, Status, Summary};
 use std::collections::BTreeMap;
 
@@ -24,12 +24,14 @@ fn measurement(
         counters_per_op: BTreeMap::from([
             ("mmu.tlb_hit".to_string(), 1.5),
             ("mmu.walks".to_string(), 0.5),
+            ("mmu.mmu_pte_write".to_string(), 1.0),
         ]),
         perf: vec![PerfValue {
             event: "cycles".into(),
             per_op: None,
             unavailable: Some("No such file or directory (os error 2)".into()),
         }],
+        recording: None,
     }
 }
 
@@ -43,9 +45,23 @@ fn results() -> BenchResults {
             kernel: "Linux test".into(),
             cpus: 2,
             host: deja_kvm::host_info::HostInfo::detect(),
+            memory_bytes: Some(8 << 30),
+            load_average: Some([3.5, 2.0, 1.0]),
+            build_profile: Some("release".into()),
+            qemu_version: None,
         },
         measurements: vec![
-            measurement("in", "bt", "tlb", 950.0, &[]),
+            Measurement {
+                recording: Some(Recording {
+                    ns_per_op: Summary::of(&[1900.0]),
+                    overhead: Some(2.0),
+                    trace_bytes: 123_456,
+                    trace_bytes_per_op: 3.25,
+                    events_per_op: 1.0,
+                }),
+                ..measurement("in", "bt", "tlb", 950.0, &[])
+            },
+            measurement("ptemod", "bt", "shadow", 1200.0, &[]),
             measurement("in", "kvm", "host", 12000.0, &[("exit.io_in", 1.0)]),
             measurement(
                 "cpuid",
@@ -74,7 +90,7 @@ fn the_report_writes_well_formed_svg_decodable_png_and_tables() {
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    for plot in ["ns_per_op", "exits_per_op", "mmu_counters"] {
+    for plot in ["ns_per_op", "exits_per_op", "mmu_counters", "recording"] {
         assert!(names.contains(&format!("{plot}.svg")), "{names:?}");
         let svg = std::fs::read_to_string(dir.join(format!("{plot}.svg"))).unwrap();
         let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{plot}.svg: {e}"));
@@ -90,13 +106,20 @@ fn the_report_writes_well_formed_svg_decodable_png_and_tables() {
             .unwrap();
         let mut buf = vec![0; reader.output_buffer_size()];
         let info = reader.next_frame(&mut buf).unwrap();
-        assert_eq!((info.width, info.height), (1000, 560), "{plot}.png");
+        assert_eq!(info.width, 1400, "{plot}.png");
+        // Text is drawn with the embedded font: the SVG carries the titles.
+        assert!(
+            doc.descendants().any(|n| n.has_tag_name("text")
+                && n.text()
+                    .is_some_and(|t| t.contains("per operation") || t.contains("MMU"))),
+            "{plot}.svg has no title text"
+        );
         // Not a blank canvas.
         assert!(buf.iter().any(|&b| b != 0xff), "{plot}.png is all white");
     }
     let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
     assert!(
-        summary.contains("| in | 950.0 [855.0, 1140.0] |"),
+        summary.contains("| in |  | 950.0 [855.0, 1140.0] |"),
         "{summary}"
     );
     assert!(
@@ -104,8 +127,16 @@ fn the_report_writes_well_formed_svg_decodable_png_and_tables() {
         "{summary}"
     );
     assert!(summary.contains("cycles: unavailable"), "{summary}");
+    assert!(summary.contains("a loaded machine"), "{summary}");
+    assert!(
+        summary.contains("| in | bt/tlb | 950.0 | 1900.0 | 2.00x | 3.25 | 123456 | 1.000 |"),
+        "{summary}"
+    );
+    assert!(summary.contains("mmu_pte_write"), "{summary}");
     let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
-    assert!(html.contains("<img src=\"ns_per_op.svg\""));
+    for plot in ["ns_per_op", "exits_per_op", "mmu_counters", "recording"] {
+        assert!(html.contains(&format!("<img src=\"{plot}.png\"")), "{html}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

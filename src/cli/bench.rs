@@ -11,11 +11,13 @@ use std::process::ExitCode;
 /// Arguments of `deja bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Columns: bt, kvm, native (benchmarks that can run in a host process), qemu-tcg.
+    /// Columns: bt, kvm, native (benchmarks that can run in a host process), qemu-tcg (the
+    /// same guest image under `qemu-system-x86_64 -accel tcg`, when it is installed).
     #[arg(long, value_delimiter = ',', default_value = "bt,kvm,native,qemu-tcg")]
     pub engines: Vec<String>,
-    /// bt's MMU strategies: tlb, shadow, nested (kvm always uses the host's MMU).
-    #[arg(long, value_delimiter = ',', default_value = "tlb")]
+    /// bt's MMU strategies: shadow, nested, tlb (kvm, qemu-tcg and native always use the
+    /// host's MMU).
+    #[arg(long, value_delimiter = ',', default_value = "shadow,nested,tlb")]
     pub mmu: Vec<String>,
     /// Only benchmarks whose name contains PATTERN.
     #[arg(long, value_name = "PATTERN")]
