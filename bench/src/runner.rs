@@ -533,14 +533,21 @@ pub fn machine() -> Machine {
     }
 }
 
-/// `git rev-parse HEAD` in the current directory, when git and a checkout are there.
+/// `git rev-parse HEAD` in the current directory, when git and a checkout are there, with
+/// `+dirty` when tracked files differ from it (the numbers then come from code no revision
+/// holds).
 pub fn git_revision() -> Option<String> {
     let out = std::process::Command::new("git")
         .args(["rev-parse", "HEAD"])
         .output()
         .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
+    let head = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || head.is_empty() {
+        return None;
+    }
+    let clean = std::process::Command::new("git")
+        .args(["diff", "--quiet", "HEAD", "--"])
+        .status()
+        .is_ok_and(|s| s.success());
+    Some(if clean { head } else { format!("{head}+dirty") })
 }

@@ -290,3 +290,40 @@ fn qemu_tcg_times_the_marked_loop_when_installed() {
     assert_eq!((m.engine.as_str(), m.iterations), ("qemu-tcg", 2000));
     assert!(m.ns_per_op.unwrap().min > 0.0, "{m:?}");
 }
+
+#[test]
+fn ptemod_traces_page_table_writes_under_shadow_and_not_under_nested() {
+    let config = BenchConfig {
+        columns: vec![Column::Engine(EngineKind::Bt)],
+        mmus: vec!["shadow".into(), "nested".into()],
+        filter: Some("ptemod".into()),
+        repeat: 1,
+        iterations: Some(40),
+    };
+    let ms: Vec<Measurement> = runner::plan(&config)
+        .unwrap()
+        .iter()
+        .map(|job| runner::run_job(job, &config))
+        .collect();
+    let nested = find(&ms, "ptemod", "bt/nested");
+    assert_eq!(nested.status, Status::Ok, "{nested:#?}");
+    // The EPT/NPT model traces nothing: no page-table write is intercepted.
+    assert_eq!(
+        nested.counters_per_op.get("mmu.mmu_pte_write"),
+        None,
+        "{:?}",
+        nested.counters_per_op
+    );
+    let shadow = find(&ms, "ptemod", "bt/shadow");
+    if let Status::Skipped { reason } = &shadow.status {
+        println!(
+            "SKIP: ptemod_traces_page_table_writes_under_shadow_and_not_under_nested: \
+             bt refuses the shadow MMU here: {reason}"
+        );
+        return;
+    }
+    assert_eq!(shadow.status, Status::Ok, "{shadow:#?}");
+    // The XOR into the live PTE hits a write-tracked page-table page.
+    let writes = shadow.counters_per_op.get("mmu.mmu_pte_write").copied();
+    assert!(writes >= Some(1.0), "{:?}", shadow.counters_per_op);
+}
