@@ -152,6 +152,7 @@ fn a_triple_fault_exits_125_and_prints_the_cpu_state() {
     for engine in engines {
         let o = deja(&[
             "run",
+            "--no-reboot",
             "--engine",
             engine,
             "--timeout",

@@ -84,10 +84,17 @@ fn build(
         image: image.name.clone(),
         source,
     })?;
+    let devices = machine.save_devices();
     let mut cpu = create_engine(engine, &machine, mmu)?;
     cpu.set_state(&state)
         .map_err(|source| BuildError::SetState { engine, source })?;
-    Ok(Vm::new(machine, cpu))
+    let mut vm = Vm::new(machine, cpu);
+    vm.set_reset_plan(crate::ResetPlan {
+        image: image.clone(),
+        devices,
+        acpi_tables: true,
+    });
+    Ok(vm)
 }
 
 /// [`build_vm`] with the bt engine's MMU strategy chosen (`deja run --mmu`, issue #7).

@@ -50,6 +50,26 @@ pub enum RunError {
     /// The engine itself failed.
     #[error(transparent)]
     Cpu(#[from] CpuError),
+    /// A machine reset could not re-create the boot state.
+    #[error("machine reset ({cause}) failed: {detail}")]
+    Reset {
+        /// What asked for the reset.
+        cause: String,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// What a machine reset needs to re-create the state at boot: the image (loaded again
+/// exactly as at boot; a firmware ROM is still mapped and restarts from the reset vector)
+/// and every device's state at boot. [`build_vm`] sets it; see [`Vm::set_reboot`].
+pub struct ResetPlan {
+    /// The image the machine booted.
+    pub image: deja_machine::loader::Image,
+    /// [`Machine::save_devices`] right after loading.
+    pub devices: Vec<deja_machine::devices::DeviceState>,
+    /// Whether the machine has ACPI tables to write again (the deja-pc machine).
+    pub acpi_tables: bool,
 }
 
 /// How a run ended.
@@ -122,6 +142,8 @@ pub struct Vm {
     /// The CPU engine.
     pub cpu: Box<dyn Cpu>,
     next_poll: u64,
+    reset_plan: Option<ResetPlan>,
+    reboot: bool,
 }
 
 /// Watches a run between exits; see [`Vm::run_observed`].
@@ -181,7 +203,61 @@ impl Vm {
             machine,
             cpu,
             next_poll: 0,
+            reset_plan: None,
+            reboot: false,
         }
+    }
+
+    /// Sets what a machine reset re-creates ([`build_vm`] does it).
+    pub fn set_reset_plan(&mut self, plan: ResetPlan) {
+        self.reset_plan = Some(plan);
+    }
+
+    /// Chooses what a reset request (0xcf9, port 0x92, the i8042) and a triple fault do.
+    /// On (QEMU's default, `deja run` without `--no-reboot`): the machine resets (devices
+    /// back to their boot state except the CMOS RTC, the image loaded again, the CPU in
+    /// the loader's state) and the run goes on; the reset happens at the device exit or
+    /// instruction that asked for it, so a recording replays it at the same position. Off
+    /// (the library default, and `--no-reboot`): the run ends with
+    /// [`RunEnd::Stopped`]`(Reset)` or [`RunEnd::Shutdown`]. Without a [`ResetPlan`] it
+    /// stays off.
+    pub fn set_reboot(&mut self, on: bool) {
+        self.reboot = on;
+    }
+
+    /// Whether resets and triple faults reboot the machine.
+    pub fn reboots(&self) -> bool {
+        self.reboot && self.reset_plan.is_some()
+    }
+
+    /// Resets the machine as [`Vm::set_reboot`] describes.
+    fn reset_machine(&mut self, cause: &str) -> Result<(), RunError> {
+        let err = |detail: String| RunError::Reset {
+            cause: cause.to_string(),
+            detail,
+        };
+        let Some(plan) = &self.reset_plan else {
+            return Err(err("the machine has no reset plan".into()));
+        };
+        self.machine
+            .reset_devices(&plan.devices)
+            .map_err(|e| err(e.to_string()))?;
+        if plan.acpi_tables {
+            deja_machine::devices::acpi::install_acpi_tables(
+                &self.machine.mem,
+                &self.machine.layout,
+            )
+            .map_err(|e| err(e.to_string()))?;
+        }
+        let state = match plan.image.format {
+            // The ROM is still mapped, read-only: start it again from the reset vector.
+            deja_machine::loader::ImageFormat::Firmware => CpuState::reset(),
+            _ => deja_machine::loader::load(&mut self.machine, &plan.image)
+                .map_err(|e| err(e.to_string()))?,
+        };
+        self.cpu.memory_rewritten();
+        self.cpu.set_state(&state)?;
+        Ok(())
     }
 
     /// Engine counters and machine counters together.
@@ -240,7 +316,13 @@ impl Vm {
             )?;
             self.machine.set_icount(self.cpu.icount());
             if let Some(stop) = self.machine.take_stop() {
-                break RunEnd::Stopped(stop);
+                match stop {
+                    StopRequest::Reset { source } if self.reboots() => {
+                        self.reset_machine(source)?;
+                        continue;
+                    }
+                    _ => break RunEnd::Stopped(stop),
+                }
             }
             match exit {
                 Exit::InstructionLimit => {
@@ -264,6 +346,12 @@ impl Vm {
                 }
                 Exit::StopRequested => {}
                 Exit::Shutdown { reason } => {
+                    if self.reboots() {
+                        // A triple fault resets the PC (the chipset turns shutdown into
+                        // a reset), as QEMU does without --no-reboot.
+                        self.reset_machine(&reason)?;
+                        continue;
+                    }
                     let state = Box::new(self.cpu.state()?);
                     break RunEnd::Shutdown { reason, state };
                 }
@@ -277,7 +365,12 @@ impl Vm {
                 }
             }
             if let Some(stop) = self.machine.take_stop() {
-                break RunEnd::Stopped(stop);
+                match stop {
+                    StopRequest::Reset { source } if self.reboots() => {
+                        self.reset_machine(source)?
+                    }
+                    _ => break RunEnd::Stopped(stop),
+                }
             }
             if !observer.between_exits(&mut self.machine, self.cpu.as_mut(), self.next_poll) {
                 break RunEnd::Interrupted;

@@ -15,6 +15,7 @@ mod bench_paging;
 pub mod echo;
 pub mod hello;
 mod link;
+pub mod platform;
 pub mod racy_kernel;
 mod rt;
 pub mod timer;
@@ -63,7 +64,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 21] = [
+static GUESTS: [Guest; 24] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -81,6 +82,27 @@ static GUESTS: [Guest; 21] = [
         description: "counts PIT channel 0 interrupts in a HLT loop and checks them against \
                       channel 2 time; prints both, exits 0 if they agree within 10%",
         build: timer::build,
+    },
+    Guest {
+        name: "apic",
+        description: "local APIC as an OS drives it: xAPIC one-shot and periodic timer, \
+                      IA32_APIC_BASE relocation, CR8 holding back a self-IPI, NMI self-IPI, \
+                      PIT through I/O APIC pin 2, then x2APIC MSRs (timer, SELF IPI, NMI); \
+                      exits 0",
+        build: platform::build_apic,
+    },
+    Guest {
+        name: "apic-tsc-deadline",
+        description: "local APIC timer in TSC-deadline mode (CPUID bit, xAPIC and x2APIC \
+                      LVT, deadline from RDTSC, fires no earlier, disarms); exits 0",
+        build: platform::build_tsc_deadline,
+    },
+    Guest {
+        name: "reset",
+        description: "reboots itself through 0xcf9, port 0x92, the i8042 and a triple \
+                      fault, counting boots in CMOS NVRAM; exits 0 on the fifth boot \
+                      (needs reboot on reset, the default of deja run)",
+        build: platform::build_reset,
     },
     Guest {
         name: "racy-kernel",

@@ -137,6 +137,9 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         verbose: false,
         serial_out: None,
         append: args.append.clone(),
+        // Recordings end at a reset or triple fault (the replayer does not reboot either),
+        // so a failing kernel's trace stops where it failed.
+        no_reboot: true,
         bios: args.bios,
         raw: args.raw,
         entry: args.entry,

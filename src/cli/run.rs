@@ -91,6 +91,10 @@ pub struct RunArgs {
     /// Kernel command line (multiboot).
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
+    /// End the run on a reset request (0xcf9, port 0x92, i8042) or a triple fault instead
+    /// of rebooting the machine (as QEMU's -no-reboot).
+    #[arg(long)]
+    pub no_reboot: bool,
     /// IMAGE is a firmware ROM, mapped below 4 GiB and started at the reset vector (as -bios).
     #[arg(long, conflicts_with = "raw")]
     pub bios: bool,
@@ -233,6 +237,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut vm = deja_engine::build_vm_with_mmu(engine, config, host, serial_out, &image, args.mmu)
         .with_context(|| format!("starting {} on {engine}", image.name))?;
+    vm.set_reboot(!args.no_reboot);
     kick_on_signals(vm.cpu.kicker())?;
     let outcome = vm
         .run(RunOptions {

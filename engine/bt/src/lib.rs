@@ -383,6 +383,25 @@ impl BtCpu {
         delivered
     }
 
+    /// Moves an NMI the local APIC holds into the CPU's pending events, and performs an
+    /// INIT: the CPU goes to its INIT state (the reset vector, real mode; x87/SSE state and
+    /// most MSRs kept, SDM table 9-1). deja has one CPU, which is the bootstrap processor,
+    /// so it does not wait for a SIPI: it starts at the reset vector as a BSP does after
+    /// INIT (the firmware ROM, when the machine has one).
+    fn take_nmi_and_init(&mut self, machine: &mut Machine) {
+        if machine.take_init() {
+            self.stats.extra.add("bt.inits", 1);
+            let state = self.core.to_state().after_init();
+            self.core = Core::from_state(&state);
+            self.mem.mmu.flush(true);
+            self.mem.flush_fast();
+            self.cache.flush_lookup();
+        }
+        if machine.take_nmi() {
+            self.core.pending.nmi_pending = true;
+        }
+    }
+
     fn shutdown(&self, why: &str) -> Exit {
         Exit::Shutdown {
             reason: format!(
@@ -463,8 +482,10 @@ impl Cpu for BtCpu {
             self.kicker.take();
             return Ok(Exit::Kicked);
         }
+        self.take_nmi_and_init(machine);
         if self.core.pending.halted {
-            if irq_line && self.core.rflags & core::fl::IF != 0 {
+            let nmi = self.core.pending.nmi_pending && !self.core.pending.nmi_blocked;
+            if nmi || (irq_line && self.core.rflags & core::fl::IF != 0) {
                 self.core.pending.halted = false;
             } else {
                 return Ok(Exit::Halted);
@@ -480,6 +501,32 @@ impl Cpu for BtCpu {
                 return Ok(Exit::InstructionLimit);
             }
             let shadow = self.core.pending.interrupt_shadow;
+            // NMIs and INITs come from device accesses and polls, which end `run`, so they
+            // are taken here at the first boundary after one: the same place on replay.
+            self.take_nmi_and_init(machine);
+            if self.core.pending.nmi_pending && !self.core.pending.nmi_blocked && !shadow {
+                // NMI: vector 2 whatever IF says; further NMIs wait for the next IRET.
+                self.core.pending.nmi_pending = false;
+                self.core.pending.nmi_blocked = true;
+                self.stats.extra.add("bt.nmis", 1);
+                let rip = self.core.rip;
+                if !self.raise(
+                    machine,
+                    Exc {
+                        vector: 2,
+                        error: None,
+                    },
+                    EventKind::External,
+                    rip,
+                ) {
+                    return Ok(self.shutdown("triple fault delivering an NMI"));
+                }
+                continue;
+            }
+            if !self.deliver_at_exits {
+                // MOV CR8 may have lowered the task priority since the last look.
+                irq_line = machine.interrupt_pending();
+            }
             if irq_line && !shadow && self.core.rflags & core::fl::IF != 0 {
                 machine.set_icount(self.icount);
                 let vector = machine.acknowledge_interrupt();
@@ -677,6 +724,12 @@ impl Cpu for BtCpu {
 
     fn state(&mut self) -> Result<CpuState, CpuError> {
         Ok(self.core.to_state())
+    }
+
+    fn memory_rewritten(&mut self) {
+        self.cache.clear();
+        self.mem.mmu.flush(true);
+        self.mem.flush_fast();
     }
 
     fn set_state(&mut self, state: &CpuState) -> Result<(), CpuError> {

@@ -1086,7 +1086,7 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             2 => ctx.core.cr2,
             3 => ctx.core.cr3,
             4 => ctx.core.cr4,
-            8 => ctx.core.cr8,
+            8 => ctx.machine.cr8().unwrap_or(ctx.core.cr8),
             _ => return Err(Exc::UD),
         };
         ctx.put(&op.dst, op.size, v)?;
@@ -1178,7 +1178,9 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             if v & !0xf != 0 {
                 return Err(Exc::gp(0));
             }
+            // CR8 is the local APIC's TPR (bits 7:4); the core keeps a copy for its state.
             ctx.core.cr8 = v;
+            ctx.machine.set_cr8(v);
         }
         _ => return Err(Exc::UD),
     }
@@ -1414,6 +1416,9 @@ const KNOWN_MSRS: &[u32] = &[
 pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     need_cpl0(ctx)?;
     let idx = ctx.core.gpr[1] as u32;
+    if ctx.machine.handles_msr(idx) {
+        return machine_msr(ctx, op, idx);
+    }
     if !KNOWN_MSRS.contains(&idx) {
         ctx.count(&format!("bt.unknown_msr.{idx:#x}"));
         return Err(Exc::gp(0));
@@ -1473,6 +1478,30 @@ pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     ctx.core.rip = op.next_rip;
     Ok(Ctl::End)
+}
+
+/// RDMSR/WRMSR of an MSR the machine owns (the local APIC's IA32_APIC_BASE,
+/// IA32_TSC_DEADLINE and x2APIC registers): a device access, like kvm's userspace MSR exit.
+/// The TSC the guest compares deadlines with is bt's RDTSC: guest nanoseconds (1 GHz) plus
+/// the IA32_TSC adjustment.
+fn machine_msr(ctx: &mut Ctx, op: &UOp, idx: u32) -> OpResult {
+    ctx.machine.set_icount(ctx.icount);
+    ctx.device = true;
+    if op.aux == 0 {
+        let v = ctx.machine.rdmsr(idx).map_err(|_| Exc::gp(0))?;
+        ctx.core.gpr[0] = v & 0xffff_ffff;
+        ctx.core.gpr[2] = v >> 32;
+        return Ok(Ctl::Next);
+    }
+    let v = (ctx.core.gpr[0] & 0xffff_ffff) | (ctx.core.gpr[2] << 32);
+    let tsc = deja_machine::devices::lapic::GuestTsc {
+        offset: ctx.core.msr(msr::IA32_TSC),
+        ..deja_machine::devices::lapic::GuestTsc::BT
+    };
+    // IA32_APIC_BASE lives in the local APIC's state; the copy in the CPU state keeps its
+    // reset value on both engines (kvm's sregs copy never sees the filtered write either).
+    ctx.machine.wrmsr(idx, v, tsc).map_err(|_| Exc::gp(0))?;
+    Ok(Ctl::Next)
 }
 
 /// SWAPGS.

@@ -19,8 +19,14 @@
 //!
 //! Known gaps: an interrupt queued with `KVM_INTERRUPT` whose `KVM_RUN` was cut short by a
 //! kick stays queued inside KVM and is not part of [`CpuState`] (a snapshot taken then
-//! loses it); MSRs of deja's local APIC (x2APIC, TSC deadline) are not forwarded to the
-//! machine yet (the machine has no MSR route).
+//! loses it).
+//!
+//! The local APIC lives in deja: its MSRs (IA32_APIC_BASE, IA32_TSC_DEADLINE, x2APIC)
+//! reach the machine as userspace MSR exits (`KVM_CAP_X86_USER_SPACE_MSR` + an MSR filter;
+//! counted as `exit.rdmsr`/`exit.wrmsr`, device exits like port I/O), CR8 is synchronised
+//! with the TPR through `kvm_run.cr8` at every entry and exit (a guest that lowers CR8
+//! without exiting sees a pending interrupt at its next exit, as under QEMU with a
+//! userspace APIC), NMIs go in with `KVM_NMI` and an INIT resets the vCPU.
 
 pub mod host_info;
 pub mod kick;
@@ -233,6 +239,12 @@ pub struct KvmCpu {
     /// The TSC read or written since the guest last ran (the guest cannot have observed
     /// time passing in between, so snapshots stay stable).
     tsc_cache: Option<u64>,
+    /// Whether the local APIC's MSRs (IA32_APIC_BASE, IA32_TSC_DEADLINE, x2APIC) exit to
+    /// deja (`KVM_CAP_X86_USER_SPACE_MSR` with an MSR filter); else the host's KVM
+    /// answers them (x2APIC accesses then #GP, as without a local APIC).
+    apic_msr_exits: bool,
+    /// The guest TSC's frequency (`KVM_GET_TSC_KHZ`; 0 if the host does not say).
+    tsc_khz: u64,
 }
 
 impl KvmCpu {
@@ -278,6 +290,7 @@ impl KvmCpu {
             vm.enable_cap(&cap)
                 .map_err(|e| setup_err("KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)", e))?;
         }
+        let apic_msr_exits = enable_apic_msr_exits(&vm);
         let readonly = readonly_ranges(machine);
         let slots = register_memory(&vm, &machine.mem, &readonly)?;
         let mut vcpu = vm
@@ -300,7 +313,10 @@ impl KvmCpu {
         if let Ok(f) = kvm_stats::StatsFile::open(&vm) {
             kvm_stats.push(("vm", f));
         }
+        let tsc_khz = vcpu.get_tsc_khz().map(u64::from).unwrap_or(0);
         let mut cpu = KvmCpu {
+            apic_msr_exits,
+            tsc_khz,
             kvm_stats,
             vcpu,
             _vm: vm,
@@ -388,6 +404,13 @@ impl KvmCpu {
         back.as_slice()[0].data < 10_000_000_000
     }
 
+    /// Whether the local APIC's MSRs exit to deja (`KVM_CAP_X86_USER_SPACE_MSR` and an MSR
+    /// filter were accepted). When not, guests that use x2APIC or TSC-deadline mode cannot
+    /// run on this host's kvm.
+    pub fn apic_msr_exits(&self) -> bool {
+        self.apic_msr_exits
+    }
+
     /// The flavour of KVM this vCPU runs on.
     pub fn flavour(&self) -> Flavour {
         self.flavour
@@ -444,6 +467,57 @@ impl KvmCpu {
         self.count("kvm.interrupts_injected");
         // The flags in kvm_run describe the moment before this injection.
         self.run_flags_stale = true;
+        Ok(())
+    }
+
+    /// How the guest's TSC relates to guest time, for a WRMSR of `msr`: only
+    /// IA32_TSC_DEADLINE needs it. The guest's TSC under KVM is the host's (PVM ignores
+    /// writes to it), so the relation is measured at the write: the TSC KVM reports for
+    /// the vCPU now, at KVM's TSC frequency, against the [`Host`](deja_machine::Host)'s
+    /// time. The measurement itself is not logged: on replay a deadline may land a few
+    /// nanoseconds elsewhere, which is why TSC-deadline guests replay exactly only when
+    /// recorded on bt (whose TSC is guest time).
+    fn guest_tsc(
+        &mut self,
+        machine: &mut Machine,
+        msr_index: u32,
+    ) -> Result<deja_machine::devices::lapic::GuestTsc, CpuError> {
+        use deja_machine::devices::lapic::{GuestTsc, MSR_TSC_DEADLINE};
+        if msr_index != MSR_TSC_DEADLINE || self.tsc_khz == 0 {
+            return Ok(GuestTsc::BT);
+        }
+        let mut m = kb::Msrs::from_entries(&[kb::kvm_msr_entry {
+            index: msr::IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|e| host_err("KVM_GET_MSRS", format!("{e:?}")))?;
+        let n = self
+            .vcpu
+            .get_msrs(&mut m)
+            .map_err(|e| host_err("KVM_GET_MSRS", e))?;
+        if n != 1 {
+            return Err(host_err("KVM_GET_MSRS", "IA32_TSC could not be read"));
+        }
+        let tsc = m.as_slice()[0].data;
+        let now = machine.time_ns();
+        Ok(GuestTsc::observed(self.tsc_khz, now, tsc))
+    }
+
+    /// Takes what the local APIC holds for the CPU before an entry: an INIT resets the
+    /// vCPU to its INIT state (one CPU, the BSP: it restarts at the reset vector rather
+    /// than waiting for a SIPI), an NMI goes in with `KVM_NMI` (KVM blocks further NMIs
+    /// until the guest's IRET).
+    fn take_nmi_and_init(&mut self, machine: &mut Machine) -> Result<(), CpuError> {
+        if machine.take_init() {
+            let s = self.state()?.after_init();
+            self.set_state(&s)?;
+            self.count("kvm.inits");
+        }
+        if machine.take_nmi() {
+            self.vcpu.nmi().map_err(|e| host_err("KVM_NMI", e))?;
+            self.halted = false;
+            self.count("kvm.nmis_injected");
+        }
         Ok(())
     }
 
@@ -557,6 +631,34 @@ impl KvmCpu {
                 machine.note_halt();
                 self.halted = true;
                 Ok(Step::Return(Exit::Halted))
+            }
+            kb::KVM_EXIT_X86_RDMSR | kb::KVM_EXIT_X86_WRMSR => {
+                // SAFETY: the exit reason says the `msr` member of the union is valid.
+                let m = unsafe { run.__bindgen_anon_1.msr };
+                let write = reason == kb::KVM_EXIT_X86_WRMSR;
+                if !machine.handles_msr(m.index) {
+                    // An MSR KVM found invalid and deja does not own: #GP(0), as KVM would
+                    // have raised itself; not a device access (bt does not stop for it).
+                    self.vcpu.get_kvm_run().__bindgen_anon_1.msr.error = 1;
+                    self.count("exit.msr_gp");
+                    self.completion_pending = true;
+                    return Ok(Step::Continue);
+                }
+                let result = if write {
+                    let tsc = self.guest_tsc(machine, m.index)?;
+                    machine.wrmsr(m.index, m.data, tsc).map_err(|_| ())
+                } else {
+                    // KVM reads `data` back on the next KVM_RUN.
+                    machine
+                        .rdmsr(m.index)
+                        .map(|v| self.vcpu.get_kvm_run().__bindgen_anon_1.msr.data = v)
+                        .map_err(|_| ())
+                };
+                // A non-zero `error` makes KVM inject #GP(0).
+                self.vcpu.get_kvm_run().__bindgen_anon_1.msr.error = u8::from(result.is_err());
+                self.count(if write { "exit.wrmsr" } else { "exit.rdmsr" });
+                self.completion_pending = true;
+                Ok(Step::Return(device_exit(machine)))
             }
             kb::KVM_EXIT_IRQ_WINDOW_OPEN => {
                 self.count("exit.irq_window_open");
@@ -805,6 +907,57 @@ fn set_cpuid(vcpu: &VcpuFd, table: &deja_machine::CpuidTable) -> Result<(), KvmE
         .map_err(|e| err(format!("KVM_SET_CPUID2: {e}")))
 }
 
+/// Asks KVM to send the local APIC's MSRs to userspace: `KVM_CAP_X86_USER_SPACE_MSR`
+/// for filtered, invalid and unknown accesses, and a filter that denies (so forwards)
+/// IA32_APIC_BASE and IA32_TSC_DEADLINE while allowing every other MSR. Without an
+/// in-kernel local APIC KVM would otherwise keep IA32_APIC_BASE itself, read
+/// IA32_TSC_DEADLINE as 0 and #GP every x2APIC access. Returns whether it worked.
+fn enable_apic_msr_exits(vm: &VmFd) -> bool {
+    use deja_machine::devices::lapic::MSR_TSC_DEADLINE;
+    use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+    if vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_X86_USER_SPACE_MSR)) <= 0 {
+        return false;
+    }
+    let cap = kb::kvm_enable_cap {
+        cap: kb::KVM_CAP_X86_USER_SPACE_MSR,
+        // FILTER for IA32_APIC_BASE and IA32_TSC_DEADLINE; KVM never filters the x2APIC
+        // range, and without an in-kernel APIC it finds those MSRs invalid (INVAL) or
+        // unknown: those exits reach deja too, which answers #GP for anything not its own.
+        args: [
+            u64::from(
+                kb::KVM_MSR_EXIT_REASON_FILTER
+                    | kb::KVM_MSR_EXIT_REASON_INVAL
+                    | kb::KVM_MSR_EXIT_REASON_UNKNOWN,
+            ),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    if vm.enable_cap(&cap).is_err() {
+        return false;
+    }
+    let deny = [0u8; 1]; // every bit 0: denied, so forwarded to userspace
+    let both = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
+    let ranges = [
+        MsrFilterRange {
+            flags: both,
+            base: msr::IA32_APIC_BASE,
+            msr_count: 1,
+            bitmap: &deny,
+        },
+        MsrFilterRange {
+            flags: both,
+            base: MSR_TSC_DEADLINE,
+            msr_count: 1,
+            bitmap: &deny,
+        },
+    ];
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .is_ok()
+}
+
 /// The subset of [`state::KEPT_MSRS`] the host can read for this vCPU.
 fn supported_msrs(vcpu: &VcpuFd) -> Vec<u32> {
     state::KEPT_MSRS
@@ -846,6 +999,7 @@ impl Cpu for KvmCpu {
                 self.kick.clear_immediate_exit();
                 return Ok(Exit::Kicked);
             }
+            self.take_nmi_and_init(machine)?;
             let pending = machine.interrupt_pending();
             if self.halted {
                 if pending && self.can_inject()? {
@@ -861,12 +1015,21 @@ impl Cpu for KvmCpu {
             // Ask for an exit as soon as the guest can take the (next) pending interrupt.
             let want_window = self.interrupt_windows && machine.interrupt_pending();
             self.vcpu.get_kvm_run().request_interrupt_window = u8::from(want_window);
+            // Without an in-kernel local APIC, KVM loads CR8 from kvm_run.cr8 at every entry
+            // and reports it there at every exit: the TPR lives in deja's APIC.
+            if let Some(cr8) = machine.cr8() {
+                self.vcpu.get_kvm_run().cr8 = cr8;
+            }
             self.tsc_cache = None;
             self.kick.entering_kvm_run();
             let result = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
             self.kick.left_kvm_run();
             self.completion_pending = false;
             self.run_flags_stale = false;
+            let cr8 = self.vcpu.get_kvm_run().cr8;
+            if machine.cr8().is_some_and(|tpr| tpr != cr8) {
+                machine.set_cr8(cr8 & 0xf);
+            }
             match result {
                 Ok(()) => match self.handle_exit(machine)? {
                     Step::Continue => continue,

@@ -283,6 +283,17 @@ impl CpuState {
         s
     }
 
+    /// The state an INIT leaves (SDM table 9-1): as [`CpuState::reset`], except that the
+    /// x87/SSE state, the MSRs other than EFER (IA32_APIC_BASE included) and the pending
+    /// NMI stay as they were. Added for issue #6 (INIT IPIs); engines apply it themselves.
+    pub fn after_init(&self) -> CpuState {
+        let mut s = CpuState::reset();
+        s.fpu = self.fpu.clone();
+        s.msrs = self.msrs.clone();
+        s.pending.nmi_pending = self.pending.nmi_pending;
+        s
+    }
+
     /// Current privilege level (CS.DPL outside real mode; 3 in virtual-8086 mode).
     pub fn cpl(&self) -> u8 {
         if self.cr0 & 1 == 0 {
@@ -548,6 +559,10 @@ pub trait Cpu: Send {
     /// a checkpoint). Engines that cannot count ignore it; a counting engine that does not
     /// override it cannot seek, which callers detect by reading [`Cpu::icount`] back.
     fn set_icount(&mut self, _icount: u64) {}
+    /// Guest memory was rewritten behind the engine's back (a machine reset re-loading the
+    /// image, issue #6): drop whatever was derived from it (bt's translated blocks and
+    /// TLBs). Engines that derive nothing from guest memory keep the default.
+    fn memory_rewritten(&mut self) {}
     /// Chooses where external interrupts may be delivered. Every engine supports
     /// [`InterruptDelivery::Exact`]; [`InterruptDelivery::AtExits`] (what kvm recording
     /// without a PMU needs, and what replaying such a trace on another engine needs) returns

@@ -5,7 +5,8 @@ use crate::bus::{Bus, BusConflict};
 use crate::cpu::EngineStats;
 use crate::cpuid::CpuidTable;
 use crate::devices::{
-    Device, DeviceError, DeviceState, InterruptLines, IoCtx, Irqchip, NoInterruptLines, StopRequest,
+    Device, DeviceError, DeviceState, InterruptLines, IoCtx, Irqchip, MsrFault, NoInterruptLines,
+    StopRequest, lapic::GuestTsc,
 };
 use crate::host::{Host, Position};
 use crate::memory::{MemoryError, MemoryLayout};
@@ -243,6 +244,26 @@ impl Machine {
 
     fn dispatch(&mut self, space: Space, addr: u64, data: &mut [u8], write: bool) {
         self.position.exits += 1;
+        if space == Space::Mmio && self.in_irqchip_window(addr) {
+            let counter = if write { "mmio_write" } else { "mmio_read" };
+            self.stats
+                .add(&format!("io.{}.{counter}", self.irqchip.name()), 1);
+            let mut none = NoInterruptLines;
+            let mut ctx = IoCtx {
+                host: self.host.as_mut(),
+                pos: self.position,
+                mem: &self.mem,
+                irq: &mut none,
+                stop: &mut self.stop,
+                now_cache: None,
+            };
+            if write {
+                self.irqchip.write(&mut ctx, addr, data);
+            } else {
+                self.irqchip.read(&mut ctx, addr, data);
+            }
+            return;
+        }
         let bus = match space {
             Space::Pio => &self.pio,
             Space::Mmio => &self.mmio,
@@ -336,7 +357,98 @@ impl Machine {
 
     /// Whether a device sits at `addr` on the MMIO bus (engines route such accesses here).
     pub fn is_mmio(&self, addr: u64) -> bool {
-        self.mmio.find(addr).is_some()
+        self.in_irqchip_window(addr) || self.mmio.find(addr).is_some()
+    }
+
+    /// Whether `addr` is in the local APIC's xAPIC page where IA32_APIC_BASE puts it now.
+    /// The page is decoded ahead of the bus, so a relocated page works anywhere outside
+    /// RAM (engines send RAM accesses to RAM; a page moved over RAM is not decoded).
+    fn in_irqchip_window(&self, addr: u64) -> bool {
+        self.irqchip
+            .mmio_window()
+            .is_some_and(|(base, len)| (base..base + len).contains(&addr))
+    }
+
+    /// Whether RDMSR/WRMSR of `msr` goes to the machine ([`Machine::rdmsr`],
+    /// [`Machine::wrmsr`]) rather than to the engine's own MSRs: the local APIC's
+    /// IA32_APIC_BASE, IA32_TSC_DEADLINE and x2APIC registers.
+    pub fn handles_msr(&self, msr: u32) -> bool {
+        self.irqchip.handles_msr(msr)
+    }
+
+    /// A guest RDMSR of a machine MSR. Counts as one device exit (both engines stop for
+    /// it: bt at the instruction, kvm with a userspace MSR exit), so exit ordinals stay
+    /// engine independent. `Err` means the CPU raises #GP(0).
+    pub fn rdmsr(&mut self, msr: u32) -> Result<u64, MsrFault> {
+        self.position.exits += 1;
+        self.stats
+            .add(&format!("io.{}.rdmsr", self.irqchip.name()), 1);
+        let mut none = NoInterruptLines;
+        let mut ctx = IoCtx {
+            host: self.host.as_mut(),
+            pos: self.position,
+            mem: &self.mem,
+            irq: &mut none,
+            stop: &mut self.stop,
+            now_cache: None,
+        };
+        self.irqchip.rdmsr(&mut ctx, msr)
+    }
+
+    /// A guest WRMSR of a machine MSR, with the engine's TSC (for IA32_TSC_DEADLINE).
+    /// Counts as one device exit, as [`Machine::rdmsr`].
+    pub fn wrmsr(&mut self, msr: u32, value: u64, tsc: GuestTsc) -> Result<(), MsrFault> {
+        self.position.exits += 1;
+        self.stats
+            .add(&format!("io.{}.wrmsr", self.irqchip.name()), 1);
+        let mut none = NoInterruptLines;
+        let mut ctx = IoCtx {
+            host: self.host.as_mut(),
+            pos: self.position,
+            mem: &self.mem,
+            irq: &mut none,
+            stop: &mut self.stop,
+            now_cache: None,
+        };
+        self.irqchip.wrmsr(&mut ctx, msr, value, tsc)
+    }
+
+    /// Guest time in ns at the current position, through the [`Host`] (kvm relates the
+    /// host TSC it reads to guest time with it, see [`GuestTsc::observed`]).
+    pub fn time_ns(&mut self) -> u64 {
+        self.host.time_ns(self.position)
+    }
+
+    /// CR8 as the guest reads it when the interrupt controller owns the task priority
+    /// (the local APIC's TPR bits 7:4); `None` when the CPU keeps CR8 itself.
+    pub fn cr8(&self) -> Option<u64> {
+        self.irqchip.cr8()
+    }
+
+    /// A guest MOV to CR8 (or kvm's CR8 after an exit): the local APIC's TPR. Not a device
+    /// exit (kvm does not exit for it).
+    pub fn set_cr8(&mut self, value: u64) {
+        self.irqchip.set_cr8(value);
+    }
+
+    /// Takes an NMI waiting for the CPU (LINT1, NMI IPI, I/O APIC).
+    pub fn take_nmi(&mut self) -> bool {
+        let nmi = self.irqchip.take_nmi();
+        if nmi {
+            self.stats.add("io.nmis_delivered", 1);
+        }
+        nmi
+    }
+
+    /// Takes an INIT waiting for the CPU; the local APIC has then been reset as INIT does,
+    /// and the engine must put the CPU in its INIT state.
+    pub fn take_init(&mut self) -> bool {
+        let init = self.irqchip.take_init();
+        if init {
+            self.stats.add("io.inits_delivered", 1);
+            self.irqchip.init_reset();
+        }
+        init
     }
 
     /// The guest executed HLT: counts as one device exit (the ordinal is engine independent).
@@ -449,6 +561,28 @@ impl Machine {
         std::iter::once(self.irqchip.save())
             .chain(self.devices.iter().map(|d| d.save()))
             .collect()
+    }
+
+    /// A machine reset: every device back to `boot` (what [`Machine::save_devices`]
+    /// returned at boot), except those that survive a reset (the CMOS RTC). RAM is left as
+    /// it is, as on a PC; the caller re-loads the image (and the ACPI tables, as firmware
+    /// does on every boot). A pending stop request is dropped.
+    pub fn reset_devices(&mut self, boot: &[DeviceState]) -> Result<(), MachineError> {
+        if boot.len() != self.devices.len() + 1 {
+            return Err(MachineError::DeviceCountMismatch {
+                expected: self.devices.len() + 1,
+                found: boot.len(),
+            });
+        }
+        self.irqchip.restore(&boot[0])?;
+        for (d, s) in self.devices.iter_mut().zip(&boot[1..]) {
+            if !d.survives_reset() {
+                d.restore(s)?;
+            }
+        }
+        self.stop = None;
+        self.stats.add("machine.resets", 1);
+        Ok(())
     }
 
     /// Restores what [`Machine::save_devices`] returned.

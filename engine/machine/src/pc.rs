@@ -323,6 +323,70 @@ mod tests {
     }
 
     #[test]
+    fn apic_msrs_cr8_nmi_and_a_relocated_xapic_page_go_through_the_machine() {
+        use crate::devices::lapic::GuestTsc;
+        let (mut m, host, _) = pc();
+        let read32 = |m: &mut Machine, addr: u64| {
+            let mut d = [0u8; 4];
+            m.mmio_read(addr, &mut d);
+            u32::from_le_bytes(d)
+        };
+        assert!(m.handles_msr(0x1b) && m.handles_msr(0x6e0) && m.handles_msr(0x830));
+        assert!(!m.handles_msr(0xc000_0080), "EFER stays with the CPU");
+        assert_eq!(read32(&mut m, 0xfee0_0030), 0x0005_0014);
+        // Relocate: the page answers at the new base only; the move back restores it.
+        let exits = m.position().exits;
+        m.wrmsr(0x1b, 0xfed0_0900, GuestTsc::BT).unwrap();
+        assert_eq!(
+            m.position().exits,
+            exits + 1,
+            "an APIC MSR write is a device exit"
+        );
+        assert!(m.is_mmio(0xfed0_0030) && !m.is_mmio(0xfee0_0030));
+        assert_eq!(read32(&mut m, 0xfed0_0030), 0x0005_0014);
+        assert_eq!(read32(&mut m, 0xfee0_0030), 0xffff_ffff);
+        assert_eq!(m.rdmsr(0x1b).unwrap(), 0xfed0_0900);
+        assert!(
+            m.wrmsr(0x1b, 0xfed0_0901, GuestTsc::BT).is_err(),
+            "reserved bit"
+        );
+        m.wrmsr(0x1b, 0xfee0_0900, GuestTsc::BT).unwrap();
+        // x2APIC: MSRs work, the page is gone, a missing register faults.
+        m.wrmsr(0x1b, 0xfee0_0d00, GuestTsc::BT).unwrap();
+        assert_eq!(m.rdmsr(0x803).unwrap(), 0x0005_0014);
+        assert!(!m.is_mmio(0xfee0_0030));
+        assert!(m.rdmsr(0x831).is_err(), "no ICR high half in x2APIC mode");
+        // CR8 is the TPR.
+        m.set_cr8(3);
+        assert_eq!(m.rdmsr(0x808).unwrap(), 0x30);
+        assert_eq!(m.cr8(), Some(3));
+        m.set_cr8(0);
+        // NMI and INIT self-IPIs wait for the CPU; INIT resets the APIC but keeps its base.
+        m.wrmsr(0x830, 1 << 18 | 4 << 8, GuestTsc::BT).unwrap();
+        assert!(m.take_nmi());
+        assert!(!m.take_nmi());
+        m.wrmsr(0x80f, 0x1ff, GuestTsc::BT).unwrap();
+        m.wrmsr(0x830, 1 << 18 | 5 << 8, GuestTsc::BT).unwrap();
+        assert!(m.take_init());
+        assert_eq!(
+            m.rdmsr(0x80f).unwrap(),
+            0xff,
+            "SVR back to its power-on value"
+        );
+        assert_eq!(m.rdmsr(0x1b).unwrap(), 0xfee0_0d00);
+        // TSC deadline with bt's TSC (guest ns) shifted by an IA32_TSC adjustment.
+        m.wrmsr(0x832, 2 << 17 | 0x40, GuestTsc::BT).unwrap();
+        host.set_now(1000);
+        let tsc = GuestTsc {
+            offset: 500,
+            ..GuestTsc::BT
+        };
+        m.wrmsr(0x6e0, 500 + 3000, tsc).unwrap();
+        assert_eq!(m.next_deadline(), Some(3000));
+        assert_eq!(m.rdmsr(0x6e0).unwrap(), 3500);
+    }
+
+    #[test]
     fn machine_state_round_trips_and_rejects_a_shuffled_one() {
         let (mut m, host, _) = pc();
         init_pic(&mut m, 0, 0);

@@ -111,6 +111,38 @@ const LVT_WRITABLE: [u32; 6] = [
     0x0001_00ff,
 ];
 
+/// How the engine's guest TSC relates to guest time, for IA32_TSC_DEADLINE: the guest
+/// reads `now_ns * khz / 10^6 + offset` (wrapping) from RDTSC at guest time `now_ns`.
+///
+/// bt's TSC counts guest nanoseconds (1 GHz, [`GuestTsc::BT`] plus its IA32_TSC
+/// adjustment); kvm's is the host's TSC at KVM's TSC frequency, so its offset is taken at
+/// each write from the TSC KVM reports and the [`Host`](crate::Host)'s time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestTsc {
+    /// TSC ticks per millisecond.
+    pub khz: u64,
+    /// Guest TSC minus `now_ns * khz / 10^6`, wrapping.
+    pub offset: u64,
+}
+
+impl GuestTsc {
+    /// bt's TSC with no IA32_TSC adjustment: one tick per guest nanosecond.
+    pub const BT: GuestTsc = GuestTsc {
+        khz: DEFAULT_TSC_KHZ,
+        offset: 0,
+    };
+
+    /// The guest TSC an engine read (`tsc`) at guest time `now_ns`, at `khz`.
+    pub fn observed(khz: u64, now_ns: u64, tsc: u64) -> GuestTsc {
+        let khz = khz.max(1);
+        let machine = (u128::from(now_ns) * u128::from(khz) / 1_000_000) as u64;
+        GuestTsc {
+            khz,
+            offset: tsc.wrapping_sub(machine),
+        }
+    }
+}
+
 /// Timer modes (LVT timer bits 18:17).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerMode {
@@ -192,6 +224,10 @@ pub struct LapicState {
     pub tsc_deadline: u64,
     /// TSC frequency in kHz (converts TSC deadlines to guest time).
     pub tsc_khz: u64,
+    /// The guest's TSC minus the machine's TSC (`now_ns * tsc_khz / 10^6`) when
+    /// IA32_TSC_DEADLINE was last written, wrapping: bt's IA32_TSC adjustment, or on kvm the
+    /// host TSC's distance from guest time. Deadlines are compared in machine TSC units.
+    pub tsc_offset: u64,
     /// Input levels of LINT0 and LINT1.
     pub lint_level: [bool; 2],
     /// An NMI waits for the CPU.
@@ -270,6 +306,7 @@ impl Lapic {
             timer_deadline_ns: None,
             tsc_deadline: 0,
             tsc_khz: DEFAULT_TSC_KHZ,
+            tsc_offset: 0,
             lint_level: [false; 2],
             nmi_pending: false,
             init_pending: false,
@@ -499,7 +536,8 @@ impl Lapic {
             .timer_start_ns
             .saturating_add(u64::from(s.timer_start_count) * div);
         self.state.timer_deadline_ns = match self.timer_mode() {
-            TimerMode::TscDeadline => (s.tsc_deadline != 0).then(|| self.tsc_to_ns(s.tsc_deadline)),
+            TimerMode::TscDeadline => (s.tsc_deadline != 0)
+                .then(|| self.tsc_to_ns(s.tsc_deadline.wrapping_sub(s.tsc_offset))),
             _ if s.timer_initial == 0 => None,
             TimerMode::OneShot => (first_end > now).then_some(first_end),
             TimerMode::Periodic if first_end > now => Some(first_end),
@@ -552,11 +590,14 @@ impl Lapic {
         }
     }
 
-    /// WRMSR IA32_TSC_DEADLINE at guest time `now` (ignored outside TSC-deadline mode).
-    pub fn set_tsc_deadline(&mut self, now: u64, value: u64) {
+    /// WRMSR IA32_TSC_DEADLINE at guest time `now` (ignored outside TSC-deadline mode), with
+    /// the guest's TSC as the engine presents it (see [`GuestTsc`]).
+    pub fn set_tsc_deadline(&mut self, now: u64, value: u64, tsc: GuestTsc) {
         if self.timer_mode() != TimerMode::TscDeadline {
             return;
         }
+        self.state.tsc_khz = tsc.khz.max(1);
+        self.state.tsc_offset = tsc.offset;
         self.state.tsc_deadline = value;
         self.rearm(now);
         self.run_timer(now);
@@ -589,14 +630,23 @@ impl Lapic {
         }
         if mode(current).0 && !mode(value).0 {
             // Disabling resets the registers to their power-on values (the ID survives).
-            let lint_level = self.state.lint_level;
-            let tsc_khz = self.state.tsc_khz;
-            self.state = Self::new(self.state.id).state;
-            self.state.lint_level = lint_level;
-            self.state.tsc_khz = tsc_khz;
+            self.init_reset();
         }
         self.state.apic_base = value;
         Ok(())
+    }
+
+    /// What an INIT (or a global disable) does to the APIC: every register back to its
+    /// power-on value except the APIC ID and IA32_APIC_BASE (SDM 10.4.7.3); the input
+    /// levels on LINT0/LINT1 are wires, not registers, and stay.
+    pub fn init_reset(&mut self) {
+        let s = &self.state;
+        let (apic_base, lint_level, tsc_khz) = (s.apic_base, s.lint_level, s.tsc_khz);
+        self.state = Self::new(self.state.id).state;
+        self.state.apic_base = apic_base;
+        self.state.lint_level = lint_level;
+        self.state.tsc_khz = tsc_khz;
+        self.level_eoi = None;
     }
 
     fn ldr(&self) -> u32 {
@@ -1283,12 +1333,13 @@ mod tests {
     #[test]
     fn tsc_deadline_timer() {
         let (mut l, mut rig) = enabled();
-        l.set_tsc_khz(2_000_000); // 2 GHz: two TSC ticks per ns
+        // 2 GHz: two TSC ticks per ns, and the guest TSC equal to machine time.
+        let tsc = GuestTsc::observed(2_000_000, 0, 0);
         // Outside TSC-deadline mode the MSR reads 0 and ignores writes.
-        l.set_tsc_deadline(0, 5000);
+        l.set_tsc_deadline(0, 5000, tsc);
         assert_eq!(l.tsc_deadline(), 0);
         wr(&mut l, &mut rig, reg::LVT_TIMER, 2 << 17 | 0x60);
-        l.set_tsc_deadline(0, 5001);
+        l.set_tsc_deadline(0, 5001, tsc);
         assert_eq!(l.tsc_deadline(), 5001);
         assert_eq!(l.next_deadline(), Some(2501));
         // The initial-count register is ignored in this mode.
@@ -1305,13 +1356,21 @@ mod tests {
         // A deadline in the past fires at once; 0 disarms.
         l.acknowledge();
         l.eoi();
-        l.set_tsc_deadline(3000, 10);
+        l.set_tsc_deadline(3000, 10, tsc);
         assert!(bit(&l.state.irr, 0x60));
-        l.set_tsc_deadline(3000, 100_000);
-        l.set_tsc_deadline(3000, 0);
+        l.set_tsc_deadline(3000, 100_000, tsc);
+        l.set_tsc_deadline(3000, 0, tsc);
         assert_eq!(l.next_deadline(), None);
+        // A guest TSC ahead of machine time (a host TSC, an IA32_TSC write): the deadline
+        // is the same distance ahead of the TSC the guest saw. At 3000 ns the guest read
+        // 1_000_000 + 6000; a deadline 4000 ticks later is 2000 ns later.
+        let ahead = GuestTsc::observed(2_000_000, 3000, 1_006_000);
+        assert_eq!(ahead.offset, 1_000_000);
+        l.set_tsc_deadline(3000, 1_010_000, ahead);
+        assert_eq!(l.next_deadline(), Some(5000));
+        assert_eq!(l.tsc_deadline(), 1_010_000, "reads back as written");
         // Leaving the mode disarms an armed deadline.
-        l.set_tsc_deadline(3000, 100_000);
+        l.set_tsc_deadline(3000, 100_000, tsc);
         wr(&mut l, &mut rig, reg::LVT_TIMER, 0x60);
         assert_eq!(l.next_deadline(), None);
         assert_eq!(l.tsc_deadline(), 0);

@@ -105,6 +105,73 @@ pub trait Irqchip: Device + InterruptLines {
     /// The CPU's interrupt acknowledge cycle: the vector to deliver (spurious if nothing is
     /// pending any more, as the hardware does).
     fn acknowledge(&mut self) -> u8;
+
+    // The rest are the local APIC's ties to the CPU (issue #6). The defaults describe a
+    // controller without a local APIC: no MSRs, CR8 kept by the CPU, no NMI or INIT.
+
+    /// Where the local APIC's xAPIC register page currently is (IA32_APIC_BASE; `None`
+    /// while the APIC is disabled or in x2APIC mode). The machine decodes this page
+    /// itself, ahead of its MMIO bus, because the guest can move it.
+    fn mmio_window(&self) -> Option<(u64, u64)> {
+        None
+    }
+    /// Whether RDMSR/WRMSR of `msr` belongs to the interrupt controller (IA32_APIC_BASE,
+    /// IA32_TSC_DEADLINE, the x2APIC registers) rather than to the CPU core.
+    fn handles_msr(&self, _msr: u32) -> bool {
+        false
+    }
+    /// RDMSR of an MSR [`Irqchip::handles_msr`] claims; `Err` means #GP(0).
+    fn rdmsr(&mut self, _ctx: &mut IoCtx, msr: u32) -> Result<u64, MsrFault> {
+        Err(MsrFault::not_handled(msr))
+    }
+    /// WRMSR of an MSR [`Irqchip::handles_msr`] claims; `tsc` says how the engine's RDTSC
+    /// relates to guest time (for IA32_TSC_DEADLINE). `Err` means #GP(0).
+    fn wrmsr(
+        &mut self,
+        _ctx: &mut IoCtx,
+        msr: u32,
+        _value: u64,
+        _tsc: lapic::GuestTsc,
+    ) -> Result<(), MsrFault> {
+        Err(MsrFault::not_handled(msr))
+    }
+    /// The task priority as CR8 reads it, when the controller owns it (`None`: the CPU
+    /// keeps CR8 itself).
+    fn cr8(&self) -> Option<u64> {
+        None
+    }
+    /// A MOV to CR8 (bits 3:0 already checked by the CPU).
+    fn set_cr8(&mut self, _value: u64) {}
+    /// Takes a pending NMI for the CPU (LVT LINT1, an NMI IPI, an I/O APIC NMI entry).
+    fn take_nmi(&mut self) -> bool {
+        false
+    }
+    /// Takes a pending INIT for the CPU (an INIT IPI to itself, an I/O APIC INIT entry).
+    fn take_init(&mut self) -> bool {
+        false
+    }
+    /// Resets the local APIC as an INIT does (registers to their power-on values; the ID
+    /// and IA32_APIC_BASE survive).
+    fn init_reset(&mut self) {}
+}
+
+/// An MSR access the CPU must answer with #GP(0), and why.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("#GP(0) on MSR {msr:#x}: {why}")]
+pub struct MsrFault {
+    /// The MSR.
+    pub msr: u32,
+    /// Why it faults.
+    pub why: String,
+}
+
+impl MsrFault {
+    fn not_handled(msr: u32) -> Self {
+        MsrFault {
+            msr,
+            why: "the interrupt controller has no such MSR".to_string(),
+        }
+    }
 }
 
 /// Errors restoring device state.
@@ -189,6 +256,12 @@ pub trait Device: Send {
     }
     /// Whether external input could wake the device (so an idle guest waits for it).
     fn wants_input(&self) -> bool {
+        false
+    }
+    /// Whether a machine reset leaves the device alone (the battery-backed CMOS RTC, whose
+    /// NVRAM a guest may use to know it rebooted); every other device returns to its state
+    /// at boot. Added for issue #6.
+    fn survives_reset(&self) -> bool {
         false
     }
     /// The device's complete state.

@@ -10,10 +10,10 @@
 
 use super::ioapic::{Delivery, IOAPIC_BASE, IOAPIC_SIZE, Ioapic, IoapicState};
 use super::lapic::{
-    LAPIC_BASE, LAPIC_SIZE, Lapic, LapicError, LapicState, MSR_APIC_BASE, MSR_TSC_DEADLINE,
+    GuestTsc, LAPIC_SIZE, Lapic, LapicError, LapicState, MSR_APIC_BASE, MSR_TSC_DEADLINE,
     X2APIC_MSR_FIRST, X2APIC_MSR_LAST, delivery,
 };
-use super::{Device, DeviceError, DeviceState, InterruptLines, IoCtx, Irqchip};
+use super::{Device, DeviceError, DeviceState, InterruptLines, IoCtx, Irqchip, MsrFault};
 use serde::{Deserialize, Serialize};
 
 /// Number of ISA IRQ lines (shared by the PIC and the I/O APIC).
@@ -54,9 +54,11 @@ impl PcIrqchip {
         }
     }
 
-    /// MMIO ranges to map: the local APIC page and the I/O APIC window.
-    pub fn mmio_ranges() -> [(u64, u64); 2] {
-        [(LAPIC_BASE, LAPIC_SIZE), (IOAPIC_BASE, IOAPIC_SIZE)]
+    /// MMIO ranges to map on the machine's bus: the I/O APIC window. The local APIC page
+    /// moves with IA32_APIC_BASE, so the machine decodes it through
+    /// [`Irqchip::mmio_window`] instead.
+    pub fn mmio_ranges() -> [(u64, u64); 1] {
+        [(IOAPIC_BASE, IOAPIC_SIZE)]
     }
 
     /// The local APIC.
@@ -129,12 +131,19 @@ impl PcIrqchip {
         }
     }
 
-    /// WRMSR of an APIC MSR at guest time `now` (#GP as an error).
-    pub fn wrmsr(&mut self, now: u64, msr: u32, value: u64) -> Result<(), LapicError> {
+    /// WRMSR of an APIC MSR at guest time `now` (#GP as an error); `tsc` relates the
+    /// engine's TSC to guest time for IA32_TSC_DEADLINE.
+    pub fn wrmsr(
+        &mut self,
+        now: u64,
+        msr: u32,
+        value: u64,
+        tsc: GuestTsc,
+    ) -> Result<(), LapicError> {
         let r = match msr {
             MSR_APIC_BASE => self.lapic.set_apic_base(value),
             MSR_TSC_DEADLINE => {
-                self.lapic.set_tsc_deadline(now, value);
+                self.lapic.set_tsc_deadline(now, value, tsc);
                 Ok(())
             }
             _ => self.lapic.wrmsr(now, msr, value),
@@ -153,12 +162,32 @@ impl PcIrqchip {
         self.lapic.take_init()
     }
 
-    fn in_lapic(addr: u64) -> bool {
-        (LAPIC_BASE..LAPIC_BASE + LAPIC_SIZE).contains(&addr)
+    /// The offset of `addr` in the xAPIC page, if the page is decoded there now.
+    fn lapic_offset(&self, addr: u64) -> Option<u64> {
+        let base = self.lapic.mmio_base()?;
+        (base..base + LAPIC_SIZE)
+            .contains(&addr)
+            .then(|| addr - base)
+    }
+
+    /// Whether an x2APIC MSR access needs guest time (the timer's registers).
+    fn msr_needs_time(&self, msr: u32) -> bool {
+        msr == MSR_TSC_DEADLINE
+            || ((X2APIC_MSR_FIRST..=X2APIC_MSR_LAST).contains(&msr)
+                && self
+                    .lapic
+                    .needs_time(u64::from(msr - X2APIC_MSR_FIRST) << 4))
     }
 
     fn in_ioapic(addr: u64) -> bool {
         (IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE).contains(&addr)
+    }
+}
+
+fn msr_fault(msr: u32, e: LapicError) -> MsrFault {
+    MsrFault {
+        msr,
+        why: e.to_string(),
     }
 }
 
@@ -180,8 +209,7 @@ impl Device for PcIrqchip {
     }
 
     fn read(&mut self, ctx: &mut IoCtx, addr: u64, data: &mut [u8]) {
-        if Self::in_lapic(addr) {
-            let offset = addr - LAPIC_BASE;
+        if let Some(offset) = self.lapic_offset(addr) {
             let now = if self.lapic.needs_time(offset) {
                 ctx.now()
             } else {
@@ -198,8 +226,7 @@ impl Device for PcIrqchip {
     }
 
     fn write(&mut self, ctx: &mut IoCtx, addr: u64, data: &[u8]) {
-        if Self::in_lapic(addr) {
-            let offset = addr - LAPIC_BASE;
+        if let Some(offset) = self.lapic_offset(addr) {
             let now = if self.lapic.needs_time(offset) {
                 ctx.now()
             } else {
@@ -263,6 +290,59 @@ impl Device for PcIrqchip {
 }
 
 impl Irqchip for PcIrqchip {
+    fn mmio_window(&self) -> Option<(u64, u64)> {
+        self.lapic.mmio_base().map(|base| (base, LAPIC_SIZE))
+    }
+
+    fn handles_msr(&self, msr: u32) -> bool {
+        Self::handles_msr(msr)
+    }
+
+    fn rdmsr(&mut self, ctx: &mut IoCtx, msr: u32) -> Result<u64, MsrFault> {
+        let now = if self.msr_needs_time(msr) {
+            ctx.now()
+        } else {
+            0
+        };
+        PcIrqchip::rdmsr(self, now, msr).map_err(|e| msr_fault(msr, e))
+    }
+
+    fn wrmsr(
+        &mut self,
+        ctx: &mut IoCtx,
+        msr: u32,
+        value: u64,
+        tsc: GuestTsc,
+    ) -> Result<(), MsrFault> {
+        let now = if self.msr_needs_time(msr) {
+            ctx.now()
+        } else {
+            0
+        };
+        PcIrqchip::wrmsr(self, now, msr, value, tsc).map_err(|e| msr_fault(msr, e))
+    }
+
+    fn cr8(&self) -> Option<u64> {
+        Some(self.lapic.cr8())
+    }
+
+    fn set_cr8(&mut self, value: u64) {
+        self.lapic.set_cr8(value);
+    }
+
+    fn take_nmi(&mut self) -> bool {
+        self.lapic.take_nmi()
+    }
+
+    fn take_init(&mut self) -> bool {
+        self.lapic.take_init()
+    }
+
+    fn init_reset(&mut self) {
+        self.lapic.init_reset();
+        self.sync_lint0();
+    }
+
     fn interrupt_pending(&self) -> bool {
         self.lapic.deliverable_vector().is_some()
             || (self.pic.interrupt_pending() && self.lapic.accepts_pic_interrupts())
@@ -293,7 +373,7 @@ impl Irqchip for PcIrqchip {
 mod tests {
     use super::*;
     use crate::devices::ioapic::{IOREGSEL, IOWIN};
-    use crate::devices::lapic::{SVR_ENABLE, reg};
+    use crate::devices::lapic::{LAPIC_BASE, SVR_ENABLE, reg};
     use crate::devices::scripted_host::Rig;
 
     /// A stand-in 8259 pair: IRQ n pending gives vector 0x08 + n; acknowledging clears it.
@@ -393,7 +473,8 @@ mod tests {
         );
         assert!(!c.interrupt_pending());
         // A globally disabled APIC is bypassed.
-        c.wrmsr(0, MSR_APIC_BASE, 0xfee0_0100).unwrap();
+        c.wrmsr(0, MSR_APIC_BASE, 0xfee0_0100, GuestTsc::BT)
+            .unwrap();
         assert!(c.interrupt_pending());
         assert_eq!(c.acknowledge(), 0x0b);
         assert_eq!(c.acknowledge(), 0x0f, "PIC spurious when bypassed");
@@ -527,11 +608,15 @@ mod tests {
         assert_eq!(c.acknowledge(), 0xec);
         assert_eq!(c.acknowledge(), 0x09);
         // x2APIC MSRs through the complex.
-        c.wrmsr(0, MSR_APIC_BASE, 0xfee0_0d00).unwrap();
+        c.wrmsr(0, MSR_APIC_BASE, 0xfee0_0d00, GuestTsc::BT)
+            .unwrap();
         assert_eq!(c.rdmsr(0, 0x803), Ok(0x0005_0014));
         assert!(PcIrqchip::handles_msr(0x6e0) && !PcIrqchip::handles_msr(0x10));
-        c.wrmsr(0, 0x80b, 0).unwrap();
-        assert!(c.wrmsr(0, MSR_APIC_BASE, 0xfee0_0900).is_err());
+        c.wrmsr(0, 0x80b, 0, GuestTsc::BT).unwrap();
+        assert!(
+            c.wrmsr(0, MSR_APIC_BASE, 0xfee0_0900, GuestTsc::BT)
+                .is_err()
+        );
         let mut stats = crate::cpu::EngineStats::default();
         c.add_stats(&mut stats);
         assert_eq!(stats.get("lapic.acknowledged"), 1);

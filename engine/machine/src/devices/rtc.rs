@@ -428,6 +428,11 @@ impl Rtc {
 }
 
 impl Device for Rtc {
+    fn survives_reset(&self) -> bool {
+        // Battery backed: a PC reset keeps the clock and the NVRAM.
+        true
+    }
+
     fn name(&self) -> &'static str {
         "rtc"
     }
