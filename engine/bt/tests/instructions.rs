@@ -468,17 +468,3 @@ fn unimplemented_instruction_raises_ud_and_is_counted() {
     assert_eq!(stats.get("bt.unimplemented.addsubps"), 1, "{stats:?}");
     assert_eq!(stats.get("bt.exceptions.6"), 1);
 }
-
-/// A 64-bit interrupt gate.
-pub fn gate64(target: u64, sel: u16, ist: u8) -> [u8; 16] {
-    let lo = (target & 0xffff)
-        | (u64::from(sel) << 16)
-        | (u64::from(ist) << 32)
-        | (0x8eu64 << 40)
-        | ((target >> 16) & 0xffff) << 48;
-    let hi = target >> 32;
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&lo.to_le_bytes());
-    b[8..].copy_from_slice(&hi.to_le_bytes());
-    b
-}

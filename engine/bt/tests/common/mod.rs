@@ -299,3 +299,17 @@ pub fn cpu(m: &Machine, state: &CpuState) -> BtCpu {
     c.set_state(state).unwrap();
     c
 }
+
+/// A 64-bit interrupt gate.
+pub fn gate64(target: u64, sel: u16, ist: u8) -> [u8; 16] {
+    let lo = (target & 0xffff)
+        | (u64::from(sel) << 16)
+        | (u64::from(ist) << 32)
+        | (0x8eu64 << 40)
+        | ((target >> 16) & 0xffff) << 48;
+    let hi = target >> 32;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&lo.to_le_bytes());
+    b[8..].copy_from_slice(&hi.to_le_bytes());
+    b
+}

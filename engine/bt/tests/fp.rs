@@ -1,0 +1,828 @@
+//! Table-driven x87, MMX and SSE/SSE2 tests on bt: exact results (80-bit values, rounding and
+//! precision control, status words, MXCSR flags) and every FP fault (#NM, #UD, #MF, #XM,
+//! #GP for misalignment) with where it is taken. The values are the architecture's (the
+//! SDM's rounding rules applied by hand), not the host's answers.
+
+mod common;
+
+use common::*;
+use deja_machine::cpu::CpuState;
+use deja_machine::{Cpu, Exit};
+use iced_x86::code_asm::*;
+
+const CODE: u64 = 0x20_0000;
+const DATA: u64 = 0x30_0000;
+/// Vector `v`'s handler is a HLT at `HANDLERS + 16 * v`.
+const HANDLERS: u64 = 0x21_0000;
+const STACK: u64 = 0x8000;
+
+/// How a snippet ended.
+struct Outcome {
+    state: CpuState,
+    data: Vec<u8>,
+    /// The exception vector taken, if any, and the RIP it was raised at.
+    fault: Option<(u8, u64)>,
+    /// RIP of each instruction of the snippet, in order.
+    rips: Vec<u64>,
+    stats: deja_machine::EngineStats,
+}
+
+/// Runs `code` (then HLT) in 64-bit ring 0 with R14 = the data page (filled with `data`),
+/// after `setup` adjusts the initial state.
+fn go(
+    data: &[u8],
+    setup: impl FnOnce(&mut CpuState),
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Outcome {
+    let (mut m, _, _) = machine();
+    for v in [0u8, 6, 7, 13, 16, 19] {
+        let h = HANDLERS + 16 * u64::from(v);
+        load(&m, h, &asm(64, h, |a| a.hlt().unwrap()));
+        load(&m, IDT + u64::from(v) * 16, &gate64(h, 0x18, 0));
+    }
+    let bytes = asm(64, CODE, |a| {
+        code(a).unwrap();
+        a.hlt().unwrap();
+    });
+    let rips = iced_x86::Decoder::with_ip(64, &bytes, CODE, iced_x86::DecoderOptions::NONE)
+        .into_iter()
+        .map(|i| i.ip())
+        .collect();
+    load(&m, CODE, &bytes);
+    load(&m, DATA, data);
+    let mut s = long_mode_state(&m, CODE);
+    s.gpr[14] = DATA;
+    s.gpr[4] = STACK;
+    s.cr4 |= 0x600;
+    setup(&mut s);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 10_000), Exit::Halted);
+    let state = c.state().unwrap();
+    let fault = (state.rip >= HANDLERS && state.rip < HANDLERS + 0x200).then(|| {
+        let v = ((state.rip - 1 - HANDLERS) / 16) as u8;
+        let frame = peek(&m, state.gpr[4], 16);
+        let with_error = v == 13;
+        let at = if with_error { 8 } else { 0 };
+        (v, u64::from_le_bytes(frame[at..at + 8].try_into().unwrap()))
+    });
+    Outcome {
+        state,
+        data: peek(&m, DATA, 4096),
+        fault,
+        rips,
+        stats: c.stats(),
+    }
+}
+
+fn u64_at(d: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(d[at..at + 8].try_into().unwrap())
+}
+
+fn u16_at(d: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([d[at], d[at + 1]])
+}
+
+/// (mantissa, sign|exponent) of an 80-bit value stored at `at`.
+fn f80_at(d: &[u8], at: usize) -> (u64, u16) {
+    (u64_at(d, at), u16_at(d, at + 8))
+}
+
+fn f64_data(vals: &[f64]) -> Vec<u8> {
+    let mut d: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    d.resize(512, 0);
+    d
+}
+
+/// One x87 computation: FCW, the snippet, the expected 80-bit result (stored by FSTP m80
+/// at [r14+0x100]) and the expected status-word exception and condition bits.
+struct X87Case {
+    name: &'static str,
+    fcw: u16,
+    inputs: &'static [f64],
+    code: fn(&mut CodeAssembler) -> Result<(), IcedError>,
+    mant: u64,
+    sexp: u16,
+    /// Expected FSW & 0x47ff (exceptions, SF, C0-C2; not TOP, not C3... C3 is 0x4000).
+    fsw: u16,
+}
+
+#[test]
+fn x87_arithmetic_rounds_with_the_control_word() {
+    let cases = [
+        X87Case {
+            name: "fsqrt 2, extended, nearest",
+            fcw: 0x37f,
+            inputs: &[2.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fsqrt()
+            },
+            mant: 0xb504_f333_f9de_6484,
+            sexp: 0x3fff,
+            fsw: 0x20, // PE, rounded down: C1 = 0
+        },
+        X87Case {
+            name: "fsqrt 2, extended, up",
+            fcw: 0xb7f,
+            inputs: &[2.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fsqrt()
+            },
+            mant: 0xb504_f333_f9de_6485,
+            sexp: 0x3fff,
+            fsw: 0x220, // PE, rounded up: C1
+        },
+        X87Case {
+            name: "fsqrt 2, single precision",
+            fcw: 0x07f,
+            inputs: &[2.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fsqrt()
+            },
+            mant: 0xb504_f300_0000_0000,
+            sexp: 0x3fff,
+            fsw: 0x20,
+        },
+        X87Case {
+            name: "1/3, double precision",
+            fcw: 0x27f,
+            inputs: &[1.0, 3.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fdiv(qword_ptr(r14 + 8))
+            },
+            mant: 0xaaaa_aaaa_aaaa_a800,
+            sexp: 0x3ffd,
+            fsw: 0x20,
+        },
+        X87Case {
+            name: "1/3, extended, toward zero",
+            fcw: 0xf7f,
+            inputs: &[1.0, 3.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fdiv(qword_ptr(r14 + 8))
+            },
+            mant: 0xaaaa_aaaa_aaaa_aaaa,
+            sexp: 0x3ffd,
+            fsw: 0x20,
+        },
+        X87Case {
+            name: "1/0 masked: +inf, ZE",
+            fcw: 0x37f,
+            inputs: &[1.0, 0.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fdiv(qword_ptr(r14 + 8))
+            },
+            mant: 1 << 63,
+            sexp: 0x7fff,
+            fsw: 0x04,
+        },
+        X87Case {
+            name: "fxtract 12: significand 1.5 on top",
+            fcw: 0x37f,
+            inputs: &[12.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fxtract()
+            },
+            mant: 0xc000_0000_0000_0000,
+            sexp: 0x3fff,
+            fsw: 0,
+        },
+        X87Case {
+            name: "fscale 1.5 * 2^3",
+            fcw: 0x37f,
+            inputs: &[3.0, 1.5],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fld(qword_ptr(r14 + 8))?;
+                a.fscale()
+            },
+            mant: 0xc000_0000_0000_0000,
+            sexp: 0x4002,
+            fsw: 0,
+        },
+        X87Case {
+            name: "fprem 10 mod 3 = 1, quotient 3 in C1 C3 C0",
+            fcw: 0x37f,
+            inputs: &[3.0, 10.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fld(qword_ptr(r14 + 8))?;
+                a.fprem()
+            },
+            mant: 1 << 63,
+            sexp: 0x3fff,
+            fsw: 0x4200, // C3 = q1, C1 = q0, C0 = q2 = 0, C2 = 0 (complete)
+        },
+        X87Case {
+            name: "nine pushes: stack overflow gives the indefinite",
+            fcw: 0x37f,
+            inputs: &[],
+            code: |a| {
+                for _ in 0..9 {
+                    a.fld1()?;
+                }
+                Ok(())
+            },
+            mant: 0xc000_0000_0000_0000,
+            sexp: 0xffff,
+            fsw: 0x241, // IE, SF, C1 = overflow
+        },
+        X87Case {
+            name: "fldpi, extended nearest",
+            fcw: 0x37f,
+            inputs: &[],
+            code: |a| a.fldpi(),
+            mant: 0xc90f_daa2_2168_c235,
+            sexp: 0x4000,
+            fsw: 0,
+        },
+        X87Case {
+            name: "fchs fabs fchs of 2",
+            fcw: 0x37f,
+            inputs: &[2.0],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fchs()?;
+                a.fabs()?;
+                a.fchs()
+            },
+            mant: 1 << 63,
+            sexp: 0xc000,
+            fsw: 0,
+        },
+        X87Case {
+            name: "frndint 2.5 nearest-even",
+            fcw: 0x37f,
+            inputs: &[2.5],
+            code: |a| {
+                a.fld(qword_ptr(r14))?;
+                a.frndint()
+            },
+            mant: 1 << 63,
+            sexp: 0x4000,
+            fsw: 0x20,
+        },
+    ];
+    for c in &cases {
+        let data = f64_data(c.inputs);
+        let o = go(
+            &data,
+            |s| s.fpu.fcw = c.fcw,
+            |a| {
+                (c.code)(a)?;
+                a.fnstsw(word_ptr(r14 + 0xf0))?;
+                a.fstp(tword_ptr(r14 + 0x100))
+            },
+        );
+        assert_eq!(o.fault, None, "{}: faulted", c.name);
+        let (mant, sexp) = f80_at(&o.data, 0x100);
+        assert_eq!(
+            (mant, sexp),
+            (c.mant, c.sexp),
+            "{}: result {mant:#x} {sexp:#x}",
+            c.name
+        );
+        let fsw = u16_at(&o.data, 0xf0);
+        assert_eq!(fsw & 0x47ff, c.fsw, "{}: fsw {fsw:#x}", c.name);
+    }
+}
+
+#[test]
+fn x87_integer_and_bcd_stores_round_with_the_control_word() {
+    // (fcw, value, FISTP m32 result)
+    let cases: [(u16, f64, i32); 6] = [
+        (0x37f, 2.5, 2),
+        (0x37f, 3.5, 4),
+        (0x77f, 2.5, 2),         // down
+        (0xb7f, 2.1, 3),         // up
+        (0xf7f, -2.9, -2),       // toward zero
+        (0x37f, 3e10, i32::MIN), // out of range: the integer indefinite, IE
+    ];
+    for (fcw, v, want) in cases {
+        let o = go(
+            &f64_data(&[v]),
+            |s| s.fpu.fcw = fcw,
+            |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fistp(dword_ptr(r14 + 0x10))
+            },
+        );
+        let got = i32::from_le_bytes(o.data[0x10..0x14].try_into().unwrap());
+        assert_eq!(got, want, "fistp {v} with fcw {fcw:#x}");
+        assert_eq!(o.state.fpu.fsw & 1, u16::from(v > 1e9), "IE for {v}");
+    }
+    // FILD / FBSTP: -1234567 in packed BCD; FBLD reads it back.
+    let mut d = vec![0u8; 512];
+    d[..4].copy_from_slice(&(-1_234_567i32).to_le_bytes());
+    let o = go(
+        &d,
+        |_| {},
+        |a| {
+            a.fild(dword_ptr(r14))?;
+            a.fbstp(tword_ptr(r14 + 0x20))?;
+            a.fbld(tword_ptr(r14 + 0x20))?;
+            a.fistp(qword_ptr(r14 + 0x40))
+        },
+    );
+    assert_eq!(
+        &o.data[0x20..0x2a],
+        &[0x67, 0x45, 0x23, 0x01, 0, 0, 0, 0, 0, 0x80]
+    );
+    assert_eq!(
+        i64::from_le_bytes(o.data[0x40..0x48].try_into().unwrap()),
+        -1_234_567
+    );
+}
+
+#[test]
+fn x87_compares_set_condition_codes_and_eflags() {
+    const CF: u64 = 1;
+    const PF: u64 = 4;
+    const ZF: u64 = 0x40;
+    // (st0, st1, FCOMI flags, FCOM C3 C2 C0 in FSW)
+    let cases: [(f64, f64, u64, u16); 4] = [
+        (2.0, 1.0, 0, 0),
+        (1.0, 2.0, CF, 0x0100),
+        (1.0, 1.0, ZF, 0x4000),
+        (f64::NAN, 1.0, ZF | PF | CF, 0x4500),
+    ];
+    for (x, y, flags, cc) in cases {
+        let o = go(
+            &f64_data(&[y, x]),
+            |s| s.rflags = 2 | 0x8d5,
+            |a| {
+                a.fld(qword_ptr(r14))?;
+                a.fld(qword_ptr(r14 + 8))?;
+                a.fucomi(st0, st1)?;
+                a.fucom(st0, st1)?;
+                a.fnstsw(ax)
+            },
+        );
+        assert_eq!(o.state.rflags & 0x8d5, flags, "fucomi {x} {y}");
+        assert_eq!(o.state.gpr[0] as u16 & 0x4500, cc, "fucom {x} {y}");
+    }
+    // FXAM: an empty register, negative zero, a denormal-free normal.
+    let o = go(
+        &f64_data(&[-0.0]),
+        |_| {},
+        |a| {
+            a.fxam()?;
+            a.fnstsw(word_ptr(r14 + 0x10))?;
+            a.fld(qword_ptr(r14))?;
+            a.fxam()?;
+            a.fnstsw(word_ptr(r14 + 0x12))
+        },
+    );
+    assert_eq!(u16_at(&o.data, 0x10) & 0x4700, 0x4100, "empty: C3 C0");
+    assert_eq!(u16_at(&o.data, 0x12) & 0x4700, 0x4200, "-0: C3, C1 = sign");
+}
+
+#[test]
+fn fxsave_carries_the_x87_and_mmx_state() {
+    let o = go(
+        &f64_data(&[1.5]),
+        |_| {},
+        |a| {
+            a.fld1()?;
+            a.fld(qword_ptr(r14))?;
+            a.fxsave(ptr(r14 + 0x100))?;
+            a.movq(mm2, qword_ptr(r14))?;
+            a.fxsave(ptr(r14 + 0x400))
+        },
+    );
+    let d = &o.data;
+    // Two pushes: TOP = 6, physical registers 6 and 7 in use (abridged tag 0xc0).
+    assert_eq!(u16_at(d, 0x102) >> 11 & 7, 6);
+    assert_eq!(d[0x104], 0xc0);
+    assert_eq!(f80_at(d, 0x100 + 32), (0xc000_0000_0000_0000, 0x3fff));
+    assert_eq!(f80_at(d, 0x100 + 48), (1 << 63, 0x3fff));
+    // An MMX instruction: TOP = 0, all tags valid, MM2 = physical register 2 with the
+    // exponent field set to ones.
+    let fx2 = 0x400;
+    assert_eq!(u16_at(d, fx2 + 2) >> 11 & 7, 0);
+    assert_eq!(d[fx2 + 4], 0xff);
+    assert_eq!(u64_at(d, fx2 + 32 + 2 * 16), 1.5f64.to_bits());
+    assert_eq!(u16_at(d, fx2 + 32 + 2 * 16 + 8), 0xffff);
+    // The register file moved with TOP: old ST0 (physical 6) is now ST6.
+    assert_eq!(
+        f80_at(d, fx2 + 32 + 6 * 16),
+        (0xc000_0000_0000_0000, 0x3fff)
+    );
+    // EMMS empties the tags.
+    let o = go(
+        &f64_data(&[1.5]),
+        |_| {},
+        |a| {
+            a.movq(mm2, qword_ptr(r14))?;
+            a.emms()
+        },
+    );
+    assert_eq!(o.state.fpu.ftw, 0);
+}
+
+#[test]
+fn fnstenv_and_fldenv_round_trip_with_the_guest_pointers() {
+    let o = go(
+        &f64_data(&[2.0]),
+        |s| s.fpu.fcw = 0x27f,
+        |a| {
+            a.fld(qword_ptr(r14))?;
+            a.fsqrt()?;
+            a.fnstenv(ptr(r14 + 0x100))?;
+            a.fldenv(ptr(r14 + 0x100))
+        },
+    );
+    let d = &o.data;
+    assert_eq!(u16_at(d, 0x100), 0x27f, "FCW as it was");
+    assert_eq!(
+        o.state.fpu.fcw, 0x27f,
+        "FLDENV reloads it (FNSTENV masked all)"
+    );
+    // Tag word: ST0 (physical 7) valid, the rest empty.
+    assert_eq!(u16_at(d, 0x108), 0x3fff);
+    // FIP = FSQRT's address, FOP = D9 FA -> 0x1fa; FDP = the FLD's operand offset.
+    assert_eq!(
+        u64::from(u32::from_le_bytes(d[0x10c..0x110].try_into().unwrap())),
+        o.rips[1]
+    );
+    assert_eq!(u16_at(d, 0x112), 0x1fa);
+    assert_eq!(
+        u64::from(u32::from_le_bytes(d[0x114..0x118].try_into().unwrap())),
+        DATA
+    );
+}
+
+#[test]
+fn fnsave_and_frstor_keep_registers_and_reinitialize() {
+    let o = go(
+        &f64_data(&[3.0]),
+        |_| {},
+        |a| {
+            a.fld(qword_ptr(r14))?;
+            a.fld1()?;
+            a.fnsave(ptr(r14 + 0x100))?;
+            a.fnstsw(word_ptr(r14 + 0x1f0))?;
+            a.frstor(ptr(r14 + 0x100))?;
+            a.faddp(st1, st0)?;
+            a.fstp(qword_ptr(r14 + 0x1f8))
+        },
+    );
+    assert_eq!(
+        u16_at(&o.data, 0x1f0),
+        0,
+        "FNSAVE leaves an initialized FPU"
+    );
+    assert_eq!(
+        f64::from_le_bytes(o.data[0x1f8..0x200].try_into().unwrap()),
+        4.0
+    );
+    // The saved ST0 is 1.0, ST1 is 3.0.
+    assert_eq!(f80_at(&o.data, 0x100 + 28), (1 << 63, 0x3fff));
+    assert_eq!(f80_at(&o.data, 0x100 + 38), (0xc000_0000_0000_0000, 0x4000));
+}
+
+#[test]
+fn sse_rounds_and_flags_with_mxcsr() {
+    // (mxcsr, a, b, op, expected bits, expected new flags)
+    type Op = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let one_plus_tiny: Op = |a| a.addss(xmm0, xmm1);
+    let div: Op = |a| a.divss(xmm0, xmm1);
+    let mul: Op = |a| a.mulss(xmm0, xmm1);
+    let min: Op = |a| a.minss(xmm0, xmm1);
+    let cases: [(u32, f32, f32, Op, u32, u32); 7] = [
+        (
+            0x1f80,
+            1.0,
+            2f32.powi(-30),
+            one_plus_tiny,
+            1f32.to_bits(),
+            0x20,
+        ),
+        (
+            0x1f80 | 0x4000,
+            1.0,
+            2f32.powi(-30),
+            one_plus_tiny,
+            0x3f80_0001,
+            0x20,
+        ),
+        (0x1f80, 1.0, 0.0, div, f32::INFINITY.to_bits(), 0x04),
+        (0x1f80, 0.0, 0.0, div, 0xffc0_0000, 0x01),
+        // 2^-70 squared underflows: a denormal result... flushed to +0 with FTZ.
+        (
+            0x1f80 | 0x8000,
+            2f32.powi(-70),
+            2f32.powi(-70),
+            mul,
+            0,
+            0x30,
+        ),
+        // DAZ: a denormal input is read as zero.
+        (0x1f80 | 0x40, f32::from_bits(1), 1.0, mul, 0, 0),
+        // MINSS returns the second operand when either is NaN.
+        (0x1f80, f32::NAN, 5.0, min, 5f32.to_bits(), 0x01),
+    ];
+    for (mx, x, y, op, want, flags) in cases {
+        let o = go(
+            &[0; 512],
+            |s| {
+                s.fpu.mxcsr = mx;
+                s.fpu.xmm[0][..4].copy_from_slice(&x.to_le_bytes());
+                s.fpu.xmm[1][..4].copy_from_slice(&y.to_le_bytes());
+            },
+            op,
+        );
+        assert_eq!(o.fault, None);
+        let got = u32::from_le_bytes(o.state.fpu.xmm[0][..4].try_into().unwrap());
+        assert_eq!(got, want, "mxcsr {mx:#x}: {x} op {y} = {got:#x}");
+        assert_eq!(o.state.fpu.mxcsr, mx | flags, "flags for {x} op {y}");
+    }
+}
+
+#[test]
+fn sse_conversions_round_with_mxcsr() {
+    // (mxcsr, value, CVTSD2SI r32, CVTTSD2SI r32)
+    let cases: [(u32, f64, i32, i32); 5] = [
+        (0x1f80, 2.5, 2, 2),
+        (0x1f80, -3.5, -4, -3),
+        (0x3f80, 2.5, 2, 2),
+        (0x5f80, 2.1, 3, 2),
+        (0x1f80, 1e20, i32::MIN, i32::MIN),
+    ];
+    for (mx, v, rounded, truncated) in cases {
+        let o = go(
+            &f64_data(&[v]),
+            |s| s.fpu.mxcsr = mx,
+            |a| {
+                a.cvtsd2si(eax, qword_ptr(r14))?;
+                a.cvttsd2si(ebx, qword_ptr(r14))?;
+                a.cvtsi2ss(xmm3, eax)
+            },
+        );
+        assert_eq!(o.state.gpr[0] as i32, rounded, "cvtsd2si {v} mxcsr {mx:#x}");
+        assert_eq!(o.state.gpr[3] as i32, truncated, "cvttsd2si {v}");
+        assert_eq!(o.state.fpu.mxcsr & 1, u32::from(v > 1e10), "IE for {v}");
+    }
+    // CVTSI2SS of 2^24 + 1 rounds to even and flags PE.
+    let o = go(
+        &[0; 512],
+        |s| s.gpr[0] = (1 << 24) + 1,
+        |a| a.cvtsi2ss(xmm0, eax),
+    );
+    assert_eq!(
+        u32::from_le_bytes(o.state.fpu.xmm[0][..4].try_into().unwrap()),
+        16_777_216f32.to_bits()
+    );
+    assert_eq!(o.state.fpu.mxcsr, 0x1fa0);
+}
+
+#[test]
+fn sse_and_mmx_integer_operations() {
+    let o = go(
+        &[0; 512],
+        |s| {
+            let a: u128 = 0x8000_7fff_0100_ff00_0003_0002_0001_8001;
+            let b: u128 = 0x0002_0002_0002_0002_ffff_0001_0100_00ff;
+            s.fpu.xmm[0] = a.to_le_bytes();
+            s.fpu.xmm[1] = b.to_le_bytes();
+            s.fpu.xmm[2] = a.to_le_bytes();
+            s.fpu.xmm[3] = a.to_le_bytes();
+            s.fpu.xmm[4] = a.to_le_bytes();
+            s.fpu.xmm[5] = a.to_le_bytes();
+        },
+        |a| {
+            a.packsswb(xmm0, xmm1)?;
+            a.pmaddwd(xmm2, xmm1)?;
+            a.psadbw(xmm3, xmm1)?;
+            a.pmuludq(xmm4, xmm1)?;
+            a.pcmpgtw(xmm5, xmm1)?;
+            a.pextrw(eax, xmm1, 6)?;
+            a.movdq2q(mm1, xmm1)?;
+            a.paddusb(mm1, mm1)?;
+            a.pmovmskb(ebx, mm1)
+        },
+    );
+    let x = |i: usize| u128::from_le_bytes(o.state.fpu.xmm[i]);
+    // PACKSSWB: words of a then b saturated to bytes (low qword from a).
+    let words_a: [i16; 8] = [
+        0x8001u16 as i16,
+        1,
+        2,
+        3,
+        0xff00u16 as i16,
+        0x100,
+        0x7fff,
+        0x8000u16 as i16,
+    ];
+    let words_b: [i16; 8] = [0xff, 0x100, 1, -1, 2, 2, 2, 2];
+    let sat = |w: i16| w.clamp(-128, 127) as i8 as u8;
+    let mut packed = [0u8; 16];
+    for i in 0..8 {
+        packed[i] = sat(words_a[i]);
+        packed[8 + i] = sat(words_b[i]);
+    }
+    assert_eq!(x(0), u128::from_le_bytes(packed), "packsswb");
+    let mut madd = [0u8; 16];
+    for i in 0..4 {
+        let v = i32::from(words_a[2 * i]) * i32::from(words_b[2 * i])
+            + i32::from(words_a[2 * i + 1]) * i32::from(words_b[2 * i + 1]);
+        madd[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(x(2), u128::from_le_bytes(madd), "pmaddwd");
+    let ab: [u8; 16] = 0x8000_7fff_0100_ff00_0003_0002_0001_8001u128.to_le_bytes();
+    let bb: [u8; 16] = 0x0002_0002_0002_0002_ffff_0001_0100_00ffu128.to_le_bytes();
+    let sad =
+        |r: std::ops::Range<usize>| -> u128 { r.map(|i| u128::from(ab[i].abs_diff(bb[i]))).sum() };
+    assert_eq!(x(3), sad(0..8) | (sad(8..16) << 64), "psadbw");
+    let pmul = |lo: u32, hi: u32| u128::from(u64::from(lo) * u64::from(hi));
+    assert_eq!(
+        x(4),
+        pmul(0x0001_8001, 0x0100_00ff) | (pmul(0x0100_ff00, 0x0002_0002) << 64),
+        "pmuludq"
+    );
+    let mut gt = [0u8; 16];
+    for i in 0..8 {
+        let m: i16 = if words_a[i] > words_b[i] { -1 } else { 0 };
+        gt[2 * i..2 * i + 2].copy_from_slice(&m.to_le_bytes());
+    }
+    assert_eq!(x(5), u128::from_le_bytes(gt), "pcmpgtw");
+    assert_eq!(o.state.gpr[0], 2, "pextrw");
+    // MOVDQ2Q takes the low qword; PADDUSB saturates 0xff + 0xff and 0x80-ish bytes.
+    let low: [u8; 8] = 0xffff_0001_0100_00ffu64.to_le_bytes();
+    let mask = low.iter().enumerate().fold(0u64, |m, (i, b)| {
+        m | (u64::from(b.saturating_add(*b) >> 7) << i)
+    });
+    assert_eq!(o.state.gpr[3], mask, "pmovmskb after paddusb");
+}
+
+/// Which vector a snippet raised, with the RIP pushed (which instruction it is).
+fn fault_of(
+    data: &[u8],
+    setup: impl FnOnce(&mut CpuState),
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> (Option<(u8, usize)>, Outcome) {
+    let o = go(data, setup, code);
+    let f = o.fault.map(|(v, rip)| {
+        (
+            v,
+            o.rips.iter().position(|&r| r == rip).unwrap_or(usize::MAX),
+        )
+    });
+    (f, o)
+}
+
+#[test]
+fn fp_faults_follow_cr0_cr4_and_the_masks() {
+    const EM: u64 = 4;
+    const TS: u64 = 8;
+    const MP: u64 = 2;
+    type Snip = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let x87: Snip = |a| a.fld1();
+    let sse: Snip = |a| a.addps(xmm0, xmm1);
+    let mmx: Snip = |a| a.paddb(mm0, mm1);
+    let fwait: Snip = |a| a.wait();
+    // (name, cr0 bits set, cr4 bits cleared, snippet, expected vector)
+    let cases: [(&str, u64, u64, Snip, Option<u8>); 10] = [
+        ("x87 with TS", TS, 0, x87, Some(7)),
+        ("x87 with EM", EM, 0, x87, Some(7)),
+        ("SSE with TS", TS, 0, sse, Some(7)),
+        ("SSE with EM", EM, 0, sse, Some(6)),
+        ("SSE without OSFXSR", 0, 0x200, sse, Some(6)),
+        ("MMX with TS", TS, 0, mmx, Some(7)),
+        ("MMX with EM", EM, 0, mmx, Some(6)),
+        ("FWAIT with TS, no MP", TS, 0, fwait, None),
+        ("FWAIT with TS and MP", TS | MP, 0, fwait, Some(7)),
+        ("x87 plain", 0, 0, x87, None),
+    ];
+    for (name, set, clear, snip, want) in cases {
+        let (f, _) = fault_of(
+            &[0; 512],
+            |s| {
+                s.cr0 = (s.cr0 & !MP) | set;
+                s.cr4 &= !clear;
+            },
+            snip,
+        );
+        assert_eq!(f.map(|(v, _)| v), want, "{name}");
+        if want.is_some() {
+            assert_eq!(
+                f.map(|(_, i)| i),
+                Some(0),
+                "{name}: faults on the instruction"
+            );
+        }
+    }
+}
+
+#[test]
+fn unmasked_x87_exceptions_are_delivered_at_the_next_waiting_instruction() {
+    let (f, o) = fault_of(
+        &[0; 512],
+        |s| s.fpu.fcw = 0x37b, // ZE unmasked
+        |a| {
+            a.fld1()?;
+            a.fldz()?;
+            a.fdivp(st1, st0)?; // 0: no fault yet, ES set
+            a.fnstsw(ax)?; // non-waiting
+            a.fnstcw(word_ptr(r14))?; // non-waiting
+            a.fld1() // waiting: #MF here
+        },
+    );
+    assert_eq!(f, Some((16, 5)));
+    assert_eq!(
+        o.state.gpr[0] as u16 & 0x8084,
+        0x8084,
+        "B, ES and ZE in FNSTSW AX"
+    );
+    // The divisor stays on the stack with the destination unchanged (pre-computation).
+    assert_eq!(o.state.fpu.fsw >> 11 & 7, 6);
+    // With CR0.NE the same goes for an MMX instruction.
+    let (f, _) = fault_of(
+        &[0; 512],
+        |s| s.fpu.fcw = 0x37b,
+        |a| {
+            a.fld1()?;
+            a.fldz()?;
+            a.fdivp(st1, st0)?;
+            a.paddb(mm0, mm1)
+        },
+    );
+    assert_eq!(f, Some((16, 3)));
+    // FNCLEX clears it.
+    let (f, _) = fault_of(
+        &[0; 512],
+        |s| s.fpu.fcw = 0x37b,
+        |a| {
+            a.fld1()?;
+            a.fldz()?;
+            a.fdivp(st1, st0)?;
+            a.fnclex()?;
+            a.wait()
+        },
+    );
+    assert_eq!(f, None);
+}
+
+#[test]
+fn unmasked_sse_exceptions_raise_xm_and_leave_the_destination() {
+    for (osxmmexcpt, vector) in [(true, 19u8), (false, 6)] {
+        let (f, o) = fault_of(
+            &[0; 512],
+            |s| {
+                s.fpu.mxcsr = 0x1f80 & !0x200; // ZE unmasked
+                s.fpu.xmm[0][..4].copy_from_slice(&1f32.to_le_bytes());
+                if !osxmmexcpt {
+                    s.cr4 &= !0x400;
+                }
+            },
+            |a| {
+                a.addss(xmm2, xmm2)?;
+                a.divss(xmm0, xmm1)
+            },
+        );
+        assert_eq!(f, Some((vector, 1)), "OSXMMEXCPT {osxmmexcpt}");
+        assert_eq!(&o.state.fpu.xmm[0][..4], &1f32.to_le_bytes());
+        assert_eq!(o.state.fpu.mxcsr, (0x1f80 & !0x200) | 0x4, "ZE flagged");
+    }
+    // Misaligned packed operand: #GP(0).
+    let (f, _) = fault_of(&[0; 512], |_| {}, |a| a.addps(xmm0, xmmword_ptr(r14 + 8)));
+    assert_eq!(f, Some((13, 0)));
+    // The unaligned move is fine.
+    let (f, _) = fault_of(&[0; 512], |_| {}, |a| a.movups(xmm0, xmmword_ptr(r14 + 8)));
+    assert_eq!(f, None);
+}
+
+#[test]
+fn maskmovdqu_stores_only_the_selected_bytes() {
+    let o = go(
+        &[0xaa; 512],
+        |s| {
+            s.gpr[7] = DATA + 0x40;
+            s.fpu.xmm[0] = 0x0f0e_0d0c_0b0a_0908_0706_0504_0302_0100u128.to_le_bytes();
+            s.fpu.xmm[1] = 0x8000_0000_0000_0000_0000_0000_0080_ff80u128.to_le_bytes();
+        },
+        |a| a.maskmovdqu(xmm0, xmm1),
+    );
+    let mut want = [0xaau8; 16];
+    want[0] = 0x00;
+    want[1] = 0x01;
+    want[2] = 0x02;
+    want[15] = 0x0f;
+    assert_eq!(&o.data[0x40..0x50], &want);
+}
+
+#[test]
+fn instructions_past_sse2_stay_undefined_and_counted() {
+    let (f, o) = fault_of(&[0; 512], |_| {}, |a| a.fisttp(dword_ptr(r14)));
+    assert_eq!(f, Some((6, 0)));
+    assert_eq!(o.stats.get("bt.unimplemented.fisttp"), 1);
+    let (f, o) = fault_of(&[0; 512], |_| {}, |a| a.pshufb(xmm0, xmm1));
+    assert_eq!(f, Some((6, 0)));
+    assert_eq!(o.stats.get("bt.unimplemented.pshufb"), 1);
+}
