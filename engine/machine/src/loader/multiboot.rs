@@ -16,8 +16,9 @@
 //!   [`MMAP_ADDR`] (0x9000), the MBI at [`MBI_ADDR`] (0x9500); the command line
 //!   (`"IMAGE-NAME CMDLINE"`, as QEMU passes `"kernel-file cmdline"`) and the boot loader
 //!   name `"deja"` in the page after the kernel's end. The memory map reports RAM as type
-//!   1 and, like SeaBIOS's e820 under QEMU, the EBDA `0x9fc00..0xa0000` and the BIOS area
-//!   `0xf0000..0x100000` as reserved (type 2); ROMs are reserved too. `mem_lower` is 639
+//!   1 and, like SeaBIOS's e820 under QEMU, the EBDA `0x9fc00..0xa0000`, the ACPI tables'
+//!   area `0xe0000..0xf0000` and the BIOS area `0xf0000..0x100000` as reserved (type 2);
+//!   ROMs are reserved too. `mem_lower` is 639
 //!   KiB and `mem_upper` the KiB of RAM from 1 MiB up to the first hole.
 //! - Entry: 32-bit protected mode with deja's flat GDT (see [`super::boot`]), EAX =
 //!   0x2badb002, EBX = [`MBI_ADDR`], paging and interrupts off, ESP = the stack
@@ -131,10 +132,13 @@ pub fn find_header(name: &str, bytes: &[u8]) -> Result<Header, LoadError> {
 /// The memory map deja reports for `layout` (see the module documentation).
 pub fn memory_map(layout: &MemoryLayout) -> Vec<MmapEntry> {
     // Parts of RAM that are not reported as RAM: (start, end, kind or None = omitted).
-    const CARVED: [(u64, u64, Option<u32>); 3] = [
+    use crate::devices::acpi::{ACPI_REGION_END, ACPI_REGION_START};
+    const CARVED: [(u64, u64, Option<u32>); 4] = [
         (EBDA_START, 0xa_0000, Some(MMAP_RESERVED)),
-        (0xc_0000, 0xf_0000, None),
-        (0xf_0000, HIGH_MEMORY_START, Some(MMAP_RESERVED)),
+        (0xc_0000, ACPI_REGION_START, None),
+        // The ACPI tables: an OS must not hand them out as free memory.
+        (ACPI_REGION_START, ACPI_REGION_END, Some(MMAP_RESERVED)),
+        (ACPI_REGION_END, HIGH_MEMORY_START, Some(MMAP_RESERVED)),
     ];
     let mut out = Vec::new();
     for r in &layout.ranges {

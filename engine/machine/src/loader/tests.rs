@@ -410,6 +410,11 @@ fn multiboot_elf_kernel_is_loaded_and_entered_as_the_spec_says() {
                 kind: MMAP_RESERVED
             },
             MmapEntry {
+                base: 0xe0000,
+                len: 0x10000,
+                kind: MMAP_RESERVED
+            },
+            MmapEntry {
                 base: 0xf0000,
                 len: 0x10000,
                 kind: MMAP_RESERVED
@@ -435,8 +440,17 @@ fn multiboot_memory_map_follows_the_layout_above_4g() {
             kind: MMAP_RAM
         })
     );
+    // The ACPI tables' area is reserved, not omitted, so no OS takes it for free RAM.
     assert_eq!(
-        map[3],
+        map[2],
+        MmapEntry {
+            base: crate::devices::acpi::ACPI_REGION_START,
+            len: 0x1_0000,
+            kind: MMAP_RESERVED
+        }
+    );
+    assert_eq!(
+        map[4],
         MmapEntry {
             base: 0x100000,
             len: 0xc000_0000 - 0x100000,
