@@ -64,7 +64,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 24] = [
+static GUESTS: [Guest; 25] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -96,6 +96,14 @@ static GUESTS: [Guest; 24] = [
         description: "local APIC timer in TSC-deadline mode (CPUID bit, xAPIC and x2APIC \
                       LVT, deadline from RDTSC, fires no earlier, disarms); exits 0",
         build: platform::build_tsc_deadline,
+    },
+    Guest {
+        name: "platform",
+        description: "fw_cfg (signature, ID, CPUs, RAM size, command line, file directory, \
+                      DMA read of etc/e820), ACPI RSDP scan and table checksums (FADT PM \
+                      timer, MADT), PM timer monotonic and at 3.579545 MHz against the PIT, \
+                      PCI bus 0 scan (i440FX, PIIX3); exits 0",
+        build: platform::build_platform,
     },
     Guest {
         name: "reset",

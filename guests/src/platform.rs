@@ -8,6 +8,7 @@
 //!   timer, SELF IPI, LINT1-style NMI through the ICR).
 //! - `apic-tsc-deadline`: the timer in TSC-deadline mode, armed with a deadline read from
 //!   RDTSC, through the x2APIC LVT and through the xAPIC LVT; CPUID advertises it.
+//! - `platform`: fw_cfg, ACPI tables, the PM timer against the PIT, the PCI bus.
 //! - `reset`: reboots itself four times, through 0xcf9, port 0x92, the i8042 and a triple
 //!   fault, counting boots in CMOS NVRAM (which a reset does not clear), then exits 0.
 //!
@@ -540,5 +541,371 @@ pub(crate) fn build_reset() -> Result<Image, LinkError> {
         s.a.dw(&[0])?;
         s.a.dq(&[0])?;
         Ok(())
+    })
+}
+
+/// Scratch memory `platform` reads fw_cfg items and DMA results into.
+const BUF: i32 = 0x12_4000;
+/// The fw_cfg DMA control structure.
+const DMA_DESC: i32 = 0x12_5000;
+/// What `platform` stores the RAM size (from fw_cfg) in.
+const RAM_SIZE_AT: i32 = 0x12_5100;
+
+/// Reads `n` bytes of fw_cfg item `key` into `at`.
+fn fw_read(s: &mut SectionAsm<'_>, key: u16, at: i32, n: i32) -> Result<(), LinkError> {
+    let a = &mut s.a;
+    a.mov(ax, i32::from(key))?;
+    a.mov(dx, 0x510)?;
+    a.out(dx, ax)?;
+    a.mov(edi, at)?;
+    a.mov(ecx, n)?;
+    fw_read_bytes(s)
+}
+
+/// Reads ECX (non-zero) bytes of the selected fw_cfg item to RDI, one IN at a time (a
+/// `rep insb` is one exit for a whole batch under KVM but one per byte under bt, so traces
+/// recorded on one would not replay on the other).
+fn fw_read_bytes(s: &mut SectionAsm<'_>) -> Result<(), LinkError> {
+    let a = &mut s.a;
+    let mut top = a.create_label();
+    a.mov(dx, 0x511)?;
+    a.set_label(&mut top)?;
+    a.in_(al, dx)?;
+    a.stosb()?;
+    a.dec(ecx)?;
+    a.jnz(top)?;
+    Ok(())
+}
+
+/// Sums `len` (ECX, non-zero) bytes at RSI into AL (clobbers RSI, RCX, RDX).
+fn checksum(s: &mut SectionAsm<'_>) -> Result<(), LinkError> {
+    let a = &mut s.a;
+    let mut top = a.create_label();
+    a.xor(edx, edx)?;
+    a.set_label(&mut top)?;
+    a.add(dl, byte_ptr(rsi))?;
+    a.inc(rsi)?;
+    a.dec(ecx)?;
+    a.jnz(top)?;
+    a.mov(eax, edx)?;
+    a.and(eax, 0xff)?;
+    Ok(())
+}
+
+/// Reads the PM timer (24 bits) into EAX.
+fn pm_timer(s: &mut SectionAsm<'_>) -> Result<(), LinkError> {
+    s.a.mov(dx, 0x608)?;
+    s.a.in_(eax, dx)?;
+    s.a.and(eax, 0xff_ffff)?;
+    Ok(())
+}
+
+/// Latches and reads PIT channel 2 into EAX (clobbers ECX).
+fn pit_ch2(s: &mut SectionAsm<'_>) -> Result<(), LinkError> {
+    let a = &mut s.a;
+    a.mov(al, 0x80)?;
+    a.out(0x43u32, al)?;
+    a.in_(al, 0x42u32)?;
+    a.movzx(ecx, al)?;
+    a.in_(al, 0x42u32)?;
+    a.movzx(eax, al)?;
+    a.shl(eax, 8)?;
+    a.or(eax, ecx)?;
+    Ok(())
+}
+
+/// PIT ticks `platform` measures the PM timer over (about 10 ms; the PIT channel it reads
+/// wraps after 65536, so a host stall of more than 45 ms in one polling step would hide
+/// time from it).
+pub const PM_MEASURE_PIT_TICKS: i32 = 12_000;
+/// How far the PM timer may be from 3 ticks per PIT tick (3.579545 MHz / 1.193182 MHz =
+/// 2.99999), in percent of the expected count.
+pub const PM_TOLERANCE_PERCENT: i32 = 1;
+
+pub(crate) fn build_platform() -> Result<Image, LinkError> {
+    long_mode_image("platform", BootMessages::default(), &[], &|s, rt| {
+        let mut c = Checks::new("platform");
+        rt.load_idt(s)?;
+        rt.init_pic(s, 0xff, 0xff)?;
+
+        // fw_cfg through the ports: signature, ID (traditional + DMA), one CPU.
+        fw_read(s, 0x00, BUF, 4)?;
+        s.a.mov(eax, dword_ptr(BUF as u64))?;
+        c.rax_eq(s, i32::from_le_bytes(*b"QEMU"), "fw_cfg signature")?;
+        fw_read(s, 0x01, BUF, 4)?;
+        s.a.mov(eax, dword_ptr(BUF as u64))?;
+        c.rax_eq(s, 3, "fw_cfg ID (traditional and DMA)")?;
+        fw_read(s, 0x05, BUF, 2)?;
+        s.a.movzx(eax, word_ptr(BUF as u64))?;
+        c.rax_eq(s, 1, "fw_cfg CPU count")?;
+        fw_read(s, 0x03, RAM_SIZE_AT, 8)?;
+        rt.print(s, b"platform: fw_cfg QEMU, DMA, 1 CPU, ram ")?;
+        s.a.mov(rax, qword_ptr(RAM_SIZE_AT as u64))?;
+        s.a.shr(rax, 20)?;
+        rt.print_dec(s)?;
+        rt.print(s, b" MiB\r\n")?;
+        // The command line: its size counts the NUL, which ends the data.
+        fw_read(s, 0x14, BUF, 4)?;
+        s.a.mov(ebx, dword_ptr(BUF as u64))?;
+        s.a.cmp(ebx, 0x200)?;
+        let l = c.fail(s, "fw_cfg command line longer than 511 bytes");
+        s.a.ja(l)?;
+        s.a.mov(ax, 0x15)?;
+        s.a.mov(dx, 0x510)?;
+        s.a.out(dx, ax)?;
+        s.a.mov(edi, BUF)?;
+        s.a.mov(ecx, ebx)?;
+        fw_read_bytes(s)?;
+        s.a.movzx(eax, byte_ptr(rbx + BUF - 1))?;
+        c.rax_eq(s, 0, "fw_cfg command line NUL at its size")?;
+        rt.print(s, b"platform: cmdline [")?;
+        s.a.mov(esi, BUF)?;
+        s.a.call(rt.puts)?;
+        rt.print(s, b"]\r\n")?;
+
+        // The file directory: find etc/e820 and its key.
+        fw_read(s, 0x19, BUF, 4)?;
+        s.a.mov(ebx, dword_ptr(BUF as u64))?;
+        s.a.bswap(ebx)?;
+        let l = c.fail(s, "fw_cfg file directory empty or too long");
+        s.a.test(ebx, ebx)?;
+        s.a.jz(l)?;
+        s.a.cmp(ebx, 32)?;
+        s.a.ja(l)?;
+        let mut next = s.a.create_label();
+        let missing = c.fail(s, "no etc/e820 in the fw_cfg file directory");
+        s.a.set_label(&mut next)?;
+        s.a.test(ebx, ebx)?;
+        s.a.jz(missing)?;
+        s.a.dec(ebx)?;
+        s.a.mov(edi, BUF)?;
+        s.a.mov(ecx, 64)?;
+        fw_read_bytes(s)?;
+        s.a.mov(rax, 0x3032_3865_2f63_7465u64)?; // "etc/e820"
+        s.a.cmp(qword_ptr((BUF + 8) as u64), rax)?;
+        s.a.jne(next)?;
+        s.a.cmp(byte_ptr((BUF + 16) as u64), 0)?;
+        s.a.jne(next)?;
+        // Its key (big-endian) and size.
+        s.a.movzx(ebx, word_ptr((BUF + 4) as u64))?;
+        s.a.xchg(bl, bh)?;
+        s.a.mov(eax, dword_ptr(BUF as u64))?;
+        s.a.bswap(eax)?;
+        c.rax_eq(s, 20, "etc/e820 size (one entry below 4 GiB)")?;
+        // DMA: select etc/e820 and read it into BUF + 0x100.
+        s.a.mov(edi, DMA_DESC)?;
+        s.a.mov(eax, ebx)?;
+        s.a.shl(eax, 16)?;
+        s.a.or(eax, 0x0a)?; // SELECT | READ
+        s.a.bswap(eax)?;
+        s.a.mov(dword_ptr(rdi), eax)?;
+        s.a.mov(eax, 20)?;
+        s.a.bswap(eax)?;
+        s.a.mov(dword_ptr(rdi + 4), eax)?;
+        s.a.mov(eax, BUF + 0x100)?;
+        s.a.bswap(eax)?;
+        s.a.mov(dword_ptr(rdi + 8), 0)?;
+        s.a.mov(dword_ptr(rdi + 12), eax)?;
+        s.a.xor(eax, eax)?;
+        s.a.mov(dx, 0x514)?;
+        s.a.out(dx, eax)?;
+        s.a.mov(eax, DMA_DESC)?;
+        s.a.bswap(eax)?;
+        s.a.mov(dx, 0x518)?;
+        s.a.out(dx, eax)?;
+        s.a.mov(eax, dword_ptr(DMA_DESC as u64))?;
+        c.rax_eq(s, 0, "fw_cfg DMA control word after the transfer")?;
+        s.a.mov(rax, qword_ptr((BUF + 0x100 + 8) as u64))?;
+        s.a.cmp(rax, qword_ptr(RAM_SIZE_AT as u64))?;
+        let l = c.fail(s, "etc/e820 (read by DMA) disagrees with the RAM size");
+        s.a.jne(l)?;
+        s.a.mov(eax, dword_ptr((BUF + 0x100 + 16) as u64))?;
+        c.rax_eq(s, 1, "etc/e820 entry type")?;
+        rt.print(
+            s,
+            b"platform: fw_cfg directory has etc/e820; DMA read it\r\n",
+        )?;
+
+        // ACPI: scan for the RSDP, then check every table's checksum.
+        let mut scan = s.a.create_label();
+        let mut rsdp = s.a.create_label();
+        let no_rsdp = c.fail(s, "no RSDP in 0xe0000..0x100000");
+        s.a.mov(esi, 0xe_0000)?;
+        s.a.mov(rbx, 0x2052_5450_2044_5352u64)?; // "RSD PTR "
+        s.a.set_label(&mut scan)?;
+        s.a.cmp(qword_ptr(rsi), rbx)?;
+        s.a.je(rsdp)?;
+        s.a.add(esi, 16)?;
+        s.a.cmp(esi, 0x10_0000)?;
+        s.a.jb(scan)?;
+        s.a.jmp(no_rsdp)?;
+        s.a.set_label(&mut rsdp)?;
+        s.a.mov(r12, rsi)?;
+        s.a.mov(ecx, 20)?;
+        checksum(s)?;
+        c.rax_eq(s, 0, "RSDP checksum")?;
+        // RSDT: checksum, then each table it points to.
+        s.a.mov(r13d, dword_ptr(r12 + 16))?;
+        s.a.mov(rsi, r13)?;
+        s.a.mov(ecx, dword_ptr(r13 + 4))?;
+        checksum(s)?;
+        c.rax_eq(s, 0, "RSDT checksum")?;
+        rt.print(s, b"platform: ACPI RSDP and RSDT checksums; tables")?;
+        s.a.mov(r14d, dword_ptr(r13 + 4))?;
+        s.a.sub(r14d, 36)?;
+        s.a.shr(r14d, 2)?; // entries
+        s.a.lea(r15, ptr(r13 + 36))?;
+        s.a.xor(ebp, ebp)?; // bit 0: FACP seen, bit 1: APIC seen
+        let mut each = s.a.create_label();
+        let mut tables_done = s.a.create_label();
+        let mut not_facp = s.a.create_label();
+        let mut not_apic = s.a.create_label();
+        s.a.set_label(&mut each)?;
+        s.a.test(r14d, r14d)?;
+        s.a.jz(tables_done)?;
+        s.a.mov(ebx, dword_ptr(r15))?;
+        s.a.mov(rsi, rbx)?;
+        s.a.mov(ecx, dword_ptr(rbx + 4))?;
+        checksum(s)?;
+        c.rax_eq(s, 0, "an ACPI table's checksum")?;
+        s.a.mov(al, b' ' as i32)?;
+        s.a.call(rt.putc)?;
+        for i in 0..4 {
+            s.a.mov(al, byte_ptr(rbx + i))?;
+            s.a.call(rt.putc)?;
+        }
+        s.a.mov(eax, dword_ptr(rbx))?;
+        s.a.cmp(eax, i32::from_le_bytes(*b"FACP"))?;
+        s.a.jne(not_facp)?;
+        s.a.or(ebp, 1)?;
+        s.a.mov(eax, dword_ptr(rbx + 76))?; // PM_TMR_BLK
+        c.rax_eq(s, 0x608, "FADT PM timer block")?;
+        s.a.set_label(&mut not_facp)?;
+        s.a.mov(eax, dword_ptr(rbx))?;
+        s.a.cmp(eax, i32::from_le_bytes(*b"APIC"))?;
+        s.a.jne(not_apic)?;
+        s.a.or(ebp, 2)?;
+        s.a.mov(eax, dword_ptr(rbx + 36))?;
+        c.rax_eq(s, 0xfee0_0000u32 as i32, "MADT local APIC address")?;
+        s.a.set_label(&mut not_apic)?;
+        s.a.add(r15, 4)?;
+        s.a.dec(r14d)?;
+        s.a.jmp(each)?;
+        s.a.set_label(&mut tables_done)?;
+        rt.print(s, b"\r\n")?;
+        s.a.mov(eax, ebp)?;
+        c.rax_eq(s, 3, "RSDT lists a FADT and a MADT")?;
+
+        // PM timer: monotonic over 64 reads, then 3 ticks per PIT tick over 25 ms.
+        pm_timer(s)?;
+        s.a.mov(ebx, eax)?;
+        s.a.mov(r14d, 64)?;
+        let mut mono = s.a.create_label();
+        s.a.set_label(&mut mono)?;
+        pm_timer(s)?;
+        s.a.mov(ecx, eax)?;
+        s.a.sub(ecx, ebx)?;
+        s.a.and(ecx, 0xff_ffff)?;
+        s.a.cmp(ecx, 0x80_0000)?;
+        let l = c.fail(s, "PM timer went backwards");
+        s.a.jae(l)?;
+        s.a.mov(ebx, eax)?;
+        s.a.dec(r14d)?;
+        s.a.jnz(mono)?;
+        // PIT channel 2 free running (gate on, speaker off, mode 2, count 0).
+        let a = &mut s.a;
+        a.in_(al, 0x61u32)?;
+        a.and(al, 0xfc)?;
+        a.or(al, 1)?;
+        a.out(0x61u32, al)?;
+        a.mov(al, 0xb4)?;
+        a.out(0x43u32, al)?;
+        a.xor(eax, eax)?;
+        a.out(0x42u32, al)?;
+        a.out(0x42u32, al)?;
+        pit_ch2(s)?;
+        s.a.mov(r12d, eax)?; // PIT start
+        pm_timer(s)?;
+        s.a.mov(r13d, eax)?; // PM start
+        let mut spin = s.a.create_label();
+        s.a.set_label(&mut spin)?;
+        pit_ch2(s)?;
+        s.a.mov(ebx, r12d)?;
+        s.a.sub(ebx, eax)?;
+        s.a.and(ebx, 0xffff)?; // PIT ticks elapsed (it counts down)
+        s.a.cmp(ebx, PM_MEASURE_PIT_TICKS)?;
+        s.a.jb(spin)?;
+        pm_timer(s)?;
+        s.a.sub(eax, r13d)?;
+        s.a.and(eax, 0xff_ffff)?; // PM ticks elapsed
+        s.a.mov(r14d, eax)?;
+        // |pm - 3 * pit| <= tolerance
+        s.a.imul_3(ecx, ebx, 3)?;
+        s.a.sub(eax, ecx)?;
+        s.a.mov(ecx, eax)?;
+        s.a.neg(ecx)?;
+        s.a.cmovs(ecx, eax)?;
+        rt.print(s, b"platform: PM timer ")?;
+        s.a.mov(eax, r14d)?;
+        rt.print_dec(s)?;
+        rt.print(s, b" ticks over ")?;
+        s.a.mov(eax, ebx)?;
+        rt.print_dec(s)?;
+        rt.print(s, b" PIT ticks\r\n")?;
+        s.a.imul_3(ecx, ecx, 100 / PM_TOLERANCE_PERCENT)?;
+        s.a.imul_3(eax, ebx, 3)?;
+        s.a.cmp(ecx, eax)?;
+        let l = c.fail(s, "PM timer not at 3.579545 MHz against the PIT (1%)");
+        s.a.ja(l)?;
+
+        // PCI configuration mechanism #1: bus 0, function 0 of each device.
+        s.a.xor(ebx, ebx)?; // device
+        s.a.xor(ebp, ebp)?; // devices found
+        s.a.xor(r12d, r12d)?; // bit 0: i440FX at 00:00.0, bit 1: PIIX3 at 00:01.0
+        let mut dev = s.a.create_label();
+        let mut absent = s.a.create_label();
+        let mut not_host = s.a.create_label();
+        s.a.set_label(&mut dev)?;
+        s.a.mov(eax, ebx)?;
+        s.a.shl(eax, 11)?;
+        s.a.or(eax, 0x8000_0000u32 as i32)?;
+        s.a.mov(dx, 0xcf8)?;
+        s.a.out(dx, eax)?;
+        s.a.mov(dx, 0xcfc)?;
+        s.a.in_(eax, dx)?;
+        s.a.cmp(eax, -1)?;
+        s.a.je(absent)?;
+        s.a.inc(ebp)?;
+        s.a.cmp(eax, 0x1237_8086)?;
+        s.a.jne(not_host)?;
+        s.a.test(ebx, ebx)?;
+        s.a.jnz(not_host)?;
+        s.a.or(r12d, 1)?;
+        s.a.set_label(&mut not_host)?;
+        s.a.cmp(eax, 0x7000_8086)?;
+        s.a.jne(absent)?;
+        s.a.cmp(ebx, 1)?;
+        s.a.jne(absent)?;
+        s.a.or(r12d, 2)?;
+        s.a.set_label(&mut absent)?;
+        s.a.inc(ebx)?;
+        s.a.cmp(ebx, 32)?;
+        s.a.jb(dev)?;
+        s.a.mov(eax, r12d)?;
+        c.rax_eq(
+            s,
+            3,
+            "PCI 00:00.0 i440FX (8086:1237) and 00:01.0 PIIX3 (8086:7000)",
+        )?;
+        s.a.mov(eax, ebp)?;
+        c.rax_eq(s, 2, "PCI devices on bus 0")?;
+        rt.print(
+            s,
+            b"platform: PCI 00:00.0 8086:1237 i440FX, 00:01.0 8086:7000 PIIX3\r\n",
+        )?;
+
+        rt.print(s, b"platform: PASS\r\n")?;
+        rt.exit_with(s, EXIT_PASS)?;
+        c.emit(s, rt)
     })
 }

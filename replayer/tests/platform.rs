@@ -1,7 +1,8 @@
 //! The PC platform guests (issue #6) on both engines, each recorded and replayed with
 //! matching digests: the local APIC (xAPIC and x2APIC timers, relocation, CR8, self-IPIs,
-//! NMI, the I/O APIC routing the PIT), the TSC-deadline timer, and machine resets (0xcf9,
-//! port 0x92, i8042, triple fault) that reboot the machine.
+//! NMI, the I/O APIC routing the PIT), the TSC-deadline timer, fw_cfg, ACPI tables, the PM
+//! timer and the PCI bus, and machine resets (0xcf9, port 0x92, i8042, triple fault) that
+//! reboot the machine.
 //!
 //! A recording is a live run, so each round trip also runs the guest on its engine; the
 //! guest checks itself and exits 0 through isa-debug-exit.
@@ -21,9 +22,13 @@ fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// The command line the `platform` guest reads back through fw_cfg.
+const CMDLINE: &str = "console=ttyS0 deja-platform";
+
 fn config() -> MachineConfig {
     MachineConfig {
         ram_size: 32 << 20,
+        cmdline: CMDLINE.to_string(),
         ..MachineConfig::default()
     }
 }
@@ -157,6 +162,30 @@ fn apic_tsc_deadline_guest_on_bt_records_and_replays() {
 }
 
 #[test]
+fn platform_guest_on_bt_records_and_replays() {
+    let text = round_trip(
+        EngineKind::Bt,
+        &[EngineKind::Bt],
+        "platform",
+        ClockMode::Virtual,
+    );
+    check_platform_text(&text);
+}
+
+/// What `platform` prints that the test can check against the machine's configuration.
+fn check_platform_text(text: &str) {
+    for line in [
+        "ram 32 MiB".to_string(),
+        format!("cmdline [{CMDLINE}]"),
+        "DMA read it".to_string(),
+        "tables FACP APIC".to_string(),
+        "8086:1237 i440FX".to_string(),
+    ] {
+        assert!(text.contains(&line), "{line:?} missing: {text}");
+    }
+}
+
+#[test]
 fn reset_guest_reboots_four_times_on_bt_and_replays() {
     let text = round_trip(
         EngineKind::Bt,
@@ -175,6 +204,8 @@ fn platform_guests_on_kvm_record_and_replay() {
     // Exit-synchronous kvm traces replay on kvm and on bt.
     let both = [EngineKind::Kvm, EngineKind::Bt];
     round_trip(EngineKind::Kvm, &both, "apic", ClockMode::Host);
+    let text = round_trip(EngineKind::Kvm, &both, "platform", ClockMode::Host);
+    check_platform_text(&text);
     let text = round_trip(EngineKind::Kvm, &both, "reset", ClockMode::Host);
     assert!(text.contains("reset: boot 4"), "{text}");
 }
