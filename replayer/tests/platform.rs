@@ -9,6 +9,7 @@
 
 use deja_engine::{EngineKind, RunEnd, build_vm};
 use deja_machine::devices::StopRequest;
+use deja_machine::loader::Image;
 use deja_machine::{ClockMode, LiveHost, MachineConfig};
 use deja_recorder::{RecordOptions, RecordOutcome, Recorder, SerialCapture};
 use deja_replayer::{ReplayOptions, ReplayReport, Verdict, replay};
@@ -57,12 +58,21 @@ fn record(
     path: &Path,
 ) -> (RecordOutcome, String) {
     let image = deja_guests::find(guest).unwrap().image().unwrap();
+    record_image(engine, &image, clock, path)
+}
+
+fn record_image(
+    engine: EngineKind,
+    image: &Image,
+    clock: ClockMode,
+    path: &Path,
+) -> (RecordOutcome, String) {
     let mut opts = RecordOptions::new(engine, clock);
     opts.digest_interval = 64;
     opts.run.timeout = Some(Duration::from_secs(60));
     let serial = Arc::new(Mutex::new(SerialCapture::keeping()));
     let outcome = Recorder::new(
-        &image,
+        image,
         &config(),
         Box::new(LiveHost::new(clock)),
         Box::new(std::fs::File::create(path).unwrap()),
@@ -71,7 +81,7 @@ fn record(
         serial.clone(),
         opts,
         |host, out| {
-            build_vm(engine, config(), host, out, &image).map(|mut vm| {
+            build_vm(engine, config(), host, out, image).map(|mut vm| {
                 vm.set_reboot(true);
                 vm
             })
@@ -85,6 +95,11 @@ fn record(
 }
 
 fn replay_on(engine: EngineKind, path: &Path) -> ReplayReport {
+    replay_with(engine, path, None)
+}
+
+/// Replays `path`; `image` is the image when it is not a built-in guest.
+fn replay_with(engine: EngineKind, path: &Path, image: Option<&Image>) -> ReplayReport {
     replay(
         path,
         &ReplayOptions {
@@ -94,7 +109,11 @@ fn replay_on(engine: EngineKind, path: &Path) -> ReplayReport {
             timeout: Some(Duration::from_secs(60)),
             watch: Vec::new(),
         },
-        &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
+        &|name| match image {
+            // Images are found by their recorded name without the `guest:` prefix.
+            Some(i) if i.name.strip_prefix("guest:") == Some(name) => Some(i.clone()),
+            _ => deja_guests::find(name).and_then(|g| g.image().ok()),
+        },
         Box::new(std::io::sink()),
         Box::new(move |cfg, image, host, out| {
             build_vm(engine, cfg.clone(), host, out, image)
@@ -227,4 +246,112 @@ fn tsc_deadline_guest_runs_on_kvm() {
     );
     assert!(text.contains("apic-tsc-deadline: PASS"), "{text}");
     let _ = std::fs::remove_file(&path);
+}
+
+/// A 64 KiB firmware ROM (started at the reset vector) that counts its boots in CMOS and,
+/// on the first, enables x2APIC and sends itself an INIT IPI from real mode. The CPU must
+/// come back through the reset vector, in its INIT state (CR0 = 0x60000010), with the APIC
+/// reset (SVR back to 0xff) but its base (x2APIC mode) kept. It then resets the machine
+/// through 0xcf9, and on the third boot finds the APIC in xAPIC mode again and exits 0.
+fn self_init_firmware() -> Image {
+    use iced_x86::code_asm::*;
+    const COUNTER: i32 = 0x5e;
+    let mut a = CodeAssembler::new(16).unwrap();
+    let mut fail = a.create_label();
+    let mut second = a.create_label();
+    let mut third = a.create_label();
+    a.cli().unwrap();
+    a.mov(al, COUNTER).unwrap();
+    a.out(0x70, al).unwrap();
+    a.in_(al, 0x71).unwrap();
+    a.mov(bl, al).unwrap();
+    a.inc(al).unwrap();
+    a.mov(cl, al).unwrap();
+    a.mov(al, COUNTER).unwrap();
+    a.out(0x70, al).unwrap();
+    a.mov(al, cl).unwrap();
+    a.out(0x71, al).unwrap();
+    a.mov(al, bl).unwrap();
+    a.out(0x80, al).unwrap(); // POST code: the boot number
+    a.cmp(bl, 0).unwrap();
+    a.jne(second).unwrap();
+    // First boot: x2APIC on, software enabled, INIT (edge) to APIC ID 0.
+    a.mov(ecx, 0x1b).unwrap();
+    a.rdmsr().unwrap();
+    a.or(eax, 0xc00).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0x80f).unwrap();
+    a.mov(eax, 0x1ff).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0x830).unwrap();
+    a.mov(eax, 0x4500).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.wrmsr().unwrap();
+    a.jmp(fail).unwrap(); // not reached: the INIT is taken before the next instruction
+    a.set_label(&mut second).unwrap();
+    a.cmp(bl, 1).unwrap();
+    a.jne(third).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.cmp(eax, 0x6000_0010).unwrap();
+    a.jne(fail).unwrap();
+    a.mov(ecx, 0x80f).unwrap();
+    a.rdmsr().unwrap();
+    a.cmp(eax, 0xff).unwrap();
+    a.jne(fail).unwrap();
+    a.mov(ecx, 0x1b).unwrap();
+    a.rdmsr().unwrap();
+    a.test(eax, 0x400).unwrap();
+    a.jz(fail).unwrap();
+    // Then a machine reset through 0xcf9: the ROM starts over from the reset vector.
+    a.mov(dx, 0xcf9).unwrap();
+    a.mov(al, 0x06).unwrap();
+    a.out(dx, al).unwrap();
+    a.jmp(fail).unwrap();
+    // Third boot: a reset (unlike INIT) puts the APIC back in xAPIC mode at 0xfee00000.
+    a.set_label(&mut third).unwrap();
+    a.cmp(bl, 2).unwrap();
+    a.jne(fail).unwrap();
+    a.mov(ecx, 0x1b).unwrap();
+    a.rdmsr().unwrap();
+    a.cmp(eax, 0xfee0_0900u32 as i32).unwrap();
+    a.jne(fail).unwrap();
+    a.mov(al, 0).unwrap();
+    a.out(0xf4, al).unwrap();
+    a.set_label(&mut fail).unwrap();
+    a.mov(al, 1).unwrap();
+    a.out(0xf4, al).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(0).unwrap();
+    let mut rom = vec![0xf4u8; 0x1_0000];
+    rom[..code.len()].copy_from_slice(&code);
+    // The reset vector (F000:FFF0): jmp far F000:0000, into the ROM's alias below 1 MiB.
+    rom[0xfff0..0xfff5].copy_from_slice(&[0xea, 0x00, 0x00, 0x00, 0xf0]);
+    Image::firmware("guest:self-init-rom", rom)
+}
+
+#[test]
+fn self_init_and_a_machine_reset_restart_firmware_at_the_reset_vector_on_both_engines() {
+    let image = self_init_firmware();
+    let mut engines = vec![EngineKind::Bt];
+    if kvm_usable(
+        "self_init_and_a_machine_reset_restart_firmware_at_the_reset_vector_on_both_engines",
+    ) {
+        engines.push(EngineKind::Kvm);
+    }
+    for rec in engines {
+        let path = tmp(&format!("self-init-{rec}.trace"));
+        let (outcome, _) = record_image(rec, &image, ClockMode::Virtual, &path);
+        assert_eq!(
+            outcome.run.end,
+            RunEnd::Stopped(StopRequest::DebugExit { value: 0 }),
+            "self-INIT on {rec}"
+        );
+        assert_eq!(outcome.run.stats.get("io.inits_delivered"), 1, "on {rec}");
+        assert_eq!(outcome.run.stats.get("machine.resets"), 1, "on {rec}");
+        let r = replay_with(rec, &path, Some(&image));
+        assert!(matches!(r.verdict, Verdict::Verified), "{rec}: {r}");
+        assert_eq!(r.final_digest, outcome.final_digest, "self-INIT {rec}");
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -232,7 +232,7 @@ impl BtCpu {
             }
             let len = (e - s) as usize;
             // Extents never cross a page, so one host pointer covers each.
-            if !machine.layout.is_ram(s) {
+            if !machine.layout.is_ram(s) && !machine.layout.is_rom(s) {
                 return false;
             }
             let Ok(h) = machine.mem.get_host_address(GuestAddress(s)) else {
@@ -448,7 +448,8 @@ fn read_phys(machine: &Machine, phys: u64, out: &mut [u8]) -> Result<(), ()> {
     let mut done = 0;
     while done < out.len() {
         let p = phys + done as u64;
-        if !machine.layout.is_ram(p) {
+        // Code runs from RAM and from firmware ROM (the reset vector).
+        if !machine.layout.is_ram(p) && !machine.layout.is_rom(p) {
             return Err(());
         }
         let chunk = (4096 - (p & 0xfff) as usize).min(out.len() - done);
