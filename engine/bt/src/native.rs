@@ -93,10 +93,11 @@ mod flag {
     pub const NON_CONTROL: u16 = 1 << 7;
     /// FNINIT: clears the pointers too.
     pub const INIT: u16 = 1 << 8;
-    /// Touches an MMX register (for the CR0.EM rule).
-    pub const MMX_REG: u16 = 1 << 9;
     /// FWAIT: #NM only with CR0.MP and CR0.TS.
     pub const FWAIT: u16 = 1 << 10;
+    /// #UD without CR4.OSFXSR: SSE/SSE2 instructions, including the conversions between
+    /// MMX and XMM registers, but not the MMX-register integer instructions SSE added.
+    pub const NEEDS_OSFXSR: u16 = 1 << 11;
 }
 
 /// What the handler needs about a native op; one leaked, shared instance per distinct
@@ -328,7 +329,12 @@ fn make_stub(insn: &Instruction, bitness: u32) -> Option<&'static StubInfo> {
     };
     flags |= cls as u16;
     if mmx || m == Mnemonic::Emms {
-        flags |= flag::MMX_REG | flag::WAITING;
+        flags |= flag::WAITING;
+    }
+    let xmm = (0..insn.op_count())
+        .any(|i| insn.op_kind(i) == OpKind::Register && insn.op_register(i).is_xmm());
+    if !x87 && (!mmx || xmm || format!("{m:?}").starts_with("Cvt")) && m != Mnemonic::Emms {
+        flags |= flag::NEEDS_OSFXSR;
     }
     let mut fop = 0;
     if x87 {
@@ -443,8 +449,10 @@ pub const XM: Exc = Exc {
     error: None,
 };
 
-/// The device-not-available and invalid-opcode checks for an FP class.
-pub fn fp_available(ctx: &Ctx, x87: bool, mmx_reg: bool, fwait: bool) -> Result<(), Exc> {
+/// The device-not-available and invalid-opcode checks: x87 instructions (#NM with CR0.EM or
+/// TS; FWAIT only with TS and MP) or MMX/SSE ones (#UD with EM, or without CR4.OSFXSR when
+/// `needs_osfxsr`; then #NM with TS).
+pub fn fp_available(ctx: &Ctx, x87: bool, needs_osfxsr: bool, fwait: bool) -> Result<(), Exc> {
     let c = &*ctx.core;
     if fwait {
         if c.cr0 & crb::TS != 0 && c.cr0 & crb::MP != 0 {
@@ -461,7 +469,7 @@ pub fn fp_available(ctx: &Ctx, x87: bool, mmx_reg: bool, fwait: bool) -> Result<
     if c.cr0 & crb::EM != 0 {
         return Err(Exc::UD);
     }
-    if !mmx_reg && c.cr4 & crb::OSFXSR == 0 {
+    if needs_osfxsr && c.cr4 & crb::OSFXSR == 0 {
         return Err(Exc::UD);
     }
     if c.cr0 & crb::TS != 0 {
@@ -535,7 +543,7 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
     fp_available(
         ctx,
         cls == class::X87,
-        info.flags & flag::MMX_REG != 0,
+        info.flags & flag::NEEDS_OSFXSR != 0,
         info.flags & flag::FWAIT != 0,
     )?;
     let (fcw, fsw) = (ctx.core.fpu.fcw, ctx.core.fpu.fsw);

@@ -225,7 +225,7 @@ fn env(ctx: &mut Ctx, op: &UOp) -> OpResult {
 /// whose mask byte (second register) has its top bit set, at DS:rDI (`aux` = address size).
 fn maskmov(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let mmx = op.size == 8;
-    fp_available(ctx, false, mmx, false)?;
+    fp_available(ctx, false, !mmx, false)?;
     if mmx && x87_pending(ctx.core.fpu.fsw, ctx.core.fpu.fcw) {
         return Err(MF);
     }

@@ -203,8 +203,9 @@ fn try_run_on(
     cpu.set_state(state).unwrap();
     let exit = cpu.run(m, Limit::default()).unwrap();
     if exit != Exit::DeviceAccess {
+        let rip = cpu.state().map(|s| s.rip).unwrap_or(0);
         return Err(format!(
-            "{} did not reach the final OUT: {exit:?}; counters {:?}",
+            "{} did not reach the final OUT: {exit:?} at rip {rip:#x}; counters {:?}",
             cpu.name(),
             cpu.stats()
         ));
@@ -447,14 +448,18 @@ fn random_user_sequences_match_the_host_cpu() {
 /// (FLDCW, FLDENV, FRSTOR, LDMXCSR: the oracle has no IDT to take #MF/#XM) and FXSAVE
 /// (whose pointer fields differ between the AMD host and deja's Intel CPU when no exception
 /// is pending; FXSAVE has its own table test).
-fn fp_forms() -> Vec<Code> {
+fn fp_forms(bitness: u32) -> Vec<Code> {
     use iced_x86::{CpuidFeature as F, EncodingKind, Mnemonic as M, OpCodeOperandKind as K};
     Code::values()
         .filter(|c| {
             let oc = c.op_code();
             let feats = c.cpuid_features();
             oc.is_instruction()
-                && oc.mode64()
+                && if bitness == 64 {
+                    oc.mode64()
+                } else {
+                    oc.mode32()
+                }
                 && oc.encoding() == EncodingKind::Legacy
                 && feats
                     .iter()
@@ -530,7 +535,7 @@ fn reg_at(base: Register, n: usize) -> Register {
 
 /// One random instruction of `forms` with random operands, or `None` if the form has an
 /// operand it cannot fill.
-fn random_fp_insn(forms: &[Code], r: &mut Rng) -> Instruction {
+fn random_fp_insn(forms: &[Code], r: &mut Rng, bitness: u32) -> Instruction {
     use iced_x86::OpCodeOperandKind as K;
     loop {
         let code = forms[r.below(forms.len() as u64) as usize];
@@ -540,21 +545,30 @@ fn random_fp_insn(forms: &[Code], r: &mut Rng) -> Instruction {
         let mem_size = insn.memory_size().size() as u64;
         let mut ok = true;
         for i in 0..oc.op_count() {
-            let gpr64 = FP_R64[r.below(12) as usize];
-            let gpr32 = reg_at(Register::EAX, gpr64 as usize - Register::RAX as usize);
+            // 32-bit code keeps EBP (the data page), ESP and EDI.
+            let gpr64 = FP_R64[r.below(if bitness == 64 { 12 } else { 4 }) as usize];
+            let gpr32 = if bitness == 64 || r.below(5) > 0 {
+                reg_at(Register::EAX, gpr64 as usize - Register::RAX as usize)
+            } else {
+                Register::ESI
+            };
             let mem = |insn: &mut Instruction, r: &mut Rng| {
                 insn.set_op_kind(i, OpKind::Memory);
-                insn.set_memory_base(Register::R14);
+                insn.set_memory_base(if bitness == 64 {
+                    Register::R14
+                } else {
+                    Register::EBP
+                });
                 let slots = (512 - mem_size.max(16)) / 16 + 1;
                 insn.set_memory_displacement64(16 * r.below(slots));
-                insn.set_memory_displ_size(8);
+                insn.set_memory_displ_size(bitness / 8);
             };
             let reg = |insn: &mut Instruction, reg: Register| {
                 insn.set_op_kind(i, OpKind::Register);
                 insn.set_op_register(i, reg);
             };
             let mm = reg_at(Register::MM0, r.below(8) as usize);
-            let xmm = reg_at(Register::XMM0, r.below(16) as usize);
+            let xmm = reg_at(Register::XMM0, r.below(u64::from(bitness / 4)) as usize);
             let use_mem = r.below(3) == 0;
             match oc.op_kind(i) {
                 K::mem => mem(&mut insn, r),
@@ -632,29 +646,30 @@ fn interesting_lane(r: &mut Rng) -> u64 {
 
 fn fp_seed_case(
     seed: u64,
+    bitness: u32,
     forms: &[Code],
     kvm: &mut KvmCpu,
     km: &mut Machine,
 ) -> Result<Outcome, String> {
     let mut r = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
-    let mut enc = iced_x86::Encoder::new(64);
+    let mut enc = iced_x86::Encoder::new(bitness);
     let mut code = Vec::new();
     for i in 0..16 {
-        let mut insn = random_fp_insn(forms, &mut r);
+        let mut insn = random_fp_insn(forms, &mut r, bitness);
         // An environment image holds FCS/FDS, which differ under PVM (see below): nothing
         // may read it back, so FNSTENV/FNSAVE only end a sequence.
         while i < 15 && matches!(insn.mnemonic(), Mnemonic::Fnstenv | Mnemonic::Fnsave) {
-            insn = random_fp_insn(forms, &mut r);
+            insn = random_fp_insn(forms, &mut r, bitness);
         }
         let n = enc
             .encode(&insn, CODE + code.len() as u64)
             .map_err(|e| format!("seed {seed}: encoding {:?}: {e}", insn.code()))?;
         code.extend_from_slice(&enc.take_buffer()[..n]);
     }
-    let mut a = CodeAssembler::new(64).unwrap();
+    let mut a = CodeAssembler::new(bitness).unwrap();
     a.out(0xe9, al).unwrap();
     code.extend(a.assemble(CODE + code.len() as u64).unwrap());
-    let Some(undef) = undefined_at_end(&code, 64) else {
+    let Some(undef) = undefined_at_end(&code, bitness) else {
         return Ok(Outcome::Skipped);
     };
 
@@ -666,6 +681,15 @@ fn fp_seed_case(
     }
     init.gpr[14] = DATA;
     init.gpr[7] = DATA + 16 * r.below(31);
+    if bitness == 32 {
+        init.seg[seg::CS] = Segment::flat(0x1b, true, false);
+        init.seg[seg::CS].dpl = 3;
+        init.gpr[5] = DATA;
+        for g in init.gpr.iter_mut() {
+            *g &= 0xffff_ffff;
+        }
+        init.gpr[4] = STACK;
+    }
     init.rflags = 2 | (3 << 12) | (r.next() & 0x8d5);
     init.cr4 |= 0x600; // OSFXSR, OSXMMEXCPT
     let f = &mut init.fpu;
@@ -691,7 +715,7 @@ fn fp_seed_case(
     load(km, CODE, &code);
     load(km, DATA, &data);
     let (ks, kd) = try_run_on(kvm, km, &init)
-        .map_err(|e| format!("seed {seed}:\n{}{e}", listing(&code, 64)))?;
+        .map_err(|e| format!("seed {seed}:\n{}{e}", listing(&code, bitness)))?;
 
     let (mut bm, _, _) = machine();
     let _ = user_state(&bm);
@@ -699,7 +723,7 @@ fn fp_seed_case(
     load(&bm, DATA, &data);
     let mut bt = BtCpu::new(&bm).unwrap();
     let (bs, bd) = try_run_on(&mut bt, &mut bm, &init)
-        .map_err(|e| format!("seed {seed}:\n{}{e}", listing(&code, 64)))?;
+        .map_err(|e| format!("seed {seed}:\n{}{e}", listing(&code, bitness)))?;
 
     let mut diff = Vec::new();
     for i in 0..16 {
@@ -751,7 +775,7 @@ fn fp_seed_case(
     // PVM runs guest ring-3 code with the host's own selectors, so the FCS and FDS fields
     // FNSTENV/FNSAVE store under kvm here are the host's (0x33, 0), not the guest's.
     let (mut kd, mut bd) = (kd, bd);
-    for insn in Decoder::with_ip(64, &code, CODE, DecoderOptions::NONE) {
+    for insn in Decoder::with_ip(bitness, &code, CODE, DecoderOptions::NONE) {
         let fields: &[usize] = match insn.code() {
             Code::Fnstenv_m28byte | Code::Fnsave_m108byte => &[16, 24],
             Code::Fnstenv_m14byte | Code::Fnsave_m94byte => &[8, 12],
@@ -777,8 +801,8 @@ fn fp_seed_case(
         Ok(Outcome::Same)
     } else {
         Err(format!(
-            "seed {seed}:\n{}initial: gpr {:x?} rflags {:#x} fcw {:#x} fsw {:#x} ftw {:#x} mxcsr {:#x}\n{}",
-            listing(&code, 64),
+            "seed {seed} ({bitness}-bit):\n{}initial: gpr {:x?} rflags {:#x} fcw {:#x} fsw {:#x} ftw {:#x} mxcsr {:#x}\n{}",
+            listing(&code, bitness),
             init.gpr,
             init.rflags,
             init.fpu.fcw,
@@ -790,29 +814,51 @@ fn fp_seed_case(
     }
 }
 
-#[test]
-fn random_x87_mmx_sse_sequences_match_the_host_cpu() {
+/// Whether kvm here runs an x87 and an SSE instruction in ring-3 compatibility mode.
+fn kvm_runs_compat_mode_fp(kvm: &mut KvmCpu, km: &mut Machine) -> bool {
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.fld1().unwrap();
+    a.addps(xmm0, xmm1).unwrap();
+    a.out(0xe9, al).unwrap();
+    let code = a.assemble(CODE).unwrap();
+    load(km, CODE, &code);
+    let mut init = user_state(km);
+    init.seg[seg::CS] = Segment::flat(0x1b, true, false);
+    init.seg[seg::CS].dpl = 3;
+    init.gpr[4] = STACK;
+    init.cr4 |= 0x600;
+    try_run_on(kvm, km, &init).is_ok()
+}
+
+/// Runs `seeds` random FP sequences of `bitness` under kvm and bt.
+fn fp_differential(test: &str, bitness: u32, default_seeds: u64) {
     let (mut km, _, _) = machine();
     let mut kvm = match KvmCpu::new(&km) {
         Ok(c) => c,
         Err(e) if e.is_unavailable() => {
-            println!(
-                "SKIP: random_x87_mmx_sse_sequences_match_the_host_cpu: /dev/kvm not available: {e}"
-            );
+            println!("SKIP: {test}: /dev/kvm not available: {e}");
             return;
         }
         Err(e) => panic!("creating the kvm vCPU failed: {e}"),
     };
-    let forms = fp_forms();
+    if bitness == 32 && !kvm_runs_compat_mode_fp(&mut kvm, &mut km) {
+        println!(
+            "SKIP: {test}: kvm on this host cannot run x87/SSE instructions in 32-bit \
+             compatibility mode (PVM hands them to its instruction emulator, which fails and \
+             shuts the guest down)"
+        );
+        return;
+    }
+    let forms = fp_forms(bitness);
     assert!(forms.len() > 300, "only {} FP forms", forms.len());
     let seeds: u64 = std::env::var("DEJA_FP_DIFF_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(400);
+        .unwrap_or(default_seeds);
     let mut failures = Vec::new();
     let mut compared = 0;
     for seed in 0..seeds {
-        match fp_seed_case(seed, &forms, &mut kvm, &mut km) {
+        match fp_seed_case(seed, bitness, &forms, &mut kvm, &mut km) {
             Ok(Outcome::Same) => compared += 1,
             Ok(Outcome::Skipped) => {}
             Err(e) => {
@@ -822,7 +868,7 @@ fn random_x87_mmx_sse_sequences_match_the_host_cpu() {
         }
     }
     println!(
-        "{compared} of {seeds} FP seeds compared over {} instruction forms",
+        "{compared} of {seeds} {bitness}-bit FP seeds compared over {} instruction forms",
         forms.len()
     );
     assert!(compared > seeds / 2, "too few seeds compared: {compared}");
@@ -836,5 +882,19 @@ fn random_x87_mmx_sse_sequences_match_the_host_cpu() {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n\n")
+    );
+}
+
+#[test]
+fn random_x87_mmx_sse_sequences_match_the_host_cpu() {
+    fp_differential("random_x87_mmx_sse_sequences_match_the_host_cpu", 64, 400);
+}
+
+#[test]
+fn random_compatibility_mode_x87_mmx_sse_sequences_match_the_host_cpu() {
+    fp_differential(
+        "random_compatibility_mode_x87_mmx_sse_sequences_match_the_host_cpu",
+        32,
+        300,
     );
 }

@@ -688,7 +688,11 @@ fn fp_faults_follow_cr0_cr4_and_the_masks() {
     let mmx: Snip = |a| a.paddb(mm0, mm1);
     let fwait: Snip = |a| a.wait();
     // (name, cr0 bits set, cr4 bits cleared, snippet, expected vector)
-    let cases: [(&str, u64, u64, Snip, Option<u8>); 10] = [
+    let cvt: Snip = |a| a.cvtpi2ps(xmm0, mm1);
+    let cases: [(&str, u64, u64, Snip, Option<u8>); 13] = [
+        ("MMX without OSFXSR", 0, 0x200, mmx, None),
+        ("CVTPI2PS without OSFXSR", 0, 0x200, cvt, Some(6)),
+        ("CVTPI2PS with TS", TS, 0, cvt, Some(7)),
         ("x87 with TS", TS, 0, x87, Some(7)),
         ("x87 with EM", EM, 0, x87, Some(7)),
         ("SSE with TS", TS, 0, sse, Some(7)),
@@ -825,4 +829,59 @@ fn instructions_past_sse2_stay_undefined_and_counted() {
     let (f, o) = fault_of(&[0; 512], |_| {}, |a| a.pshufb(xmm0, xmm1));
     assert_eq!(f, Some((6, 0)));
     assert_eq!(o.stats.get("bt.unimplemented.pshufb"), 1);
+}
+
+#[test]
+fn fnstenv_formats_in_protected_and_real_mode() {
+    // 32-bit protected mode: 28 bytes with FIP, FCS, FOP, FDP, FDS.
+    let (mut m, _, _) = machine();
+    let code = asm(32, 0x1_0000, |a| {
+        a.fld(dword_ptr(0x2_0000)).unwrap();
+        a.fnstenv(ptr(0x2_0100)).unwrap();
+        a.hlt().unwrap();
+    });
+    load(&m, 0x1_0000, &code);
+    load(&m, 0x2_0000, &1f32.to_le_bytes());
+    let mut s = protected_mode_state(&m, 0x1_0000);
+    s.cr4 |= 0x200;
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let d = peek(&m, 0x2_0100, 28);
+    assert_eq!(
+        u32::from_le_bytes(d[12..16].try_into().unwrap()),
+        0x1_0000,
+        "FIP"
+    );
+    assert_eq!(u16_at(&d, 16), 0x08, "FCS");
+    assert_eq!(u16_at(&d, 18), 0x105, "FOP: D9 05 (fld m32, disp32)");
+    assert_eq!(
+        u32::from_le_bytes(d[20..24].try_into().unwrap()),
+        0x2_0000,
+        "FDP"
+    );
+    assert_eq!(u16_at(&d, 24), 0x10, "FDS");
+    assert_eq!(u16_at(&d, 8), 0x3fff, "tag word: ST0 valid");
+
+    // Real mode, 16-bit operand size: 14 bytes with 20-bit linear pointers and FOP.
+    let (mut m, _, _) = machine();
+    let code = asm(16, 0x100, |a| {
+        a.fld(dword_ptr(0x200)).unwrap();
+        a.fnstenv(ptr(0x300)).unwrap();
+        a.hlt().unwrap();
+    });
+    let base = 0x1000u64; // CS = DS = 0x100
+    load(&m, base + 0x100, &code);
+    load(&m, base + 0x200, &1f32.to_le_bytes());
+    let mut s = real_mode_state(0x100);
+    for sg in s.seg.iter_mut() {
+        sg.selector = 0x100;
+        sg.base = base;
+    }
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let d = peek(&m, base + 0x300, 14);
+    assert_eq!(u16_at(&d, 6), 0x1100, "FIP[15:0] (linear)");
+    assert_eq!(u16_at(&d, 8), 0x106, "FIP[19:16] = 0 and FOP D9 06");
+    assert_eq!(u16_at(&d, 10), 0x1200, "FDP[15:0] (linear)");
+    assert_eq!(u16_at(&d, 12), 0, "FDP[19:16]");
 }
