@@ -445,25 +445,58 @@ fn plot_exits<DB: DrawingBackend>(
     Ok(())
 }
 
-/// An MMU counter worth plotting: the MMU did more than hit its TLB, in a good share of
-/// the operations (not only the first touches of a page).
-fn mmu_work(key: &str, value: f64) -> bool {
-    key.starts_with("mmu.") && key != "mmu.tlb_hit" && value >= 0.05
+/// KVM's own MMU statistics (binary stats, `kvm.stat.vm.*` / `kvm.stat.vcpu.*`) that bt's
+/// MMU counters are named after: for the kvm column they are the host KVM's shadow or
+/// two-dimensional paging at work (PVM: shadow paging).
+const KVM_MMU_STATS: &[&str] = &[
+    "pf_fixed",
+    "pf_guest",
+    "mmu_pte_write",
+    "mmu_flooded",
+    "mmu_shadow_zapped",
+    "mmu_cache_miss",
+    "mmu_unsync",
+    "mmu_recycled",
+    "tlb_flush",
+    "invlpg",
+];
+
+/// A measurement's MMU counters per operation, without the `mmu.` prefix: bt's own, or for
+/// kvm the host KVM's statistics of the same names.
+fn mmu_counters(m: &Measurement) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (k, v) in &m.counters_per_op {
+        if let Some(name) = k.strip_prefix("mmu.") {
+            out.insert(name.to_string(), *v);
+        } else if let Some(name) = k
+            .strip_prefix("kvm.stat.vm.")
+            .or_else(|| k.strip_prefix("kvm.stat.vcpu."))
+            .filter(|n| KVM_MMU_STATS.contains(n))
+        {
+            *out.entry(name.to_string()).or_insert(0.0) += *v;
+        }
+    }
+    out
 }
 
-/// Benchmarks whose bt runs make the MMU do more than hit its TLB (walks, INVLPG, guest
-/// faults, shadow-table work), in first-seen order.
+/// Whether the MMU did more than hit its TLB in a good share of the operations (not only
+/// on the first touches of a page).
+fn mmu_works(m: &Measurement) -> bool {
+    mmu_counters(m)
+        .iter()
+        .any(|(k, v)| k != "tlb_hit" && *v >= 0.05)
+}
+
+/// Benchmarks that make the MMU do more than hit its TLB (walks, INVLPG, guest faults,
+/// shadow-table work), in first-seen order.
 fn mmu_benches(results: &[BenchResults]) -> Vec<String> {
     let ms = ok_measurements(results);
-    ordered(
-        ms.iter()
-            .filter(|m| m.counters_per_op.iter().any(|(k, v)| mmu_work(k, *v)))
-            .map(|m| m.bench.as_str()),
-    )
+    ordered(ms.iter().filter(|m| mmu_works(m)).map(|m| m.bench.as_str()))
 }
 
 /// MMU counters per operation: one panel per benchmark that makes the MMU work, counters
-/// along x, one bar per column (MMU strategy), log scale.
+/// along x, one bar per column (bt's strategies; kvm with the host KVM's counters), log
+/// scale.
 fn plot_mmu<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     results: &[BenchResults],
@@ -473,27 +506,23 @@ fn plot_mmu<DB: DrawingBackend>(
     let rows = benches.len().div_ceil(2).max(1);
     let panels = root.split_evenly((rows, 2));
     for (bench, area) in benches.iter().zip(panels.iter()) {
-        // The columns that have an MMU to count (bt's strategies).
-        let runs: Vec<&&Measurement> = ms
+        // The columns that have an MMU to count.
+        let runs: Vec<(&Measurement, BTreeMap<String, f64>)> = ms
             .iter()
-            .filter(|m| {
-                &m.bench == bench && m.counters_per_op.keys().any(|k| k.starts_with("mmu."))
-            })
+            .filter(|m| &m.bench == bench)
+            .map(|m| (*m, mmu_counters(m)))
+            .filter(|(_, c)| !c.is_empty())
             .collect();
         let counters = ordered(
             runs.iter()
-                .flat_map(|m| m.counters_per_op.iter())
-                .filter(|(k, v)| k.starts_with("mmu.") && **v >= 0.01)
+                .flat_map(|(_, c)| c.iter())
+                .filter(|(_, v)| **v >= 0.01)
                 .map(|(k, _)| k.as_str()),
         );
-        let columns = column_order(&runs.iter().map(|m| **m).collect::<Vec<_>>());
-        let short: Vec<String> = counters
-            .iter()
-            .map(|c| c.trim_start_matches("mmu.").to_string())
-            .collect();
+        let columns = column_order(&runs.iter().map(|(m, _)| *m).collect::<Vec<_>>());
         let y = log_range(
             runs.iter()
-                .flat_map(|m| counters.iter().filter_map(|c| m.counters_per_op.get(c)))
+                .flat_map(|(_, c)| counters.iter().filter_map(|k| c.get(k)))
                 .copied(),
         );
         let title = format!("{bench}: MMU counters per operation (log scale)");
@@ -502,16 +531,13 @@ fn plot_mmu<DB: DrawingBackend>(
             &Bars {
                 title: &title,
                 y_desc: "per op",
-                groups: &short,
+                groups: &counters,
                 series: &columns,
                 log: true,
             },
             |counter, column| {
-                let m = runs.iter().find(|m| &m.column() == column)?;
-                m.counters_per_op
-                    .get(&format!("mmu.{counter}"))
-                    .copied()
-                    .filter(|v| *v >= 0.01)
+                let (_, c) = runs.iter().find(|(m, _)| &m.column() == column)?;
+                c.get(counter).copied().filter(|v| *v >= 0.01)
             },
             y,
         )?;
@@ -742,37 +768,28 @@ pub fn summary_markdown(results: &[BenchResults], plots: &[&str]) -> String {
     md
 }
 
-/// MMU counters per operation, one row per benchmark x strategy that makes the MMU work.
+/// MMU counters per operation, one row per benchmark x column that makes the MMU work.
 fn mmu_table(md: &mut String, all: &[&Measurement]) {
-    let rows: Vec<&&Measurement> = all
+    let rows: Vec<(&Measurement, BTreeMap<String, f64>)> = all
         .iter()
-        .filter(|m| m.status == Status::Ok)
-        .filter(|m| m.counters_per_op.iter().any(|(k, v)| mmu_work(k, *v)))
+        .filter(|m| m.status == Status::Ok && mmu_works(m))
+        .map(|m| (*m, mmu_counters(m)))
         .collect();
     if rows.is_empty() {
         return;
     }
-    let counters = ordered(
-        rows.iter()
-            .flat_map(|m| m.counters_per_op.keys())
-            .filter(|k| k.starts_with("mmu."))
-            .map(String::as_str),
+    let counters = ordered(rows.iter().flat_map(|(_, c)| c.keys()).map(String::as_str));
+    md.push_str(
+        "\n## MMU counters per operation, by strategy\n\n\
+         bt's columns count its own MMU; the kvm column shows the host KVM's statistics of the \
+         same names (`kvm.stat.*`; on PVM its shadow paging).\n\n",
     );
-    md.push_str("\n## MMU counters per operation, by strategy\n\n");
-    let short: Vec<&str> = counters
-        .iter()
-        .map(|c| c.trim_start_matches("mmu."))
-        .collect();
-    let _ = writeln!(md, "| bench | column | {} |", short.join(" | "));
+    let _ = writeln!(md, "| bench | column | {} |", counters.join(" | "));
     let _ = writeln!(md, "|---|---|{}", "---:|".repeat(counters.len()));
-    for m in rows {
+    for (m, c) in rows {
         let cells: Vec<String> = counters
             .iter()
-            .map(|c| {
-                m.counters_per_op
-                    .get(c)
-                    .map_or(String::new(), |v| format!("{v:.2}"))
-            })
+            .map(|k| c.get(k).map_or(String::new(), |v| format!("{v:.2}")))
             .collect();
         let _ = writeln!(
             md,

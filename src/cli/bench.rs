@@ -54,7 +54,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let machine = runner::machine();
     let bar = ProgressBar::new(jobs.len() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} (eta {eta}) {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut measurements = Vec::with_capacity(jobs.len());
