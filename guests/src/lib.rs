@@ -15,6 +15,7 @@ mod bench_paging;
 pub mod echo;
 pub mod hello;
 mod link;
+pub mod paging_access;
 pub mod platform;
 pub mod racy_kernel;
 mod rt;
@@ -64,7 +65,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 25] = [
+static GUESTS: [Guest; 29] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -207,6 +208,29 @@ static GUESTS: [Guest; 25] = [
         description: "benchmark: 8192 x a load from the next of 4096 distinct pages, between bench \
                       marks; exits 0",
         build: bench::build_tlbmiss,
+    },
+    Guest {
+        name: "paging-access-32",
+        description: "32-bit paging (4 KiB and 4 MiB pages): every PDE x PTE bit combination x \
+                      read/write/fetch x ring 0/3 x CR0.WP, EFER.NXE, CR4.SMEP against an in-guest \
+                      model of faults, error codes, CR2 and A/D bits; exits 0, or 1 naming the case",
+        build: paging_access::build_32,
+    },
+    Guest {
+        name: "paging-access-pae",
+        description: "paging-access in PAE paging (2 MiB pages, NX, reserved bit 51); exits 0 or 1",
+        build: paging_access::build_pae,
+    },
+    Guest {
+        name: "paging-access-4level",
+        description: "paging-access in 4-level paging (PML4E and PDPTE varied too); exits 0 or 1",
+        build: paging_access::build_4level,
+    },
+    Guest {
+        name: "paging-access-4level-quick",
+        description: "paging-access-4level with two CPU states and no D/G variation, for hosts \
+                      that emulate ring-0 code (PVM); exits 0 or 1",
+        build: paging_access::build_4level_quick,
     },
 ];
 

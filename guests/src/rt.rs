@@ -141,7 +141,7 @@ pub(crate) fn long_mode_link(
 
 /// Real mode: normalise CS:IP, set up segments and stack, load the GDT, set CR0.PE and
 /// jump into the 32-bit code segment.
-fn real_mode(s: &mut SectionAsm<'_>, message: Option<&[u8]>) -> Result<(), LinkError> {
+pub(crate) fn real_mode(s: &mut SectionAsm<'_>, message: Option<&[u8]>) -> Result<(), LinkError> {
     // Whatever CS:IP the loader chose for the entry address, continue at 0000:real_start.
     let real_start = s.sym32("real_start");
     s.a.jmp_far(0, real_start)?;
