@@ -5,11 +5,21 @@
 use deja_guests::bench::{Bench, MEMORY_BUFFER_BYTES};
 use std::time::{Duration, Instant};
 
+/// The multiplier the compute loops use (the guests keep it in RBX).
+const K: u64 = 0x5851_f42d_4c95_7f2d;
+
 /// Runs `bench`'s loop `iterations` times natively and returns the elapsed host time, or
 /// `None` for a benchmark that cannot run in a host process.
 pub fn run(bench: Bench, iterations: u32) -> Option<Duration> {
+    run_with_result(bench, iterations).map(|(elapsed, _)| elapsed)
+}
+
+/// [`run`], plus the loop's final RAX (0 for `call-ret`, which computes nothing), so that
+/// tests can check the loop ran exactly as often as asked.
+pub fn run_with_result(bench: Bench, iterations: u32) -> Option<(Duration, u64)> {
     let n = u64::from(iterations.max(1));
     let started;
+    let mut rax = 0u64;
     match bench {
         Bench::CallRet => {
             started = Instant::now();
@@ -42,8 +52,8 @@ pub fn run(bench: Bench, iterations: u32) -> Option<Duration> {
                     "dec {n}",
                     "jnz 2b",
                     n = inout(reg) n => _,
-                    inout("rax") 1u64 => _,
-                    k = in(reg) 0x5851_f42d_4c95_7f2du64,
+                    inout("rax") 1u64 => rax,
+                    k = in(reg) K,
                     options(nostack),
                 );
             }
@@ -64,7 +74,7 @@ pub fn run(bench: Bench, iterations: u32) -> Option<Duration> {
                     "jnz 2b",
                     n = inout(reg) n => _,
                     mask = const MEMORY_BUFFER_BYTES - 1,
-                    inout("rax") 0u64 => _,
+                    inout("rax") 0u64 => rax,
                     inout("rdx") 0u64 => _,
                     in("rsi") base,
                     options(nostack, readonly),
@@ -97,14 +107,14 @@ pub fn run(bench: Bench, iterations: u32) -> Option<Duration> {
                     "ret",
                     "6:",
                     inout("r15") n => _,
-                    inout("rax") 1u64 => _,
-                    k = in(reg) 0x5851_f42d_4c95_7f2du64,
+                    inout("rax") 1u64 => rax,
+                    k = in(reg) K,
                 );
             }
         }
         _ => return None,
     }
-    Some(started.elapsed())
+    Some((started.elapsed(), rax))
 }
 
 #[cfg(test)]
@@ -118,16 +128,39 @@ mod tests {
         }
     }
 
+    /// What the loops compute, in Rust: the counter runs from `n` down to 1.
+    fn model(bench: Bench, n: u64) -> u64 {
+        let mut rax = match bench {
+            Bench::Integer | Bench::Call => 1u64,
+            _ => 0,
+        };
+        for counter in (1..=n).rev() {
+            match bench {
+                Bench::Integer => {
+                    rax = rax.wrapping_mul(K).wrapping_add(counter).rotate_right(13) ^ K;
+                }
+                // Every buffer word is 1.
+                Bench::Memory => rax += 1,
+                Bench::Call => {
+                    rax = rax.wrapping_add(3);
+                    rax ^= counter;
+                    rax = rax.wrapping_add(K);
+                    rax = rax.rotate_right(7);
+                    rax = rax.wrapping_mul(K);
+                }
+                _ => {}
+            }
+        }
+        rax
+    }
+
     #[test]
-    fn more_iterations_take_longer() {
-        let short = (0..5)
-            .map(|_| run(Bench::Call, 1000).unwrap())
-            .min()
-            .unwrap();
-        let long = (0..5)
-            .map(|_| run(Bench::Call, 1_000_000).unwrap())
-            .min()
-            .unwrap();
-        assert!(long > short * 10, "{short:?} vs {long:?}");
+    fn native_loops_run_exactly_the_iterations_asked_for() {
+        for bench in [Bench::Integer, Bench::Memory, Bench::Call, Bench::CallRet] {
+            for n in [1u32, 7, 1000] {
+                let (_, rax) = run_with_result(bench, n).unwrap();
+                assert_eq!(rax, model(bench, u64::from(n)), "{} x {n}", bench.name());
+            }
+        }
     }
 }
