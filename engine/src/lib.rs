@@ -340,7 +340,7 @@ impl Vm {
                 Exit::DeviceAccess => self.machine.poll(),
                 Exit::Halted => {
                     self.machine.poll();
-                    if !self.machine.interrupt_pending() {
+                    if !self.machine.interrupt_pending() && !self.machine.nmi_or_init_pending() {
                         self.machine.idle();
                     }
                 }

@@ -88,8 +88,8 @@ static GUESTS: [Guest; 29] = [
         name: "apic",
         description: "local APIC as an OS drives it: xAPIC one-shot and periodic timer, \
                       IA32_APIC_BASE relocation, CR8 holding back a self-IPI, NMI self-IPI, \
-                      PIT through I/O APIC pin 2, then x2APIC MSRs (timer, SELF IPI, NMI); \
-                      exits 0",
+                      PIT through I/O APIC pin 2 (fixed, then NMI waking CLI; HLT), then \
+                      x2APIC MSRs (timer, SELF IPI, NMI); exits 0",
         build: platform::build_apic,
     },
     Guest {

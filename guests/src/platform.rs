@@ -4,8 +4,8 @@
 //!
 //! - `apic`: xAPIC page (version, one-shot and periodic timer, relocation of the page
 //!   through IA32_APIC_BASE, CR8 masking a self-IPI, NMI self-IPI), the I/O APIC routing
-//!   the PIT (pin 2) with the 8259As masked, then x2APIC mode (ID/version MSRs, one-shot
-//!   timer, SELF IPI, LINT1-style NMI through the ICR).
+//!   the PIT (pin 2) with the 8259As masked, the same pin as an NMI waking `CLI; HLT`,
+//!   then x2APIC mode (ID/version MSRs, one-shot timer, SELF IPI, NMI through the ICR).
 //! - `apic-tsc-deadline`: the timer in TSC-deadline mode, armed with a deadline read from
 //!   RDTSC, through the x2APIC LVT and through the xAPIC LVT; CPUID advertises it.
 //! - `platform`: fw_cfg, ACPI tables, the PM timer against the PIT, the PCI bus.
@@ -353,6 +353,22 @@ pub(crate) fn build_apic() -> Result<Image, LinkError> {
         s.a.sti()?;
         rt.print(s, b"apic: PIT interrupts through I/O APIC pin 2\r\n")?;
 
+        // The same pin in NMI delivery mode wakes a CLI; HLT (only an NMI can).
+        s.a.cli()?;
+        s.a.mov(eax, COUNTS + 8 * NMI_SLOT)?;
+        s.a.mov(r10, qword_ptr(rax))?;
+        s.a.mov(dword_ptr(r9), 0x10 + 2 * 2)?;
+        s.a.mov(dword_ptr(r9 + 0x10), 4 << 8)?;
+        s.a.hlt()?;
+        s.a.mov(dword_ptr(r9), 0x10 + 2 * 2)?;
+        s.a.mov(dword_ptr(r9 + 0x10), 1 << 16)?;
+        s.a.mov(eax, COUNTS + 8 * NMI_SLOT)?;
+        s.a.cmp(qword_ptr(rax), r10)?;
+        let l = c.fail(s, "CLI; HLT woken without the I/O APIC's NMI");
+        s.a.jbe(l)?;
+        s.a.sti()?;
+        rt.print(s, b"apic: I/O APIC NMI entry woke CLI; HLT\r\n")?;
+
         // x2APIC: enable, then the same registers as MSRs.
         rdmsr(s, MSR_APIC_BASE)?;
         s.a.or(eax, 0x400)?;
@@ -375,13 +391,15 @@ pub(crate) fn build_apic() -> Result<Image, LinkError> {
         wrmsr(s, 0x83f, u32::from(V_IPI))?; // SELF IPI
         wait_for(s, count_addr(V_IPI), 2)?;
         s.a.cli()?;
+        s.a.mov(eax, COUNTS + 8 * NMI_SLOT)?;
+        s.a.mov(r10, qword_ptr(rax))?;
         wrmsr(s, x2(ICR_LOW), 1 << 18 | 4 << 8)?; // NMI to self
         s.a.mov(eax, COUNTS + 8 * NMI_SLOT)?;
         let mut nmi_wait = s.a.create_label();
         let mut nmi_done = s.a.create_label();
         s.a.set_label(&mut nmi_wait)?;
-        s.a.cmp(qword_ptr(rax), 2)?;
-        s.a.jae(nmi_done)?;
+        s.a.cmp(qword_ptr(rax), r10)?;
+        s.a.ja(nmi_done)?;
         s.a.pause()?;
         s.a.jmp(nmi_wait)?;
         s.a.set_label(&mut nmi_done)?;

@@ -163,6 +163,7 @@ fn apic_guest_on_bt_records_and_replays() {
         "CR8 held a self-IPI back",
         "NMI self-IPI",
         "I/O APIC pin 2",
+        "I/O APIC NMI entry woke CLI; HLT",
         "x2APIC one-shot",
         "x2APIC SELF IPI and NMI",
     ] {

@@ -296,7 +296,16 @@ impl KvmCpu {
         let mut vcpu = vm
             .create_vcpu(0)
             .map_err(|e| setup_err("KVM_CREATE_VCPU", e))?;
-        set_cpuid(&vcpu, &machine.config.cpuid)?;
+        let mut cpuid = machine.config.cpuid.clone();
+        if !apic_msr_exits {
+            // Without userspace MSR exits deja's APIC cannot answer x2APIC or
+            // IA32_TSC_DEADLINE accesses here: do not advertise them.
+            use deja_machine::cpuid::features::{TSC_DEADLINE, X2APIC};
+            for e in cpuid.entries.iter_mut().filter(|e| e.function == 1) {
+                e.ecx &= !(X2APIC | TSC_DEADLINE);
+            }
+        }
+        set_cpuid(&vcpu, &cpuid)?;
         let run_size = vm.run_size();
         kick::install_signal_handler()?;
         let immediate_exit = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit);

@@ -509,6 +509,12 @@ impl Machine {
         self.irqchip.interrupt_pending()
     }
 
+    /// Whether an NMI or INIT waits for the CPU: a halted CPU wakes for it, so the run loop
+    /// must not idle.
+    pub fn nmi_or_init_pending(&self) -> bool {
+        self.irqchip.nmi_or_init_pending()
+    }
+
     /// Interrupt acknowledge: the vector the CPU must deliver now.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
         self.stats.add("io.interrupts_delivered", 1);

@@ -150,6 +150,11 @@ pub trait Irqchip: Device + InterruptLines {
     fn take_init(&mut self) -> bool {
         false
     }
+    /// Whether an NMI or INIT waits for the CPU (without taking it): it wakes a halted CPU
+    /// as INTR does.
+    fn nmi_or_init_pending(&self) -> bool {
+        false
+    }
     /// Resets the local APIC as an INIT does (registers to their power-on values; the ID
     /// and IA32_APIC_BASE survive).
     fn init_reset(&mut self) {}

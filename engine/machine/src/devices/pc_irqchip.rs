@@ -338,6 +338,11 @@ impl Irqchip for PcIrqchip {
         self.lapic.take_init()
     }
 
+    fn nmi_or_init_pending(&self) -> bool {
+        let s = self.lapic.state();
+        s.nmi_pending || s.init_pending
+    }
+
     fn init_reset(&mut self) {
         self.lapic.init_reset();
         self.sync_lint0();
