@@ -98,10 +98,8 @@ fn build(
 }
 
 /// [`build_vm`] with the bt engine's MMU strategy chosen (`deja run --mmu`, issue #7).
-/// `None` keeps the engine's default (the soft TLB). kvm uses the host's MMU and takes no
-/// strategy. `shadow` is refused until bt's store path reports guest stores to
-/// write-tracked pages ([`deja_bt::mmu::Mmu::note_guest_write`]): without that its shadows
-/// would go stale when the guest edits its page tables.
+/// `None` keeps the engine's default (shadow page tables). kvm uses the host's MMU and takes
+/// no strategy.
 pub fn build_vm_with_mmu(
     engine: EngineKind,
     config: MachineConfig,
@@ -118,24 +116,14 @@ fn create_engine(
     machine: &deja_machine::Machine,
     mmu: Option<deja_bt::mmu::MmuStrategy>,
 ) -> Result<Box<dyn Cpu>, BuildError> {
-    use deja_bt::mmu::MmuStrategy;
-    if let Some(strategy) = mmu {
-        let refuse = |reason| {
-            Err(BuildError::MmuStrategy {
-                engine,
-                strategy,
-                reason,
-            })
-        };
-        if engine == EngineKind::Kvm {
-            return refuse("kvm translates with the host's MMU");
-        }
-        if strategy == MmuStrategy::Shadow {
-            return refuse(
-                "bt does not report guest stores to write-tracked page-table pages yet, \
-                 which shadow page tables need to stay coherent",
-            );
-        }
+    if let Some(strategy) = mmu
+        && engine == EngineKind::Kvm
+    {
+        return Err(BuildError::MmuStrategy {
+            engine,
+            strategy,
+            reason: "kvm translates with the host's MMU",
+        });
     }
     match engine {
         EngineKind::Kvm => match deja_kvm::KvmCpu::new(machine) {

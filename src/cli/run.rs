@@ -71,8 +71,8 @@ pub struct RunArgs {
     /// Guest-visible clock.
     #[arg(long, value_enum, default_value = "host")]
     pub clock: ClockArg,
-    /// bt's MMU strategy: tlb (soft TLB, the default) or nested (EPT-style two-dimensional
-    /// walks); shadow is refused until bt traces guest page-table writes (issue #7).
+    /// bt's MMU strategy: shadow (shadow page tables kept coherent by write tracing, the
+    /// default), nested (EPT-style two-dimensional walks) or tlb (a plain soft TLB).
     #[arg(long, value_name = "STRATEGY", value_parser = parse_mmu)]
     pub mmu: Option<deja_engine::MmuStrategy>,
     /// Print the counters (exits by reason, device accesses, engine counters) after the run.

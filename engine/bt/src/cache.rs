@@ -88,6 +88,9 @@ pub struct BlockCache {
     current: u32,
     current_hit: bool,
     epoch: u64,
+    /// Pages whose last block went since [`BlockCache::take_released`] (they stop being
+    /// tracked as code, unless a block was added again since).
+    released: Vec<u64>,
 }
 
 impl Default for BlockCache {
@@ -103,6 +106,7 @@ impl Default for BlockCache {
             current: u32::MAX,
             current_hit: false,
             epoch: 1,
+            released: Vec::new(),
         }
     }
 }
@@ -219,6 +223,7 @@ impl BlockCache {
                 v.retain(|&s| s != slot);
                 if v.is_empty() {
                     self.pages.remove(&page);
+                    self.released.push(page);
                 }
             }
         }
@@ -239,6 +244,12 @@ impl BlockCache {
     #[inline]
     pub fn is_code_page(&self, page: u64) -> bool {
         self.pages.contains_key(&page)
+    }
+
+    /// The pages that lost their last block since the last call (a page may since have
+    /// gained a block again: check [`BlockCache::is_code_page`]).
+    pub fn take_released(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.released)
     }
 
     /// Invalidates every block overlapping `[phys, phys + len)`; returns whether any was.

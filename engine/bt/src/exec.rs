@@ -1,11 +1,14 @@
 //! The execution context of micro-ops: register and memory operand access, segmentation
 //! (limits, rights, canonical checks), the fast TLB in front of the MMU, device accesses,
-//! and the store side of code coherence.
+//! and the store side of write tracking (translated code and shadowed page tables, see
+//! [`crate::track`]).
 
 use crate::cache::BlockCache;
 use crate::core::Core;
 use crate::ir::{Exc, MemRef, NO_REG, Operand, RIP_REL, UOp};
+use crate::mmu::MmuEvent;
 use crate::paging::{Kind, Regs, Translate};
+use crate::track::{CODE, PAGE_TABLE, PageTrack};
 use deja_machine::Machine;
 use deja_machine::cpu::seg;
 use deja_machine::vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -31,10 +34,18 @@ const EMPTY: TlbEntry = TlbEntry {
     host: std::ptr::null_mut(),
 };
 
-/// The memory system: MMU plus a linear-page to host-pointer cache for RAM pages.
+/// The memory system: MMU plus a linear-page to host-pointer cache for RAM pages, and the
+/// write-tracking set that decides which pages may be cached for writes.
 pub struct MemSys {
     read_tlb: Box<[TlbEntry; TLB_SIZE]>,
     write_tlb: Box<[TlbEntry; TLB_SIZE]>,
+    /// The guest-physical page number behind each valid `write_tlb` entry (so tracking a
+    /// page can drop exactly its entries; the fast path never reads it).
+    write_pages: Box<[u64; TLB_SIZE]>,
+    /// Why stores to a guest-physical page must be seen (code, page tables).
+    track: PageTrack,
+    /// Events drained from the MMU, kept to reuse the allocation.
+    events: Vec<MmuEvent>,
     /// The linear-to-physical translator.
     pub mmu: Box<dyn Translate>,
     /// Watched guest-physical ranges and the stores seen in them (debugging; `None` costs
@@ -101,8 +112,87 @@ impl MemSys {
         Self {
             read_tlb: Box::new([EMPTY; TLB_SIZE]),
             write_tlb: Box::new([EMPTY; TLB_SIZE]),
+            write_pages: Box::new([u64::MAX; TLB_SIZE]),
+            track: PageTrack::new(),
+            events: Vec::new(),
             mmu,
             watch: None,
+        }
+    }
+
+    /// Replaces the MMU: the page-table pages the old one tracked no longer matter (code
+    /// pages stay tracked, the block cache still holds their blocks).
+    pub fn set_mmu(&mut self, mmu: Box<dyn Translate>) {
+        self.mmu = mmu;
+        self.track.untrack_all(PAGE_TABLE);
+        self.events.clear();
+        self.flush_fast();
+    }
+
+    /// The write-tracking set.
+    pub fn track(&self) -> &PageTrack {
+        &self.track
+    }
+
+    /// Adds `reason` to guest page `page`; a page that was untracked loses its cached
+    /// write permissions, so every later store to it takes the checked path.
+    pub fn track_page(&mut self, page: u64, reason: u8) {
+        if self.track.track(page, reason) {
+            for (e, p) in self.write_tlb.iter_mut().zip(self.write_pages.iter_mut()) {
+                if *p == page {
+                    *e = EMPTY;
+                    *p = u64::MAX;
+                }
+            }
+        }
+    }
+
+    /// Removes `reason` from guest page `page`.
+    pub fn untrack_page(&mut self, page: u64, reason: u8) {
+        self.track.untrack(page, reason);
+    }
+
+    /// Applies what the MMU reported since the last call: tracking changes, and its own
+    /// stores (accessed/dirty updates) into translated code, which invalidate the blocks
+    /// they hit. Returns whether the block being executed was among them.
+    pub fn apply_mmu_events(&mut self, cache: &mut BlockCache, invalidations: &mut u64) -> bool {
+        let mut events = std::mem::take(&mut self.events);
+        self.mmu.drain_events(&mut events);
+        let mut current = false;
+        for ev in events.drain(..) {
+            match ev {
+                MmuEvent::Track(page) => self.track_page(page, PAGE_TABLE),
+                MmuEvent::Untrack(page) => self.untrack_page(page, PAGE_TABLE),
+                MmuEvent::Stored(phys) => {
+                    if self.track.reasons(phys >> 12) & CODE != 0 {
+                        cache.invalidate_range(phys, 1, invalidations);
+                        current |= cache.current_invalidated();
+                    }
+                }
+            }
+        }
+        self.events = events;
+        self.sync_code_pages(cache);
+        current
+    }
+
+    /// Tracks the pages of a newly inserted block as code.
+    pub fn track_code(&mut self, cache: &BlockCache, slot: u32) {
+        let Some(b) = cache.block(slot) else {
+            return;
+        };
+        let pages = b.extents.map(|(s, e)| (e > s).then_some(s >> 12));
+        for page in pages.into_iter().flatten() {
+            self.track_page(page, CODE);
+        }
+    }
+
+    /// Stops tracking as code the pages whose last block the cache dropped.
+    pub fn sync_code_pages(&mut self, cache: &mut BlockCache) {
+        for page in cache.take_released() {
+            if !cache.is_code_page(page) {
+                self.untrack_page(page, CODE);
+            }
         }
     }
 
@@ -110,11 +200,7 @@ impl MemSys {
     pub fn flush_fast(&mut self) {
         self.read_tlb.fill(EMPTY);
         self.write_tlb.fill(EMPTY);
-    }
-
-    /// Forgets cached write permissions (a page became a code page).
-    pub fn flush_writes(&mut self) {
-        self.write_tlb.fill(EMPTY);
+        self.write_pages.fill(u64::MAX);
     }
 }
 
@@ -233,11 +319,12 @@ impl Ctx<'_> {
     /// Translates a linear address, raising #PF (and setting CR2) on failure.
     pub fn translate(&mut self, lin: u64, kind: Kind, user: bool) -> Result<u64, Exc> {
         let regs = self.regs();
-        match self
+        let result = self
             .mem
             .mmu
-            .translate(&self.machine.mem, &regs, lin, kind, user)
-        {
+            .translate(&self.machine.mem, &regs, lin, kind, user);
+        self.apply_mmu_events();
+        match result {
             Ok(p) => Ok(p),
             Err(f) => {
                 self.core.cr2 = f.address;
@@ -246,6 +333,17 @@ impl Ctx<'_> {
                     error: Some(f.error_code),
                 })
             }
+        }
+    }
+
+    /// Applies the MMU's events ([`MemSys::apply_mmu_events`]); a hit on the executing block
+    /// ends it after the current instruction.
+    pub fn apply_mmu_events(&mut self) {
+        if self
+            .mem
+            .apply_mmu_events(self.cache, &mut self.stats.invalidations)
+        {
+            self.smc_current = true;
         }
     }
 
@@ -345,7 +443,7 @@ impl Ctx<'_> {
         let e = self.mem.write_tlb[tlb_index(lin)];
         if e.tag == page | (user as u64) << 1 | 1 && off + size as usize <= 4096 {
             // SAFETY: as in `read_lin_as`; write entries are only installed for RAM pages
-            // that hold no translated code.
+            // with no tracking reason, and dropped when a page gets one.
             unsafe { store(e.host.add(off), size, v) };
             return Ok(());
         }
@@ -375,7 +473,8 @@ impl Ctx<'_> {
                 continue;
             }
             if let Some(h) = self.host_ptr(p) {
-                let code = self.cache.is_code_page(p >> 12);
+                // The one check of the write-tracking set on the store path.
+                let reasons = self.mem.track.reasons(p >> 12);
                 let watched = match self.mem.watch.as_deref_mut() {
                     Some(w) if w.page_watched(p) => {
                         if let Some((skip, n)) = w.overlap(p, len as u64) {
@@ -405,20 +504,18 @@ impl Ctx<'_> {
                 };
                 // SAFETY: `h` points into a RAM page of guest memory; the chunk stays in it.
                 unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), h, len) };
-                if watched {
-                    // No fast write entry: the next store here must be seen too.
-                } else if code {
-                    self.cache
-                        .invalidate_range(p, len as u64, &mut self.stats.invalidations);
-                    if self.cache.current_invalidated() {
-                        self.smc_current = true;
+                if reasons == 0 && !watched {
+                    if len == data.len() {
+                        let page = self.wrap(lin) & !0xfff;
+                        let tag = page | (user as u64) << 1 | 1;
+                        // SAFETY: page-aligned host address of the same RAM page.
+                        let base = unsafe { h.sub((p & 0xfff) as usize) };
+                        let slot = tlb_index(page);
+                        self.mem.write_tlb[slot] = TlbEntry { tag, host: base };
+                        self.mem.write_pages[slot] = p >> 12;
                     }
-                } else if len == data.len() {
-                    let page = self.wrap(lin) & !0xfff;
-                    let tag = page | (user as u64) << 1 | 1;
-                    // SAFETY: page-aligned host address of the same RAM page.
-                    let base = unsafe { h.sub((p & 0xfff) as usize) };
-                    self.mem.write_tlb[tlb_index(page)] = TlbEntry { tag, host: base };
+                } else if reasons != 0 {
+                    self.tracked_store(reasons, p, len);
                 }
             } else {
                 self.machine.set_icount(self.icount);
@@ -427,6 +524,25 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A store of `len` bytes at guest-physical `p` (already in memory) to a page tracked
+    /// for `reasons`: page tables → the MMU updates or zaps what it built from them; code →
+    /// the blocks hit are invalidated, and a hit on the executing block ends it after this
+    /// instruction.
+    #[inline(never)]
+    fn tracked_store(&mut self, reasons: u8, p: u64, len: usize) {
+        if reasons & PAGE_TABLE != 0 {
+            self.mem.mmu.note_guest_write(&self.machine.mem, p, len);
+        }
+        if reasons & CODE != 0 {
+            self.cache
+                .invalidate_range(p, len as u64, &mut self.stats.invalidations);
+            if self.cache.current_invalidated() {
+                self.smc_current = true;
+            }
+        }
+        self.apply_mmu_events();
     }
 
     /// Reads a memory operand of `size` bytes.

@@ -32,6 +32,7 @@ pub mod ops;
 pub mod paging;
 pub mod sse;
 pub mod system;
+pub mod track;
 pub mod translate;
 pub mod x87;
 
@@ -122,8 +123,13 @@ impl BtCpu {
 
     /// Replaces the MMU (the seam where soft TLB, shadow and nested strategies plug in).
     pub fn set_mmu(&mut self, mmu: Box<dyn paging::Translate>) {
-        self.mem = MemSys::new(mmu);
+        self.mem.set_mmu(mmu);
         self.cache.flush_lookup();
+    }
+
+    /// The write-tracking set (for tests and diagnostics).
+    pub fn page_track(&self) -> &track::PageTrack {
+        self.mem.track()
     }
 
     /// The counters as a struct.
@@ -177,11 +183,14 @@ impl BtCpu {
             cr4: c.cr4,
             efer: c.efer,
         };
-        let phys = match self
+        let fetched = self
             .mem
             .mmu
-            .translate(&machine.mem, &regs, lin, Kind::Execute, user)
-        {
+            .translate(&machine.mem, &regs, lin, Kind::Execute, user);
+        // Between blocks: an accessed-bit store that hits a block only invalidates it.
+        self.mem
+            .apply_mmu_events(&mut self.cache, &mut self.stats.invalidations);
+        let phys = match fetched {
             Ok(p) => p,
             Err(f) => {
                 self.core.cr2 = f.address;
@@ -204,14 +213,17 @@ impl BtCpu {
                 return Ok(Found::Block(slot));
             }
             self.cache.discard(slot);
+            self.mem.sync_code_pages(&mut self.cache);
             self.stats.invalidations += 1;
         }
         self.stats.lookup_misses += 1;
         match self.translate(machine, key, lin, &regs, user)? {
             Ok(block) => {
                 let slot = self.cache.insert(block);
-                // The page now holds code: stores to it must take the checked path.
-                self.mem.flush_writes();
+                // Replacing a block with the same key may have released its pages.
+                self.mem.sync_code_pages(&mut self.cache);
+                // The pages now hold code: stores to them must take the checked path.
+                self.mem.track_code(&self.cache, slot);
                 self.cache.remember(slot);
                 Ok(Found::Block(slot))
             }
@@ -305,11 +317,13 @@ impl BtCpu {
             } else {
                 next_lin & 0xffff_ffff
             };
-            let p2 = match self
+            let fetched = self
                 .mem
                 .mmu
-                .translate(&machine.mem, regs, next_lin, Kind::Execute, user)
-            {
+                .translate(&machine.mem, regs, next_lin, Kind::Execute, user);
+            self.mem
+                .apply_mmu_events(&mut self.cache, &mut self.stats.invalidations);
+            let p2 = match fetched {
                 Ok(p) => p,
                 Err(f) => {
                     self.core.cr2 = f.address;
@@ -735,7 +749,11 @@ impl Cpu for BtCpu {
 
     fn set_state(&mut self, state: &CpuState) -> Result<(), CpuError> {
         self.core = Core::from_state(state);
-        self.mem.mmu.flush(true);
+        // A state load may come with guest memory rewritten behind the engine (a snapshot
+        // restore): nothing the MMU built from guest tables can be trusted.
+        self.mem.mmu.reset();
+        self.mem
+            .apply_mmu_events(&mut self.cache, &mut self.stats.invalidations);
         self.mem.flush_fast();
         self.cache.flush_lookup();
         Ok(())

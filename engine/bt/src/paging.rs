@@ -1,7 +1,8 @@
 //! The seam between the engine and the MMU that turns linear into guest-physical addresses.
 //!
 //! The engine only talks to a [`Translate`] object: the "mmu" module (soft TLB, shadow page
-//! tables, nested model) plugs in here through [`MmuAdapter`]; the default is the soft TLB.
+//! tables, nested model) plugs in here through [`MmuAdapter`]; the default is the shadow
+//! MMU (issue #7).
 
 use vm_memory::GuestMemoryMmap;
 
@@ -60,6 +61,15 @@ pub trait Translate: Send {
     fn load_pdptes(&mut self, _mem: &GuestMemoryMmap, _regs: &Regs) -> bool {
         true
     }
+    /// A guest store of `len` bytes at `phys` (already in memory) to a page the translator
+    /// asked to track ([`crate::mmu::MmuEvent::Track`]).
+    fn note_guest_write(&mut self, _mem: &GuestMemoryMmap, _phys: u64, _len: usize) {}
+    /// Moves the translator's pending events to `out` ([`crate::mmu::Mmu::drain_events`]).
+    fn drain_events(&mut self, _out: &mut Vec<crate::mmu::MmuEvent>) {}
+    /// Forgets everything built from guest memory ([`crate::mmu::Mmu::reset`]).
+    fn reset(&mut self) {
+        self.flush(true);
+    }
 }
 
 /// The `mmu` module's strategies behind the engine's seam.
@@ -114,9 +124,19 @@ impl Translate for MmuAdapter {
     fn load_pdptes(&mut self, mem: &GuestMemoryMmap, regs: &Regs) -> bool {
         self.0.load_pdptes(mem, &Self::regs(regs)).is_ok()
     }
+    fn note_guest_write(&mut self, mem: &GuestMemoryMmap, phys: u64, len: usize) {
+        self.0.note_guest_write(mem, phys, len);
+    }
+    fn drain_events(&mut self, out: &mut Vec<crate::mmu::MmuEvent>) {
+        self.0.drain_events(out);
+    }
+    fn reset(&mut self) {
+        self.0.reset();
+    }
 }
 
-/// The translator the engine uses by default: the soft TLB.
+/// The translator the engine uses by default: shadow page tables
+/// ([`crate::mmu::MmuStrategy::DEFAULT`]).
 pub fn default_translator() -> Box<dyn Translate> {
-    Box::new(MmuAdapter(crate::mmu::soft_tlb()))
+    Box::new(MmuAdapter(crate::mmu::MmuStrategy::DEFAULT.build()))
 }

@@ -39,8 +39,8 @@ pub use nested::NestedMmu;
 pub use shadow::{FLOOD_WRITES, SHADOW_ROOTS, ShadowMmu, UNSYNC_WRITES};
 pub use tlb::{SoftTlb, TLB_ENTRIES};
 pub use walk::{
-    Level, PageSize, PagingConfig, PagingMode, PhysView, Translation, Walk, WalkEntry,
-    pae_pdpte_reserved_bits, read_pae_pdptes, set_accessed_dirty, walk,
+    AdUpdates, Level, PageSize, PagingConfig, PagingMode, PhysView, Translation, Walk, WalkEntry,
+    accessed_dirty_updates, pae_pdpte_reserved_bits, read_pae_pdptes, set_accessed_dirty, walk,
 };
 
 use deja_machine::{CpuState, EngineStats};
@@ -213,6 +213,10 @@ impl MmuStrategy {
     /// Every strategy, in the order reports list them.
     pub const ALL: [MmuStrategy; 3] = [MmuStrategy::Shadow, MmuStrategy::Nested, MmuStrategy::Tlb];
 
+    /// The strategy bt uses when none is chosen: shadow page tables, as the classic software
+    /// VMMs (and KVM without EPT/NPT) do.
+    pub const DEFAULT: MmuStrategy = MmuStrategy::Shadow;
+
     /// The name `--mmu` takes.
     pub fn name(self) -> &'static str {
         match self {
@@ -225,10 +229,15 @@ impl MmuStrategy {
     /// A fresh MMU of this strategy (every strategy exists; the `Result` is kept so callers
     /// need not change when a strategy needs configuration that can be wrong).
     pub fn create(self) -> Result<Box<dyn Mmu>, MmuError> {
+        Ok(self.build())
+    }
+
+    /// A fresh MMU of this strategy.
+    pub fn build(self) -> Box<dyn Mmu> {
         match self {
-            MmuStrategy::Tlb => Ok(soft_tlb()),
-            MmuStrategy::Shadow => Ok(Box::new(ShadowMmu::new())),
-            MmuStrategy::Nested => Ok(Box::new(NestedMmu::new())),
+            MmuStrategy::Tlb => soft_tlb(),
+            MmuStrategy::Shadow => Box::new(ShadowMmu::new()),
+            MmuStrategy::Nested => Box::new(NestedMmu::new()),
         }
     }
 }
@@ -327,20 +336,46 @@ pub trait Mmu: Send {
         read_pae_pdptes(mem, regs.cr3)
     }
 
-    /// Whether a guest store to guest-physical `phys` must be reported through
-    /// [`Mmu::note_guest_write`] (the page holds guest page tables that a shadow depends
-    /// on). Strategies that trace nothing answer `false`.
-    fn is_write_tracked(&self, phys: u64) -> bool {
-        let _ = phys;
-        false
-    }
-
-    /// The guest stored `len` bytes at guest-physical `phys`, a page for which
-    /// [`Mmu::is_write_tracked`] answered `true` (called after the store is in memory). The
-    /// shadow strategy updates or drops the shadow entries built from what changed.
+    /// The guest stored `len` bytes at guest-physical `phys`, in a page this strategy asked
+    /// to be tracked ([`MmuEvent::Track`]); called after the store is in memory. The shadow
+    /// strategy updates or drops the shadow entries built from what changed.
     fn note_guest_write(&mut self, mem: &GuestMemoryMmap, phys: u64, len: usize) {
         let _ = (mem, phys, len);
     }
+
+    /// Moves what the strategy has to tell the engine since the last call (pages to start or
+    /// stop write-tracking, its own stores to guest memory) to `out`, in order. The engine
+    /// calls it after every other call that may produce events, before the next guest store.
+    fn drain_events(&mut self, out: &mut Vec<MmuEvent>) {
+        let _ = out;
+    }
+
+    /// Forgets every cached translation and every shadow, global ones included, and stops
+    /// tracking every page: guest memory may have been rewritten behind the engine (a state
+    /// or snapshot load), so nothing built from it can be trusted.
+    fn reset(&mut self) {
+        self.flush(true);
+    }
+}
+
+/// What an MMU strategy tells the engine besides translations ([`Mmu::drain_events`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmuEvent {
+    /// Report guest stores to this guest-physical page number through
+    /// [`Mmu::note_guest_write`] (a shadow entry now depends on a guest entry in it).
+    Track(u64),
+    /// Stop reporting stores to this page (its last dependent shadow entry went, or it went
+    /// out of sync, or it flooded).
+    Untrack(u64),
+    /// The MMU stored to guest-physical memory at this address itself (an accessed/dirty
+    /// bit update of a paging entry): translated code there must be invalidated. Page-table
+    /// tracking ignores these, as KVM's does for the walker's own A/D updates.
+    Stored(u64),
+}
+
+/// Queues an [`MmuEvent::Stored`] for each accessed/dirty update of a walk.
+pub(crate) fn note_ad_stores(updates: &AdUpdates, events: &mut Vec<MmuEvent>) {
+    events.extend(updates.as_slice().iter().map(|&(a, _)| MmuEvent::Stored(a)));
 }
 
 /// The plain soft-TLB strategy (`--mmu tlb`): a direct-mapped TLB in front of the walker.

@@ -19,7 +19,8 @@
 use super::tlb::SoftTlb;
 use super::walk::{PagingConfig, PagingMode, PhysView, set_accessed_dirty, walk};
 use super::{
-    Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, PageFault, PagingRegs, counters,
+    Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, MmuEvent, PageFault, PagingRegs,
+    counters, note_ad_stores,
 };
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -140,6 +141,8 @@ pub struct NestedMmu {
     walks: u64,
     walk_refs: u64,
     guest_faults: u64,
+    /// Accessed/dirty stores not yet reported to the engine.
+    events: Vec<MmuEvent>,
 }
 
 impl Default for NestedMmu {
@@ -165,6 +168,7 @@ impl NestedMmu {
             walks: 0,
             walk_refs: 0,
             guest_faults: 0,
+            events: Vec::new(),
         }
     }
 
@@ -203,7 +207,8 @@ impl NestedMmu {
             Ok(t) => {
                 // The second dimension of the last step: the guest-physical page itself.
                 let phys = ept.translate(t.phys, &view.refs).unwrap_or(t.phys);
-                let Ok(()) = set_accessed_dirty(&view, &w, access.kind);
+                let Ok(ad) = set_accessed_dirty(&view, &w, access.kind);
+                note_ad_stores(&ad, &mut self.events);
                 self.tlb
                     .fill(w.linear, &t, access.kind == AccessKind::Write);
                 Ok(phys)
@@ -262,5 +267,9 @@ impl Mmu for NestedMmu {
         regs: &PagingRegs,
     ) -> Result<[u64; 4], MmuError> {
         self.tlb.load_pdptes(mem, regs)
+    }
+
+    fn drain_events(&mut self, out: &mut Vec<MmuEvent>) {
+        out.append(&mut self.events);
     }
 }

@@ -19,35 +19,44 @@
 //! first write faults again and sets it (as KVM write-protects clean pages).
 //!
 //! Coherence by write tracing: every guest page-table page a shadow entry was built from is
-//! tracked (guest-physical page → the shadow entries depending on it). The CPU asks
-//! [`Mmu::is_write_tracked`] on guest stores and reports stores to tracked pages through
-//! [`Mmu::note_guest_write`] (`mmu_pte_write`). A store to an entry a shadow entry was built
-//! from updates that entry in place when the new guest entry is a present, accessed leaf
-//! (`mmu_pte_updated`, as KVM's prefetching `mmu_pte_write_new_pte`), and otherwise drops it
-//! (`mmu_shadow_zapped`). A page holding only leaf entries that is written
-//! [`UNSYNC_WRITES`] times goes out of sync (`mmu_unsync`, KVM's unsync pages): it is no
-//! longer traced, and its shadow entries may be stale, as TLB entries may, until the next
-//! INVLPG of their address, CR3 load or paging-mode change, where every unsync page's
-//! entries are dropped (resynchronised by walking again on the next miss). A page holding
-//! upper-level entries written [`FLOOD_WRITES`] times without a miss walking through it in
-//! between is a page the guest is reusing for something else (flooding): every shadow entry
-//! depending on it is dropped and it is no longer traced (`mmu_flooded`).
+//! tracked (guest-physical page → the shadow entries depending on it). When the first shadow
+//! entry depends on a page the strategy asks the engine to track it
+//! ([`MmuEvent::Track`]); when the last one goes, the page goes out of sync or floods, it
+//! asks to stop ([`MmuEvent::Untrack`]). The engine keeps one set of reasons per
+//! guest-physical page (`crate::track`: page tables and translated code share it), keeps
+//! tracked pages out of its write fast path, and reports every guest store to a page
+//! tracked as a page table through [`Mmu::note_guest_write`] (`mmu_pte_write`). A store to
+//! an entry a shadow entry was built from updates that entry in place when the new guest
+//! entry is a present, accessed leaf (`mmu_pte_updated`, as KVM's prefetching
+//! `mmu_pte_write_new_pte`), and otherwise drops it (`mmu_shadow_zapped`). A page holding
+//! only leaf entries that is written [`UNSYNC_WRITES`] times goes out of sync (`mmu_unsync`,
+//! KVM's unsync pages): it is no longer traced, and its shadow entries may be stale, as TLB
+//! entries may, until the next INVLPG of their address, CR3 load or paging-mode change,
+//! where every unsync page's entries are dropped (resynchronised by walking again on the
+//! next miss). A page holding upper-level entries written [`FLOOD_WRITES`] times without a
+//! miss walking through it in between is a page the guest is reusing for something else
+//! (flooding): every shadow entry depending on it is dropped and it is no longer traced
+//! (`mmu_flooded`).
 //!
-//! # Sharing the tracked-page set with translated-code tracking (design note, issue #7)
+//! # Where this differs from KVM's shadow MMU
 //!
-//! bt also has to notice guest stores to pages holding translated code. Both are "a store
-//! to this guest-physical page needs a callback", so the plan is one engine-level map of
-//! guest-physical page → a small bit set of reasons (`PAGE_TABLE`, `CODE`), checked once on
-//! the store path (a per-page byte array indexed by guest page number, like KVM's
-//! `gfn_track` write-tracking counts, keeps the check one load). The MMU would then register
-//! and unregister its pages through the engine (`track(page, PAGE_TABLE)` when the first
-//! shadow entry depends on a page, `untrack` when the last one goes, when the page goes
-//! unsync, or when it floods) instead of being asked [`Mmu::is_write_tracked`], and the
-//! store path dispatches on the reason bits: `PAGE_TABLE` → [`Mmu::note_guest_write`],
-//! `CODE` → invalidate the translated blocks of the page. A page may carry both reasons
-//! (self-modifying code that is also a page table, or a page reused from one role to the
-//! other). Until that refactor the engine can keep its code-page set and call
-//! `is_write_tracked` next to it.
+//! - Shadow entries are kept per 4 KiB linear page in a map, not as a tree of shadow page
+//!   tables: there are no shadow page-table pages, so "zapping a shadow page" here is
+//!   dropping the entries built from a guest table, and `mmu_shadow_zapped` counts entries,
+//!   not shadow pages. Large guest pages are shadowed as the 4 KiB pieces touched.
+//! - One shadow serves user and supervisor accesses (the rights are checked on each hit);
+//!   KVM splits roles by access and by CR0.WP/CR4 bits for its hardware sptes.
+//! - The in-place update (`mmu_pte_updated`) re-walks the guest tables from guest memory
+//!   after the store rather than decoding the written bytes, and only updates an entry whose
+//!   walk still goes through the same guest entries.
+//! - A leaf table goes unsync after [`UNSYNC_WRITES`] traced writes; KVM lets a leaf shadow
+//!   page go unsync when the guest faults to map that page table writable
+//!   (`mmu_try_to_unsync_pages`), without first emulating writes to it. Flood detection
+//!   follows KVM's (`detect_write_flooding`: [`FLOOD_WRITES`] = 3 writes with no use of the
+//!   shadow in between) but applies only to pages holding upper-level entries, since leaf
+//!   pages go unsync first; KVM also zaps on misaligned writes, which are not detected here.
+//! - The accessed/dirty updates the walker makes itself are not traced (as in KVM), but they
+//!   are reported as stores so translated code in the same page is invalidated.
 
 use super::pdpte::PdpteRegisters;
 use super::tlb::{NEED, T_DIRTY, T_EXECUTABLE, T_GLOBAL, T_SHIFT_POS, T_SUPERVISOR, T_USER};
@@ -55,7 +64,8 @@ use super::tlb::{T_WRITABLE, need_index};
 use super::walk::walk as guest_walk;
 use super::walk::{PagingConfig, PagingMode, Translation, Walk, set_accessed_dirty};
 use super::{
-    Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, PageFault, PagingRegs, counters,
+    Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, MmuEvent, PageFault, PagingRegs,
+    counters, note_ad_stores,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use vm_memory::GuestMemoryMmap;
@@ -127,6 +137,10 @@ pub struct ShadowMmu {
     current: Option<((u64, u8), u32)>,
     tracked: BTreeMap<u64, Tracked>,
     unsync_pages: BTreeSet<u64>,
+    /// The guest-physical addresses of the pages the engine was told to track.
+    traced: BTreeSet<u64>,
+    /// Track/untrack requests and own stores not yet reported to the engine.
+    events: Vec<MmuEvent>,
     pdptes: PdpteRegisters,
     clock: u64,
     hits: u64,
@@ -158,6 +172,31 @@ impl ShadowMmu {
     /// The number of shadow entries held (for tests and diagnostics).
     pub fn shadow_entries(&self) -> usize {
         self.shadows.values().map(|s| s.entries.len()).sum()
+    }
+
+    /// Whether stores to the page holding guest-physical `phys` are traced (for tests and
+    /// diagnostics: the engine learns the same through [`MmuEvent::Track`]).
+    pub fn is_traced(&self, phys: u64) -> bool {
+        self.traced.contains(&(phys & !0xfff))
+    }
+
+    /// Tells the engine to start or stop tracking `page` if whether it should be traced
+    /// (some shadow entry depends on it and it is in sync) changed.
+    fn retrace(&mut self, page: u64) {
+        let wanted = self
+            .tracked
+            .get(&page)
+            .is_some_and(|t| !t.unsync && !t.deps.is_empty());
+        if wanted == self.traced.contains(&page) {
+            return;
+        }
+        if wanted {
+            self.traced.insert(page);
+            self.events.push(MmuEvent::Track(page >> 12));
+        } else {
+            self.traced.remove(&page);
+            self.events.push(MmuEvent::Untrack(page >> 12));
+        }
     }
 
     /// The shadow for `key`, created (and something recycled) if needed.
@@ -238,6 +277,7 @@ impl ShadowMmu {
                     self.unsync_pages.remove(&page);
                 }
             }
+            self.retrace(page);
         }
         true
     }
@@ -277,6 +317,7 @@ impl ShadowMmu {
                 }
             }
             self.tracked.remove(&page);
+            self.retrace(page);
         }
     }
 
@@ -307,10 +348,12 @@ impl ShadowMmu {
                 continue;
             }
             refs.push(e.address);
-            let t = self.tracked.entry(e.address & !0xfff).or_default();
+            let page = e.address & !0xfff;
+            let t = self.tracked.entry(page).or_default();
             t.deps.insert((id, vpn));
             t.writes = 0;
             t.upper |= i + 1 < entries.len();
+            self.retrace(page);
         }
         if let Some(s) = self.shadows.get_mut(&id) {
             s.entries.insert(vpn, ShadowEntry { frame, refs });
@@ -420,7 +463,8 @@ impl ShadowMmu {
         let Ok(w) = guest_walk(mem, cfg, pdptes.as_ref(), linear, access);
         match w.result {
             Ok(t) => {
-                let Ok(()) = set_accessed_dirty(mem, &w, access.kind);
+                let Ok(ad) = set_accessed_dirty(mem, &w, access.kind);
+                note_ad_stores(&ad, &mut self.events);
                 let vpn = w.linear >> 12;
                 self.remove_entry(ids.0, vpn);
                 self.remove_entry(ids.1, vpn);
@@ -524,10 +568,23 @@ impl Mmu for ShadowMmu {
         self.pdptes.load(mem, regs.cr3)
     }
 
-    fn is_write_tracked(&self, phys: u64) -> bool {
-        self.tracked
-            .get(&(phys & !0xfff))
-            .is_some_and(|t| !t.unsync && !t.deps.is_empty())
+    fn drain_events(&mut self, out: &mut Vec<MmuEvent>) {
+        out.append(&mut self.events);
+    }
+
+    fn reset(&mut self) {
+        self.flushes += 1;
+        let ids: Vec<u32> = self.shadows.keys().copied().collect();
+        for id in ids {
+            self.zapped += self.shadows.get(&id).map_or(0, |s| s.entries.len() as u64);
+            self.drop_shadow(id);
+        }
+        self.unsync_pages.clear();
+        let pages: Vec<u64> = std::mem::take(&mut self.tracked).into_keys().collect();
+        for page in pages {
+            self.retrace(page);
+        }
+        self.pdptes.flush();
     }
 
     fn note_guest_write(&mut self, mem: &GuestMemoryMmap, phys: u64, len: usize) {
@@ -560,6 +617,7 @@ impl ShadowMmu {
                 }
             }
             self.tracked.remove(&page);
+            self.retrace(page);
             self.flooded += 1;
             return;
         }
@@ -590,6 +648,7 @@ impl ShadowMmu {
             t.unsync = true;
             self.unsync_pages.insert(page);
             self.unsync += 1;
+            self.retrace(page);
         }
     }
 }

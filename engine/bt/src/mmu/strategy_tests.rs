@@ -4,6 +4,7 @@
 //! counters each strategy keeps.
 
 use super::*;
+use crate::track::{PAGE_TABLE, PageTrack};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM_SIZE: usize = 0x40_0000;
@@ -47,7 +48,7 @@ impl Mmu for FreshWalk {
         }
         let pdptes = (cfg.mode == PagingMode::Pae).then(|| read_pae_pdptes(mem, cfg.cr3).unwrap());
         let Ok(w) = walk(mem, &cfg, pdptes.as_ref(), linear, access);
-        let Ok(()) = set_accessed_dirty(mem, &w, access.kind);
+        let Ok(_) = set_accessed_dirty(mem, &w, access.kind);
         w.result.map(|t| t.phys)
     }
     fn invlpg(&mut self, _linear: u64) {}
@@ -189,6 +190,27 @@ struct Machine {
     name: &'static str,
     mem: GuestMemoryMmap,
     mmu: Box<dyn Mmu>,
+    /// The engine's write-tracking set, as the MMU's events leave it.
+    track: PageTrack,
+}
+
+impl Machine {
+    /// Applies the MMU's pending events as the engine does, then says whether stores to
+    /// `phys` are reported to the MMU.
+    fn traced(&mut self, phys: u64) -> bool {
+        let mut events = Vec::new();
+        self.mmu.drain_events(&mut events);
+        for e in events {
+            match e {
+                MmuEvent::Track(page) => {
+                    self.track.track(page, PAGE_TABLE);
+                }
+                MmuEvent::Untrack(page) => self.track.untrack(page, PAGE_TABLE),
+                MmuEvent::Stored(_) => {}
+            }
+        }
+        self.track.reasons(phys >> 12) & PAGE_TABLE != 0
+    }
 }
 
 fn machines(mode: Mode, setup: &dyn Fn(&GuestMemoryMmap)) -> Vec<Machine> {
@@ -202,7 +224,12 @@ fn machines(mode: Mode, setup: &dyn Fn(&GuestMemoryMmap)) -> Vec<Machine> {
         let mem = memory();
         setup(&mem);
         let _ = mode;
-        v.push(Machine { name, mem, mmu });
+        v.push(Machine {
+            name,
+            mem,
+            mmu,
+            track: PageTrack::new(),
+        });
     }
     v
 }
@@ -210,7 +237,7 @@ fn machines(mode: Mode, setup: &dyn Fn(&GuestMemoryMmap)) -> Vec<Machine> {
 /// A guest store of one entry, as the engine makes it: the store, then the MMU told if the
 /// page is write-tracked.
 fn guest_store(m: &mut Machine, mode: Mode, address: u64, value: u64) {
-    let tracked = m.mmu.is_write_tracked(address);
+    let tracked = m.traced(address);
     put(&m.mem, mode, address, value);
     if tracked {
         m.mmu
@@ -435,15 +462,16 @@ fn a_pte_write_on_a_tracked_page_is_traced_under_shadow_only() {
             name: strategy.name(),
             mem,
             mmu: strategy.create().unwrap(),
+            track: PageTrack::new(),
         };
         assert_eq!(
             m.mmu.translate(&m.mem, &regs, 0x123, READ),
             Ok(FRAMES + 0x123)
         );
         let traced = strategy == MmuStrategy::Shadow;
-        assert_eq!(m.mmu.is_write_tracked(a.pt), traced, "{}", m.name);
-        assert_eq!(m.mmu.is_write_tracked(a.pt + 0xff8), traced, "{}", m.name);
-        assert!(!m.mmu.is_write_tracked(FRAMES), "{}: a data page", m.name);
+        assert_eq!(m.traced(a.pt), traced, "{}", m.name);
+        assert_eq!(m.traced(a.pt + 0xff8), traced, "{}", m.name);
+        assert!(!m.traced(FRAMES), "{}: a data page", m.name);
         // The guest points the PTE at another frame (already accessed) and invalidates it.
         guest_store(
             &mut m,
@@ -477,6 +505,7 @@ fn a_traced_pte_write_updates_the_shadow_in_place_without_a_miss() {
         name: "shadow",
         mem,
         mmu: Box::new(ShadowMmu::new()),
+        track: PageTrack::new(),
     };
     assert_eq!(
         m.mmu.translate(&m.mem, &regs, 0x10, READ),
@@ -514,7 +543,7 @@ fn a_traced_pte_write_updates_the_shadow_in_place_without_a_miss() {
         })
     );
     assert_eq!(stat(&*m.mmu, counters::PF_GUEST), 1);
-    assert!(!m.mmu.is_write_tracked(a.pt));
+    assert!(!m.traced(a.pt));
 }
 
 #[test]
@@ -625,23 +654,24 @@ fn repeated_writes_to_an_unused_upper_table_flood_its_shadow() {
         name: "shadow",
         mem,
         mmu: Box::new(ShadowMmu::new()),
+        track: PageTrack::new(),
     };
     assert_eq!(m.mmu.translate(&m.mem, &regs, 0x0, READ), Ok(FRAMES));
-    assert!(m.mmu.is_write_tracked(a.pd));
+    assert!(m.traced(a.pd));
     // Writes to an unrelated entry of the page directory, never walked through.
     for i in 0..FLOOD_WRITES {
-        assert!(m.mmu.is_write_tracked(a.pd), "write {i}");
+        assert!(m.traced(a.pd), "write {i}");
         guest_store(&mut m, Mode::FourLevel, a.pd + 8 * 100, u64::from(i) << 12);
     }
     let s = m.mmu.stats();
     assert_eq!(s.get(counters::MMU_PTE_WRITE), u64::from(FLOOD_WRITES));
     assert_eq!(s.get(counters::MMU_FLOODED), 1);
     assert_eq!(s.get(counters::MMU_SHADOW_ZAPPED), 1);
-    assert!(!m.mmu.is_write_tracked(a.pd));
+    assert!(!m.traced(a.pd));
     let misses = s.get(counters::TLB_MISS);
     assert_eq!(m.mmu.translate(&m.mem, &regs, 0x0, READ), Ok(FRAMES));
     assert_eq!(stat(&*m.mmu, counters::TLB_MISS), misses + 1);
-    assert!(m.mmu.is_write_tracked(a.pd), "traced again once used again");
+    assert!(m.traced(a.pd), "traced again once used again");
 }
 
 #[test]
@@ -653,6 +683,7 @@ fn a_leaf_table_goes_unsync_and_is_resynchronised_by_a_cr3_load() {
         name: "shadow",
         mem,
         mmu: Box::new(ShadowMmu::new()),
+        track: PageTrack::new(),
     };
     assert_eq!(m.mmu.translate(&m.mem, &regs, 0x0, READ), Ok(FRAMES));
     assert_eq!(
@@ -663,7 +694,7 @@ fn a_leaf_table_goes_unsync_and_is_resynchronised_by_a_cr3_load() {
         guest_store(&mut m, Mode::FourLevel, a.pt + 8 * 50, u64::from(i) << 12);
     }
     assert_eq!(stat(&*m.mmu, counters::MMU_UNSYNC), 1);
-    assert!(!m.mmu.is_write_tracked(a.pt), "unsync pages are not traced");
+    assert!(!m.traced(a.pt), "unsync pages are not traced");
     // Untraced now: the shadow keeps the old translation, as a TLB may, until INVLPG...
     guest_store(&mut m, Mode::FourLevel, a.pt, (FRAMES + 0x7000) | P | RW);
     guest_store(
@@ -692,10 +723,7 @@ fn a_leaf_table_goes_unsync_and_is_resynchronised_by_a_cr3_load() {
         m.mmu.translate(&m.mem, &regs, 0x1000, READ),
         Ok(FRAMES + 0x9000)
     );
-    assert!(
-        m.mmu.is_write_tracked(a.pt),
-        "traced again after the resync"
-    );
+    assert!(m.traced(a.pt), "traced again after the resync");
 }
 
 #[test]

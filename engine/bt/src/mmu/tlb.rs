@@ -12,7 +12,7 @@
 use super::pdpte::PdpteRegisters;
 use super::walk::{PageSize, PagingConfig, PagingMode, Translation, set_accessed_dirty, walk};
 use super::{Access, AccessKind, CR0_PG, EngineStats, MmuError, PageFault, PagingRegs, counters};
-use super::{CR0_WP, CR4_PAE, CR4_SMEP, EFER_NXE, Mmu};
+use super::{CR0_WP, CR4_PAE, CR4_SMEP, EFER_NXE, Mmu, MmuEvent, note_ad_stores};
 use vm_memory::GuestMemoryMmap;
 
 /// Number of entries in the soft TLB (a power of two).
@@ -122,6 +122,8 @@ pub struct SoftTlb {
     invlpgs: u64,
     flushes: u64,
     guest_faults: u64,
+    /// Accessed/dirty stores not yet reported to the engine.
+    events: Vec<MmuEvent>,
 }
 
 impl Default for SoftTlb {
@@ -143,6 +145,7 @@ impl SoftTlb {
             invlpgs: 0,
             flushes: 0,
             guest_faults: 0,
+            events: Vec::new(),
         }
     }
 
@@ -188,7 +191,8 @@ impl SoftTlb {
         let Ok(w) = walk(mem, &cfg, pdptes.as_ref(), linear, access);
         match w.result {
             Ok(t) => {
-                let Ok(()) = set_accessed_dirty(mem, &w, access.kind);
+                let Ok(ad) = set_accessed_dirty(mem, &w, access.kind);
+                note_ad_stores(&ad, &mut self.events);
                 self.fill(w.linear, &t, access.kind == AccessKind::Write);
                 Ok(t.phys)
             }
@@ -320,5 +324,9 @@ impl Mmu for SoftTlb {
         regs: &PagingRegs,
     ) -> Result<[u64; 4], MmuError> {
         self.pdptes.load(mem, regs.cr3)
+    }
+
+    fn drain_events(&mut self, out: &mut Vec<MmuEvent>) {
+        out.append(&mut self.events);
     }
 }

@@ -521,25 +521,44 @@ pub fn walk<M: PhysView + ?Sized>(
     Ok(w)
 }
 
-/// Makes the accessed/dirty updates of a successful access: the accessed bit of every entry
-/// the walk used, top level first (PAE PDPTEs have none), then the dirty bit of the leaf for
-/// a write, as the processor does (SDM 4.8). Bits already set are not rewritten. Does
-/// nothing for a faulting walk: a faulting access sets no flags.
-pub fn set_accessed_dirty<M: PhysView + ?Sized>(
-    mem: &M,
-    walk: &Walk,
-    kind: AccessKind,
-) -> Result<(), M::Error> {
+/// The accessed/dirty updates of one access: at most one per paging level.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdUpdates {
+    updates: [(u64, u8); 5],
+    len: usize,
+}
+
+impl AdUpdates {
+    fn push(&mut self, address: u64, bits: u8) {
+        if let Some(slot) = self.updates.get_mut(self.len) {
+            *slot = (address, bits);
+            self.len += 1;
+        }
+    }
+
+    /// (guest-physical address of the entry's low byte, bits set there), in order.
+    pub fn as_slice(&self) -> &[(u64, u8)] {
+        &self.updates[..self.len]
+    }
+}
+
+/// The accessed/dirty updates a successful access makes, in the order the processor makes
+/// them: the accessed bit of every entry the walk used, top level first (PAE PDPTEs have
+/// none), then the dirty bit of the leaf for a write (SDM 4.8). Bits already set are not
+/// rewritten; a faulting walk sets nothing. The engine uses the addresses to notice the
+/// MMU's own stores into translated code.
+pub fn accessed_dirty_updates(walk: &Walk, kind: AccessKind) -> AdUpdates {
+    let mut out = AdUpdates::default();
     if walk.result.is_err() {
-        return Ok(());
+        return out;
     }
     let entries = walk.entries();
     let Some((leaf, upper)) = entries.split_last() else {
-        return Ok(());
+        return out;
     };
     for e in upper {
         if !e.from_register && e.value & A == 0 {
-            mem.set_bits_u8(e.address, A as u8)?;
+            out.push(e.address, A as u8);
         }
     }
     let mut bits = 0u64;
@@ -550,7 +569,21 @@ pub fn set_accessed_dirty<M: PhysView + ?Sized>(
         bits |= D;
     }
     if bits != 0 {
-        mem.set_bits_u8(leaf.address, bits as u8)?;
+        out.push(leaf.address, bits as u8);
     }
-    Ok(())
+    out
+}
+
+/// Makes the accessed/dirty updates of a successful access ([`accessed_dirty_updates`]) and
+/// returns them, so the caller can report the stores.
+pub fn set_accessed_dirty<M: PhysView + ?Sized>(
+    mem: &M,
+    walk: &Walk,
+    kind: AccessKind,
+) -> Result<AdUpdates, M::Error> {
+    let updates = accessed_dirty_updates(walk, kind);
+    for &(address, bits) in updates.as_slice() {
+        mem.set_bits_u8(address, bits)?;
+    }
+    Ok(updates)
 }
