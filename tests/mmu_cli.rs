@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{deja, text};
+use common::{code, deja, s, scratch, text};
 
 /// The value of counter `name` in `--stats` output.
 fn counter(stderr: &str, name: &str) -> Option<u64> {
@@ -90,4 +90,46 @@ fn unusable_or_unknown_strategies_are_refused_with_status_1_or_2() {
     let o = deja(&["run", "--engine", "bt", "--mmu", "ept", "guest:hello"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("expected shadow, nested or tlb"));
+}
+
+#[test]
+fn a_trace_recorded_under_one_strategy_replays_verified_under_the_others() {
+    let dir = scratch("mmu-replay");
+    for (guest, recorded) in [
+        ("timer", "shadow"),
+        ("bench-ptemod", "shadow"),
+        ("bench-pgfault", "tlb"),
+    ] {
+        let trace = dir.join(format!("{guest}-{recorded}.trace"));
+        let o = deja(&[
+            "record",
+            "--engine",
+            "bt",
+            "--mmu",
+            recorded,
+            // The timer guest checks PIT ticks against wall time: virtual time keeps the
+            // check independent of how slow recording is on a loaded host.
+            "--clock",
+            "virtual",
+            "-o",
+            s(&trace),
+            &format!("guest:{guest}"),
+        ]);
+        assert_eq!(code(&o), 0, "{guest}: record: {}", text(&o.stderr));
+        for replayed in ["shadow", "nested", "tlb"] {
+            let o = deja(&["replay", "--mmu", replayed, "--json", s(&trace)]);
+            let out = text(&o.stdout);
+            assert_eq!(
+                code(&o),
+                0,
+                "{guest} recorded under {recorded}, replayed under {replayed}: {out} {}",
+                text(&o.stderr)
+            );
+            assert!(
+                out.contains("\"Verified\""),
+                "{guest}: {recorded} -> {replayed}: {out}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

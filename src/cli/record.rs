@@ -1,9 +1,11 @@
 //! `deja record`: run a guest with a recording host and write its trace.
 
-use super::run::{ClockArg, EngineArg, ModeArg, RunArgs, kick_on_signals, resolve_image};
+use super::run::{
+    ClockArg, EngineArg, ModeArg, RunArgs, kick_on_signals, parse_mmu, resolve_image,
+};
 use anyhow::{Context, bail};
 use clap::Args;
-use deja_engine::{EngineKind, RunOptions, build_vm};
+use deja_engine::{EngineKind, RunOptions, build_vm_with_mmu};
 use deja_machine::{ClockMode, LiveHost, MachineConfig, memory};
 use deja_recorder::{
     DEFAULT_CHAOS_MAX_QUANTUM, DEFAULT_DIGEST_INTERVAL, RecordOptions, RecordOutcome, Recorder,
@@ -33,6 +35,10 @@ pub struct RecordArgs {
     /// Guest-visible clock: host time (what the trace makes reproducible) or virtual time.
     #[arg(long, value_enum, default_value = "host")]
     pub clock: ClockArg,
+    /// bt's MMU strategy (shadow, nested, tlb; default shadow). The guest sees the same on
+    /// all three, so a trace replays under any of them.
+    #[arg(long, value_name = "STRATEGY", value_parser = parse_mmu)]
+    pub mmu: Option<deja_engine::MmuStrategy>,
     /// Guest RAM, e.g. 64M, 256M, 1G.
     #[arg(long, default_value = "256M", value_parser = parse_mem)]
     pub mem: u64,
@@ -131,7 +137,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         timeout: args.timeout,
         max_instructions: args.max_instructions,
         clock: args.clock,
-        mmu: None,
+        mmu: args.mmu,
         stats: false,
         json: None,
         verbose: false,
@@ -207,7 +213,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
             serial_sink(&args.serial_out)?,
             serial,
             opts,
-            |host, out| build_vm(engine, config.clone(), host, out, &image),
+            |host, out| build_vm_with_mmu(engine, config.clone(), host, out, &image, args.mmu),
         )
         .with_context(|| format!("starting {} on {engine}", image.name))?;
         *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(recorder.kicker());

@@ -1,9 +1,9 @@
 //! `deja replay`: re-execute a trace, verify it, or stop at a position and show the state.
 
-use super::run::EngineArg;
+use super::run::{EngineArg, parse_mmu};
 use anyhow::Context;
 use clap::Args;
-use deja_engine::{EngineKind, build_vm};
+use deja_engine::{EngineKind, build_vm_with_mmu};
 use deja_machine::WatchHit;
 use deja_replayer::{ReplayHooks, ReplayOptions, Until, Verdict, replay_with};
 use std::io::Write;
@@ -24,6 +24,10 @@ pub struct ReplayArgs {
     /// The engine to replay on (default: the one it was recorded on).
     #[arg(long, value_enum)]
     pub engine: Option<EngineArg>,
+    /// bt's MMU strategy to replay with (shadow, nested, tlb; default shadow): any of them
+    /// reproduces a trace recorded under any other.
+    #[arg(long, value_name = "STRATEGY", value_parser = parse_mmu)]
+    pub mmu: Option<deja_engine::MmuStrategy>,
     /// Stop at POSITION and print the machine state: `N` or `icount:N` (exactly N retired
     /// instructions, bt), or `exit:N` (N device exits).
     #[arg(long, value_name = "POSITION")]
@@ -111,6 +115,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     let end = reader.footer().map(|f| f.final_position);
     drop(reader);
+    let mmu = args.mmu;
     let engine = match args.engine {
         Some(e) => EngineKind::from(e),
         None if recorded == "bt" => EngineKind::Bt,
@@ -161,7 +166,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
         serial_out,
         Box::new(move |cfg, image, host, out| {
-            build_vm(engine, cfg.clone(), host, out, image).map_err(|e| e.to_string())
+            build_vm_with_mmu(engine, cfg.clone(), host, out, image, mmu).map_err(|e| e.to_string())
         }),
         ReplayHooks {
             on_watch: Some(&mut on_watch),

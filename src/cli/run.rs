@@ -113,7 +113,7 @@ fn parse_mem(s: &str) -> Result<u64, String> {
     memory::parse_size(s).map_err(|e| e.to_string())
 }
 
-fn parse_mmu(s: &str) -> Result<deja_engine::MmuStrategy, String> {
+pub(crate) fn parse_mmu(s: &str) -> Result<deja_engine::MmuStrategy, String> {
     s.parse::<deja_engine::MmuStrategy>()
         .map_err(|e| e.to_string())
 }
