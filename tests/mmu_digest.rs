@@ -82,10 +82,16 @@ fn every_corpus_guest_ends_in_the_same_state_under_every_mmu_strategy() {
             eprintln!("SKIP: {}: waits for COM1 input", guest.name);
             continue;
         }
-        let results: Vec<(MmuStrategy, Result)> = MmuStrategy::ALL
-            .into_iter()
-            .map(|mmu| (mmu, run(guest, mmu)))
-            .collect();
+        // One thread per strategy: the runs are independent machines.
+        let results: Vec<(MmuStrategy, Result)> = std::thread::scope(|scope| {
+            let runs: Vec<_> = MmuStrategy::ALL
+                .into_iter()
+                .map(|mmu| (mmu, scope.spawn(move || run(guest, mmu))))
+                .collect();
+            runs.into_iter()
+                .map(|(mmu, h)| (mmu, h.join().expect("run thread")))
+                .collect()
+        });
         let (first, reference) = &results[0];
         for (mmu, r) in &results[1..] {
             let what = format!("{}: {first} vs {mmu}", guest.name);
