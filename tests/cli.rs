@@ -181,3 +181,33 @@ fn info_reports_the_host_as_json() {
     assert_eq!(v["engines"]["bt"], true);
     assert_eq!(v["engines"]["kvm"], Path::new("/dev/kvm").exists());
 }
+
+#[test]
+fn run_reboots_on_reset_unless_no_reboot() {
+    // By default (as QEMU) a reset request reboots: the reset guest counts five boots in
+    // CMOS and passes. With --no-reboot the run ends at the first reset (0xcf9).
+    let o = deja(&["run", "--engine", "bt", "--timeout", "30", "guest:reset"]);
+    let out = text(&o.stdout);
+    assert_eq!(code(&o), 0, "{out}{}", text(&o.stderr));
+    assert!(
+        out.contains("reset: boot 4") && out.contains("reset: PASS"),
+        "{out}"
+    );
+    let o = deja(&[
+        "run",
+        "--no-reboot",
+        "-v",
+        "--engine",
+        "bt",
+        "--timeout",
+        "30",
+        "guest:reset",
+    ]);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(code(&o), 0, "{out}{err}");
+    assert!(
+        out.contains("reset: boot 0") && !out.contains("reset: boot 1"),
+        "{out}"
+    );
+    assert!(err.contains("guest reset the machine (port 0xcf9"), "{err}");
+}

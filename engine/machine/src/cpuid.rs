@@ -100,6 +100,10 @@ impl CpuidTable {
                 0x0003_06a9,
                 // CLFLUSH line 8 qwords, 1 logical processor, APIC ID 0.
                 0x0001_0800,
+                // X2APIC and TSC_DEADLINE are deja's local APIC's (bt answers their MSRs;
+                // kvm forwards them and clears both bits on hosts that cannot). The TSC
+                // the deadline compares with is each engine's RDTSC: guest nanoseconds
+                // (1 GHz) on bt, the host TSC at KVM's TSC frequency on kvm.
                 CX16 | X2APIC | MOVBE | POPCNT | TSC_DEADLINE | RDRAND | HYPERVISOR,
                 FPU | DE
                     | PSE
