@@ -249,12 +249,8 @@ impl Vm {
             )
             .map_err(|e| err(e.to_string()))?;
         }
-        let state = match plan.image.format {
-            // The ROM is still mapped, read-only: start it again from the reset vector.
-            deja_machine::loader::ImageFormat::Firmware => CpuState::reset(),
-            _ => deja_machine::loader::load(&mut self.machine, &plan.image)
-                .map_err(|e| err(e.to_string()))?,
-        };
+        let state = deja_machine::loader::reload(&mut self.machine, &plan.image)
+            .map_err(|e| err(e.to_string()))?;
         self.cpu.memory_rewritten();
         self.cpu.set_state(&state)?;
         Ok(())

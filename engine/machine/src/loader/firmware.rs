@@ -44,9 +44,34 @@ pub(crate) fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, Loa
         HIGH_MEMORY_START,
     )?;
     machine.add_rom(rom_base(size), &image.bytes)?;
+    write_alias(machine, image)
+}
+
+/// A machine reset: the ROM is still mapped (read-only, unchanged); its low alias, a
+/// writable copy in RAM, is written again as at boot. Returns the RESET state.
+pub(crate) fn reload(machine: &mut Machine, image: &Image) -> Result<CpuState, LoadError> {
+    let size = image.bytes.len() as u64;
+    if !machine
+        .layout
+        .rom
+        .iter()
+        .any(|r| r.start == rom_base(size) && r.len == size)
+    {
+        return Err(LoadError::GuestWrite {
+            addr: rom_base(size),
+            len: size,
+            detail: format!("firmware {} is not mapped there to restart", image.name),
+        });
+    }
+    write_alias(machine, image)
+}
+
+fn write_alias(machine: &mut Machine, image: &Image) -> Result<CpuState, LoadError> {
+    let size = image.bytes.len() as u64;
+    let alias_len = size.min(LOW_ALIAS_MAX);
     write(
         machine,
-        alias_start,
+        HIGH_MEMORY_START - alias_len,
         &image.bytes[(size - alias_len) as usize..],
     )?;
     Ok(CpuState::reset())

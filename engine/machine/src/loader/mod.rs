@@ -439,6 +439,16 @@ pub fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, LoadError>
     }
 }
 
+/// Loads `image` again after a machine reset, as at boot, into a machine it was
+/// [`load`]ed into: raw and multiboot images are written again; a firmware ROM, still
+/// mapped, gets its low alias rewritten and restarts at the reset vector.
+pub fn reload(machine: &mut Machine, image: &Image) -> Result<CpuState, LoadError> {
+    match image.format {
+        ImageFormat::Firmware => firmware::reload(machine, image),
+        _ => load(machine, image),
+    }
+}
+
 /// The RAM ranges as `0x0..0xa0000, 0xc0000..0x10000000`, for messages.
 pub(crate) fn describe_ram(layout: &MemoryLayout) -> String {
     layout

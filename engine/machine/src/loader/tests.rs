@@ -241,6 +241,28 @@ fn rom(size: usize) -> Vec<u8> {
 }
 
 #[test]
+fn reload_after_a_reset_restores_what_load_wrote() {
+    // Firmware: the ROM stays mapped; the writable low alias is written again.
+    let mut m = machine();
+    let image = Image::firmware("bios.bin", rom(64 << 10));
+    load(&mut m, &image).unwrap();
+    write(&m, 0xf_0000, &[0xcc; 16]).unwrap();
+    assert_eq!(reload(&mut m, &image).unwrap(), CpuState::reset());
+    assert_eq!(read(&m, 0xf_0000, 16), image.bytes[..16].to_vec());
+    assert_eq!(m.layout.rom.len(), 1, "no second mapping");
+    // A firmware image that was never mapped cannot restart.
+    let mut fresh = machine();
+    assert!(reload(&mut fresh, &image).is_err());
+    // A raw image is written again, with the same entry state.
+    let mut m = machine();
+    let image = raw(vec![0x90; 64], 0x10_0000, 0x10_0000, EntryMode::Protected);
+    let first = load(&mut m, &image).unwrap();
+    write(&m, 0x10_0000, &[0xcc; 64]).unwrap();
+    assert_eq!(reload(&mut m, &image).unwrap(), first);
+    assert_eq!(read(&m, 0x10_0000, 64), vec![0x90; 64]);
+}
+
+#[test]
 fn firmware_maps_rom_below_4g_and_aliases_below_1m() {
     for (size, alias) in [(64usize << 10, 64u64 << 10), (256 << 10, 128 << 10)] {
         let mut m = machine();
