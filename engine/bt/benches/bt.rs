@@ -154,6 +154,27 @@ fn integer_loop(c: &mut Criterion) {
     bench_loop(c, "integer_loop", n as u64, code);
 }
 
+/// x87 and SSE arithmetic (host-FPU round trips in `native`) next to a software SSE
+/// integer op and the loop's integer ops: the cost of one native FP instruction.
+fn fp_loop(c: &mut Criterion) {
+    let n = 200_000u32;
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.fld1().unwrap();
+        a.fld1().unwrap();
+        a.mov(ecx, n).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.addsd(xmm0, xmm1).unwrap();
+        a.mulsd(xmm2, xmm1).unwrap();
+        a.fadd_2(st0, st1).unwrap();
+        a.paddd(xmm3, xmm4).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    bench_loop(c, "fp_loop", n as u64, code);
+}
+
 fn memory_loop(c: &mut Criterion) {
     let n = 500_000u32;
     let code = asm(|a| {
@@ -236,6 +257,6 @@ fn translation(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
-    targets = integer_loop, memory_loop, call_loop, translation
+    targets = integer_loop, memory_loop, call_loop, fp_loop, translation
 }
 criterion_main!(benches);

@@ -98,6 +98,14 @@ mod flag {
     /// #UD without CR4.OSFXSR: SSE/SSE2 instructions, including the conversions between
     /// MMX and XMM registers, but not the MMX-register integer instructions SSE added.
     pub const NEEDS_OSFXSR: u16 = 1 << 11;
+    /// An SSE arithmetic result that can be tiny and exact: f32 lanes (else f64).
+    pub const TINY_F32: u16 = 1 << 12;
+    /// An SSE arithmetic result that can be tiny and exact: f64 lanes.
+    pub const TINY_F64: u16 = 1 << 13;
+    /// Only the low lane is a result (scalar forms); with CVTPD2PS, the low two.
+    pub const TINY_SCALAR: u16 = 1 << 14;
+    /// CVTPD2PS: the low two f32 lanes are results.
+    pub const TINY_LOW_PAIR: u16 = 1 << 15;
 }
 
 /// What the handler needs about a native op; one leaked, shared instance per distinct
@@ -355,6 +363,7 @@ fn make_stub(insn: &Instruction, bitness: u32) -> Option<&'static StubInfo> {
     if insn.rflags_modified() != 0 {
         flags |= flag::WRITES_FLAGS;
     }
+    flags |= tiny_lanes(m);
     let mut enc = Encoder::new(64);
     enc.encode(&host, 0).ok()?;
     let insn_bytes = enc.take_buffer();
@@ -373,6 +382,45 @@ fn make_stub(insn: &Instruction, bitness: u32) -> Option<&'static StubInfo> {
     }));
     arena.forms.insert(key, info);
     Some(info)
+}
+
+/// Which lanes of an SSE instruction's destination can hold a tiny exact result (the case
+/// where an unmasked underflow traps but the masked run raises no flag).
+fn tiny_lanes(m: Mnemonic) -> u16 {
+    use Mnemonic::*;
+    match m {
+        Addss | Subss | Mulss | Divss | Cvtsd2ss => flag::TINY_F32 | flag::TINY_SCALAR,
+        Addps | Subps | Mulps | Divps => flag::TINY_F32,
+        Cvtpd2ps => flag::TINY_F32 | flag::TINY_LOW_PAIR,
+        Addsd | Subsd | Mulsd | Divsd => flag::TINY_F64 | flag::TINY_SCALAR,
+        Addpd | Subpd | Mulpd | Divpd => flag::TINY_F64,
+        _ => 0,
+    }
+}
+
+/// Whether a destination holds a denormal in a result lane.
+fn has_denormal_result(flags: u16, v: u128) -> bool {
+    if flags & flag::TINY_F32 != 0 {
+        let n = if flags & flag::TINY_SCALAR != 0 {
+            1
+        } else if flags & flag::TINY_LOW_PAIR != 0 {
+            2
+        } else {
+            4
+        };
+        (0..n).any(|i| {
+            let x = (v >> (32 * i)) as u32;
+            x & 0x7f80_0000 == 0 && x & 0x007f_ffff != 0
+        })
+    } else if flags & flag::TINY_F64 != 0 {
+        let n = if flags & flag::TINY_SCALAR != 0 { 1 } else { 2 };
+        (0..n).any(|i| {
+            let x = (v >> (64 * i)) as u64;
+            x & 0x7ff0_0000_0000_0000 == 0 && x & 0x000f_ffff_ffff_ffff != 0
+        })
+    } else {
+        false
+    }
 }
 
 fn stub_bytes(host: &Instruction) -> Result<Vec<u8>, iced_x86::IcedError> {
@@ -595,8 +643,24 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
     call(info, &mut frame, &mut buf);
 
     // SSE: unmasked exceptions are precise faults that leave the destination alone.
-    let raised = mxcsr_of(&frame) & 0x3f;
+    let mut raised = mxcsr_of(&frame) & 0x3f;
     let unmasked = !(guest_mxcsr >> 7) & 0x3f;
+    // Underflow unmasked traps on a tiny result even when it is exact, which the masked run
+    // (which flags UE only for tiny and inexact) shows as a denormal result and no flag.
+    const UE: u32 = 0x10;
+    if unmasked & UE != 0
+        && raised & UE == 0
+        && let Operand::Xmm(d) = op.dst
+    {
+        let v = u128::from_le_bytes(
+            frame.fx[160 + 16 * d as usize..176 + 16 * d as usize]
+                .try_into()
+                .unwrap_or([0; 16]),
+        );
+        if has_denormal_result(info.flags, v) {
+            raised |= UE;
+        }
+    }
     if raised & unmasked != 0 {
         let pre = raised & 0x7; // IE, DE, ZE are detected before the computation.
         let flags = if pre & unmasked != 0 { pre } else { raised };

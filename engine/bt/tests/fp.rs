@@ -794,6 +794,27 @@ fn unmasked_sse_exceptions_raise_xm_and_leave_the_destination() {
         assert_eq!(&o.state.fpu.xmm[0][..4], &1f32.to_le_bytes());
         assert_eq!(o.state.fpu.mxcsr, (0x1f80 & !0x200) | 0x4, "ZE flagged");
     }
+    // An exact tiny result: masked, a denormal and no flag; unmasked, #XM with UE.
+    for (mx, fault) in [(0x1f80u32, None), (0x1f80 & !0x800, Some((19u8, 0usize)))] {
+        let (f, o) = fault_of(
+            &[0; 512],
+            |s| {
+                s.fpu.mxcsr = mx;
+                s.fpu.xmm[0][..4].copy_from_slice(&2f32.powi(-70).to_le_bytes());
+                s.fpu.xmm[1][..4].copy_from_slice(&2f32.powi(-60).to_le_bytes());
+            },
+            |a| a.mulss(xmm0, xmm1),
+        );
+        assert_eq!(f, fault, "mxcsr {mx:#x}");
+        let got = u32::from_le_bytes(o.state.fpu.xmm[0][..4].try_into().unwrap());
+        if fault.is_none() {
+            assert_eq!(got, 1 << 19, "2^-130 as a denormal");
+            assert_eq!(o.state.fpu.mxcsr, mx);
+        } else {
+            assert_eq!(got, 2f32.powi(-70).to_bits(), "destination unchanged");
+            assert_eq!(o.state.fpu.mxcsr, mx | 0x10);
+        }
+    }
     // Misaligned packed operand: #GP(0).
     let (f, _) = fault_of(&[0; 512], |_| {}, |a| a.addps(xmm0, xmmword_ptr(r14 + 8)));
     assert_eq!(f, Some((13, 0)));
