@@ -259,7 +259,8 @@ pub fn describe_end(end: &RunEnd) -> (Option<i32>, String) {
 }
 
 /// Takes digests and checkpoints between exits.
-struct Observer {
+struct Observer<'p> {
+    progress: Option<&'p mut dyn FnMut(deja_traces::Position)>,
     shared: Arc<Mutex<Shared>>,
     serial: Arc<Mutex<SerialCapture>>,
     tracker: PageTracker,
@@ -271,7 +272,7 @@ struct Observer {
     error: Option<RecordError>,
 }
 
-impl Observer {
+impl Observer<'_> {
     fn digest_now(&mut self, machine: &Machine, cpu: &mut dyn Cpu, next_poll: u64) {
         let at = state::trace_position(machine.position());
         let output = lock_capture(&self.serial).take_pending();
@@ -309,6 +310,13 @@ impl Observer {
         } else {
             cpu.state().map_err(StateError::from).map(|st| {
                 let digest = state_digest(machine, &st);
+                // No checkpoint holds the CPU state here: the registers go with the digest.
+                s.log(
+                    at,
+                    EventKind::Registers {
+                        values: state::register_values(&st),
+                    },
+                );
                 s.log(at, EventKind::StateDigest { digest });
             })
         };
@@ -319,8 +327,11 @@ impl Observer {
     }
 }
 
-impl RunObserver for Observer {
+impl RunObserver for Observer<'_> {
     fn between_exits(&mut self, machine: &mut Machine, cpu: &mut dyn Cpu, next_poll: u64) -> bool {
+        if let Some(f) = self.progress.as_mut() {
+            f(state::trace_position(machine.position()));
+        }
         let due = {
             let s = host::lock(&self.shared);
             if s.error.is_some() {
@@ -466,8 +477,18 @@ impl Recorder {
     }
 
     /// Runs the guest to its end and finishes the trace.
-    pub fn run(mut self) -> Result<RecordOutcome, RecordError> {
+    pub fn run(self) -> Result<RecordOutcome, RecordError> {
+        self.run_with_progress(None)
+    }
+
+    /// [`Recorder::run`], telling `progress` the position between exits (for progress
+    /// displays).
+    pub fn run_with_progress(
+        mut self,
+        progress: Option<&mut dyn FnMut(deja_traces::Position)>,
+    ) -> Result<RecordOutcome, RecordError> {
         let mut observer = Observer {
+            progress,
             shared: self.shared.clone(),
             serial: self.serial.clone(),
             tracker: PageTracker::new(),

@@ -131,6 +131,114 @@ fn cpu_core(s: &CpuState) -> Vec<u8> {
     out
 }
 
+/// The registers of an [`deja_traces::EventKind::Registers`] event, in
+/// [`deja_traces::REGISTER_NAMES`] order, masked as the state digest masks them.
+pub fn register_values(s: &CpuState) -> Vec<u64> {
+    let mut v = s.gpr.to_vec();
+    v.extend([
+        s.rip,
+        s.rflags & 0x0024_7fd5 | 0x2,
+        s.cr0 & 0xe005_002f,
+        s.cr3,
+        s.cr4,
+        s.efer & 0xd01,
+    ]);
+    v
+}
+
+/// Differences `name: recorded -> replayed` between logged register values and a state.
+pub fn register_diff(recorded: &[u64], replayed: &CpuState) -> Vec<String> {
+    deja_traces::REGISTER_NAMES
+        .iter()
+        .zip(recorded.iter().zip(register_values(replayed)))
+        .filter(|(_, (r, a))| **r != *a)
+        .map(|(n, (r, a))| format!("{n}: {r:#x} -> {a:#x}"))
+        .collect()
+}
+
+/// Where guest memory differs from a checkpoint's memory image (absent pages are zero):
+/// for each differing page, its first differing bytes `recorded -> replayed`, at most
+/// `limit` pages (then a count of the rest).
+pub fn memory_diff(
+    machine: &Machine,
+    recorded: &deja_traces::MemoryImage,
+    limit: usize,
+) -> Vec<String> {
+    use deja_machine::vm_memory::{Bytes, GuestAddress};
+    let mut pages: std::collections::BTreeSet<u64> = recorded.pages().map(|(n, _)| n).collect();
+    for_each_resident_page(machine, |n, page| {
+        if !is_zero(page) {
+            pages.insert(n);
+        }
+    });
+    let zero = [0u8; PAGE_SIZE];
+    let mut out = Vec::new();
+    let mut differing = 0usize;
+    for n in pages {
+        let want = recorded.page(n).map_or(&zero[..], |p| &p[..]);
+        let mut have = [0u8; PAGE_SIZE];
+        if machine
+            .mem
+            .read_slice(&mut have, GuestAddress(n * PAGE_SIZE as u64))
+            .is_err()
+        {
+            continue;
+        }
+        let Some(first) = (0..PAGE_SIZE).find(|&i| want[i] != have[i]) else {
+            continue;
+        };
+        differing += 1;
+        if out.len() < limit {
+            let last = (first..PAGE_SIZE)
+                .rfind(|&i| want[i] != have[i])
+                .unwrap_or(first);
+            let end = (last + 1).min(first + 16);
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>();
+            out.push(format!(
+                "{:#x}: {} differing bytes in {:#x}..{:#x}; from {:#x}: {} -> {}",
+                n * PAGE_SIZE as u64,
+                (first..=last).filter(|&i| want[i] != have[i]).count(),
+                n * PAGE_SIZE as u64 + first as u64,
+                n * PAGE_SIZE as u64 + last as u64 + 1,
+                n * PAGE_SIZE as u64 + first as u64,
+                hex(&want[first..end]).join(" "),
+                hex(&have[first..end]).join(" ")
+            ));
+        }
+    }
+    if differing > out.len() {
+        out.push(format!("... and {} more pages", differing - out.len()));
+    }
+    out
+}
+
+/// Which devices' states differ from a checkpoint's machine snapshot blob.
+pub fn device_diff(machine: &Machine, machine_state: &[u8]) -> Vec<String> {
+    let Ok(snap) = decode::<MachineSnapshot>(machine_state, "machine state") else {
+        return vec!["the recorded machine state does not decode".into()];
+    };
+    let now = machine.save_devices();
+    let short = |d: &DeviceState| {
+        let t = format!("{d:?}");
+        if t.len() > 240 {
+            format!("{}...", &t[..t.floor_char_boundary(240)])
+        } else {
+            t
+        }
+    };
+    let mut out = Vec::new();
+    for i in 0..snap.devices.len().max(now.len()) {
+        match (snap.devices.get(i), now.get(i)) {
+            (Some(a), Some(b)) if a == b => {}
+            (Some(a), Some(b)) => out.push(format!("device {i}: {} -> {}", short(a), short(b))),
+            (Some(a), None) => out.push(format!("device {i}: {} -> missing", short(a))),
+            (None, Some(b)) => out.push(format!("device {i}: missing -> {}", short(b))),
+            (None, None) => {}
+        }
+    }
+    out
+}
+
 /// Calls `f` with the number and contents of every resident page of guest memory (RAM and
 /// ROM), in ascending order. Pages the host never backed are zero and are skipped without
 /// being read, so a mostly untouched guest costs little whatever its RAM size. The guest

@@ -27,6 +27,11 @@ pub struct Mismatch {
     pub actual: String,
     /// The replay's CPU state there, if the observer read it.
     pub state: Option<CpuState>,
+    /// Register differences `name: recorded -> replayed`, when the trace logged the
+    /// registers there.
+    pub register_diff: Vec<String>,
+    /// A note on what was compared and matched, for the report.
+    pub note: Option<String>,
 }
 
 enum Item {
@@ -159,9 +164,25 @@ impl Player {
             expected,
             actual,
             state: None,
+            register_diff: Vec::new(),
+            note: None,
         });
         if let Some(k) = &self.kicker {
             k.kick();
+        }
+    }
+
+    /// Attaches a register diff to the mismatch.
+    pub fn set_register_diff(&mut self, diff: Vec<String>) {
+        if let Some(m) = &mut self.mismatch {
+            m.register_diff = diff;
+        }
+    }
+
+    /// Attaches a note to the mismatch.
+    pub fn set_note(&mut self, note: String) {
+        if let Some(m) = &mut self.mismatch {
+            m.note = Some(note);
         }
     }
 

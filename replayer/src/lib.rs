@@ -171,8 +171,14 @@ pub struct Divergence {
     /// What the replay did.
     pub actual: String,
     /// Register differences `name: recorded -> replayed`, when the trace holds the recorded
-    /// CPU state at that position (a checkpoint).
+    /// registers at that position (a checkpoint, or the registers logged with a digest).
     pub register_diff: Vec<String>,
+    /// Guest memory differences from the checkpoint at that position, if there is one.
+    pub memory_diff: Vec<String>,
+    /// Device state differences from the checkpoint at that position, if there is one.
+    pub device_diff: Vec<String>,
+    /// What else was compared there (e.g. "registers match the recording").
+    pub note: Option<String>,
     /// The replay's CPU state when it stopped.
     pub state: Option<CpuState>,
 }
@@ -191,6 +197,21 @@ impl std::fmt::Display for Divergence {
             for d in &self.register_diff {
                 writeln!(f, "    {d}")?;
             }
+        }
+        if !self.memory_diff.is_empty() {
+            writeln!(f, "  memory (recorded -> replayed):")?;
+            for d in &self.memory_diff {
+                writeln!(f, "    {d}")?;
+            }
+        }
+        if !self.device_diff.is_empty() {
+            writeln!(f, "  devices (recorded -> replayed):")?;
+            for d in &self.device_diff {
+                writeln!(f, "    {d}")?;
+            }
+        }
+        if let Some(n) = &self.note {
+            writeln!(f, "  {n}")?;
         }
         if let Some(s) = &self.state {
             writeln!(f, "  replay CPU state:\n{s}")?;
@@ -340,6 +361,10 @@ struct Observer<'h> {
     stop_at_end: bool,
     reached_end: bool,
     digests: u64,
+    /// Where logged registers last matched (a digest mismatch there is not in them).
+    registers_matched_at: Option<Position>,
+    /// Where a state digest last matched.
+    last_verified: Option<Position>,
 }
 
 impl Observer<'_> {
@@ -402,13 +427,55 @@ impl RunObserver for Observer<'_> {
                             format!("state digest {digest}"),
                             format!("state digest {actual}"),
                         );
+                        if self.registers_matched_at == Some(at) {
+                            p.set_note(
+                                "the registers match the recording here: the difference is in \
+                                 memory, device state or segment/SSE state"
+                                    .into(),
+                            );
+                        }
                         p.set_state(state);
                         return false;
                     }
                     self.digests += 1;
+                    self.last_verified = Some(at);
                     p.consume();
                 }
-                EventKind::SerialOutput { .. } | EventKind::StateDigest { .. }
+                EventKind::Registers { values } if p.same_position(e.at, at) => {
+                    let state = match cpu.state() {
+                        Ok(s) => s,
+                        Err(err) => {
+                            p.diverge(at, format!("{}", e.kind), format!("no CPU state: {err}"));
+                            return false;
+                        }
+                    };
+                    let diff = state::register_diff(values, &state);
+                    if !diff.is_empty() {
+                        p.diverge(
+                            at,
+                            format!(
+                                "registers {}",
+                                EventKind::Registers {
+                                    values: values.clone()
+                                }
+                            ),
+                            format!(
+                                "registers {}",
+                                EventKind::Registers {
+                                    values: state::register_values(&state)
+                                }
+                            ),
+                        );
+                        p.set_register_diff(diff);
+                        p.set_state(state);
+                        return false;
+                    }
+                    self.registers_matched_at = Some(at);
+                    p.consume();
+                }
+                EventKind::SerialOutput { .. }
+                | EventKind::StateDigest { .. }
+                | EventKind::Registers { .. }
                     if p.passed(e.at, at) =>
                 {
                     p.diverge(
@@ -574,6 +641,8 @@ pub fn replay_with(
         stop_at_end,
         reached_end: false,
         digests: 0,
+        registers_matched_at: None,
+        last_verified: None,
     };
     let run = vm.run_observed(
         RunOptions {
@@ -594,17 +663,42 @@ pub fn replay_with(
     let reached_until =
         observer.reached || (max_instructions.is_some() && run.end == RunEnd::InstructionLimit);
     let verdict = if let Some(m) = p.take_mismatch() {
-        let mut register_diff = Vec::new();
-        // The recorded CPU state at that very position, if a checkpoint holds it.
+        let mut register_diff = m.register_diff;
+        let mut memory_diff = Vec::new();
+        let mut device_diff = Vec::new();
+        let mut note = m.note;
+        // The recorded state at that very position, if a checkpoint holds it (the replay
+        // stopped right there, so memory and devices can be compared too).
         if let Some(cp) = reader
             .checkpoints()
             .iter()
-            .find(|c| c.position == m.expected_at.unwrap_or_default())
+            .find(|c| Some(c.position) == m.expected_at && c.position == at)
             .copied()
             && let Ok(c) = reader.read_checkpoint(&cp)
             && let Ok(recorded) = state::decode::<CpuState>(&c.meta.cpu_state, "CPU state")
         {
-            register_diff = recorded.diff(m.state.as_ref().unwrap_or(&cpu_state));
+            if register_diff.is_empty() {
+                register_diff = recorded.diff(m.state.as_ref().unwrap_or(&cpu_state));
+            }
+            if let Ok(memory) = reader.memory_at(&cp) {
+                memory_diff = state::memory_diff(&vm.machine, &memory, 8);
+            }
+            device_diff = state::device_diff(&vm.machine, &c.meta.device_state);
+            if register_diff.is_empty() && memory_diff.is_empty() && device_diff.is_empty() {
+                note = Some(
+                    "the checkpoint here matches registers, memory and devices: the \
+                     difference is in state only the digest covers"
+                        .into(),
+                );
+            }
+        }
+        if note.is_none()
+            && let Some(v) = observer.last_verified
+        {
+            note = Some(format!(
+                "the whole machine state last matched the recording at {v} (a state digest): \
+                 the divergence began after that"
+            ));
         }
         Verdict::Diverged(Box::new(Divergence {
             at: m.at,
@@ -612,6 +706,9 @@ pub fn replay_with(
             expected: m.expected,
             actual: m.actual,
             register_diff,
+            memory_diff,
+            device_diff,
+            note,
             state: Some(m.state.unwrap_or_else(|| cpu_state.clone())),
         }))
     } else if let Some(detail) = p.trace_end() {
@@ -680,6 +777,9 @@ fn finish_check(
             expected,
             actual,
             register_diff: Vec::new(),
+            memory_diff: Vec::new(),
+            device_diff: Vec::new(),
+            note: None,
             state: Some(state.clone()),
         }))
     };

@@ -199,6 +199,17 @@ fn chaos_recordings_replay_exactly() {
 
 /// Rewrites a trace with `edit` applied to its events (checkpoints kept where they were).
 fn rewrite(src: &Path, dst: &Path, edit: impl Fn(u64, &mut Event)) {
+    rewrite_with(src, dst, edit, |_, _, _| {});
+}
+
+/// [`rewrite`], also applying `edit_page(checkpoint ordinal, page number, bytes)` to every
+/// checkpoint page.
+fn rewrite_with(
+    src: &Path,
+    dst: &Path,
+    edit: impl Fn(u64, &mut Event),
+    edit_page: impl Fn(u64, u64, &mut [u8]),
+) {
     let mut r = TraceReader::open(src).unwrap();
     let header = r.header().clone();
     let footer = r.footer().cloned().unwrap();
@@ -208,7 +219,10 @@ fn rewrite(src: &Path, dst: &Path, edit: impl Fn(u64, &mut Event)) {
     let mut next_cp = 0;
     for (i, mut e) in events.into_iter().enumerate() {
         while next_cp < checkpoints.len() && checkpoints[next_cp].event_index == i as u64 {
-            let c = r.read_checkpoint(&checkpoints[next_cp]).unwrap();
+            let mut c = r.read_checkpoint(&checkpoints[next_cp]).unwrap();
+            for (n, p) in c.pages.iter_mut() {
+                edit_page(c.meta.ordinal, *n, &mut p[..]);
+            }
             w.checkpoint(
                 CheckpointInput {
                     position: c.meta.position,
@@ -275,6 +289,106 @@ fn a_tampered_time_answer_is_reported_as_a_divergence_at_its_position() {
     );
     // The untouched copy still verifies.
     assert_verified(&replay_on(Engine::Bt, &path, &image, None, false));
+}
+
+#[test]
+fn a_divergence_at_logged_registers_shows_the_register_diff() {
+    let image = guest(6);
+    let path = tmp("regs-src.trace");
+    // No checkpoints: every digest carries the registers.
+    record_with(Engine::Bt, &image, &path, b"", |o| o.checkpoint_every = 0);
+    let events = deja_replayer::read_events(&path).unwrap();
+    let (index, at, rax) = events
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| match &e.kind {
+            EventKind::Registers { values } => Some((i as u64, e.at, values[0])),
+            _ => None,
+        })
+        .expect("a digest without a checkpoint logs the registers");
+    assert!(
+        matches!(
+            events[index as usize + 1].kind,
+            EventKind::StateDigest { .. }
+        ),
+        "registers go just before their digest"
+    );
+    let tampered = tmp("regs.trace");
+    rewrite(&path, &tampered, |i, e| {
+        if i == index
+            && let EventKind::Registers { values } = &mut e.kind
+        {
+            values[0] ^= 0x40;
+        }
+    });
+    let r = replay_on(Engine::Bt, &tampered, &image, None, false);
+    let Verdict::Diverged(d) = &r.verdict else {
+        panic!("tampered registers went unnoticed: {r}");
+    };
+    assert_eq!(d.at, at);
+    assert_eq!(d.event_index, index);
+    assert_eq!(
+        d.register_diff,
+        vec![format!("rax: {:#x} -> {rax:#x}", rax ^ 0x40)]
+    );
+    let text = r.to_string();
+    assert!(text.contains("registers (recorded -> replayed)"), "{text}");
+    assert_verified(&replay_on(Engine::Bt, &path, &image, None, false));
+}
+
+#[test]
+fn a_digest_mismatch_at_a_checkpoint_shows_the_memory_diff() {
+    let image = guest(6);
+    let path = tmp("mem-src.trace");
+    record(Engine::Bt, &image, &path, b"");
+    let mut r = TraceReader::open(&path).unwrap();
+    let cp = r.checkpoints()[0];
+    // A page the checkpoint stores (a non-zero one: the full image holds only those).
+    let page = r.read_checkpoint(&cp).unwrap().pages.last().unwrap().0;
+    drop(r);
+    let events = deja_replayer::read_events(&path).unwrap();
+    let digest_index = cp.event_index - 1;
+    assert!(
+        matches!(
+            events[digest_index as usize].kind,
+            EventKind::StateDigest { .. }
+        ) && events[digest_index as usize].at == cp.position
+    );
+    // Claim a different digest there, and a different byte in the checkpoint's memory at
+    // the same place: the divergence report must name that byte, recorded -> replayed.
+    let tampered = tmp("mem.trace");
+    rewrite_with(
+        &path,
+        &tampered,
+        |i, e| {
+            if i == digest_index
+                && let EventKind::StateDigest { digest } = &mut e.kind
+            {
+                digest.0[0] ^= 1;
+            }
+        },
+        |ordinal, n, bytes| {
+            if ordinal == 0 && n == page {
+                bytes[0x123] ^= 0xff;
+            }
+        },
+    );
+    let r = replay_on(Engine::Bt, &tampered, &image, None, false);
+    let Verdict::Diverged(d) = &r.verdict else {
+        panic!("{r}");
+    };
+    assert_eq!(d.at, cp.position);
+    assert!(d.register_diff.is_empty(), "{r}");
+    assert_eq!(d.memory_diff.len(), 1, "{r}");
+    let addr = page * 4096 + 0x123;
+    assert!(
+        d.memory_diff[0].contains(&format!("1 differing bytes in {addr:#x}..{:#x}", addr + 1)),
+        "{r}"
+    );
+    assert!(
+        r.to_string().contains("memory (recorded -> replayed)"),
+        "{r}"
+    );
 }
 
 #[test]

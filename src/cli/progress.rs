@@ -38,3 +38,12 @@ fn hidden_unless(shown: bool) -> ProgressDrawTarget {
         ProgressDrawTarget::hidden()
     }
 }
+
+/// Whether the guest's serial output (`None` or `-`: stdout) lands on a terminal, where a
+/// progress bar redrawn on stderr would tear it.
+pub fn guest_output_on_terminal(serial_out: Option<&std::path::Path>) -> bool {
+    match serial_out {
+        Some(p) if p.as_os_str() != "-" => false,
+        _ => std::io::stdout().is_terminal(),
+    }
+}

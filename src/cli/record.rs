@@ -82,6 +82,9 @@ pub struct RecordArgs {
     /// Write a machine-readable summary to FILE (`-` for stdout).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// No progress display.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     /// Kernel command line (multiboot).
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
@@ -217,9 +220,23 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         )
         .with_context(|| format!("starting {} on {engine}", image.name))?;
         *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(recorder.kicker());
+        let by_icount = engine == EngineKind::Bt && !args.exit_synchronous;
+        let pb = super::progress::bar(
+            args.max_instructions.filter(|_| by_icount),
+            if by_icount { "instructions" } else { "exits" },
+            !args.quiet
+                && args.json.is_none()
+                && !super::progress::guest_output_on_terminal(args.serial_out.as_deref()),
+        );
+        pb.set_message(format!("recording on {engine}"));
+        let mut progress = |p: deja_traces::Position| {
+            pb.set_position(if by_icount { p.icount } else { p.exits });
+        };
         let outcome = recorder
-            .run()
-            .with_context(|| format!("recording {} on {engine}", image.name))?;
+            .run_with_progress(Some(&mut progress))
+            .with_context(|| format!("recording {} on {engine}", image.name));
+        pb.finish_and_clear();
+        let outcome = outcome?;
         let _ = std::io::stdout().flush();
         Ok(outcome)
     };

@@ -145,7 +145,11 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         (None, None) => (None, true),
     };
     let unit = if by_icount { "instructions" } else { "exits" };
-    let pb = super::progress::bar(total, unit, !args.quiet && !args.json);
+    let to_terminal = args
+        .serial_out
+        .as_deref()
+        .is_some_and(|p| super::progress::guest_output_on_terminal(Some(p)));
+    let pb = super::progress::bar(total, unit, !args.quiet && !args.json && !to_terminal);
     pb.set_message(format!("replaying on {engine}"));
     let mut progress = |p: deja_traces::Position| {
         pb.set_position(if by_icount { p.icount } else { p.exits });

@@ -43,7 +43,7 @@ pub struct DumpArgs {
     #[arg(long, value_name = "N")]
     pub limit: Option<u64>,
     /// Only events of these kinds (time, wallclock, serial-in, entropy, poll-quantum, idle,
-    /// interrupt, state-digest, serial-out, chaos, end).
+    /// interrupt, state-digest, serial-out, chaos, end, registers).
     #[arg(long = "kind", value_name = "KIND")]
     pub kinds: Vec<String>,
     /// Also list checkpoints.
@@ -78,7 +78,12 @@ pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
         }
         TraceCommand::Verify(a) => {
             let mut r = TraceReader::open(&a.trace)?;
-            let report = deja_traces::verify(&mut r)?;
+            let pb = super::progress::bar(Some(r.file_len()), "bytes", !a.json);
+            pb.set_message("verifying");
+            let report =
+                deja_traces::tools::verify_with_progress(&mut r, &mut |o| pb.set_position(o));
+            pb.finish_and_clear();
+            let report = report?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

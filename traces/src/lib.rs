@@ -52,8 +52,11 @@ pub use writer::{TraceWriter, WriteError, WriterOptions};
 pub const FILE_MAGIC: [u8; 8] = *b"DEJATRAC";
 /// The last eight bytes of a trace that was finished properly.
 pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
-/// The format version this build writes, and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes, and the newest it reads. Version 2 added the
+/// [`EventKind::Registers`] event; nothing else changed, so version 1 traces still read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The deja version compiled into this crate, for [`Header::deja_version`].
 pub const DEJA_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Guest page size: checkpoints store memory in pages of this many bytes.

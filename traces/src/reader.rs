@@ -14,7 +14,7 @@ use crate::types::{
     CheckpointIndexEntry, CheckpointMeta, Event, EventKind, Footer, FrameIndexEntry, Header,
     Position,
 };
-use crate::{FILE_MAGIC, FORMAT_VERSION, MAX_HEADER_LEN, PAGE_SIZE};
+use crate::{FILE_MAGIC, FORMAT_VERSION, MAX_HEADER_LEN, OLDEST_FORMAT_VERSION, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -44,8 +44,8 @@ pub enum ReadError {
     },
     /// The format version is not one this build reads.
     #[error(
-        "trace {name} has format version {found}, but this deja reads format version \
-         {supported}{}",
+        "trace {name} has format version {found}, but this deja reads format versions \
+         {OLDEST_FORMAT_VERSION} to {supported}{}",
         if *found > *supported { " (it was written by a newer deja)" } else { "" }
     )]
     UnsupportedVersion {
@@ -163,6 +163,7 @@ pub struct TraceReader<R> {
     src: R,
     name: String,
     file_len: u64,
+    format_version: u32,
     header: Header,
     header_bytes: u64,
     data_end: u64,
@@ -299,7 +300,7 @@ impl<R: Read + Seek> TraceReader<R> {
             });
         }
         let version = u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(ReadError::UnsupportedVersion {
                 name,
                 found: version,
@@ -339,6 +340,7 @@ impl<R: Read + Seek> TraceReader<R> {
             })?;
         let decompressor = zstd::bulk::Decompressor::new().map_err(io(0, &name))?;
         let mut reader = Self {
+            format_version: version,
             src,
             name,
             file_len,
@@ -377,6 +379,11 @@ impl<R: Read + Seek> TraceReader<R> {
     /// Whether the trace is complete, truncated or damaged.
     pub fn status(&self) -> &TraceStatus {
         &self.status
+    }
+
+    /// The format version the file was written in.
+    pub fn format_version(&self) -> u32 {
+        self.format_version
     }
 
     /// The file's length in bytes.

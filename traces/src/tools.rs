@@ -1,7 +1,6 @@
 //! What `deja trace info|verify|dump|stats` print: structured, serde-serializable results
 //! (the CLI offers `--json`) with `Display` impls for humans.
 
-use crate::FORMAT_VERSION;
 use crate::frame::FrameKind;
 use crate::reader::{
     RawFrame, ReadError, TraceReader, TraceStatus, decode_events, decode_whole, page_items,
@@ -76,7 +75,7 @@ pub fn info<R: Read + Seek>(reader: &TraceReader<R>) -> TraceInfo {
     TraceInfo {
         name: reader.name().to_string(),
         file_bytes: reader.file_len(),
-        format_version: FORMAT_VERSION,
+        format_version: reader.format_version(),
         status: reader.status().clone(),
         header: reader.header().clone(),
         frames: reader.frames().len(),
@@ -314,6 +313,15 @@ fn walk<R: Read + Seek>(
 /// consistency with the frames. Only I/O failures are errors; everything else is a problem
 /// in the report.
 pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyReport, ReadError> {
+    verify_with_progress(reader, &mut |_| {})
+}
+
+/// [`verify`], telling `progress` the file offset of each frame as it is checked (for
+/// progress displays over long traces).
+pub fn verify_with_progress<R: Read + Seek>(
+    reader: &mut TraceReader<R>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<VerifyReport, ReadError> {
     let mut problems: Vec<VerifyProblem> = Vec::new();
     let mut omitted = 0u64;
     let mut push = |frame: Option<u64>, offset: Option<u64>, message: String| {
@@ -337,6 +345,7 @@ pub fn verify<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<VerifyRepor
         match step {
             Step::Bad(seq, offset, detail) => push(Some(seq), Some(offset), detail),
             Step::Frame(offset, frame) => {
+                progress(offset);
                 frames_checked += 1;
                 let h = frame.header;
                 frames_seen.push(FrameIndexEntry {

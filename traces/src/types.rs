@@ -357,11 +357,25 @@ pub enum EventKind {
         /// Why it ended (e.g. "debug-exit 0x10", "triple fault", "interrupted").
         reason: String,
     },
+    /// The CPU's main registers where a state digest was taken without a checkpoint (a
+    /// checkpoint holds the whole CPU state), logged just before the digest, so a replay
+    /// that diverges there shows which registers differ. Format version 2.
+    Registers {
+        /// Values in [`REGISTER_NAMES`] order.
+        values: Vec<u64>,
+    },
 }
+
+/// The registers a [`EventKind::Registers`] event holds, in order: exactly the CPU
+/// registers the state digest covers besides segments, descriptor tables and SSE state.
+pub const REGISTER_NAMES: [&str; 22] = [
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15", "rip", "rflags", "cr0", "cr3", "cr4", "efer",
+];
 
 impl EventKind {
     /// Every kind name, in variant order.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "time",
         "wallclock",
         "serial-in",
@@ -373,6 +387,7 @@ impl EventKind {
         "serial-out",
         "chaos",
         "end",
+        "registers",
     ];
 
     /// A short stable name, used for counts and dumps.
@@ -394,6 +409,7 @@ impl EventKind {
             EventKind::SerialOutput { .. } => 8,
             EventKind::Chaos { .. } => 9,
             EventKind::End { .. } => 10,
+            EventKind::Registers { .. } => 11,
         }
     }
 
@@ -440,6 +456,14 @@ impl fmt::Display for EventKind {
                 Some(s) => write!(f, "status {s}: {reason}"),
                 None => write!(f, "{reason}"),
             },
+            EventKind::Registers { values } => {
+                let named: Vec<String> = REGISTER_NAMES
+                    .iter()
+                    .zip(values)
+                    .map(|(n, v)| format!("{n}={v:#x}"))
+                    .collect();
+                write!(f, "{}", named.join(" "))
+            }
         }
     }
 }

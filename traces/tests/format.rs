@@ -277,14 +277,16 @@ fn flips_in_header_footer_and_trailer_are_caught() {
 #[test]
 fn unknown_versions_are_rejected_naming_both() {
     let rec = record(5, 10, 10, small_frames());
-    for v in [0u32, 2, 77] {
+    for v in [0u32, FORMAT_VERSION + 1, 77] {
         let mut bytes = rec.bytes.clone();
         bytes[8..12].copy_from_slice(&v.to_le_bytes());
         let err = open(&bytes).err().expect("rejected");
         let text = err.to_string();
         assert!(text.contains(&format!("format version {v}")), "{text}");
         assert!(
-            text.contains(&format!("format version {FORMAT_VERSION}")),
+            text.contains(&format!(
+                "format versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+            )),
             "{text}"
         );
         assert_eq!(text.contains("newer deja"), v > FORMAT_VERSION, "{text}");
