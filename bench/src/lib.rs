@@ -11,6 +11,7 @@ pub mod marker;
 pub mod native;
 pub mod perf;
 pub mod qemu;
+pub mod record;
 pub mod results;
 pub mod runner;
 

@@ -22,6 +22,10 @@ pub struct BenchResults {
     pub machine: Machine,
     /// Every benchmark x column (engine and MMU strategy, native, qemu-tcg).
     pub measurements: Vec<Measurement>,
+    /// Record/replay costs per guest (`deja bench --record-replay`; see [`crate::record`]).
+    /// Absent from files written without it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub record_replay: Vec<crate::record::RecordReplayMeasurement>,
 }
 
 /// The host: KVM flavour and capabilities (as `deja info` reports them) and basics. The

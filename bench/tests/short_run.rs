@@ -122,6 +122,7 @@ fn results_round_trip_through_json() {
         started_unix: 1_795_000_000,
         machine: runner::machine(),
         measurements: ms,
+        record_replay: Vec::new(),
     };
     let text = results.to_json().unwrap();
     assert_eq!(BenchResults::from_json(&text).unwrap(), results);

@@ -264,8 +264,10 @@ pub struct ReplayReport {
     pub end: String,
     /// The checkpoint the replay started from, if it seeked.
     pub started_from: Option<Position>,
-    /// Host seconds the replay ran.
+    /// Host seconds the replay ran, from opening the trace to the verdict.
     pub elapsed_seconds: f64,
+    /// Host seconds of those in the run loop (what compares with a recording's run time).
+    pub run_seconds: f64,
     /// The engine the trace was recorded on.
     pub recorded_engine: String,
     /// Stores seen into watched ranges.
@@ -749,6 +751,7 @@ pub fn replay_with(
         end,
         started_from,
         elapsed_seconds: started.elapsed().as_secs_f64(),
+        run_seconds: run.elapsed.as_secs_f64(),
         recorded_engine: header.engine.clone(),
         watch_hits: observer.watch_hits,
         watch: observer.watch_tail.into(),

@@ -78,6 +78,7 @@ fn results() -> BenchResults {
                 "qemu-system-x86_64 is not on PATH",
             ),
         ],
+        record_replay: Vec::new(),
     }
 }
 

@@ -31,6 +31,22 @@ pub struct BenchArgs {
     /// Write the results as JSON to FILE (read by `deja report`).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Also measure record/replay on bt: recording overhead against a plain run, trace
+    /// bytes per guest second and per event, replay speed against recording (JSON field
+    /// `record_replay`).
+    #[arg(long)]
+    pub record_replay: bool,
+    /// Only the record/replay measurements (no nanobenchmarks).
+    #[arg(long, conflicts_with = "record_replay")]
+    pub record_replay_only: bool,
+    /// Guests for the record/replay measurements.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "GUEST,...",
+        default_value = "racy-kernel,timer"
+    )]
+    pub record_guests: Vec<String>,
 }
 
 /// Runs `deja bench`.
@@ -47,7 +63,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         repeat: args.repeat,
         iterations: args.iterations,
     };
-    let jobs = runner::plan(&config)?;
+    let jobs = if args.record_replay_only {
+        Vec::new()
+    } else {
+        runner::plan(&config)?
+    };
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -64,6 +84,24 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let record_replay = if args.record_replay || args.record_replay_only {
+        let rr = deja_bench::record::RecordBenchConfig {
+            guests: args.record_guests.clone(),
+            repeat: args.repeat,
+            ..Default::default()
+        };
+        let bar = ProgressBar::new(rr.guests.len() as u64);
+        let mut out = Vec::new();
+        for g in &rr.guests {
+            bar.set_message(format!("record/replay {g}"));
+            out.push(deja_bench::record::measure(g, &rr));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        out
+    } else {
+        Vec::new()
+    };
     let results = BenchResults {
         format_version: deja_bench::results::FORMAT_VERSION,
         deja_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -71,8 +109,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         started_unix,
         machine,
         measurements,
+        record_replay,
     };
     print_table(&results);
+    if !results.record_replay.is_empty() {
+        print!("{}", deja_bench::record::table(&results.record_replay));
+    }
     if let Some(path) = &args.json {
         let text = results.to_json().context("serializing the results")?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -81,7 +123,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let failed = results
         .measurements
         .iter()
-        .any(|m| matches!(m.status, Status::Failed { .. }));
+        .map(|m| &m.status)
+        .chain(results.record_replay.iter().map(|m| &m.status))
+        .any(|s| matches!(s, Status::Failed { .. }));
     Ok(if failed {
         ExitCode::from(super::EXIT_DEJA_ERROR)
     } else {
