@@ -31,7 +31,15 @@
 //! the level where the walk stopped (the leaf, for a protection fault) may or may not have
 //! had their accessed bit set — the SDM lets a processor set A in the entries it used before
 //! it found the fault (§4.8). The faulting entry itself and everything below it must keep
-//! their A and D bits; a fault never sets D.
+//! their A and D bits; a fault never sets D. (bt and this host's kvm never use the freedom in
+//! these cases; QEMU 7.2's TCG does, setting A in the PML4E and PDPTE when the PDE has a
+//! reserved bit.)
+//!
+//! Cross-checked outside deja: under `qemu-system-x86_64 -accel tcg -cpu max` (QEMU 7.2) the
+//! images disagree with the model in one respect only — TCG reports reserved-bit faults with
+//! error code bit 0 (P) clear, where the SDM says RSVD implies P ("bit 3 of the error code can
+//! be set only if bit 0 is also set", Vol. 3A §4.7) and bt and kvm set it; with that one
+//! difference allowed every case of all three variants agreed.
 //!
 //! On a mismatch the guest prints the case (state, access, every entry before and after,
 //! expected and actual outcome) on COM1 and exits 1; it exits 0 after the last case.
