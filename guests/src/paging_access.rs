@@ -20,7 +20,9 @@
 //! - 4 KiB pages: every PDE kind × every PTE kind (when the PDE ends the walk the PTE is
 //!   irrelevant and only one PTE kind runs);
 //! - large pages: every PDE kind with PS=1 (the PTE below is not present and must be ignored);
-//! - 4-level only: every PML4E kind × every PDPTE kind, over a present PDE and PTE;
+//! - 4-level only: every PML4E kind × every PDPTE kind, over a present PDE and PTE
+//!   (in PAE paging the PDPTEs stay fixed and present: they are loaded by MOV CR3, carry no
+//!   access rights, and a reserved bit in them is a #GP at the load, not a #PF);
 //!
 //! each × 6 accesses × 8 CPU states (fewer when CPUID lacks NX or SMEP; the guest says so).
 //! [`Coverage::Reduced`] (for hosts that emulate ring-0 code, such as PVM under kvm, where
