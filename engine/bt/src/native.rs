@@ -17,8 +17,9 @@
 //! ```
 //!
 //! The guest's whole FP state goes in and comes out through the FXSAVE image, so the host's
-//! own state is never mixed in. The guest never runs with its exception masks: x87 unmasked
-//! exceptions are delayed by the architecture (the host only sets ES, and the stub executes
+//! own state is never mixed in (SSE instructions that name no MMX register move only MXCSR
+//! and the XMM registers they name, with the same frame layout). The guest never runs with
+//! its exception masks: x87 unmasked exceptions are delayed by the architecture (the host only sets ES, and the stub executes
 //! no waiting instruction after the guest's), and before any waiting instruction a pending
 //! exception is delivered to the guest as #MF instead of reaching the host. SSE exceptions are
 //! precise, so the stub runs with every MXCSR exception masked and the guest's unmasked ones
@@ -61,6 +62,8 @@ struct Frame {
     host_mxcsr: u32,
 }
 
+const FRAME_MXCSR: i32 = 24;
+const FRAME_XMM: i32 = 160;
 const FRAME_RAX: i32 = 512;
 const FRAME_RDX: i32 = 520;
 const FRAME_RFLAGS: i32 = 528;
@@ -372,7 +375,7 @@ fn make_stub(insn: &Instruction, bitness: u32) -> Option<&'static StubInfo> {
     if let Some(s) = arena.forms.get(&key) {
         return Some(s);
     }
-    let bytes = stub_bytes(&host).ok()?;
+    let bytes = stub_bytes(&host, cls == class::SSE).ok()?;
     let code = arena.place(&bytes)?;
     let info: &'static StubInfo = Box::leak(Box::new(StubInfo {
         code,
@@ -423,10 +426,35 @@ fn has_denormal_result(flags: u16, v: u128) -> bool {
     }
 }
 
-fn stub_bytes(host: &Instruction) -> Result<Vec<u8>, iced_x86::IcedError> {
+/// The stub around `host`. SSE instructions that touch no MMX register need none of the
+/// x87 state: their stub moves only MXCSR and the XMM registers they name (a third of the
+/// cost of FXRSTOR/FXSAVE/FNINIT); everything else goes through the whole FXSAVE image.
+fn stub_bytes(host: &Instruction, sse_only: bool) -> Result<Vec<u8>, iced_x86::IcedError> {
+    use iced_x86::code_asm::{
+        AsmRegisterXmm, xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11,
+        xmm12, xmm13, xmm14, xmm15,
+    };
+    const XMM: [AsmRegisterXmm; 16] = [
+        xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
+        xmm14, xmm15,
+    ];
+    let mut xmms: Vec<usize> = (0..host.op_count())
+        .filter(|&i| host.op_kind(i) == OpKind::Register && host.op_register(i).is_xmm())
+        .map(|i| (host.op_register(i) as u32 - Register::XMM0 as u32) as usize)
+        .collect();
+    xmms.sort_unstable();
+    xmms.dedup();
+    let slot = |r: usize| qword_ptr(arsi + (FRAME_XMM + 16 * r as i32));
     let mut a = CodeAssembler::new(64)?;
     a.stmxcsr(dword_ptr(arsi + FRAME_HOST_MXCSR))?;
-    a.fxrstor64(qword_ptr(arsi))?;
+    if sse_only {
+        a.ldmxcsr(dword_ptr(arsi + FRAME_MXCSR))?;
+        for &r in &xmms {
+            a.movdqa(XMM[r], slot(r))?;
+        }
+    } else {
+        a.fxrstor64(qword_ptr(arsi))?;
+    }
     a.mov(arax, qword_ptr(arsi + FRAME_RAX))?;
     a.mov(ardx, qword_ptr(arsi + FRAME_RDX))?;
     a.push(qword_ptr(arsi + FRAME_RFLAGS))?;
@@ -436,8 +464,15 @@ fn stub_bytes(host: &Instruction) -> Result<Vec<u8>, iced_x86::IcedError> {
     a.pop(qword_ptr(arsi + FRAME_RFLAGS))?;
     a.mov(qword_ptr(arsi + FRAME_RAX), arax)?;
     a.mov(qword_ptr(arsi + FRAME_RDX), ardx)?;
-    a.fxsave64(qword_ptr(arsi))?;
-    a.fninit()?;
+    if sse_only {
+        for &r in &xmms {
+            a.movdqa(slot(r), XMM[r])?;
+        }
+        a.stmxcsr(dword_ptr(arsi + FRAME_MXCSR))?;
+    } else {
+        a.fxsave64(qword_ptr(arsi))?;
+        a.fninit()?;
+    }
     a.ldmxcsr(dword_ptr(arsi + FRAME_HOST_MXCSR))?;
     a.ret()?;
     a.assemble(0)
@@ -450,7 +485,8 @@ fn call(info: &StubInfo, frame: &mut Frame, buf: &mut Buf) {
     // SAFETY: `info.code` is a stub made by `make_stub`: it reads and writes only the frame
     // (RSI) and the 64-byte buffer (RDI, memory operands of at most 16 bytes), clobbers
     // RAX, RDX and the flags, leaves the x87 unit initialized (FNINIT, the ABI's default
-    // control word) and restores the host MXCSR; XMM registers are declared clobbered. It
+    // control word) or untouched (SSE-only stubs) and restores the host MXCSR; XMM
+    // registers are declared clobbered. It
     // never runs a waiting x87 instruction with an exception pending and never unmasks an
     // SSE exception, so it cannot trap.
     unsafe {
