@@ -223,6 +223,30 @@ pub struct Core {
     pub fpu: FpuState,
     /// Interrupt shadow, NMI state, HLT.
     pub pending: PendingEvents,
+    /// Debug-exception bits (DR6 layout: B0-B3, BS, BT) of a #DB trap due at the next
+    /// instruction boundary.
+    pub db_pending: u64,
+    /// #DB trap bits held back by a MOV SS / POP SS shadow until the next instruction retires.
+    pub db_deferred: u64,
+    /// DR6 B0-B3 bits of data breakpoints hit by the instruction being executed.
+    pub db_hits: u64,
+}
+
+/// DR6 and DR7 bits the engine consults.
+pub mod dbg {
+    #![allow(missing_docs)]
+    /// DR6: breakpoint conditions B0-B3.
+    pub const B_ALL: u64 = 0xf;
+    /// DR6: debug-register access detected (DR7.GD).
+    pub const BD: u64 = 1 << 13;
+    /// DR6: single step.
+    pub const BS: u64 = 1 << 14;
+    /// DR6: task switch with the TSS T bit.
+    pub const BT: u64 = 1 << 15;
+    /// DR7: general detect.
+    pub const GD: u64 = 1 << 13;
+    /// DR7: the local enables L0-L3 (cleared on task switches).
+    pub const LOCAL_ENABLES: u64 = 0x55;
 }
 
 impl Core {
@@ -257,6 +281,9 @@ impl Core {
             dr7: s.dr7,
             fpu: s.fpu.clone(),
             pending: s.pending,
+            db_pending: 0,
+            db_deferred: 0,
+            db_hits: 0,
         }
     }
 
@@ -463,6 +490,32 @@ impl Core {
             4 => *r = v & 0xffff_ffff,
             _ => *r = v,
         }
+    }
+
+    /// Whether breakpoint `n` (0..3) is enabled in DR7 (locally or globally).
+    #[inline]
+    pub fn bp_enabled(&self, n: usize) -> bool {
+        self.dr7 & (3 << (2 * n)) != 0
+    }
+
+    /// Breakpoint `n`'s condition (R/W bits: 0 execute, 1 write, 2 I/O, 3 read/write) and
+    /// length in bytes.
+    #[inline]
+    pub fn bp_kind(&self, n: usize) -> (u8, u64) {
+        let rw = ((self.dr7 >> (16 + 4 * n)) & 3) as u8;
+        let len = match (self.dr7 >> (18 + 4 * n)) & 3 {
+            0 => 1,
+            1 => 2,
+            2 => 8,
+            _ => 4,
+        };
+        (rw, len)
+    }
+
+    /// Whether any enabled data breakpoint (write or read/write) is armed.
+    #[inline]
+    pub fn data_bps_armed(&self) -> bool {
+        (0..4).any(|n| self.bp_enabled(n) && self.bp_kind(n).0 & 1 != 0)
     }
 
     /// An MSR value.

@@ -51,6 +51,9 @@ pub struct MemSys {
     /// Watched guest-physical ranges and the stores seen in them (debugging; `None` costs
     /// nothing on the store path).
     pub watch: Option<Box<Watch>>,
+    /// Guest data breakpoints (DR0-DR3) are armed: every access takes the checked path (no
+    /// fast entries are installed while this is set, and they are flushed when it is set).
+    pub watching: bool,
 }
 
 /// Watched guest-physical ranges: their pages never get fast write entries, so every store
@@ -117,6 +120,7 @@ impl MemSys {
             events: Vec::new(),
             mmu,
             watch: None,
+            watching: false,
         }
     }
 
@@ -225,6 +229,8 @@ pub struct Ctx<'a> {
     pub exact_flags: bool,
     /// Counters the ops bump.
     pub stats: &'a mut crate::Stats,
+    /// CR0.AM and EFLAGS.AC are both set: data accesses at CPL 3 are alignment checked.
+    pub align_check: bool,
 }
 
 /// Whether `v` is a canonical 48-bit address.
@@ -278,6 +284,9 @@ impl Ctx<'_> {
                     Exc::gp(0)
                 });
             }
+            if self.align_check {
+                self.check_alignment(lin, size)?;
+            }
             return Ok(lin);
         }
         let fault = || {
@@ -309,7 +318,53 @@ impl Ctx<'_> {
         } else if last > s.limit as u64 || last < off {
             return Err(fault());
         }
-        Ok(s.base.wrapping_add(off) & 0xffff_ffff)
+        let lin = s.base.wrapping_add(off) & 0xffff_ffff;
+        if self.align_check {
+            self.check_alignment(lin, size)?;
+        }
+        Ok(lin)
+    }
+
+    /// #AC(0) for a misaligned data access at CPL 3 (the caller has seen CR0.AM and
+    /// EFLAGS.AC set). An operand must be aligned to its size; far pointers and descriptor
+    /// pseudo-descriptors (6 and 10 bytes) to 4 and 8, as the SDM's alignment table says.
+    #[cold]
+    fn check_alignment(&self, lin: u64, size: u64) -> Result<(), Exc> {
+        if self.core.cpl() != 3 || self.core.cr0 & crate::core::crb::AM == 0 {
+            return Ok(());
+        }
+        let align = match size {
+            0 | 1 => 1,
+            2 | 3 => 2,
+            4..=7 => 4,
+            _ => 8,
+        };
+        if lin & (align - 1) != 0 {
+            return Err(Exc {
+                vector: 17,
+                error: Some(0),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records data breakpoints (DR0-DR3 with R/W 01 or 11) that an access of `len` bytes at
+    /// `lin` hits, for a #DB trap after the instruction.
+    fn watch(&mut self, lin: u64, len: u64, write: bool) {
+        let c = &mut *self.core;
+        for n in 0..4 {
+            if !c.bp_enabled(n) {
+                continue;
+            }
+            let (rw, blen) = c.bp_kind(n);
+            if !(rw == 3 || (rw == 1 && write)) {
+                continue;
+            }
+            let start = c.dr[n] & !(blen - 1);
+            if lin < start.wrapping_add(blen) && start < lin.wrapping_add(len) {
+                c.db_hits |= 1 << n;
+            }
+        }
     }
 
     fn user(&self) -> bool {
@@ -385,6 +440,9 @@ impl Ctx<'_> {
 
     /// Reads bytes at a linear address (any length, page crossings handled).
     pub fn read_bytes(&mut self, lin: u64, out: &mut [u8], user: bool) -> Result<(), Exc> {
+        if self.mem.watching {
+            self.watch(lin, out.len() as u64, false);
+        }
         let mut done = 0usize;
         // Translate every page first so a fault leaves nothing half done.
         let mut pieces = [(0u64, 0usize, 0usize); 3];
@@ -404,7 +462,7 @@ impl Ctx<'_> {
                 // SAFETY: `h` points at RAM page of guest memory holding `p`, and the chunk
                 // does not cross the 4 KiB page.
                 unsafe { std::ptr::copy_nonoverlapping(h, out[at..].as_mut_ptr(), len) };
-                if len == out.len() {
+                if len == out.len() && !self.mem.watching {
                     let page = self.wrap(lin) & !0xfff;
                     let tag = page | (user as u64) << 1 | 1;
                     // SAFETY: page-aligned host address of the same RAM page.
@@ -454,6 +512,9 @@ impl Ctx<'_> {
     /// Writes bytes at a linear address (page crossings handled; both pages are checked
     /// before anything is written).
     pub fn write_bytes(&mut self, lin: u64, data: &[u8], user: bool) -> Result<(), Exc> {
+        if self.mem.watching {
+            self.watch(lin, data.len() as u64, true);
+        }
         let mut done = 0usize;
         let mut pieces = [(0u64, 0usize, 0usize); 3];
         let mut n = 0;
@@ -505,7 +566,7 @@ impl Ctx<'_> {
                 // SAFETY: `h` points into a RAM page of guest memory; the chunk stays in it.
                 unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), h, len) };
                 if reasons == 0 && !watched {
-                    if len == data.len() {
+                    if len == data.len() && !self.mem.watching {
                         let page = self.wrap(lin) & !0xfff;
                         let tag = page | (user as u64) << 1 | 1;
                         // SAFETY: page-aligned host address of the same RAM page.

@@ -17,10 +17,15 @@
 //! rounding and flags, bit-exact with the host), the environment formats and masked stores in
 //! software ([`x87`]), the hot XMM moves and integer operations in software ([`sse`]).
 //!
+//! Debugging: while TF or RF is set, a breakpoint is armed in DR7, or a #DB is held back by
+//! a MOV SS shadow, instructions run one at a time so that single-step traps, instruction
+//! breakpoints (faults, suppressed by RF) and data breakpoints (traps after the access) land
+//! on exact instruction boundaries; otherwise the debug machinery costs nothing. Hardware
+//! task switches live in [`task`].
+//!
 //! Not implemented yet (each raises #UD or #GP and is counted under `bt.unimplemented.*`):
-//! hardware task switches (task gates, far JMP/CALL to a TSS, IRET with NT), anything beyond
-//! SSE2 (SSE3 and later are not in deja's CPUID), debug-register breakpoints and
-//! single-stepping (TF), #AC, NMI delivery.
+//! anything beyond SSE2 (SSE3 and later are not in deja's CPUID), I/O breakpoints (DR7 R/W =
+//! 10), NMI delivery.
 
 pub mod cache;
 pub mod core;
@@ -32,6 +37,7 @@ pub mod ops;
 pub mod paging;
 pub mod sse;
 pub mod system;
+pub mod task;
 pub mod track;
 pub mod translate;
 pub mod x87;
@@ -371,6 +377,8 @@ impl BtCpu {
     }
 
     fn ctx<'a>(&'a mut self, machine: &'a mut Machine) -> Ctx<'a> {
+        let align_check =
+            self.core.cr0 & core::crb::AM != 0 && self.core.rflags & core::fl::AC != 0;
         Ctx {
             core: &mut self.core,
             machine,
@@ -380,8 +388,35 @@ impl BtCpu {
             device: false,
             smc_current: false,
             exact_flags: true,
+            align_check,
             stats: &mut self.stats,
         }
+    }
+
+    /// Whether instructions must run one at a time with the debug checks: single-stepping,
+    /// RF to clear, breakpoints armed, or a #DB held back by a MOV SS shadow.
+    fn debug_mode(&self) -> bool {
+        let c = &self.core;
+        c.rflags & (core::fl::TF | core::fl::RF) != 0 || c.dr7 & 0xff != 0 || c.db_deferred != 0
+    }
+
+    /// DR6 B0-B3 bits of the enabled instruction breakpoints at the current RIP (none while
+    /// RF is set: the instruction a breakpoint handler returns to runs once).
+    fn instruction_breakpoints(&self) -> u64 {
+        let c = &self.core;
+        if c.dr7 & 0xff == 0 || c.rflags & core::fl::RF != 0 {
+            return 0;
+        }
+        let lin = Self::lin_rip(c);
+        (0..4)
+            .filter(|&n| c.bp_enabled(n) && c.bp_kind(n).0 == 0 && c.dr[n] == lin)
+            .fold(0, |bits, n| bits | 1 << n)
+    }
+
+    /// Delivers a #DB with `bits` for DR6; `false` on a triple fault.
+    fn raise_debug(&mut self, machine: &mut Machine, bits: u64, rip: u64) -> bool {
+        let mut ctx = self.ctx(machine);
+        system::raise_debug(&mut ctx, bits, rip)
     }
 
     /// Delivers an exception or interrupt; `false` on a triple fault.
@@ -423,6 +458,39 @@ impl BtCpu {
                 self.core.seg[seg::CS].selector,
                 self.core.rip
             ),
+        }
+    }
+}
+
+impl BtCpu {
+    /// Debug bookkeeping after one instruction ran in debug mode: the single-step trap (if
+    /// TF was set when it started), data breakpoints it hit, the MOV SS / POP SS shadow that
+    /// holds both back for one instruction, and RF, which every retired instruction but IRET
+    /// clears.
+    fn after_debug_step(&mut self, op: &ir::UOp, flags_before: u64, retired: bool) {
+        let c = &mut self.core;
+        let hits = std::mem::take(&mut c.db_hits);
+        if !retired {
+            return;
+        }
+        let mut bits = hits;
+        if flags_before & core::fl::TF != 0 {
+            bits |= core::dbg::BS;
+        }
+        let m = op.code.mnemonic();
+        let ss_load = matches!(m, iced_x86::Mnemonic::Mov | iced_x86::Mnemonic::Pop)
+            && op.dst == ir::Operand::Sreg(seg::SS as u8);
+        if ss_load {
+            c.db_deferred |= bits;
+        } else {
+            c.db_pending |= bits | std::mem::take(&mut c.db_deferred);
+        }
+        let iret = matches!(
+            m,
+            iced_x86::Mnemonic::Iret | iced_x86::Mnemonic::Iretd | iced_x86::Mnemonic::Iretq
+        );
+        if flags_before & core::fl::RF != 0 && !iret {
+            c.rflags &= !core::fl::RF;
         }
     }
 }
@@ -490,6 +558,7 @@ impl Cpu for BtCpu {
     fn run(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
         self.mem.flush_fast();
         self.cache.flush_lookup();
+        self.mem.watching = self.core.data_bps_armed();
         let stop_at = limit.stop_at_icount.unwrap_or(u64::MAX);
         let mut irq_line = machine.interrupt_pending();
         if self.kicker.pending() {
@@ -514,6 +583,16 @@ impl Cpu for BtCpu {
             }
             if self.icount >= stop_at {
                 return Ok(Exit::InstructionLimit);
+            }
+            if self.core.db_pending != 0 {
+                // A #DB trap from the instruction that just retired (single step, data
+                // breakpoint, TSS T bit) comes before interrupts.
+                let bits = std::mem::take(&mut self.core.db_pending);
+                let rip = self.core.rip;
+                if !self.raise_debug(machine, bits, rip) {
+                    return Ok(self.shutdown("triple fault delivering #DB"));
+                }
+                continue;
             }
             let shadow = self.core.pending.interrupt_shadow;
             // NMIs and INITs come from device accesses and polls, which end `run`, so they
@@ -565,6 +644,17 @@ impl Cpu for BtCpu {
                 // Exit-synchronous delivery: whatever was pending at entry had its chance.
                 irq_line = false;
             }
+            let debug = self.debug_mode();
+            if debug {
+                let bits = self.instruction_breakpoints();
+                if bits != 0 {
+                    let rip = self.core.rip;
+                    if !self.raise_debug(machine, bits, rip) {
+                        return Ok(self.shutdown("triple fault delivering #DB"));
+                    }
+                    continue;
+                }
+            }
             let slot = match self.find_block(machine)? {
                 Found::Block(s) => s,
                 Found::Fault(e) => {
@@ -579,11 +669,14 @@ impl Cpu for BtCpu {
             let mut slot = slot;
             loop {
                 let shadow_before = self.core.pending.interrupt_shadow;
-                let budget = if shadow_before {
+                let budget = if shadow_before || debug {
                     1
                 } else {
                     stop_at - self.icount
                 };
+                let flags_before = self.core.rflags;
+                let icount_before = self.icount;
+                self.core.db_hits = 0;
                 let Some(ptr) = self.cache.block_ptr(slot) else {
                     break;
                 };
@@ -649,6 +742,10 @@ impl Cpu for BtCpu {
                     // The instruction after STI / MOV SS has retired.
                     self.core.pending.interrupt_shadow = false;
                 }
+                if debug && n > 0 {
+                    let retired = fault.is_none() && self.icount > icount_before;
+                    self.after_debug_step(&block.ops[0], flags_before, retired);
+                }
                 if let Some((e, rip)) = fault {
                     if !self.raise(machine, e, EventKind::Exception, rip) {
                         return Ok(self.shutdown("triple fault"));
@@ -676,6 +773,7 @@ impl Cpu for BtCpu {
                     return Ok(Exit::DeviceAccess);
                 }
                 if (outcome != Ctl::Jump && outcome != Ctl::Next)
+                    || debug
                     || smc
                     || self.icount >= stop_at
                     || self.kicker.pending()

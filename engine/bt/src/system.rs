@@ -4,7 +4,7 @@
 //! with descriptor checks, far transfers, IRET, and interrupt and exception delivery through
 //! the IVT and the IDT (stack switches, IST, error codes).
 
-use crate::core::{crb, fl, mask};
+use crate::core::{crb, dbg, fl, mask};
 use crate::exec::Ctx;
 use crate::ir::{Ctl, Exc, OpResult, Operand, UOp};
 use deja_machine::Segment;
@@ -225,7 +225,7 @@ pub fn parse_descriptor(sel: u16, d: u64) -> Segment {
     }
 }
 
-fn set_accessed(ctx: &mut Ctx, addr: u64, d: u64) -> Result<(), Exc> {
+pub(crate) fn set_accessed(ctx: &mut Ctx, addr: u64, d: u64) -> Result<(), Exc> {
     if d & (1 << 40) == 0 {
         let b = ((d >> 40) as u8) | 1;
         ctx.write_lin_as(addr + 5, 1, b as u64, false)?;
@@ -482,19 +482,38 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
         enter_cs(ctx, s, cpl, rip);
         return Ok(Ctl::End);
     }
-    // System descriptor: call gates (task gates and TSS targets are not implemented).
+    // System descriptor: a call gate, or (outside long mode) a TSS or a task gate.
     let code = (sel & 0xfffc) as u32;
     let gate_type = s.type_;
     let long = ctx.core.long_mode();
-    if !(gate_type == 0xc || (!long && gate_type == 4)) {
-        ctx.count("bt.unimplemented.task_switch");
+    let task = !long && matches!(gate_type, 1 | 3 | 5 | 9 | 0xb);
+    if !(task || gate_type == 0xc || (!long && gate_type == 4)) {
         return Err(Exc::gp(code));
     }
     if s.dpl < cpl || s.dpl < (sel & 3) as u8 {
         return Err(Exc::gp(code));
     }
+    if task && gate_type != 5 && s.type_ & 2 != 0 {
+        // A busy TSS cannot be entered by JMP or CALL.
+        return Err(Exc::gp(code));
+    }
     if !s.present {
         return Err(Exc::np(code));
+    }
+    if task {
+        let tss = if gate_type == 5 {
+            (d >> 16) as u16
+        } else {
+            sel
+        };
+        let reason = if call {
+            crate::task::Reason::Call
+        } else {
+            crate::task::Reason::Jmp
+        };
+        let after = crate::task::switch(ctx, tss, reason, op.next_rip)?;
+        finish_task_switch(ctx, after);
+        return Ok(Ctl::End);
     }
     let target_sel = (d >> 16) as u16;
     let mut target_off = (d & 0xffff) | ((d >> 32) & 0xffff_0000);
@@ -611,6 +630,17 @@ fn null_outer_segments(ctx: &mut Ctx, cpl: u8) {
     }
 }
 
+/// Raises a fault the task switch hit after its commit, in the new task's context (at its
+/// EIP); a triple fault is reported to the run loop.
+fn finish_task_switch(ctx: &mut Ctx, after: Option<Exc>) {
+    if let Some(e) = after {
+        let rip = ctx.core.rip;
+        if !raise(ctx, e, EventKind::Exception, rip) {
+            ctx.stats.triple_fault = true;
+        }
+    }
+}
+
 /// Far RET (`target` = bytes to release).
 pub fn far_ret(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let size = op.size;
@@ -706,9 +736,16 @@ pub fn iret(ctx: &mut Ctx, op: &UOp) -> OpResult {
         ctx.core.rip = rip & mask(size);
         return Ok(Ctl::End);
     }
-    if ctx.core.rflags & fl::NT != 0 && !ctx.core.long_mode() {
-        ctx.count("bt.unimplemented.task_return");
-        return Err(Exc::gp(0));
+    if ctx.core.rflags & fl::NT != 0 {
+        if ctx.core.long_mode() {
+            // IA-32e mode has no task switches: IRET with NT faults.
+            return Err(Exc::gp(0));
+        }
+        // Return to the task named by the back link of the current TSS.
+        let link = ctx.read_lin_as(ctx.core.tr.base, 2, false)? as u16;
+        let after = crate::task::switch(ctx, link, crate::task::Reason::Iret, op.next_rip)?;
+        finish_task_switch(ctx, after);
+        return Ok(Ctl::End);
     }
     let cpl = ctx.core.cpl();
     let rip = ctx.peek(size, 0)?;
@@ -823,6 +860,15 @@ pub enum EventKind {
     Software,
     /// An external interrupt.
     External,
+    /// ICEBP (INT1): a #DB trap raised by an instruction, delivered like a hardware event
+    /// (no gate DPL check, EXT set in error codes; RIP = the next instruction).
+    PrivilegedSoftware,
+}
+
+/// Whether an exception vector is fault-class, so that delivery sets RF in the pushed
+/// EFLAGS image (traps #DB, #BP, #OF and the aborts #DF, #MC are not).
+fn fault_class(vector: u8) -> bool {
+    vector < 32 && !matches!(vector, 1 | 3 | 4 | 8 | 18)
 }
 
 /// Delivers one event through the IVT or IDT. `rip` is the return address pushed.
@@ -834,7 +880,10 @@ pub fn deliver(
     rip: u64,
 ) -> Result<(), Exc> {
     let ext = if kind == EventKind::Software { 0 } else { 1 };
-    let old_flags = ctx.core.flags();
+    let mut old_flags = ctx.core.flags();
+    if kind == EventKind::Exception && fault_class(vector) && ctx.core.protected() {
+        old_flags |= fl::RF;
+    }
     if !ctx.core.protected() {
         let off = vector as u64 * 4;
         if off + 3 > ctx.core.idtr.limit as u64 {
@@ -868,12 +917,9 @@ pub fn deliver(
     let valid = if long {
         gtype == 0xe || gtype == 0xf
     } else {
-        matches!(gtype, 6 | 7 | 0xe | 0xf)
+        matches!(gtype, 5 | 6 | 7 | 0xe | 0xf)
     };
     if !valid {
-        if gtype == 5 && !long {
-            ctx.count("bt.unimplemented.task_gate");
-        }
         return Err(Exc::gp(gate_err));
     }
     let cpl = ctx.core.cpl();
@@ -882,6 +928,21 @@ pub fn deliver(
     }
     if !present {
         return Err(Exc::np(gate_err));
+    }
+    if gtype == 5 {
+        // Task gate: the handler is a task; the error code goes on its stack.
+        let tss = (g >> 16) as u16;
+        let reason = crate::task::Reason::Event { ext: ext == 1 };
+        let after = crate::task::switch(ctx, tss, reason, rip)?;
+        let after = match (after, error) {
+            (None, Some(e)) => {
+                let size = if ctx.core.tr.type_ & 8 != 0 { 4 } else { 2 };
+                ctx.push(size, e as u64).err()
+            }
+            (a, _) => a,
+        };
+        finish_task_switch(ctx, after);
+        return Ok(());
     }
     let tsel = (g >> 16) as u16;
     let mut toff = (g & 0xffff) | ((g >> 32) & 0xffff_0000);
@@ -1017,8 +1078,12 @@ fn contributory(v: u8) -> bool {
 /// Raises an event, escalating to #DF and to shutdown as the hardware does. Returns
 /// `false` on a triple fault.
 pub fn raise(ctx: &mut Ctx, first: Exc, kind: EventKind, rip: u64) -> bool {
-    if kind == EventKind::Exception {
+    if kind == EventKind::Exception || kind == EventKind::PrivilegedSoftware {
         *ctx.stats.exceptions.entry(first.vector).or_default() += 1;
+    }
+    if first.vector == 1 && kind != EventKind::Software {
+        // Every #DB clears DR7.GD, so that the handler may use the debug registers.
+        ctx.core.dr7 &= !dbg::GD;
     }
     let mut cur = first;
     let mut cur_kind = kind;
@@ -1061,13 +1126,18 @@ pub fn int_n(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if c.vm86() && c.iopl() < 3 && op.aux != 2 {
         return Err(Exc::gp(0));
     }
+    let kind = if op.aux == 2 && vector == 1 {
+        EventKind::PrivilegedSoftware
+    } else {
+        EventKind::Software
+    };
     if !raise(
         ctx,
         Exc {
             vector,
             error: None,
         },
-        EventKind::Software,
+        kind,
         op.next_rip,
     ) {
         ctx.stats.triple_fault = true;
@@ -1190,7 +1260,7 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
 
 /// With PAE paging active (outside long mode), loads the PDPTE registers as MOV to
 /// CR0/CR3/CR4 does; `false` means #GP(0).
-fn pae_pdptes_ok(ctx: &mut Ctx) -> bool {
+pub(crate) fn pae_pdptes_ok(ctx: &mut Ctx) -> bool {
     let c = &*ctx.core;
     if c.cr0 & crb::PG == 0 || c.cr4 & crb::PAE == 0 || c.long_mode() {
         return true;
@@ -1221,6 +1291,14 @@ pub fn mov_dr(ctx: &mut Ctx, op: &UOp) -> OpResult {
         }
         n += 2;
     }
+    if ctx.core.dr7 & dbg::GD != 0 {
+        // General detect: a #DB fault before the access, with DR6.BD; delivery clears GD.
+        ctx.core.dr6 |= dbg::BD;
+        return Err(Exc {
+            vector: 1,
+            error: None,
+        });
+    }
     if op.aux == 0 {
         let v = match n {
             0..=3 => ctx.core.dr[n as usize],
@@ -1238,8 +1316,32 @@ pub fn mov_dr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             6 => ctx.core.dr6 = (v & 0xe00f) | 0xffff_0ff0,
             _ => ctx.core.dr7 = (v & 0xffff_2bff) | 0x400,
         }
+        // Breakpoints may have been armed or disarmed: the run loop re-decides how to run.
+        let watching = ctx.core.data_bps_armed();
+        if watching && !ctx.mem.watching {
+            ctx.mem.flush_fast();
+        }
+        ctx.mem.watching = watching;
     }
-    Ok(Ctl::Next)
+    ctx.core.rip = op.next_rip;
+    Ok(Ctl::End)
+}
+
+/// Delivers a #DB: B0-B3 of DR6 are replaced by `bits`' (BD, BS and BT accumulate, as the
+/// other DR6 bits stay until software clears them), DR7.GD is cleared so the handler can use
+/// the debug registers. `rip` is the instruction (faults) or the next one (traps).
+pub fn raise_debug(ctx: &mut Ctx, bits: u64, rip: u64) -> bool {
+    let c = &mut *ctx.core;
+    c.dr6 = (c.dr6 & !dbg::B_ALL) | bits | 0xffff_0ff0;
+    raise(
+        ctx,
+        Exc {
+            vector: 1,
+            error: None,
+        },
+        EventKind::Exception,
+        rip,
+    )
 }
 
 /// LGDT/LIDT (`aux` 0 gdt, 1 idt) and SGDT/SIDT (`aux` 2, 3).

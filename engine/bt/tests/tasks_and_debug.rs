@@ -1,0 +1,633 @@
+//! Hardware task switches, the debug facilities (TF single-step, DR0-DR3 breakpoints, RF,
+//! general detect, ICEBP, the MOV SS shadow) and #AC, on bt.
+
+mod common;
+
+use common::*;
+use deja_machine::cpu::{CpuState, seg};
+use deja_machine::vm_memory::Bytes;
+use deja_machine::{Cpu, Exit, Machine};
+use iced_x86::code_asm::*;
+
+/// Second TSS (the target of task switches).
+const TSS2: u64 = 0x4000;
+/// Its selector: after the 16-byte TSS slot at 0x38.
+const SEL_TSS2: u16 = 0x48;
+/// A task gate to TSS2 in the GDT.
+const SEL_TASK_GATE: u16 = 0x50;
+/// Scratch data the handlers record into.
+const DATA: u64 = 0x5000;
+
+fn u32_at(m: &Machine, addr: u64) -> u32 {
+    u32::from_le_bytes(peek(m, addr, 4).try_into().unwrap())
+}
+
+fn tss_descriptor(base: u64, limit: u64, type_: u64) -> u64 {
+    (limit & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (type_ << 40)
+        | (1 << 47)
+        | (((limit >> 16) & 0xf) << 48)
+        | (((base >> 24) & 0xff) << 56)
+}
+
+fn gate32_at(target: u64) -> [u8; 8] {
+    let g = (target & 0xffff) | (0x08u64 << 16) | (0x8eu64 << 40) | ((target >> 16) << 48);
+    g.to_le_bytes()
+}
+
+fn task_gate(tss: u16, dpl: u64) -> [u8; 8] {
+    ((tss as u64) << 16 | (0x85 | dpl << 5) << 40).to_le_bytes()
+}
+
+/// A 32-bit TSS image that starts at `eip` in the flat ring-0 segments with stack `esp`.
+fn tss32(entry: u32, stack: u32, acc: u32) -> Vec<u8> {
+    let mut t = vec![0u8; 0x68];
+    let put =
+        |t: &mut Vec<u8>, off: usize, v: u32| t[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    put(&mut t, 0x20, entry);
+    put(&mut t, 0x24, 0x2);
+    put(&mut t, 0x28, acc);
+    put(&mut t, 0x38, stack);
+    for (i, s) in [0x10u32, 0x08, 0x10, 0x10, 0x10, 0x10].iter().enumerate() {
+        put(&mut t, 0x48 + 4 * i, *s);
+    }
+    put(&mut t, 0x66 - 2, 0x68 << 16);
+    t
+}
+
+/// Protected mode with TSS2 and a task gate in the GDT.
+fn task_machine(start: u64, code: &[u8]) -> (Machine, CpuState) {
+    let (m, _, _) = machine();
+    load(&m, start, code);
+    let mut s = protected_mode_state(&m, start);
+    let descs = [
+        tss_descriptor(TSS2, 0x67, 9),
+        u64::from_le_bytes(task_gate(SEL_TSS2, 0)),
+    ];
+    let bytes: Vec<u8> = descs.iter().flat_map(|d| d.to_le_bytes()).collect();
+    load(&m, GDT + SEL_TSS2 as u64, &bytes);
+    s.gdtr.limit = 0x57;
+    // The running task's TSS is busy, as LTR left it.
+    load(&m, GDT + 0x38 + 5, &[0x8b]);
+    (m, s)
+}
+
+fn gdt_type(m: &Machine, sel: u16) -> u8 {
+    peek(m, GDT + sel as u64 + 5, 1)[0] & 0xf
+}
+
+#[test]
+fn far_jmp_to_a_tss_saves_the_old_task_and_loads_the_new_one() {
+    let code = asm(32, 0x2000, |a| {
+        a.mov(eax, 0xaaaa).unwrap();
+        a.mov(ebx, 0xbbbb).unwrap();
+        a.jmp_far(SEL_TSS2, 0).unwrap();
+    });
+    let (mut m, s) = task_machine(0x2000, &code);
+    load(&m, TSS2, &tss32(0x2100, 0x9000, 0x1234));
+    load(&m, 0x2100, &asm(32, 0x2100, |a| a.hlt().unwrap()));
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!(st.tr.selector, SEL_TSS2);
+    assert_eq!(st.gpr[0], 0x1234, "EAX from the new TSS");
+    assert_eq!(st.gpr[4], 0x9000);
+    assert_eq!(st.rip, 0x2101);
+    assert_ne!(st.cr0 & 8, 0, "CR0.TS is set by a task switch");
+    assert_eq!(st.rflags & (1 << 14), 0, "JMP does not nest");
+    // The old task's state went into its TSS, EIP after the JMP.
+    assert_eq!(u32_at(&m, TSS + 0x20), 0x2000 + 10 + 7);
+    assert_eq!(u32_at(&m, TSS + 0x28), 0xaaaa);
+    assert_eq!(u32_at(&m, TSS + 0x34), 0xbbbb);
+    assert_eq!(u32_at(&m, TSS + 0x4c) & 0xffff, 0x08, "CS saved");
+    assert_eq!(gdt_type(&m, 0x38), 9, "the old task is no longer busy");
+    assert_eq!(gdt_type(&m, SEL_TSS2), 0xb, "the new task is busy");
+    assert_eq!(u32_at(&m, TSS2) & 0xffff, 0, "no back link for JMP");
+}
+
+#[test]
+fn a_16_bit_tss_saves_and_loads_16_bit_state() {
+    let code = asm(32, 0x2000, |a| {
+        a.mov(eax, 0x1234_5678).unwrap();
+        a.jmp_far(SEL_TSS2, 0).unwrap();
+    });
+    let (mut m, s) = task_machine(0x2000, &code);
+    load(
+        &m,
+        GDT + SEL_TSS2 as u64,
+        &tss_descriptor(TSS2, 0x2b, 1).to_le_bytes(),
+    );
+    // The running task's TSS is a 16-bit one too.
+    load(&m, GDT + 0x38, &tss_descriptor(TSS, 0x2b, 3).to_le_bytes());
+    let mut s = s;
+    s.tr.type_ = 3;
+    s.tr.limit = 0x2b;
+    let mut t = vec![0u8; 0x2c];
+    let put =
+        |t: &mut Vec<u8>, off: usize, v: u16| t[off..off + 2].copy_from_slice(&v.to_le_bytes());
+    put(&mut t, 0x0e, 0x2100); // IP
+    put(&mut t, 0x10, 0x0002); // FLAGS
+    put(&mut t, 0x12, 0xbeef); // AX
+    put(&mut t, 0x1a, 0x9000); // SP
+    for (i, sel) in [0x10u16, 0x08, 0x10, 0x10].iter().enumerate() {
+        put(&mut t, 0x22 + 2 * i, *sel);
+    }
+    load(&m, TSS2, &t);
+    load(&m, 0x2100, &asm(32, 0x2100, |a| a.hlt().unwrap()));
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!((st.gpr[0], st.gpr[4], st.rip), (0xbeef, 0x9000, 0x2101));
+    assert_eq!(st.tr.selector, SEL_TSS2);
+    let word = |a: u64| u16::from_le_bytes(peek(&m, a, 2).try_into().unwrap());
+    assert_eq!(word(TSS + 0x12), 0x5678, "AX saved as 16 bits");
+    assert_eq!(word(TSS + 0x0e), 0x2000 + 5 + 7, "IP after the JMP");
+    assert_eq!(word(TSS + 0x24), 0x08, "CS saved");
+    assert_eq!(gdt_type(&m, 0x38), 1);
+    assert_eq!(gdt_type(&m, SEL_TSS2), 3);
+}
+
+#[test]
+fn call_through_a_task_gate_nests_and_iret_returns() {
+    let code = asm(32, 0x2000, |a| {
+        a.mov(esi, 0x5151).unwrap();
+        a.call_far(SEL_TASK_GATE, 0).unwrap();
+        a.mov(edi, 0x7777).unwrap();
+        a.hlt().unwrap();
+    });
+    let (mut m, s) = task_machine(0x2000, &code);
+    load(&m, TSS2, &tss32(0x2100, 0x9000, 0));
+    load(
+        &m,
+        0x2100,
+        &asm(32, 0x2100, |a| {
+            a.pushfd().unwrap();
+            a.pop(dword_ptr(DATA as u32)).unwrap(); // EFLAGS with NT
+            a.mov(ecx, dword_ptr(TSS2 as u32)).unwrap(); // back link
+            a.mov(dword_ptr((DATA + 4) as u32), ecx).unwrap();
+            a.mov(esi, 0x9999).unwrap();
+            a.iretd().unwrap();
+        }),
+    );
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_ne!(
+        u32_at(&m, DATA) & (1 << 14),
+        0,
+        "the nested task runs with NT"
+    );
+    assert_eq!(u32_at(&m, DATA + 4), 0x38, "back link to the caller's TSS");
+    assert_eq!(st.gpr[6], 0x5151, "the caller's ESI came back from its TSS");
+    assert_eq!(st.gpr[7], 0x7777, "execution resumed after the CALL");
+    assert_eq!(st.tr.selector, 0x38);
+    assert_eq!(st.rflags & (1 << 14), 0);
+    assert_eq!(
+        gdt_type(&m, SEL_TSS2),
+        9,
+        "IRET left the nested task available"
+    );
+    assert_eq!(
+        u32_at(&m, TSS2 + 0x40),
+        0x9999,
+        "the nested task's ESI was saved"
+    );
+}
+
+#[test]
+fn exceptions_through_a_task_gate_push_their_error_code_on_the_new_stack() {
+    let code = asm(32, 0x2000, |a| {
+        a.mov(ax, 0x63).unwrap();
+        a.mov(ds, ax).unwrap(); // #GP(0x60): beyond the GDT limit
+        a.hlt().unwrap();
+    });
+    let (mut m, s) = task_machine(0x2000, &code);
+    load(&m, IDT + 13 * 8, &task_gate(SEL_TSS2, 0));
+    load(&m, TSS2, &tss32(0x2100, 0x9000, 0));
+    load(
+        &m,
+        0x2100,
+        &asm(32, 0x2100, |a| {
+            a.pop(ebx).unwrap();
+            a.mov(ecx, esp).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!(
+        st.gpr[3], 0x60,
+        "#GP error code on the handler task's stack"
+    );
+    assert_eq!(st.gpr[1], 0x9000);
+    assert_eq!(
+        u32_at(&m, TSS + 0x20),
+        0x2004,
+        "the faulting instruction is saved"
+    );
+    assert_eq!(st.tr.selector, SEL_TSS2);
+}
+
+#[test]
+fn task_switch_faults_carry_the_right_vector_and_selector() {
+    struct Case {
+        name: &'static str,
+        prepare: fn(&Machine, &mut CpuState),
+        vector: u8,
+        error: u32,
+    }
+    let cases = [
+        Case {
+            name: "busy TSS",
+            prepare: |m, _| load(m, GDT + SEL_TSS2 as u64 + 5, &[0x8b]),
+            vector: 13,
+            error: SEL_TSS2 as u32,
+        },
+        Case {
+            name: "TSS not present",
+            prepare: |m, _| load(m, GDT + SEL_TSS2 as u64 + 5, &[0x09]),
+            vector: 11,
+            error: SEL_TSS2 as u32,
+        },
+        Case {
+            name: "TSS limit below 0x67",
+            prepare: |m, _| load(m, GDT + SEL_TSS2 as u64, &[0x60]),
+            vector: 10,
+            error: SEL_TSS2 as u32,
+        },
+        Case {
+            name: "bad CS in the new task",
+            prepare: |m, _| load(m, TSS2 + 0x4c, &0x10u16.to_le_bytes()),
+            vector: 10,
+            error: 0x10,
+        },
+        Case {
+            name: "bad LDT in the new task",
+            prepare: |m, _| load(m, TSS2 + 0x60, &0x08u16.to_le_bytes()),
+            vector: 10,
+            error: 0x08,
+        },
+        Case {
+            name: "SS not present in the new task",
+            prepare: |m, s| {
+                // Descriptor 0x58: a not-present writable data segment.
+                load(m, GDT + 0x58, &0x00cf_1300_0000_ffffu64.to_le_bytes());
+                s.gdtr.limit = 0x5f;
+                load(m, TSS2 + 0x50, &0x58u16.to_le_bytes());
+            },
+            vector: 12,
+            error: 0x58,
+        },
+    ];
+    for case in cases {
+        let code = asm(32, 0x2000, |a| {
+            a.jmp_far(SEL_TSS2, 0).unwrap();
+        });
+        let (mut m, mut s) = task_machine(0x2000, &code);
+        load(&m, TSS2, &tss32(0x2100, 0x9000, 0));
+        load(&m, 0x2100, &asm(32, 0x2100, |a| a.hlt().unwrap()));
+        let handler = 0x2800u64;
+        load(
+            &m,
+            handler,
+            &asm(32, handler, |a| {
+                a.pop(ebx).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        for v in [10u64, 11, 12, 13] {
+            load(&m, IDT + v * 8, &gate32_at(handler + 0x10 * (v - 10)));
+            let h = handler + 0x10 * (v - 10);
+            load(
+                &m,
+                h,
+                &asm(32, h, |a| {
+                    a.pop(ebx).unwrap();
+                    a.mov(ecx, v as u32).unwrap();
+                    a.hlt().unwrap();
+                }),
+            );
+        }
+        (case.prepare)(&m, &mut s);
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 100), Exit::Halted, "{}", case.name);
+        let st = c.state().unwrap();
+        assert_eq!(
+            (st.gpr[1] as u8, st.gpr[3] as u32),
+            (case.vector, case.error),
+            "{}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn long_mode_has_no_task_switches() {
+    let (mut m, _, _) = machine();
+    let h = 0x20_1000u64;
+    load(
+        &m,
+        h,
+        &asm(64, h, |a| {
+            a.pop(rbx).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let lo = (h & 0xffff) | (0x18u64 << 16) | (0x8eu64 << 40) | ((h >> 16) & 0xffff) << 48;
+    load(&m, IDT + 13 * 16, &lo.to_le_bytes());
+    let code = asm(64, 0x20_0000, |a| {
+        a.jmp(fword_ptr(0x20_0100)).unwrap();
+    });
+    load(&m, 0x20_0000, &code);
+    // An m16:32 far pointer whose selector is the TSS descriptor.
+    let mut ptr = 0u32.to_le_bytes().to_vec();
+    ptr.extend_from_slice(&0x38u16.to_le_bytes());
+    load(&m, 0x20_0100, &ptr);
+    let s = long_mode_state(&m, 0x20_0000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    assert_eq!(c.state().unwrap().gpr[3], 0x38, "#GP(TSS selector)");
+}
+
+/// Protected mode with a #DB handler at 0x2800 that counts hits at DATA, records each
+/// pushed EIP at DATA+0x10.., DR6 at DATA+4, and returns with RF set in the image.
+fn debug_machine(code: &[u8]) -> (Machine, CpuState) {
+    let (m, _, _) = machine();
+    load(&m, 0x2000, code);
+    let h = 0x2800u64;
+    load(
+        &m,
+        h,
+        &asm(32, h, |a| {
+            a.push(eax).unwrap();
+            a.push(ecx).unwrap();
+            a.mov(eax, dword_ptr(DATA as u32)).unwrap();
+            a.mov(ecx, dword_ptr(esp + 8)).unwrap();
+            a.mov(dword_ptr(eax * 4 + (DATA + 0x10) as u32), ecx)
+                .unwrap();
+            a.inc(dword_ptr(DATA as u32)).unwrap();
+            a.mov(eax, dr6).unwrap();
+            a.mov(dword_ptr((DATA + 4) as u32), eax).unwrap();
+            a.xor(eax, eax).unwrap();
+            a.mov(dr6, eax).unwrap();
+            a.or(dword_ptr(esp + 16), 0x1_0000).unwrap(); // RF
+            a.pop(ecx).unwrap();
+            a.pop(eax).unwrap();
+            a.iretd().unwrap();
+        }),
+    );
+    load(&m, IDT + 8, &gate32_at(h));
+    let s = protected_mode_state(&m, 0x2000);
+    (m, s)
+}
+
+fn eips(m: &Machine) -> Vec<u32> {
+    let n = u32_at(m, DATA);
+    (0..n)
+        .map(|i| u32_at(m, DATA + 0x10 + 4 * i as u64))
+        .collect()
+}
+
+#[test]
+fn single_step_traps_after_each_instruction_tf_was_set_for() {
+    let mut at = Vec::new();
+    let code = asm(32, 0x2000, |a| {
+        a.pushfd().unwrap();
+        a.or(dword_ptr(esp), 0x100).unwrap();
+        a.popfd().unwrap(); // sets TF: no trap after it
+        a.nop().unwrap();
+        a.mov(ax, ss).unwrap();
+        a.mov(ss, ax).unwrap(); // the shadow holds the trap to after the next one
+        a.nop().unwrap();
+        a.pushfd().unwrap();
+        a.and(dword_ptr(esp), !0x100).unwrap();
+        a.popfd().unwrap(); // clears TF: still traps after it
+        a.nop().unwrap();
+        a.hlt().unwrap();
+    });
+    // Addresses of the instructions after which traps are due.
+    let mut d = iced_x86::Decoder::with_ip(32, &code, 0x2000, iced_x86::DecoderOptions::NONE);
+    let insns: Vec<_> = d.iter().collect();
+    for (i, insn) in insns.iter().enumerate() {
+        // After the first POPF (index 2) every instruction traps, except MOV SS (index 5),
+        // until the second POPF (index 9) included.
+        if (3..=9).contains(&i) && i != 5 {
+            at.push(insn.next_ip32());
+        }
+    }
+    let (mut m, s) = debug_machine(&code);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 200), Exit::Halted);
+    assert_eq!(eips(&m), at);
+    assert_eq!(u32_at(&m, DATA + 4) & 0x4000, 0x4000, "DR6.BS");
+    assert_eq!(c.stats().get("bt.exceptions.1"), at.len() as u64);
+}
+
+#[test]
+fn instruction_breakpoints_fault_once_per_execution_thanks_to_rf() {
+    let code = asm(32, 0x2000, |a| {
+        let mut top = a.create_label();
+        a.mov(eax, 0x2100).unwrap();
+        a.mov(dr0, eax).unwrap();
+        a.mov(eax, 0x1).unwrap(); // L0, execute, length 1
+        a.mov(dr7, eax).unwrap();
+        a.mov(ecx, 3).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(0x2100u64).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let (mut m, s) = debug_machine(&code);
+    load(
+        &m,
+        0x2100,
+        &asm(32, 0x2100, |a| {
+            a.inc(esi).unwrap();
+            a.ret().unwrap();
+        }),
+    );
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 200), Exit::Halted);
+    assert_eq!(
+        eips(&m),
+        vec![0x2100; 3],
+        "a fault at the breakpoint each time"
+    );
+    assert_eq!(
+        c.state().unwrap().gpr[6],
+        3,
+        "the instruction ran once each time"
+    );
+    assert_eq!(u32_at(&m, DATA + 4) & 0xf, 1, "DR6.B0");
+}
+
+#[test]
+fn data_breakpoints_trap_after_matching_accesses() {
+    let mut after = Vec::new();
+    let code = asm(32, 0x2000, |a| {
+        a.mov(eax, 0x6000).unwrap();
+        a.mov(dr1, eax).unwrap();
+        a.mov(eax, 0x6010).unwrap();
+        a.mov(dr2, eax).unwrap();
+        // DR1: write, 4 bytes (L1, RW1 = 01, LEN1 = 11); DR2: read/write, 2 bytes
+        // (L2, RW2 = 11, LEN2 = 01).
+        a.mov(
+            eax,
+            (1u32 << 2) | (1 << 4) | (0b1101 << 20) | (0b0111 << 24),
+        )
+        .unwrap();
+        a.mov(dr7, eax).unwrap();
+        a.mov(ebx, dword_ptr(0x6000)).unwrap(); // read of a write breakpoint: nothing
+        a.mov(word_ptr(0x6002), bx).unwrap(); // overlaps DR1's dword
+        a.mov(byte_ptr(0x6004), bl).unwrap(); // just past it: nothing
+        a.mov(edx, dword_ptr(0x600e)).unwrap(); // overlaps DR2's word: read hit
+        a.nop().unwrap();
+        a.hlt().unwrap();
+    });
+    let mut d = iced_x86::Decoder::with_ip(32, &code, 0x2000, iced_x86::DecoderOptions::NONE);
+    let insns: Vec<_> = d.iter().collect();
+    after.push(insns[7].next_ip32());
+    after.push(insns[9].next_ip32());
+    let (mut m, s) = debug_machine(&code);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 200), Exit::Halted);
+    assert_eq!(eips(&m), after);
+    assert_eq!(u32_at(&m, DATA + 4) & 0xf, 4, "DR6.B2 for the last hit");
+}
+
+#[test]
+fn general_detect_faults_on_debug_register_access_and_icebp_traps() {
+    let mut d_at = Vec::new();
+    let code = asm(32, 0x2000, |a| {
+        a.mov(eax, 0x2000).unwrap(); // GD
+        a.mov(dr7, eax).unwrap();
+        a.mov(ebx, dr0).unwrap(); // #DB fault here; GD is clear afterwards
+        a.int1().unwrap(); // ICEBP: a #DB trap
+        a.hlt().unwrap();
+    });
+    let mut d = iced_x86::Decoder::with_ip(32, &code, 0x2000, iced_x86::DecoderOptions::NONE);
+    let insns: Vec<_> = d.iter().collect();
+    d_at.push(insns[2].ip32());
+    d_at.push(insns[3].next_ip32());
+    let (mut m, s) = debug_machine(&code);
+    // The handler clears DR6; record DR6 before that for the first event separately.
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 200), Exit::Halted);
+    assert_eq!(eips(&m), d_at);
+    let st = c.state().unwrap();
+    assert_eq!(st.dr7 & 0x2000, 0, "delivery cleared GD");
+    assert_eq!(
+        u32_at(&m, DATA + 4) & 0xe00f,
+        0,
+        "ICEBP sets no DR6 condition bits (the handler had cleared BD)"
+    );
+}
+
+#[test]
+fn misaligned_ring3_accesses_raise_ac_only_with_cr0_am_and_eflags_ac() {
+    for (am, ac, expect_ac) in [
+        (true, true, true),
+        (true, false, false),
+        (false, true, false),
+    ] {
+        let (mut m, _, _) = machine();
+        let h17 = 0x20_1000u64;
+        load(
+            &m,
+            h17,
+            &asm(64, h17, |a| {
+                a.pop(r9).unwrap();
+                a.mov(r10, 17u64).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        let h13 = 0x20_1100u64;
+        load(
+            &m,
+            h13,
+            &asm(64, h13, |a| {
+                a.hlt().unwrap();
+            }),
+        );
+        for (v, h) in [(17u64, h17), (13, h13)] {
+            let lo = (h & 0xffff) | (0x18u64 << 16) | (0x8eu64 << 40) | ((h >> 16) & 0xffff) << 48;
+            load(&m, IDT + v * 16, &lo.to_le_bytes());
+        }
+        let user = 0x20_2000u64;
+        load(
+            &m,
+            user,
+            &asm(64, user, |a| {
+                a.mov(eax, dword_ptr(0x30_0001)).unwrap();
+                a.mov(r11, 0x11u64).unwrap();
+                a.cli().unwrap(); // #GP back to ring 0: the end
+            }),
+        );
+        let flags = 0x202u32 | if ac { 1 << 18 } else { 0 };
+        let code = asm(64, 0x20_0000, |a| {
+            a.mov(ebx, 0x1234_5678).unwrap();
+            a.mov(dword_ptr(0x30_0000), ebx).unwrap(); // misaligned at CPL 0: fine
+            a.mov(dword_ptr(0x30_0001), ebx).unwrap();
+            a.push(0x2b).unwrap();
+            a.push(0x9000).unwrap();
+            a.push(flags as i32).unwrap();
+            a.push(0x33).unwrap();
+            a.mov(rax, user).unwrap();
+            a.push(rax).unwrap();
+            a.iretq().unwrap();
+        });
+        load(&m, 0x20_0000, &code);
+        let mut s = long_mode_state(&m, 0x20_0000);
+        if am {
+            s.cr0 |= 1 << 18;
+        }
+        load(&m, TSS + 4, &0xa000u64.to_le_bytes());
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 200), Exit::Halted);
+        let st = c.state().unwrap();
+        let case = format!("AM {am} AC {ac}");
+        if expect_ac {
+            assert_eq!((st.gpr[10], st.gpr[9]), (17, 0), "#AC(0): {case}");
+            assert_eq!(st.gpr[11], 0, "{case}");
+        } else {
+            assert_eq!(st.gpr[10], 0, "{case}");
+            assert_eq!(st.gpr[11], 0x11, "{case}");
+            assert_eq!(st.gpr[0] as u32, 0x1234_5678, "{case}");
+        }
+        let _ = st.seg[seg::CS];
+    }
+}
+
+#[test]
+fn faults_push_eflags_with_rf_and_traps_do_not() {
+    let (mut m, _, _) = machine();
+    let h = 0x2800u64;
+    load(
+        &m,
+        h,
+        &asm(32, h, |a| {
+            a.mov(ebx, dword_ptr(esp + 12)).unwrap(); // EFLAGS (after the error code)
+            a.hlt().unwrap();
+        }),
+    );
+    load(&m, IDT + 13 * 8, &gate32_at(h));
+    let code = asm(32, 0x2000, |a| {
+        a.mov(ax, 0x63).unwrap();
+        a.mov(ds, ax).unwrap();
+    });
+    load(&m, 0x2000, &code);
+    let s = protected_mode_state(&m, 0x2000);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 100), Exit::Halted);
+    assert_ne!(
+        c.state().unwrap().gpr[3] & 0x1_0000,
+        0,
+        "RF in a fault's image"
+    );
+    let _ = m
+        .mem
+        .read_obj::<u8>(deja_machine::vm_memory::GuestAddress(0));
+}
