@@ -19,6 +19,7 @@ pub mod paging_access;
 pub mod platform;
 pub mod racy_kernel;
 mod rt;
+pub mod system;
 pub mod timer;
 
 pub use link::LinkError;
@@ -65,7 +66,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 29] = [
+static GUESTS: [Guest; 30] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -231,6 +232,14 @@ static GUESTS: [Guest; 29] = [
         description: "paging-access-4level with two CPU states and no D/G variation, for hosts \
                       that emulate ring-0 code (PVM); exits 0 or 1",
         build: paging_access::build_4level_quick,
+    },
+    Guest {
+        name: "smc",
+        description: "code coherence: a store into the very next instruction, a live loop's \
+                      JMP and JNE rewritten to fall through while running, code loaded over \
+                      a running physical page through an alias mapping, a remapped code \
+                      page; exits 0",
+        build: system::build_smc,
     },
 ];
 

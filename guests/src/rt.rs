@@ -79,12 +79,43 @@ pub fn long_mode_image(
     })
 }
 
+/// [`long_mode_image`] with more sections after the IDT (code of other bitness a guest
+/// switches to: 16-bit code for real and 16-bit protected mode, 32-bit code for protected and
+/// compatibility mode). Sections that real-mode code reaches must set `limit: Some(0x1_0000)`.
+pub(crate) fn long_mode_image_with(
+    name: &str,
+    handlers: &[(u8, &'static str)],
+    main: &dyn Fn(&mut SectionAsm<'_>, &mut Runtime) -> Result<(), LinkError>,
+    extra: &[Section<'_>],
+) -> Result<Image, LinkError> {
+    let linked = long_mode_link_with(name, BootMessages::default(), handlers, main, extra)?;
+    Ok(Image {
+        name: format!("guest:{name}"),
+        bytes: linked.bytes,
+        format: ImageFormat::Raw {
+            load_addr: LOAD_ADDR,
+            entry: LOAD_ADDR,
+            mode: EntryMode::Real,
+        },
+    })
+}
+
 /// [`long_mode_image`] before it becomes an [`Image`]: bytes and symbols.
 pub(crate) fn long_mode_link(
     name: &str,
     messages: BootMessages,
     handlers: &[(u8, &'static str)],
     main: &dyn Fn(&mut SectionAsm<'_>, &mut Runtime) -> Result<(), LinkError>,
+) -> Result<Linked, LinkError> {
+    long_mode_link_with(name, messages, handlers, main, &[])
+}
+
+fn long_mode_link_with(
+    name: &str,
+    messages: BootMessages,
+    handlers: &[(u8, &'static str)],
+    main: &dyn Fn(&mut SectionAsm<'_>, &mut Runtime) -> Result<(), LinkError>,
+    extra: &[Section<'_>],
 ) -> Result<Linked, LinkError> {
     let guest = name.to_owned();
     let real: &Emit<'_> = &|s| real_mode(s, messages.real);
@@ -104,39 +135,44 @@ pub(crate) fn long_mode_link(
         rt.emit(s)
     };
     let idt: &Emit<'_> = &|s| idt_table(s, handlers);
-    link(
-        LOAD_ADDR,
-        &[
-            Section {
-                name: "real16",
-                bitness: 16,
-                align: 1,
-                limit: Some(0x1_0000),
-                emit: real,
-            },
-            Section {
-                name: "prot32",
-                bitness: 32,
-                align: 16,
-                limit: None,
-                emit: prot,
-            },
-            Section {
-                name: "long64",
-                bitness: 64,
-                align: 16,
-                limit: Some(0x20_0000),
-                emit: long,
-            },
-            Section {
-                name: "idt",
-                bitness: 64,
-                align: 16,
-                limit: Some(0x20_0000),
-                emit: idt,
-            },
-        ],
-    )
+    let mut sections = vec![
+        Section {
+            name: "real16",
+            bitness: 16,
+            align: 1,
+            limit: Some(0x1_0000),
+            emit: real,
+        },
+        Section {
+            name: "prot32",
+            bitness: 32,
+            align: 16,
+            limit: None,
+            emit: prot,
+        },
+        Section {
+            name: "long64",
+            bitness: 64,
+            align: 16,
+            limit: Some(0x20_0000),
+            emit: long,
+        },
+        Section {
+            name: "idt",
+            bitness: 64,
+            align: 16,
+            limit: Some(0x20_0000),
+            emit: idt,
+        },
+    ];
+    sections.extend(extra.iter().map(|x| Section {
+        name: x.name,
+        bitness: x.bitness,
+        align: x.align,
+        limit: x.limit,
+        emit: x.emit,
+    }));
+    link(LOAD_ADDR, &sections)
 }
 
 /// Real mode: normalise CS:IP, set up segments and stack, load the GDT, set CR0.PE and
