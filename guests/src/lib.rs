@@ -66,7 +66,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 30] = [
+static GUESTS: [Guest; 33] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -240,6 +240,28 @@ static GUESTS: [Guest; 30] = [
                       a running physical page through an alias mapping, a remapped code \
                       page; exits 0",
         build: system::build_smc,
+    },
+    Guest {
+        name: "exceptions",
+        description: "each exception with its error code: #DE #UD #NM #NP #SS #GP #PF (and \
+                      CR2) #DF in ring 0, #BP #PF #GP #DB (ICEBP) #AC in ring 3, #OF #BR in \
+                      compatibility mode; exits 0",
+        build: system::build_exceptions,
+    },
+    Guest {
+        name: "iopl",
+        description: "CLI, STI and POPF in ring 3 under IOPL 0..3: #GP(0) or IF changed, \
+                      POPF never faults and leaves IF (and IOPL) alone when not allowed; \
+                      exits 0",
+        build: system::build_iopl,
+    },
+    Guest {
+        name: "modes",
+        description: "long -> compatibility -> 32-bit protected -> 16-bit protected -> real \
+                      mode (an IVT interrupt) -> 32-bit protected -> virtual-8086 mode (in by \
+                      IRETD, out by INT) -> a task switch through a task gate and back by \
+                      IRET, #TS -> long mode; exits 0",
+        build: system::build_modes,
     },
 ];
 

@@ -7,9 +7,7 @@
 //! and a 64-bit TSS, user-accessible identity paging of the first 2 MiB, and exception
 //! handlers that record the vector, error code and CR2 and resume where the test said.
 
-#![allow(dead_code)]
-
-use crate::link::{LinkError, Section, SectionAsm};
+use crate::link::{Emit, LinkError, Section, SectionAsm};
 use crate::rt::{EXIT_CHECK_FAILED, EXIT_PASS, Runtime, long_mode_image_with};
 use deja_machine::loader::Image;
 use iced_x86::code_asm::*;
@@ -100,20 +98,21 @@ fn descriptor(base: u64, limit: u64, access: u64, flags: u64) -> u64 {
 fn gdt_entries() -> Vec<u64> {
     vec![
         0,
-        descriptor(0, 0xfffff, 0x9a, 0xc),     // 0x08 code32
-        descriptor(0, 0xfffff, 0x92, 0xc),     // 0x10 data
-        descriptor(0, 0xfffff, 0x9a, 0xa),     // 0x18 code64
-        descriptor(0, 0xfffff, 0xfa, 0xc),     // 0x20 code32 ring 3
-        descriptor(0, 0xfffff, 0xf2, 0xc),     // 0x28 data ring 3
-        descriptor(0, 0xfffff, 0xfa, 0xa),     // 0x30 code64 ring 3
-        descriptor(TSS64, 0x67, 0x89, 0),      // 0x38 64-bit TSS (low half)
-        0,                                     // 0x40 (its high half)
-        descriptor(0, 0xfffff, 0x12, 0xc),     // 0x48 data, not present
-        descriptor(0, 0xffff, 0x9a, 0),        // 0x50 code16
-        descriptor(0, 0xffff, 0x92, 0),        // 0x58 data16
-        descriptor(TSS_A_BASE, 0x67, 0x89, 0), // 0x60 32-bit TSS A
-        descriptor(TSS_B_BASE, 0x67, 0x89, 0), // 0x68 32-bit TSS B
-        (TSS_B as u64) << 16 | 0x85 << 40,     // 0x70 task gate -> B
+        descriptor(0, 0xfffff, 0x9a, 0xc),            // 0x08 code32
+        descriptor(0, 0xfffff, 0x92, 0xc),            // 0x10 data
+        descriptor(0, 0xfffff, 0x9a, 0xa),            // 0x18 code64
+        descriptor(0, 0xfffff, 0xfa, 0xc),            // 0x20 code32 ring 3
+        descriptor(0, 0xfffff, 0xf2, 0xc),            // 0x28 data ring 3
+        descriptor(0, 0xfffff, 0xfa, 0xa),            // 0x30 code64 ring 3
+        descriptor(TSS64, 0x67, 0x89, 0),             // 0x38 64-bit TSS (low half)
+        0,                                            // 0x40 (its high half)
+        descriptor(0, 0xfffff, 0x12, 0xc),            // 0x48 data, not present
+        descriptor(0, 0xffff, 0x9a, 0),               // 0x50 code16
+        descriptor(0, 0xffff, 0x92, 0),               // 0x58 data16
+        descriptor(TSS_A_BASE, 0x67, 0x89, 0),        // 0x60 32-bit TSS A
+        descriptor(TSS_B_BASE, 0x67, 0x89, 0),        // 0x68 32-bit TSS B
+        (TSS_B as u64) << 16 | 0x85 << 40,            // 0x70 task gate -> B
+        descriptor(TSS_B_BASE + 0x80, 0x20, 0x89, 0), // 0x78 TSS with too small a limit
     ]
 }
 
@@ -189,6 +188,8 @@ fn handlers(s: &mut SectionAsm<'_>) -> Result<(), LinkError> {
 fn arm(a: &mut CodeAssembler, bits: u32) -> Result<CodeLabel, IcedError> {
     let resume = a.create_label();
     a.mov(dword_ptr(LAST_VEC), 0xff)?;
+    a.mov(dword_ptr(LAST_ERR), -1)?;
+    a.mov(dword_ptr(LAST_ERR + 4), -1)?;
     if bits == 64 {
         a.lea(rax, ptr(resume))?;
         a.mov(qword_ptr(RESUME), rax)?;
@@ -247,7 +248,7 @@ fn check_slot(
     rt.print(s, b"\r\n")?;
     rt.exit_with(s, EXIT_CHECK_FAILED)?;
     s.a.set_label(&mut good)?;
-    Ok(())
+    rt.print(s, format!("ok: {what}\r\n").as_bytes())
 }
 
 /// Emits a check that `cond` (a Jcc to `ok`, emitted by `test`) holds, else prints and fails.
@@ -481,5 +482,708 @@ pub fn build_smc() -> Result<Image, LinkError> {
             handlers(s)
         },
         no_extra(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// exceptions
+
+/// Emits a ring-0 case: arm, run `body` (which should fault), record into `slot`, check.
+fn ring0_case(
+    s: &mut SectionAsm<'_>,
+    rt: &mut Runtime,
+    slot: u64,
+    what: &str,
+    vector: u8,
+    error: Option<u64>,
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), LinkError> {
+    let mut resume = arm(&mut s.a, 64)?;
+    body(&mut s.a)?;
+    s.a.set_label(&mut resume)?;
+    record(&mut s.a, slot)?;
+    check_slot(s, rt, slot, what, vector, error)
+}
+
+/// Emits a case for code that cannot print (ring 3, compatibility mode): arm, `body`,
+/// record into `slot`; [`check_slot`] checks it later from ring 0.
+fn silent_case(
+    a: &mut CodeAssembler,
+    bits: u32,
+    slot: u64,
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    let mut resume = arm(a, bits)?;
+    body(a)?;
+    a.set_label(&mut resume)?;
+    record(a, slot)
+}
+
+/// [`silent_case`] for 32-bit code, which has no RIP-relative LEA: the resume point is a
+/// linker symbol named after the slot.
+fn silent_case32(
+    s: &mut SectionAsm<'_>,
+    slot: u64,
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), LinkError> {
+    let name = format!("resume32_{slot}");
+    let resume = s.sym32(&name);
+    let a = &mut s.a;
+    a.mov(dword_ptr(LAST_VEC), 0xff)?;
+    a.mov(dword_ptr(LAST_ERR), -1)?;
+    a.mov(dword_ptr(LAST_ERR + 4), -1)?;
+    a.mov(dword_ptr(RESUME), resume)?;
+    a.mov(dword_ptr(RESUME + 4), 0)?;
+    body(a)?;
+    s.export_here(&name)?;
+    Ok(record(&mut s.a, slot)?)
+}
+
+/// Bounds for BOUND (lower, upper).
+const BOUNDS: u64 = CELLS + 0x80;
+/// A dword that misaligned ring-3 loads read.
+const MISALIGNED: u64 = CELLS + 0x91;
+/// A linear address with no mapping (PDPT[1] is empty).
+const UNMAPPED: u64 = 0x4000_0000;
+
+/// The cases of `exceptions` that ring 3 and compatibility mode run: (slot, what, vector,
+/// error code).
+const USER_CASES: [(u64, &str, u8, Option<u64>); 7] = [
+    (20, "#BP: INT3 in ring 3", 3, None),
+    (21, "#PF: ring-3 read of an unmapped page", 14, Some(4)),
+    (22, "#GP: HLT in ring 3", 13, Some(0)),
+    (23, "#DB: ICEBP (INT1) in ring 3", 1, None),
+    (
+        24,
+        "#AC: misaligned ring-3 load with CR0.AM and EFLAGS.AC",
+        17,
+        Some(0),
+    ),
+    (
+        30,
+        "#OF: INTO with OF set (compatibility mode, ring 3)",
+        4,
+        None,
+    ),
+    (
+        31,
+        "#BR: BOUND out of range (compatibility mode, ring 3)",
+        5,
+        None,
+    ),
+];
+
+/// Builds `exceptions`.
+pub fn build_exceptions() -> Result<Image, LinkError> {
+    let compat: &Emit<'_> = &|s| {
+        s.export_here("compat_entry")?;
+        let a = &mut s.a;
+        a.mov(ax, USER_DATA as u32)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        silent_case32(s, 30, |a| {
+            a.mov(eax, 0x7fff_ffff)?;
+            a.add(eax, 1)?;
+            a.into()
+        })?;
+        silent_case32(s, 31, |a| {
+            a.mov(eax, 20)?;
+            a.bound(eax, qword_ptr(BOUNDS))
+        })?;
+        s.a.int(RING0_VECTOR as u32)?;
+        Ok(())
+    };
+    let extra = [Section {
+        name: "compat32",
+        bitness: 32,
+        align: 16,
+        limit: Some(0x1_0000_0000),
+        emit: compat,
+    }];
+    long_mode_image_with(
+        "exceptions",
+        &handler_table(),
+        &|s, rt| {
+            setup(s, rt)?;
+            {
+                let a = &mut s.a;
+                a.mov(rax, cr4)?;
+                a.or(eax, 0x200)?; // OSFXSR
+                a.mov(cr4, rax)?;
+            }
+            ring0_case(s, rt, 0, "#DE: DIV by zero", 0, None, |a| {
+                a.xor(ecx, ecx)?;
+                a.div(ecx)
+            })?;
+            ring0_case(s, rt, 1, "#UD: UD2", 6, None, |a| a.ud2())?;
+            ring0_case(s, rt, 2, "#NM: SSE with CR0.TS", 7, None, |a| {
+                a.mov(rax, cr0)?;
+                a.or(eax, 8)?;
+                a.mov(cr0, rax)?;
+                a.movaps(xmm0, xmm1)
+            })?;
+            s.a.clts()?;
+            ring0_case(
+                s,
+                rt,
+                3,
+                "#NP: load of a not-present segment",
+                11,
+                Some(NOT_PRESENT as u64),
+                |a| {
+                    a.mov(ax, NOT_PRESENT as u32)?;
+                    a.mov(ds, ax)
+                },
+            )?;
+            ring0_case(
+                s,
+                rt,
+                4,
+                "#SS: non-canonical stack reference",
+                12,
+                Some(0),
+                |a| {
+                    a.mov(rbx, 0x8000_0000_0000_0000u64)?;
+                    a.mov(rax, qword_ptr(rsp + rbx))
+                },
+            )?;
+            ring0_case(
+                s,
+                rt,
+                5,
+                "#GP: selector beyond the GDT limit",
+                13,
+                Some(0x1000),
+                |a| {
+                    a.mov(ax, 0x1003)?;
+                    a.mov(es, ax)
+                },
+            )?;
+            ring0_case(s, rt, 6, "#GP: non-canonical address", 13, Some(0), |a| {
+                a.mov(rbx, 0x8000_0000_0000_0000u64)?;
+                a.mov(rax, qword_ptr(rbx))
+            })?;
+            ring0_case(
+                s,
+                rt,
+                7,
+                "#PF: read of an unmapped page",
+                14,
+                Some(0),
+                |a| a.mov(rax, qword_ptr(UNMAPPED)),
+            )?;
+            check(s, rt, "#PF: CR2 is the faulting address", |a, ok| {
+                a.mov(rax, UNMAPPED)?;
+                a.cmp(qword_ptr(LAST_CR2), rax)?;
+                a.je(ok)
+            })?;
+            ring0_case(
+                s,
+                rt,
+                8,
+                "#PF: write to an unmapped page",
+                14,
+                Some(2),
+                |a| a.mov(qword_ptr(UNMAPPED + 8), rax),
+            )?;
+            let idt = s.sym("idt");
+            ring0_case(s, rt, 9, "#DF: #NP while delivering #NP", 8, Some(0), |a| {
+                a.and(byte_ptr(idt + 11 * 16 + 5), 0x7f)?;
+                a.mov(ax, NOT_PRESENT as u32)?;
+                a.mov(ds, ax)
+            })?;
+            s.a.or(byte_ptr(idt + 11 * 16 + 5), 0x80)?;
+            // Ring 3 (64-bit), with CR0.AM set and EFLAGS.AC in the user's flags.
+            let mut user = s.a.create_label();
+            let mut skip = s.a.create_label();
+            {
+                let a = &mut s.a;
+                a.mov(dword_ptr(BOUNDS), 0)?;
+                a.mov(dword_ptr(BOUNDS + 4), 10)?;
+                a.mov(rax, cr0)?;
+                a.or(eax, 1 << 18)?;
+                a.mov(cr0, rax)?;
+                run_user(a, USER_CODE64, user, 0x2 | 1 << 18)?;
+                a.jmp(skip)?;
+                a.set_label(&mut user)?;
+                silent_case(a, 64, 20, |a| a.int3())?;
+                silent_case(a, 64, 21, |a| a.mov(rax, qword_ptr(UNMAPPED)))?;
+                silent_case(a, 64, 22, |a| a.hlt())?;
+                silent_case(a, 64, 23, |a| a.int1())?;
+                silent_case(a, 64, 24, |a| a.mov(eax, dword_ptr(MISALIGNED)))?;
+                a.int(RING0_VECTOR as u32)?;
+                a.set_label(&mut skip)?;
+            }
+            let compat_entry = s.sym("compat_entry");
+            run_user_at(&mut s.a, USER_CODE32, compat_entry, 0x2)?;
+            for (slot, what, vector, error) in USER_CASES {
+                check_slot(s, rt, slot, what, vector, error)?;
+            }
+            rt.print(s, b"exceptions: PASS\r\n")?;
+            rt.exit_with(s, EXIT_PASS)?;
+            handlers(s)
+        },
+        &extra,
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// iopl
+
+/// Builds `iopl`.
+pub fn build_iopl() -> Result<Image, LinkError> {
+    long_mode_image_with(
+        "iopl",
+        &handler_table(),
+        &|s, rt| {
+            setup(s, rt)?;
+            for iopl in 0..4u64 {
+                let base = 8 * iopl;
+                let mut user = s.a.create_label();
+                let mut skip = s.a.create_label();
+                {
+                    let a = &mut s.a;
+                    run_user(a, USER_CODE64, user, 0x202 | iopl << 12)?;
+                    a.jmp(skip)?;
+                    a.set_label(&mut user)?;
+                    let flags = |a: &mut CodeAssembler, slot: u64| -> Result<(), IcedError> {
+                        a.pushfq()?;
+                        a.pop(rax)?;
+                        a.mov(qword_ptr(SLOTS + 16 * slot + 8), rax)
+                    };
+                    // CLI, then the flags.
+                    silent_case(a, 64, base, |a| a.cli())?;
+                    flags(a, base + 1)?;
+                    // STI, then the flags.
+                    silent_case(a, 64, base + 2, |a| a.sti())?;
+                    flags(a, base + 3)?;
+                    // POPF with IF clear in the image, then the flags.
+                    silent_case(a, 64, base + 4, |a| {
+                        a.pushfq()?;
+                        a.and(qword_ptr(rsp), !0x200)?;
+                        a.popfq()
+                    })?;
+                    flags(a, base + 5)?;
+                    // POPF with IOPL 3 in the image, then the flags.
+                    a.pushfq()?;
+                    a.or(qword_ptr(rsp), 0x3000)?;
+                    a.popfq()?;
+                    flags(a, base + 6)?;
+                    a.int(RING0_VECTOR as u32)?;
+                    a.set_label(&mut skip)?;
+                }
+                let trusted = iopl == 3;
+                let fault = |t: bool| if t { (0xffu8, None) } else { (13, Some(0)) };
+                let (v, e) = fault(trusted);
+                check_slot(s, rt, base, &format!("CLI at CPL 3, IOPL {iopl}"), v, e)?;
+                check_slot(s, rt, base + 2, &format!("STI at CPL 3, IOPL {iopl}"), v, e)?;
+                check_slot(
+                    s,
+                    rt,
+                    base + 4,
+                    &format!("POPF at CPL 3, IOPL {iopl} (never faults)"),
+                    0xff,
+                    None,
+                )?;
+                let flag_checks: [(u64, u64, u64, &str); 4] = [
+                    (
+                        base + 1,
+                        0x200,
+                        if trusted { 0 } else { 0x200 },
+                        "IF after CLI",
+                    ),
+                    (base + 3, 0x200, 0x200, "IF after STI"),
+                    (
+                        base + 5,
+                        0x200,
+                        if trusted { 0 } else { 0x200 },
+                        "IF after POPF clearing it",
+                    ),
+                    (base + 6, 0x3000, iopl << 12, "IOPL after POPF setting it"),
+                ];
+                for (slot, mask, want, what) in flag_checks {
+                    check(s, rt, &format!("{what} at CPL 3, IOPL {iopl}"), |a, ok| {
+                        a.mov(rax, qword_ptr(SLOTS + 16 * slot + 8))?;
+                        a.and(eax, mask as u32)?;
+                        a.cmp(eax, want as u32)?;
+                        a.je(ok)
+                    })?;
+                }
+            }
+            rt.print(s, b"iopl: PASS\r\n")?;
+            rt.exit_with(s, EXIT_PASS)?;
+            handlers(s)
+        },
+        no_extra(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// modes
+
+/// Where `modes` records its stages (below 64 KiB, so real and virtual-8086 code reach it
+/// with DS = 0): one dword each, `stage << 16 | push width << 8 | flags`.
+const TRAIL: u64 = 0x600;
+/// A real-mode IDTR image (limit 0x3ff, base 0).
+const REAL_IDTR: u64 = 0x5f0;
+/// The 32-bit IDT used in legacy protected mode.
+const IDT32: u64 = 0x18_4000;
+/// ESP of the 32-bit code while it waits for virtual-8086 mode to come back.
+const SAVED_ESP32: u64 = CELLS + 0x28;
+/// Vector of the real-mode interrupt.
+const REAL_VECTOR: u64 = 0x40;
+/// Vector virtual-8086 code raises to leave.
+const V86_VECTOR: u64 = 0x41;
+/// A TSS descriptor whose limit is too small (for #TS).
+const TSS_SHORT: u16 = 0x78;
+
+/// Flags in a trail entry's low byte.
+const TRAIL_PE: u32 = 1;
+const TRAIL_LMA: u32 = 2;
+
+/// What `modes` expects in its trail, with what each stage is.
+const EXPECTED_TRAIL: [(u32, &str); 12] = [
+    (
+        1 << 16 | 4 << 8 | TRAIL_PE | TRAIL_LMA,
+        "compatibility mode",
+    ),
+    (
+        2 << 16 | 4 << 8 | TRAIL_PE,
+        "32-bit protected mode, paging off",
+    ),
+    (3 << 16 | 2 << 8 | TRAIL_PE, "16-bit protected mode"),
+    (4 << 16 | 2 << 8, "real mode"),
+    (5 << 16 | 2 << 8, "real-mode interrupt through the IVT"),
+    (6 << 16 | 4 << 8 | TRAIL_PE, "32-bit protected mode again"),
+    (
+        7 << 16 | 2 << 8 | TRAIL_PE,
+        "virtual-8086 mode (entered by IRETD)",
+    ),
+    (8 << 16 | 4 << 8 | TRAIL_PE, "left virtual-8086 mode by INT"),
+    (
+        9 << 16 | 4 << 8 | TRAIL_PE,
+        "task B entered by CALL through a task gate",
+    ),
+    (10 << 16 | TSS_A as u32, "task B's back link names task A"),
+    (11 << 16 | TSS_A as u32, "IRET returned to task A (TR)"),
+    (
+        12 << 16 | 8 << 8 | TRAIL_PE | TRAIL_LMA,
+        "64-bit mode again",
+    ),
+];
+
+/// Emits code recording trail entry `stage` for 16-bit (`bits` 16) or 32-bit code: the width
+/// of a PUSH imm8 (the mode's operand size), CR0.PE (SMSW) and, if `lma`, EFER.LMA.
+fn trail(
+    a: &mut CodeAssembler,
+    bits: u32,
+    stage: u32,
+    lma: bool,
+    extra: u32,
+) -> Result<(), IcedError> {
+    let at = TRAIL + 4 * (stage as u64 - 1);
+    if bits == 16 {
+        a.mov(bx, sp)?;
+        a.db(&[0x6a, 0x00])?;
+        a.mov(cx, bx)?;
+        a.sub(cx, sp)?;
+        a.mov(sp, bx)?;
+        a.smsw(ax)?;
+    } else {
+        a.mov(ebx, esp)?;
+        a.db(&[0x6a, 0x00])?;
+        a.mov(ecx, ebx)?;
+        a.sub(ecx, esp)?;
+        a.mov(esp, ebx)?;
+        a.smsw(eax)?;
+    }
+    a.and(al, 1)?;
+    a.or(al, extra)?;
+    a.mov(ah, cl)?;
+    if lma {
+        a.mov(bl, al)?;
+        a.mov(bh, cl)?;
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.shr(eax, 9)?;
+        a.and(al, 2)?;
+        a.or(al, bl)?;
+        a.mov(ah, bh)?;
+    }
+    a.mov(word_ptr(at), ax)?;
+    a.mov(word_ptr(at + 2), stage)?;
+    Ok(())
+}
+
+/// Builds `modes`.
+pub fn build_modes() -> Result<Image, LinkError> {
+    // 32-bit code: compatibility mode down to 32-bit protected mode, and the way back up.
+    let code32: &Emit<'_> = &|s| {
+        let down16 = s.sym32("down16");
+        let v86_code = s.sym32("v86_code");
+        let back64 = s.sym32("back64");
+        let task_b = s.sym32("task_b");
+        let v86_exit = s.sym32("v86_exit");
+        let ts_handler = s.sym32("ts_handler");
+        s.export_here("compat_down")?;
+        let a = &mut s.a;
+        trail(a, 32, 1, true, 0)?;
+        // Paging off leaves long mode.
+        a.mov(eax, cr0)?;
+        a.and(eax, 0x7fff_ffff)?;
+        a.mov(cr0, eax)?;
+        a.mov(ax, DATA as u32)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.mov(ss, ax)?;
+        trail(a, 32, 2, true, 0)?;
+        a.jmp_far(CODE16, down16)?;
+
+        s.export_here("up32")?;
+        let a = &mut s.a;
+        a.mov(ax, DATA as u32)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(fs, ax)?;
+        a.mov(gs, ax)?;
+        trail(a, 32, 6, false, 0)?;
+        // A 32-bit IDT: the virtual-8086 exit (DPL 3) and #TS.
+        for (vector, handler, access) in
+            [(V86_VECTOR, v86_exit, 0xee00u32), (10, ts_handler, 0x8e00)]
+        {
+            a.mov(eax, handler)?;
+            a.mov(edx, eax)?;
+            a.and(eax, 0xffff)?;
+            a.or(eax, (CODE32 as u32) << 16)?;
+            a.mov(dword_ptr(IDT32 + 8 * vector), eax)?;
+            a.and(edx, 0xffff_0000u32 as i32)?;
+            a.or(edx, access)?;
+            a.mov(dword_ptr(IDT32 + 8 * vector + 4), edx)?;
+        }
+        a.mov(word_ptr(IDT32 + 0x800), 0x7ff)?;
+        a.mov(dword_ptr(IDT32 + 0x802), IDT32 as u32)?;
+        // Task A (the current task from now on) and task B.
+        for (off, v) in [
+            (0x04u64, RING0_STACK as u32),
+            (0x08, DATA as u32),
+            (0x64, 0x68 << 16),
+        ] {
+            a.mov(dword_ptr(TSS_A_BASE + off), v)?;
+            a.mov(dword_ptr(TSS_B_BASE + off), v)?;
+        }
+        a.mov(dword_ptr(TSS_B_BASE + 0x20), task_b)?;
+        a.mov(dword_ptr(TSS_B_BASE + 0x24), 2)?;
+        a.mov(dword_ptr(TSS_B_BASE + 0x38), 0x6c00)?;
+        for (i, sel) in [DATA, CODE32, DATA, DATA, DATA, DATA].iter().enumerate() {
+            a.mov(dword_ptr(TSS_B_BASE + 0x48 + 4 * i as u64), *sel as u32)?;
+        }
+        a.mov(dword_ptr(TSS_B_BASE + 0x60), 0)?;
+        a.mov(ax, TSS_A as u32)?;
+        a.ltr(ax)?;
+        a.lidt(ptr(IDT32 + 0x800))?;
+        // Enter virtual-8086 mode: IRETD with VM and IOPL 3 in the image.
+        a.mov(dword_ptr(SAVED_ESP32), esp)?;
+        for v in [0u32, 0, 0, 0, 0, 0x6800, 0x0002_3002, 0, v86_code] {
+            a.push(v as i32)?;
+        }
+        a.iretd()?;
+        // The INT from virtual-8086 mode lands here, on task A's ring-0 stack.
+        s.export_here("v86_exit")?;
+        let a = &mut s.a;
+        a.mov(ax, DATA as u32)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.mov(fs, ax)?;
+        a.mov(gs, ax)?;
+        a.mov(edx, dword_ptr(esp + 8))?; // EFLAGS in the frame
+        a.mov(dword_ptr(TRAIL + 0x40), edx)?;
+        a.mov(esp, dword_ptr(SAVED_ESP32))?;
+        trail(a, 32, 8, false, 0)?;
+        // A task switch and back: CALL through the task gate, task B returns by IRET.
+        a.call_far(TASK_GATE_B, 0)?;
+        a.str(ax)?;
+        a.mov(word_ptr(TRAIL + 4 * 10), ax)?;
+        a.mov(word_ptr(TRAIL + 4 * 10 + 2), 11)?;
+        a.clts()?;
+        // A TSS whose limit is too small: #TS with its selector.
+        silent_case32(s, 40, |a| a.jmp_far(TSS_SHORT, 0))?;
+        // Back to long mode: paging on (LME is still set) and a far jump to 64-bit code.
+        let a = &mut s.a;
+        a.mov(eax, cr0)?;
+        a.or(eax, 0x8000_0000u32 as i32)?;
+        a.mov(cr0, eax)?;
+        a.jmp_far(CODE64, back64)?;
+
+        s.export_here("task_b")?;
+        let a = &mut s.a;
+        a.pushfd()?;
+        a.pop(dword_ptr(TRAIL + 0x44))?;
+        trail(a, 32, 9, false, 0)?;
+        a.mov(ax, word_ptr(TSS_B_BASE))?;
+        a.mov(word_ptr(TRAIL + 4 * 9), ax)?;
+        a.mov(word_ptr(TRAIL + 4 * 9 + 2), 10)?;
+        a.iretd()?;
+
+        s.export_here("ts_handler")?;
+        let a = &mut s.a;
+        a.pop(eax)?;
+        a.mov(dword_ptr(LAST_ERR), eax)?;
+        a.mov(dword_ptr(LAST_ERR + 4), 0)?;
+        a.mov(dword_ptr(LAST_VEC), 10)?;
+        a.mov(eax, dword_ptr(RESUME))?;
+        a.mov(dword_ptr(esp), eax)?;
+        a.iretd()?;
+        Ok(())
+    };
+    // 16-bit code: 16-bit protected mode, real mode, virtual-8086 mode.
+    let code16: &Emit<'_> = &|s| {
+        let up32 = s.sym32("up32");
+        let real_entry = s.sym32("real_entry");
+        let real_handler = s.sym32("real_handler");
+        s.export_here("down16")?;
+        let a = &mut s.a;
+        a.mov(ax, DATA16 as u32)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.mov(ss, ax)?;
+        trail(a, 16, 3, false, 0)?;
+        a.mov(eax, cr0)?;
+        a.and(eax, !1)?;
+        a.mov(cr0, eax)?;
+        // Real mode: a far jump reloads CS with a real-mode segment.
+        a.jmp_far(0, real_entry)?;
+        s.export_here("real_entry")?;
+        let a = &mut s.a;
+        a.xor(ax, ax)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.mov(ss, ax)?;
+        trail(a, 16, 4, false, 0)?;
+        // A real-mode interrupt through the IVT.
+        a.mov(word_ptr(REAL_IDTR), 0x3ff)?;
+        a.mov(dword_ptr(REAL_IDTR + 2), 0)?;
+        a.lidt(ptr(REAL_IDTR))?;
+        a.mov(word_ptr(REAL_VECTOR * 4), real_handler)?;
+        a.mov(word_ptr(REAL_VECTOR * 4 + 2), 0)?;
+        a.int(REAL_VECTOR as u32)?;
+        // Up again: PE on, far jump into 32-bit code.
+        a.mov(eax, cr0)?;
+        a.or(eax, 1)?;
+        a.mov(cr0, eax)?;
+        a.jmp_far(CODE32, up32)?;
+
+        s.export_here("real_handler")?;
+        let a = &mut s.a;
+        trail(a, 16, 5, false, 0)?;
+        a.iret()?;
+
+        s.export_here("v86_code")?;
+        let a = &mut s.a;
+        trail(a, 16, 7, false, 0)?;
+        a.int(V86_VECTOR as u32)?;
+        Ok(())
+    };
+    let extra = [
+        Section {
+            name: "code32",
+            bitness: 32,
+            align: 16,
+            limit: Some(0x1_0000),
+            emit: code32,
+        },
+        Section {
+            name: "code16",
+            bitness: 16,
+            align: 16,
+            limit: Some(0x1_0000),
+            emit: code16,
+        },
+    ];
+    long_mode_image_with(
+        "modes",
+        &handler_table(),
+        &|s, rt| {
+            setup(s, rt)?;
+            let compat_down = s.sym("compat_down");
+            {
+                let a = &mut s.a;
+                // Clear the trail.
+                a.mov(rdi, TRAIL)?;
+                a.xor(eax, eax)?;
+                a.mov(ecx, 16)?;
+                a.rep().stosd()?;
+                a.push(CODE32 as i32)?;
+                a.mov(rax, compat_down)?;
+                a.push(rax)?;
+                a.db(&[0x48, 0xcb])?; // RETFQ
+            }
+            s.export_here("back64")?;
+            {
+                let a = &mut s.a;
+                a.mov(ax, DATA as u32)?;
+                a.mov(ds, ax)?;
+                a.mov(es, ax)?;
+                a.mov(ss, ax)?;
+                a.mov(ecx, 0xc000_0080u32)?;
+                a.rdmsr()?;
+                a.shr(eax, 9)?;
+                a.and(eax, 2)?;
+                a.or(eax, 1 | 12 << 16)?;
+                a.mov(rbx, rsp)?;
+                a.db(&[0x6a, 0x00])?;
+                a.mov(rcx, rbx)?;
+                a.sub(rcx, rsp)?;
+                a.mov(rsp, rbx)?;
+                a.shl(ecx, 8)?;
+                a.or(eax, ecx)?;
+                a.mov(dword_ptr(TRAIL + 4 * 11), eax)?;
+            }
+            rt.load_idt(s)?;
+            for (i, (want, what)) in EXPECTED_TRAIL.iter().enumerate() {
+                let mut ok = s.a.create_label();
+                s.a.cmp(dword_ptr(TRAIL + 4 * i as u64), *want)?;
+                s.a.je(ok)?;
+                rt.print(
+                    s,
+                    format!("FAIL stage {}: {what}: expected {want:#x}, got ", i + 1).as_bytes(),
+                )?;
+                s.a.mov(eax, dword_ptr(TRAIL + 4 * i as u64))?;
+                s.a.call(rt.put_hex)?;
+                rt.print(s, b"\r\n")?;
+                rt.exit_with(s, EXIT_CHECK_FAILED)?;
+                s.a.set_label(&mut ok)?;
+            }
+            check(
+                s,
+                rt,
+                "the INT from virtual-8086 mode pushed EFLAGS with VM",
+                |a, ok| {
+                    a.test(dword_ptr(TRAIL + 0x40), 1 << 17)?;
+                    a.jne(ok)
+                },
+            )?;
+            check(
+                s,
+                rt,
+                "task B runs with EFLAGS.NT (nested by CALL)",
+                |a, ok| {
+                    a.test(dword_ptr(TRAIL + 0x44), 1 << 14)?;
+                    a.jne(ok)
+                },
+            )?;
+            check_slot(
+                s,
+                rt,
+                40,
+                "#TS: JMP to a TSS with a limit below 0x67",
+                10,
+                Some(TSS_SHORT as u64),
+            )?;
+            rt.print(s, b"modes: PASS\r\n")?;
+            rt.exit_with(s, EXIT_PASS)?;
+            handlers(s)
+        },
+        &extra,
     )
 }

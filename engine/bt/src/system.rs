@@ -82,6 +82,30 @@ pub fn hlt(ctx: &mut Ctx, op: &UOp) -> OpResult {
     Ok(Ctl::Halt)
 }
 
+/// BOUND: #BR when the signed index in `dst` lies outside the signed bounds pair at `src`
+/// (legacy and compatibility mode; the encoding is not valid in 64-bit mode).
+pub fn bound(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let Operand::Mem(m) = op.src else {
+        return Err(Exc::UD);
+    };
+    if ctx.core.mode64() {
+        return Err(Exc::UD);
+    }
+    let size = op.size;
+    let ea = ctx.ea(&m);
+    let lin = ctx.linear(m.seg, ea, 2 * size as u64, false)?;
+    let lower = crate::core::sext(ctx.read_lin(lin, size)?, size) as i64;
+    let upper = crate::core::sext(ctx.read_lin(lin + size as u64, size)?, size) as i64;
+    let index = crate::core::sext(ctx.get(&op.dst, size)?, size) as i64;
+    if index < lower || index > upper {
+        return Err(Exc {
+            vector: 5,
+            error: None,
+        });
+    }
+    Ok(Ctl::Next)
+}
+
 /// CLI (`aux` 0) / STI (`aux` 1).
 pub fn cli_sti(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let c = &mut *ctx.core;
@@ -1025,6 +1049,9 @@ pub fn deliver(
             let ssd = load_inner_ss(ctx, nss, new_cpl)?;
             enter_cs(ctx, t, new_cpl, toff);
             ctx.core.seg[seg::SS] = ssd;
+            // Leaving virtual-8086 mode: the pushes use the new stack's size, not VM's 16 bits
+            // (the image pushed keeps VM; a failure below restores the flags).
+            ctx.core.rflags &= !fl::VM;
             ctx.core.gpr[4] = if ssd.db {
                 nsp & 0xffff_ffff
             } else {

@@ -599,6 +599,7 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
             op.exec = system::op_out;
         }
         Mnemonic::Hlt => op.exec = system::hlt,
+        Mnemonic::Bound => op.exec = system::bound,
         Mnemonic::Cli => {
             op.aux = 0;
             op.exec = system::cli_sti;
