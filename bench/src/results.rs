@@ -54,23 +54,6 @@ pub struct Machine {
     pub qemu_version: Option<String>,
 }
 
-/// Recording a trace of the same loop: what it costs and how much it writes. Filled by the
-/// recording measurement (`bench::record`); absent when the run did not record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Recording {
-    /// Host nanoseconds per operation while recording (median, min, max over repeats).
-    pub ns_per_op: Option<Summary>,
-    /// Median ns per operation recording over median ns per operation not recording.
-    pub overhead: Option<f64>,
-    /// Bytes of the whole trace file (compressed, header and footer included).
-    pub trace_bytes: u64,
-    /// Trace bytes attributable to one operation (between the marks where the recorder
-    /// can tell, otherwise the whole trace over the iteration count).
-    pub trace_bytes_per_op: f64,
-    /// Trace events logged per operation.
-    pub events_per_op: f64,
-}
-
 /// Whether a measurement ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "kebab-case")]
@@ -158,9 +141,6 @@ pub struct Measurement {
     pub counters_per_op: BTreeMap<String, f64>,
     /// Host perf-event counters per operation.
     pub perf: Vec<PerfValue>,
-    /// Recording overhead and trace size, when the run recorded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recording: Option<Recording>,
 }
 
 impl Measurement {
@@ -179,7 +159,6 @@ impl Measurement {
             exits_per_op: BTreeMap::new(),
             counters_per_op: BTreeMap::new(),
             perf: Vec::new(),
-            recording: None,
         }
     }
 

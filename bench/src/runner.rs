@@ -486,7 +486,6 @@ fn summarize(job: &Job, iterations: u32, samples: &[Sample]) -> Measurement {
         exits_per_op,
         counters_per_op,
         perf,
-        recording: None,
     }
 }
 

@@ -1,12 +1,14 @@
 //! Plots and HTML/Markdown reports from `deja bench` results: ns per operation for each
 //! benchmark grouped by engine and MMU strategy (log scale), exits per operation by reason
 //! as stacked bars, MMU counters per strategy (one panel per benchmark that makes the MMU
-//! work), recording overhead and trace size, an `index.html` and a `summary.md`.
+//! work), recording overhead and trace size (from `deja bench --record-replay`), an
+//! `index.html` and a `summary.md`.
 //!
 //! Text in plots needs a TrueType font (plotters lays text out with ab_glyph, for SVG as
 //! well as PNG). The report embeds DejaVu Sans (`reports/fonts`, with its license), so the
 //! plots look the same whatever fonts the machine drawing them has.
 
+use deja_bench::record::RecordReplayMeasurement;
 use deja_bench::{BenchResults, Measurement, Status};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -85,7 +87,7 @@ struct PlotSpec {
 }
 
 /// The plots `results` call for: the MMU panel grid grows with the benchmarks in it, and
-/// the recording plot is drawn only when some measurement recorded a trace.
+/// the recording plot is drawn only when the results hold record/replay measurements.
 fn plots(results: &[BenchResults]) -> Vec<PlotSpec> {
     let mut specs = vec![
         PlotSpec {
@@ -104,10 +106,7 @@ fn plots(results: &[BenchResults]) -> Vec<PlotSpec> {
             size: (1400, 380 * panels.div_ceil(2) as u32),
         });
     }
-    if ok_measurements(results)
-        .iter()
-        .any(|m| m.recording.is_some())
-    {
+    if !recorded(results).is_empty() {
         specs.push(PlotSpec {
             name: "recording",
             size: (1400, 900),
@@ -545,79 +544,62 @@ fn plot_mmu<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Recording: time per operation with and without recording (log scale) and trace bytes
-/// per operation, for every measurement that recorded a trace.
+/// The record/replay measurements that ran (`deja bench --record-replay`).
+fn recorded(results: &[BenchResults]) -> Vec<&RecordReplayMeasurement> {
+    results
+        .iter()
+        .flat_map(|r| r.record_replay.iter())
+        .filter(|m| m.status == Status::Ok)
+        .collect()
+}
+
+/// The label of a record/replay measurement: guest, engine and clock.
+fn rr_label(m: &RecordReplayMeasurement) -> String {
+    format!("{} ({}, {} clock)", m.guest, m.engine, m.clock)
+}
+
+/// Recording overhead and trace size: host ns per guest instruction of a plain run, a
+/// recording and a replay (log scale), and trace bytes per second of guest time.
 fn plot_recording<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     results: &[BenchResults],
 ) -> Result<(), String> {
-    let ms: Vec<&Measurement> = ok_measurements(results)
-        .into_iter()
-        .filter(|m| m.recording.is_some())
-        .collect();
-    let benches = ordered(ms.iter().map(|m| m.bench.as_str()));
-    let columns = column_order(&ms);
-    let (top, bottom) = root.split_vertically(450);
-    let mut series = Vec::new();
-    for c in &columns {
-        series.push(format!("{c} plain"));
-        series.push(format!("{c} recording"));
-    }
-    let find = |b: &String, s: &String| -> Option<&Measurement> {
-        let (column, _) = s.rsplit_once(' ')?;
+    let ms = recorded(results);
+    let guests: Vec<String> = ms.iter().map(|m| rr_label(m)).collect();
+    let (top, bottom) = root.split_vertically(480);
+    let kinds = ["plain run".to_string(), "recording".into(), "replay".into()];
+    let find = |g: &String| ms.iter().find(|m| &rr_label(m) == g);
+    let y = log_range(
         ms.iter()
-            .copied()
-            .find(|m| &m.bench == b && m.column() == column)
-    };
-    let y = log_range(ms.iter().flat_map(|m| {
-        [
-            m.ns_per_op.map(|s| s.median),
-            m.recording
-                .as_ref()
-                .and_then(|r| r.ns_per_op)
-                .map(|s| s.median),
-        ]
-        .into_iter()
-        .flatten()
-    }));
+            .flat_map(|m| m.ns_per_instruction.unwrap_or_default()),
+    );
     bars(
         &top,
         &Bars {
-            title: "ns per operation, plain and while recording a trace (log scale)",
-            y_desc: "ns/op",
-            groups: &benches,
-            series: &series,
+            title: "host ns per guest instruction: plain, recording, replay (log scale)",
+            y_desc: "ns/instruction",
+            groups: &guests,
+            series: &kinds,
             log: true,
         },
-        |b, s| {
-            let m = find(b, s)?;
-            if s.ends_with(" recording") {
-                m.recording.as_ref()?.ns_per_op.map(|x| x.median)
-            } else {
-                m.ns_per_op.map(|x| x.median)
-            }
+        |g, kind| {
+            let i = kinds.iter().position(|k| k == kind)?;
+            find(g)?.ns_per_instruction.map(|v| v[i])
         },
         y,
     )?;
-    let y = log_range(
-        ms.iter()
-            .filter_map(|m| m.recording.as_ref().map(|r| r.trace_bytes_per_op)),
-    );
+    let series = ["trace bytes per guest second".to_string()];
+    let y = log_range(ms.iter().filter_map(|m| m.trace_bytes_per_guest_second));
     bars(
         &bottom,
         &Bars {
-            title: "trace bytes per operation (compressed; log scale)",
-            y_desc: "bytes/op",
-            groups: &benches,
-            series: &columns,
+            title: "trace size: compressed bytes per second of guest time (log scale)",
+            y_desc: "bytes/s",
+            groups: &guests,
+            series: &series,
             log: true,
         },
-        |b, c| {
-            ms.iter()
-                .find(|m| &m.bench == b && &m.column() == c)
-                .and_then(|m| m.recording.as_ref())
-                .map(|r| r.trace_bytes_per_op)
-        },
+        |g, _| find(g)?.trace_bytes_per_guest_second,
         y,
     )
 }
@@ -700,7 +682,7 @@ pub fn summary_markdown(results: &[BenchResults], plots: &[&str]) -> String {
         let _ = writeln!(md, "| {b} | {} |", cells.join(" | "));
     }
     mmu_table(&mut md, &all);
-    recording_table(&mut md, &all);
+    recording_table(&mut md, results);
     md.push_str(
         "\n## exits and counters per operation\n\n\
          Exits (`exit.*`) are kvm's returns to deja; `bt.*` the translation cache, `mmu.*` \
@@ -762,8 +744,22 @@ pub fn summary_markdown(results: &[BenchResults], plots: &[&str]) -> String {
             Status::Ok => {}
         }
     }
-    if !all.iter().any(|m| m.recording.is_some()) {
-        md.push_str("- recording overhead and trace size: no measurement recorded a trace\n");
+    for m in results.iter().flat_map(|r| r.record_replay.iter()) {
+        match &m.status {
+            Status::Skipped { reason } => {
+                let _ = writeln!(md, "- record/replay of {}: skipped: {reason}", rr_label(m));
+            }
+            Status::Failed { error } => {
+                let _ = writeln!(md, "- record/replay of {}: FAILED: {error}", rr_label(m));
+            }
+            Status::Ok => {}
+        }
+    }
+    if results.iter().all(|r| r.record_replay.is_empty()) {
+        md.push_str(
+            "- recording overhead and trace size: not measured in these results \
+             (`deja bench --record-replay` measures them)\n",
+        );
     }
     md
 }
@@ -801,35 +797,40 @@ fn mmu_table(md: &mut String, all: &[&Measurement]) {
     }
 }
 
-/// Recording overhead and trace size, for the measurements that recorded.
-fn recording_table(md: &mut String, all: &[&Measurement]) {
-    let rows: Vec<(&&Measurement, &deja_bench::results::Recording)> = all
-        .iter()
-        .filter(|m| m.status == Status::Ok)
-        .filter_map(|m| Some((m, m.recording.as_ref()?)))
-        .collect();
+/// Recording overhead, replay speed and trace size, per recorded guest.
+fn recording_table(md: &mut String, results: &[BenchResults]) {
+    let rows = recorded(results);
     if rows.is_empty() {
         return;
     }
     md.push_str(
-        "\n## recording overhead and trace size\n\n\
-         | bench | column | ns/op plain | ns/op recording | overhead | trace bytes/op | trace bytes | events/op |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|\n",
+        "\n## recording overhead, replay speed and trace size\n\n\
+         Host ns per guest instruction (median over the repeats) of a plain run, a recording \
+         and a verified replay of the same guest; overhead is recording over plain minus one, \
+         replay speed recording over replay.\n\n\
+         | guest | engine | clock | instructions | exits | events | trace bytes | ns/insn plain | recording | replay | overhead | replay speed | trace bytes/guest s | bytes/event |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (m, r) in rows {
-        let ns =
-            |s: Option<deja_bench::Summary>| s.map_or("-".into(), |s| format!("{:.1}", s.median));
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
+    for m in rows {
+        let ns = m.ns_per_instruction;
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.2} | {} | {:.3} |",
-            m.bench,
-            m.column(),
-            ns(m.ns_per_op),
-            ns(r.ns_per_op),
-            r.overhead.map_or("-".into(), |o| format!("{o:.2}x")),
-            r.trace_bytes_per_op,
-            r.trace_bytes,
-            r.events_per_op
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            m.guest,
+            m.engine,
+            m.clock,
+            m.icount,
+            m.exits,
+            m.events,
+            m.trace_bytes,
+            opt(ns.map(|v| v[0]), &|v| format!("{v:.2}")),
+            opt(ns.map(|v| v[1]), &|v| format!("{v:.2}")),
+            opt(ns.map(|v| v[2]), &|v| format!("{v:.2}")),
+            opt(m.record_overhead, &|v| format!("{:+.1}%", v * 100.0)),
+            opt(m.replay_speed, &|v| format!("{v:.2}x")),
+            opt(m.trace_bytes_per_guest_second, &|v| format!("{v:.0}")),
+            opt(m.trace_bytes_per_event, &|v| format!("{v:.2}")),
         );
     }
 }

@@ -1,7 +1,8 @@
 //! Report generation writes files that parse: well-formed SVG, decodable PNG, tables with
 //! the numbers.
 
-use deja_bench::results::{FORMAT_VERSION, Machine, PerfValue, Recording};
+use deja_bench::record::RecordReplayMeasurement;
+use deja_bench::results::{FORMAT_VERSION, Machine, PerfValue};
 use deja_bench::{BenchResults, Measurement, Status, Summary};
 use std::collections::BTreeMap;
 
@@ -31,7 +32,6 @@ fn measurement(
             per_op: None,
             unavailable: Some("No such file or directory (os error 2)".into()),
         }],
-        recording: None,
     }
 }
 
@@ -51,16 +51,7 @@ fn results() -> BenchResults {
             qemu_version: None,
         },
         measurements: vec![
-            Measurement {
-                recording: Some(Recording {
-                    ns_per_op: Summary::of(&[1900.0]),
-                    overhead: Some(2.0),
-                    trace_bytes: 123_456,
-                    trace_bytes_per_op: 3.25,
-                    events_per_op: 1.0,
-                }),
-                ..measurement("in", "bt", "tlb", 950.0, &[])
-            },
+            measurement("in", "bt", "tlb", 950.0, &[]),
             measurement("ptemod", "bt", "shadow", 1200.0, &[]),
             measurement("in", "kvm", "host", 12000.0, &[("exit.io_in", 1.0)]),
             measurement(
@@ -78,7 +69,28 @@ fn results() -> BenchResults {
                 "qemu-system-x86_64 is not on PATH",
             ),
         ],
-        record_replay: Vec::new(),
+        record_replay: vec![RecordReplayMeasurement {
+            guest: "racy-kernel".into(),
+            engine: "bt".into(),
+            clock: "virtual".into(),
+            status: Status::Ok,
+            repeats: 3,
+            icount: 39_500_000,
+            exits: 1200,
+            events: 5000,
+            checkpoints: 4,
+            trace_bytes: 123_456,
+            guest_ns: 250_000_000,
+            plain_seconds: Summary::of(&[1.0]),
+            record_seconds: Summary::of(&[1.08]),
+            replay_seconds: Summary::of(&[1.05]),
+            ns_per_instruction: Some([25.25, 27.5, 26.75]),
+            record_overhead: Some(0.08),
+            replay_speed: Some(1.03),
+            trace_bytes_per_guest_second: Some(473_000.0),
+            trace_bytes_per_event: Some(2.46),
+            events_per_guest_second: Some(20_000.0),
+        }],
     }
 }
 
@@ -111,8 +123,9 @@ fn the_report_writes_well_formed_svg_decodable_png_and_tables() {
         // Text is drawn with the embedded font: the SVG carries the titles.
         assert!(
             doc.descendants().any(|n| n.has_tag_name("text")
-                && n.text()
-                    .is_some_and(|t| t.contains("per operation") || t.contains("MMU"))),
+                && n.text().is_some_and(
+                    |t| t.contains("per operation") || t.contains("per guest instruction")
+                )),
             "{plot}.svg has no title text"
         );
         // Not a blank canvas.
@@ -130,7 +143,10 @@ fn the_report_writes_well_formed_svg_decodable_png_and_tables() {
     assert!(summary.contains("cycles: unavailable"), "{summary}");
     assert!(summary.contains("a loaded machine"), "{summary}");
     assert!(
-        summary.contains("| in | bt/tlb | 950.0 | 1900.0 | 2.00x | 3.25 | 123456 | 1.000 |"),
+        summary.contains(
+            "| racy-kernel | bt | virtual | 39500000 | 1200 | 5000 | 123456 | 25.25 | 27.50 | \
+             26.75 | +8.0% | 1.03x | 473000 | 2.46 |"
+        ),
         "{summary}"
     );
     assert!(summary.contains("mmu_pte_write"), "{summary}");
