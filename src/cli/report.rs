@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 use deja_bench::BenchResults;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,8 +29,12 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         all.push(r);
     }
     let written = deja_reports::write_report(&all, &args.out)?;
+    // The files written, one a line; a closed pipe (`| head`) is not an error.
+    let mut out = std::io::stdout().lock();
     for f in written {
-        println!("{}", f.display());
+        if writeln!(out, "{}", f.display()).is_err() {
+            break;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
