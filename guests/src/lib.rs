@@ -66,7 +66,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 33] = [
+static GUESTS: [Guest; 34] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -262,6 +262,13 @@ static GUESTS: [Guest; 33] = [
                       IRETD, out by INT) -> a task switch through a task gate and back by \
                       IRET, #TS -> long mode; exits 0",
         build: system::build_modes,
+    },
+    Guest {
+        name: "debug",
+        description: "ring-0 debugging: TF single-step (POPF edges, the MOV SS shadow), a DR0 \
+                      instruction breakpoint with RF, a DR1 write breakpoint, ICEBP, DR7.GD, \
+                      each #DB's RIP and DR6; exits 0",
+        build: system::build_debug,
     },
 ];
 

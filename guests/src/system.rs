@@ -1187,3 +1187,215 @@ pub fn build_modes() -> Result<Image, LinkError> {
         &extra,
     )
 }
+
+// ---------------------------------------------------------------------------------------
+// debug
+
+/// `debug`'s #DB bookkeeping: count, then the pushed RIPs and DR6 values.
+const DB_COUNT: u64 = CELLS + 0x400;
+const DB_RIPS: u64 = CELLS + 0x408;
+const DB_DR6: u64 = CELLS + 0x488;
+/// The dword `debug`'s data breakpoint watches.
+const WATCHED: u64 = CELLS + 0x500;
+
+/// Emits code that checks that #DB came `count` times, the i-th time with RIP at
+/// `rips[i]` (labels), and that the last DR6 has `dr6_bits` set.
+fn check_db(
+    s: &mut SectionAsm<'_>,
+    rt: &mut Runtime,
+    what: &str,
+    rips: &[CodeLabel],
+    dr6_bits: u64,
+) -> Result<(), LinkError> {
+    let n = rips.len() as u32;
+    check(s, rt, &format!("{what}: {n} #DB"), |a, ok| {
+        a.cmp(dword_ptr(DB_COUNT), n)?;
+        a.je(ok)
+    })?;
+    for (i, rip) in rips.iter().enumerate() {
+        check(
+            s,
+            rt,
+            &format!("{what}: #DB {} at the right RIP", i + 1),
+            |a, ok| {
+                a.lea(rax, ptr(*rip))?;
+                a.cmp(qword_ptr(DB_RIPS + 8 * i as u64), rax)?;
+                a.je(ok)
+            },
+        )?;
+    }
+    if n > 0 {
+        let last = DB_DR6 + 8 * (n as u64 - 1);
+        check(s, rt, &format!("{what}: DR6 {dr6_bits:#x}"), |a, ok| {
+            a.mov(rax, qword_ptr(last))?;
+            a.and(eax, dr6_bits as u32)?;
+            a.cmp(eax, dr6_bits as u32)?;
+            a.je(ok)
+        })?;
+    }
+    rt.print(s, format!("ok: {what}\r\n").as_bytes())?;
+    s.a.mov(dword_ptr(DB_COUNT), 0)?;
+    Ok(())
+}
+
+/// Builds `debug`.
+pub fn build_debug() -> Result<Image, LinkError> {
+    let mut table: Vec<(u8, &'static str)> =
+        RECORDED.iter().copied().filter(|(v, _)| *v != 1).collect();
+    table.push((1, "db_handler"));
+    long_mode_image_with(
+        "debug",
+        &table,
+        &|s, rt| {
+            setup(s, rt)?;
+            s.a.mov(dword_ptr(DB_COUNT), 0)?;
+            // 1. Single-step: no trap after the POPF that sets TF, one after each
+            //    instruction TF was set for, including the POPF that clears it.
+            let mut l = Vec::new();
+            {
+                let a = &mut s.a;
+                a.pushfq()?;
+                a.or(qword_ptr(rsp), 0x100)?;
+                a.popfq()?;
+                a.nop()?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+                a.nop()?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+                a.pushfq()?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+                a.and(qword_ptr(rsp), !0x100)?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+                a.popfq()?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+                a.nop()?;
+            }
+            check_db(s, rt, "single-step (TF)", &l, 0x4000)?;
+            // 2. An instruction breakpoint hit three times in a loop (RF lets it run).
+            let mut breakpoint = s.a.create_label();
+            {
+                let a = &mut s.a;
+                let mut over = a.create_label();
+                a.lea(rax, ptr(breakpoint))?;
+                a.mov(dr0, rax)?;
+                a.mov(eax, 1)?; // L0, execute, 1 byte
+                a.mov(dr7, rax)?;
+                a.mov(ecx, 3)?;
+                a.xor(esi, esi)?;
+                a.set_label(&mut breakpoint)?;
+                a.inc(esi)?;
+                a.dec(ecx)?;
+                a.jnz(breakpoint)?;
+                a.jmp(over)?;
+                a.set_label(&mut over)?;
+                a.xor(eax, eax)?;
+                a.mov(dr7, rax)?;
+            }
+            check(
+                s,
+                rt,
+                "instruction breakpoint: the instruction ran each time",
+                |a, ok| {
+                    a.cmp(esi, 3)?;
+                    a.je(ok)
+                },
+            )?;
+            check_db(
+                s,
+                rt,
+                "instruction breakpoint (DR0)",
+                &[breakpoint, breakpoint, breakpoint],
+                1,
+            )?;
+            // 3. General detect: MOV from DR0 with DR7.GD faults once, then runs.
+            let mut at = s.a.create_label();
+            {
+                let a = &mut s.a;
+                a.mov(eax, 0x2000)?;
+                a.mov(dr7, rax)?;
+                a.set_label(&mut at)?;
+                a.mov(rax, dr0)?;
+            }
+            check_db(s, rt, "general detect (DR7.GD)", &[at], 0x2000)?;
+            // 4. A 4-byte write breakpoint: a 2-byte store into it traps after the store, a
+            //    load does not, a store next to it does not.
+            let mut after = s.a.create_label();
+            {
+                let a = &mut s.a;
+                a.mov(rax, WATCHED)?;
+                a.mov(dr1, rax)?;
+                a.mov(eax, (1u32 << 2) | (0b1101 << 20))?; // L1, write, 4 bytes
+                a.mov(dr7, rax)?;
+                a.mov(ebx, dword_ptr(WATCHED))?;
+                a.mov(word_ptr(WATCHED + 2), bx)?;
+                a.set_label(&mut after)?;
+                a.mov(byte_ptr(WATCHED + 4), bl)?;
+                a.xor(eax, eax)?;
+                a.mov(dr7, rax)?;
+            }
+            check_db(s, rt, "data breakpoint (DR1, write)", &[after], 2)?;
+            // 5. MOV SS holds the trap back to after the next instruction.
+            let mut l = Vec::new();
+            {
+                let a = &mut s.a;
+                a.mov(ax, ss)?;
+                a.pushfq()?;
+                a.or(qword_ptr(rsp), 0x100)?;
+                a.popfq()?;
+                a.mov(ss, ax)?;
+                a.nop()?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+                a.pushfq()?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+                a.and(qword_ptr(rsp), !0x100)?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+                a.popfq()?;
+                let mut x = a.create_label();
+                a.set_label(&mut x)?;
+                l.push(x);
+            }
+            check_db(s, rt, "single-step over MOV SS", &l, 0x4000)?;
+            // 6. ICEBP: a #DB trap.
+            let mut after = s.a.create_label();
+            s.a.int1()?;
+            s.a.set_label(&mut after)?;
+            check_db(s, rt, "ICEBP", &[after], 0)?;
+            rt.print(s, b"debug: PASS\r\n")?;
+            rt.exit_with(s, EXIT_PASS)?;
+            handlers(s)?;
+            s.export_here("db_handler")?;
+            let a = &mut s.a;
+            a.push(rax)?;
+            a.push(rbx)?;
+            a.mov(eax, dword_ptr(DB_COUNT))?;
+            a.mov(rbx, qword_ptr(rsp + 16))?;
+            a.mov(qword_ptr(rax * 8 + DB_RIPS), rbx)?;
+            a.mov(rbx, dr6)?;
+            a.mov(qword_ptr(rax * 8 + DB_DR6), rbx)?;
+            a.inc(dword_ptr(DB_COUNT))?;
+            a.mov(ebx, 0xffff_0ff0u32)?;
+            a.mov(dr6, rbx)?;
+            a.or(qword_ptr(rsp + 32), 0x1_0000)?; // RF: the faulting instruction runs
+            a.pop(rbx)?;
+            a.pop(rax)?;
+            a.iretq()?;
+            Ok(())
+        },
+        no_extra(),
+    )
+}
