@@ -19,9 +19,10 @@
 //! The guest's whole FP state goes in and comes out through the FXSAVE image, so the host's
 //! own state is never mixed in (SSE instructions that name no MMX register move only MXCSR
 //! and the XMM registers they name, with the same frame layout). The guest never runs with
-//! its exception masks: x87 unmasked exceptions are delayed by the architecture (the host only sets ES, and the stub executes
-//! no waiting instruction after the guest's), and before any waiting instruction a pending
-//! exception is delivered to the guest as #MF instead of reaching the host. SSE exceptions are
+//! its exception masks: x87 unmasked exceptions are delayed by the architecture (the host
+//! only sets ES, and the stub executes no waiting instruction after the guest's), and before
+//! any waiting instruction a pending exception is delivered to the guest as #MF instead of
+//! reaching the host. SSE exceptions are
 //! precise, so the stub runs with every MXCSR exception masked and the guest's unmasked ones
 //! are raised afterwards as #XM (or #UD without CR4.OSXMMEXCPT), leaving the destination
 //! unchanged as the hardware does.
@@ -33,6 +34,12 @@
 //!
 //! The last-instruction pointers (FIP/FCS, FDP/FDS, FOP) are the guest's, kept here: the
 //! host's would name the stub.
+//!
+//! Known limits: with CR0.NE clear a pending x87 exception is still delivered as #MF (the
+//! PC's FERR# → IRQ13 / IGNNE# path is not modelled); when an SSE overflow or underflow is
+//! unmasked, MXCSR gets the flags of the masked run (plus UE for exact tiny results), which
+//! can differ from the hardware in PE; the RCP/RSQRT approximations and the x87
+//! transcendentals are the host's (Intel and AMD differ).
 
 use crate::core::crb;
 use crate::exec::Ctx;

@@ -254,7 +254,10 @@ fn fxsave(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     let lin = ctx.linear(m.seg, off, 512, op.aux == 0)?;
     let user = ctx.core.cpl() == 3;
-    let xmm_count = if ctx.core.mode64() { 16 } else { 8 };
+    let mode64 = ctx.core.mode64();
+    let xmm_count = if mode64 { 16 } else { 8 };
+    let cs = ctx.core.seg[deja_machine::cpu::seg::CS].selector;
+    let ds = ctx.core.seg[deja_machine::cpu::seg::DS].selector;
     if op.aux == 0 {
         let f = &ctx.core.fpu;
         let mut b = vec![0u8; 512];
@@ -266,6 +269,13 @@ fn fxsave(ctx: &mut Ctx, op: &UOp) -> OpResult {
         b[6..8].copy_from_slice(&fop.to_le_bytes());
         b[8..16].copy_from_slice(&f.fip.to_le_bytes());
         b[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+        if op.size == 4 && mode64 {
+            // The 32-bit layout in 64-bit mode: offsets' low halves and the selectors.
+            b[12..14].copy_from_slice(&cs.to_le_bytes());
+            b[14..16].fill(0);
+            b[20..22].copy_from_slice(&ds.to_le_bytes());
+            b[22..24].fill(0);
+        }
         b[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
         b[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
         for i in 0..8 {
@@ -289,6 +299,10 @@ fn fxsave(ctx: &mut Ctx, op: &UOp) -> OpResult {
         f.fop = u16::from_le_bytes([b[6], b[7]]);
         f.fip = u64::from_le_bytes(b[8..16].try_into().unwrap_or([0; 8]));
         f.fdp = u64::from_le_bytes(b[16..24].try_into().unwrap_or([0; 8]));
+        if op.size == 4 && mode64 {
+            f.fip &= 0xffff_ffff;
+            f.fdp &= 0xffff_ffff;
+        }
         f.mxcsr = mx;
         for i in 0..8 {
             f.st[i].copy_from_slice(&b[32 + i * 16..48 + i * 16]);
@@ -429,6 +443,11 @@ fn software(insn: &Instruction, op: &mut UOp) -> bool {
         }
         Mnemonic::Fxsave | Mnemonic::Fxsave64 | Mnemonic::Fxrstor | Mnemonic::Fxrstor64 => {
             op.aux = matches!(m, Mnemonic::Fxrstor | Mnemonic::Fxrstor64) as u8;
+            op.size = if matches!(m, Mnemonic::Fxsave64 | Mnemonic::Fxrstor64) {
+                8
+            } else {
+                4
+            };
             op.exec = fxsave;
         }
         _ => return false,

@@ -906,3 +906,37 @@ fn fnstenv_formats_in_protected_and_real_mode() {
     assert_eq!(u16_at(&d, 10), 0x1200, "FDP[15:0] (linear)");
     assert_eq!(u16_at(&d, 12), 0, "FDP[19:16]");
 }
+
+#[test]
+fn fxsave_pointer_layouts_in_64_bit_mode() {
+    let o = go(
+        &f64_data(&[1.5]),
+        |_| {},
+        |a| {
+            a.fld(qword_ptr(r14))?;
+            a.fxsave(ptr(r14 + 0x100))?;
+            a.fxsave64(ptr(r14 + 0x400))
+        },
+    );
+    let d = &o.data;
+    // 32-bit layout: FIP[31:0], FCS, FDP[31:0], FDS.
+    assert_eq!(
+        u64::from(u32::from_le_bytes(d[0x108..0x10c].try_into().unwrap())),
+        o.rips[0]
+    );
+    assert_eq!(u16_at(d, 0x10c), 0x18, "FCS");
+    assert_eq!(
+        u64::from(u32::from_le_bytes(d[0x110..0x114].try_into().unwrap())),
+        DATA
+    );
+    assert_eq!(
+        u16_at(d, 0x114),
+        o.state.seg[deja_machine::cpu::seg::DS].selector,
+        "FDS"
+    );
+    // 64-bit layout: 64-bit FIP and FDP.
+    assert_eq!(u64_at(d, 0x408), o.rips[0]);
+    assert_eq!(u64_at(d, 0x410), DATA);
+    // No exception pending: FOP reads 0 (Intel, FOP compatibility mode off).
+    assert_eq!(u16_at(d, 0x406), 0);
+}
