@@ -887,7 +887,7 @@ fn fp_differential(test: &str, bitness: u32, default_seeds: u64) {
 
 #[test]
 fn random_x87_mmx_sse_sequences_match_the_host_cpu() {
-    fp_differential("random_x87_mmx_sse_sequences_match_the_host_cpu", 64, 400);
+    fp_differential("random_x87_mmx_sse_sequences_match_the_host_cpu", 64, 1000);
 }
 
 #[test]
