@@ -280,3 +280,29 @@ fn sigterm_ends_a_recording_with_a_complete_trace_that_replays() {
         text(&r.stderr)
     );
 }
+
+#[test]
+fn a_full_disk_ends_the_recording_and_says_what_was_kept() {
+    if !std::path::Path::new("/dev/full").exists() {
+        println!("SKIP: a_full_disk_ends_the_recording_and_says_what_was_kept: no /dev/full");
+        return;
+    }
+    let o = deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "guest:hello",
+        "-o",
+        "/dev/full",
+        "--mem",
+        "32M",
+        "--serial-out",
+        "/dev/null",
+    ]);
+    assert_eq!(code(&o), 1, "stderr: {}", text(&o.stderr));
+    let err = text(&o.stderr);
+    // /dev/full refuses even the header; a disk filling up mid-recording is the library
+    // test a_full_disk_keeps_every_whole_frame_and_says_so (replayer/tests/record_replay.rs).
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains("whole frames) are intact"), "{err}");
+}

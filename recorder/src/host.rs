@@ -27,6 +27,11 @@ pub struct Shared {
     pub last: deja_traces::Position,
     /// Stops the CPU when writing fails.
     pub kicker: Option<Kicker>,
+    /// Serial input polls answered "nothing" not logged yet: where, and how many. A
+    /// replay answers "nothing" to every poll whose position the next logged event does
+    /// not match, so these are logged only when a byte arrives at that same position with
+    /// no other event in between (where the replay could not tell them apart).
+    pub pending_empty_polls: Option<(deja_traces::Position, u64)>,
 }
 
 impl Shared {
@@ -44,6 +49,21 @@ impl Shared {
         } else {
             self.last
         };
+        if let Some((pos, n)) = self.pending_empty_polls.take()
+            && pos == at
+            && matches!(kind, EventKind::SerialInput { byte: Some(_) })
+        {
+            for _ in 0..n {
+                if let Err(e) = w.push(&Event::new(at, EventKind::SerialInput { byte: None })) {
+                    self.error = Some(e);
+                    if let Some(k) = &self.kicker {
+                        k.kick();
+                    }
+                    return;
+                }
+                self.since_digest += 1;
+            }
+        }
         match w.push(&Event::new(at, kind)) {
             Ok(()) => {
                 self.last = at;
@@ -150,7 +170,18 @@ impl Host for RecordingHost {
 
     fn serial_input(&mut self, at: Position) -> Option<u8> {
         let byte = self.live.serial_input(at);
-        self.log(at, EventKind::SerialInput { byte });
+        if byte.is_some() {
+            self.log(at, EventKind::SerialInput { byte });
+        } else {
+            // Most polls find nothing (an idle guest polls its UART at every device poll):
+            // those are implied by the absence of a byte in the trace.
+            let at = trace_position(at);
+            let mut s = lock(&self.shared);
+            s.pending_empty_polls = match s.pending_empty_polls {
+                Some((pos, n)) if pos == at => Some((pos, n + 1)),
+                _ => Some((at, 1)),
+            };
+        }
         byte
     }
 

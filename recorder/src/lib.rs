@@ -421,6 +421,7 @@ impl Recorder {
             since_digest: 0,
             last: deja_traces::Position::default(),
             kicker: None,
+            pending_empty_polls: None,
         }));
         let exit_sync = opts.delivery == Delivery::ExitSynchronous;
         let chaos = opts

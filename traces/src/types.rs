@@ -306,7 +306,9 @@ pub enum EventKind {
         /// Seconds since the Unix epoch.
         secs: i64,
     },
-    /// `Host::serial_input` answered `byte`.
+    /// `Host::serial_input` answered `byte`. Polls that found nothing are logged only
+    /// just before a byte that arrived at the same position with no event in between; a
+    /// replay answers "nothing" to every poll the next event does not match.
     SerialInput {
         /// The byte, or `None` when nothing had arrived.
         byte: Option<u8>,

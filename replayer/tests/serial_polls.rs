@@ -1,0 +1,159 @@
+//! Serial input polls that find nothing are not logged; the replay still answers every poll
+//! exactly as the recording did, including runs of empty polls and bytes at one position.
+
+use deja_machine::{ClockMode, Host, LiveHost, Position};
+use deja_recorder::{RecordingHost, Shared};
+use deja_replayer::{Player, ReplayingHost};
+use deja_traces::{
+    Delivery, EventKind, FinishInfo, Header, MachineInfo, TraceReader, TraceWriter, WriterOptions,
+};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+/// A live host whose serial input answers come from a script.
+struct Scripted {
+    inner: LiveHost,
+    input: VecDeque<Option<u8>>,
+}
+
+impl Host for Scripted {
+    fn time_ns(&mut self, at: Position) -> u64 {
+        self.inner.time_ns(at)
+    }
+    fn boot_wallclock(&mut self) -> i64 {
+        self.inner.boot_wallclock()
+    }
+    fn serial_input(&mut self, _at: Position) -> Option<u8> {
+        self.input.pop_front().flatten()
+    }
+    fn entropy(&mut self, at: Position) -> u64 {
+        self.inner.entropy(at)
+    }
+    fn poll_quantum(&mut self, at: Position) -> u64 {
+        self.inner.poll_quantum(at)
+    }
+    fn idle(&mut self, at: Position, deadline_ns: Option<u64>) {
+        self.inner.idle(at, deadline_ns)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ask {
+    Serial(Position),
+    Time(Position),
+}
+
+#[test]
+fn empty_polls_are_implied_and_replay_answers_every_poll_as_recorded() {
+    let p = |icount, exits| Position { icount, exits };
+    // (question, what the live host says to a serial poll)
+    let script: Vec<(Ask, Option<u8>)> = vec![
+        (Ask::Serial(p(10, 1)), None),
+        (Ask::Serial(p(10, 1)), None),
+        (Ask::Time(p(10, 1)), None),
+        (Ask::Serial(p(20, 2)), None),
+        (Ask::Serial(p(20, 2)), None),
+        (Ask::Serial(p(20, 2)), Some(b'a')),
+        (Ask::Serial(p(20, 2)), None),
+        (Ask::Serial(p(20, 2)), Some(b'b')),
+        (Ask::Serial(p(20, 2)), None),
+        (Ask::Serial(p(30, 3)), Some(b'c')),
+        (Ask::Time(p(40, 4)), None),
+        (Ask::Serial(p(40, 4)), None),
+    ];
+    let dir = std::env::temp_dir().join(format!("deja-serial-polls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("polls.trace");
+    let header = Header::new(
+        "bt",
+        deja_traces::ClockMode::Virtual,
+        Delivery::InstructionExact,
+        MachineInfo::default(),
+    );
+    let writer = TraceWriter::new(
+        Box::new(std::fs::File::create(&path).unwrap()) as deja_recorder::TraceSink,
+        "polls.trace",
+        &header,
+        WriterOptions::default(),
+    )
+    .unwrap();
+    let shared = Arc::new(Mutex::new(Shared {
+        writer: Some(writer),
+        error: None,
+        since_digest: 0,
+        last: Default::default(),
+        kicker: None,
+        pending_empty_polls: None,
+    }));
+    let live = Scripted {
+        inner: LiveHost::new(ClockMode::Virtual),
+        input: script
+            .iter()
+            .filter(|(a, _)| matches!(a, Ask::Serial(_)))
+            .map(|(_, b)| *b)
+            .collect(),
+    };
+    let mut rec = RecordingHost::new(Box::new(live), shared.clone(), false, None);
+    let mut recorded = Vec::new();
+    for (ask, _) in &script {
+        recorded.push(match *ask {
+            Ask::Serial(at) => rec.serial_input(at).map(u64::from),
+            Ask::Time(at) => Some(rec.time_ns(at)),
+        });
+    }
+    let w = shared.lock().unwrap().writer.take().unwrap();
+    w.finish(FinishInfo {
+        final_position: deja_traces::Position::new(40, 4),
+        ..FinishInfo::default()
+    })
+    .unwrap();
+
+    // Logged: the bytes, the empty polls just before a byte at its own position (else a
+    // replay could not tell them apart), and the time reads; no other empty poll.
+    let mut r = TraceReader::open(&path).unwrap();
+    let logged: Vec<(u64, String)> = r
+        .events()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            (
+                e.at.icount,
+                e.kind.name().to_string() + &format!(" {}", e.kind),
+            )
+        })
+        .collect();
+    let serial: Vec<(u64, Option<u8>)> = TraceReader::open(&path)
+        .unwrap()
+        .events()
+        .map(|e| e.unwrap())
+        .filter_map(|e| match e.kind {
+            EventKind::SerialInput { byte } => Some((e.at.icount, byte)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        serial,
+        vec![
+            (20, None),
+            (20, None),
+            (20, Some(b'a')),
+            (20, None),
+            (20, Some(b'b')),
+            (30, Some(b'c')),
+        ],
+        "{logged:#?}"
+    );
+    assert_eq!(logged.len(), serial.len() + 2, "{logged:#?}");
+
+    // Replay answers every question as recorded.
+    let player = Arc::new(Mutex::new(Player::new(path.clone(), None, false)));
+    player.lock().unwrap().set_compare_icount(true);
+    let mut host = ReplayingHost::new(player.clone());
+    for (i, (ask, _)) in script.iter().enumerate() {
+        let got = match *ask {
+            Ask::Serial(at) => host.serial_input(at).map(u64::from),
+            Ask::Time(at) => Some(host.time_ns(at)),
+        };
+        assert_eq!(got, recorded[i], "question {i}");
+    }
+    assert!(player.lock().unwrap().take_mismatch().is_none());
+}
