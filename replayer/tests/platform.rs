@@ -131,13 +131,23 @@ fn replay_with(engine: EngineKind, path: &Path, image: Option<&Image>) -> Replay
 fn round_trip(rec: EngineKind, replays: &[EngineKind], guest: &str, clock: ClockMode) -> String {
     let path = tmp(&format!("{guest}-{rec}-{clock:?}.trace"));
     let (outcome, text) = record(rec, guest, clock, &path);
+    // A guest that measures time against the host's clock may find the host did not run
+    // it (exit 4, INCONCLUSIVE, saying why); the replay must reproduce that too.
+    let status = if text.contains(&format!("{guest}: INCONCLUSIVE")) {
+        println!("{guest} on {rec} was inconclusive (a loaded host): {text}");
+        deja_guests::EXIT_INCONCLUSIVE
+    } else {
+        deja_guests::EXIT_PASS
+    };
     assert_eq!(
         outcome.run.end,
-        RunEnd::Stopped(StopRequest::DebugExit { value: 0 }),
+        RunEnd::Stopped(StopRequest::DebugExit {
+            value: u32::from(status)
+        }),
         "{guest} on {rec}: {text}"
     );
     assert!(
-        text.contains(&format!("{guest}: PASS")),
+        status != deja_guests::EXIT_PASS || text.contains(&format!("{guest}: PASS")),
         "{guest} on {rec}: {text}"
     );
     for &e in replays {
@@ -147,7 +157,11 @@ fn round_trip(rec: EngineKind, replays: &[EngineKind], guest: &str, clock: Clock
             "{guest} recorded on {rec}, replayed on {e}: {r}"
         );
         assert_eq!(r.final_digest, outcome.final_digest, "{guest} {rec} -> {e}");
-        assert_eq!(r.exit_status, Some(0), "{guest} {rec} -> {e}");
+        assert_eq!(
+            r.exit_status,
+            Some(i32::from(status)),
+            "{guest} {rec} -> {e}"
+        );
     }
     let _ = std::fs::remove_file(&path);
     text
@@ -199,10 +213,15 @@ fn check_platform_text(text: &str) {
         format!("cmdline [{CMDLINE}]"),
         "DMA read it".to_string(),
         "tables FACP APIC".to_string(),
-        "8086:1237 i440FX".to_string(),
     ] {
         assert!(text.contains(&line), "{line:?} missing: {text}");
     }
+    // The PCI scan comes after the PM timer measurement, which a loaded host may leave
+    // inconclusive.
+    assert!(
+        text.contains("INCONCLUSIVE") || text.contains("8086:1237 i440FX"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -451,111 +451,8 @@ impl BtCpu {
         }
     }
 
-    fn shutdown(&self, why: &str) -> Exit {
-        Exit::Shutdown {
-            reason: format!(
-                "bt: {why} at {:04x}:{:#x}",
-                self.core.seg[seg::CS].selector,
-                self.core.rip
-            ),
-        }
-    }
-}
-
-impl BtCpu {
-    /// Debug bookkeeping after one instruction ran in debug mode: the single-step trap (if
-    /// TF was set when it started), data breakpoints it hit, the MOV SS / POP SS shadow that
-    /// holds both back for one instruction, and RF, which every retired instruction but IRET
-    /// clears.
-    fn after_debug_step(&mut self, op: &ir::UOp, flags_before: u64, retired: bool) {
-        let c = &mut self.core;
-        let hits = std::mem::take(&mut c.db_hits);
-        if !retired {
-            return;
-        }
-        let mut bits = hits;
-        if flags_before & core::fl::TF != 0 {
-            bits |= core::dbg::BS;
-        }
-        let m = op.code.mnemonic();
-        let ss_load = matches!(m, iced_x86::Mnemonic::Mov | iced_x86::Mnemonic::Pop)
-            && op.dst == ir::Operand::Sreg(seg::SS as u8);
-        if ss_load {
-            c.db_deferred |= bits;
-        } else {
-            c.db_pending |= bits | std::mem::take(&mut c.db_deferred);
-        }
-        let iret = matches!(
-            m,
-            iced_x86::Mnemonic::Iret | iced_x86::Mnemonic::Iretd | iced_x86::Mnemonic::Iretq
-        );
-        if flags_before & core::fl::RF != 0 && !iret {
-            c.rflags &= !core::fl::RF;
-        }
-    }
-}
-
-/// Instructions after which a block ends even though they fall through (they change the
-/// state blocks are translated under, or are device accesses best kept at block ends).
-fn ends_block(insn: &Instruction) -> bool {
-    use iced_x86::Mnemonic as M;
-    let r0 = insn.op0_register();
-    match insn.mnemonic() {
-        M::Mov => r0.is_cr() || r0.is_dr() || r0.is_segment_register(),
-        M::Pop => r0.is_segment_register(),
-        M::Cli
-        | M::Sti
-        | M::Popf
-        | M::Popfd
-        | M::Popfq
-        | M::Lgdt
-        | M::Lidt
-        | M::Lldt
-        | M::Ltr
-        | M::Lmsw
-        | M::Invlpg
-        | M::Wrmsr
-        | M::Lss
-        | M::Lds
-        | M::Les
-        | M::Lfs
-        | M::Lgs
-        | M::Hlt
-        | M::Swapgs => true,
-        _ => false,
-    }
-}
-
-fn read_phys(machine: &Machine, phys: u64, out: &mut [u8]) -> Result<(), ()> {
-    let mut done = 0;
-    while done < out.len() {
-        let p = phys + done as u64;
-        // Code runs from RAM and from firmware ROM (the reset vector).
-        if !machine.layout.is_ram(p) && !machine.layout.is_rom(p) {
-            return Err(());
-        }
-        let chunk = (4096 - (p & 0xfff) as usize).min(out.len() - done);
-        let h = machine
-            .mem
-            .get_host_address(GuestAddress(p))
-            .map_err(|_| ())?;
-        // SAFETY: `h` points at a RAM page of guest memory and `chunk` stays within it.
-        unsafe { std::ptr::copy_nonoverlapping(h, out[done..].as_mut_ptr(), chunk) };
-        done += chunk;
-    }
-    Ok(())
-}
-
-impl Cpu for BtCpu {
-    fn name(&self) -> &'static str {
-        "bt"
-    }
-
-    fn counts_instructions(&self) -> bool {
-        true
-    }
-
-    fn run(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
+    /// [`Cpu::run`] itself: runs until an exit.
+    fn run_until_exit(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
         self.mem.flush_fast();
         self.cache.flush_lookup();
         self.mem.watching = self.core.data_bps_armed();
@@ -817,6 +714,120 @@ impl Cpu for BtCpu {
                 }
             }
         }
+    }
+
+    fn shutdown(&self, why: &str) -> Exit {
+        Exit::Shutdown {
+            reason: format!(
+                "bt: {why} at {:04x}:{:#x}",
+                self.core.seg[seg::CS].selector,
+                self.core.rip
+            ),
+        }
+    }
+}
+
+impl BtCpu {
+    /// Debug bookkeeping after one instruction ran in debug mode: the single-step trap (if
+    /// TF was set when it started), data breakpoints it hit, the MOV SS / POP SS shadow that
+    /// holds both back for one instruction, and RF, which every retired instruction but IRET
+    /// clears.
+    fn after_debug_step(&mut self, op: &ir::UOp, flags_before: u64, retired: bool) {
+        let c = &mut self.core;
+        let hits = std::mem::take(&mut c.db_hits);
+        if !retired {
+            return;
+        }
+        let mut bits = hits;
+        if flags_before & core::fl::TF != 0 {
+            bits |= core::dbg::BS;
+        }
+        let m = op.code.mnemonic();
+        let ss_load = matches!(m, iced_x86::Mnemonic::Mov | iced_x86::Mnemonic::Pop)
+            && op.dst == ir::Operand::Sreg(seg::SS as u8);
+        if ss_load {
+            c.db_deferred |= bits;
+        } else {
+            c.db_pending |= bits | std::mem::take(&mut c.db_deferred);
+        }
+        let iret = matches!(
+            m,
+            iced_x86::Mnemonic::Iret | iced_x86::Mnemonic::Iretd | iced_x86::Mnemonic::Iretq
+        );
+        if flags_before & core::fl::RF != 0 && !iret {
+            c.rflags &= !core::fl::RF;
+        }
+    }
+}
+
+/// Instructions after which a block ends even though they fall through (they change the
+/// state blocks are translated under, or are device accesses best kept at block ends).
+fn ends_block(insn: &Instruction) -> bool {
+    use iced_x86::Mnemonic as M;
+    let r0 = insn.op0_register();
+    match insn.mnemonic() {
+        M::Mov => r0.is_cr() || r0.is_dr() || r0.is_segment_register(),
+        M::Pop => r0.is_segment_register(),
+        M::Cli
+        | M::Sti
+        | M::Popf
+        | M::Popfd
+        | M::Popfq
+        | M::Lgdt
+        | M::Lidt
+        | M::Lldt
+        | M::Ltr
+        | M::Lmsw
+        | M::Invlpg
+        | M::Wrmsr
+        | M::Lss
+        | M::Lds
+        | M::Les
+        | M::Lfs
+        | M::Lgs
+        | M::Hlt
+        | M::Swapgs => true,
+        _ => false,
+    }
+}
+
+fn read_phys(machine: &Machine, phys: u64, out: &mut [u8]) -> Result<(), ()> {
+    let mut done = 0;
+    while done < out.len() {
+        let p = phys + done as u64;
+        // Code runs from RAM and from firmware ROM (the reset vector).
+        if !machine.layout.is_ram(p) && !machine.layout.is_rom(p) {
+            return Err(());
+        }
+        let chunk = (4096 - (p & 0xfff) as usize).min(out.len() - done);
+        let h = machine
+            .mem
+            .get_host_address(GuestAddress(p))
+            .map_err(|_| ())?;
+        // SAFETY: `h` points at a RAM page of guest memory and `chunk` stays within it.
+        unsafe { std::ptr::copy_nonoverlapping(h, out[done..].as_mut_ptr(), chunk) };
+        done += chunk;
+    }
+    Ok(())
+}
+
+impl Cpu for BtCpu {
+    fn name(&self) -> &'static str {
+        "bt"
+    }
+
+    fn counts_instructions(&self) -> bool {
+        true
+    }
+
+    fn run(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
+        let exit = self.run_until_exit(machine, limit);
+        // CR8 is the local APIC's TPR, which MMIO and MSR writes change too: the CPU state
+        // shows the APIC's value, as kvm's does.
+        if let Some(cr8) = machine.cr8() {
+            self.core.cr8 = cr8;
+        }
+        exit
     }
 
     fn icount(&self) -> u64 {

@@ -245,6 +245,9 @@ pub struct KvmCpu {
     apic_msr_exits: bool,
     /// The guest TSC's frequency (`KVM_GET_TSC_KHZ`; 0 if the host does not say).
     tsc_khz: u64,
+    /// CR8 as the machine's local APIC held it when `run` last returned (`None` without
+    /// an APIC, or before the first run).
+    apic_cr8: Option<u64>,
 }
 
 impl KvmCpu {
@@ -326,6 +329,7 @@ impl KvmCpu {
         let mut cpu = KvmCpu {
             apic_msr_exits,
             tsc_khz,
+            apic_cr8: None,
             kvm_stats,
             vcpu,
             _vm: vm,
@@ -744,6 +748,70 @@ impl KvmCpu {
         }
     }
 
+    /// [`Cpu::run`] itself: runs until an exit.
+    fn run_until_exit(&mut self, machine: &mut Machine, _limit: Limit) -> Result<Exit, CpuError> {
+        let _in_run = self.kick.enter();
+        loop {
+            if self.kicker.pending() {
+                self.kick.clear_immediate_exit();
+                return Ok(Exit::Kicked);
+            }
+            self.take_nmi_and_init(machine)?;
+            let pending = machine.interrupt_pending();
+            if self.halted {
+                if pending && self.can_inject()? {
+                    self.inject(machine)?;
+                    self.halted = false;
+                } else {
+                    // Still halted: nothing the guest can take yet. Not a new guest access.
+                    return Ok(Exit::Halted);
+                }
+            } else if pending && self.can_inject()? {
+                self.inject(machine)?;
+            }
+            // Ask for an exit as soon as the guest can take the (next) pending interrupt.
+            let want_window = self.interrupt_windows && machine.interrupt_pending();
+            self.vcpu.get_kvm_run().request_interrupt_window = u8::from(want_window);
+            // Without an in-kernel local APIC, KVM loads CR8 from kvm_run.cr8 at every entry
+            // and reports it there at every exit: the TPR lives in deja's APIC.
+            if let Some(cr8) = machine.cr8() {
+                self.vcpu.get_kvm_run().cr8 = cr8;
+            }
+            self.tsc_cache = None;
+            self.kick.entering_kvm_run();
+            let result = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+            self.kick.left_kvm_run();
+            self.completion_pending = false;
+            self.run_flags_stale = false;
+            let cr8 = self.vcpu.get_kvm_run().cr8;
+            if machine.cr8().is_some_and(|tpr| tpr != cr8) {
+                machine.set_cr8(cr8 & 0xf);
+            }
+            match result {
+                Ok(()) => match self.handle_exit(machine)? {
+                    Step::Continue => continue,
+                    Step::Return(exit) => return Ok(exit),
+                },
+                Err(libc::EINTR) => {
+                    self.count("exit.intr");
+                    // Clear first, then look at the flag: a kick landing in between sets
+                    // immediate_exit again and the next KVM_RUN returns at once.
+                    self.kick.clear_immediate_exit();
+                    if self.kicker.pending() {
+                        return Ok(Exit::Kicked);
+                    }
+                }
+                Err(libc::EAGAIN) => self.count("exit.eagain"),
+                Err(errno) => {
+                    return Err(host_err(
+                        "KVM_RUN",
+                        std::io::Error::from_raw_os_error(errno),
+                    ));
+                }
+            }
+        }
+    }
+
     fn unsupported(&mut self, detail: String) -> CpuError {
         let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
         CpuError::Unsupported {
@@ -1001,67 +1069,12 @@ impl Cpu for KvmCpu {
         false
     }
 
-    fn run(&mut self, machine: &mut Machine, _limit: Limit) -> Result<Exit, CpuError> {
-        let _in_run = self.kick.enter();
-        loop {
-            if self.kicker.pending() {
-                self.kick.clear_immediate_exit();
-                return Ok(Exit::Kicked);
-            }
-            self.take_nmi_and_init(machine)?;
-            let pending = machine.interrupt_pending();
-            if self.halted {
-                if pending && self.can_inject()? {
-                    self.inject(machine)?;
-                    self.halted = false;
-                } else {
-                    // Still halted: nothing the guest can take yet. Not a new guest access.
-                    return Ok(Exit::Halted);
-                }
-            } else if pending && self.can_inject()? {
-                self.inject(machine)?;
-            }
-            // Ask for an exit as soon as the guest can take the (next) pending interrupt.
-            let want_window = self.interrupt_windows && machine.interrupt_pending();
-            self.vcpu.get_kvm_run().request_interrupt_window = u8::from(want_window);
-            // Without an in-kernel local APIC, KVM loads CR8 from kvm_run.cr8 at every entry
-            // and reports it there at every exit: the TPR lives in deja's APIC.
-            if let Some(cr8) = machine.cr8() {
-                self.vcpu.get_kvm_run().cr8 = cr8;
-            }
-            self.tsc_cache = None;
-            self.kick.entering_kvm_run();
-            let result = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
-            self.kick.left_kvm_run();
-            self.completion_pending = false;
-            self.run_flags_stale = false;
-            let cr8 = self.vcpu.get_kvm_run().cr8;
-            if machine.cr8().is_some_and(|tpr| tpr != cr8) {
-                machine.set_cr8(cr8 & 0xf);
-            }
-            match result {
-                Ok(()) => match self.handle_exit(machine)? {
-                    Step::Continue => continue,
-                    Step::Return(exit) => return Ok(exit),
-                },
-                Err(libc::EINTR) => {
-                    self.count("exit.intr");
-                    // Clear first, then look at the flag: a kick landing in between sets
-                    // immediate_exit again and the next KVM_RUN returns at once.
-                    self.kick.clear_immediate_exit();
-                    if self.kicker.pending() {
-                        return Ok(Exit::Kicked);
-                    }
-                }
-                Err(libc::EAGAIN) => self.count("exit.eagain"),
-                Err(errno) => {
-                    return Err(host_err(
-                        "KVM_RUN",
-                        std::io::Error::from_raw_os_error(errno),
-                    ));
-                }
-            }
-        }
+    fn run(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
+        let exit = self.run_until_exit(machine, limit);
+        // The TPR may have changed by MMIO or MSR since KVM last saw CR8 (it reloads it
+        // from kvm_run.cr8 at the next entry): the CPU state shows the APIC's value.
+        self.apic_cr8 = machine.cr8();
+        exit
     }
 
     fn icount(&self) -> u64 {
@@ -1108,7 +1121,7 @@ impl Cpu for KvmCpu {
             cr2: sregs.cr2,
             cr3: sregs.cr3,
             cr4: sregs.cr4,
-            cr8: sregs.cr8,
+            cr8: self.apic_cr8.unwrap_or(sregs.cr8),
             efer: sregs.efer,
             msrs: Default::default(),
             dr: debug.db,
@@ -1187,6 +1200,7 @@ impl Cpu for KvmCpu {
         // Without an in-kernel local APIC, every KVM_RUN reloads CR8 from kvm_run.cr8 (the
         // TPR as userspace last saw it): keep it in step or the next entry undoes this.
         self.vcpu.get_kvm_run().cr8 = s.cr8;
+        self.apic_cr8 = self.apic_cr8.map(|_| s.cr8);
         self.vcpu
             .set_regs(&state::gprs_to_kvm(&s.gpr, s.rip, s.rflags))
             .map_err(|e| host_err("KVM_SET_REGS", e))?;
