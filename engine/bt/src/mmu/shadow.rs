@@ -10,7 +10,10 @@
 //! to a cached root reuses it (no `mmu_cache_miss`); a new root past the bound recycles the
 //! least recently used one (`mmu_recycled`). Global translations (leaf G with CR4.PGE) go
 //! to one shadow per role shared by every root, so they survive CR3 loads and are dropped
-//! by a full flush (CR4.PGE toggling, paging-mode changes) or INVLPG, as on hardware.
+//! by a full flush (CR4.PGE toggling, paging-mode changes), as on hardware. INVLPG drops
+//! the entries of its address that were built from an out-of-sync table and keeps the
+//! others, which write tracing has kept equal to a fresh walk (as KVM's INVLPG only
+//! resynchronises unsync sptes).
 //!
 //! A TLB miss is a hidden fault: the walker reads the guest tables, the accessed/dirty bits
 //! are set exactly as hardware sets them, and a shadow entry is installed (`pf_fixed`); a
@@ -282,21 +285,45 @@ impl ShadowMmu {
         true
     }
 
-    /// Drops every entry of shadow `id` translating `linear`, whatever its page size.
-    fn remove_linear(&mut self, id: u32, linear: u64) {
-        let mut doomed = Vec::new();
+    /// The entries of shadow `id` translating `linear`, whatever their page size.
+    fn entries_translating(&self, id: u32, linear: u64) -> Vec<u64> {
+        let mut found = Vec::new();
         if let Some(s) = self.shadows.get(&id) {
             for shift in [12u32, 21, 22, 30] {
                 let first = (linear >> shift) << (shift - 12);
                 for (vpn, e) in s.entries.range(first..first + (1 << (shift - 12))) {
                     if ((e.frame >> T_SHIFT_POS) & 0x3f) as u32 == shift {
-                        doomed.push(*vpn);
+                        found.push(*vpn);
                     }
                 }
             }
         }
-        for vpn in doomed {
+        found
+    }
+
+    /// Drops every entry of shadow `id` translating `linear`, whatever its page size.
+    fn remove_linear(&mut self, id: u32, linear: u64) {
+        for vpn in self.entries_translating(id, linear) {
             self.remove_entry(id, vpn);
+        }
+    }
+
+    /// INVLPG for shadow `id`: drops the entries translating `linear` that were built from
+    /// an out-of-sync table. Entries whose tables are all traced are kept, as KVM's
+    /// `kvm_mmu_invalidate_addr` keeps in-sync sptes: write tracing has kept them equal to
+    /// what a fresh walk would build (every traced change to an entry they use updated or
+    /// dropped them, and they only exist while the guest's accessed bits are set), so
+    /// keeping them is indistinguishable from the walk the hardware would make.
+    fn invalidate_linear(&mut self, id: u32, linear: u64) {
+        for vpn in self.entries_translating(id, linear) {
+            let stale = self
+                .shadows
+                .get(&id)
+                .and_then(|s| s.entries.get(&vpn))
+                .is_some_and(|e| e.refs.iter().any(|r| !self.traced.contains(&(r & !0xfff))));
+            if stale {
+                self.remove_entry(id, vpn);
+            }
         }
     }
 
@@ -516,9 +543,9 @@ impl Mmu for ShadowMmu {
         self.invlpgs += 1;
         let ids: Vec<u32> = self.shadows.keys().copied().collect();
         for id in ids {
-            self.remove_linear(id, linear);
+            self.invalidate_linear(id, linear);
             if linear > 0xffff_ffff {
-                self.remove_linear(id, linear & 0xffff_ffff);
+                self.invalidate_linear(id, linear & 0xffff_ffff);
             }
         }
     }
