@@ -1222,6 +1222,12 @@ pub fn string_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     };
     if kind == string::INS || kind == string::OUTS {
         crate::system::io_allowed(ctx, ctx.core.reg(2, false, 2) as u16, size)?;
+        // The port is the same for every iteration. bt reports the hit once the whole
+        // instruction retires (hardware traps after the first iteration of a REP).
+        let rep_done = rep != 0 && ctx.core.gpr[1] & mask(op.target as u8) == 0;
+        if !rep_done {
+            crate::system::io_breakpoints(ctx, ctx.core.reg(2, false, 2) as u16, size);
+        }
     }
     let mut n = 0u64;
     loop {

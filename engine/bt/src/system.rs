@@ -46,6 +46,29 @@ pub fn io_allowed(ctx: &mut Ctx, port: u16, size: u8) -> Result<(), Exc> {
     Ok(())
 }
 
+/// Records the I/O breakpoints (DR0-DR3 with R/W 10) that an access of `size` bytes at
+/// `port` hits, for a #DB trap after the instruction (DR6 B0-B3). They exist only with
+/// CR4.DE set: the SDM leaves R/W 10 undefined without it, and deja then never matches
+/// (as for an unused breakpoint). Like data breakpoints, the breakpoint's range is DRn's
+/// port aligned down to its length, and any overlapping byte of the access hits.
+pub fn io_breakpoints(ctx: &mut Ctx, port: u16, size: u8) {
+    let c = &mut *ctx.core;
+    if c.cr4 & crb::DE == 0 || c.dr7 & 0xff == 0 {
+        return;
+    }
+    let (lo, len) = (port as u64, size as u64);
+    for n in 0..4 {
+        let (rw, blen) = c.bp_kind(n);
+        if !c.bp_enabled(n) || rw != 2 {
+            continue;
+        }
+        let start = (c.dr[n] & 0xffff) & !(blen - 1);
+        if lo < start + blen && start < lo + len {
+            c.db_hits |= 1 << n;
+        }
+    }
+}
+
 /// IN (`dst` = AL/AX/EAX; `src` = Imm port or DX).
 pub fn op_in(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let port = match op.src {
@@ -53,6 +76,7 @@ pub fn op_in(ctx: &mut Ctx, op: &UOp) -> OpResult {
         _ => ctx.core.reg(2, false, 2) as u16,
     };
     io_allowed(ctx, port, op.size)?;
+    io_breakpoints(ctx, port, op.size);
     let mut buf = [0u8; 4];
     ctx.device_access();
     ctx.machine.pio_read(port, &mut buf[..op.size as usize]);
@@ -68,6 +92,7 @@ pub fn op_out(ctx: &mut Ctx, op: &UOp) -> OpResult {
         _ => ctx.core.reg(2, false, 2) as u16,
     };
     io_allowed(ctx, port, op.size)?;
+    io_breakpoints(ctx, port, op.size);
     let v = ctx.core.reg(0, false, op.size);
     ctx.device_access();
     ctx.machine

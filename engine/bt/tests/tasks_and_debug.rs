@@ -631,3 +631,116 @@ fn faults_push_eflags_with_rf_and_traps_do_not() {
         .mem
         .read_obj::<u8>(deja_machine::vm_memory::GuestAddress(0));
 }
+
+/// What the I/O breakpoint test's access is.
+#[derive(Clone, Copy, Debug)]
+enum PortAccess {
+    InAlImm(u8),
+    OutDxAx,
+    InEaxDx,
+    Outsb,
+    Insw,
+    RepOutsb(u32),
+}
+
+#[test]
+fn io_breakpoints_trap_after_in_out_ins_outs_that_touch_their_port_range() {
+    const DE: u64 = 1 << 3;
+    // (cr4, DR0 port, DR7 LEN bits, DX, access, trap expected)
+    let cases: &[(u64, u64, u32, u16, PortAccess, bool)] = &[
+        (DE, 0xe0, 0b00, 0, PortAccess::InAlImm(0xe0), true),
+        (DE, 0xe0, 0b00, 0, PortAccess::InAlImm(0xe1), false),
+        (DE, 0x3e0, 0b01, 0x3e0, PortAccess::OutDxAx, true),
+        // A word access starting one below the breakpoint's byte reaches it.
+        (DE, 0x3e1, 0b00, 0x3e0, PortAccess::OutDxAx, true),
+        // A dword breakpoint at 0x3e6 covers 0x3e4-0x3e7 (DR0 aligned down).
+        (DE, 0x3e6, 0b11, 0x3e4, PortAccess::InEaxDx, true),
+        (DE, 0x3e4, 0b11, 0x3e8, PortAccess::InEaxDx, false),
+        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::Outsb, true),
+        (DE, 0x3e3, 0b00, 0x3e2, PortAccess::Insw, true),
+        // A REP string traps once, after the instruction; with ECX = 0 there is no access.
+        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::RepOutsb(3), true),
+        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::RepOutsb(0), false),
+        // Without CR4.DE, R/W = 10 is undefined; deja never matches it.
+        (0, 0x3e0, 0b00, 0x3e0, PortAccess::OutDxAx, false),
+    ];
+    for &(cr4_bits, port, len, dx_value, access, trap) in cases {
+        let code = asm(32, 0x2000, |a| {
+            a.mov(edx, dx_value as u32).unwrap();
+            a.mov(esi, (DATA + 0x100) as u32).unwrap();
+            a.mov(edi, (DATA + 0x200) as u32).unwrap();
+            match access {
+                PortAccess::InAlImm(p) => a.in_(al, p as u32).unwrap(),
+                PortAccess::OutDxAx => a.out(dx, ax).unwrap(),
+                PortAccess::InEaxDx => a.in_(eax, dx).unwrap(),
+                PortAccess::Outsb => a.outsb().unwrap(),
+                PortAccess::Insw => a.insw().unwrap(),
+                PortAccess::RepOutsb(n) => {
+                    a.mov(ecx, n).unwrap();
+                    a.rep().outsb().unwrap();
+                }
+            }
+            a.nop().unwrap();
+            a.hlt().unwrap();
+        });
+        let mut d = iced_x86::Decoder::with_ip(32, &code, 0x2000, iced_x86::DecoderOptions::NONE);
+        let insns: Vec<_> = d.iter().collect();
+        let io = insns
+            .iter()
+            .position(|i| i.mnemonic() == iced_x86::Mnemonic::Nop)
+            .unwrap()
+            - 1;
+        let (mut m, mut s) = debug_machine(&code);
+        s.cr4 |= cr4_bits;
+        s.dr[0] = port;
+        // L0, R/W0 = 10 (I/O), LEN0.
+        s.dr7 = 0x401 | (0b10 << 16) | ((len as u64) << 18);
+        let mut c = cpu(&m, &s);
+        let what =
+            format!("cr4 {cr4_bits:#x} DR0 {port:#x} len {len:#b} DX {dx_value:#x} {access:?}");
+        assert_eq!(run(&mut c, &mut m, 200), Exit::Halted, "{what}");
+        let expected = if trap {
+            vec![insns[io].next_ip32()]
+        } else {
+            vec![]
+        };
+        assert_eq!(eips(&m), expected, "{what}");
+        if trap {
+            assert_eq!(u32_at(&m, DATA + 4) & 0xf, 1, "DR6.B0: {what}");
+        }
+    }
+}
+
+#[test]
+fn mov_dr4_dr5_alias_dr6_dr7_without_cr4_de_and_raise_ud_with_it() {
+    for (cr4_bits, expect_ud) in [(0u64, false), (1 << 3, true)] {
+        let code = asm(32, 0x2000, |a| {
+            a.mov(eax, 0x1).unwrap();
+            a.mov(dr5, eax).unwrap();
+            a.mov(ebx, dr4).unwrap();
+            a.hlt().unwrap();
+        });
+        let (mut m, mut s) = debug_machine(&code);
+        // #UD (vector 6) goes to a handler that halts.
+        let h = 0x2c00u64;
+        load(&m, h, &asm(32, h, |a| a.hlt().unwrap()));
+        load(&m, IDT + 6 * 8, &gate32_at(h));
+        s.cr4 |= cr4_bits;
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 200), Exit::Halted);
+        let st = c.state().unwrap();
+        assert_eq!(
+            c.stats().get("bt.exceptions.6"),
+            u64::from(expect_ud),
+            "cr4 {cr4_bits:#x}"
+        );
+        if !expect_ud {
+            assert_eq!(st.dr7 & 0xff, 1, "MOV DR5 wrote DR7");
+            assert_eq!(
+                st.gpr[6 - 3] as u32 & 0xffff_0ff0,
+                0xffff_0ff0,
+                "MOV from DR4 read DR6"
+            );
+        }
+    }
+}
