@@ -50,6 +50,19 @@ fn run_guest(test: &str, engine: EngineKind, name: &str) -> Option<(RunOutcome, 
         .map(|r| r.unwrap_or_else(|e| panic!("{test}: running {name} on {engine}: {e}")))
 }
 
+/// A run that ended in an error: the error and the serial output up to it.
+#[derive(Debug)]
+struct RunFailure {
+    error: String,
+    serial: String,
+}
+
+impl std::fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; serial:\n{}", self.error, self.serial)
+    }
+}
+
 /// [`run_guest`] with a time limit, returning a failed run's error (with the serial output
 /// so far) instead of panicking.
 fn run_guest_for(
@@ -57,7 +70,7 @@ fn run_guest_for(
     engine: EngineKind,
     name: &str,
     limit: Duration,
-) -> Option<Result<(RunOutcome, String), String>> {
+) -> Option<Result<(RunOutcome, String), RunFailure>> {
     if engine == EngineKind::Kvm && !kvm_usable(test) {
         return None;
     }
@@ -106,7 +119,10 @@ fn run_guest_for(
         }
         Err(e) => {
             println!("{test}: {name} on {engine}: error {e}; serial:\n{text}");
-            Some(Err(format!("{e}")))
+            Some(Err(RunFailure {
+                error: format!("{e}"),
+                serial: text,
+            }))
         }
     }
 }
@@ -172,6 +188,14 @@ fn exceptions_on_bt() {
 const PVM_RING3_WITH_TSS: &str = "PVM host: after the guest loads its own 64-bit TSS with LTR, \
      IRETQ to ring 3 never runs ring-3 code (the vCPU makes no progress until the time limit)";
 
+/// What PVM's emulator of guest ring-0 code does with the SSE/x87 control instructions the
+/// #XM/#MF cases of `exceptions` start with: LDMXCSR (0F AE /2) stops the vCPU with an
+/// emulation failure, and so does FLDCW (D9 /5) when the x87 case runs first (observed
+/// separately); the same cases pass on bt.
+const PVM_NO_FP_EMULATION: &str = "PVM host: the emulator of guest ring-0 code cannot run \
+     LDMXCSR or FLDCW (KVM_EXIT_INTERNAL_ERROR, emulation failure), so ring-0 SSE/x87 \
+     exception cases are checked on bt only";
+
 /// Ring-0 cases of `exceptions`, in order, as the guest reports them.
 const RING0_EXCEPTION_CASES: [&str; 10] = [
     "ok: #DE: DIV by zero",
@@ -193,24 +217,31 @@ fn exceptions_on_kvm() {
         passes(test, EngineKind::Kvm, "exceptions");
         return;
     }
-    // PVM: the ring-0 cases run (emulated by the host) and must all pass; the ring-3 part
-    // cannot run here.
+    // PVM: the ring-0 cases up to #DF run (emulated by the host) and must all pass; the
+    // host's emulator then stops at the first instruction of the SSE/x87 cases, LDMXCSR, and
+    // the ring-3 part after them could not run here anyway. Pin both.
     let Some(run) = run_guest_for(test, EngineKind::Kvm, "exceptions", Duration::from_secs(8))
     else {
         return;
     };
-    let (outcome, text) = run.unwrap_or_else(|e| panic!("{test}: {e}"));
+    let failure = match run {
+        Err(failure) => failure,
+        Ok((outcome, text)) => panic!("{test}: the host changed: {:?}: {text}", outcome.end),
+    };
     for line in RING0_EXCEPTION_CASES {
         assert!(
-            text.contains(line),
-            "{test}: {line:?} missing from:\n{text}"
+            failure.serial.contains(line),
+            "{test}: {line:?} missing from:\n{failure}"
         );
     }
-    assert!(!text.contains("FAIL"), "{test}: {text}");
-    assert_eq!(
-        outcome.end,
-        RunEnd::Timeout,
-        "{test}: the host changed: {text}"
+    assert!(!failure.serial.contains("FAIL"), "{test}: {failure}");
+    assert!(
+        failure.error.contains("emulation failure")
+            && failure.error.contains("instruction bytes [0f, ae, 14"),
+        "{test}: the host changed: {failure}"
+    );
+    println!(
+        "SKIP: {test}: #XM, #UD (SSE without CR4.OSXMMEXCPT) and #MF cases: {PVM_NO_FP_EMULATION}"
     );
     println!("SKIP: {test}: ring-3 and compatibility-mode cases: {PVM_RING3_WITH_TSS}");
 }
@@ -259,11 +290,15 @@ fn modes_on_kvm() {
         return;
     };
     match run {
-        Err(e) if e.contains("emulation failure") && e.contains("instruction bytes [cf") => {
+        Err(e)
+            if e.error.contains("emulation failure")
+                && e.error.contains("instruction bytes [cf") =>
+        {
             println!(
                 "SKIP: {test}: PVM host: IRETD into virtual-8086 mode stops the vCPU with an \
-                 emulation failure ({e}); virtual-8086 mode, the task switches and #TS after it \
-                 are checked on bt only"
+                 emulation failure ({}); virtual-8086 mode, the task switches and #TS after it \
+                 are checked on bt only",
+                e.error
             );
         }
         other => panic!("{test}: the host changed: {other:?}"),

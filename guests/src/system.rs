@@ -28,6 +28,8 @@ const LAST_CR2: u64 = CELLS + 0x10;
 const RESUME: u64 = CELLS + 0x18;
 /// Ring 0's RSP while ring-3 code runs (`int RING0_VECTOR` comes back to it).
 const SAVED_RSP: u64 = CELLS + 0x20;
+/// The RIP the last exception's frame held (where it faulted, or after a trap).
+const LAST_RIP: u64 = CELLS + 0x28;
 /// Per-case results recorded by code that cannot print (ring 3): vector, error code.
 const SLOTS: u64 = CELLS + 0x100;
 /// The ring-0 stack of ring 3 -> 0 transitions.
@@ -171,8 +173,10 @@ fn handlers(s: &mut SectionAsm<'_>) -> Result<(), LinkError> {
             a.mov(rbx, cr2)?;
             a.mov(qword_ptr(LAST_CR2), rbx)?;
         }
-        a.mov(rbx, qword_ptr(RESUME))?;
         let frame = if has_error_code(v) { 16 } else { 8 };
+        a.mov(rbx, qword_ptr(rsp + frame))?;
+        a.mov(qword_ptr(LAST_RIP), rbx)?;
+        a.mov(rbx, qword_ptr(RESUME))?;
         a.mov(qword_ptr(rsp + frame), rbx)?;
         a.pop(rbx)?;
         if has_error_code(v) {
@@ -545,6 +549,202 @@ const BOUNDS: u64 = CELLS + 0x80;
 const MISALIGNED: u64 = CELLS + 0x91;
 /// A linear address with no mapping (PDPT[1] is empty).
 const UNMAPPED: u64 = 0x4000_0000;
+/// Scratch cells of the x87/SSE cases: a control word, a status word, MXCSR, the vector
+/// seen right after the faulting FDIV (before the FWAIT), a zero (the divisor) and a stored
+/// result.
+const FP_CW: u64 = CELLS + 0x400;
+const FP_SW: u64 = CELLS + 0x408;
+const FP_MXCSR: u64 = CELLS + 0x410;
+const FP_VEC_AFTER_FDIV: u64 = CELLS + 0x418;
+const FP_ZERO: u64 = CELLS + 0x420;
+const FP_RESULT: u64 = CELLS + 0x428;
+/// FCW/MXCSR zero-divide mask bits, FSW/MXCSR zero-divide flag, FSW.ES and FSW.B.
+const FCW_ZM: u32 = 1 << 2;
+const MXCSR_ZM: u32 = 1 << 9;
+const ZE: u32 = 1 << 2;
+const FSW_ES: u32 = 1 << 7;
+const FSW_B: u32 = 1 << 15;
+/// CR0.NE (native x87 error reporting) and CR4.OSXMMEXCPT.
+const CR0_NE: u32 = 1 << 5;
+const CR4_OSXMMEXCPT: u32 = 1 << 10;
+/// 1.0 as f32 and f64 bits.
+const ONE_F32: u32 = 0x3f80_0000;
+const ONE_F64: u64 = 0x3ff0_0000_0000_0000;
+
+/// Emits a check that [`LAST_RIP`] is the address of `at` (the instruction that faulted).
+fn check_fault_rip(
+    s: &mut SectionAsm<'_>,
+    rt: &mut Runtime,
+    what: &str,
+    at: CodeLabel,
+) -> Result<(), LinkError> {
+    check(s, rt, what, |a, ok| {
+        a.lea(rax, ptr(at))?;
+        a.cmp(qword_ptr(LAST_RIP), rax)?;
+        a.je(ok)
+    })
+}
+
+/// Emits the SSE #XM/#UD and x87 #MF cases (ring 0; slots 10-13): an unmasked SSE zero
+/// divide faults at the DIVSS itself, #XM with CR4.OSXMMEXCPT and #UD without; an unmasked
+/// x87 zero divide is pending after FDIV and faults at the next waiting instruction
+/// (CR0.NE=1).
+fn fp_cases(s: &mut SectionAsm<'_>, rt: &mut Runtime) -> Result<(), LinkError> {
+    // SSE with CR4.OSXMMEXCPT: #XM at the DIVSS, destination unchanged, MXCSR.ZE set.
+    let mut divss_at = s.a.create_label();
+    {
+        let a = &mut s.a;
+        a.mov(rax, cr4)?;
+        a.or(eax, CR4_OSXMMEXCPT)?;
+        a.mov(cr4, rax)?;
+        a.mov(dword_ptr(FP_MXCSR), 0x1f80 & !MXCSR_ZM)?;
+        a.ldmxcsr(dword_ptr(FP_MXCSR))?;
+        a.mov(eax, ONE_F32)?;
+        a.movd(xmm0, eax)?;
+        a.xorps(xmm1, xmm1)?;
+    }
+    let mut resume = arm(&mut s.a, 64)?;
+    {
+        let a = &mut s.a;
+        a.set_label(&mut divss_at)?;
+        a.divss(xmm0, xmm1)?;
+        a.set_label(&mut resume)?;
+        a.stmxcsr(dword_ptr(FP_MXCSR))?;
+    }
+    record(&mut s.a, 12)?;
+    check_slot(
+        s,
+        rt,
+        12,
+        "#XM: unmasked SSE zero divide with CR4.OSXMMEXCPT",
+        19,
+        None,
+    )?;
+    check_fault_rip(s, rt, "#XM: the faulting RIP is the DIVSS's", divss_at)?;
+    check(s, rt, "#XM: the destination is unchanged", |a, ok| {
+        a.movd(eax, xmm0)?;
+        a.cmp(eax, ONE_F32)?;
+        a.je(ok)
+    })?;
+    check(s, rt, "#XM: MXCSR.ZE is set", |a, ok| {
+        a.test(dword_ptr(FP_MXCSR), ZE)?;
+        a.jne(ok)
+    })?;
+
+    // The same without CR4.OSXMMEXCPT: #UD.
+    let mut divss_at = s.a.create_label();
+    {
+        let a = &mut s.a;
+        a.mov(rax, cr4)?;
+        a.and(eax, !CR4_OSXMMEXCPT)?;
+        a.mov(cr4, rax)?;
+        a.mov(dword_ptr(FP_MXCSR), 0x1f80 & !MXCSR_ZM)?;
+        a.ldmxcsr(dword_ptr(FP_MXCSR))?;
+    }
+    let mut resume = arm(&mut s.a, 64)?;
+    {
+        let a = &mut s.a;
+        a.set_label(&mut divss_at)?;
+        a.divss(xmm0, xmm1)?;
+        a.set_label(&mut resume)?;
+    }
+    record(&mut s.a, 13)?;
+    check_slot(
+        s,
+        rt,
+        13,
+        "#UD: unmasked SSE zero divide without CR4.OSXMMEXCPT",
+        6,
+        None,
+    )?;
+    check_fault_rip(s, rt, "#UD: the faulting RIP is the DIVSS's", divss_at)?;
+    check(s, rt, "#UD: the destination is unchanged", |a, ok| {
+        a.movd(eax, xmm0)?;
+        a.cmp(eax, ONE_F32)?;
+        a.je(ok)
+    })?;
+    s.a.mov(dword_ptr(FP_MXCSR), 0x1f80)?;
+    s.a.ldmxcsr(dword_ptr(FP_MXCSR))?;
+
+    // x87: unmask #Z, FDIV by zero, then FWAIT.
+    let mut fwait_at = s.a.create_label();
+    {
+        let a = &mut s.a;
+        a.mov(rax, cr0)?;
+        a.or(eax, CR0_NE)?;
+        a.mov(cr0, rax)?;
+        a.fninit()?;
+        a.fnstcw(word_ptr(FP_CW))?;
+        a.and(word_ptr(FP_CW), !FCW_ZM & 0xffff)?;
+        a.fldcw(word_ptr(FP_CW))?;
+        a.mov(dword_ptr(FP_ZERO), 0)?;
+    }
+    let mut resume = arm(&mut s.a, 64)?;
+    {
+        let a = &mut s.a;
+        a.fld1()?;
+        a.fdiv(dword_ptr(FP_ZERO))?;
+        a.mov(eax, dword_ptr(LAST_VEC))?;
+        a.mov(dword_ptr(FP_VEC_AFTER_FDIV), eax)?;
+        a.set_label(&mut fwait_at)?;
+        a.wait()?;
+        a.set_label(&mut resume)?;
+        a.fnstsw(word_ptr(FP_SW))?;
+    }
+    record(&mut s.a, 10)?;
+    check(s, rt, "#MF: FDIV by zero does not fault itself", |a, ok| {
+        a.cmp(dword_ptr(FP_VEC_AFTER_FDIV), 0xff)?;
+        a.je(ok)
+    })?;
+    check_slot(
+        s,
+        rt,
+        10,
+        "#MF: FWAIT after an unmasked x87 zero divide",
+        16,
+        None,
+    )?;
+    check_fault_rip(s, rt, "#MF: the faulting RIP is the FWAIT's", fwait_at)?;
+    check(s, rt, "#MF: FSW.ES and FSW.ZE are set", |a, ok| {
+        a.movzx(eax, word_ptr(FP_SW))?;
+        a.and(eax, FSW_ES | ZE)?;
+        a.cmp(eax, FSW_ES | ZE)?;
+        a.je(ok)
+    })?;
+    // FNCLEX clears ES, B and the flags; the next FWAIT does not fault; ST0 is the
+    // unchanged dividend (an unmasked #Z leaves the destination alone).
+    let mut resume = arm(&mut s.a, 64)?;
+    {
+        let a = &mut s.a;
+        a.fnclex()?;
+        a.fnstsw(word_ptr(FP_SW))?;
+        a.wait()?;
+        a.fstp(qword_ptr(FP_RESULT))?;
+        a.set_label(&mut resume)?;
+    }
+    record(&mut s.a, 11)?;
+    check(
+        s,
+        rt,
+        "#MF: FNCLEX clears FSW.ES, FSW.B and FSW.ZE",
+        |a, ok| {
+            a.movzx(eax, word_ptr(FP_SW))?;
+            a.test(eax, FSW_ES | FSW_B | ZE)?;
+            a.je(ok)
+        },
+    )?;
+    check(s, rt, "#MF: no fault after FNCLEX", |a, ok| {
+        a.cmp(dword_ptr(SLOTS + 16 * 11), 0xff)?;
+        a.je(ok)
+    })?;
+    check(s, rt, "#MF: ST0 kept the dividend", |a, ok| {
+        a.mov(rax, ONE_F64)?;
+        a.cmp(qword_ptr(FP_RESULT), rax)?;
+        a.je(ok)
+    })?;
+    s.a.fninit()?;
+    Ok(())
+}
 
 /// The cases of `exceptions` that ring 3 and compatibility mode run: (slot, what, vector,
 /// error code).
@@ -693,6 +893,7 @@ pub fn build_exceptions() -> Result<Image, LinkError> {
                 a.mov(ds, ax)
             })?;
             s.a.or(byte_ptr(idt + 11 * 16 + 5), 0x80)?;
+            fp_cases(s, rt)?;
             // Ring 3 (64-bit), with CR0.AM set and EFLAGS.AC in the user's flags.
             let mut user = s.a.create_label();
             let mut skip = s.a.create_label();
