@@ -26,8 +26,14 @@ enum Command {
     #[command(subcommand)]
     Guests(cli::guests::GuestsCommand),
     /// Run a guest and record every nondeterministic input into a trace.
+    ///
+    /// A guest reset reboots the machine as in `deja run` (--no-reboot, or --until-failure,
+    /// ends the recording there); the trace's header records which.
     Record(cli::record::RecordArgs),
     /// Re-execute a trace deterministically and verify it, or stop at a position.
+    ///
+    /// A guest reset reboots the machine or ends the replay as it did while recording
+    /// (the trace header's reset policy; traces older than format 3 end at the first reset).
     Replay(cli::replay::ReplayArgs),
     /// Inspect a trace: info, verify, dump, stats.
     #[command(subcommand)]

@@ -306,3 +306,58 @@ fn a_full_disk_ends_the_recording_and_says_what_was_kept() {
     assert!(err.contains("No space left on device"), "{err}");
     assert!(err.contains("whole frames) are intact"), "{err}");
 }
+
+#[test]
+fn recordings_reboot_like_run_and_replays_follow_the_header() {
+    // `deja record` reboots at a reset as `deja run` does (the reset guest boots five
+    // times and passes); --no-reboot ends the recording at the first reset (0xcf9). The
+    // trace's header says which, and `deja replay` (which takes no such flag) follows it.
+    let dir = scratch("reset");
+    let mut engines = vec!["bt"];
+    if kvm_available("recordings_reboot_like_run_and_replays_follow_the_header on kvm") {
+        engines.push("kvm");
+    }
+    for engine in engines {
+        for (no_reboot, policy, last_boot, gone) in [
+            (false, "Reboot", "reset: boot 4", "nothing"),
+            (true, "Stop", "reset: boot 0", "reset: boot 1"),
+        ] {
+            let trace = dir.join(format!("reset-{engine}-{policy}.trace"));
+            let mut args = vec![
+                "record",
+                "--engine",
+                engine,
+                "--clock",
+                "virtual",
+                "--mem",
+                "32M",
+                "--timeout",
+                "60",
+                "guest:reset",
+                "-o",
+                s(&trace),
+            ];
+            if no_reboot {
+                args.push("--no-reboot");
+            }
+            let o = deja(&args);
+            let out = text(&o.stdout);
+            assert_eq!(code(&o), 0, "{engine} {policy}: {out}{}", text(&o.stderr));
+            assert!(
+                out.contains(last_boot) && !out.contains(gone),
+                "{engine} {policy}: {out}"
+            );
+            let i = deja(&["trace", "info", s(&trace)]);
+            assert!(
+                text(&i.stdout).contains(&format!("on reset {policy}")),
+                "{}",
+                text(&i.stdout)
+            );
+            let r = deja(&["replay", s(&trace), "--json"]);
+            assert_eq!(code(&r), 0, "{engine} {policy}: {}", text(&r.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+            assert_eq!(v["verdict"], "Verified", "{engine} {policy}: {v}");
+            assert_eq!(v["exit_status"], 0, "{engine} {policy}: {v}");
+        }
+    }
+}

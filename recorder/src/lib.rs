@@ -28,7 +28,7 @@ use deja_machine::{
 };
 use deja_traces::{
     CheckpointInput, Delivery, Digest, EventKind, ExitInfo, FinishInfo, Footer, Header,
-    ImageRecord, MachineInfo, PageTracker, RecordingOptions, TraceWriter, WriteError,
+    ImageRecord, MachineInfo, PageTracker, RecordingOptions, ResetPolicy, TraceWriter, WriteError,
     WriterOptions,
 };
 use std::collections::BTreeMap;
@@ -99,6 +99,10 @@ pub struct RecordOptions {
     pub notes: BTreeMap<String, String>,
     /// How the writer cuts frames.
     pub writer: WriterOptions,
+    /// Whether a guest reset reboots the machine (the run goes on) or ends the run. Goes
+    /// into the header, so a replay does the same; the recorder sets it on the machine it
+    /// builds, whatever the build function chose.
+    pub on_reset: ResetPolicy,
 }
 
 /// Default events between state digests.
@@ -123,6 +127,7 @@ impl RecordOptions {
             run: RunOptions::default(),
             notes: BTreeMap::new(),
             writer: WriterOptions::default(),
+            on_reset: ResetPolicy::Stop,
         }
     }
 }
@@ -414,6 +419,7 @@ impl Recorder {
             chaos_seed: opts.chaos_seed,
         };
         header.notes = opts.notes.clone();
+        header.on_reset = opts.on_reset;
         let writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
         let shared = Arc::new(Mutex::new(Shared {
             writer: Some(writer),
@@ -434,6 +440,7 @@ impl Recorder {
             engine: opts.engine,
             detail: e.to_string(),
         })?;
+        vm.set_reboot(opts.on_reset == ResetPolicy::Reboot);
         let delivery = if exit_sync {
             InterruptDelivery::AtExits
         } else if vm.cpu.counts_instructions() {

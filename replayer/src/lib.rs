@@ -569,6 +569,8 @@ pub fn replay_with(
             detail,
         }
     })?;
+    // A reset does what it did while recording: reboot, or end the run.
+    vm.set_reboot(header.on_reset == deja_traces::ResetPolicy::Reboot);
     let counts = vm.cpu.counts_instructions();
     host::lock(&player).set_compare_icount(counts && !exit_sync);
     let delivery = if exit_sync {

@@ -73,6 +73,13 @@ pub struct RecordArgs {
     /// status or a triple fault), and keep the failing trace.
     #[arg(long, requires = "chaos")]
     pub until_failure: bool,
+    /// End the recording at the first reset request (0xcf9, port 0x92, i8042) or triple
+    /// fault instead of rebooting the machine, as `deja run --no-reboot`. Without it a
+    /// reset reboots (as `deja run` does), except with --until-failure, where a triple fault
+    /// is a failure to keep, so a reset always ends the attempt. The trace's header says
+    /// which, and `deja replay` does the same.
+    #[arg(long)]
+    pub no_reboot: bool,
     /// Most recordings `--until-failure` makes.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub attempts: u64,
@@ -146,9 +153,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         verbose: false,
         serial_out: None,
         append: args.append.clone(),
-        // Recordings end at a reset or triple fault (the replayer does not reboot either),
-        // so a failing kernel's trace stops where it failed.
-        no_reboot: true,
+        no_reboot: args.no_reboot,
         bios: args.bios,
         raw: args.raw,
         entry: args.entry,
@@ -177,6 +182,11 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         opts.delivery = deja_traces::Delivery::ExitSynchronous;
     }
     opts.chaos_max_quantum = args.chaos_max_quantum;
+    opts.on_reset = if args.no_reboot || args.until_failure {
+        deja_traces::ResetPolicy::Stop
+    } else {
+        deja_traces::ResetPolicy::Reboot
+    };
     opts.run = RunOptions {
         timeout: args.timeout,
         max_instructions: args.max_instructions,

@@ -20,6 +20,7 @@ fn header() -> Header {
         options: RecordingOptions::default(),
         created_unix_secs: 0,
         notes: Default::default(),
+        on_reset: ResetPolicy::Stop,
     }
 }
 

@@ -53,8 +53,10 @@ pub const FILE_MAGIC: [u8; 8] = *b"DEJATRAC";
 /// The last eight bytes of a trace that was finished properly.
 pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
 /// The format version this build writes, and the newest it reads. Version 2 added the
-/// [`EventKind::Registers`] event; nothing else changed, so version 1 traces still read.
-pub const FORMAT_VERSION: u32 = 2;
+/// [`EventKind::Registers`] event; version 3 the header's
+/// [`Header::on_reset`] at its end. Older traces still read (their headers with
+/// `on_reset` = [`ResetPolicy::Stop`], what every recording did then).
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The deja version compiled into this crate, for [`Header::deja_version`].

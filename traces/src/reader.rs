@@ -333,6 +333,15 @@ impl<R: Read + Seek> TraceReader<R> {
                 detail: "checksum mismatch".into(),
             });
         }
+        // Headers before version 3 end before `on_reset`: a zero byte is the variant index of
+        // ResetPolicy::Stop, what those recordings did at a reset.
+        let padded;
+        let body = if version < 3 {
+            padded = [body, &[0u8][..]].concat();
+            &padded[..]
+        } else {
+            body
+        };
         let header: Header =
             decode_whole(body, "the header").map_err(|detail| ReadError::BadHeader {
                 name: name.clone(),

@@ -114,8 +114,8 @@ impl fmt::Display for TraceInfo {
         writeln!(f, "status       {}", self.status)?;
         writeln!(
             f,
-            "recorded by  deja {} on {}, clock {:?}, delivery {:?}",
-            h.deja_version, h.engine, h.clock, h.delivery
+            "recorded by  deja {} on {}, clock {:?}, delivery {:?}, on reset {:?}",
+            h.deja_version, h.engine, h.clock, h.delivery, h.on_reset
         )?;
         writeln!(f, "created      {} (unix seconds)", h.created_unix_secs)?;
         writeln!(

@@ -197,6 +197,18 @@ pub struct RecordingOptions {
     pub chaos_seed: Option<u64>,
 }
 
+/// What the machine does when the guest resets it (0xcf9, port 0x92, the keyboard
+/// controller, a triple fault), which a replay must repeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResetPolicy {
+    /// The run ends at the first reset (`--no-reboot`). Traces of format 1 and 2, which do
+    /// not say, were all recorded this way.
+    #[default]
+    Stop,
+    /// The machine reboots and the run goes on (QEMU's default).
+    Reboot,
+}
+
 /// Everything known before the first instruction runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
@@ -219,6 +231,9 @@ pub struct Header {
     pub created_unix_secs: i64,
     /// Free-form facts about the recording host (e.g. "host.virt" = "PVM"), for humans.
     pub notes: BTreeMap<String, String>,
+    /// What a guest reset did. Format version 3 (older headers end before it and read as
+    /// [`ResetPolicy::Stop`]).
+    pub on_reset: ResetPolicy,
 }
 
 impl Header {
@@ -239,6 +254,7 @@ impl Header {
             options: RecordingOptions::default(),
             created_unix_secs,
             notes: BTreeMap::new(),
+            on_reset: ResetPolicy::Stop,
         }
     }
 }

@@ -660,4 +660,46 @@ mod tests {
                 <= crate::frame::MAX_COMPRESSED_PAYLOAD
         );
     }
+
+    /// A format 2 file header: this build's header without its last field (`on_reset`),
+    /// under version 2, with its checksum.
+    fn format2_file_header(header: &Header) -> Vec<u8> {
+        let mut body = bincode::serde::encode_to_vec(header, crate::bincode_config()).unwrap();
+        assert_eq!(body.pop(), Some(0), "ResetPolicy::Stop is the last byte");
+        let mut out = crate::FILE_MAGIC.to_vec();
+        out.extend_from_slice(&2u32.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        let sum = crate::checksum64(&[&out[8..]]);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn format2_headers_read_with_a_reset_that_stops_the_run() {
+        use crate::{ClockMode, Delivery, MachineInfo, ResetPolicy, TraceReader};
+        let mut header = Header::new(
+            "kvm",
+            ClockMode::Host,
+            Delivery::ExitSynchronous,
+            MachineInfo {
+                ram_size: 32 << 20,
+                cmdline: "console=ttyS0".into(),
+                ..MachineInfo::default()
+            },
+        );
+        header.notes.insert("command".into(), "deja record".into());
+        assert_eq!(header.on_reset, ResetPolicy::Stop);
+        let old = format2_file_header(&header);
+        let r = TraceReader::new(std::io::Cursor::new(old), "old.trace").unwrap();
+        assert_eq!(r.format_version(), 2);
+        assert_eq!(*r.header(), header);
+
+        // This build's headers carry the policy.
+        header.on_reset = ResetPolicy::Reboot;
+        let new = encode_file_header(&header).unwrap();
+        let r = TraceReader::new(std::io::Cursor::new(new), "new.trace").unwrap();
+        assert_eq!(r.format_version(), FORMAT_VERSION);
+        assert_eq!(r.header().on_reset, ResetPolicy::Reboot);
+    }
 }

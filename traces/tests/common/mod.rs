@@ -57,6 +57,7 @@ pub fn header() -> Header {
         },
         created_unix_secs: 1_700_000_000,
         notes,
+        on_reset: ResetPolicy::Reboot,
     }
 }
 
