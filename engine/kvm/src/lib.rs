@@ -487,9 +487,11 @@ impl KvmCpu {
     /// IA32_TSC_DEADLINE needs it. The guest's TSC under KVM is the host's (PVM ignores
     /// writes to it), so the relation is measured at the write: the TSC KVM reports for
     /// the vCPU now, at KVM's TSC frequency, against the [`Host`](deja_machine::Host)'s
-    /// time. The measurement itself is not logged: on replay a deadline may land a few
-    /// nanoseconds elsewhere, which is why TSC-deadline guests replay exactly only when
-    /// recorded on bt (whose TSC is guest time).
+    /// time. TSC-deadline guests replay exactly only when recorded on bt (whose TSC is guest
+    /// time): here the guest's own RDTSC returns the host TSC without an exit, so the
+    /// deadline it writes (and every TSC value it keeps) follows host time, which no trace
+    /// can give back. Logging this measurement would not help; a replayed guest writes a
+    /// deadline from its new RDTSC.
     fn guest_tsc(
         &mut self,
         machine: &mut Machine,
