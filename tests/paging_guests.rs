@@ -7,8 +7,7 @@ mod common;
 
 use common::{deja, kvm_available, s, scratch, text};
 
-/// bt's MMU strategies. `shadow` is checked where the engine accepts it; while it refuses
-/// the strategy the test says so on a SKIP line.
+/// bt's MMU strategies.
 const STRATEGIES: [&str; 3] = ["tlb", "nested", "shadow"];
 
 /// The value of counter `name` in `--stats` output.
@@ -19,9 +18,8 @@ fn counter(stderr: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// Runs `guest:NAME` on bt with `mmu` and `--stats`; `None` (after a SKIP line) when this
-/// build refuses the strategy.
-fn run_bt(guest: &str, mmu: &str) -> Option<(i32, String, String)> {
+/// Runs `guest:NAME` on bt with `mmu` and `--stats`.
+fn run_bt(guest: &str, mmu: &str) -> (i32, String, String) {
     let o = deja(&[
         "run",
         "--engine",
@@ -31,12 +29,11 @@ fn run_bt(guest: &str, mmu: &str) -> Option<(i32, String, String)> {
         "--stats",
         &format!("guest:{guest}"),
     ]);
-    let err = text(&o.stderr);
-    if mmu == "shadow" && o.status.code() == Some(1) && err.contains("shadow MMU strategy") {
-        println!("SKIP: {guest} on bt/shadow: this build refuses the strategy: {err}");
-        return None;
-    }
-    Some((o.status.code().unwrap_or(-1), text(&o.stdout), err))
+    (
+        o.status.code().unwrap_or(-1),
+        text(&o.stdout),
+        text(&o.stderr),
+    )
 }
 
 #[test]
@@ -50,9 +47,7 @@ fn paging_benchmarks_exit_0_under_every_bt_strategy_with_their_faults_counted() 
     ];
     for (guest, pf_guest, invlpg) in expected {
         for mmu in STRATEGIES {
-            let Some((status, out, err)) = run_bt(guest, mmu) else {
-                continue;
-            };
+            let (status, out, err) = run_bt(guest, mmu);
             assert_eq!(status, 0, "{guest} on bt/{mmu}: {out}{err}");
             assert_eq!(
                 counter(&err, "mmu.pf_guest"),
@@ -110,9 +105,7 @@ fn paging_access_passes_under_every_bt_strategy_in_every_paging_mode() {
         // deja's CPUID has NX and SMEP: all eight CR0.WP x EFER.NXE x CR4.SMEP states run.
         let expected = 8 * cases_per_state(mode, Coverage::Full);
         for mmu in STRATEGIES {
-            let Some((status, out, err)) = run_bt(&guest, mmu) else {
-                continue;
-            };
+            let (status, out, err) = run_bt(&guest, mmu);
             assert_eq!(status, 0, "{guest} on bt/{mmu}: {out}{err}");
             assert_eq!(cases_passed(&out), Some(expected), "{guest} {mmu}: {out}");
             let faults = counter(&err, "mmu.pf_guest").unwrap_or(0);
@@ -195,11 +188,6 @@ fn paging_guests_end_in_the_same_state_under_every_bt_strategy() {
                 &format!("guest:{guest}"),
             ]);
             let err = text(&o.stderr);
-            if mmu == "shadow" && o.status.code() != Some(0) && err.contains("shadow MMU strategy")
-            {
-                println!("SKIP: {guest} recorded on bt/shadow: this build refuses the strategy");
-                continue;
-            }
             assert_eq!(o.status.code(), Some(0), "{guest} {mmu}: {err}");
             let info = deja(&["trace", "info", s(&trace)]);
             let info = text(&info.stdout);

@@ -181,12 +181,6 @@ fn paging_benchmarks_count_their_mmu_events_under_every_strategy() {
     for mmu in ["tlb", "shadow", "nested"] {
         let column = format!("bt/{mmu}");
         let ptemod = find(&ms, "ptemod", &column);
-        if let (Status::Skipped { reason }, "shadow") = (&ptemod.status, mmu) {
-            // The engine refuses shadow until bt reports page-table stores; say so visibly.
-            println!("SKIP: bt/shadow: {reason}");
-            assert!(!reason.is_empty());
-            continue;
-        }
         assert_eq!(ptemod.status, Status::Ok, "{ptemod:#?}");
         assert_eq!(
             ptemod.counters_per_op.get("mmu.invlpg"),
@@ -316,13 +310,6 @@ fn ptemod_traces_page_table_writes_under_shadow_and_not_under_nested() {
         nested.counters_per_op
     );
     let shadow = find(&ms, "ptemod", "bt/shadow");
-    if let Status::Skipped { reason } = &shadow.status {
-        println!(
-            "SKIP: ptemod_traces_page_table_writes_under_shadow_and_not_under_nested: \
-             bt refuses the shadow MMU here: {reason}"
-        );
-        return;
-    }
     assert_eq!(shadow.status, Status::Ok, "{shadow:#?}");
     // The XOR into the live PTE hits a write-tracked page-table page.
     let writes = shadow.counters_per_op.get("mmu.mmu_pte_write").copied();
