@@ -1399,6 +1399,15 @@ const DB_DR6: u64 = CELLS + 0x488;
 /// The dword `debug`'s data breakpoint watches.
 const WATCHED: u64 = CELLS + 0x500;
 
+/// Labels the next instruction and appends the label to `l`: the addresses where the
+/// single-step #DBs are expected, in order.
+fn mark_here(a: &mut CodeAssembler, l: &mut Vec<CodeLabel>) -> Result<(), IcedError> {
+    let mut x = a.create_label();
+    a.set_label(&mut x)?;
+    l.push(x);
+    Ok(())
+}
+
 /// Emits code that checks that #DB came `count` times, the i-th time with RIP at
 /// `rips[i]` (labels), and that the last DR6 has `dr6_bits` set.
 fn check_db(
@@ -1459,25 +1468,15 @@ pub fn build_debug() -> Result<Image, LinkError> {
                 a.or(qword_ptr(rsp), 0x100)?;
                 a.popfq()?;
                 a.nop()?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
                 a.nop()?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
                 a.pushfq()?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
                 a.and(qword_ptr(rsp), !0x100)?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
                 a.popfq()?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
                 a.nop()?;
             }
             check_db(s, rt, "single-step (TF)", &l, 0x4000)?;
@@ -1554,21 +1553,13 @@ pub fn build_debug() -> Result<Image, LinkError> {
                 a.popfq()?;
                 a.mov(ss, ax)?;
                 a.nop()?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
                 a.pushfq()?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
                 a.and(qword_ptr(rsp), !0x100)?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
                 a.popfq()?;
-                let mut x = a.create_label();
-                a.set_label(&mut x)?;
-                l.push(x);
+                mark_here(a, &mut l)?;
             }
             check_db(s, rt, "single-step over MOV SS", &l, 0x4000)?;
             // 6. ICEBP: a #DB trap.

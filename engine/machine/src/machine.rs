@@ -242,26 +242,32 @@ impl Machine {
         self.position.icount = icount;
     }
 
+    /// An access to a register of the interrupt controller itself (its port or its MMIO
+    /// window); the controller raises no lines through the bus.
+    fn irqchip_access(&mut self, addr: u64, data: &mut [u8], write: bool) {
+        let mut none = NoInterruptLines;
+        let mut ctx = IoCtx {
+            host: self.host.as_mut(),
+            pos: self.position,
+            mem: &self.mem,
+            irq: &mut none,
+            stop: &mut self.stop,
+            now_cache: None,
+        };
+        if write {
+            self.irqchip.write(&mut ctx, addr, data);
+        } else {
+            self.irqchip.read(&mut ctx, addr, data);
+        }
+    }
+
     fn dispatch(&mut self, space: Space, addr: u64, data: &mut [u8], write: bool) {
         self.position.exits += 1;
         if space == Space::Mmio && self.in_irqchip_window(addr) {
             let counter = if write { "mmio_write" } else { "mmio_read" };
             self.stats
                 .add(&format!("io.{}.{counter}", self.irqchip.name()), 1);
-            let mut none = NoInterruptLines;
-            let mut ctx = IoCtx {
-                host: self.host.as_mut(),
-                pos: self.position,
-                mem: &self.mem,
-                irq: &mut none,
-                stop: &mut self.stop,
-                now_cache: None,
-            };
-            if write {
-                self.irqchip.write(&mut ctx, addr, data);
-            } else {
-                self.irqchip.read(&mut ctx, addr, data);
-            }
+            self.irqchip_access(addr, data, write);
             return;
         }
         let bus = match space {
@@ -292,23 +298,8 @@ impl Machine {
             (Space::Mmio, true) => "mmio_write",
         };
         self.stats.add(&format!("io.{}.{counter}", entry.name), 1);
-        let mut none = NoInterruptLines;
         match entry.target {
-            Target::Irqchip => {
-                let mut ctx = IoCtx {
-                    host: self.host.as_mut(),
-                    pos: self.position,
-                    mem: &self.mem,
-                    irq: &mut none,
-                    stop: &mut self.stop,
-                    now_cache: None,
-                };
-                if write {
-                    self.irqchip.write(&mut ctx, addr, data);
-                } else {
-                    self.irqchip.read(&mut ctx, addr, data);
-                }
-            }
+            Target::Irqchip => self.irqchip_access(addr, data, write),
             Target::Device(id) => {
                 let mut lines = Lines(self.irqchip.as_mut());
                 let mut ctx = IoCtx {
