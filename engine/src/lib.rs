@@ -322,15 +322,18 @@ impl Vm {
             }
             match exit {
                 Exit::InstructionLimit => {
+                    // A poll due here happens before an instruction limit ends the run, so
+                    // a run stopped at N has seen the same device activity at N whichever
+                    // way it stopped (limit, or a kick that came right after this poll).
+                    if self.cpu.icount() >= self.next_poll {
+                        self.machine.poll();
+                        self.schedule_poll();
+                    }
                     if opts
                         .max_instructions
                         .is_some_and(|m| self.cpu.icount() >= m)
                     {
                         break RunEnd::InstructionLimit;
-                    }
-                    if self.cpu.icount() >= self.next_poll {
-                        self.machine.poll();
-                        self.schedule_poll();
                     }
                 }
                 Exit::DeviceAccess => self.machine.poll(),

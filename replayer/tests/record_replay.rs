@@ -599,6 +599,93 @@ fn a_kicked_bt_recording_is_complete_and_replays_to_where_it_stopped() {
     check_kicked_recording(Engine::Bt);
 }
 
+/// The live host, except that it kicks the CPU right after its `kick_after`-th time answer:
+/// a Ctrl-C landing just after a device poll or a clock read, deterministically.
+struct KickingHost {
+    live: LiveHost,
+    kicker: Arc<Mutex<Option<deja_machine::cpu::Kicker>>>,
+    time_reads: u32,
+    kick_after: u32,
+}
+
+impl deja_machine::Host for KickingHost {
+    fn time_ns(&mut self, at: deja_machine::Position) -> u64 {
+        let t = self.live.time_ns(at);
+        self.time_reads += 1;
+        if self.time_reads == self.kick_after
+            && let Some(k) = self.kicker.lock().unwrap().as_ref()
+        {
+            k.kick();
+        }
+        t
+    }
+    fn boot_wallclock(&mut self) -> i64 {
+        self.live.boot_wallclock()
+    }
+    fn serial_input(&mut self, at: deja_machine::Position) -> Option<u8> {
+        self.live.serial_input(at)
+    }
+    fn entropy(&mut self, at: deja_machine::Position) -> u64 {
+        self.live.entropy(at)
+    }
+    fn poll_quantum(&mut self, at: deja_machine::Position) -> u64 {
+        self.live.poll_quantum(at)
+    }
+    fn idle(&mut self, at: deja_machine::Position, deadline_ns: Option<u64>) {
+        self.live.idle(at, deadline_ns)
+    }
+}
+
+/// A kick right after any time answer (at a device exit or at a scheduled poll) leaves a
+/// trace whose last events are at the final position: the replay must consume them and stop
+/// there with the recorded digest (a CI run once lost this race).
+#[test]
+fn a_bt_recording_kicked_right_after_a_time_read_replays_to_where_it_stopped() {
+    let image = guest(5_000);
+    let cfg = config();
+    for kick_after in 1..=24 {
+        let path = tmp(&format!("kicked-after-{kick_after}.trace"));
+        let kicker = Arc::new(Mutex::new(None));
+        let host = Box::new(KickingHost {
+            live: LiveHost::new(ClockMode::Host),
+            kicker: kicker.clone(),
+            time_reads: 0,
+            kick_after,
+        });
+        let mut opts = RecordOptions::new(EngineKind::Bt, ClockMode::Host);
+        opts.digest_interval = 16;
+        let rec = Recorder::new(
+            &image,
+            &cfg,
+            host,
+            Box::new(std::fs::File::create(&path).unwrap()),
+            "kicked.trace",
+            Box::new(std::io::sink()),
+            Arc::new(Mutex::new(SerialCapture::default())),
+            opts,
+            |host, out| build(Engine::Bt, &cfg, &image, host, out),
+        )
+        .unwrap();
+        *kicker.lock().unwrap() = Some(rec.kicker());
+        let outcome = rec.run().unwrap();
+        assert_eq!(
+            outcome.run.end,
+            RunEnd::Interrupted,
+            "kick after {kick_after}"
+        );
+        let r = replay_on(Engine::Bt, &path, &image, None, false);
+        assert!(
+            matches!(r.verdict, Verdict::Verified),
+            "kick after time read {kick_after}: {r}"
+        );
+        assert_eq!(r.icount, outcome.run.icount, "kick after {kick_after}");
+        assert_eq!(
+            r.final_digest, outcome.final_digest,
+            "kick after {kick_after}"
+        );
+    }
+}
+
 #[test]
 fn a_kicked_kvm_recording_is_complete_and_replays_to_where_it_stopped() {
     if !kvm_available("a_kicked_kvm_recording_is_complete_and_replays_to_where_it_stopped") {
