@@ -244,7 +244,7 @@ fn sigterm_ends_a_recording_with_a_complete_trace_that_replays() {
     let dir = scratch("sigterm");
     let trace = dir.join("echo.trace");
     // echo waits for input forever; stdin stays open and silent.
-    let child = Command::new(env!("CARGO_BIN_EXE_deja"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deja"))
         .args([
             "record",
             "--engine",
@@ -260,7 +260,11 @@ fn sigterm_ends_a_recording_with_a_complete_trace_that_replays() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The trace file appears after the signal handler is in place; a SIGTERM from then on
+    // stops the recording whenever it lands (before the recorder exists too).
+    while !trace.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     // SAFETY: kill with a pid we spawned and a valid signal number.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(rc, 0);

@@ -202,13 +202,16 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or(1)
     });
     // Ctrl-C and SIGTERM stop whichever recording is running; its trace is finished.
+    // A signal that comes while no recorder is running (start-up, between attempts) stays
+    // pending on `stop` and stops the next recorder as soon as it exists.
     let current: Arc<Mutex<Option<deja_machine::Kicker>>> = Arc::default();
     let slot = current.clone();
-    kick_on_signals(deja_machine::Kicker::with_hook(Arc::new(move || {
+    let stop = deja_machine::Kicker::with_hook(Arc::new(move || {
         if let Some(k) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             k.kick();
         }
-    })))?;
+    }));
+    kick_on_signals(stop.clone())?;
     let record_one = |path: &Path, chaos: Option<u64>| -> anyhow::Result<RecordOutcome> {
         let mut opts = opts.clone();
         opts.chaos_seed = chaos;
@@ -230,6 +233,9 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         )
         .with_context(|| format!("starting {} on {engine}", image.name))?;
         *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(recorder.kicker());
+        if stop.pending() {
+            recorder.kicker().kick();
+        }
         let by_icount = engine == EngineKind::Bt && !args.exit_synchronous;
         let pb = super::progress::bar(
             args.max_instructions.filter(|_| by_icount),
