@@ -727,7 +727,10 @@ fn a_ring3_long_mode_guest_does_port_io_and_can_be_kicked_out_of_a_spin() {
     });
     assert_eq!(cpu.run(&mut m, Limit::default()).unwrap(), Exit::Kicked);
     watchdog.join().unwrap();
-    assert!(started.elapsed() < std::time::Duration::from_secs(30), "the kick never landed");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the kick never landed"
+    );
     let s = cpu.state().unwrap();
     assert!(s.gpr[gpr::RCX] > 0, "the guest made progress");
     assert!(s.rip >= CODE + 11 && s.rip < CODE + code.len() as u64);
