@@ -263,6 +263,10 @@ fn sigterm_ends_a_recording_with_a_complete_trace_that_replays() {
     // The trace file appears after the signal handler is in place; a SIGTERM from then on
     // stops the recording whenever it lands (before the recorder exists too).
     while !trace.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "deja record exited before creating its trace"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     // SAFETY: kill with a pid we spawned and a valid signal number.
