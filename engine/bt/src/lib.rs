@@ -24,8 +24,7 @@
 //! task switches live in [`task`].
 //!
 //! Not implemented yet (each raises #UD or #GP and is counted under `bt.unimplemented.*`):
-//! anything beyond SSE2 (SSE3 and later are not in deja's CPUID), I/O breakpoints (DR7 R/W =
-//! 10), NMI delivery.
+//! anything beyond SSE2 (SSE3 and later are not in deja's CPUID).
 
 pub mod cache;
 pub mod core;
@@ -591,6 +590,7 @@ impl BtCpu {
                 let mut ctx = self.ctx(machine);
                 ctx.exact_flags = n < len;
                 let mut outcome = Ctl::Next;
+                let mut restarted = false;
                 let mut fault = None;
                 let mut i = 0;
                 while i < n {
@@ -613,6 +613,7 @@ impl BtCpu {
                         }
                         Ok(Ctl::Restart) => {
                             ctx.core.rip = op.rip;
+                            restarted = true;
                             outcome = Ctl::End;
                             break;
                         }
@@ -641,7 +642,7 @@ impl BtCpu {
                 }
                 if debug && n > 0 {
                     let retired = fault.is_none() && self.icount > icount_before;
-                    self.after_debug_step(&block.ops[0], flags_before, retired);
+                    self.after_debug_step(&block.ops[0], flags_before, retired, restarted);
                 }
                 if let Some((e, rip)) = fault {
                     if !self.raise(machine, e, EventKind::Exception, rip) {
@@ -731,11 +732,22 @@ impl BtCpu {
     /// Debug bookkeeping after one instruction ran in debug mode: the single-step trap (if
     /// TF was set when it started), data breakpoints it hit, the MOV SS / POP SS shadow that
     /// holds both back for one instruction, and RF, which every retired instruction but IRET
-    /// clears.
-    fn after_debug_step(&mut self, op: &ir::UOp, flags_before: u64, retired: bool) {
+    /// clears. A repeated string instruction that stopped between iterations (`restarted`,
+    /// not retired) traps for the breakpoints its last iteration hit, with RIP still at the
+    /// instruction, which resumes on return from the handler (SDM 17.3.1.2).
+    fn after_debug_step(
+        &mut self,
+        op: &ir::UOp,
+        flags_before: u64,
+        retired: bool,
+        restarted: bool,
+    ) {
         let c = &mut self.core;
         let hits = std::mem::take(&mut c.db_hits);
         if !retired {
+            if restarted {
+                c.db_pending |= hits;
+            }
             return;
         }
         let mut bits = hits;

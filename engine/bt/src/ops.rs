@@ -1222,8 +1222,10 @@ pub fn string_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     };
     if kind == string::INS || kind == string::OUTS {
         crate::system::io_allowed(ctx, ctx.core.reg(2, false, 2) as u16, size)?;
-        // The port is the same for every iteration. bt reports the hit once the whole
-        // instruction retires (hardware traps after the first iteration of a REP).
+        // The port is the same for every iteration: an I/O breakpoint hits the first one
+        // this execution makes, and the trap comes right after it (SDM 17.3.1.2: "repeated
+        // INS and OUTS instructions generate an I/O-breakpoint debug exception after the
+        // first iteration"); the instruction then resumes with the count left.
         let rep_done = rep != 0 && ctx.core.gpr[1] & mask(op.target as u8) == 0;
         if !rep_done {
             crate::system::io_breakpoints(ctx, ctx.core.reg(2, false, 2) as u16, size);
@@ -1323,8 +1325,10 @@ pub fn string_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 break;
             }
         }
-        if ctx.device || ctx.smc_current {
-            // One device access per exit; a store into the running block ends it.
+        if ctx.device || ctx.smc_current || ctx.core.db_hits != 0 {
+            // One device access per exit; a store into the running block ends it; an I/O
+            // or data breakpoint hit traps after the iteration that hit it (the run loop
+            // delivers the #DB with RIP still at this instruction when iterations remain).
             if ctx.core.gpr[1] & am != 0 {
                 return Ok(Ctl::Restart);
             }

@@ -499,6 +499,36 @@ fn data_breakpoints_trap_after_matching_accesses() {
 }
 
 #[test]
+fn a_data_breakpoint_in_a_rep_string_traps_after_the_iteration_that_hit_it() {
+    // REP STOSD over 0x6000..0x6010 with a write breakpoint on 0x6008: the third iteration
+    // hits, the trap comes with EIP at the REP STOSD (ECX = 1 left), and the resumed
+    // instruction finishes without another trap.
+    let code = asm(32, 0x2000, |a| {
+        a.mov(eax, 0x6008).unwrap();
+        a.mov(dr1, eax).unwrap();
+        a.mov(eax, (1u32 << 2) | (0b1101 << 20)).unwrap(); // L1, write, 4 bytes
+        a.mov(dr7, eax).unwrap();
+        a.mov(edi, 0x6000).unwrap();
+        a.mov(ecx, 4).unwrap();
+        a.mov(eax, 0x1234_5678).unwrap();
+        a.rep().stosd().unwrap();
+        a.nop().unwrap();
+        a.hlt().unwrap();
+    });
+    let mut d = iced_x86::Decoder::with_ip(32, &code, 0x2000, iced_x86::DecoderOptions::NONE);
+    let insns: Vec<_> = d.iter().collect();
+    let (mut m, s) = debug_machine(&code);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 200), Exit::Halted);
+    assert_eq!(eips(&m), vec![insns[7].ip32()]);
+    assert_eq!(u32_at(&m, DATA + 4) & 0xf, 2, "DR6.B1");
+    let st = c.state().unwrap();
+    assert_eq!(st.gpr[1], 0, "the resumed REP STOSD finished");
+    assert_eq!(st.gpr[7], 0x6010);
+    assert_eq!(u32_at(&m, 0x600c), 0x1234_5678);
+}
+
+#[test]
 fn general_detect_faults_on_debug_register_access_and_icebp_traps() {
     let mut d_at = Vec::new();
     let code = asm(32, 0x2000, |a| {
@@ -641,30 +671,36 @@ enum PortAccess {
     Outsb,
     Insw,
     RepOutsb(u32),
+    RepInsw(u32),
 }
 
 #[test]
 fn io_breakpoints_trap_after_in_out_ins_outs_that_touch_their_port_range() {
     const DE: u64 = 1 << 3;
-    // (cr4, DR0 port, DR7 LEN bits, DX, access, trap expected)
-    let cases: &[(u64, u64, u32, u16, PortAccess, bool)] = &[
-        (DE, 0xe0, 0b00, 0, PortAccess::InAlImm(0xe0), true),
-        (DE, 0xe0, 0b00, 0, PortAccess::InAlImm(0xe1), false),
-        (DE, 0x3e0, 0b01, 0x3e0, PortAccess::OutDxAx, true),
+    // (cr4, DR0 port, DR7 LEN bits, DX, access, traps expected)
+    let cases: &[(u64, u64, u32, u16, PortAccess, usize)] = &[
+        (DE, 0xe0, 0b00, 0, PortAccess::InAlImm(0xe0), 1),
+        (DE, 0xe0, 0b00, 0, PortAccess::InAlImm(0xe1), 0),
+        (DE, 0x3e0, 0b01, 0x3e0, PortAccess::OutDxAx, 1),
         // A word access starting one below the breakpoint's byte reaches it.
-        (DE, 0x3e1, 0b00, 0x3e0, PortAccess::OutDxAx, true),
+        (DE, 0x3e1, 0b00, 0x3e0, PortAccess::OutDxAx, 1),
         // A dword breakpoint at 0x3e6 covers 0x3e4-0x3e7 (DR0 aligned down).
-        (DE, 0x3e6, 0b11, 0x3e4, PortAccess::InEaxDx, true),
-        (DE, 0x3e4, 0b11, 0x3e8, PortAccess::InEaxDx, false),
-        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::Outsb, true),
-        (DE, 0x3e3, 0b00, 0x3e2, PortAccess::Insw, true),
-        // A REP string traps once, after the instruction; with ECX = 0 there is no access.
-        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::RepOutsb(3), true),
-        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::RepOutsb(0), false),
+        (DE, 0x3e6, 0b11, 0x3e4, PortAccess::InEaxDx, 1),
+        (DE, 0x3e4, 0b11, 0x3e8, PortAccess::InEaxDx, 0),
+        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::Outsb, 1),
+        (DE, 0x3e3, 0b00, 0x3e2, PortAccess::Insw, 1),
+        // A REP string traps after its first iteration with RIP at the instruction, which
+        // resumes (and traps after its first iteration again) until the count runs out; the
+        // last trap has RIP past it. With ECX = 0 there is no access.
+        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::RepOutsb(3), 3),
+        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::RepOutsb(1), 1),
+        (DE, 0x3e2, 0b00, 0x3e2, PortAccess::RepOutsb(0), 0),
+        (DE, 0x3e2, 0b01, 0x3e2, PortAccess::RepInsw(2), 2),
+        (DE, 0x3e8, 0b01, 0x3e2, PortAccess::RepInsw(2), 0),
         // Without CR4.DE, R/W = 10 is undefined; deja never matches it.
-        (0, 0x3e0, 0b00, 0x3e0, PortAccess::OutDxAx, false),
+        (0, 0x3e0, 0b00, 0x3e0, PortAccess::OutDxAx, 0),
     ];
-    for &(cr4_bits, port, len, dx_value, access, trap) in cases {
+    for &(cr4_bits, port, len, dx_value, access, traps) in cases {
         let code = asm(32, 0x2000, |a| {
             a.mov(edx, dx_value as u32).unwrap();
             a.mov(esi, (DATA + 0x100) as u32).unwrap();
@@ -678,6 +714,10 @@ fn io_breakpoints_trap_after_in_out_ins_outs_that_touch_their_port_range() {
                 PortAccess::RepOutsb(n) => {
                     a.mov(ecx, n).unwrap();
                     a.rep().outsb().unwrap();
+                }
+                PortAccess::RepInsw(n) => {
+                    a.mov(ecx, n).unwrap();
+                    a.rep().insw().unwrap();
                 }
             }
             a.nop().unwrap();
@@ -699,13 +739,12 @@ fn io_breakpoints_trap_after_in_out_ins_outs_that_touch_their_port_range() {
         let what =
             format!("cr4 {cr4_bits:#x} DR0 {port:#x} len {len:#b} DX {dx_value:#x} {access:?}");
         assert_eq!(run(&mut c, &mut m, 200), Exit::Halted, "{what}");
-        let expected = if trap {
-            vec![insns[io].next_ip32()]
-        } else {
-            vec![]
-        };
+        let mut expected = vec![insns[io].ip32(); traps.saturating_sub(1)];
+        if traps > 0 {
+            expected.push(insns[io].next_ip32());
+        }
         assert_eq!(eips(&m), expected, "{what}");
-        if trap {
+        if traps > 0 {
             assert_eq!(u32_at(&m, DATA + 4) & 0xf, 1, "DR6.B0: {what}");
         }
     }
