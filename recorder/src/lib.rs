@@ -6,8 +6,12 @@
 //! so memory stays bounded and a crash loses at most one frame). Between exits the recorder
 //! adds a state digest every [`RecordOptions::digest_interval`] events and, every
 //! [`RecordOptions::checkpoint_every`] digests, a checkpoint (CPU, devices, changed pages) so
-//! replay can seek and report register differences. The guest's serial output is teed into a
-//! digest for the footer.
+//! replay can seek and report register differences. Short runs log few events, so digests
+//! also come at milestones of guest progress that double from a small start
+//! ([`FIRST_EXIT_MILESTONE`] device exits, [`FIRST_ICOUNT_MILESTONE`] instructions): a
+//! divergence in a short run shows within twice its distance from the start instead of only
+//! at the footer, and a long trace gains only a few dozen digests. The guest's serial output
+//! is teed into a digest for the footer.
 //!
 //! Delivery disciplines: on engines that count instructions (bt) interrupts land at exact
 //! instruction boundaries decided by logged poll quanta ([`Delivery::InstructionExact`]);
@@ -84,7 +88,8 @@ pub struct RecordOptions {
     pub clock: ClockMode,
     /// The delivery discipline; [`RecordOptions::new`] picks the engine's natural one.
     pub delivery: Delivery,
-    /// A state digest every this many events (0: only at the end).
+    /// A state digest every this many events, and at doubling milestones of device exits
+    /// and instructions (0: only at the end).
     pub digest_interval: u64,
     /// A checkpoint at every this many digests (0: none). The first is full, later ones
     /// hold changed pages only.
@@ -107,6 +112,12 @@ pub struct RecordOptions {
 
 /// Default events between state digests.
 pub const DEFAULT_DIGEST_INTERVAL: u64 = 1024;
+/// The device exit count of the first progress-milestone digest; each later milestone is
+/// twice the previous one.
+pub const FIRST_EXIT_MILESTONE: u64 = 16;
+/// The instruction count of the first progress-milestone digest (engines that count
+/// instructions); each later milestone is twice the previous one.
+pub const FIRST_ICOUNT_MILESTONE: u64 = 1 << 16;
 /// Default largest chaos poll quantum (instructions).
 pub const DEFAULT_CHAOS_MAX_QUANTUM: u64 = 4000;
 
@@ -271,23 +282,39 @@ struct Observer<'p> {
     tracker: PageTracker,
     digest_interval: u64,
     checkpoint_every: u64,
+    /// Digests taken because `digest_interval` events had passed (checkpoints go with
+    /// every `checkpoint_every`-th of them).
     digests: u64,
     checkpoints: u64,
     last_digest_at: Option<deja_machine::Position>,
+    /// The next progress milestones that make a digest due.
+    next_exit_milestone: u64,
+    next_icount_milestone: u64,
     error: Option<RecordError>,
 }
 
 impl Observer<'_> {
-    fn digest_now(&mut self, machine: &Machine, cpu: &mut dyn Cpu, next_poll: u64) {
-        let at = state::trace_position(machine.position());
+    /// A digest here; `regular` when it is the events interval's (those carry the
+    /// checkpoints), not only a progress milestone's.
+    fn digest_now(&mut self, machine: &Machine, cpu: &mut dyn Cpu, next_poll: u64, regular: bool) {
+        let pos = machine.position();
+        while self.next_exit_milestone <= pos.exits {
+            self.next_exit_milestone = self.next_exit_milestone.saturating_mul(2);
+        }
+        while self.next_icount_milestone <= pos.icount {
+            self.next_icount_milestone = self.next_icount_milestone.saturating_mul(2);
+        }
+        let at = state::trace_position(pos);
         let output = lock_capture(&self.serial).take_pending();
         let mut s = host::lock(&self.shared);
         if !output.is_empty() {
             s.log(at, EventKind::SerialOutput { bytes: output });
         }
-        self.digests += 1;
-        let checkpoint = self.checkpoint_every > 0 && self.digests % self.checkpoint_every == 1
-            || self.checkpoint_every == 1;
+        let checkpoint = regular && {
+            self.digests += 1;
+            self.checkpoint_every > 0 && self.digests % self.checkpoint_every == 1
+                || self.checkpoint_every == 1
+        };
         let result = if checkpoint {
             snapshot(machine, cpu, next_poll, &mut self.tracker).map(|snap| {
                 s.log(
@@ -325,7 +352,11 @@ impl Observer<'_> {
                 s.log(at, EventKind::StateDigest { digest });
             })
         };
-        s.since_digest = 0;
+        if regular {
+            // Milestone digests come on top of the events interval's, which stays as it
+            // was (so long traces get their checkpoints where they always did).
+            s.since_digest = 0;
+        }
         if let Err(source) = result {
             self.error = Some(RecordError::State { at, source });
         }
@@ -337,20 +368,25 @@ impl RunObserver for Observer<'_> {
         if let Some(f) = self.progress.as_mut() {
             f(state::trace_position(machine.position()));
         }
-        let due = {
+        let pos = machine.position();
+        let (regular, milestone) = {
             let s = host::lock(&self.shared);
             if s.error.is_some() {
                 return false;
             }
             // A guest idling in HLT answers many questions at one position; a digest
             // there would repeat the previous one, so digests wait for progress.
-            self.digest_interval > 0
-                && s.since_digest >= self.digest_interval
-                && self.last_digest_at != Some(machine.position())
+            let enabled = self.digest_interval > 0 && self.last_digest_at != Some(pos);
+            (
+                enabled && s.since_digest >= self.digest_interval,
+                enabled
+                    && (pos.exits >= self.next_exit_milestone
+                        || pos.icount >= self.next_icount_milestone),
+            )
         };
-        if due {
-            self.last_digest_at = Some(machine.position());
-            self.digest_now(machine, cpu, next_poll);
+        if regular || milestone {
+            self.last_digest_at = Some(pos);
+            self.digest_now(machine, cpu, next_poll, regular);
         }
         self.error.is_none() && host::lock(&self.shared).error.is_none()
     }
@@ -505,6 +541,8 @@ impl Recorder {
             digests: 0,
             checkpoints: 0,
             last_digest_at: None,
+            next_exit_milestone: FIRST_EXIT_MILESTONE,
+            next_icount_milestone: FIRST_ICOUNT_MILESTONE,
             error: None,
         };
         let run = self.vm.run_observed(self.opts.run, &mut observer)?;
