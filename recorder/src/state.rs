@@ -6,11 +6,13 @@
 //! (not engine-private MSR lists or descriptor-cache bits), and memory counts every non-zero
 //! page by number and contents.
 
+use deja_machine::cpu::{DescriptorTable, FpuState, PendingDebug, PendingEvents};
 use deja_machine::devices::DeviceState;
 use deja_machine::vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-use deja_machine::{Cpu, CpuError, CpuState, Machine, MachineError, Position};
+use deja_machine::{Cpu, CpuError, CpuState, Machine, MachineError, Position, Segment};
 use deja_traces::{Digest, PAGE_SIZE, PageTracker};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use thiserror::Error;
 
 /// Failures reading or restoring machine state.
@@ -83,6 +85,91 @@ pub fn decode<T: serde::de::DeserializeOwned>(
             what,
             detail: e.to_string(),
         })
+}
+
+/// The first trace format whose checkpoints hold [`CpuState::pending_debug`].
+pub const PENDING_DEBUG_FORMAT: u32 = 4;
+
+/// Decodes a checkpoint's CPU state, written by a recorder of trace format `format` (the
+/// trace's [`deja_traces::TraceReader::format_version`]): formats 1-3 end the state before
+/// [`CpuState::pending_debug`], and read as "no #DB trap pending". The whole blob must be
+/// used, so a blob of one layout never passes for the other.
+pub fn decode_cpu_state(bytes: &[u8], format: u32) -> Result<CpuState, StateError> {
+    let what = if format < PENDING_DEBUG_FORMAT {
+        "CPU state (trace format 1-3 layout)"
+    } else {
+        "CPU state"
+    };
+    let fail = |detail: String| StateError::Decode { what, detail };
+    let (state, used) = if format < PENDING_DEBUG_FORMAT {
+        bincode::serde::decode_from_slice::<CpuStateFormat3, _>(bytes, bincode_config())
+            .map(|(s, n)| (CpuState::from(s), n))
+    } else {
+        bincode::serde::decode_from_slice::<CpuState, _>(bytes, bincode_config())
+    }
+    .map_err(|e| fail(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(fail(format!(
+            "{} of its {} bytes are left over (a state of another trace format?)",
+            bytes.len() - used,
+            bytes.len()
+        )));
+    }
+    Ok(state)
+}
+
+/// [`CpuState`] as trace formats 1-3 encoded it: every field up to [`CpuState::pending`].
+#[derive(Deserialize)]
+struct CpuStateFormat3 {
+    gpr: [u64; 16],
+    rip: u64,
+    rflags: u64,
+    seg: [Segment; 6],
+    tr: Segment,
+    ldtr: Segment,
+    gdtr: DescriptorTable,
+    idtr: DescriptorTable,
+    cr0: u64,
+    cr2: u64,
+    cr3: u64,
+    cr4: u64,
+    cr8: u64,
+    efer: u64,
+    msrs: BTreeMap<u32, u64>,
+    dr: [u64; 4],
+    dr6: u64,
+    dr7: u64,
+    fpu: FpuState,
+    pending: PendingEvents,
+}
+
+impl From<CpuStateFormat3> for CpuState {
+    fn from(o: CpuStateFormat3) -> Self {
+        CpuState {
+            gpr: o.gpr,
+            rip: o.rip,
+            rflags: o.rflags,
+            seg: o.seg,
+            tr: o.tr,
+            ldtr: o.ldtr,
+            gdtr: o.gdtr,
+            idtr: o.idtr,
+            cr0: o.cr0,
+            cr2: o.cr2,
+            cr3: o.cr3,
+            cr4: o.cr4,
+            cr8: o.cr8,
+            efer: o.efer,
+            msrs: o.msrs,
+            dr: o.dr,
+            dr6: o.dr6,
+            dr7: o.dr7,
+            fpu: o.fpu,
+            pending: o.pending,
+            // Those recorders dropped a pending trap: none is the best reading.
+            pending_debug: PendingDebug::default(),
+        }
+    }
 }
 
 /// Decodes a JSON blob of the header (machine configuration, image format).
@@ -343,15 +430,17 @@ pub fn snapshot(
 
 /// Restores a checkpoint into a freshly built machine: memory (every resident page not in
 /// `memory` is zeroed), CPU state and icount, devices, position. Returns the poll schedule
-/// to give [`deja_engine::Vm::set_next_poll`] and the restored CPU state.
+/// to give [`deja_engine::Vm::set_next_poll`] and the restored CPU state. `format` is the
+/// trace's format version (see [`decode_cpu_state`]).
 pub fn restore(
     machine: &mut Machine,
     cpu: &mut dyn Cpu,
     memory: &deja_traces::MemoryImage,
     cpu_state: &[u8],
     machine_state: &[u8],
+    format: u32,
 ) -> Result<(u64, CpuState), StateError> {
-    let state: CpuState = decode(cpu_state, "CPU state")?;
+    let state = decode_cpu_state(cpu_state, format)?;
     let snap: MachineSnapshot = decode(machine_state, "machine state")?;
     let mut stale = Vec::new();
     for_each_resident_page(machine, |n, page| {
@@ -392,4 +481,85 @@ pub fn restore(
         }
     }
     Ok((snap.next_poll, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint CPU state as the format-3 recorder encoded it (before `pending_debug`):
+    /// `CpuState::reset()` with RAX = 0x12345678, RIP = 0x2010, DR6 = 0xffff4ff0 and the
+    /// interrupt shadow set, bytes produced by the build of commit 5ba0d6c.
+    const FORMAT3_CPU_STATE: &[&str] = &[
+        "fc7856341200fb000600000000000000000000000000fb1020020000fbffff030001010000000000fb00f0fc",
+        "0000fffffbffff0b00010100000000000000fbffff0300010100000000000000fbffff030001010000000000",
+        "0000fbffff0300010100000000000000fbffff0300010100000000000000fbffff0b00000100000000000000",
+        "fbffff02000001000000000000fbffff00fbfffffc100000600000000000021bfc0009e0fefb7702fd060407",
+        "000604070000000000fcf04ffffffb0004fb7f03000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "000000000000000000000000000000000000000000fb801f0000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000001000000",
+    ];
+
+    fn format3_bytes() -> Vec<u8> {
+        let hex: String = FORMAT3_CPU_STATE.concat();
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn expected_format3_state() -> CpuState {
+        let mut s = CpuState::reset();
+        s.gpr[0] = 0x1234_5678;
+        s.rip = 0x2010;
+        s.dr6 = 0xffff_4ff0;
+        s.pending.interrupt_shadow = true;
+        s
+    }
+
+    #[test]
+    fn format_1_to_3_checkpoints_decode_with_their_layout_and_no_pending_debug_trap() {
+        let old = format3_bytes();
+        for format in 1..PENDING_DEBUG_FORMAT {
+            let s = decode_cpu_state(&old, format).unwrap();
+            assert!(
+                s == expected_format3_state(),
+                "format {format}: {:#?}",
+                expected_format3_state().diff(&s)
+            );
+            assert!(!s.pending_debug.any());
+        }
+        let err = decode_cpu_state(&old, PENDING_DEBUG_FORMAT).unwrap_err();
+        assert!(
+            err.to_string().contains("CPU state"),
+            "an old blob read as format 4 fails: {err}"
+        );
+    }
+
+    #[test]
+    fn format_4_checkpoints_carry_the_pending_debug_trap() {
+        let mut s = expected_format3_state();
+        s.pending_debug = PendingDebug {
+            trap: 0x4001,
+            after_shadow: 0x4000,
+        };
+        let bytes = encode(&s);
+        assert_eq!(
+            decode_cpu_state(&bytes, deja_traces::FORMAT_VERSION).unwrap(),
+            s
+        );
+        assert_eq!(deja_traces::FORMAT_VERSION, PENDING_DEBUG_FORMAT);
+        let err = decode_cpu_state(&bytes, 3).unwrap_err().to_string();
+        assert!(err.contains("left over"), "{err}");
+        // Without a trap, the new layout is the old one plus the two empty fields.
+        let plain = encode(&expected_format3_state());
+        assert_eq!(plain[..plain.len() - 2], format3_bytes()[..]);
+    }
 }

@@ -606,6 +606,7 @@ pub fn replay_with(
             &memory,
             &meta.cpu_state,
             &meta.device_state,
+            reader.format_version(),
         )?;
         vm.set_next_poll(next_poll);
         started_from = Some(cp.position);
@@ -679,7 +680,8 @@ pub fn replay_with(
             .find(|c| Some(c.position) == m.expected_at && c.position == at)
             .copied()
             && let Ok(c) = reader.read_checkpoint(&cp)
-            && let Ok(recorded) = state::decode::<CpuState>(&c.meta.cpu_state, "CPU state")
+            && let Ok(recorded) =
+                state::decode_cpu_state(&c.meta.cpu_state, reader.format_version())
         {
             if register_diff.is_empty() {
                 register_diff = recorded.diff(m.state.as_ref().unwrap_or(&cpu_state));

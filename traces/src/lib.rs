@@ -54,9 +54,12 @@ pub const FILE_MAGIC: [u8; 8] = *b"DEJATRAC";
 pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
 /// The format version this build writes, and the newest it reads. Version 2 added the
 /// [`EventKind::Registers`] event; version 3 the header's
-/// [`Header::on_reset`] at its end. Older traces still read (their headers with
-/// `on_reset` = [`ResetPolicy::Stop`], what every recording did then).
-pub const FORMAT_VERSION: u32 = 3;
+/// [`Header::on_reset`] at its end; version 4 a pending debug trap at the end of the CPU
+/// state a checkpoint holds (the engines' `CpuState::pending_debug`; the blob is opaque to
+/// this crate, and the recorder's `state::decode_cpu_state` reads the format 1-3 layout).
+/// Older traces still read (their headers with `on_reset` = [`ResetPolicy::Stop`], what
+/// every recording did then).
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The deja version compiled into this crate, for [`Header::deja_version`].

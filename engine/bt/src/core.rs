@@ -2,7 +2,7 @@
 //! segments with their hidden descriptor caches, control registers, and the conversion to
 //! and from the portable [`CpuState`].
 
-use deja_machine::cpu::{DescriptorTable, FpuState, PendingEvents, msr, seg};
+use deja_machine::cpu::{DescriptorTable, FpuState, PendingDebug, PendingEvents, msr, seg};
 use deja_machine::{CpuState, Segment};
 use std::collections::BTreeMap;
 
@@ -281,8 +281,8 @@ impl Core {
             dr7: s.dr7,
             fpu: s.fpu.clone(),
             pending: s.pending,
-            db_pending: 0,
-            db_deferred: 0,
+            db_pending: s.pending_debug.trap,
+            db_deferred: s.pending_debug.after_shadow,
             db_hits: 0,
         }
     }
@@ -310,6 +310,10 @@ impl Core {
             dr7: self.dr7,
             fpu: self.fpu.clone(),
             pending: self.pending,
+            pending_debug: PendingDebug {
+                trap: self.db_pending,
+                after_shadow: self.db_deferred,
+            },
         }
     }
 

@@ -783,3 +783,103 @@ fn mov_dr4_dr5_alias_dr6_dr7_without_cr4_de_and_raise_ud_with_it() {
         }
     }
 }
+
+/// A single-stepped guest whose traps include one held back by a MOV SS shadow (with a data
+/// breakpoint hit by the SS load) and one after an OUT that exits to the machine.
+fn single_step_guest() -> Vec<u8> {
+    asm(32, 0x2000, |a| {
+        a.mov(eax, (DATA + 0x400) as u32).unwrap();
+        a.mov(dr0, eax).unwrap();
+        a.mov(eax, 0x1 | (0b1111 << 16)).unwrap(); // L0, read/write, 4 bytes
+        a.mov(dr7, eax).unwrap();
+        a.mov(ax, ss).unwrap();
+        a.mov(word_ptr((DATA + 0x400) as u32), ax).unwrap(); // B0 hit
+        a.pushfd().unwrap();
+        a.or(dword_ptr(esp), 0x100).unwrap();
+        a.popfd().unwrap(); // sets TF: no trap after it
+        a.nop().unwrap();
+        a.mov(ss, word_ptr((DATA + 0x400) as u32)).unwrap(); // BS + B0, held back
+        a.nop().unwrap();
+        a.mov(dx, 0x80).unwrap();
+        a.out(dx, al).unwrap();
+        a.nop().unwrap();
+        a.pushfd().unwrap();
+        a.and(dword_ptr(esp), !0x100).unwrap();
+        a.popfd().unwrap();
+        a.hlt().unwrap();
+    })
+}
+
+#[test]
+fn a_pending_debug_trap_survives_a_state_transfer_at_every_instruction_boundary() {
+    let code = single_step_guest();
+    let (mut m, s) = debug_machine(&code);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 500), Exit::Halted);
+    let straight = (eips(&m), c.state().unwrap());
+    assert_eq!(straight.0.len(), 9, "{:x?}", straight.0);
+
+    // The same run, moved to a fresh engine through CpuState after every instruction: each
+    // stop falls between an instruction and its trap.
+    let (mut m, s) = debug_machine(&code);
+    let mut c = cpu(&m, &s);
+    let mut seen = PendingDebugSeen::default();
+    for icount in 1..500 {
+        let exit = c
+            .run(
+                &mut m,
+                deja_machine::Limit {
+                    stop_at_icount: Some(icount),
+                },
+            )
+            .unwrap();
+        let st = c.state().unwrap();
+        seen.trap |= st.pending_debug.trap;
+        seen.after_shadow |= st.pending_debug.after_shadow;
+        if exit == Exit::Halted {
+            break;
+        }
+        c = cpu(&m, &st);
+        c.set_icount(icount);
+    }
+    assert_eq!(seen.trap & 0x4001, 0x4001, "BS and B0 traps were pending");
+    assert_eq!(seen.after_shadow, 0x4001, "the MOV SS shadow held BS + B0");
+    let split = (eips(&m), c.state().unwrap());
+    assert_eq!(split.0, straight.0, "trap EIPs");
+    assert!(split.1 == straight.1, "{:#?}", straight.1.diff(&split.1));
+}
+
+#[derive(Default)]
+struct PendingDebugSeen {
+    trap: u64,
+    after_shadow: u64,
+}
+
+#[test]
+fn a_single_step_trap_due_after_an_exit_is_in_the_state() {
+    // As engine/kvm/tests/guests.rs checks on kvm: TF set, OUT exits, then HLT does; the
+    // state at each exit holds the exiting instruction's single-step trap, not delivered.
+    let code = asm(32, 0x2000, |a| {
+        a.out(dx, al).unwrap();
+        a.hlt().unwrap();
+    });
+    let (mut m, mut s) = debug_machine(&code);
+    s.gpr[2] = 0x80;
+    s.rflags |= 0x100;
+    let mut c = cpu(&m, &s);
+    assert_eq!(
+        c.run(&mut m, deja_machine::Limit::default()).unwrap(),
+        Exit::DeviceAccess
+    );
+    let after_out = c.state().unwrap();
+    assert_eq!(
+        (after_out.rip, after_out.pending_debug.trap),
+        (0x2001, 0x4000)
+    );
+    assert_eq!(
+        c.run(&mut m, deja_machine::Limit::default()).unwrap(),
+        Exit::Halted,
+        "the trap is delivered, its handler halts"
+    );
+    assert_eq!(eips(&m), vec![0x2001]);
+}

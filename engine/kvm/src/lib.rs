@@ -1136,6 +1136,7 @@ impl Cpu for KvmCpu {
                 nmi_blocked: events.nmi.masked != 0,
                 halted: self.halted,
             },
+            pending_debug: state::pending_debug_from_kvm(&events, debug.dr6),
         };
         s.msrs.insert(msr::IA32_APIC_BASE, sregs.apic_base);
         let entries: Vec<kb::kvm_msr_entry> = self
@@ -1211,16 +1212,19 @@ impl Cpu for KvmCpu {
             .vcpu
             .get_debug_regs()
             .map_err(|e| host_err("KVM_GET_DEBUGREGS", e))?;
-        debug.db = s.dr;
-        debug.dr6 = s.dr6;
-        debug.dr7 = s.dr7;
-        self.vcpu
-            .set_debug_regs(&debug)
-            .map_err(|e| host_err("KVM_SET_DEBUGREGS", e))?;
         let mut events = self
             .vcpu
             .get_vcpu_events()
             .map_err(|e| host_err("KVM_GET_VCPU_EVENTS", e))?;
+        debug.db = s.dr;
+        debug.dr6 = s.dr6;
+        debug.dr7 = s.dr7;
+        if !state::pending_debug_to_kvm(&s.pending_debug, &mut events, &mut debug.dr6) {
+            self.count("kvm.pending_debug_after_shadow_dropped");
+        }
+        self.vcpu
+            .set_debug_regs(&debug)
+            .map_err(|e| host_err("KVM_SET_DEBUGREGS", e))?;
         events.interrupt.shadow = if s.pending.interrupt_shadow {
             kb::KVM_X86_SHADOW_INT_STI as u8
         } else {
