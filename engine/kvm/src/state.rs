@@ -201,6 +201,53 @@ pub fn fpu_into_xsave(f: &FpuState, image: &mut [u8; 4096]) {
     image[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
 }
 
+/// The DR6 condition bits a pending #DB carries: B0-B3, BD, BS, BT.
+const DR6_CONDITIONS: u64 = 0xf | 1 << 13 | 1 << 14 | 1 << 15;
+/// The bits DR6 always reads as 1.
+const DR6_FIXED_ONES: u64 = 0xffff_0ff0;
+
+/// The #DB trap KVM has queued but not delivered, as [`PendingDebug`].
+///
+/// KVM queues a #DB it raises itself (a single step or data breakpoint over an instruction
+/// it completed, e.g. a port access that exited to deja) in its vCPU events as exception
+/// vector 1, pending or injected, and delivers it at the next entry. deja does not enable
+/// `KVM_CAP_EXCEPTION_PAYLOAD`, so KVM has already merged the trap's condition bits into DR6
+/// when it queued it: the bits are read from `dr6`. A queued #DB whose DR6 holds no condition
+/// bit (ICEBP) cannot be told from none and reads as none.
+///
+/// `after_shadow` is always 0: a trap held back by a MOV SS shadow lives in VMX's
+/// pending-debug-exceptions field (SVM has no such field), which KVM only exposes in nested
+/// state, not in `KVM_GET_VCPU_EVENTS`.
+pub fn pending_debug_from_kvm(events: &kvm_vcpu_events, dr6: u64) -> PendingDebug {
+    let ex = &events.exception;
+    let queued = (ex.injected != 0 || ex.pending != 0) && ex.nr == 1;
+    PendingDebug {
+        trap: if queued { dr6 & DR6_CONDITIONS } else { 0 },
+        after_shadow: 0,
+    }
+}
+
+/// Puts a pending #DB trap into KVM's vCPU events (as an injected exception 1, which KVM
+/// delivers at the next entry before any interrupt, as the CPU would) and its condition bits
+/// into `dr6`, as a #DB delivery leaves them; clears a #DB KVM had queued when `p` has none.
+/// Returns `false` when `p.after_shadow` had bits, which KVM cannot hold (see
+/// [`pending_debug_from_kvm`]): they are dropped.
+pub fn pending_debug_to_kvm(p: &PendingDebug, events: &mut kvm_vcpu_events, dr6: &mut u64) -> bool {
+    let ex = &mut events.exception;
+    if p.trap != 0 {
+        *dr6 = (*dr6 & !0xf) | (p.trap & DR6_CONDITIONS) | DR6_FIXED_ONES;
+        ex.injected = 1;
+        ex.pending = 0;
+        ex.nr = 1;
+        ex.has_error_code = 0;
+        ex.error_code = 0;
+    } else if ex.nr == 1 {
+        ex.injected = 0;
+        ex.pending = 0;
+    }
+    p.after_shadow == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,51 +297,4 @@ mod tests {
         };
         assert_eq!(dtable_from_kvm(&dtable_to_kvm(&d)), d);
     }
-}
-
-/// The DR6 condition bits a pending #DB carries: B0-B3, BD, BS, BT.
-const DR6_CONDITIONS: u64 = 0xf | 1 << 13 | 1 << 14 | 1 << 15;
-/// The bits DR6 always reads as 1.
-const DR6_FIXED_ONES: u64 = 0xffff_0ff0;
-
-/// The #DB trap KVM has queued but not delivered, as [`PendingDebug`].
-///
-/// KVM queues a #DB it raises itself (a single step or data breakpoint over an instruction
-/// it completed, e.g. a port access that exited to deja) in its vCPU events as exception
-/// vector 1, pending or injected, and delivers it at the next entry. deja does not enable
-/// `KVM_CAP_EXCEPTION_PAYLOAD`, so KVM has already merged the trap's condition bits into DR6
-/// when it queued it: the bits are read from `dr6`. A queued #DB whose DR6 holds no condition
-/// bit (ICEBP) cannot be told from none and reads as none.
-///
-/// `after_shadow` is always 0: a trap held back by a MOV SS shadow lives in VMX's
-/// pending-debug-exceptions field (SVM has no such field), which KVM only exposes in nested
-/// state, not in `KVM_GET_VCPU_EVENTS`.
-pub fn pending_debug_from_kvm(events: &kvm_vcpu_events, dr6: u64) -> PendingDebug {
-    let ex = &events.exception;
-    let queued = (ex.injected != 0 || ex.pending != 0) && ex.nr == 1;
-    PendingDebug {
-        trap: if queued { dr6 & DR6_CONDITIONS } else { 0 },
-        after_shadow: 0,
-    }
-}
-
-/// Puts a pending #DB trap into KVM's vCPU events (as an injected exception 1, which KVM
-/// delivers at the next entry before any interrupt, as the CPU would) and its condition bits
-/// into `dr6`, as a #DB delivery leaves them; clears a #DB KVM had queued when `p` has none.
-/// Returns `false` when `p.after_shadow` had bits, which KVM cannot hold (see
-/// [`pending_debug_from_kvm`]): they are dropped.
-pub fn pending_debug_to_kvm(p: &PendingDebug, events: &mut kvm_vcpu_events, dr6: &mut u64) -> bool {
-    let ex = &mut events.exception;
-    if p.trap != 0 {
-        *dr6 = (*dr6 & !0xf) | (p.trap & DR6_CONDITIONS) | DR6_FIXED_ONES;
-        ex.injected = 1;
-        ex.pending = 0;
-        ex.nr = 1;
-        ex.has_error_code = 0;
-        ex.error_code = 0;
-    } else if ex.nr == 1 {
-        ex.injected = 0;
-        ex.pending = 0;
-    }
-    p.after_shadow == 0
 }
