@@ -233,6 +233,21 @@ pub struct Ctx<'a> {
     pub align_check: bool,
 }
 
+/// The alignment an operand of `size` bytes needs under alignment checking (SDM vol. 3
+/// table 6-7): its size up to 8; far pointers (6 bytes) 4, 80-bit x87 values 8; 16-byte
+/// operands 8 (for MOVUPS and its kind the SDM says #AC "may or may not" come for addresses
+/// not 8-byte aligned; AMD hosts check 16). Operands with their own rule use
+/// [`Ctx::linear_aligned`].
+#[inline(always)]
+pub fn natural_alignment(size: u64) -> u64 {
+    match size {
+        0 | 1 => 1,
+        2 | 3 => 2,
+        4..=7 => 4,
+        _ => 8,
+    }
+}
+
 /// Whether `v` is a canonical 48-bit address.
 #[inline(always)]
 pub fn canonical(v: u64) -> bool {
@@ -266,9 +281,25 @@ impl Ctx<'_> {
         }
     }
 
-    /// Segmentation: offset to linear address, with limit, rights and canonical checks.
+    /// Segmentation: offset to linear address, with limit, rights and canonical checks, and
+    /// the alignment check of an operand of `size` bytes (see [`natural_alignment`]).
     #[inline(always)]
     pub fn linear(&self, sreg: u8, off: u64, size: u64, write: bool) -> Result<u64, Exc> {
+        self.linear_aligned(sreg, off, size, write, natural_alignment(size))
+    }
+
+    /// [`Ctx::linear`] for an operand whose alignment requirement is not the one its size
+    /// implies: `align` bytes (a power of two; 1: never misaligned). The x87 environment and
+    /// save areas and the FXSAVE area are such operands.
+    #[inline(always)]
+    pub fn linear_aligned(
+        &self,
+        sreg: u8,
+        off: u64,
+        size: u64,
+        write: bool,
+        align: u64,
+    ) -> Result<u64, Exc> {
         let c = &*self.core;
         let s = &c.seg[sreg as usize];
         if c.mode64() {
@@ -285,7 +316,7 @@ impl Ctx<'_> {
                 });
             }
             if self.align_check {
-                self.check_alignment(lin, size)?;
+                self.check_alignment(lin, align)?;
             }
             return Ok(lin);
         }
@@ -320,26 +351,19 @@ impl Ctx<'_> {
         }
         let lin = s.base.wrapping_add(off) & 0xffff_ffff;
         if self.align_check {
-            self.check_alignment(lin, size)?;
+            self.check_alignment(lin, align)?;
         }
         Ok(lin)
     }
 
-    /// #AC(0) for a misaligned data access at CPL 3 (the caller has seen CR0.AM and
-    /// EFLAGS.AC set). An operand must be aligned to its size; far pointers and descriptor
-    /// pseudo-descriptors (6 and 10 bytes) to 4 and 8, as the SDM's alignment table says.
+    /// #AC(0) for a data access at CPL 3 not aligned to `align` bytes (the caller has seen
+    /// CR0.AM and EFLAGS.AC set).
     #[cold]
-    fn check_alignment(&self, lin: u64, size: u64) -> Result<(), Exc> {
+    fn check_alignment(&self, lin: u64, align: u64) -> Result<(), Exc> {
         if self.core.cpl() != 3 || self.core.cr0 & crate::core::crb::AM == 0 {
             return Ok(());
         }
-        let align = match size {
-            0 | 1 => 1,
-            2 | 3 => 2,
-            4..=7 => 4,
-            _ => 8,
-        };
-        if lin & (align - 1) != 0 {
+        if lin & (align.max(1) - 1) != 0 {
             return Err(Exc {
                 vector: 17,
                 error: Some(0),

@@ -83,7 +83,10 @@ fn env(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let env_len = if op.size == 2 { 14 } else { 28 };
     let len = env_len + if regs { 80 } else { 0 };
     let off = ctx.ea(&m);
-    let lin = ctx.linear(m.seg, off, len as u64, !loads)?;
+    // Alignment checking sees the area as one operand aligned to the operand size (SDM vol. 3
+    // table 6-7: "FSTENV/FLDENV save area, FSAVE/FRSTOR save area: 4 or 2, depending on
+    // operand size"), not the 80-bit registers inside it one by one.
+    let lin = ctx.linear_aligned(m.seg, off, len as u64, !loads, u64::from(op.size))?;
     let user = ctx.core.cpl() == 3;
     let real = !ctx.core.protected() || ctx.core.vm86();
     let mut b = vec![0u8; len];
