@@ -958,7 +958,8 @@ fn x87_save_areas_and_fxsave_are_alignment_checked_as_the_sdm_table_and_the_host
     // operand length (8 for anything of 8 bytes or more) gets every area row wrong at some
     // offset; FNSTCW and FLD m80 are the length rule's controls.
     const OFFSETS: [u64; 7] = [0, 1, 2, 4, 6, 8, 12];
-    let rows: [(&[u8], &str, [Option<u64>; 7]); 12] = [
+    type Row<'a> = (&'a [u8], &'a str, [Option<u64>; 7]);
+    let rows: [Row; 12] = [
         (
             fnstenv32,
             "fnstenv (32-bit)",
