@@ -6,6 +6,12 @@
 //! delivery, engine independent) and, on engines that count instructions, also every
 //! [`Host::poll_quantum`](deja_machine::Host::poll_quantum) instructions; a halted guest
 //! idles until the next device deadline.
+//!
+//! A device exit here is the end of an exit group ([`deja_machine::exit_group`]): engines
+//! keep the device exits of a repeated string instruction (one per element, counted in the
+//! position) to themselves until its last one, so the loop polls, the observer runs and
+//! interrupts are delivered at the same exit ordinals on kvm, which gets such instructions
+//! in batches, and on bt, which executes them element by element.
 
 mod boot;
 

@@ -101,6 +101,9 @@ pub struct BtCpu {
     /// Deliver external interrupts only on entry to `run` (exit-synchronous delivery, as kvm
     /// without a PMU does), never in the middle of a run.
     deliver_at_exits: bool,
+    /// The guest continues an exit group ([`deja_machine::exit_group`]): until `run`
+    /// returns, no interrupt, NMI or INIT is taken and kicks wait, as on kvm.
+    holding: bool,
 }
 
 /// What a lookup found.
@@ -123,6 +126,7 @@ impl BtCpu {
             icount: 0,
             kicker: Kicker::new(),
             deliver_at_exits: false,
+            holding: false,
         })
     }
 
@@ -162,6 +166,28 @@ impl BtCpu {
     fn lin_rip(c: &Core) -> u64 {
         let l = c.seg[seg::CS].base.wrapping_add(c.rip);
         if c.mode64() { c.rip } else { l & 0xffff_ffff }
+    }
+
+    /// Whether the device exit just made leaves its exit group open
+    /// ([`deja_machine::exit_group`]): the next instruction is a repeated string instruction
+    /// with elements to go (the same one, between two elements, or a new one).
+    fn exit_group_continues(&self, machine: &Machine) -> bool {
+        use deja_machine::exit_group;
+        let c = &self.core;
+        if c.gpr[1] == 0 {
+            return false;
+        }
+        let cs = &c.seg[seg::CS];
+        let address_bytes = exit_group::default_address_bytes(cs, c.cr0, c.rflags, c.long_mode());
+        let paging = exit_group::PagingRegs {
+            cr0: c.cr0,
+            cr3: c.cr3,
+            cr4: c.cr4,
+            efer: c.efer,
+        };
+        let mut code = [0u8; 15];
+        let n = exit_group::fetch_code(&machine.mem, &paging, Self::lin_rip(c), &mut code);
+        exit_group::rep_string_continues(&code[..n], address_bytes, c.gpr[1])
     }
 
     /// Finds or translates the block at the current RIP.
@@ -456,13 +482,16 @@ impl BtCpu {
         self.cache.flush_lookup();
         self.mem.watching = self.core.data_bps_armed();
         let stop_at = limit.stop_at_icount.unwrap_or(u64::MAX);
-        let mut irq_line = machine.interrupt_pending();
-        if self.kicker.pending() {
+        let holding = self.holding;
+        let mut irq_line = !holding && machine.interrupt_pending();
+        if self.kicker.pending() && !holding {
             // A kick must stop a halted guest too (Ctrl-C while the guest idles).
             self.kicker.take();
             return Ok(Exit::Kicked);
         }
-        self.take_nmi_and_init(machine);
+        if !holding {
+            self.take_nmi_and_init(machine);
+        }
         if self.core.pending.halted {
             let nmi = self.core.pending.nmi_pending && !self.core.pending.nmi_blocked;
             if nmi || (irq_line && self.core.rflags & core::fl::IF != 0) {
@@ -473,7 +502,7 @@ impl BtCpu {
         }
         loop {
             self.cache.bury();
-            if self.kicker.pending() {
+            if self.kicker.pending() && !holding {
                 self.kicker.take();
                 return Ok(Exit::Kicked);
             }
@@ -493,7 +522,9 @@ impl BtCpu {
             let shadow = self.core.pending.interrupt_shadow;
             // NMIs and INITs come from device accesses and polls, which end `run`, so they
             // are taken here at the first boundary after one: the same place on replay.
-            self.take_nmi_and_init(machine);
+            if !holding {
+                self.take_nmi_and_init(machine);
+            }
             if self.core.pending.nmi_pending && !self.core.pending.nmi_blocked && !shadow {
                 // NMI: vector 2 whatever IF says; further NMIs wait for the next IRET.
                 self.core.pending.nmi_pending = false;
@@ -513,7 +544,7 @@ impl BtCpu {
                 }
                 continue;
             }
-            if !self.deliver_at_exits {
+            if !self.deliver_at_exits && !holding {
                 // MOV CR8 may have lowered the task priority since the last look.
                 irq_line = machine.interrupt_pending();
             }
@@ -833,7 +864,18 @@ impl Cpu for BtCpu {
     }
 
     fn run(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
-        let exit = self.run_until_exit(machine, limit);
+        let mut exit = self.run_until_exit(machine, limit);
+        // Device exits inside an exit group are not the run loop's business: the guest goes
+        // on until the group's last one (a stop request ends it at once).
+        while matches!(exit, Ok(Exit::DeviceAccess))
+            && machine.stop_request().is_none()
+            && self.exit_group_continues(machine)
+        {
+            self.stats.extra.add("bt.exit_group_continued", 1);
+            self.holding = true;
+            exit = self.run_until_exit(machine, limit);
+        }
+        self.holding = false;
         // CR8 is the local APIC's TPR, which MMIO and MSR writes change too: the CPU state
         // shows the APIC's value, as kvm's does.
         if let Some(cr8) = machine.cr8() {

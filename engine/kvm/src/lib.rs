@@ -15,7 +15,20 @@
 //! `exit.rom_write` (stores into ROM, dropped), `exit.hlt`, `exit.irq_window_open`,
 //! `exit.shutdown`, `exit.intr` (signals and kicks), `exit.internal_error`,
 //! `exit.fail_entry`, `exit.<name>` for anything unexpected, `kvm.interrupts_injected`,
+//! `exit.group_continued` (device exits that left their exit group open, see below),
+//! `exit.completion_exits` (completing an access made KVM exit again at once),
+//! `exit.rep_retired` (finished REP instructions KVM left unretired, retired by deja),
 //! and KVM's own non-zero counters as `kvm.stat.vcpu.<name>` and `kvm.stat.vm.<name>`.
+//!
+//! String I/O: KVM's emulator hands over a repeated string instruction in batches (INS data
+//! read ahead up to the end of the destination page or 1 KiB, OUTS one element per exit)
+//! and may re-enter the guest between batches. deja follows the exit-group rule
+//! ([`deja_machine::exit_group`]) that bt follows too: after each device exit the access is
+//! completed at once (a `KVM_RUN` with `immediate_exit`, so registers are those after it),
+//! and while the next instruction is a REP string instruction with elements to go the vCPU
+//! is resumed with nothing injected and kicks held, so [`Cpu::run`] returns the group's last
+//! exit only. Costs one extra `KVM_RUN` and `KVM_GET_REGS` per device exit, plus
+//! `KVM_GET_SREGS` and a code fetch when RCX is not zero.
 //!
 //! Known gaps: an interrupt queued with `KVM_INTERRUPT` whose `KVM_RUN` was cut short by a
 //! kick stays queued inside KVM and is not part of [`CpuState`] (a snapshot taken then
@@ -236,6 +249,10 @@ pub struct KvmCpu {
     completion_pending: bool,
     /// `kvm_run.ready_for_interrupt_injection`/`if_flag` predate a `set_state`.
     run_flags_stale: bool,
+    /// Completing the last access made KVM exit again without entering the guest (the next
+    /// batch of a repeated string instruction): that exit is in `kvm_run`, to be handled
+    /// before the next `KVM_RUN`.
+    exit_waiting: bool,
     /// The TSC read or written since the guest last ran (the guest cannot have observed
     /// time passing in between, so snapshots stay stable).
     tsc_cache: Option<u64>,
@@ -348,6 +365,7 @@ impl KvmCpu {
             halted: false,
             completion_pending: false,
             run_flags_stale: true,
+            exit_waiting: false,
             tsc_cache: None,
         };
         cpu.tsc_settable = cpu.probe_tsc_write();
@@ -569,6 +587,89 @@ impl KvmCpu {
         }
     }
 
+    /// Whether the device exit just handled leaves its exit group open
+    /// ([`deja_machine::exit_group`]): the guest's next instruction is a repeated string
+    /// instruction with elements to go. KVM writes an instruction's registers back only on
+    /// the next `KVM_RUN`, so the access is completed first (without entering the guest);
+    /// when completing it makes KVM exit again at once (its emulator went on to the same
+    /// instruction's next batch), that exit waits in `kvm_run` and the group goes on.
+    fn exit_group_continues(&mut self, machine: &Machine) -> Result<bool, CpuError> {
+        if self.completion_pending {
+            self.completion_pending = false;
+            self.vcpu.get_kvm_run().immediate_exit = 1;
+            let r = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+            self.kick.clear_immediate_exit();
+            match r {
+                Err(libc::EINTR) => {}
+                Ok(()) => {
+                    self.exit_waiting = true;
+                    self.count("exit.completion_exits");
+                    return Ok(true);
+                }
+                Err(errno) => {
+                    return Err(host_err(
+                        "KVM_RUN (completing I/O)",
+                        std::io::Error::from_raw_os_error(errno),
+                    ));
+                }
+            }
+        }
+        let mut regs = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| host_err("KVM_GET_REGS", e))?;
+        const RF: u64 = 1 << 16;
+        if regs.rcx == 0 && regs.rflags & RF == 0 {
+            // No count left whatever the address size, and no repeated instruction KVM
+            // left behind (below): nothing to decode.
+            return Ok(false);
+        }
+        let sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| host_err("KVM_GET_SREGS", e))?;
+        let cs = state::segment_from_kvm(&sregs.cs);
+        let lma = sregs.efer & (1 << 10) != 0;
+        let address_bytes =
+            deja_machine::exit_group::default_address_bytes(&cs, sregs.cr0, regs.rflags, lma);
+        let linear = if address_bytes == 8 {
+            regs.rip
+        } else {
+            cs.base.wrapping_add(regs.rip) & 0xffff_ffff
+        };
+        let paging = deja_machine::exit_group::PagingRegs {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        };
+        let mut code = [0u8; 15];
+        let n = deja_machine::exit_group::fetch_code(&machine.mem, &paging, linear, &mut code);
+        let Some(rep) = deja_machine::exit_group::rep_string(&code[..n], address_bytes) else {
+            return Ok(false);
+        };
+        if rep.has_elements(regs.rcx) {
+            return Ok(true);
+        }
+        if regs.rflags & RF != 0 {
+            // KVM's emulator can hand over a repeated string instruction whose last element
+            // is done before retiring it: RIP still on it with the count at 0 and RF set (it
+            // marks an instruction it resumes). Running it again would only move RIP on, so
+            // retire it here, as bt has at this exit: otherwise an interrupt delivered now
+            // returns to it, and the state differs from bt's.
+            regs.rip = regs.rip.wrapping_add(rep.len);
+            if address_bytes != 8 {
+                regs.rip &= if cs.db { 0xffff_ffff } else { 0xffff };
+            }
+            regs.rflags &= !RF;
+            self.vcpu
+                .set_regs(&regs)
+                .map_err(|e| host_err("KVM_SET_REGS", e))?;
+            self.count("exit.rep_retired");
+        }
+        Ok(false)
+    }
+
     /// Handles the exit KVM left in `kvm_run`.
     fn handle_exit(&mut self, machine: &mut Machine) -> Result<Step, CpuError> {
         let run_size = self.run_size;
@@ -753,26 +854,32 @@ impl KvmCpu {
     /// [`Cpu::run`] itself: runs until an exit.
     fn run_until_exit(&mut self, machine: &mut Machine, _limit: Limit) -> Result<Exit, CpuError> {
         let _in_run = self.kick.enter();
+        // Set while the guest continues an exit group (deja_machine::exit_group): until the
+        // group's last device exit nothing is injected and kicks wait.
+        let mut holding = false;
         loop {
-            if self.kicker.pending() {
-                self.kick.clear_immediate_exit();
-                return Ok(Exit::Kicked);
-            }
-            self.take_nmi_and_init(machine)?;
-            let pending = machine.interrupt_pending();
-            if self.halted {
-                if pending && self.can_inject()? {
-                    self.inject(machine)?;
-                    self.halted = false;
-                } else {
-                    // Still halted: nothing the guest can take yet. Not a new guest access.
-                    return Ok(Exit::Halted);
+            let mut want_window = false;
+            if !holding {
+                if self.kicker.pending() {
+                    self.kick.clear_immediate_exit();
+                    return Ok(Exit::Kicked);
                 }
-            } else if pending && self.can_inject()? {
-                self.inject(machine)?;
+                self.take_nmi_and_init(machine)?;
+                let pending = machine.interrupt_pending();
+                if self.halted {
+                    if pending && self.can_inject()? {
+                        self.inject(machine)?;
+                        self.halted = false;
+                    } else {
+                        // Still halted: nothing the guest can take yet. Not a new guest access.
+                        return Ok(Exit::Halted);
+                    }
+                } else if pending && self.can_inject()? {
+                    self.inject(machine)?;
+                }
+                // Ask for an exit as soon as the guest can take the (next) pending interrupt.
+                want_window = self.interrupt_windows && machine.interrupt_pending();
             }
-            // Ask for an exit as soon as the guest can take the (next) pending interrupt.
-            let want_window = self.interrupt_windows && machine.interrupt_pending();
             self.vcpu.get_kvm_run().request_interrupt_window = u8::from(want_window);
             // Without an in-kernel local APIC, KVM loads CR8 from kvm_run.cr8 at every entry
             // and reports it there at every exit: the TPR lives in deja's APIC.
@@ -780,9 +887,14 @@ impl KvmCpu {
                 self.vcpu.get_kvm_run().cr8 = cr8;
             }
             self.tsc_cache = None;
-            self.kick.entering_kvm_run();
-            let result = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
-            self.kick.left_kvm_run();
+            let result = if std::mem::take(&mut self.exit_waiting) {
+                Ok(())
+            } else {
+                self.kick.entering_kvm_run();
+                let r = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+                self.kick.left_kvm_run();
+                r
+            };
             self.completion_pending = false;
             self.run_flags_stale = false;
             let cr8 = self.vcpu.get_kvm_run().cr8;
@@ -792,6 +904,10 @@ impl KvmCpu {
             match result {
                 Ok(()) => match self.handle_exit(machine)? {
                     Step::Continue => continue,
+                    Step::Return(Exit::DeviceAccess) if self.exit_group_continues(machine)? => {
+                        self.count("exit.group_continued");
+                        holding = true;
+                    }
                     Step::Return(exit) => return Ok(exit),
                 },
                 Err(libc::EINTR) => {
@@ -799,7 +915,7 @@ impl KvmCpu {
                     // Clear first, then look at the flag: a kick landing in between sets
                     // immediate_exit again and the next KVM_RUN returns at once.
                     self.kick.clear_immediate_exit();
-                    if self.kicker.pending() {
+                    if self.kicker.pending() && !holding {
                         return Ok(Exit::Kicked);
                     }
                 }

@@ -450,6 +450,9 @@ pub enum Exit {
     /// The instruction count reached [`Limit::stop_at_icount`].
     InstructionLimit,
     /// The guest made a device access (port I/O or device MMIO); it has been completed.
+    /// Engines return it only at the end of an exit group ([`crate::exit_group`]): the
+    /// accesses of a repeated string instruction are counted one by one but returned once,
+    /// after the last.
     DeviceAccess,
     /// The guest executed HLT and no interrupt could wake it yet.
     Halted,

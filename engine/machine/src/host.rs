@@ -14,7 +14,16 @@ use std::time::{Duration, Instant};
 ///
 /// `icount` is exact on bt (retired guest instructions) and stays 0 on kvm, which cannot count
 /// on hosts without a PMU. `exits` is the device-exit ordinal: guest-initiated device accesses
-/// (port I/O, MMIO to a device, HLT) so far, which is the same on both engines.
+/// (port I/O, MMIO to a device, machine MSRs, HLT) so far, which is the same on both engines.
+///
+/// Every element of a string instruction is one access, so `REP INSB` with CX = 3000 makes
+/// 3000 exits on both engines, though KVM hands them over in batches and bt one by one.
+/// Where the run loop polls devices and delivers interrupts is decided by the exit-group rule
+/// ([`crate::exit_group`]): a device exit after which the next instruction is a REP string
+/// instruction with a non-zero count leaves its group open, and the engine runs on without
+/// polls, deliveries, observer calls or kicks until the group's last exit (for a string I/O
+/// instruction, its last element's). So the exits where the run loop acts, and the
+/// positions of everything logged there, are the same on both engines.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod cpu;
 pub mod cpuid;
 pub mod devices;
+pub mod exit_group;
 pub mod host;
 pub mod loader;
 pub mod machine;
