@@ -247,7 +247,7 @@ fn record(
 ) -> RecordOutcome {
     let live = Box::new(LiveHost::new(clock));
     let mut opts = RecordOptions::new(kind(engine), clock);
-    opts.digest_interval = 64;
+    opts.digest_interval = 16;
     if let Some(d) = delivery {
         opts.delivery = d;
     }
@@ -337,8 +337,8 @@ fn check(rec: &RecordOutcome, path: &Path, image: &Image, engines: &[Engine]) {
         assert_eq!(r.final_digest, rec.final_digest, "on {engine:?}");
         assert_eq!(r.events, footer.events_total, "on {engine:?}");
         println!(
-            "replayed on {engine:?}: {} events, {} digests checked, final digest {}",
-            r.events, r.digests_checked, r.final_digest
+            "replayed on {engine:?}: {} events ({:?}), {} digests checked, final digest {}",
+            r.events, footer.event_counts, r.digests_checked, r.final_digest
         );
     }
 }
