@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Events decoded ahead of the replay by the reader thread.
 const READ_AHEAD: usize = 8192;
+/// Traces with at most this many events are decoded whole before the run instead of by a
+/// reader thread: a short replay then neither waits for a thread to open the file and
+/// decode its first frame, nor pays a channel hand-off per event (at most a few MiB).
+pub const PRELOAD_MAX_EVENTS: u64 = 1 << 16;
 
 /// The first mismatch a replay met.
 #[derive(Debug, Clone)]
@@ -39,9 +43,27 @@ enum Item {
     Error(String),
 }
 
+/// Where the events come from.
+enum Source {
+    /// A reader thread, a bounded channel ahead of the replay.
+    Thread(Receiver<Item>),
+    /// Decoded before the run.
+    Preloaded(std::vec::IntoIter<Item>),
+}
+
+impl Source {
+    /// The next item; `None` once the trace holds no more.
+    fn next(&mut self) -> Option<Item> {
+        match self {
+            Source::Thread(rx) => rx.recv().ok(),
+            Source::Preloaded(items) => items.next(),
+        }
+    }
+}
+
 /// The trace's events as the replay consumes them, and what went wrong.
 pub struct Player {
-    rx: Receiver<Item>,
+    source: Source,
     peeked: Option<Event>,
     ended: Option<String>,
     consumed: u64,
@@ -88,8 +110,38 @@ impl Player {
                     }
                 }
             });
+        Self::with_source(Source::Thread(rx), checkpoint, exit_sync)
+    }
+
+    /// Decodes the events of `reader` (from just after `checkpoint`, when given) now, on
+    /// this thread: for short traces (see [`PRELOAD_MAX_EVENTS`]), where starting a reader
+    /// thread and handing each event over costs more than the replay itself.
+    pub fn preloaded<R: std::io::Read + std::io::Seek>(
+        reader: &mut TraceReader<R>,
+        checkpoint: Option<CheckpointIndexEntry>,
+        exit_sync: bool,
+    ) -> Self {
+        let to_item = |e: Result<Event, deja_traces::ReadError>| match e {
+            Ok(e) => Item::Event(e),
+            Err(e) => Item::Error(e.to_string()),
+        };
+        let items: Vec<Item> = match &checkpoint {
+            Some(cp) => match reader.events_after(cp) {
+                Ok(events) => events.map(to_item).collect(),
+                Err(e) => vec![Item::Error(e.to_string())],
+            },
+            None => reader.events().map(to_item).collect(),
+        };
+        Self::with_source(Source::Preloaded(items.into_iter()), checkpoint, exit_sync)
+    }
+
+    fn with_source(
+        source: Source,
+        checkpoint: Option<CheckpointIndexEntry>,
+        exit_sync: bool,
+    ) -> Self {
         Self {
-            rx,
+            source,
             peeked: None,
             ended: None,
             consumed: checkpoint.map_or(0, |c| c.event_index),
@@ -115,10 +167,10 @@ impl Player {
     /// The next event, without consuming it (`None` at the end of the trace).
     pub fn peek(&mut self) -> Option<&Event> {
         if self.peeked.is_none() && self.ended.is_none() {
-            match self.rx.recv() {
-                Ok(Item::Event(e)) => self.peeked = Some(e),
-                Ok(Item::Error(e)) => self.ended = Some(e),
-                Err(_) => self.ended = Some(String::new()),
+            match self.source.next() {
+                Some(Item::Event(e)) => self.peeked = Some(e),
+                Some(Item::Error(e)) => self.ended = Some(e),
+                None => self.ended = Some(String::new()),
             }
         }
         self.peeked.as_ref()

@@ -18,7 +18,7 @@
 
 mod host;
 
-pub use host::{Mismatch, Player, ReplayingHost};
+pub use host::{Mismatch, PRELOAD_MAX_EVENTS, Player, ReplayingHost};
 
 use deja_engine::{EngineKind, RunEnd, RunError, RunObserver, RunOptions, RunOutcome, Vm};
 use deja_machine::loader::{Image, ImageFormat};
@@ -557,11 +557,16 @@ pub fn replay_with(
 
     let serial = Arc::new(Mutex::new(SerialCapture::default()));
     let tee = SerialTee::new(serial_out, serial.clone());
-    let player = Arc::new(Mutex::new(Player::new(
-        path.to_path_buf(),
-        checkpoint,
-        exit_sync,
-    )));
+    // Short traces are decoded here and now; long ones stream from a reader thread.
+    let events_left = footer
+        .as_ref()
+        .map(|f| f.events_total - checkpoint.map_or(0, |c| c.event_index.min(f.events_total)));
+    let player = Arc::new(Mutex::new(match events_left {
+        Some(n) if n <= host::PRELOAD_MAX_EVENTS => {
+            Player::preloaded(&mut reader, checkpoint, exit_sync)
+        }
+        _ => Player::new(path.to_path_buf(), checkpoint, exit_sync),
+    }));
     let host = ReplayingHost::new(player.clone());
     let mut vm = build(&config, &image, Box::new(host), Box::new(tee)).map_err(|detail| {
         ReplayError::Build {

@@ -25,16 +25,17 @@ fn config() -> MachineConfig {
     }
 }
 
-/// Records `guest` on bt with the default options (digests every 1024 events).
-fn record_default(guest: &str, path: &Path) {
+/// Records `guest` on bt with the default options (digests every 1024 events); returns
+/// the events logged.
+fn record_default(guest: &str, clock: ClockMode, path: &Path) -> u64 {
     let image = deja_guests::find(guest).unwrap().image().unwrap();
-    let mut opts = RecordOptions::new(EngineKind::Bt, ClockMode::Host);
+    let mut opts = RecordOptions::new(EngineKind::Bt, clock);
     opts.run.timeout = Some(Duration::from_secs(120));
     assert_eq!(opts.digest_interval, DEFAULT_DIGEST_INTERVAL);
     let outcome = Recorder::new(
         &image,
         &config(),
-        Box::new(LiveHost::new(ClockMode::Host)),
+        Box::new(LiveHost::new(clock)),
         Box::new(std::fs::File::create(path).unwrap()),
         &path.display().to_string(),
         Box::new(std::io::sink()),
@@ -45,17 +46,17 @@ fn record_default(guest: &str, path: &Path) {
     .unwrap()
     .run()
     .unwrap();
-    assert!(
-        outcome.events < DEFAULT_DIGEST_INTERVAL,
-        "{guest} is meant to be a short run: {} events",
-        outcome.events
-    );
+    outcome.events
 }
 
 #[test]
 fn a_short_run_has_digests_from_its_first_exits_and_replay_checks_them_all() {
     let path = tmp("hello.trace");
-    record_default("hello", &path);
+    let events = record_default("hello", ClockMode::Host, &path);
+    assert!(
+        events < DEFAULT_DIGEST_INTERVAL,
+        "hello is meant to be a short run: {events} events"
+    );
     let events = read_events(&path).unwrap();
     let digests: Vec<_> = events
         .iter()
@@ -97,4 +98,48 @@ fn a_short_run_has_digests_from_its_first_exits_and_replay_checks_them_all() {
     .unwrap();
     assert!(matches!(report.verdict, Verdict::Verified), "{report}");
     assert_eq!(report.digests_checked, digests.len() as u64);
+}
+
+/// Drains a player: every event, then why the trace ended.
+fn drain(mut p: deja_replayer::Player) -> (Vec<deja_traces::Event>, Option<String>) {
+    let mut out = Vec::new();
+    while let Some(e) = p.peek().cloned() {
+        out.push(e);
+        p.consume();
+    }
+    (out, p.trace_end())
+}
+
+#[test]
+fn a_short_trace_decoded_before_the_run_plays_exactly_as_the_reader_thread_streams_it() {
+    use deja_replayer::{PRELOAD_MAX_EVENTS, Player};
+    use deja_traces::TraceReader;
+    // On the virtual clock: the same 1076 events every time, a checkpoint at event 1024.
+    let path = tmp("timer.trace");
+    record_default("timer", ClockMode::Virtual, &path);
+    let mut reader = TraceReader::open(&path).unwrap();
+    let total = reader.footer().unwrap().events_total;
+    assert!(total <= PRELOAD_MAX_EVENTS);
+    let streamed = drain(Player::new(path.clone(), None, false));
+    let preloaded = drain(Player::preloaded(&mut reader, None, false));
+    assert_eq!(streamed.0.len() as u64, total);
+    assert_eq!(preloaded, streamed);
+
+    // From a checkpoint, as --until seeks.
+    let cp = *reader.checkpoints().first().expect("a checkpoint");
+    let streamed = drain(Player::new(path.clone(), Some(cp), false));
+    let preloaded = drain(Player::preloaded(&mut reader, Some(cp), false));
+    assert_eq!(streamed.0.len() as u64, total - cp.event_index);
+    assert_eq!(preloaded, streamed);
+
+    // A trace cut short inside its frames: both end after the last whole frame, and say so.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = tmp("timer-cut.trace");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let mut reader = TraceReader::open(&cut).unwrap();
+    assert!(reader.footer().is_none());
+    let streamed = drain(Player::new(cut.clone(), None, false));
+    let preloaded = drain(Player::preloaded(&mut reader, None, false));
+    assert!(streamed.1.is_some());
+    assert_eq!(preloaded, streamed);
 }
