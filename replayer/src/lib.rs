@@ -813,6 +813,39 @@ fn finish_check(
             };
         };
         match &e.kind {
+            // A recording stopped from outside (Ctrl-C, an instruction limit) may have taken
+            // a digest at the very position where it then stopped; a replay that stops there
+            // by its instruction limit never gets between exits to check it, so it is checked
+            // here, against the final state (the same position).
+            EventKind::StateDigest { digest } if p.same_position(e.at, at) => {
+                if *digest != final_digest {
+                    return diverged(
+                        p,
+                        format!("state digest {digest} at {}", e.at),
+                        format!("state digest {final_digest}"),
+                    );
+                }
+                p.consume();
+            }
+            EventKind::Registers { values } if p.same_position(e.at, at) => {
+                if !state::register_diff(values, state).is_empty() {
+                    let mut d = diverged(
+                        p,
+                        format!("{} at {}", e.kind, e.at),
+                        format!(
+                            "{}",
+                            EventKind::Registers {
+                                values: state::register_values(state)
+                            }
+                        ),
+                    );
+                    if let Verdict::Diverged(d) = &mut d {
+                        d.register_diff = state::register_diff(values, state);
+                    }
+                    return d;
+                }
+                p.consume();
+            }
             EventKind::SerialOutput { bytes } => {
                 let got = lock_capture(serial).take_pending();
                 if &got != bytes {
