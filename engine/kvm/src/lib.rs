@@ -16,6 +16,8 @@
 //! `exit.shutdown`, `exit.intr` (signals and kicks), `exit.internal_error`,
 //! `exit.fail_entry`, `exit.<name>` for anything unexpected, `kvm.interrupts_injected`,
 //! `exit.group_continued` (device exits that left their exit group open, see below),
+//! `exit.group_decided_at_exit` (device exits whose group ended without completing the
+//! access first),
 //! `exit.completion_exits` (completing an access made KVM exit again at once),
 //! `exit.rep_retired` (finished REP instructions KVM left unretired, retired by deja),
 //! and KVM's own non-zero counters as `kvm.stat.vcpu.<name>` and `kvm.stat.vm.<name>`.
@@ -23,12 +25,13 @@
 //! String I/O: KVM's emulator hands over a repeated string instruction in batches (INS data
 //! read ahead up to the end of the destination page or 1 KiB, OUTS one element per exit)
 //! and may re-enter the guest between batches. deja follows the exit-group rule
-//! ([`deja_machine::exit_group`]) that bt follows too: after each device exit the access is
-//! completed at once (a `KVM_RUN` with `immediate_exit`, so registers are those after it),
-//! and while the next instruction is a REP string instruction with elements to go the vCPU
-//! is resumed with nothing injected and kicks held, so [`Cpu::run`] returns the group's last
-//! exit only. Costs one extra `KVM_RUN` and `KVM_GET_REGS` per device exit, plus
-//! `KVM_GET_SREGS` and a code fetch when RCX is not zero.
+//! ([`deja_machine::exit_group`]) that bt follows too: while the next instruction after a
+//! device exit is a REP string instruction with elements to go, the vCPU is resumed with
+//! nothing injected and kicks held, so [`Cpu::run`] returns the group's last exit only.
+//! Usually decided at the exit from the registers KVM syncs into `kvm_run`
+//! (`KVM_CAP_SYNC_REGS`) and a code fetch; a REP string instruction at or right after RIP
+//! costs completing the access at once (a `KVM_RUN` with `immediate_exit`, so registers are
+//! those after it), `KVM_GET_REGS` and `KVM_GET_SREGS`.
 //!
 //! Known gaps: an interrupt queued with `KVM_INTERRUPT` whose `KVM_RUN` was cut short by a
 //! kick stays queued inside KVM and is not part of [`CpuState`] (a snapshot taken then
@@ -249,6 +252,9 @@ pub struct KvmCpu {
     completion_pending: bool,
     /// `kvm_run.ready_for_interrupt_injection`/`if_flag` predate a `set_state`.
     run_flags_stale: bool,
+    /// Whether KVM copies the registers and system registers into `kvm_run` at every exit
+    /// (`KVM_CAP_SYNC_REGS`), which saves two ioctls per device exit for the exit-group rule.
+    sync_regs: bool,
     /// Completing the last access made KVM exit again without entering the guest (the next
     /// batch of a repeated string instruction): that exit is in `kvm_run`, to be handled
     /// before the next `KVM_RUN`.
@@ -335,6 +341,14 @@ impl KvmCpu {
         let msrs = supported_msrs(&vcpu);
         let xsave = vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_XSAVE)) > 0
             && vcpu.get_xsave().is_ok();
+        let wanted_sync = u64::from(kb::KVM_SYNC_X86_REGS | kb::KVM_SYNC_X86_SREGS);
+        let sync_regs = (vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_SYNC_REGS)) as u64)
+            & wanted_sync
+            == wanted_sync;
+        if sync_regs {
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        }
         let mut kvm_stats = Vec::new();
         if let Ok(f) = kvm_stats::StatsFile::open(&vcpu) {
             kvm_stats.push(("vcpu", f));
@@ -366,6 +380,7 @@ impl KvmCpu {
             completion_pending: false,
             run_flags_stale: true,
             exit_waiting: false,
+            sync_regs,
             tsc_cache: None,
         };
         cpu.tsc_settable = cpu.probe_tsc_write();
@@ -589,12 +604,51 @@ impl KvmCpu {
 
     /// Whether the device exit just handled leaves its exit group open
     /// ([`deja_machine::exit_group`]): the guest's next instruction is a repeated string
-    /// instruction with elements to go. KVM writes an instruction's registers back only on
-    /// the next `KVM_RUN`, so the access is completed first (without entering the guest);
-    /// when completing it makes KVM exit again at once (its emulator went on to the same
-    /// instruction's next batch), that exit waits in `kvm_run` and the group goes on.
+    /// instruction with elements to go.
+    ///
+    /// KVM writes an instruction's registers back only on the next `KVM_RUN` (how much it
+    /// has written at the exit depends on the instruction and the kernel), so at the exit the
+    /// next instruction is either the one at RIP or the one after it. When neither is a REP
+    /// string instruction (and the one at RIP does not branch) the group ends, decided from
+    /// the registers KVM left in `kvm_run` without an ioctl. Otherwise the access is
+    /// completed first (a `KVM_RUN` with `immediate_exit`, not entering the guest) and the
+    /// rule applied to the registers after it; when completing makes KVM exit again at once
+    /// (its emulator went on to the same instruction's next batch), that exit waits in
+    /// `kvm_run` and the group goes on.
     fn exit_group_continues(&mut self, machine: &Machine) -> Result<bool, CpuError> {
+        use deja_machine::exit_group;
         if self.completion_pending {
+            let (regs, sregs) = self.exit_registers()?;
+            let view = CodeView::new(&regs, &sregs);
+            let mut code = [0u8; 15];
+            let n = exit_group::fetch_code(
+                &machine.mem,
+                &view.paging,
+                view.linear(regs.rip),
+                &mut code,
+            );
+            if exit_group::rep_string(&code[..n], view.address_bytes).is_none() {
+                let mut decoder = iced_x86::Decoder::with_ip(
+                    u32::from(view.address_bytes) * 8,
+                    &code[..n],
+                    regs.rip,
+                    iced_x86::DecoderOptions::NONE,
+                );
+                let insn = decoder.decode();
+                if !insn.is_invalid() && insn.flow_control() == iced_x86::FlowControl::Next {
+                    let next = view.next_rip(regs.rip, insn.len() as u64);
+                    let n = exit_group::fetch_code(
+                        &machine.mem,
+                        &view.paging,
+                        view.linear(next),
+                        &mut code,
+                    );
+                    if exit_group::rep_string(&code[..n], view.address_bytes).is_none() {
+                        self.count("exit.group_decided_at_exit");
+                        return Ok(false);
+                    }
+                }
+            }
             self.completion_pending = false;
             self.vcpu.get_kvm_run().immediate_exit = 1;
             let r = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
@@ -618,49 +672,28 @@ impl KvmCpu {
             .vcpu
             .get_regs()
             .map_err(|e| host_err("KVM_GET_REGS", e))?;
-        const RF: u64 = 1 << 16;
-        if regs.rcx == 0 && regs.rflags & RF == 0 {
-            // No count left whatever the address size, and no repeated instruction KVM
-            // left behind (below): nothing to decode.
-            return Ok(false);
-        }
         let sregs = self
             .vcpu
             .get_sregs()
             .map_err(|e| host_err("KVM_GET_SREGS", e))?;
-        let cs = state::segment_from_kvm(&sregs.cs);
-        let lma = sregs.efer & (1 << 10) != 0;
-        let address_bytes =
-            deja_machine::exit_group::default_address_bytes(&cs, sregs.cr0, regs.rflags, lma);
-        let linear = if address_bytes == 8 {
-            regs.rip
-        } else {
-            cs.base.wrapping_add(regs.rip) & 0xffff_ffff
-        };
-        let paging = deja_machine::exit_group::PagingRegs {
-            cr0: sregs.cr0,
-            cr3: sregs.cr3,
-            cr4: sregs.cr4,
-            efer: sregs.efer,
-        };
+        let view = CodeView::new(&regs, &sregs);
         let mut code = [0u8; 15];
-        let n = deja_machine::exit_group::fetch_code(&machine.mem, &paging, linear, &mut code);
-        let Some(rep) = deja_machine::exit_group::rep_string(&code[..n], address_bytes) else {
+        let n =
+            exit_group::fetch_code(&machine.mem, &view.paging, view.linear(regs.rip), &mut code);
+        let Some(rep) = exit_group::rep_string(&code[..n], view.address_bytes) else {
             return Ok(false);
         };
         if rep.has_elements(regs.rcx) {
             return Ok(true);
         }
+        const RF: u64 = 1 << 16;
         if regs.rflags & RF != 0 {
             // KVM's emulator can hand over a repeated string instruction whose last element
             // is done before retiring it: RIP still on it with the count at 0 and RF set (it
             // marks an instruction it resumes). Running it again would only move RIP on, so
             // retire it here, as bt has at this exit: otherwise an interrupt delivered now
             // returns to it, and the state differs from bt's.
-            regs.rip = regs.rip.wrapping_add(rep.len);
-            if address_bytes != 8 {
-                regs.rip &= if cs.db { 0xffff_ffff } else { 0xffff };
-            }
+            regs.rip = view.next_rip(regs.rip, rep.len);
             regs.rflags &= !RF;
             self.vcpu
                 .set_regs(&regs)
@@ -668,6 +701,24 @@ impl KvmCpu {
             self.count("exit.rep_retired");
         }
         Ok(false)
+    }
+
+    /// The registers as KVM left them at the last exit: from `kvm_run` when KVM syncs them
+    /// there, else by ioctl.
+    fn exit_registers(&mut self) -> Result<(kb::kvm_regs, kb::kvm_sregs), CpuError> {
+        if self.sync_regs {
+            let s = self.vcpu.sync_regs();
+            return Ok((s.regs, s.sregs));
+        }
+        let regs = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| host_err("KVM_GET_REGS", e))?;
+        let sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| host_err("KVM_GET_SREGS", e))?;
+        Ok((regs, sregs))
     }
 
     /// Handles the exit KVM left in `kvm_run`.
@@ -962,6 +1013,58 @@ fn is_readonly(slots: &[Slot], addr: u64) -> bool {
 }
 
 /// After a device access: stop if a device asked for it.
+/// How the guest's code is addressed now, for the exit-group rule's code fetches.
+struct CodeView {
+    cs_base: u64,
+    /// The mode's address size in bytes (also its code size).
+    address_bytes: u8,
+    /// CS.D outside 64-bit mode (IP wraps at 16 bits without it).
+    cs_db: bool,
+    paging: deja_machine::exit_group::PagingRegs,
+}
+
+impl CodeView {
+    fn new(regs: &kb::kvm_regs, sregs: &kb::kvm_sregs) -> Self {
+        let cs = state::segment_from_kvm(&sregs.cs);
+        let lma = sregs.efer & (1 << 10) != 0;
+        Self {
+            cs_base: cs.base,
+            address_bytes: deja_machine::exit_group::default_address_bytes(
+                &cs,
+                sregs.cr0,
+                regs.rflags,
+                lma,
+            ),
+            cs_db: cs.db,
+            paging: deja_machine::exit_group::PagingRegs {
+                cr0: sregs.cr0,
+                cr3: sregs.cr3,
+                cr4: sregs.cr4,
+                efer: sregs.efer,
+            },
+        }
+    }
+
+    /// The linear address of `rip`.
+    fn linear(&self, rip: u64) -> u64 {
+        if self.address_bytes == 8 {
+            rip
+        } else {
+            self.cs_base.wrapping_add(rip) & 0xffff_ffff
+        }
+    }
+
+    /// RIP after an instruction of `len` bytes at `rip` (wrapping as IP/EIP do).
+    fn next_rip(&self, rip: u64, len: u64) -> u64 {
+        let next = rip.wrapping_add(len);
+        match self.address_bytes {
+            8 => next,
+            _ if self.cs_db => next & 0xffff_ffff,
+            _ => next & 0xffff,
+        }
+    }
+}
+
 fn device_exit(machine: &Machine) -> Exit {
     if machine.stop_request().is_some() {
         Exit::StopRequested
