@@ -19,6 +19,7 @@ pub mod paging_access;
 pub mod platform;
 pub mod racy_kernel;
 mod rt;
+pub mod string_io;
 pub mod system;
 pub mod timer;
 
@@ -66,7 +67,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 34] = [
+static GUESTS: [Guest; 35] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -120,6 +121,13 @@ static GUESTS: [Guest; 34] = [
                       increment; panics on COM1 and exits 3 on a lost update, exits 0 after \
                       400 clean ticks (bt; use chaos recording to make it fail)",
         build: racy_kernel::build,
+    },
+    Guest {
+        name: "string-io",
+        description: "REP INS/OUTS of bytes, words and dwords (PIT, PM timer, COM1, POST, \
+                      unmapped ports; 1 to 3000 elements across page boundaries, DF=1, a32) \
+                      under 4 kHz PIT interrupts; exits 0 (record on kvm, replay on bt)",
+        build: string_io::build,
     },
     Guest {
         name: "bench-in",

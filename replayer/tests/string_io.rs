@@ -422,3 +422,88 @@ fn an_exit_synchronous_bt_recording_with_string_io_replays_verified_on_kvm() {
         check(&rec, &path, &image, &engines);
     }
 }
+
+/// The long-mode `string-io` guest on the deja-pc machine (PIT, PM timer, COM1, POST,
+/// unmapped ports, an address-size prefix): recorded on kvm and replayed on bt and kvm, and
+/// recorded on bt with exit-synchronous delivery and replayed on kvm and bt.
+#[test]
+fn the_string_io_guest_replays_across_engines_on_the_pc_machine() {
+    let image = deja_guests::find("string-io").unwrap().image().unwrap();
+    let cfg = deja_machine::MachineConfig {
+        ram_size: 32 << 20,
+        ..deja_machine::MachineConfig::default()
+    };
+    let kvm = kvm_available("the_string_io_guest_replays_across_engines_on_the_pc_machine");
+    let mut recordings = vec![(EngineKind::Bt, Some(Delivery::ExitSynchronous))];
+    if kvm {
+        recordings.insert(0, (EngineKind::Kvm, None));
+    }
+    for (engine, delivery) in recordings {
+        let path = tmp(&format!("pc-{engine}.trace"));
+        let mut opts = RecordOptions::new(engine, ClockMode::Host);
+        opts.digest_interval = 64;
+        opts.run.timeout = Some(std::time::Duration::from_secs(120));
+        if let Some(d) = delivery {
+            opts.delivery = d;
+        }
+        let serial = Arc::new(Mutex::new(SerialCapture::keeping()));
+        let rec = Recorder::new(
+            &image,
+            &cfg,
+            Box::new(LiveHost::new(ClockMode::Host)),
+            Box::new(std::fs::File::create(&path).unwrap()),
+            &path.display().to_string(),
+            Box::new(std::io::sink()),
+            serial.clone(),
+            opts,
+            |host, out| deja_engine::build_vm(engine, cfg.clone(), host, out, &image),
+        )
+        .unwrap()
+        .run()
+        .unwrap();
+        let text = String::from_utf8_lossy(serial.lock().unwrap().kept().unwrap()).to_string();
+        assert_eq!(
+            rec.run.end,
+            RunEnd::Stopped(StopRequest::DebugExit { value: 0 }),
+            "{text}"
+        );
+        assert!(text.contains("string-io: PASS"), "{text}");
+        let footer = rec.footer.as_ref().unwrap();
+        println!(
+            "string-io recorded on {engine}: {} exits, events {:?}, final digest {}",
+            rec.run.exits, footer.event_counts, rec.final_digest
+        );
+        let mut engines = vec![EngineKind::Bt];
+        if kvm {
+            engines.push(EngineKind::Kvm);
+        }
+        for e in engines {
+            let r = replay(
+                &path,
+                &ReplayOptions {
+                    engine: e,
+                    until: None,
+                    seek: false,
+                    timeout: Some(std::time::Duration::from_secs(120)),
+                    watch: Vec::new(),
+                },
+                &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
+                Box::new(std::io::sink()),
+                Box::new(move |cfg, image, host, out| {
+                    deja_engine::build_vm(e, cfg.clone(), host, out, image)
+                        .map_err(|err| err.to_string())
+                }),
+            )
+            .unwrap();
+            assert!(
+                matches!(r.verdict, Verdict::Verified),
+                "recorded on {engine}, replayed on {e}: {r}"
+            );
+            assert_eq!(r.final_digest, rec.final_digest, "{engine} -> {e}");
+            println!(
+                "  replayed on {e}: {} events, {} digests checked, final digest {}",
+                r.events, r.digests_checked, r.final_digest
+            );
+        }
+    }
+}
