@@ -6,7 +6,7 @@
 //! (not engine-private MSR lists or descriptor-cache bits), and memory counts every non-zero
 //! page by number and contents.
 
-use deja_machine::cpu::{DescriptorTable, FpuState, PendingDebug, PendingEvents};
+use deja_machine::cpu::{DescriptorTable, FpuState, PendingDebug, PendingEvents, X87ErrorPins};
 use deja_machine::devices::DeviceState;
 use deja_machine::vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use deja_machine::{Cpu, CpuError, CpuState, Machine, MachineError, Position, Segment};
@@ -89,23 +89,35 @@ pub fn decode<T: serde::de::DeserializeOwned>(
 
 /// The first trace format whose checkpoints hold [`CpuState::pending_debug`].
 pub const PENDING_DEBUG_FORMAT: u32 = 4;
+/// The first trace format whose checkpoints hold [`CpuState::x87_error_pins`].
+pub const X87_ERROR_PINS_FORMAT: u32 = 5;
 
 /// Decodes a checkpoint's CPU state, written by a recorder of trace format `format` (the
 /// trace's [`deja_traces::TraceReader::format_version`]): formats 1-3 end the state before
-/// [`CpuState::pending_debug`], and read as "no #DB trap pending". The whole blob must be
-/// used, so a blob of one layout never passes for the other.
+/// [`CpuState::pending_debug`] (read as "no #DB trap pending"), format 4 before
+/// [`CpuState::x87_error_pins`] (read as FERR# and IGNNE# inactive). The whole blob must be
+/// used, so a blob of one layout never passes for another.
 pub fn decode_cpu_state(bytes: &[u8], format: u32) -> Result<CpuState, StateError> {
     let what = if format < PENDING_DEBUG_FORMAT {
         "CPU state (trace format 1-3 layout)"
+    } else if format < X87_ERROR_PINS_FORMAT {
+        "CPU state (trace format 4 layout)"
     } else {
         "CPU state"
     };
     let fail = |detail: String| StateError::Decode { what, detail };
+    let config = bincode_config();
     let (state, used) = if format < PENDING_DEBUG_FORMAT {
-        bincode::serde::decode_from_slice::<CpuStateFormat3, _>(bytes, bincode_config())
+        bincode::serde::decode_from_slice::<CpuStateFormat3, _>(bytes, config)
             .map(|(s, n)| (CpuState::from(s), n))
+    } else if format < X87_ERROR_PINS_FORMAT {
+        bincode::serde::decode_from_slice::<CpuStateFormat4, _>(bytes, config).map(|(s, n)| {
+            let mut state = CpuState::from(s.base);
+            state.pending_debug = s.pending_debug;
+            (state, n)
+        })
     } else {
-        bincode::serde::decode_from_slice::<CpuState, _>(bytes, bincode_config())
+        bincode::serde::decode_from_slice::<CpuState, _>(bytes, config)
     }
     .map_err(|e| fail(e.to_string()))?;
     if used != bytes.len() {
@@ -143,6 +155,15 @@ struct CpuStateFormat3 {
     pending: PendingEvents,
 }
 
+/// [`CpuState`] as trace format 4 encoded it: the format 1-3 fields, then
+/// [`CpuState::pending_debug`] (bincode puts a nested struct's fields in line, so this is
+/// the flat layout).
+#[derive(Deserialize)]
+struct CpuStateFormat4 {
+    base: CpuStateFormat3,
+    pending_debug: PendingDebug,
+}
+
 impl From<CpuStateFormat3> for CpuState {
     fn from(o: CpuStateFormat3) -> Self {
         CpuState {
@@ -168,6 +189,8 @@ impl From<CpuStateFormat3> for CpuState {
             pending: o.pending,
             // Those recorders dropped a pending trap: none is the best reading.
             pending_debug: PendingDebug::default(),
+            // They raised #MF whatever CR0.NE said: FERR# was never asserted.
+            x87_error_pins: X87ErrorPins::default(),
         }
     }
 }
@@ -544,7 +567,7 @@ mod tests {
     }
 
     #[test]
-    fn format_4_checkpoints_carry_the_pending_debug_trap() {
+    fn current_checkpoints_carry_the_pending_debug_trap() {
         let mut s = expected_format3_state();
         s.pending_debug = PendingDebug {
             trap: 0x4001,
@@ -555,11 +578,38 @@ mod tests {
             decode_cpu_state(&bytes, deja_traces::FORMAT_VERSION).unwrap(),
             s
         );
-        assert_eq!(deja_traces::FORMAT_VERSION, PENDING_DEBUG_FORMAT);
+        assert_eq!(deja_traces::FORMAT_VERSION, X87_ERROR_PINS_FORMAT);
         let err = decode_cpu_state(&bytes, 3).unwrap_err().to_string();
         assert!(err.contains("left over"), "{err}");
-        // Without a trap, the new layout is the old one plus the two empty fields.
+        // Without a trap or pins, the new layout is the old one plus four empty fields.
         let plain = encode(&expected_format3_state());
-        assert_eq!(plain[..plain.len() - 2], format3_bytes()[..]);
+        assert_eq!(plain[..plain.len() - 4], format3_bytes()[..]);
+    }
+
+    #[test]
+    fn format_4_checkpoints_decode_with_their_layout_and_inactive_x87_error_pins() {
+        // A format-4 blob: the format-3 fields, then the pending trap (BS), nothing after.
+        let trap = PendingDebug {
+            trap: 0x4000,
+            after_shadow: 0,
+        };
+        let mut old = format3_bytes();
+        old.extend(encode(&trap));
+        let s = decode_cpu_state(&old, 4).unwrap();
+        let mut want = expected_format3_state();
+        want.pending_debug = trap;
+        assert!(s == want, "{:#?}", want.diff(&s));
+        assert_eq!(s.x87_error_pins, X87ErrorPins::default());
+        assert!(
+            decode_cpu_state(&old, 5).is_err(),
+            "a format-4 blob is not format 5"
+        );
+        assert!(decode_cpu_state(&old, 3).is_err(), "nor format 3");
+        let mut now = want.clone();
+        now.x87_error_pins = X87ErrorPins {
+            ferr: true,
+            ignne: true,
+        };
+        assert_eq!(decode_cpu_state(&encode(&now), 5).unwrap(), now);
     }
 }

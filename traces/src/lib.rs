@@ -56,10 +56,11 @@ pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
 /// [`EventKind::Registers`] event; version 3 the header's
 /// [`Header::on_reset`] at its end; version 4 a pending debug trap at the end of the CPU
 /// state a checkpoint holds (the engines' `CpuState::pending_debug`; the blob is opaque to
-/// this crate, and the recorder's `state::decode_cpu_state` reads the format 1-3 layout).
+/// this crate, and the recorder's `state::decode_cpu_state` reads the format 1-3 layout);
+/// version 5 the x87 FERR#/IGNNE# pins after it (`CpuState::x87_error_pins`).
 /// Older traces still read (their headers with `on_reset` = [`ResetPolicy::Stop`], what
 /// every recording did then).
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The deja version compiled into this crate, for [`Header::deja_version`].

@@ -2,7 +2,9 @@
 //! segments with their hidden descriptor caches, control registers, and the conversion to
 //! and from the portable [`CpuState`].
 
-use deja_machine::cpu::{DescriptorTable, FpuState, PendingDebug, PendingEvents, msr, seg};
+use deja_machine::cpu::{
+    DescriptorTable, FpuState, PendingDebug, PendingEvents, X87ErrorPins, msr, seg,
+};
 use deja_machine::{CpuState, Segment};
 use std::collections::BTreeMap;
 
@@ -230,6 +232,8 @@ pub struct Core {
     pub db_deferred: u64,
     /// DR6 B0-B3 bits of data breakpoints hit by the instruction being executed.
     pub db_hits: u64,
+    /// FERR# and IGNNE#, the PC's x87 error signalling while CR0.NE is clear.
+    pub x87_pins: X87ErrorPins,
 }
 
 /// DR6 and DR7 bits the engine consults.
@@ -284,6 +288,7 @@ impl Core {
             db_pending: s.pending_debug.trap,
             db_deferred: s.pending_debug.after_shadow,
             db_hits: 0,
+            x87_pins: s.x87_error_pins,
         }
     }
 
@@ -314,6 +319,7 @@ impl Core {
                 trap: self.db_pending,
                 after_shadow: self.db_deferred,
             },
+            x87_error_pins: self.x87_pins,
         }
     }
 

@@ -27,6 +27,10 @@ pub enum Ctl {
     /// The instruction is not complete (a REP string iteration that made a device access):
     /// RIP stays at the instruction, which will continue on the next run.
     Restart,
+    /// The instruction cannot start: a waiting x87 instruction with an error pending, CR0.NE
+    /// clear and IGNNE# inactive. The CPU waits at it (not retired, RIP stays) for an
+    /// interrupt, as it waits after HLT; FERR# has raised IRQ13 for one.
+    Freeze,
 }
 
 /// An exception raised by an instruction.

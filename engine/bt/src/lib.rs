@@ -648,6 +648,11 @@ impl BtCpu {
                             outcome = Ctl::End;
                             break;
                         }
+                        Ok(Ctl::Freeze) => {
+                            ctx.core.rip = op.rip;
+                            outcome = Ctl::Freeze;
+                            break;
+                        }
                         Ok(c) => {
                             ctx.icount += 1;
                             outcome = c;
@@ -680,13 +685,29 @@ impl BtCpu {
                         return Ok(self.shutdown("triple fault"));
                     }
                     if device {
-                        return Ok(Exit::DeviceAccess);
+                        return Ok(self.device_exit(machine));
                     }
                     break;
                 }
                 if triple {
                     self.stats.triple_fault = false;
                     return Ok(self.shutdown("triple fault in INT n"));
+                }
+                if outcome == Ctl::Freeze {
+                    // FERR# raised IRQ13 just now: the CPU takes an interrupt at the waiting
+                    // instruction if it can, and otherwise waits there as after HLT (its
+                    // handler returns to the instruction, which then runs again).
+                    if !self.deliver_at_exits
+                        && machine.interrupt_pending()
+                        && self.core.rflags & core::fl::IF != 0
+                    {
+                        irq_line = true;
+                        break;
+                    }
+                    machine.set_icount(self.icount);
+                    machine.note_halt();
+                    self.core.pending.halted = true;
+                    return Ok(Exit::Halted);
                 }
                 if outcome == Ctl::Halt {
                     machine.set_icount(self.icount);
@@ -699,7 +720,7 @@ impl BtCpu {
                     return Ok(Exit::Halted);
                 }
                 if device {
-                    return Ok(Exit::DeviceAccess);
+                    return Ok(self.device_exit(machine));
                 }
                 if (outcome != Ctl::Jump && outcome != Ctl::Next)
                     || debug
@@ -746,6 +767,16 @@ impl BtCpu {
                 }
             }
         }
+    }
+
+    /// A device access ended the run. A write to the chipset's coprocessor-error port
+    /// ([`deja_machine::machine::FPU_ERROR_PORT`]) asserts IGNNE# while FERR# is asserted;
+    /// it is taken here, before the run returns, so no checkpoint sees it pending.
+    fn device_exit(&mut self, machine: &mut Machine) -> Exit {
+        if machine.take_fpu_error_clear() && self.core.x87_pins.ferr {
+            self.core.x87_pins.ignne = true;
+        }
+        Exit::DeviceAccess
     }
 
     fn shutdown(&self, why: &str) -> Exit {

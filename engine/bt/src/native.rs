@@ -35,8 +35,8 @@
 //! The last-instruction pointers (FIP/FCS, FDP/FDS, FOP) are the guest's, kept here: the
 //! host's would name the stub.
 //!
-//! Known limits: with CR0.NE clear a pending x87 exception is still delivered as #MF (the
-//! PC's FERR# → IRQ13 / IGNNE# path is not modelled); when an SSE overflow or underflow is
+//! With CR0.NE clear a pending x87 exception takes the PC's FERR# → IRQ13 / IGNNE# path
+//! ([`x87_error`]). Known limits: when an SSE overflow or underflow is
 //! unmasked, MXCSR gets the flags of the masked run (plus UE for exact tiny results), which
 //! can differ from the hardware in PE; the RCP/RSQRT approximations and the x87
 //! transcendentals are the host's (Intel and AMD differ).
@@ -534,6 +534,49 @@ pub const MF: Exc = Exc {
     error: None,
 };
 
+/// A waiting x87 or MMX instruction found an unmasked x87 exception pending: `Some` of what
+/// happens instead of the instruction, `None` when it runs anyway.
+///
+/// CR0.NE set: #MF. CR0.NE clear (the PC's MS-DOS compatibility mode, SDM vol. 1 appendix
+/// D): the CPU asserts FERR#, which the chipset turns into IRQ13 (8259A slave IR5), and
+/// waits at the instruction for an interrupt ([`Ctl::Freeze`]); the IRQ13 handler writes
+/// port 0xF0, which asserts IGNNE#, and when the instruction comes back with the error
+/// still pending it runs, ignoring it. QEMU's TCG raises IRQ13 the same way but runs the
+/// instruction at once (the handler's frame then points past it); under KVM the hardware
+/// runs guests with CR0.NE forced on (a VMX fixed bit), so kvm raises #MF whatever the
+/// guest's CR0.NE says, and deja's kvm engine cannot model FERR#.
+pub fn x87_error(ctx: &mut Ctx) -> Option<OpResult> {
+    if ctx.core.cr0 & crb::NE != 0 {
+        return Some(Err(MF));
+    }
+    let pins = &mut ctx.core.x87_pins;
+    if pins.ignne {
+        return None;
+    }
+    if !pins.ferr {
+        pins.ferr = true;
+        ctx.machine
+            .set_irq(deja_machine::machine::FPU_ERROR_IRQ, true);
+        ctx.stats.extra.add("bt.x87_ferr", 1);
+    }
+    Some(Ok(Ctl::Freeze))
+}
+
+/// FSW's exception state: the six flags, SF, ES and B.
+const FSW_ERROR_STATE: u16 = 0x80ff;
+
+/// FERR# goes away, and with it IGNNE# and the chipset's IRQ13, once no unmasked x87
+/// exception is pending (after FNCLEX, FNINIT, FLDCW masking it, FLDENV, FRSTOR, FXRSTOR):
+/// called after every instruction that can change FSW or FCW.
+pub fn x87_error_sync(ctx: &mut Ctx) {
+    let c = &mut *ctx.core;
+    if c.x87_pins.ferr && !x87_pending(c.fpu.fsw, c.fpu.fcw) {
+        c.x87_pins = Default::default();
+        ctx.machine
+            .set_irq(deja_machine::machine::FPU_ERROR_IRQ, false);
+    }
+}
+
 /// #XM.
 pub const XM: Exc = Exc {
     vector: 19,
@@ -638,8 +681,14 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
         info.flags & flag::FWAIT != 0,
     )?;
     let (fcw, fsw) = (ctx.core.fpu.fcw, ctx.core.fpu.fsw);
+    // The exception state of an error IGNNE# made this instruction ignore: the host must
+    // not see it (it would fault), and it is still pending afterwards.
+    let mut ignored = 0;
     if info.flags & flag::WAITING != 0 && x87_pending(fsw, fcw) {
-        return Err(MF);
+        if let Some(instead) = x87_error(ctx) {
+            return instead;
+        }
+        ignored = fsw & FSW_ERROR_STATE;
     }
     let mut buf = Buf([0; 64]);
     let mut mem_at = None;
@@ -668,6 +717,10 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
         host_mxcsr: 0,
     };
     load_frame(ctx, &mut frame);
+    if ignored != 0 {
+        let host_fsw = u16::from_le_bytes([frame.fx[2], frame.fx[3]]) & !FSW_ERROR_STATE;
+        frame.fx[2..4].copy_from_slice(&host_fsw.to_le_bytes());
+    }
     let gprs = gpr_operands(op);
     if let Some(r) = gprs[0] {
         frame.rax = ctx.core.gpr[r as usize];
@@ -753,7 +806,7 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let (new_fcw, new_fsw, new_ftw) = x87_fields(&frame);
     let f = &mut ctx.core.fpu;
     f.fcw = new_fcw;
-    f.fsw = new_fsw;
+    f.fsw = new_fsw | ignored;
     f.ftw = new_ftw;
     for i in 0..8 {
         f.st[i].copy_from_slice(&frame.fx[32 + i * 16..48 + i * 16]);
@@ -786,5 +839,6 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if info.flags & flag::WRITES_FLAGS != 0 {
         ctx.core.set_arith(frame.rflags & 0x8d5);
     }
+    x87_error_sync(ctx);
     Ok(Ctl::Next)
 }

@@ -315,6 +315,7 @@ fn fxsave(ctx: &mut Ctx, op: &UOp) -> OpResult {
         for i in 0..xmm_count {
             f.xmm[i].copy_from_slice(&b[160 + i * 16..176 + i * 16]);
         }
+        crate::native::x87_error_sync(ctx);
     }
     Ok(Ctl::Next)
 }

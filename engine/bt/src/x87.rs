@@ -6,7 +6,7 @@
 
 use crate::exec::Ctx;
 use crate::ir::{Ctl, Exc, OpResult, Operand, UOp};
-use crate::native::{MF, fp_available, x87_pending};
+use crate::native::{fp_available, x87_error, x87_error_sync, x87_pending};
 use deja_machine::cpu::seg;
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
@@ -74,8 +74,11 @@ fn env(ctx: &mut Ctx, op: &UOp) -> OpResult {
     fp_available(ctx, true, false, false)?;
     let loads = matches!(op.aux, env_op::LDENV | env_op::RSTOR);
     let regs = matches!(op.aux, env_op::SAVE | env_op::RSTOR);
-    if loads && x87_pending(ctx.core.fpu.fsw, ctx.core.fpu.fcw) {
-        return Err(MF);
+    if loads
+        && x87_pending(ctx.core.fpu.fsw, ctx.core.fpu.fcw)
+        && let Some(instead) = x87_error(ctx)
+    {
+        return instead;
     }
     let Operand::Mem(m) = op.dst else {
         return Err(Exc::UD);
@@ -136,6 +139,7 @@ fn env(ctx: &mut Ctx, op: &UOp) -> OpResult {
         f.fip = fip;
         f.fdp = fdp;
         f.fop = fop;
+        x87_error_sync(ctx);
         return Ok(Ctl::Next);
     }
     let f = &ctx.core.fpu;
@@ -221,6 +225,7 @@ fn env(ctx: &mut Ctx, op: &UOp) -> OpResult {
         // FNSTENV masks every exception after storing.
         f.fcw |= 0x3f;
     }
+    x87_error_sync(ctx);
     Ok(Ctl::Next)
 }
 
@@ -229,8 +234,11 @@ fn env(ctx: &mut Ctx, op: &UOp) -> OpResult {
 fn maskmov(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let mmx = op.size == 8;
     fp_available(ctx, false, !mmx, false)?;
-    if mmx && x87_pending(ctx.core.fpu.fsw, ctx.core.fpu.fcw) {
-        return Err(MF);
+    if mmx
+        && x87_pending(ctx.core.fpu.fsw, ctx.core.fpu.fcw)
+        && let Some(instead) = x87_error(ctx)
+    {
+        return instead;
     }
     let reg = |ctx: &Ctx, o: &Operand| -> u128 {
         match *o {

@@ -728,7 +728,10 @@ fn fp_faults_follow_cr0_cr4_and_the_masks() {
 fn unmasked_x87_exceptions_are_delivered_at_the_next_waiting_instruction() {
     let (f, o) = fault_of(
         &[0; 512],
-        |s| s.fpu.fcw = 0x37b, // ZE unmasked
+        |s| {
+            s.fpu.fcw = 0x37b; // ZE unmasked
+            s.cr0 |= 1 << 5; // NE: #MF (without it, FERR# and IRQ13: see tests/pc.rs)
+        },
         |a| {
             a.fld1()?;
             a.fldz()?;
@@ -749,7 +752,10 @@ fn unmasked_x87_exceptions_are_delivered_at_the_next_waiting_instruction() {
     // With CR0.NE the same goes for an MMX instruction.
     let (f, _) = fault_of(
         &[0; 512],
-        |s| s.fpu.fcw = 0x37b,
+        |s| {
+            s.fpu.fcw = 0x37b;
+            s.cr0 |= 1 << 5;
+        },
         |a| {
             a.fld1()?;
             a.fldz()?;
@@ -761,7 +767,10 @@ fn unmasked_x87_exceptions_are_delivered_at_the_next_waiting_instruction() {
     // FNCLEX clears it.
     let (f, _) = fault_of(
         &[0; 512],
-        |s| s.fpu.fcw = 0x37b,
+        |s| {
+            s.fpu.fcw = 0x37b;
+            s.cr0 |= 1 << 5;
+        },
         |a| {
             a.fld1()?;
             a.fldz()?;

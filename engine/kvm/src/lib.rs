@@ -1356,6 +1356,10 @@ impl Cpu for KvmCpu {
                 halted: self.halted,
             },
             pending_debug: state::pending_debug_from_kvm(&events, debug.dr6),
+            // KVM runs the guest with CR0.NE forced on (a VMX fixed bit; SVM raises #MF
+            // the same way), so x87 errors are #MF and FERR# never asserts; the pins a state
+            // from bt holds are ignored by set_state for that reason.
+            x87_error_pins: Default::default(),
         };
         s.msrs.insert(msr::IA32_APIC_BASE, sregs.apic_base);
         let entries: Vec<kb::kvm_msr_entry> = self

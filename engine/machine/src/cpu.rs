@@ -199,6 +199,21 @@ impl PendingDebug {
     }
 }
 
+/// The PC's legacy x87 error signalling, used while CR0.NE is clear (MS-DOS compatibility
+/// mode, SDM vol. 1 appendix D): a waiting x87 instruction that finds an unmasked exception
+/// pending asserts the CPU's FERR# output, which the chipset routes to IRQ13, and the CPU
+/// waits at that instruction for an interrupt unless its IGNNE# input is asserted; a write
+/// to port 0xF0 makes the chipset lower IRQ13 and assert IGNNE# until FERR# goes away (no
+/// unmasked exception pending any more). Added for issue #3 (trace format 5 carries it;
+/// older checkpoints read as both inactive, which is all their recorders did).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct X87ErrorPins {
+    /// FERR# is asserted (IRQ13 was raised for it).
+    pub ferr: bool,
+    /// IGNNE# is asserted: waiting instructions ignore the pending error.
+    pub ignne: bool,
+}
+
 /// Engine-independent architectural state of one x86 CPU.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CpuState {
@@ -245,6 +260,8 @@ pub struct CpuState {
     /// A #DB trap not delivered yet. Last, so that the encoding of the fields before it is
     /// the one trace formats 1-3 used (their checkpoints decode to "none pending").
     pub pending_debug: PendingDebug,
+    /// FERR# and IGNNE# (CR0.NE = 0). Appended for trace format 5, after `pending_debug`.
+    pub x87_error_pins: X87ErrorPins,
 }
 
 /// Well-known MSR indices.
@@ -431,6 +448,11 @@ impl CpuState {
             "pending_debug",
             format!("{:x?}", self.pending_debug),
             format!("{:x?}", other.pending_debug),
+        );
+        cmp(
+            "x87_error_pins",
+            format!("{:?}", self.x87_error_pins),
+            format!("{:?}", other.x87_error_pins),
         );
         out
     }

@@ -95,6 +95,14 @@ impl InterruptLines for Lines<'_> {
     }
 }
 
+/// The PC chipset's coprocessor-error port: a write lowers IRQ13 and asserts the CPU's
+/// IGNNE# input (see [`crate::cpu::X87ErrorPins`]). Handled by the machine itself (not a
+/// device with saved state, so that checkpoints and state digests of older traces keep
+/// their device list) unless a device claims the port.
+pub const FPU_ERROR_PORT: u16 = 0xf0;
+/// The ISA interrupt line the chipset drives from the CPU's FERR# output.
+pub const FPU_ERROR_IRQ: u32 = 13;
+
 /// Everything but the CPU.
 pub struct Machine {
     /// Static configuration.
@@ -114,6 +122,7 @@ pub struct Machine {
     stats: EngineStats,
     unmapped_pio: BTreeMap<u16, u64>,
     unmapped_mmio: BTreeMap<u64, u64>,
+    fpu_error_cleared: bool,
 }
 
 impl Machine {
@@ -140,6 +149,7 @@ impl Machine {
             stats: EngineStats::default(),
             unmapped_pio: BTreeMap::new(),
             unmapped_mmio: BTreeMap::new(),
+            fpu_error_cleared: false,
         })
     }
 
@@ -327,6 +337,13 @@ impl Machine {
 
     /// A guest OUT to `port`. Counts as one device exit.
     pub fn pio_write(&mut self, port: u16, data: &[u8]) {
+        if port == FPU_ERROR_PORT && self.pio.find(u64::from(port)).is_none() {
+            self.position.exits += 1;
+            self.stats.add("io.fpu_error_clear", 1);
+            self.irqchip.set_irq(FPU_ERROR_IRQ, false);
+            self.fpu_error_cleared = true;
+            return;
+        }
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
         buf[..n].copy_from_slice(&data[..n]);
@@ -440,6 +457,14 @@ impl Machine {
             self.irqchip.init_reset();
         }
         init
+    }
+
+    /// Whether the guest wrote [`FPU_ERROR_PORT`] since the last call: the engine asserts
+    /// IGNNE# if its FERR# is asserted (engines without FERR# ignore it). Engines take it
+    /// before returning from the run that made the write, so it is never left pending in a
+    /// checkpoint.
+    pub fn take_fpu_error_clear(&mut self) -> bool {
+        std::mem::take(&mut self.fpu_error_cleared)
     }
 
     /// The guest executed HLT: counts as one device exit (the ordinal is engine independent).
@@ -578,6 +603,7 @@ impl Machine {
             }
         }
         self.stop = None;
+        self.fpu_error_cleared = false;
         self.stats.add("machine.resets", 1);
         Ok(())
     }
