@@ -114,39 +114,39 @@ fn packed(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let b = get128(ctx, &op.src, 16, op.src.is_mem())?;
     let w = op.target as u32;
     let r = match op.aux {
-        0 => a ^ b,
-        1 => a & b,
-        2 => a | b,
-        3 => !a & b,
-        4 => pack(
+        packed_op::XOR => a ^ b,
+        packed_op::AND => a & b,
+        packed_op::OR => a | b,
+        packed_op::ANDN => !a & b,
+        packed_op::ADD => pack(
             lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.wrapping_add(y)),
             w,
         ),
-        5 => pack(
+        packed_op::SUB => pack(
             lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.wrapping_sub(y)),
             w,
         ),
-        6 => pack(
+        packed_op::CMPEQ => pack(
             lanes(a, w)
                 .zip(lanes(b, w))
                 .map(|(x, y)| if x == y { u64::MAX } else { 0 }),
             w,
         ),
-        7 => {
+        packed_op::UNPACK_LOW => {
             // PUNPCKL*: interleave the low halves.
             let la: Vec<u64> = lanes(a, w).collect();
             let lb: Vec<u64> = lanes(b, w).collect();
             let n = la.len() / 2;
             pack((0..n).flat_map(|i| [la[i], lb[i]]), w)
         }
-        8 => {
+        packed_op::UNPACK_HIGH => {
             let la: Vec<u64> = lanes(a, w).collect();
             let lb: Vec<u64> = lanes(b, w).collect();
             let n = la.len() / 2;
             pack((n..2 * n).flat_map(|i| [la[i], lb[i]]), w)
         }
-        9 => pack(lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.min(y)), w),
-        10 => pack(lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.max(y)), w),
+        packed_op::MIN_UNSIGNED => pack(lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.min(y)), w),
+        packed_op::MAX_UNSIGNED => pack(lanes(a, w).zip(lanes(b, w)).map(|(x, y)| x.max(y)), w),
         _ => return Err(Exc::UD),
     };
     put128(ctx, &op.dst, 16, r, false)?;
@@ -192,22 +192,23 @@ fn pshift(ctx: &mut Ctx, op: &UOp) -> OpResult {
     };
     let w = op.target as u32;
     let r = match op.aux {
-        0 => pack(lanes(v, w).map(|x| if n >= w { 0 } else { x << n }), w),
-        1 => pack(lanes(v, w).map(|x| if n >= w { 0 } else { x >> n }), w),
-        2 => {
+        shift_op::LEFT => pack(lanes(v, w).map(|x| if n >= w { 0 } else { x << n }), w),
+        shift_op::RIGHT => pack(lanes(v, w).map(|x| if n >= w { 0 } else { x >> n }), w),
+        shift_op::BYTES_LEFT => {
             if n >= 16 {
                 0
             } else {
                 v << (n * 8)
             }
         }
-        3 => {
+        shift_op::BYTES_RIGHT => {
             if n >= 16 {
                 0
             } else {
                 v >> (n * 8)
             }
         }
+        // shift_op::RIGHT_ARITHMETIC
         _ => pack(
             lanes(v, w).map(|x| {
                 let s = crate::core::sext(x, (w / 8) as u8) as i64;
@@ -324,9 +325,9 @@ fn fxsave(ctx: &mut Ctx, op: &UOp) -> OpResult {
 fn lane_bits(m: Mnemonic) -> u64 {
     use Mnemonic::*;
     match m {
-        Paddb | Psubb | Pcmpeqb | Punpcklbw | Punpckhbw => 8,
-        Paddw | Psubw | Pcmpeqw | Punpcklwd | Punpckhwd | Psllw | Psrlw => 16,
-        Paddd | Psubd | Pcmpeqd | Punpckldq | Punpckhdq | Pslld | Psrld => 32,
+        Paddb | Psubb | Pcmpeqb | Punpcklbw | Punpckhbw | Pminub | Pmaxub => 8,
+        Paddw | Psubw | Pcmpeqw | Punpcklwd | Punpckhwd | Psllw | Psrlw | Psraw => 16,
+        Paddd | Psubd | Pcmpeqd | Punpckldq | Punpckhdq | Pslld | Psrld | Psrad => 32,
         _ => 64,
     }
 }
@@ -343,9 +344,92 @@ pub fn build(insn: &Instruction, bitness: u32, op: &mut UOp) {
     }
 }
 
+/// The operations [`packed`] does, by `aux`.
+mod packed_op {
+    pub const XOR: u8 = 0;
+    pub const AND: u8 = 1;
+    pub const OR: u8 = 2;
+    pub const ANDN: u8 = 3;
+    pub const ADD: u8 = 4;
+    pub const SUB: u8 = 5;
+    pub const CMPEQ: u8 = 6;
+    pub const UNPACK_LOW: u8 = 7;
+    pub const UNPACK_HIGH: u8 = 8;
+    pub const MIN_UNSIGNED: u8 = 9;
+    pub const MAX_UNSIGNED: u8 = 10;
+}
+
+/// The shifts [`pshift`] does, by `aux`.
+mod shift_op {
+    pub const LEFT: u8 = 0;
+    pub const RIGHT: u8 = 1;
+    pub const BYTES_LEFT: u8 = 2;
+    pub const BYTES_RIGHT: u8 = 3;
+    pub const RIGHT_ARITHMETIC: u8 = 4;
+}
+
+/// The packed instructions done in software: mnemonic, handler, its `aux` (the element
+/// width, in `target`, comes from [`lane_bits`]).
+const PACKED_FORMS: &[(Mnemonic, crate::ir::Handler, u8)] = {
+    use Mnemonic::*;
+    use packed_op::*;
+    use shift_op::*;
+    &[
+        (Pxor, packed, XOR),
+        (Xorps, packed, XOR),
+        (Xorpd, packed, XOR),
+        (Pand, packed, AND),
+        (Andps, packed, AND),
+        (Andpd, packed, AND),
+        (Por, packed, OR),
+        (Orps, packed, OR),
+        (Orpd, packed, OR),
+        (Pandn, packed, ANDN),
+        (Andnps, packed, ANDN),
+        (Andnpd, packed, ANDN),
+        (Paddb, packed, ADD),
+        (Paddw, packed, ADD),
+        (Paddd, packed, ADD),
+        (Paddq, packed, ADD),
+        (Psubb, packed, SUB),
+        (Psubw, packed, SUB),
+        (Psubd, packed, SUB),
+        (Psubq, packed, SUB),
+        (Pcmpeqb, packed, CMPEQ),
+        (Pcmpeqw, packed, CMPEQ),
+        (Pcmpeqd, packed, CMPEQ),
+        (Punpcklbw, packed, UNPACK_LOW),
+        (Punpcklwd, packed, UNPACK_LOW),
+        (Punpckldq, packed, UNPACK_LOW),
+        (Punpcklqdq, packed, UNPACK_LOW),
+        (Punpckhbw, packed, UNPACK_HIGH),
+        (Punpckhwd, packed, UNPACK_HIGH),
+        (Punpckhdq, packed, UNPACK_HIGH),
+        (Punpckhqdq, packed, UNPACK_HIGH),
+        (Pminub, packed, MIN_UNSIGNED),
+        (Pmaxub, packed, MAX_UNSIGNED),
+        (Psllw, pshift, LEFT),
+        (Pslld, pshift, LEFT),
+        (Psllq, pshift, LEFT),
+        (Psrlw, pshift, RIGHT),
+        (Psrld, pshift, RIGHT),
+        (Psrlq, pshift, RIGHT),
+        (Psraw, pshift, RIGHT_ARITHMETIC),
+        (Psrad, pshift, RIGHT_ARITHMETIC),
+        (Pslldq, pshift, BYTES_LEFT),
+        (Psrldq, pshift, BYTES_RIGHT),
+    ]
+};
+
 /// The software SSE forms; returns whether `op` got one.
 fn software(insn: &Instruction, op: &mut UOp) -> bool {
     let m = insn.mnemonic();
+    if let Some(&(_, exec, aux)) = PACKED_FORMS.iter().find(|f| f.0 == m) {
+        op.aux = aux;
+        op.target = lane_bits(m);
+        op.exec = exec;
+        return true;
+    }
     match m {
         Mnemonic::Movaps | Mnemonic::Movapd | Mnemonic::Movdqa => {
             op.aux = 1;
@@ -367,82 +451,8 @@ fn software(insn: &Instruction, op: &mut UOp) -> bool {
             op.size = 8;
             op.exec = movscalar;
         }
-        Mnemonic::Pxor | Mnemonic::Xorps | Mnemonic::Xorpd => {
-            op.aux = 0;
-            op.exec = packed;
-        }
-        Mnemonic::Pand | Mnemonic::Andps | Mnemonic::Andpd => {
-            op.aux = 1;
-            op.exec = packed;
-        }
-        Mnemonic::Por | Mnemonic::Orps | Mnemonic::Orpd => {
-            op.aux = 2;
-            op.exec = packed;
-        }
-        Mnemonic::Pandn | Mnemonic::Andnps | Mnemonic::Andnpd => {
-            op.aux = 3;
-            op.exec = packed;
-        }
-        Mnemonic::Paddb | Mnemonic::Paddw | Mnemonic::Paddd | Mnemonic::Paddq => {
-            op.aux = 4;
-            op.target = lane_bits(m);
-            op.exec = packed;
-        }
-        Mnemonic::Psubb | Mnemonic::Psubw | Mnemonic::Psubd | Mnemonic::Psubq => {
-            op.aux = 5;
-            op.target = lane_bits(m);
-            op.exec = packed;
-        }
-        Mnemonic::Pcmpeqb | Mnemonic::Pcmpeqw | Mnemonic::Pcmpeqd => {
-            op.aux = 6;
-            op.target = lane_bits(m);
-            op.exec = packed;
-        }
-        Mnemonic::Punpcklbw | Mnemonic::Punpcklwd | Mnemonic::Punpckldq | Mnemonic::Punpcklqdq => {
-            op.aux = 7;
-            op.target = lane_bits(m);
-            op.exec = packed;
-        }
-        Mnemonic::Punpckhbw | Mnemonic::Punpckhwd | Mnemonic::Punpckhdq | Mnemonic::Punpckhqdq => {
-            op.aux = 8;
-            op.target = lane_bits(m);
-            op.exec = packed;
-        }
-        Mnemonic::Pminub => {
-            op.aux = 9;
-            op.target = 8;
-            op.exec = packed;
-        }
-        Mnemonic::Pmaxub => {
-            op.aux = 10;
-            op.target = 8;
-            op.exec = packed;
-        }
         Mnemonic::Pmovmskb => op.exec = pmovmskb,
         Mnemonic::Pshufd => op.exec = pshufd,
-        Mnemonic::Psllw | Mnemonic::Pslld | Mnemonic::Psllq => {
-            op.aux = 0;
-            op.target = lane_bits(m);
-            op.exec = pshift;
-        }
-        Mnemonic::Psrlw | Mnemonic::Psrld | Mnemonic::Psrlq => {
-            op.aux = 1;
-            op.target = lane_bits(m);
-            op.exec = pshift;
-        }
-        Mnemonic::Psraw | Mnemonic::Psrad => {
-            op.aux = 4;
-            op.target = if m == Mnemonic::Psraw { 16 } else { 32 };
-            op.exec = pshift;
-        }
-        Mnemonic::Pslldq => {
-            op.aux = 2;
-            op.exec = pshift;
-        }
-        Mnemonic::Psrldq => {
-            op.aux = 3;
-            op.exec = pshift;
-        }
         Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr => {
             op.aux = (m == Mnemonic::Stmxcsr) as u8;
             op.exec = mxcsr;

@@ -5,21 +5,59 @@ mod common;
 use common::{asm, load, real_mode_state};
 use deja_bt::BtCpu;
 use deja_machine::pc::build_pc;
-use deja_machine::{ClockMode, Cpu, Exit, Limit, LiveHost, MachineConfig};
+use deja_machine::{ClockMode, Cpu, Exit, Limit, LiveHost, Machine, MachineConfig};
 use iced_x86::code_asm::*;
 
-#[test]
-fn pit_interrupts_through_the_8259a_wake_hlt_in_real_mode() {
+/// A deja-pc machine with 16 MiB of RAM on the virtual clock.
+fn pc_machine() -> Machine {
     let config = MachineConfig {
         ram_size: 16 << 20,
         ..MachineConfig::default()
     };
-    let mut m = build_pc(
+    build_pc(
         config,
         Box::new(LiveHost::new(ClockMode::Virtual)),
         Box::new(std::io::sink()),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Runs the guest until it writes debug-exit (`true`), polling devices between runs, for at
+/// most `rounds` runs of 10,000 instructions. A halted guest with nothing to wake it idles
+/// until the next device deadline when `idle`, and ends the run (`false`) otherwise.
+fn run_until_debug_exit(cpu: &mut BtCpu, m: &mut Machine, rounds: usize, idle: bool) -> bool {
+    for _ in 0..rounds {
+        let e = cpu
+            .run(
+                m,
+                Limit {
+                    stop_at_icount: Some(cpu.icount() + 10_000),
+                },
+            )
+            .unwrap();
+        if m.take_stop().is_some() {
+            return true;
+        }
+        match e {
+            Exit::Halted => {
+                m.poll();
+                if !m.interrupt_pending() {
+                    if !idle {
+                        return false;
+                    }
+                    m.idle();
+                }
+            }
+            Exit::DeviceAccess | Exit::InstructionLimit => m.poll(),
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    false
+}
+
+#[test]
+fn pit_interrupts_through_the_8259a_wake_hlt_in_real_mode() {
+    let mut m = pc_machine();
     // IRQ0 -> vector 0x20 -> 0000:0x2000: count in SI, EOI, IRET.
     load(&m, 0x20 * 4, &[0x00, 0x20, 0x00, 0x00]);
     load(
@@ -67,31 +105,7 @@ fn pit_interrupts_through_the_8259a_wake_hlt_in_real_mode() {
     );
     let mut cpu = BtCpu::new(&m).unwrap();
     cpu.set_state(&real_mode_state(0x1000)).unwrap();
-    let mut done = false;
-    for _ in 0..100_000 {
-        let e = cpu
-            .run(
-                &mut m,
-                Limit {
-                    stop_at_icount: Some(cpu.icount() + 10_000),
-                },
-            )
-            .unwrap();
-        if m.take_stop().is_some() {
-            done = true;
-            break;
-        }
-        match e {
-            Exit::Halted => {
-                m.poll();
-                if !m.interrupt_pending() {
-                    m.idle();
-                }
-            }
-            Exit::DeviceAccess | Exit::InstructionLimit => m.poll(),
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
+    let done = run_until_debug_exit(&mut cpu, &mut m, 100_000, true);
     assert!(done, "the guest never wrote debug-exit");
     let st = cpu.state().unwrap();
     assert_eq!(st.gpr[6] & 0xffff, 3);
@@ -114,17 +128,8 @@ enum FerrCase {
 
 /// Real mode on deja-pc with an unmasked x87 zero divide and FWAIT; returns the CPU, the
 /// machine, whether the guest reached its end, and the FWAIT's address.
-fn ferr_run(case: FerrCase) -> (BtCpu, deja_machine::Machine, bool, u64) {
-    let config = MachineConfig {
-        ram_size: 16 << 20,
-        ..MachineConfig::default()
-    };
-    let mut m = build_pc(
-        config,
-        Box::new(LiveHost::new(ClockMode::Virtual)),
-        Box::new(std::io::sink()),
-    )
-    .unwrap();
+fn ferr_run(case: FerrCase) -> (BtCpu, Machine, bool, u64) {
+    let mut m = pc_machine();
     // IRQ13 -> vector 0x2d -> 0000:0x2000: count in SI, the pushed IP at 0x3000, port 0xF0,
     // FNCLEX if the byte at 0x3010 says so, EOI to both 8259As, IRET.
     load(&m, 0x2d * 4, &[0x00, 0x20, 0x00, 0x00]);
@@ -225,26 +230,7 @@ fn ferr_run(case: FerrCase) -> (BtCpu, deja_machine::Machine, bool, u64) {
     }
     let mut cpu = BtCpu::new(&m).unwrap();
     cpu.set_state(&state).unwrap();
-    let mut done = false;
-    for _ in 0..1000 {
-        let e = cpu
-            .run(
-                &mut m,
-                Limit {
-                    stop_at_icount: Some(cpu.icount() + 10_000),
-                },
-            )
-            .unwrap();
-        if m.take_stop().is_some() {
-            done = true;
-            break;
-        }
-        match e {
-            Exit::Halted if !m.interrupt_pending() || case == FerrCase::InterruptsOff => break,
-            Exit::Halted | Exit::DeviceAccess | Exit::InstructionLimit => m.poll(),
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
+    let done = run_until_debug_exit(&mut cpu, &mut m, 100, false);
     (cpu, m, done, fwait_at)
 }
 
@@ -306,7 +292,7 @@ fn with_cr0_ne_clear_x87_errors_raise_irq13_through_ferr_and_port_f0_asserts_ign
     assert_eq!(st.x87_error_pins, X87ErrorPins::default());
 }
 
-fn peek2(m: &deja_machine::Machine, addr: u64) -> [u8; 2] {
+fn peek2(m: &Machine, addr: u64) -> [u8; 2] {
     use deja_machine::vm_memory::{Bytes, GuestAddress};
     m.mem.read_obj(GuestAddress(addr)).unwrap()
 }
