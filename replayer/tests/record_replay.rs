@@ -710,3 +710,111 @@ fn a_kicked_kvm_recording_is_complete_and_replays_to_where_it_stopped() {
     }
     check_kicked_recording(Engine::Kvm);
 }
+
+/// A real-mode board guest that single-steps a loop of 64 clock reads: every device exit,
+/// and so every checkpoint, falls between an IN and its single-step trap.
+fn single_stepping_guest() -> Image {
+    use common::{CLOCK_PORT, LOAD, STOP_PORT};
+    use deja_machine::loader::{EntryMode, ImageFormat};
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(16).unwrap();
+    let mut handler = a.create_label();
+    let mut main = a.create_label();
+    let mut top = a.create_label();
+    a.jmp(main).unwrap();
+    a.set_label(&mut handler).unwrap();
+    a.inc(word_ptr(0x600)).unwrap(); // counts #DB traps
+    a.iret().unwrap();
+    a.set_label(&mut main).unwrap();
+    a.cli().unwrap();
+    a.xor(ax, ax).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(ss, ax).unwrap();
+    a.mov(sp, 0x7000).unwrap();
+    a.mov(word_ptr(0x600), 0).unwrap();
+    a.mov(word_ptr(4), (LOAD + 2) as u32).unwrap(); // IVT[1] = 0000:handler
+    a.mov(word_ptr(6), 0).unwrap();
+    a.mov(cx, 64).unwrap();
+    a.pushf().unwrap();
+    a.pop(ax).unwrap();
+    a.or(ax, 0x100).unwrap();
+    a.push(ax).unwrap();
+    a.popf().unwrap(); // TF from here on
+    a.set_label(&mut top).unwrap();
+    a.mov(dx, CLOCK_PORT as u32).unwrap();
+    a.in_(eax, dx).unwrap(); // a logged time read: digests and checkpoints come after these
+    a.loop_(top).unwrap();
+    a.pushf().unwrap();
+    a.pop(ax).unwrap();
+    a.and(ax, !0x100).unwrap();
+    a.push(ax).unwrap();
+    a.popf().unwrap();
+    a.mov(dx, STOP_PORT as u32).unwrap();
+    a.mov(al, 0x10).unwrap();
+    a.out(dx, al).unwrap();
+    a.hlt().unwrap();
+    let bytes = a.assemble(LOAD).unwrap();
+    let handler_at = iced_x86::Decoder::with_ip(16, &bytes, LOAD, 0)
+        .iter()
+        .nth(1)
+        .unwrap()
+        .ip();
+    assert_eq!(handler_at, LOAD + 2, "the short JMP is two bytes");
+    Image {
+        name: "guest:board".into(),
+        bytes,
+        format: ImageFormat::Raw {
+            load_addr: LOAD,
+            entry: LOAD,
+            mode: EntryMode::Real,
+        },
+    }
+}
+
+#[test]
+fn a_checkpoint_between_an_instruction_and_its_debug_trap_replays_the_trap() {
+    let image = single_stepping_guest();
+    let path = tmp("single-step.trace");
+    let rec = record_with(Engine::Bt, &image, &path, b"", |o| o.checkpoint_every = 1);
+    assert_eq!(
+        rec.outcome.run.end,
+        RunEnd::Stopped(StopRequest::DebugExit { value: 0x10 })
+    );
+    // The checkpoints were taken at IN exits, each with the IN's single-step trap due.
+    let mut reader = TraceReader::open(&path).unwrap();
+    let format = reader.format_version();
+    let checkpoints = reader.checkpoints().to_vec();
+    assert!(checkpoints.len() >= 2, "{checkpoints:?}");
+    let mut with_trap = 0;
+    for cp in &checkpoints {
+        let meta = reader.read_checkpoint(cp).unwrap().meta;
+        let state = deja_recorder::state::decode_cpu_state(&meta.cpu_state, format).unwrap();
+        if state.pending_debug.trap == 1 << 14 {
+            with_trap += 1;
+        }
+    }
+    assert!(with_trap >= 1, "no checkpoint holds a pending trap");
+    // Seeking from such a checkpoint delivers the trap as the run from the start does.
+    let target = rec.outcome.run.icount - 3;
+    let from_start = replay_on(
+        Engine::Bt,
+        &path,
+        &image,
+        Some(Until::Icount(target)),
+        false,
+    );
+    let seeked = replay_on(Engine::Bt, &path, &image, Some(Until::Icount(target)), true);
+    assert!(seeked.started_from.is_some(), "no checkpoint used");
+    let (Verdict::ReachedUntil { state: a, .. }, Verdict::ReachedUntil { state: b, .. }) =
+        (&from_start.verdict, &seeked.verdict)
+    else {
+        panic!("{from_start}\n{seeked}")
+    };
+    assert_eq!(a.diff(b), Vec::<String>::new());
+    assert_eq!(
+        from_start.final_digest, seeked.final_digest,
+        "memory (the handler's trap count) differs"
+    );
+    let full = replay_on(Engine::Bt, &path, &image, None, false);
+    assert_verified(&full);
+}
