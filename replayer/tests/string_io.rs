@@ -507,3 +507,125 @@ fn the_string_io_guest_replays_across_engines_on_the_pc_machine() {
         }
     }
 }
+
+/// The live host, kicking the CPU right after its `kick_after`-th time answer: a Ctrl-C
+/// landing in the middle of a REP INS from the clock, deterministically.
+struct KickingHost {
+    live: LiveHost,
+    kicker: Arc<Mutex<Option<deja_machine::Kicker>>>,
+    time_reads: u32,
+    kick_after: u32,
+    /// Where the kick was made.
+    kicked_at: Arc<Mutex<Option<deja_machine::Position>>>,
+}
+
+impl deja_machine::Host for KickingHost {
+    fn time_ns(&mut self, at: deja_machine::Position) -> u64 {
+        let t = self.live.time_ns(at);
+        self.time_reads += 1;
+        if self.time_reads == self.kick_after
+            && let Some(k) = self.kicker.lock().unwrap().as_ref()
+        {
+            k.kick();
+            *self.kicked_at.lock().unwrap() = Some(at);
+        }
+        t
+    }
+    fn boot_wallclock(&mut self) -> i64 {
+        self.live.boot_wallclock()
+    }
+    fn serial_input(&mut self, at: deja_machine::Position) -> Option<u8> {
+        self.live.serial_input(at)
+    }
+    fn entropy(&mut self, at: deja_machine::Position) -> u64 {
+        self.live.entropy(at)
+    }
+    fn poll_quantum(&mut self, at: deja_machine::Position) -> u64 {
+        self.live.poll_quantum(at)
+    }
+    fn idle(&mut self, at: deja_machine::Position, deadline_ns: Option<u64>) {
+        self.live.idle(at, deadline_ns)
+    }
+}
+
+/// A kick that lands between two elements of a REP INS waits for the end of its exit group:
+/// the recording stops at an instruction boundary, after the instruction's last element,
+/// and replays verified to exactly there on both engines.
+#[test]
+fn a_kick_inside_a_rep_ins_stops_the_recording_at_the_end_of_its_group() {
+    let image = string_guest();
+    let cfg = config();
+    let kvm = kvm_available("a_kick_inside_a_rep_ins_stops_the_recording_at_the_end_of_its_group");
+    let mut recordings = vec![(Engine::Bt, Some(Delivery::ExitSynchronous))];
+    if kvm {
+        recordings.push((Engine::Kvm, None));
+    }
+    // The 2nd, the 1000th and the 5000th time read: inside REP INSW (3 elements), REP INSB
+    // (3000) and REP INSW (2500) of the first round.
+    for (engine, delivery) in recordings {
+        for kick_after in [2u32, 1000, 5000] {
+            let path = tmp(&format!("kicked-{engine:?}-{kick_after}.trace"));
+            let kicker = Arc::new(Mutex::new(None));
+            let kicked_at = Arc::new(Mutex::new(None));
+            let host = Box::new(KickingHost {
+                live: LiveHost::new(ClockMode::Virtual),
+                kicker: kicker.clone(),
+                time_reads: 0,
+                kick_after,
+                kicked_at: kicked_at.clone(),
+            });
+            let mut opts = RecordOptions::new(kind(engine), ClockMode::Virtual);
+            opts.digest_interval = 16;
+            if let Some(d) = delivery {
+                opts.delivery = d;
+            }
+            let rec = Recorder::new(
+                &image,
+                &cfg,
+                host,
+                Box::new(std::fs::File::create(&path).unwrap()),
+                "kicked.trace",
+                Box::new(std::io::sink()),
+                Arc::new(Mutex::new(SerialCapture::default())),
+                opts,
+                |host, out| build(engine, &cfg, &image, host, out),
+            )
+            .unwrap();
+            *kicker.lock().unwrap() = Some(rec.kicker());
+            let outcome = rec.run().unwrap();
+            let what = format!("{engine:?}, kick after time read {kick_after}");
+            assert_eq!(outcome.run.end, RunEnd::Interrupted, "{what}");
+            let state = {
+                let r = replay_on(Engine::Bt, &path, &image);
+                assert!(matches!(r.verdict, Verdict::Verified), "{what}: {r}");
+                assert_eq!(r.final_digest, outcome.final_digest, "{what}");
+                r
+            };
+            let kicked_at = kicked_at.lock().unwrap().unwrap();
+            if kick_after > 2 {
+                // Kicked between two elements of a long REP INS: the recording went on to
+                // its last element (a kvm replay, which can only stop at group ends, then
+                // verifies that this is one).
+                assert!(
+                    outcome.run.exits > kicked_at.exits,
+                    "{what}: kicked at exit {}, stopped at {}",
+                    kicked_at.exits,
+                    outcome.run.exits
+                );
+            }
+            println!(
+                "{what}: kicked at exit {}, stopped at exit {} (icount {}), replayed on bt: {} events, digest {}",
+                kicked_at.exits,
+                outcome.run.exits,
+                outcome.run.icount,
+                state.events,
+                state.final_digest
+            );
+            if kvm {
+                let r = replay_on(Engine::Kvm, &path, &image);
+                assert!(matches!(r.verdict, Verdict::Verified), "{what} on kvm: {r}");
+                assert_eq!(r.final_digest, outcome.final_digest, "{what} on kvm");
+            }
+        }
+    }
+}
