@@ -23,7 +23,14 @@
 //! The cost: a long REP INS/OUTS delays polls and interrupts until it completes (hardware may
 //! take an interrupt between iterations, and does not have to), and a device access directly
 //! followed by a REP string instruction (e.g. `out dx, al; rep insw`) joins that
-//! instruction's group.
+//! instruction's group. A kick (Ctrl-C, a timeout) inside a group ends the run at the
+//! group's end, and a replay asked to stop at an exit ordinal inside a group (`--until
+//! exit:K`) stops at its end.
+//!
+//! Limits: REP MOVS/STOS/LODS to device MMIO follow the same rule (kvm completes and checks
+//! every such exit, which is slow) but no guest tests them yet. A REP INS whose destination
+//! faults part-way differs between the engines regardless of this rule: KVM reads a batch
+//! from the device before writing it, bt checks the destination before each read.
 
 /// A REP/REPE/REPNE-prefixed string instruction, as [`rep_string`] decodes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
