@@ -154,6 +154,28 @@ fn integer_loop(c: &mut Criterion) {
     bench_loop(c, "integer_loop", n as u64, code);
 }
 
+/// The loop body of `deja bench`'s integer benchmark (guests/src/bench.rs): a dependent
+/// IMUL, ADD, ROR, XOR chain, so the two measurements can be compared instruction for
+/// instruction (the loop above uses cheaper ALU ops only).
+fn integer_mix_loop(c: &mut Criterion) {
+    let n = 1_000_000u32;
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(rbx, 0x5851_f42d_4c95_7f2du64).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.mov(r15d, n).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.imul_2(rax, rbx).unwrap();
+        a.add(rax, r15).unwrap();
+        a.ror(rax, 13).unwrap();
+        a.xor(rax, rbx).unwrap();
+        a.dec(r15).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    bench_loop(c, "integer_mix_loop", n as u64, code);
+}
+
 /// x87 and SSE arithmetic (host-FPU round trips in `native`) next to a software SSE
 /// integer op and the loop's integer ops: the cost of one native FP instruction.
 fn fp_loop(c: &mut Criterion) {
@@ -257,6 +279,6 @@ fn translation(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
-    targets = integer_loop, memory_loop, call_loop, fp_loop, translation
+    targets = integer_loop, integer_mix_loop, memory_loop, call_loop, fp_loop, translation
 }
 criterion_main!(benches);

@@ -104,6 +104,8 @@ pub struct BtCpu {
     /// The guest continues an exit group ([`deja_machine::exit_group`]): until `run`
     /// returns, no interrupt, NMI or INIT is taken and kicks wait, as on kvm.
     holding: bool,
+    /// Dead-flag elimination is on (off only to check it against exact flags everywhere).
+    eliminate_flags: bool,
 }
 
 /// What a lookup found.
@@ -127,7 +129,17 @@ impl BtCpu {
             kicker: Kicker::new(),
             deliver_at_exits: false,
             holding: false,
+            eliminate_flags: true,
         })
+    }
+
+    /// Turns dead-flag elimination on or off for blocks translated from now on (the cache is
+    /// emptied). Off, every instruction produces its flags: the reference that tests check
+    /// the optimized translation against, stop by stop.
+    pub fn set_dead_flag_elimination(&mut self, on: bool) {
+        self.eliminate_flags = on;
+        self.cache.clear();
+        self.mem.sync_code_pages(&mut self.cache);
     }
 
     /// Replaces the MMU (the seam where soft TLB, shadow and nested strategies plug in).
@@ -389,7 +401,9 @@ impl BtCpu {
         if extents[1].1 == extents[1].0 {
             bytes.truncate(consumed);
         }
-        translate::eliminate_dead_flags(&mut ops, &insns);
+        if self.eliminate_flags {
+            translate::eliminate_dead_flags(&mut ops, &insns);
+        }
         self.stats.blocks_translated += 1;
         self.stats.insns_translated += ops.len() as u64;
         Ok(Ok(Block {

@@ -375,7 +375,6 @@ pub mod shift {
 /// Shifts and rotates with exact flags.
 pub fn shift_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let size = op.size;
-    let bits = size as u32 * 8;
     let a = ctx.get(&op.dst, size)?;
     let cmask = if size == 8 { 0x3f } else { 0x1f };
     let count = (ctx.get(&op.src, 1)? & cmask) as u32;
@@ -386,14 +385,25 @@ pub fn shift_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
         }
         return Ok(Ctl::Next);
     }
+    let old = ctx.core.flags();
+    let (r, flags) = shift_compute(op.aux, size, a, count, old);
+    ctx.put(&op.dst, size, r)?;
+    ctx.core.set_arith(flags);
+    Ok(Ctl::Next)
+}
+
+/// A shift or rotate of `a` (`size` bytes) by a masked, nonzero `count`, with the flags
+/// before it `old`: the result and the flags after it.
+#[inline(always)]
+fn shift_compute(kind: u8, size: u8, a: u64, count: u32, old: u64) -> (u64, u64) {
+    let bits = size as u32 * 8;
     let m = mask(size);
     let top = msb(size);
-    let old = ctx.core.flags();
     let cf_in = old & fl::CF != 0;
-    let (r, flags) = match op.aux {
+    match kind {
         shift::ROL | shift::ROR => {
             let c = count % bits;
-            let r = if op.aux == shift::ROL {
+            let r = if kind == shift::ROL {
                 if c == 0 {
                     a
                 } else {
@@ -404,7 +414,7 @@ pub fn shift_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
             } else {
                 ((a >> c) | (a << (bits - c))) & m
             };
-            let (cf, of) = if op.aux == shift::ROL {
+            let (cf, of) = if kind == shift::ROL {
                 let cf = r & 1 != 0;
                 (cf, (r & top != 0) != cf)
             } else {
@@ -425,7 +435,7 @@ pub fn shift_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
             let mut r = a;
             let mut cf = cf_in;
             for _ in 0..c {
-                if op.aux == shift::RCL {
+                if kind == shift::RCL {
                     let out = r & top != 0;
                     r = ((r << 1) | cf as u64) & m;
                     cf = out;
@@ -435,7 +445,7 @@ pub fn shift_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
                     cf = out;
                 }
             }
-            let of = if op.aux == shift::RCL {
+            let of = if kind == shift::RCL {
                 (r & top != 0) != cf
             } else {
                 (r & top != 0) != (r & (top >> 1) != 0)
@@ -492,11 +502,53 @@ pub fn shift_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
             }
             (r, f)
         }
+    }
+}
+
+/// A shift or rotate (not through carry) of a plain register by an immediate whose masked
+/// count is not zero (the translator checks both), specialized by kind and size. The result
+/// does not depend on the flags, so when the flags it writes are dead (see
+/// [`crate::translate::eliminate_dead_flags`]) they are not computed at all.
+pub fn shift_ri<const K: u8, const S: u8>(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let (Operand::Reg { idx: d, hi: false }, Operand::Imm(count)) = (op.dst, op.src) else {
+        return shift_op(ctx, op);
     };
-    ctx.put(&op.dst, size, r)?;
-    ctx.core.set_arith(flags);
+    let cmask = if S == 8 { 0x3f } else { 0x1f };
+    let count = (count & cmask) as u32;
+    if count == 0 || K == shift::RCL || K == shift::RCR {
+        return shift_op(ctx, op);
+    }
+    let a = ctx.core.gpr[(d & 15) as usize] & mask(S);
+    if live(ctx, op) {
+        let old = ctx.core.flags();
+        let (r, f) = shift_compute(K, S, a, count, old);
+        ctx.core.set_reg(d, false, S, r);
+        ctx.core.set_arith(f);
+    } else {
+        let (r, _) = shift_compute(K, S, a, count, 0);
+        ctx.core.set_reg(d, false, S, r);
+    }
     Ok(Ctl::Next)
 }
+
+macro_rules! shift_table {
+    ($f:ident) => {
+        [
+            [$f::<0, 1>, $f::<0, 2>, $f::<0, 4>, $f::<0, 8>],
+            [$f::<1, 1>, $f::<1, 2>, $f::<1, 4>, $f::<1, 8>],
+            [$f::<2, 1>, $f::<2, 2>, $f::<2, 4>, $f::<2, 8>],
+            [$f::<3, 1>, $f::<3, 2>, $f::<3, 4>, $f::<3, 8>],
+            [$f::<4, 1>, $f::<4, 2>, $f::<4, 4>, $f::<4, 8>],
+            [$f::<5, 1>, $f::<5, 2>, $f::<5, 4>, $f::<5, 8>],
+            [$f::<6, 1>, $f::<6, 2>, $f::<6, 4>, $f::<6, 8>],
+            [$f::<7, 1>, $f::<7, 2>, $f::<7, 4>, $f::<7, 8>],
+        ]
+    };
+}
+
+/// Specialized register-immediate shift handlers by kind ([`shift`]) and size index (RCL
+/// and RCR entries fall back to [`shift_op`]).
+pub static SHIFT_RI: [[crate::ir::Handler; 4]; 8] = shift_table!(shift_ri);
 
 /// SHLD / SHRD (`aux`: 0 left, 1 right); `src` is the register shifted in, `src2` the count.
 pub fn shxd(ctx: &mut Ctx, op: &UOp) -> OpResult {
@@ -598,6 +650,43 @@ pub fn imul(ctx: &mut Ctx, op: &UOp) -> OpResult {
     set_cf_of(ctx, p != sext(lo, size) as i64 as i128, lo, size);
     Ok(Ctl::Next)
 }
+
+/// [`imul`] into a plain register from a plain register and a register or immediate,
+/// specialized by size (2, 4, 8); dead flags are not computed.
+pub fn imul_r<const S: u8>(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let (Operand::Reg { idx: d, hi: false }, Operand::Reg { idx: s, hi: false }) = (op.dst, op.src)
+    else {
+        return imul(ctx, op);
+    };
+    let b = match op.src2 {
+        Operand::Reg { idx, hi: false } => ctx.core.gpr[(idx & 15) as usize],
+        Operand::Imm(v) => v,
+        _ => return imul(ctx, op),
+    };
+    let a = ctx.core.gpr[(s & 15) as usize];
+    let (lo, over) = match S {
+        2 => {
+            let p = i32::from(a as i16) * i32::from(b as i16);
+            (p as u64 & 0xffff, p != i32::from(p as i16))
+        }
+        4 => {
+            let p = i64::from(a as i32) * i64::from(b as i32);
+            (p as u64 & 0xffff_ffff, p != i64::from(p as i32))
+        }
+        _ => {
+            let (p, over) = (a as i64).overflowing_mul(b as i64);
+            (p as u64, over)
+        }
+    };
+    ctx.core.set_reg(d, false, S, lo);
+    if live(ctx, op) {
+        set_cf_of(ctx, over, lo, S);
+    }
+    Ok(Ctl::Next)
+}
+
+/// Specialized [`imul_r`] handlers by size index (1-byte IMUL has no two-operand form).
+pub static IMUL_R: [crate::ir::Handler; 4] = [imul, imul_r::<2>, imul_r::<4>, imul_r::<8>];
 
 /// DIV / IDIV (`aux`: 0 unsigned, 1 signed); #DE on zero divisor or overflow.
 pub fn div(ctx: &mut Ctx, op: &UOp) -> OpResult {

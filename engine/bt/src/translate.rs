@@ -260,7 +260,16 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
             if op.src == Operand::None {
                 op.src = Operand::Imm(1);
             }
-            op.exec = ops::shift_op;
+            op.exec = match (op.dst, op.src, ops::size_index(op.size)) {
+                (Operand::Reg { hi: false, .. }, Operand::Imm(c), Some(i))
+                    if shift_imm_count(op.size, c) != 0
+                        && op.aux != shift::RCL
+                        && op.aux != shift::RCR =>
+                {
+                    ops::SHIFT_RI[op.aux as usize][i]
+                }
+                _ => ops::shift_op,
+            };
         }
         Mnemonic::Shld | Mnemonic::Shrd => {
             op.aux = (m == Mnemonic::Shrd) as u8;
@@ -283,11 +292,20 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
                 op.aux = 1;
                 op.exec = ops::mul1;
             }
-            2 => {
-                op.src2 = op.dst;
-                op.exec = ops::imul;
+            n => {
+                if n == 2 {
+                    op.src2 = op.dst;
+                }
+                op.exec = match (op.dst, op.src, op.src2, ops::size_index(op.size)) {
+                    (
+                        Operand::Reg { hi: false, .. },
+                        Operand::Reg { hi: false, .. },
+                        Operand::Reg { hi: false, .. } | Operand::Imm(_),
+                        Some(i),
+                    ) => ops::IMUL_R[i],
+                    _ => ops::imul,
+                };
             }
-            _ => op.exec = ops::imul,
         },
         Mnemonic::Push => {
             op.size = stack_size(insn);
@@ -767,51 +785,67 @@ fn build_string(insn: &Instruction, op: &mut UOp) {
     op.exec = ops::string_op;
 }
 
+/// The count a shift by immediate `count` of a `size`-byte operand actually uses (counts
+/// are masked to 5 bits, 6 for 64-bit operands; a masked count of 0 leaves the flags alone).
+fn shift_imm_count(size: u8, count: u64) -> u64 {
+    count & if size == 8 { 0x3f } else { 0x1f }
+}
+
 /// Whether an instruction can fault or otherwise make the flags observable mid-block (so
-/// the flags before it must be exact): anything but register-only ALU, moves and branches.
+/// the flags before it must be exact): anything but register-only ALU, multiplies, shifts
+/// and rotates by a nonzero immediate count, moves and branches. (A shift whose masked count
+/// is 0 passes the flags through, which the written/read analysis cannot express; RCL/RCR
+/// read CF, which iced's flags-read information says.)
 fn may_observe(op: &UOp, insn: &Instruction) -> bool {
     use Mnemonic as M;
     let mem = op.dst.is_mem() || op.src.is_mem() || op.src2.is_mem();
-    let cheap = matches!(
+    let shift_by_imm = matches!(
         insn.mnemonic(),
-        M::Add
-            | M::Or
-            | M::Adc
-            | M::Sbb
-            | M::And
-            | M::Sub
-            | M::Xor
-            | M::Cmp
-            | M::Test
-            | M::Mov
-            | M::Movzx
-            | M::Movsx
-            | M::Movsxd
-            | M::Lea
-            | M::Inc
-            | M::Dec
-            | M::Neg
-            | M::Not
-            | M::Nop
-            | M::Jmp
-            | M::Jo
-            | M::Jno
-            | M::Jb
-            | M::Jae
-            | M::Je
-            | M::Jne
-            | M::Jbe
-            | M::Ja
-            | M::Js
-            | M::Jns
-            | M::Jp
-            | M::Jnp
-            | M::Jl
-            | M::Jge
-            | M::Jle
-            | M::Jg
-    ) && !matches!(op.dst, Operand::Sreg(_) | Operand::Other(_))
-        && !matches!(op.src, Operand::Sreg(_) | Operand::Other(_));
+        M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar
+    ) && matches!(op.src, Operand::Imm(c) if shift_imm_count(op.size, c) != 0);
+    let cheap = shift_by_imm
+        || matches!(
+            insn.mnemonic(),
+            M::Add
+                | M::Or
+                | M::Adc
+                | M::Sbb
+                | M::And
+                | M::Sub
+                | M::Xor
+                | M::Cmp
+                | M::Test
+                | M::Mov
+                | M::Movzx
+                | M::Movsx
+                | M::Movsxd
+                | M::Lea
+                | M::Inc
+                | M::Dec
+                | M::Neg
+                | M::Not
+                | M::Nop
+                | M::Jmp
+                | M::Jo
+                | M::Jno
+                | M::Jb
+                | M::Jae
+                | M::Je
+                | M::Jne
+                | M::Jbe
+                | M::Ja
+                | M::Js
+                | M::Jns
+                | M::Jp
+                | M::Jnp
+                | M::Jl
+                | M::Jge
+                | M::Jle
+                | M::Jg
+                | M::Imul
+                | M::Mul
+        ) && !matches!(op.dst, Operand::Sreg(_) | Operand::Other(_))
+            && !matches!(op.src, Operand::Sreg(_) | Operand::Other(_));
     mem || !cheap
 }
 

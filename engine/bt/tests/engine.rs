@@ -66,6 +66,113 @@ fn stopping_at_every_instruction_count_gives_the_same_final_state() {
     assert!(st.get("bt.chained") > 0 || whole.stats().get("bt.chained") > 0);
 }
 
+/// A loop whose blocks mix flag producers whose flags are dead inside the block (IMUL,
+/// shifts and rotates by immediates, ADD) with flag readers (ADC, RCL, SETcc, CMOVcc, Jcc),
+/// a store, and a call and return, so stops inside and between chained blocks see flags
+/// that dead-flag elimination skipped when the block runs whole.
+fn flag_mix_guest(m: &deja_machine::Machine) -> deja_machine::CpuState {
+    let code = asm(64, 0x20_0000, |a| {
+        let mut top = a.create_label();
+        let mut func = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(rbx, 0x5851_f42d_4c95_7f2du64).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.mov(r15d, 9).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.imul_2(rax, rbx).unwrap();
+        a.add(rax, r15).unwrap();
+        a.ror(rax, 13).unwrap();
+        a.shl(edx, 3).unwrap();
+        a.imul_3(ecx, eax, 0x1234_5677).unwrap();
+        a.sar(rcx, 5).unwrap();
+        a.adc(rdx, rcx).unwrap();
+        a.rol(ax, 9).unwrap();
+        a.rcl(rsi, 1).unwrap();
+        a.shr(r8d, 31).unwrap();
+        a.xor(rax, rbx).unwrap();
+        a.setc(dil).unwrap();
+        a.mov(qword_ptr(0x30_0000u64 as i64 as u64), rax).unwrap();
+        a.call(func).unwrap();
+        a.imul_2(r9w, dx).unwrap();
+        a.cmovs(r10, rax).unwrap();
+        a.test(r15b, 1).unwrap();
+        a.jz(skip).unwrap();
+        a.sal(r11, 7).unwrap();
+        a.add(r11, rcx).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.dec(r15).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut func).unwrap();
+        a.ror(r12, 1).unwrap();
+        a.add(r12, rax).unwrap();
+        a.mul(rbx).unwrap();
+        a.sub(r13, rdx).unwrap();
+        a.ret().unwrap();
+    });
+    load(m, 0x20_0000, &code);
+    long_mode_state(m, 0x20_0000)
+}
+
+#[test]
+fn a_stop_at_any_instruction_count_sees_the_state_single_steps_see() {
+    // Reference: one instruction per run without dead-flag elimination (so it does not rely
+    // on partly run blocks producing every flag, which is what the stops below check).
+    let (mut m1, _, _) = machine();
+    let s = flag_mix_guest(&m1);
+    let mut stepper = cpu(&m1, &s);
+    stepper.set_dead_flag_elimination(false);
+    let mut states = vec![stepper.state().unwrap()];
+    loop {
+        let next = stepper.icount() + 1;
+        let exit = stepper
+            .run(
+                &mut m1,
+                Limit {
+                    stop_at_icount: Some(next),
+                },
+            )
+            .unwrap();
+        states.push(stepper.state().unwrap());
+        if exit == Exit::Halted {
+            break;
+        }
+        assert_eq!(exit, Exit::InstructionLimit);
+        assert_eq!(stepper.icount(), next);
+    }
+    let total = stepper.icount();
+    assert_eq!(states.len() as u64, total + 1);
+    assert!(total > 200, "the loop ran {total} instructions");
+    // Every stop from a fresh start, through whole and chained blocks.
+    for (n, expect) in states.iter().enumerate().skip(1) {
+        let (mut m2, _, _) = machine();
+        let s = flag_mix_guest(&m2);
+        let mut c = cpu(&m2, &s);
+        let exit = c
+            .run(
+                &mut m2,
+                Limit {
+                    stop_at_icount: Some(n as u64),
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            c.icount(),
+            n as u64,
+            "stopped at the wrong count ({exit:?})"
+        );
+        let got = c.state().unwrap();
+        assert!(
+            got.diff(expect).is_empty(),
+            "stop at {n}: {:?}",
+            got.diff(expect)
+        );
+        if n as u64 == total {
+            assert!(c.stats().get("bt.chained") > 0, "the blocks never chained");
+        }
+    }
+}
+
 #[test]
 fn chaining_and_lookup_counters_move() {
     let (mut m, _, _) = machine();
