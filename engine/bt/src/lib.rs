@@ -606,176 +606,195 @@ impl BtCpu {
                     continue;
                 }
             };
-            // Execute a chain of blocks.
+            // Execute a chain of blocks. Whole blocks that end in a jump or fall through and
+            // chain by their links stay in the inner loop, with one context for the chain;
+            // anything else (faults, device accesses, stores into the running block, HLT,
+            // debug steps, a stop, a kick, an interrupt) leaves it for the handling below.
+            let watch_on = self.mem.watch.is_some();
             let mut slot = slot;
             loop {
-                let shadow_before = self.core.pending.interrupt_shadow;
-                let budget = if shadow_before || debug {
-                    1
-                } else {
-                    stop_at - self.icount
+                let mut ctx = Ctx {
+                    core: &mut self.core,
+                    machine: &mut *machine,
+                    mem: &mut self.mem,
+                    cache: &mut self.cache,
+                    icount: self.icount,
+                    device: false,
+                    smc_current: false,
+                    exact_flags: true,
+                    align_check: false,
+                    stats: &mut self.stats,
                 };
-                let flags_before = self.core.rflags;
-                let icount_before = self.icount;
-                self.core.db_hits = 0;
-                let Some(ptr) = self.cache.block_ptr(slot) else {
-                    break;
-                };
-                // SAFETY: blocks are boxed and never freed while the chain runs: invalidation
-                // moves them to the graveyard, emptied by `bury` only at the top of the outer
-                // loop, after this reference is dead.
-                let block: &Block = unsafe { &*ptr };
-                self.cache.enter(slot);
-                let len = block.ops.len();
-                let n = if (len as u64) <= budget {
-                    len
-                } else {
-                    budget as usize
-                };
-                let mut ctx = self.ctx(machine);
-                ctx.exact_flags = n < len;
-                let mut outcome = Ctl::Next;
-                let mut restarted = false;
-                let mut fault = None;
-                let mut i = 0;
-                while i < n {
-                    let op = &block.ops[i];
-                    let result = (op.exec)(&mut ctx, op);
-                    if let Some(w) = ctx.mem.watch.as_deref_mut()
-                        && w.unresolved > 0
+                let kicker = &self.kicker;
+                let left = loop {
+                    let shadow_before = ctx.core.pending.interrupt_shadow;
+                    let budget = if shadow_before || debug {
+                        1
+                    } else {
+                        stop_at - ctx.icount
+                    };
+                    let flags_before = ctx.core.rflags;
+                    let icount_before = ctx.icount;
+                    ctx.core.db_hits = 0;
+                    let Some(ptr) = ctx.cache.block_ptr(slot) else {
+                        break Left::Boundary;
+                    };
+                    // SAFETY: blocks are boxed and never freed while the chain runs:
+                    // invalidation moves them to the graveyard, emptied by `bury` only at the
+                    // top of the outer loop, after this reference is dead.
+                    let block: &Block = unsafe { &*ptr };
+                    ctx.cache.enter(slot);
+                    let len = block.ops.len();
+                    let n = if (len as u64) <= budget {
+                        len
+                    } else {
+                        budget as usize
+                    };
+                    ctx.exact_flags = n < len;
+                    ctx.align_check =
+                        ctx.core.cr0 & core::crb::AM != 0 && ctx.core.rflags & core::fl::AC != 0;
+                    let ran = run_ops(&mut ctx, &block.ops[..n], watch_on);
+                    if ran.outcome == Ctl::Next && ran.fault.is_none() {
+                        ctx.core.rip = block.ops[n - 1].next_rip;
+                    }
+                    if shadow_before && ran.fault.is_none() {
+                        // The instruction after STI / MOV SS has retired.
+                        ctx.core.pending.interrupt_shadow = false;
+                    }
+                    if debug
+                        || ran.fault.is_some()
+                        || ctx.device
+                        || ctx.smc_current
+                        || ctx.stats.triple_fault
+                        || (ran.outcome != Ctl::Jump && ran.outcome != Ctl::Next)
                     {
-                        w.resolve(op.rip);
+                        break Left::Unusual {
+                            block: ptr,
+                            ran,
+                            flags_before,
+                            icount_before,
+                        };
                     }
-                    match result {
-                        Ok(Ctl::Next) => {
-                            ctx.icount += 1;
-                            i += 1;
-                            if ctx.device || ctx.smc_current {
-                                ctx.core.rip = op.next_rip;
-                                outcome = Ctl::End;
-                                break;
-                            }
-                        }
-                        Ok(Ctl::Restart) => {
-                            ctx.core.rip = op.rip;
-                            restarted = true;
-                            outcome = Ctl::End;
-                            break;
-                        }
-                        Ok(Ctl::Freeze) => {
-                            ctx.core.rip = op.rip;
-                            outcome = Ctl::Freeze;
-                            break;
-                        }
-                        Ok(c) => {
-                            ctx.icount += 1;
-                            outcome = c;
-                            break;
-                        }
-                        Err(e) => {
-                            ctx.core.rip = op.rip;
-                            fault = Some((e, op.rip));
-                            break;
+                    if ctx.icount >= stop_at
+                        || kicker.pending()
+                        || (irq_line && ctx.core.rflags & core::fl::IF != 0)
+                    {
+                        break Left::Boundary;
+                    }
+                    // Chaining: follow a link, or create one to a block in the same page.
+                    let rip = ctx.core.rip;
+                    let same_page = (block.key.rip ^ rip) & !0xfff == 0;
+                    let which = usize::from(block.ops[len - 1].target != rip);
+                    if same_page {
+                        let link = block.links[which].get();
+                        if link.rip == rip
+                            && link.slot != u32::MAX
+                            && ctx.cache.generation(link.slot) == link.generation
+                        {
+                            ctx.stats.chained += 1;
+                            slot = link.slot;
+                            continue;
                         }
                     }
-                }
-                if outcome == Ctl::Next && fault.is_none() {
-                    ctx.core.rip = block.ops[n - 1].next_rip;
-                }
+                    break Left::Lookup {
+                        block: ptr,
+                        same_page,
+                        which,
+                    };
+                };
                 let device = ctx.device;
-                let smc = ctx.smc_current;
                 let triple = ctx.stats.triple_fault;
                 self.icount = ctx.icount;
-                if shadow_before && n > 0 && fault.is_none() {
-                    // The instruction after STI / MOV SS has retired.
-                    self.core.pending.interrupt_shadow = false;
-                }
-                if debug && n > 0 {
-                    let retired = fault.is_none() && self.icount > icount_before;
-                    self.after_debug_step(&block.ops[0], flags_before, retired, restarted);
-                }
-                if let Some((e, rip)) = fault {
-                    if !self.raise(machine, e, EventKind::Exception, rip) {
-                        return Ok(self.shutdown("triple fault"));
-                    }
-                    if device {
-                        return Ok(self.device_exit(machine));
-                    }
-                    break;
-                }
-                if triple {
-                    self.stats.triple_fault = false;
-                    return Ok(self.shutdown("triple fault in INT n"));
-                }
-                if outcome == Ctl::Freeze {
-                    // FERR# raised IRQ13 just now: the CPU takes an interrupt at the waiting
-                    // instruction if it can, and otherwise waits there as after HLT (its
-                    // handler returns to the instruction, which then runs again).
-                    if !self.deliver_at_exits
-                        && machine.interrupt_pending()
-                        && self.core.rflags & core::fl::IF != 0
-                    {
-                        irq_line = true;
-                        break;
-                    }
-                    machine.set_icount(self.icount);
-                    machine.note_halt();
-                    self.core.pending.halted = true;
-                    return Ok(Exit::Halted);
-                }
-                if outcome == Ctl::Halt {
-                    machine.set_icount(self.icount);
-                    machine.note_halt();
-                    if irq_line && self.core.rflags & core::fl::IF != 0 {
-                        // An interrupt is already waiting: HLT retires and wakes at once.
-                        break;
-                    }
-                    self.core.pending.halted = true;
-                    return Ok(Exit::Halted);
-                }
-                if device {
-                    return Ok(self.device_exit(machine));
-                }
-                if (outcome != Ctl::Jump && outcome != Ctl::Next)
-                    || debug
-                    || smc
-                    || self.icount >= stop_at
-                    || self.kicker.pending()
-                    || (irq_line && self.core.rflags & core::fl::IF != 0)
-                {
-                    break;
-                }
-                // Chaining: follow a link, or create one to a block in the same page.
-                let rip = self.core.rip;
-                let same_page = (block.key.rip ^ rip) & !0xfff == 0;
-                let which = usize::from(block.ops[len - 1].target != rip);
-                if same_page {
-                    let link = block.links[which].get();
-                    if link.rip == rip
-                        && link.slot != u32::MAX
-                        && self.cache.generation(link.slot) == link.generation
-                    {
-                        self.stats.chained += 1;
-                        slot = link.slot;
-                        continue;
-                    }
-                }
-                match self.find_block(machine)? {
-                    Found::Block(next) => {
-                        if same_page {
-                            block.links[which].set(Link {
-                                rip,
-                                slot: next,
-                                generation: self.cache.generation(next),
-                            });
+                match left {
+                    Left::Boundary => break,
+                    Left::Lookup {
+                        block,
+                        same_page,
+                        which,
+                    } => match self.find_block(machine)? {
+                        Found::Block(next) => {
+                            if same_page {
+                                // SAFETY: as above; `bury` has not run since.
+                                let block: &Block = unsafe { &*block };
+                                block.links[which].set(Link {
+                                    rip: self.core.rip,
+                                    slot: next,
+                                    generation: self.cache.generation(next),
+                                });
+                            }
+                            slot = next;
                         }
-                        slot = next;
-                    }
-                    Found::Fault(e) => {
-                        let rip = self.core.rip;
-                        if !self.raise(machine, e, EventKind::Exception, rip) {
-                            return Ok(self.shutdown("triple fault"));
+                        Found::Fault(e) => {
+                            let rip = self.core.rip;
+                            if !self.raise(machine, e, EventKind::Exception, rip) {
+                                return Ok(self.shutdown("triple fault"));
+                            }
+                            break;
                         }
+                    },
+                    Left::Unusual {
+                        block,
+                        ran,
+                        flags_before,
+                        icount_before,
+                    } => {
+                        // SAFETY: as above; `bury` has not run since.
+                        let block: &Block = unsafe { &*block };
+                        if debug {
+                            let retired = ran.fault.is_none() && self.icount > icount_before;
+                            self.after_debug_step(
+                                &block.ops[0],
+                                flags_before,
+                                retired,
+                                ran.restarted,
+                            );
+                        }
+                        if let Some((e, rip)) = ran.fault {
+                            if !self.raise(machine, e, EventKind::Exception, rip) {
+                                return Ok(self.shutdown("triple fault"));
+                            }
+                            if device {
+                                return Ok(self.device_exit(machine));
+                            }
+                            break;
+                        }
+                        if triple {
+                            self.stats.triple_fault = false;
+                            return Ok(self.shutdown("triple fault in INT n"));
+                        }
+                        if ran.outcome == Ctl::Freeze {
+                            // FERR# raised IRQ13 just now: the CPU takes an interrupt at the
+                            // waiting instruction if it can, and otherwise waits there as after
+                            // HLT (its handler returns to the instruction, which then runs
+                            // again).
+                            if !self.deliver_at_exits
+                                && machine.interrupt_pending()
+                                && self.core.rflags & core::fl::IF != 0
+                            {
+                                irq_line = true;
+                                break;
+                            }
+                            machine.set_icount(self.icount);
+                            machine.note_halt();
+                            self.core.pending.halted = true;
+                            return Ok(Exit::Halted);
+                        }
+                        if ran.outcome == Ctl::Halt {
+                            machine.set_icount(self.icount);
+                            machine.note_halt();
+                            if irq_line && self.core.rflags & core::fl::IF != 0 {
+                                // An interrupt is already waiting: HLT retires and wakes at
+                                // once.
+                                break;
+                            }
+                            self.core.pending.halted = true;
+                            return Ok(Exit::Halted);
+                        }
+                        if device {
+                            return Ok(self.device_exit(machine));
+                        }
+                        // Debug steps, stores into the running block and instructions that
+                        // end the chain (End, Restart) go back to the boundary checks.
                         break;
                     }
                 }
@@ -845,6 +864,105 @@ impl BtCpu {
         if flags_before & core::fl::RF != 0 && !iret {
             c.rflags &= !core::fl::RF;
         }
+    }
+}
+
+/// How the ops of one block (or the part of it that fits the budget) ran.
+struct OpsRun {
+    /// [`Ctl::Next`] when every op fell through; otherwise what ended the block
+    /// ([`Ctl::End`] also for a device access, a store into the block and a restart).
+    outcome: Ctl,
+    /// The exception an op raised, with its RIP.
+    fault: Option<(Exc, u64)>,
+    /// A REP string instruction stopped between iterations (RIP is still at it).
+    restarted: bool,
+}
+
+/// Where the chain's inner loop left off.
+enum Left {
+    /// At a boundary (a stop, a kick, an interrupt to take, a vanished block): back to the
+    /// outer loop's checks.
+    Boundary,
+    /// The next block is not linked: look it up (and link it when it is in the same page).
+    Lookup {
+        block: *const Block,
+        same_page: bool,
+        which: usize,
+    },
+    /// The block ended in a way that needs the general handling.
+    Unusual {
+        block: *const Block,
+        ran: OpsRun,
+        flags_before: u64,
+        icount_before: u64,
+    },
+}
+
+/// Runs `ops` in order, counting retired instructions in `ctx.icount`: stops after an op
+/// that made a device access or stored into the running block (RIP after it), at an op that
+/// did not fall through, or at a fault (RIP at the faulting op). `watch_on`: stores into
+/// watched ranges get the RIP of the op that made them.
+#[inline(always)]
+fn run_ops(ctx: &mut Ctx, ops: &[ir::UOp], watch_on: bool) -> OpsRun {
+    for op in ops {
+        let result = (op.exec)(ctx, op);
+        if watch_on
+            && let Some(w) = ctx.mem.watch.as_deref_mut()
+            && w.unresolved > 0
+        {
+            w.resolve(op.rip);
+        }
+        match result {
+            Ok(Ctl::Next) => {
+                ctx.icount += 1;
+                if ctx.device || ctx.smc_current {
+                    ctx.core.rip = op.next_rip;
+                    return OpsRun {
+                        outcome: Ctl::End,
+                        fault: None,
+                        restarted: false,
+                    };
+                }
+            }
+            Ok(Ctl::Restart) => {
+                ctx.core.rip = op.rip;
+                return OpsRun {
+                    outcome: Ctl::End,
+                    fault: None,
+                    restarted: true,
+                };
+            }
+            Ok(Ctl::Freeze) => {
+                // Not retired: the CPU waits at the instruction.
+                ctx.core.rip = op.rip;
+                return OpsRun {
+                    outcome: Ctl::Freeze,
+                    fault: None,
+                    restarted: false,
+                };
+            }
+            Ok(c) => {
+                ctx.icount += 1;
+                return OpsRun {
+                    outcome: c,
+                    fault: None,
+                    restarted: false,
+                };
+            }
+            Err(e) => {
+                ctx.core.rip = op.rip;
+                return OpsRun {
+                    outcome: Ctl::Next,
+                    fault: Some((e, op.rip)),
+                    restarted: false,
+                };
+            }
+        }
+    }
+    OpsRun {
+        outcome: Ctl::Next,
+        fault: None,
+        restarted: false,
     }
 }
 

@@ -576,7 +576,8 @@ impl Kicker {
         self.flag.swap(false, Ordering::SeqCst)
     }
 
-    /// Whether a kick is pending, without clearing it.
+    /// Whether a kick is pending, without clearing it. Inlined: bt asks after every block.
+    #[inline]
     pub fn pending(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
