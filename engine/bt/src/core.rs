@@ -390,10 +390,29 @@ impl Core {
                 0xf => return (sext(a, l.size) as i64) > (sext(b, l.size) as i64),
                 _ => {}
             }
+        } else if l.op == FlagOp::Logic && cc & 0xe != 0xa {
+            // AND/OR/XOR/TEST: CF = OF = 0, so every condition but parity is ZF and SF.
+            let r = l.res & mask(l.size);
+            let z = r == 0;
+            let s = r & msb(l.size) != 0;
+            let v = match cc >> 1 {
+                0 | 1 => false,
+                2 | 3 => z,
+                4 | 6 => s,
+                _ => z || s,
+            };
+            return v ^ (cc & 1 != 0);
         } else if l.op != FlagOp::Done && (cc == 4 || cc == 5) {
             let z = l.res & mask(l.size) == 0;
             return z == (cc == 4);
         }
+        self.cond_from_flags(cc)
+    }
+
+    /// [`Core::cond`] from the materialized flags: the general case, out of line so that the
+    /// fast paths above stay small where they are inlined (Jcc, SETcc, CMOVcc).
+    #[inline(never)]
+    fn cond_from_flags(&self, cc: u8) -> bool {
         let f = self.flags();
         let b = |bit: u64| f & bit != 0;
         let r = match cc >> 1 {
@@ -536,5 +555,66 @@ impl Core {
             msr::IA32_GS_BASE => self.seg[seg::GS].base,
             _ => self.msrs.get(&index).copied().unwrap_or(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast paths of `cond` agree with evaluating the materialized flags, for every
+    /// condition code after every lazy producer, at every operand size.
+    #[test]
+    fn condition_fast_paths_match_the_materialized_flags() {
+        let values = [
+            0u64,
+            1,
+            0x7f,
+            0x80,
+            0xff,
+            0x8000,
+            0xffff,
+            0x8000_0000,
+            u64::MAX,
+        ];
+        let ops = [
+            FlagOp::Add,
+            FlagOp::AdcCarry,
+            FlagOp::Sub,
+            FlagOp::SbbBorrow,
+            FlagOp::Logic,
+            FlagOp::Inc,
+            FlagOp::Dec,
+        ];
+        let mut core = Core::from_state(&CpuState::reset());
+        let mut checked = 0;
+        for op in ops {
+            for size in [1u8, 2, 4, 8] {
+                for &a in &values {
+                    for &b in &values {
+                        let res = match op {
+                            FlagOp::Add => a.wrapping_add(b),
+                            FlagOp::AdcCarry => a.wrapping_add(b).wrapping_add(1),
+                            FlagOp::Sub => a.wrapping_sub(b),
+                            FlagOp::SbbBorrow => a.wrapping_sub(b).wrapping_sub(1),
+                            FlagOp::Logic => a ^ b,
+                            FlagOp::Inc => a.wrapping_add(1),
+                            _ => a.wrapping_sub(1),
+                        } & mask(size);
+                        core.set_lazy(op, size, res, a & mask(size), b & mask(size));
+                        core.lazy.carry = b & 1 != 0;
+                        for cc in 0..16 {
+                            assert_eq!(
+                                core.cond(cc),
+                                core.cond_from_flags(cc),
+                                "{op:?} size {size} a {a:#x} b {b:#x} cc {cc:#x}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 7 * 4 * 81 * 16);
     }
 }
