@@ -16,7 +16,9 @@ fn record_replay_measurements_describe_the_trace_and_agree_with_each_other() {
     assert_eq!((m.engine.as_str(), m.clock.as_str()), ("bt", "virtual"));
     assert_eq!(m.repeats, 2);
     assert!(m.icount > 1000 && m.exits > 10, "{m:#?}");
-    assert!(m.events > m.exits / 2, "{m:#?}");
+    // At least an interrupt and a time read per timer tick (51 of them); polls that find
+    // no deadline due log nothing, so events no longer follow exits.
+    assert!(m.events > 100, "{m:#?}");
     assert!(m.trace_bytes > 0 && m.guest_ns > 0, "{m:#?}");
     let [plain, record, replay] = m.ns_per_instruction.unwrap();
     assert!(plain > 0.0 && record > 0.0 && replay > 0.0);

@@ -32,6 +32,12 @@ pub struct Shared {
     /// not match, so these are logged only when a byte arrives at that same position with
     /// no other event in between (where the replay could not tell them apart).
     pub pending_empty_polls: Option<(deja_traces::Position, u64)>,
+    /// Device polls that found the earliest deadline not yet due, not logged yet: where,
+    /// and the times they read. A replay answers "not due" to every poll whose position the
+    /// next logged time read does not match, so these are logged (as time reads before the
+    /// deadline) only when another time read follows at that same position with no other
+    /// event in between.
+    pub pending_not_due: Option<(deja_traces::Position, Vec<u64>)>,
 }
 
 impl Shared {
@@ -49,6 +55,21 @@ impl Shared {
         } else {
             self.last
         };
+        if let Some((pos, reads)) = self.pending_not_due.take()
+            && pos == at
+            && matches!(kind, EventKind::TimeRead { .. })
+        {
+            for ns in reads {
+                if let Err(e) = w.push(&Event::new(at, EventKind::TimeRead { ns })) {
+                    self.error = Some(e);
+                    if let Some(k) = &self.kicker {
+                        k.kick();
+                    }
+                    return;
+                }
+                self.since_digest += 1;
+            }
+        }
         if let Some((pos, n)) = self.pending_empty_polls.take()
             && pos == at
             && matches!(kind, EventKind::SerialInput { byte: Some(_) })
@@ -227,6 +248,22 @@ impl Host for RecordingHost {
 
     fn interrupt_delivered(&mut self, at: Position, vector: u8) {
         self.log(at, EventKind::Interrupt { vector });
+    }
+
+    fn time_if_due(&mut self, at: Position, deadline_ns: u64) -> Option<u64> {
+        let ns = self.live.time_ns(at);
+        if ns >= deadline_ns {
+            self.log(at, EventKind::TimeRead { ns });
+            return Some(ns);
+        }
+        // Not due: implied by the absence of a time read here in the trace.
+        let at = trace_position(at);
+        let mut s = lock(&self.shared);
+        match &mut s.pending_not_due {
+            Some((pos, reads)) if *pos == at => reads.push(ns),
+            pending => *pending = Some((at, vec![ns])),
+        }
+        None
     }
 }
 

@@ -464,6 +464,7 @@ impl Recorder {
             last: deja_traces::Position::default(),
             kicker: None,
             pending_empty_polls: None,
+            pending_not_due: None,
         }));
         let exit_sync = opts.delivery == Delivery::ExitSynchronous;
         let chaos = opts

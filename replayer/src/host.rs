@@ -73,6 +73,7 @@ pub struct Player {
     mismatch: Option<Mismatch>,
     kicker: Option<Kicker>,
     last_time: u64,
+    polls_log_due_times_only: bool,
 }
 
 impl Player {
@@ -151,7 +152,16 @@ impl Player {
             mismatch: None,
             kicker: None,
             last_time: 0,
+            polls_log_due_times_only: true,
         }
+    }
+
+    /// Whether the trace logs a device poll's time read only when the earliest deadline had
+    /// passed (format [`deja_traces::DUE_POLLS_FORMAT`] on). Older traces logged every
+    /// poll's read, and each one is handed back as it was, due or not, so the devices catch
+    /// up exactly as they did when recorded.
+    pub fn set_polls_log_due_times_only(&mut self, on: bool) {
+        self.polls_log_due_times_only = on;
     }
 
     /// Whether positions must match in instruction count too (both sides count them).
@@ -341,6 +351,36 @@ impl Host for ReplayingHost {
         match p.answer(at, 1, "the boot wallclock", false) {
             Some(EventKind::BootWallclock { secs }) => secs,
             _ => 0,
+        }
+    }
+
+    fn time_if_due(&mut self, at: deja_machine::Position, deadline_ns: u64) -> Option<u64> {
+        // Polls that found the deadline not due are not logged (see the recorder's
+        // pending_not_due): a poll gets the next event if it is a time read logged right
+        // here, else "not due". A logged read before the deadline is such a poll, logged
+        // because another time read followed at the same position.
+        let mut p = lock(&self.player);
+        if p.mismatch.is_some() {
+            return None;
+        }
+        let at = trace_position(at);
+        loop {
+            match p.peek().cloned() {
+                Some(Event {
+                    kind: EventKind::Chaos { .. },
+                    ..
+                }) => p.consume(),
+                Some(Event {
+                    at: logged,
+                    kind: EventKind::TimeRead { ns },
+                }) if p.same_position(logged, at) => {
+                    p.consume();
+                    p.last_time = ns;
+                    let due = ns >= deadline_ns || !p.polls_log_due_times_only;
+                    return due.then_some(ns);
+                }
+                _ => return None,
+            }
         }
     }
 

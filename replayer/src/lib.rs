@@ -567,6 +567,8 @@ pub fn replay_with(
         }
         _ => Player::new(path.to_path_buf(), checkpoint, exit_sync),
     }));
+    host::lock(&player)
+        .set_polls_log_due_times_only(reader.format_version() >= deja_traces::DUE_POLLS_FORMAT);
     let host = ReplayingHost::new(player.clone());
     let mut vm = build(&config, &image, Box::new(host), Box::new(tee)).map_err(|detail| {
         ReplayError::Build {

@@ -7,7 +7,7 @@ use deja_recorder::{
     DEFAULT_DIGEST_INTERVAL, FIRST_EXIT_MILESTONE, RecordOptions, Recorder, SerialCapture,
 };
 use deja_replayer::{ReplayOptions, Verdict, read_events, replay};
-use deja_traces::EventKind;
+use deja_traces::{EventKind, Footer};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,13 +25,13 @@ fn config() -> MachineConfig {
     }
 }
 
-/// Records `guest` on bt with the default options (digests every 1024 events); returns
-/// the events logged.
-fn record_default(guest: &str, clock: ClockMode, path: &Path) -> u64 {
+/// Records `guest` on bt with the default options but `digest_interval` (the default is
+/// [`DEFAULT_DIGEST_INTERVAL`]); returns the trace's footer.
+fn record(guest: &str, clock: ClockMode, digest_interval: u64, path: &Path) -> Footer {
     let image = deja_guests::find(guest).unwrap().image().unwrap();
     let mut opts = RecordOptions::new(EngineKind::Bt, clock);
     opts.run.timeout = Some(Duration::from_secs(120));
-    assert_eq!(opts.digest_interval, DEFAULT_DIGEST_INTERVAL);
+    opts.digest_interval = digest_interval;
     let outcome = Recorder::new(
         &image,
         &config(),
@@ -46,16 +46,17 @@ fn record_default(guest: &str, clock: ClockMode, path: &Path) -> u64 {
     .unwrap()
     .run()
     .unwrap();
-    outcome.events
+    outcome.footer.expect("a finished trace")
 }
 
 #[test]
 fn a_short_run_has_digests_from_its_first_exits_and_replay_checks_them_all() {
     let path = tmp("hello.trace");
-    let events = record_default("hello", ClockMode::Host, &path);
+    let footer = record("hello", ClockMode::Host, DEFAULT_DIGEST_INTERVAL, &path);
     assert!(
-        events < DEFAULT_DIGEST_INTERVAL,
-        "hello is meant to be a short run: {events} events"
+        footer.events_total < DEFAULT_DIGEST_INTERVAL,
+        "hello is meant to be a short run: {} events",
+        footer.events_total
     );
     let events = read_events(&path).unwrap();
     let digests: Vec<_> = events
@@ -114,9 +115,9 @@ fn drain(mut p: deja_replayer::Player) -> (Vec<deja_traces::Event>, Option<Strin
 fn a_short_trace_decoded_before_the_run_plays_exactly_as_the_reader_thread_streams_it() {
     use deja_replayer::{PRELOAD_MAX_EVENTS, Player};
     use deja_traces::TraceReader;
-    // On the virtual clock: the same 1076 events every time, a checkpoint at event 1024.
+    // On the virtual clock: the same events every time, a checkpoint every 64 events.
     let path = tmp("timer.trace");
-    record_default("timer", ClockMode::Virtual, &path);
+    record("timer", ClockMode::Virtual, 64, &path);
     let mut reader = TraceReader::open(&path).unwrap();
     let total = reader.footer().unwrap().events_total;
     assert!(total <= PRELOAD_MAX_EVENTS);
@@ -142,4 +143,44 @@ fn a_short_trace_decoded_before_the_run_plays_exactly_as_the_reader_thread_strea
     let preloaded = drain(Player::preloaded(&mut reader, None, false));
     assert!(streamed.1.is_some());
     assert_eq!(preloaded, streamed);
+}
+
+/// Device polls ask the clock only whether the earliest deadline has passed, and only the
+/// answers that reached it are logged. hello runs with the PIT counting from power-on (an
+/// IRQ 0 edge every 54.9 ms) and never reaches its first edge: its trace holds no time read
+/// (98 before, one per poll). timer's polls while it prints find the next tick not due.
+#[test]
+fn polls_that_find_no_deadline_due_log_nothing_and_replay_verified() {
+    let path = tmp("hello-polls.trace");
+    let footer = record("hello", ClockMode::Host, DEFAULT_DIGEST_INTERVAL, &path);
+    let count = |f: &Footer, k: &str| f.event_counts.get(k).copied().unwrap_or(0);
+    assert_eq!(count(&footer, "time"), 0, "{:?}", footer.event_counts);
+
+    for clock in [ClockMode::Virtual, ClockMode::Host] {
+        let path = tmp(&format!("timer-polls-{clock:?}.trace"));
+        let footer = record("timer", clock, DEFAULT_DIGEST_INTERVAL, &path);
+        let (time, interrupts) = (count(&footer, "time"), count(&footer, "interrupt"));
+        // A read at each of the 51 ticks' polls, the guest's own PIT accesses, and polls
+        // after idling: far fewer than the ~740 polls of the run.
+        assert!(
+            interrupts >= 50 && time < 300,
+            "{clock:?}: {:?} over {} exits",
+            footer.event_counts,
+            footer.final_position.exits
+        );
+        let report = replay(
+            &path,
+            &ReplayOptions::new(EngineKind::Bt),
+            &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
+            Box::new(std::io::sink()),
+            Box::new(|cfg, image, host, out| {
+                build_vm(EngineKind::Bt, cfg.clone(), host, out, image).map_err(|e| e.to_string())
+            }),
+        )
+        .unwrap();
+        assert!(
+            matches!(report.verdict, Verdict::Verified),
+            "{clock:?}: {report}"
+        );
+    }
 }

@@ -57,10 +57,17 @@ pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
 /// [`Header::on_reset`] at its end; version 4 a pending debug trap at the end of the CPU
 /// state a checkpoint holds (the engines' `CpuState::pending_debug`; the blob is opaque to
 /// this crate, and the recorder's `state::decode_cpu_state` reads the format 1-3 layout);
-/// version 5 the x87 FERR#/IGNNE# pins after it (`CpuState::x87_error_pins`).
+/// version 5 the x87 FERR#/IGNNE# pins after it (`CpuState::x87_error_pins`); version 6
+/// ([`DUE_POLLS_FORMAT`]) logs a device poll's time read only when a deadline had passed.
 /// Older traces still read (their headers with `on_reset` = [`ResetPolicy::Stop`], what
 /// every recording did then).
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
+/// The first format version in which a device poll's time read is logged only when the
+/// machine's earliest device deadline had passed (`Host::time_if_due`); a logged read
+/// before the deadline is a poll that found nothing due, logged only because another time
+/// read followed at the same position. Before it, every poll of a machine with a deadline
+/// logged its read, and a replay hands each back as it was.
+pub const DUE_POLLS_FORMAT: u32 = 6;
 /// The oldest format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The deja version compiled into this crate, for [`Header::deja_version`].

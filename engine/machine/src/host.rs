@@ -61,6 +61,15 @@ pub trait Host: Send {
     /// acknowledge). Not a question: live hosts ignore it; recording hosts log it so a
     /// replay can check that every interrupt lands at the same position.
     fn interrupt_delivered(&mut self, _at: Position, _vector: u8) {}
+    /// Guest time, if it has reached `deadline_ns`; `None` if it has not. A device poll asks
+    /// this instead of [`Host::time_ns`]: a poll before the earliest device deadline changes
+    /// nothing the guest can see, so a recording host need log only the answers that
+    /// reached it (most polls of an armed timer find it not yet due). Hosts that log nothing
+    /// keep this default.
+    fn time_if_due(&mut self, at: Position, deadline_ns: u64) -> Option<u64> {
+        let now = self.time_ns(at);
+        (now >= deadline_ns).then_some(now)
+    }
 }
 
 /// How a live host tells time.

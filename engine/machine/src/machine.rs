@@ -474,9 +474,19 @@ impl Machine {
     }
 
     /// Brings every device up to the present (timers, input), raising due interrupts.
+    ///
+    /// The clock is asked only whether the earliest device deadline has passed
+    /// ([`Host::time_if_due`]): until it has, devices with a deadline are not polled (their
+    /// polls would only catch up on time with nothing to raise; their accesses catch up
+    /// themselves), and devices without one (serial input) are polled as always.
     pub fn poll(&mut self) {
         let mut now_cache = None;
-        {
+        let mut due = true;
+        if let Some(deadline) = self.next_deadline() {
+            now_cache = self.host.time_if_due(self.position, deadline);
+            due = now_cache.is_some();
+        }
+        if due || self.irqchip.next_deadline().is_none() {
             let mut none = NoInterruptLines;
             let mut ctx = IoCtx {
                 host: self.host.as_mut(),
@@ -490,6 +500,9 @@ impl Machine {
             now_cache = ctx.now_cache;
         }
         for dev in &mut self.devices {
+            if !due && dev.next_deadline().is_some() {
+                continue;
+            }
             let mut lines = Lines(self.irqchip.as_mut());
             let mut ctx = IoCtx {
                 host: self.host.as_mut(),
