@@ -249,6 +249,22 @@ pub fn read_descriptor(ctx: &mut Ctx, sel: u16) -> Result<(u64, u64), Exc> {
     Ok((addr, lo))
 }
 
+/// The checks of the code segment a call gate or an interrupt/trap gate leads to: a code
+/// segment with DPL <= CPL (#GP), a 64-bit one in long mode (#GP), present (#NP); `tcode`
+/// is the error code both faults carry.
+fn check_gate_target(t: &Segment, tcode: u32, cpl: u8, long: bool) -> Result<(), Exc> {
+    if !t.s || t.type_ & 8 == 0 || t.dpl > cpl {
+        return Err(Exc::gp(tcode));
+    }
+    if long && (!t.l || t.db) {
+        return Err(Exc::gp(tcode));
+    }
+    if !t.present {
+        return Err(Exc::np(tcode));
+    }
+    Ok(())
+}
+
 /// The segment a descriptor describes.
 pub fn parse_descriptor(sel: u16, d: u64) -> Segment {
     let lo = d as u32;
@@ -587,15 +603,7 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let (_, td) = read_descriptor(ctx, target_sel)?;
     let t = parse_descriptor(target_sel, td);
     let tcode = (target_sel & 0xfffc) as u32;
-    if !t.s || t.type_ & 8 == 0 || t.dpl > cpl {
-        return Err(Exc::gp(tcode));
-    }
-    if long && (!t.l || t.db) {
-        return Err(Exc::gp(tcode));
-    }
-    if !t.present {
-        return Err(Exc::np(tcode));
-    }
+    check_gate_target(&t, tcode, cpl, long)?;
     let conforming = t.type_ & 4 != 0;
     if !call {
         if !conforming && t.dpl != cpl {
@@ -1009,15 +1017,7 @@ pub fn deliver(
     }
     let (_, td) = read_descriptor(ctx, tsel).map_err(|_| Exc::gp(tcode))?;
     let t = parse_descriptor(tsel, td);
-    if !t.s || t.type_ & 8 == 0 || t.dpl > cpl {
-        return Err(Exc::gp(tcode));
-    }
-    if long && (!t.l || t.db) {
-        return Err(Exc::gp(tcode));
-    }
-    if !t.present {
-        return Err(Exc::np(tcode));
-    }
+    check_gate_target(&t, tcode, cpl, long)?;
     let conforming = t.type_ & 4 != 0;
     let vm86 = ctx.core.vm86();
     let new_cpl = if conforming { cpl } else { t.dpl };
