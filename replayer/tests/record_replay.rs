@@ -715,7 +715,6 @@ fn a_kicked_kvm_recording_is_complete_and_replays_to_where_it_stopped() {
 /// and so every checkpoint, falls between an IN and its single-step trap.
 fn single_stepping_guest() -> Image {
     use common::{CLOCK_PORT, LOAD, STOP_PORT};
-    use deja_machine::loader::{EntryMode, ImageFormat};
     use iced_x86::code_asm::*;
     let mut a = CodeAssembler::new(16).unwrap();
     let mut handler = a.create_label();
@@ -760,15 +759,7 @@ fn single_stepping_guest() -> Image {
         .unwrap()
         .ip();
     assert_eq!(handler_at, LOAD + 2, "the short JMP is two bytes");
-    Image {
-        name: "guest:board".into(),
-        bytes,
-        format: ImageFormat::Raw {
-            load_addr: LOAD,
-            entry: LOAD,
-            mode: EntryMode::Real,
-        },
-    }
+    common::board_image(bytes)
 }
 
 #[test]

@@ -342,6 +342,11 @@ pub fn guest(ticks: u16) -> Image {
         .position(|w| w[0] == 0xb8 && u16::from_le_bytes([w[1], w[2]]) == ph)
         .unwrap();
     bytes[pos + 1..pos + 3].copy_from_slice(&(handler_ip as u16).to_le_bytes());
+    board_image(bytes)
+}
+
+/// A raw real-mode image for the board machine, loaded and entered at [`LOAD`].
+pub fn board_image(bytes: Vec<u8>) -> Image {
     Image {
         name: "guest:board".into(),
         bytes,
