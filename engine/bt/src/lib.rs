@@ -320,7 +320,10 @@ impl BtCpu {
             let lim = c.seg[seg::CS].limit as u64;
             avail = avail.min((lim - key.rip + 1).min(4096) as usize);
         }
-        let mut bytes = vec![0u8; avail];
+        // A block has at most MAX_BLOCK_INSNS instructions of at most 15 bytes: fetch no more
+        // than that (not the rest of the page). A first instruction that does not fit `avail`
+        // implies `avail` < 15, where this takes all of it.
+        let mut bytes = vec![0u8; avail.min(MAX_BLOCK_INSNS * 15)];
         if read_phys(machine, key.phys, &mut bytes).is_err() {
             return Err(CpuError::Unsupported {
                 engine: "bt",
