@@ -170,35 +170,43 @@ impl RunObserver for NoObserver {
 }
 
 /// Kicks the engine when a deadline passes, unless dropped first.
+///
+/// Dropping it does not wait for its thread (a join put a scheduler wake-up, milliseconds
+/// on a loaded host, at the end of every timed run): the thread kicks only while holding
+/// `cancelled` and finding it false, so once `drop` has set it, no kick can come later
+/// (one that came before is cleared by the run loop's `kicker.take()`).
 struct Watchdog {
     cancel: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    cancelled: std::sync::Arc<std::sync::Mutex<bool>>,
 }
 
 impl Watchdog {
     fn start(timeout: Duration, kicker: Kicker) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
+        let cancelled = std::sync::Arc::new(std::sync::Mutex::new(false));
+        let flag = cancelled.clone();
+        let _ = std::thread::Builder::new()
             .name("deja-watchdog".into())
             .spawn(move || {
                 if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
-                    kicker.kick();
+                    let cancelled = flag.lock().unwrap_or_else(|e| e.into_inner());
+                    if !*cancelled {
+                        kicker.kick();
+                    }
                 }
-            })
-            .ok();
+            });
         Self {
             cancel: Some(tx),
-            thread,
+            cancelled,
         }
     }
 }
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
+        *self.cancelled.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        // Wakes the thread, which returns without kicking.
         drop(self.cancel.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
