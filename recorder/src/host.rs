@@ -38,11 +38,21 @@ pub struct Shared {
     /// deadline) only when another time read follows at that same position with no other
     /// event in between.
     pub pending_not_due: Option<(deja_traces::Position, Vec<u64>)>,
+    /// Whether a replay tells positions apart by exit ordinal only (exit-synchronous
+    /// recordings, which replay on engines that do not count instructions): then the
+    /// pending polls above are "at the same position" as anything at their exit ordinal.
+    pub exits_only: bool,
 }
 
 impl Shared {
+    /// Whether a replay would take `a` and `b` for the same position.
+    pub fn same_position(&self, a: deja_traces::Position, b: deja_traces::Position) -> bool {
+        same_position(self.exits_only, a, b)
+    }
+
     /// Logs one event (after a write error: drops it; the error is already kept).
     pub fn log(&mut self, at: deja_traces::Position, kind: EventKind) {
+        let exits_only = self.exits_only;
         if self.error.is_some() {
             return;
         }
@@ -56,7 +66,7 @@ impl Shared {
             self.last
         };
         if let Some((pos, reads)) = self.pending_not_due.take()
-            && pos == at
+            && same_position(exits_only, pos, at)
             && matches!(kind, EventKind::TimeRead { .. })
         {
             for ns in reads {
@@ -71,7 +81,7 @@ impl Shared {
             }
         }
         if let Some((pos, n)) = self.pending_empty_polls.take()
-            && pos == at
+            && same_position(exits_only, pos, at)
             && matches!(kind, EventKind::SerialInput { byte: Some(_) })
         {
             for _ in 0..n {
@@ -98,6 +108,12 @@ impl Shared {
             }
         }
     }
+}
+
+/// Whether a replay would take `a` and `b` for the same position: by exit ordinal, and
+/// by instruction count unless `exits_only`.
+fn same_position(exits_only: bool, a: deja_traces::Position, b: deja_traces::Position) -> bool {
+    a.exits == b.exits && (exits_only || a.icount == b.icount)
 }
 
 /// Locks the shared state, recovering it if a panicking thread poisoned the lock (the data
@@ -199,7 +215,7 @@ impl Host for RecordingHost {
             let at = trace_position(at);
             let mut s = lock(&self.shared);
             s.pending_empty_polls = match s.pending_empty_polls {
-                Some((pos, n)) if pos == at => Some((pos, n + 1)),
+                Some((pos, n)) if s.same_position(pos, at) => Some((pos, n + 1)),
                 _ => Some((at, 1)),
             };
         }
@@ -259,8 +275,12 @@ impl Host for RecordingHost {
         // Not due: implied by the absence of a time read here in the trace.
         let at = trace_position(at);
         let mut s = lock(&self.shared);
+        let same = s
+            .pending_not_due
+            .as_ref()
+            .is_some_and(|(pos, _)| s.same_position(*pos, at));
         match &mut s.pending_not_due {
-            Some((pos, reads)) if *pos == at => reads.push(ns),
+            Some((_, reads)) if same => reads.push(ns),
             pending => *pending = Some((at, vec![ns])),
         }
         None

@@ -457,6 +457,7 @@ impl Recorder {
         header.notes = opts.notes.clone();
         header.on_reset = opts.on_reset;
         let writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
+        let exit_sync = opts.delivery == Delivery::ExitSynchronous;
         let shared = Arc::new(Mutex::new(Shared {
             writer: Some(writer),
             error: None,
@@ -465,8 +466,8 @@ impl Recorder {
             kicker: None,
             pending_empty_polls: None,
             pending_not_due: None,
+            exits_only: exit_sync,
         }));
-        let exit_sync = opts.delivery == Delivery::ExitSynchronous;
         let chaos = opts
             .chaos_seed
             .map(|seed| Chaos::new(seed, opts.chaos_max_quantum));

@@ -85,6 +85,7 @@ fn empty_polls_are_implied_and_replay_answers_every_poll_as_recorded() {
         kicker: None,
         pending_empty_polls: None,
         pending_not_due: None,
+        exits_only: false,
     }));
     let live = Scripted {
         inner: LiveHost::new(ClockMode::Virtual),
@@ -209,6 +210,7 @@ fn polls_before_the_deadline_are_implied_and_replay_answers_every_one_as_recorde
         kicker: None,
         pending_empty_polls: None,
         pending_not_due: None,
+        exits_only: false,
     }));
     let live = Scripted {
         inner: LiveHost::new(ClockMode::Virtual),
@@ -277,4 +279,71 @@ fn polls_before_the_deadline_are_implied_and_replay_answers_every_one_as_recorde
         assert_eq!(ask(&mut host, q), recorded[i], "question {i}");
     }
     assert!(player.lock().unwrap().take_mismatch().is_none());
+}
+
+/// In an exit-synchronous recording a replay tells positions apart by exit ordinal only
+/// (it may run on an engine that does not count instructions), so a not-due poll is
+/// logged when a time read follows at its exit ordinal, whatever the instruction count.
+#[test]
+fn exit_synchronous_recordings_log_a_not_due_poll_before_a_read_at_its_exit() {
+    let p = |icount, exits| Position { icount, exits };
+    let dir = std::env::temp_dir().join(format!("deja-due-polls-x-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("due-x.trace");
+    let header = Header::new(
+        "bt",
+        deja_traces::ClockMode::Virtual,
+        Delivery::ExitSynchronous,
+        MachineInfo::default(),
+    );
+    let writer = TraceWriter::new(
+        Box::new(std::fs::File::create(&path).unwrap()) as deja_recorder::TraceSink,
+        "due-x.trace",
+        &header,
+        WriterOptions::default(),
+    )
+    .unwrap();
+    let shared = Arc::new(Mutex::new(Shared {
+        writer: Some(writer),
+        error: None,
+        since_digest: 0,
+        last: Default::default(),
+        kicker: None,
+        pending_empty_polls: None,
+        pending_not_due: None,
+        exits_only: true,
+    }));
+    let live = Scripted {
+        inner: LiveHost::new(ClockMode::Virtual),
+        input: VecDeque::new(),
+    };
+    let mut rec = RecordingHost::new(Box::new(live), shared.clone(), true, None);
+    // A poll after the exit at instruction 10, then the guest reads the clock (RDTSC on bt)
+    // two instructions later at the same exit ordinal.
+    assert_eq!(rec.time_if_due(p(10, 1), 5000), None);
+    assert_eq!(rec.time_ns(p(12, 1)), 1012);
+    let w = shared.lock().unwrap().writer.take().unwrap();
+    w.finish(FinishInfo {
+        final_position: deja_traces::Position::new(12, 1),
+        ..FinishInfo::default()
+    })
+    .unwrap();
+    let times: Vec<(u64, u64)> = TraceReader::open(&path)
+        .unwrap()
+        .events()
+        .map(|e| e.unwrap())
+        .filter_map(|e| match e.kind {
+            EventKind::TimeRead { ns } => Some((e.at.icount, ns)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(times, vec![(12, 1010), (12, 1012)]);
+
+    let player = Arc::new(Mutex::new(Player::new(path.clone(), None, true)));
+    let mut host = ReplayingHost::new(player.clone());
+    assert_eq!(host.time_if_due(p(10, 1), 5000), None);
+    assert_eq!(host.time_ns(p(12, 1)), 1012);
+    let mut player = player.lock().unwrap();
+    assert!(player.take_mismatch().is_none());
+    assert!(player.peek().is_none(), "every logged read was asked for");
 }
