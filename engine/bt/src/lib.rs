@@ -831,8 +831,9 @@ impl BtCpu {
     /// TF was set when it started), data breakpoints it hit, the MOV SS / POP SS shadow that
     /// holds both back for one instruction, and RF, which every retired instruction but IRET
     /// clears. A repeated string instruction that stopped between iterations (`restarted`,
-    /// not retired) traps for the breakpoints its last iteration hit, with RIP still at the
-    /// instruction, which resumes on return from the handler (SDM 17.3.1.2).
+    /// not retired) traps for the breakpoints its last iteration hit and for single
+    /// stepping, with RIP still at the instruction, which resumes on return from the handler
+    /// (SDM 17.3.1.2; under TF one iteration runs per trap).
     fn after_debug_step(
         &mut self,
         op: &ir::UOp,
@@ -842,15 +843,16 @@ impl BtCpu {
     ) {
         let c = &mut self.core;
         let hits = std::mem::take(&mut c.db_hits);
-        if !retired {
-            if restarted {
-                c.db_pending |= hits;
-            }
-            return;
-        }
         let mut bits = hits;
         if flags_before & core::fl::TF != 0 {
             bits |= core::dbg::BS;
+        }
+        if !retired {
+            if restarted {
+                // Single stepping a REP string instruction traps after each iteration.
+                c.db_pending |= bits;
+            }
+            return;
         }
         let m = op.code.mnemonic();
         let ss_load = matches!(m, iced_x86::Mnemonic::Mov | iced_x86::Mnemonic::Pop)

@@ -1414,10 +1414,11 @@ pub fn string_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 break;
             }
         }
-        if ctx.device || ctx.smc_current || ctx.core.db_hits != 0 {
+        if ctx.device || ctx.smc_current || ctx.core.db_hits != 0 || ctx.core.rflags & fl::TF != 0 {
             // One device access per exit; a store into the running block ends it; an I/O
-            // or data breakpoint hit traps after the iteration that hit it (the run loop
-            // delivers the #DB with RIP still at this instruction when iterations remain).
+            // or data breakpoint hit traps after the iteration that hit it, and single
+            // stepping traps after every iteration (the run loop delivers the #DB with RIP
+            // still at this instruction when iterations remain).
             if ctx.core.gpr[1] & am != 0 {
                 return Ok(Ctl::Restart);
             }

@@ -426,6 +426,50 @@ fn single_step_traps_after_each_instruction_tf_was_set_for() {
 }
 
 #[test]
+fn single_stepping_a_rep_string_instruction_traps_after_each_iteration() {
+    // Under TF a REP string instruction runs one iteration per trap, with EIP left at the
+    // instruction while iterations remain; a count of 0 and a REPE that stops early trap
+    // once, after the instruction.
+    let code = asm(32, 0x2000, |a| {
+        a.pushfd().unwrap();
+        a.or(dword_ptr(esp), 0x100).unwrap();
+        a.popfd().unwrap(); // sets TF: no trap after it
+        a.mov(edi, 0x6000).unwrap();
+        a.mov(ecx, 3).unwrap();
+        a.mov(al, 0x5a).unwrap();
+        a.rep().stosb().unwrap(); // index 6: three iterations
+        a.xor(ecx, ecx).unwrap();
+        a.rep().stosb().unwrap(); // index 8: none
+        a.mov(ecx, 4).unwrap();
+        a.mov(esi, 0x6000).unwrap();
+        a.mov(edi, 0x6100).unwrap();
+        a.repe().cmpsb().unwrap(); // index 12: 0x5a != 0 ends it after one
+        a.pushfd().unwrap();
+        a.and(dword_ptr(esp), !0x100).unwrap();
+        a.popfd().unwrap(); // clears TF: still traps after it
+        a.hlt().unwrap();
+    });
+    let mut d = iced_x86::Decoder::with_ip(32, &code, 0x2000, iced_x86::DecoderOptions::NONE);
+    let insns: Vec<_> = d.iter().collect();
+    let mut at = Vec::new();
+    for (i, insn) in insns.iter().enumerate().take(16).skip(3) {
+        if i == 6 {
+            at.extend([insn.ip32(), insn.ip32()]);
+        }
+        at.push(insn.next_ip32());
+    }
+    let (mut m, s) = debug_machine(&code);
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 300), Exit::Halted);
+    assert_eq!(eips(&m), at);
+    assert_eq!(u32_at(&m, 0x6000) & 0xff_ffff, 0x5a_5a5a);
+    assert_eq!(u32_at(&m, 0x6003) & 0xff, 0, "three iterations, not four");
+    let st = c.state().unwrap();
+    assert_eq!(st.gpr[1], 3, "REPE CMPSB stopped after one iteration");
+    assert_eq!(c.stats().get("bt.exceptions.1"), at.len() as u64);
+}
+
+#[test]
 fn instruction_breakpoints_fault_once_per_execution_thanks_to_rf() {
     let code = asm(32, 0x2000, |a| {
         let mut top = a.create_label();
