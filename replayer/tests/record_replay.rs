@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Engine, build, config, guest, kvm_available};
+use common::{Engine, KickingHost, build, config, guest, kvm_available};
 use deja_engine::{EngineKind, RunEnd};
 use deja_machine::devices::StopRequest;
 use deja_machine::loader::Image;
@@ -608,43 +608,6 @@ fn a_kicked_bt_recording_is_complete_and_replays_to_where_it_stopped() {
     check_kicked_recording(Engine::Bt);
 }
 
-/// The live host, except that it kicks the CPU right after its `kick_after`-th time answer:
-/// a Ctrl-C landing just after a device poll or a clock read, deterministically.
-struct KickingHost {
-    live: LiveHost,
-    kicker: Arc<Mutex<Option<deja_machine::cpu::Kicker>>>,
-    time_reads: u32,
-    kick_after: u32,
-}
-
-impl deja_machine::Host for KickingHost {
-    fn time_ns(&mut self, at: deja_machine::Position) -> u64 {
-        let t = self.live.time_ns(at);
-        self.time_reads += 1;
-        if self.time_reads == self.kick_after
-            && let Some(k) = self.kicker.lock().unwrap().as_ref()
-        {
-            k.kick();
-        }
-        t
-    }
-    fn boot_wallclock(&mut self) -> i64 {
-        self.live.boot_wallclock()
-    }
-    fn serial_input(&mut self, at: deja_machine::Position) -> Option<u8> {
-        self.live.serial_input(at)
-    }
-    fn entropy(&mut self, at: deja_machine::Position) -> u64 {
-        self.live.entropy(at)
-    }
-    fn poll_quantum(&mut self, at: deja_machine::Position) -> u64 {
-        self.live.poll_quantum(at)
-    }
-    fn idle(&mut self, at: deja_machine::Position, deadline_ns: Option<u64>) {
-        self.live.idle(at, deadline_ns)
-    }
-}
-
 /// A kick right after any time answer (at a device exit or at a scheduled poll) leaves a
 /// trace whose last events are at the final position: the replay must consume them and stop
 /// there with the recorded digest (a CI run once lost this race).
@@ -662,13 +625,8 @@ fn a_bt_recording_kicked_right_after_a_time_read_replays_to_where_it_stopped() {
         let path = tmp(&format!(
             "kicked-after-{kick_after}-{digest_interval}.trace"
         ));
-        let kicker = Arc::new(Mutex::new(None));
-        let host = Box::new(KickingHost {
-            live: LiveHost::new(clock),
-            kicker: kicker.clone(),
-            time_reads: 0,
-            kick_after,
-        });
+        let host = Box::new(KickingHost::new(clock, kick_after));
+        let kicker = host.kicker.clone();
         let mut opts = RecordOptions::new(EngineKind::Bt, clock);
         opts.digest_interval = digest_interval;
         let rec = Recorder::new(

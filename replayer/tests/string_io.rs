@@ -7,7 +7,7 @@
 mod common;
 
 use common::{CLOCK_PORT, Engine, IN_PORT, LOAD, OUT_PORT, STOP_PORT, TIMER_PORT};
-use common::{build, config, kvm_available};
+use common::{KickingHost, build, config, kvm_available};
 use deja_engine::{EngineKind, RunEnd};
 use deja_machine::devices::StopRequest;
 use deja_machine::loader::{EntryMode, Image, ImageFormat};
@@ -508,46 +508,6 @@ fn the_string_io_guest_replays_across_engines_on_the_pc_machine() {
     }
 }
 
-/// The live host, kicking the CPU right after its `kick_after`-th time answer: a Ctrl-C
-/// landing in the middle of a REP INS from the clock, deterministically.
-struct KickingHost {
-    live: LiveHost,
-    kicker: Arc<Mutex<Option<deja_machine::Kicker>>>,
-    time_reads: u32,
-    kick_after: u32,
-    /// Where the kick was made.
-    kicked_at: Arc<Mutex<Option<deja_machine::Position>>>,
-}
-
-impl deja_machine::Host for KickingHost {
-    fn time_ns(&mut self, at: deja_machine::Position) -> u64 {
-        let t = self.live.time_ns(at);
-        self.time_reads += 1;
-        if self.time_reads == self.kick_after
-            && let Some(k) = self.kicker.lock().unwrap().as_ref()
-        {
-            k.kick();
-            *self.kicked_at.lock().unwrap() = Some(at);
-        }
-        t
-    }
-    fn boot_wallclock(&mut self) -> i64 {
-        self.live.boot_wallclock()
-    }
-    fn serial_input(&mut self, at: deja_machine::Position) -> Option<u8> {
-        self.live.serial_input(at)
-    }
-    fn entropy(&mut self, at: deja_machine::Position) -> u64 {
-        self.live.entropy(at)
-    }
-    fn poll_quantum(&mut self, at: deja_machine::Position) -> u64 {
-        self.live.poll_quantum(at)
-    }
-    fn idle(&mut self, at: deja_machine::Position, deadline_ns: Option<u64>) {
-        self.live.idle(at, deadline_ns)
-    }
-}
-
 /// A kick that lands between two elements of a REP INS waits for the end of its exit group:
 /// the recording stops at an instruction boundary, after the instruction's last element,
 /// and replays verified to exactly there on both engines.
@@ -565,15 +525,9 @@ fn a_kick_inside_a_rep_ins_stops_the_recording_at_the_end_of_its_group() {
     for (engine, delivery) in recordings {
         for kick_after in [2u32, 1000, 5000] {
             let path = tmp(&format!("kicked-{engine:?}-{kick_after}.trace"));
-            let kicker = Arc::new(Mutex::new(None));
-            let kicked_at = Arc::new(Mutex::new(None));
-            let host = Box::new(KickingHost {
-                live: LiveHost::new(ClockMode::Virtual),
-                kicker: kicker.clone(),
-                time_reads: 0,
-                kick_after,
-                kicked_at: kicked_at.clone(),
-            });
+            let host = Box::new(KickingHost::new(ClockMode::Virtual, kick_after));
+            let kicker = host.kicker.clone();
+            let kicked_at = host.kicked_at.clone();
             let mut opts = RecordOptions::new(kind(engine), ClockMode::Virtual);
             opts.digest_interval = 16;
             if let Some(d) = delivery {

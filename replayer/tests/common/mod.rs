@@ -380,3 +380,58 @@ pub fn build_pc(
     cpu.set_state(&state).map_err(|e| e.to_string())?;
     Ok(Vm::new(m, cpu))
 }
+
+/// The live host, kicking the CPU right after its `kick_after`-th time answer: a Ctrl-C that
+/// lands at a chosen clock read (a device poll, a read in the middle of a REP INS),
+/// deterministically. Set `kicker` once the recorder exists; `kicked_at` says where it kicked.
+pub struct KickingHost {
+    live: deja_machine::LiveHost,
+    time_reads: u32,
+    kick_after: u32,
+    /// The CPU's kicker, once there is one.
+    pub kicker: std::sync::Arc<std::sync::Mutex<Option<deja_machine::Kicker>>>,
+    /// Where the kick was made.
+    pub kicked_at: std::sync::Arc<std::sync::Mutex<Option<deja_machine::Position>>>,
+}
+
+impl KickingHost {
+    /// A live host on `clock` that kicks after its `kick_after`-th time answer.
+    pub fn new(clock: deja_machine::ClockMode, kick_after: u32) -> Self {
+        Self {
+            live: deja_machine::LiveHost::new(clock),
+            time_reads: 0,
+            kick_after,
+            kicker: Default::default(),
+            kicked_at: Default::default(),
+        }
+    }
+}
+
+impl Host for KickingHost {
+    fn time_ns(&mut self, at: deja_machine::Position) -> u64 {
+        let t = self.live.time_ns(at);
+        self.time_reads += 1;
+        if self.time_reads == self.kick_after
+            && let Some(k) = self.kicker.lock().unwrap().as_ref()
+        {
+            k.kick();
+            *self.kicked_at.lock().unwrap() = Some(at);
+        }
+        t
+    }
+    fn boot_wallclock(&mut self) -> i64 {
+        self.live.boot_wallclock()
+    }
+    fn serial_input(&mut self, at: deja_machine::Position) -> Option<u8> {
+        self.live.serial_input(at)
+    }
+    fn entropy(&mut self, at: deja_machine::Position) -> u64 {
+        self.live.entropy(at)
+    }
+    fn poll_quantum(&mut self, at: deja_machine::Position) -> u64 {
+        self.live.poll_quantum(at)
+    }
+    fn idle(&mut self, at: deja_machine::Position, deadline_ns: Option<u64>) {
+        self.live.idle(at, deadline_ns)
+    }
+}
