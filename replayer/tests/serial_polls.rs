@@ -37,6 +37,42 @@ impl Host for Scripted {
     }
 }
 
+/// A trace file in a fresh scratch directory and the recorder state that writes it, for a
+/// bt recording on the virtual clock with `delivery`.
+fn recording_to(
+    dir: &str,
+    name: &str,
+    delivery: Delivery,
+) -> (std::path::PathBuf, Arc<Mutex<Shared>>) {
+    let dir = std::env::temp_dir().join(format!("{dir}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let header = Header::new(
+        "bt",
+        deja_traces::ClockMode::Virtual,
+        delivery,
+        MachineInfo::default(),
+    );
+    let writer = TraceWriter::new(
+        Box::new(std::fs::File::create(&path).unwrap()) as deja_recorder::TraceSink,
+        name,
+        &header,
+        WriterOptions::default(),
+    )
+    .unwrap();
+    let shared = Arc::new(Mutex::new(Shared {
+        writer: Some(writer),
+        error: None,
+        since_digest: 0,
+        last: Default::default(),
+        kicker: None,
+        pending_empty_polls: None,
+        pending_not_due: None,
+        exits_only: delivery == Delivery::ExitSynchronous,
+    }));
+    (path, shared)
+}
+
 #[derive(Clone, Copy)]
 enum Ask {
     Serial(Position),
@@ -61,32 +97,11 @@ fn empty_polls_are_implied_and_replay_answers_every_poll_as_recorded() {
         (Ask::Time(p(40, 4)), None),
         (Ask::Serial(p(40, 4)), None),
     ];
-    let dir = std::env::temp_dir().join(format!("deja-serial-polls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("polls.trace");
-    let header = Header::new(
-        "bt",
-        deja_traces::ClockMode::Virtual,
-        Delivery::InstructionExact,
-        MachineInfo::default(),
-    );
-    let writer = TraceWriter::new(
-        Box::new(std::fs::File::create(&path).unwrap()) as deja_recorder::TraceSink,
+    let (path, shared) = recording_to(
+        "deja-serial-polls",
         "polls.trace",
-        &header,
-        WriterOptions::default(),
-    )
-    .unwrap();
-    let shared = Arc::new(Mutex::new(Shared {
-        writer: Some(writer),
-        error: None,
-        since_digest: 0,
-        last: Default::default(),
-        kicker: None,
-        pending_empty_polls: None,
-        pending_not_due: None,
-        exits_only: false,
-    }));
+        Delivery::InstructionExact,
+    );
     let live = Scripted {
         inner: LiveHost::new(ClockMode::Virtual),
         input: script
@@ -186,32 +201,7 @@ fn polls_before_the_deadline_are_implied_and_replay_answers_every_one_as_recorde
         Q::Time(p(50, 5)),
         Q::Due(p(60, 6), 6000),
     ];
-    let dir = std::env::temp_dir().join(format!("deja-due-polls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("due.trace");
-    let header = Header::new(
-        "bt",
-        deja_traces::ClockMode::Virtual,
-        Delivery::InstructionExact,
-        MachineInfo::default(),
-    );
-    let writer = TraceWriter::new(
-        Box::new(std::fs::File::create(&path).unwrap()) as deja_recorder::TraceSink,
-        "due.trace",
-        &header,
-        WriterOptions::default(),
-    )
-    .unwrap();
-    let shared = Arc::new(Mutex::new(Shared {
-        writer: Some(writer),
-        error: None,
-        since_digest: 0,
-        last: Default::default(),
-        kicker: None,
-        pending_empty_polls: None,
-        pending_not_due: None,
-        exits_only: false,
-    }));
+    let (path, shared) = recording_to("deja-due-polls", "due.trace", Delivery::InstructionExact);
     let live = Scripted {
         inner: LiveHost::new(ClockMode::Virtual),
         input: VecDeque::from(vec![Some(b'x')]),
@@ -287,32 +277,7 @@ fn polls_before_the_deadline_are_implied_and_replay_answers_every_one_as_recorde
 #[test]
 fn exit_synchronous_recordings_log_a_not_due_poll_before_a_read_at_its_exit() {
     let p = |icount, exits| Position { icount, exits };
-    let dir = std::env::temp_dir().join(format!("deja-due-polls-x-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("due-x.trace");
-    let header = Header::new(
-        "bt",
-        deja_traces::ClockMode::Virtual,
-        Delivery::ExitSynchronous,
-        MachineInfo::default(),
-    );
-    let writer = TraceWriter::new(
-        Box::new(std::fs::File::create(&path).unwrap()) as deja_recorder::TraceSink,
-        "due-x.trace",
-        &header,
-        WriterOptions::default(),
-    )
-    .unwrap();
-    let shared = Arc::new(Mutex::new(Shared {
-        writer: Some(writer),
-        error: None,
-        since_digest: 0,
-        last: Default::default(),
-        kicker: None,
-        pending_empty_polls: None,
-        pending_not_due: None,
-        exits_only: true,
-    }));
+    let (path, shared) = recording_to("deja-due-polls-x", "due-x.trace", Delivery::ExitSynchronous);
     let live = Scripted {
         inner: LiveHost::new(ClockMode::Virtual),
         input: VecDeque::new(),
