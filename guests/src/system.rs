@@ -278,21 +278,10 @@ fn run_user(
     target: CodeLabel,
     rflags: u64,
 ) -> Result<(), IcedError> {
-    let mut enter = a.create_label();
-    let mut after = a.create_label();
-    a.call(enter)?;
-    a.jmp(after)?;
-    a.set_label(&mut enter)?;
-    a.mov(qword_ptr(SAVED_RSP), rsp)?;
-    a.push(USER_DATA as i32)?;
-    a.push(USER_STACK as i32)?;
-    a.push(rflags as i32)?;
-    a.push(code_sel as i32)?;
-    a.lea(rax, ptr(target))?;
-    a.push(rax)?;
-    a.iretq()?;
-    a.set_label(&mut after)?;
-    Ok(())
+    enter_user(a, code_sel, rflags, |a| {
+        a.lea(rax, ptr(target))?;
+        a.push(rax)
+    })
 }
 
 /// `run_user` for code at an address another section exports.
@@ -301,6 +290,17 @@ fn run_user_at(
     code_sel: u16,
     target: u64,
     rflags: u64,
+) -> Result<(), IcedError> {
+    enter_user(a, code_sel, rflags, |a| a.push(target as i32))
+}
+
+/// The IRETQ frame into ring 3 that both `run_user` forms build; `push_target` pushes the
+/// RIP.
+fn enter_user(
+    a: &mut CodeAssembler,
+    code_sel: u16,
+    rflags: u64,
+    push_target: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
 ) -> Result<(), IcedError> {
     let mut enter = a.create_label();
     let mut after = a.create_label();
@@ -312,7 +312,7 @@ fn run_user_at(
     a.push(USER_STACK as i32)?;
     a.push(rflags as i32)?;
     a.push(code_sel as i32)?;
-    a.push(target as i32)?;
+    push_target(a)?;
     a.iretq()?;
     a.set_label(&mut after)?;
     Ok(())
