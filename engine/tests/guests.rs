@@ -2,51 +2,14 @@
 //! path (real -> protected -> long mode), serial output and input, the 8259A, the PIT and
 //! HLT wake-ups, checked by the guests' own output and exit status.
 
-use deja_engine::{BuildError, EngineKind, RunEnd, RunOptions, RunOutcome, build_vm};
+mod common;
+
+use common::guest_vm;
+use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome};
 use deja_machine::devices::StopRequest;
-use deja_machine::{ClockMode, LiveHost, MachineConfig};
-use std::io::Write;
+use deja_machine::{ClockMode, LiveHost};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Serial output captured for the test to read while the guest owns the writer.
-#[derive(Clone, Default)]
-struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("serial buffer lock poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl SharedBuffer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("serial buffer lock")).into_owned()
-    }
-}
-
-/// Whether this host can run the kvm engine; says why not, visibly, when it cannot.
-fn kvm_usable(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIP: {test}: /dev/kvm not available ({e})");
-            false
-        }
-    }
-}
 
 /// Boots guest `name` on `engine` and runs it to the end. `None` when the engine cannot be
 /// built on this host (printed as a SKIP line).
@@ -58,36 +21,11 @@ fn run_guest(
     input: Option<Receiver<u8>>,
     timeout: Duration,
 ) -> Option<(RunOutcome, String)> {
-    if engine == EngineKind::Kvm && !kvm_usable(test) {
-        return None;
-    }
-    let image = deja_guests::find(name)
-        .unwrap_or_else(|| panic!("no built-in guest {name:?}"))
-        .image()
-        .unwrap_or_else(|e| panic!("{e}"));
     let mut host = LiveHost::new(clock);
     if let Some(rx) = input {
         host = host.with_input(rx);
     }
-    let serial = SharedBuffer::default();
-    let config = MachineConfig {
-        ram_size: 16 << 20,
-        ..MachineConfig::default()
-    };
-    let mut vm = match build_vm(
-        engine,
-        config,
-        Box::new(host),
-        Box::new(serial.clone()),
-        &image,
-    ) {
-        Ok(vm) => vm,
-        Err(BuildError::EngineUnavailable { engine, reason }) => {
-            println!("SKIP: {test}: engine {engine} is not available: {reason}");
-            return None;
-        }
-        Err(e) => panic!("{test}: building the vm for {name} on {engine}: {e}"),
-    };
+    let (mut vm, serial) = guest_vm(test, engine, name, host)?;
     let outcome = vm
         .run(RunOptions {
             timeout: Some(timeout),

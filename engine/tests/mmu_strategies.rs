@@ -3,28 +3,13 @@
 //! `shadow`, `tlb` and `nested`, the nested strategy's two-dimensional walks show in the counters,
 //! and the strategies an engine cannot use are refused with a reason.
 
+mod common;
+
+use common::SharedBuffer;
 use deja_engine::{BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, build_vm_with_mmu};
 use deja_machine::devices::StopRequest;
 use deja_machine::{ClockMode, LiveHost, MachineConfig};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-#[derive(Clone, Default)]
-struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("serial buffer lock poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn build(
     engine: EngineKind,
@@ -60,7 +45,7 @@ fn hello_runs_the_same_on_every_strategy_and_nested_walks_in_two_dimensions() {
                 max_instructions: None,
             })
             .expect("hello runs");
-        let text = String::from_utf8_lossy(&serial.0.lock().unwrap()).into_owned();
+        let text = serial.text();
         assert_eq!(
             outcome.end,
             RunEnd::Stopped(StopRequest::DebugExit { value: 0 }),

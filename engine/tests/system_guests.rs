@@ -5,43 +5,14 @@
 //! (`deja_kvm::host_info`), never assumed: on PVM hosts the guests that need something PVM
 //! lacks print a `SKIP:` line naming the limitation, and on VT-x/AMD-V hosts they run.
 
-use deja_engine::{BuildError, EngineKind, RunEnd, RunOptions, RunOutcome, build_vm};
+mod common;
+
+use common::guest_vm;
+use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome};
 use deja_kvm::host_info::{Flavour, HostInfo};
 use deja_machine::devices::StopRequest;
-use deja_machine::{ClockMode, LiveHost, MachineConfig};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use deja_machine::{ClockMode, LiveHost};
 use std::time::Duration;
-
-#[derive(Clone, Default)]
-struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("serial buffer lock poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn kvm_usable(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIP: {test}: /dev/kvm not available ({e})");
-            false
-        }
-    }
-}
 
 /// Runs guest `name` on `engine` to its end; `None` (after a SKIP line) when the engine
 /// cannot be built here.
@@ -71,36 +42,11 @@ fn run_guest_for(
     name: &str,
     limit: Duration,
 ) -> Option<Result<(RunOutcome, String), RunFailure>> {
-    if engine == EngineKind::Kvm && !kvm_usable(test) {
-        return None;
-    }
-    let image = deja_guests::find(name)
-        .unwrap_or_else(|| panic!("no built-in guest {name:?}"))
-        .image()
-        .unwrap_or_else(|e| panic!("{e}"));
     let (tx, rx) = std::sync::mpsc::channel();
     // Guests that read COM1 (echo) get an immediate end of transmission.
     let _ = tx.send(deja_guests::echo::EOT);
     let host = LiveHost::new(ClockMode::Virtual).with_input(rx);
-    let serial = SharedBuffer::default();
-    let config = MachineConfig {
-        ram_size: 16 << 20,
-        ..MachineConfig::default()
-    };
-    let mut vm = match build_vm(
-        engine,
-        config,
-        Box::new(host),
-        Box::new(serial.clone()),
-        &image,
-    ) {
-        Ok(vm) => vm,
-        Err(BuildError::EngineUnavailable { engine, reason }) => {
-            println!("SKIP: {test}: engine {engine} is not available: {reason}");
-            return None;
-        }
-        Err(e) => panic!("{test}: building the vm for {name} on {engine}: {e}"),
-    };
+    let (mut vm, serial) = guest_vm(test, engine, name, host)?;
     // As `deja run` does (QEMU's default): resets and triple faults reboot the machine.
     vm.set_reboot(true);
     let run = vm.run(RunOptions {
@@ -108,7 +54,7 @@ fn run_guest_for(
         max_instructions: None,
     });
     drop(tx);
-    let text = String::from_utf8_lossy(&serial.0.lock().expect("serial")).into_owned();
+    let text = serial.text();
     match run {
         Ok(outcome) => {
             println!(
