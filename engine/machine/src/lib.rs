@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod cpu;
+pub mod counters;
 pub mod cpuid;
 pub mod devices;
 pub mod exit_group;

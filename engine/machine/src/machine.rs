@@ -2,6 +2,7 @@
 //! the calls an engine makes (port I/O, MMIO, HLT, interrupt acknowledge).
 
 use crate::bus::{Bus, BusConflict};
+use crate::counters::{AccessKind, Event, MachineCounters};
 use crate::cpu::EngineStats;
 use crate::cpuid::CpuidTable;
 use crate::devices::{
@@ -11,7 +12,6 @@ use crate::devices::{
 use crate::host::{Host, Position};
 use crate::memory::{MemoryError, MemoryLayout};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
@@ -119,9 +119,7 @@ pub struct Machine {
     pio: Bus<Target>,
     mmio: Bus<Target>,
     stop: Option<StopRequest>,
-    stats: EngineStats,
-    unmapped_pio: BTreeMap<u16, u64>,
-    unmapped_mmio: BTreeMap<u64, u64>,
+    counters: MachineCounters,
     fpu_error_cleared: bool,
 }
 
@@ -146,9 +144,7 @@ impl Machine {
             pio: Bus::default(),
             mmio: Bus::default(),
             stop: None,
-            stats: EngineStats::default(),
-            unmapped_pio: BTreeMap::new(),
-            unmapped_mmio: BTreeMap::new(),
+            counters: MachineCounters::default(),
             fpu_error_cleared: false,
         })
     }
@@ -273,10 +269,14 @@ impl Machine {
 
     fn dispatch(&mut self, space: Space, addr: u64, data: &mut [u8], write: bool) {
         self.position.exits += 1;
+        let kind = match (space, write) {
+            (Space::Pio, false) => AccessKind::PioRead,
+            (Space::Pio, true) => AccessKind::PioWrite,
+            (Space::Mmio, false) => AccessKind::MmioRead,
+            (Space::Mmio, true) => AccessKind::MmioWrite,
+        };
         if space == Space::Mmio && self.in_irqchip_window(addr) {
-            let counter = if write { "mmio_write" } else { "mmio_read" };
-            self.stats
-                .add(&format!("io.{}.{counter}", self.irqchip.name()), 1);
+            self.counters.access(None, kind);
             self.irqchip_access(addr, data, write);
             return;
         }
@@ -285,29 +285,22 @@ impl Machine {
             Space::Mmio => &self.mmio,
         };
         let Some((entry, _)) = bus.find(addr) else {
-            let counter = match space {
-                Space::Pio => {
-                    *self.unmapped_pio.entry(addr as u16).or_default() += 1;
-                    "io.unmapped_pio"
-                }
-                Space::Mmio => {
-                    *self.unmapped_mmio.entry(addr).or_default() += 1;
-                    "io.unmapped_mmio"
-                }
-            };
-            self.stats.add(counter, 1);
+            match space {
+                Space::Pio => self.counters.unmapped_pio.note(addr),
+                Space::Mmio => self.counters.unmapped_mmio.note(addr),
+            }
             if !write {
                 data.fill(0xff);
             }
             return;
         };
-        let counter = match (space, write) {
-            (Space::Pio, false) => "pio_read",
-            (Space::Pio, true) => "pio_write",
-            (Space::Mmio, false) => "mmio_read",
-            (Space::Mmio, true) => "mmio_write",
-        };
-        self.stats.add(&format!("io.{}.{counter}", entry.name), 1);
+        self.counters.access(
+            match entry.target {
+                Target::Irqchip => None,
+                Target::Device(id) => Some(id),
+            },
+            kind,
+        );
         match entry.target {
             Target::Irqchip => self.irqchip_access(addr, data, write),
             Target::Device(id) => {
@@ -339,7 +332,7 @@ impl Machine {
     pub fn pio_write(&mut self, port: u16, data: &[u8]) {
         if port == FPU_ERROR_PORT && self.pio.find(u64::from(port)).is_none() {
             self.position.exits += 1;
-            self.stats.add("io.fpu_error_clear", 1);
+            self.counters.event(Event::FpuErrorClear);
             self.irqchip.set_irq(FPU_ERROR_IRQ, false);
             self.fpu_error_cleared = true;
             return;
@@ -389,8 +382,7 @@ impl Machine {
     /// engine independent. `Err` means the CPU raises #GP(0).
     pub fn rdmsr(&mut self, msr: u32) -> Result<u64, MsrFault> {
         self.position.exits += 1;
-        self.stats
-            .add(&format!("io.{}.rdmsr", self.irqchip.name()), 1);
+        self.counters.access(None, AccessKind::Rdmsr);
         let mut none = NoInterruptLines;
         let mut ctx = IoCtx {
             host: self.host.as_mut(),
@@ -407,8 +399,7 @@ impl Machine {
     /// Counts as one device exit, as [`Machine::rdmsr`].
     pub fn wrmsr(&mut self, msr: u32, value: u64, tsc: GuestTsc) -> Result<(), MsrFault> {
         self.position.exits += 1;
-        self.stats
-            .add(&format!("io.{}.wrmsr", self.irqchip.name()), 1);
+        self.counters.access(None, AccessKind::Wrmsr);
         let mut none = NoInterruptLines;
         let mut ctx = IoCtx {
             host: self.host.as_mut(),
@@ -443,7 +434,7 @@ impl Machine {
     pub fn take_nmi(&mut self) -> bool {
         let nmi = self.irqchip.take_nmi();
         if nmi {
-            self.stats.add("io.nmis_delivered", 1);
+            self.counters.event(Event::NmiDelivered);
         }
         nmi
     }
@@ -453,7 +444,7 @@ impl Machine {
     pub fn take_init(&mut self) -> bool {
         let init = self.irqchip.take_init();
         if init {
-            self.stats.add("io.inits_delivered", 1);
+            self.counters.event(Event::InitDelivered);
             self.irqchip.init_reset();
         }
         init
@@ -470,7 +461,7 @@ impl Machine {
     /// The guest executed HLT: counts as one device exit (the ordinal is engine independent).
     pub fn note_halt(&mut self) {
         self.position.exits += 1;
-        self.stats.add("io.hlt", 1);
+        self.counters.event(Event::Hlt);
     }
 
     /// Brings every device up to the present (timers, input), raising due interrupts.
@@ -546,7 +537,7 @@ impl Machine {
 
     /// Interrupt acknowledge: the vector the CPU must deliver now.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
-        self.stats.add("io.interrupts_delivered", 1);
+        self.counters.event(Event::InterruptDelivered);
         let vector = self.irqchip.acknowledge();
         self.host.interrupt_delivered(self.position, vector);
         vector
@@ -569,13 +560,11 @@ impl Machine {
 
     /// Device-access counters, including unmapped accesses per port.
     pub fn stats(&self) -> EngineStats {
-        let mut s = self.stats.clone();
-        for (port, n) in &self.unmapped_pio {
-            s.add(&format!("io.unmapped_pio.{port:#06x}"), *n);
-        }
-        for (addr, n) in &self.unmapped_mmio {
-            s.add(&format!("io.unmapped_mmio.{addr:#x}"), *n);
-        }
+        let mut s = EngineStats::default();
+        self.counters.add_to(&mut s, |target| match target {
+            None => self.irqchip.name(),
+            Some(id) => self.devices[id].name(),
+        });
         self.irqchip.add_stats(&mut s);
         for d in &self.devices {
             d.add_stats(&mut s);
@@ -617,7 +606,7 @@ impl Machine {
         }
         self.stop = None;
         self.fpu_error_cleared = false;
-        self.stats.add("machine.resets", 1);
+        self.counters.event(Event::Reset);
         Ok(())
     }
 
@@ -711,6 +700,28 @@ mod tests {
         assert_eq!(s.get("io.unmapped_pio.0x1234"), 2);
         assert_eq!(s.get("io.unmapped_mmio.0xfed00000"), 2);
         assert_eq!(m.position().exits, 4);
+    }
+
+    #[test]
+    fn a_guest_touching_a_million_unbacked_addresses_leaves_bounded_counters() {
+        let mut m = machine();
+        let mut d = [0u8; 8];
+        for i in 0..1_000_000u64 {
+            m.mmio_read(0x1_0000_0000 + i * 8, &mut d);
+        }
+        let s = m.stats();
+        assert_eq!(s.get("io.unmapped_mmio"), 1_000_000);
+        let named = s
+            .counters
+            .keys()
+            .filter(|k| k.starts_with("io.unmapped_mmio."))
+            .count();
+        assert_eq!(named, crate::counters::MAX_TRACKED_UNMAPPED + 1);
+        assert_eq!(
+            s.get("io.unmapped_mmio.other"),
+            1_000_000 - crate::counters::MAX_TRACKED_UNMAPPED as u64
+        );
+        assert_eq!(m.position().exits, 1_000_000);
     }
 
     #[test]
