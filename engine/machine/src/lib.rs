@@ -6,8 +6,8 @@
 //! the [`Host`]: that is what makes record and replay possible.
 
 pub mod bus;
-pub mod cpu;
 pub mod counters;
+pub mod cpu;
 pub mod cpuid;
 pub mod devices;
 pub mod exit_group;

@@ -10,7 +10,7 @@ use crate::devices::{
     StopRequest, lapic::GuestTsc,
 };
 use crate::host::{Host, Position};
-use crate::memory::{MemoryError, MemoryLayout};
+use crate::memory::{DmaMemory, MemoryError, MemoryLayout};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
@@ -255,7 +255,7 @@ impl Machine {
         let mut ctx = IoCtx {
             host: self.host.as_mut(),
             pos: self.position,
-            mem: &self.mem,
+            mem: DmaMemory::new(&self.mem, &self.layout.rom),
             irq: &mut none,
             stop: &mut self.stop,
             now_cache: None,
@@ -308,7 +308,7 @@ impl Machine {
                 let mut ctx = IoCtx {
                     host: self.host.as_mut(),
                     pos: self.position,
-                    mem: &self.mem,
+                    mem: DmaMemory::new(&self.mem, &self.layout.rom),
                     irq: &mut lines,
                     stop: &mut self.stop,
                     now_cache: None,
@@ -387,7 +387,7 @@ impl Machine {
         let mut ctx = IoCtx {
             host: self.host.as_mut(),
             pos: self.position,
-            mem: &self.mem,
+            mem: DmaMemory::new(&self.mem, &self.layout.rom),
             irq: &mut none,
             stop: &mut self.stop,
             now_cache: None,
@@ -404,7 +404,7 @@ impl Machine {
         let mut ctx = IoCtx {
             host: self.host.as_mut(),
             pos: self.position,
-            mem: &self.mem,
+            mem: DmaMemory::new(&self.mem, &self.layout.rom),
             irq: &mut none,
             stop: &mut self.stop,
             now_cache: None,
@@ -482,7 +482,7 @@ impl Machine {
             let mut ctx = IoCtx {
                 host: self.host.as_mut(),
                 pos: self.position,
-                mem: &self.mem,
+                mem: DmaMemory::new(&self.mem, &self.layout.rom),
                 irq: &mut none,
                 stop: &mut self.stop,
                 now_cache,
@@ -498,7 +498,7 @@ impl Machine {
             let mut ctx = IoCtx {
                 host: self.host.as_mut(),
                 pos: self.position,
-                mem: &self.mem,
+                mem: DmaMemory::new(&self.mem, &self.layout.rom),
                 irq: &mut lines,
                 stop: &mut self.stop,
                 now_cache,

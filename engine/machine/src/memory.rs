@@ -256,3 +256,74 @@ mod tests {
         assert!(!mem.address_in_range(GuestAddress(0xa0000)));
     }
 }
+
+/// Guest memory as a device's DMA sees it: the rules of CPU stores apply, so ROM reads
+/// back its bytes but a write into it is dropped, and addresses that are neither RAM nor
+/// ROM fail. (A device handed the raw [`GuestMemoryMmap`] would write through ROM.)
+#[derive(Clone, Copy)]
+pub struct DmaMemory<'a> {
+    mem: &'a GuestMemoryMmap,
+    rom: &'a [RamRange],
+}
+
+/// A DMA access reached guest-physical addresses that are neither RAM nor ROM.
+#[derive(Debug, Error)]
+#[error("DMA of {len:#x} bytes at {addr:#x} reaches memory that is neither RAM nor ROM")]
+pub struct DmaError {
+    /// First guest-physical address of the access.
+    pub addr: u64,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+impl<'a> DmaMemory<'a> {
+    /// DMA into `mem`, with `rom` the read-only ranges ([`MemoryLayout::rom`]).
+    pub fn new(mem: &'a GuestMemoryMmap, rom: &'a [RamRange]) -> Self {
+        Self { mem, rom }
+    }
+
+    /// Reads `buf.len()` bytes at `addr` (RAM or ROM).
+    pub fn read(&self, buf: &mut [u8], addr: u64) -> Result<(), DmaError> {
+        use vm_memory::Bytes;
+        let len = buf.len() as u64;
+        let err = || DmaError { addr, len };
+        addr.checked_add(len).ok_or_else(err)?;
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| err())
+    }
+
+    /// Writes `data` at `addr`: the parts in RAM are written, the parts in ROM dropped.
+    pub fn write(&self, data: &[u8], addr: u64) -> Result<(), DmaError> {
+        use vm_memory::Bytes;
+        let err = || DmaError {
+            addr,
+            len: data.len() as u64,
+        };
+        addr.checked_add(data.len() as u64).ok_or_else(err)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = addr + done as u64;
+            let rom = self.rom.iter().find(|r| at >= r.start && at < r.end());
+            // The run up to the next ROM boundary (into or out of ROM).
+            let boundary = match rom {
+                Some(r) => r.end(),
+                None => self
+                    .rom
+                    .iter()
+                    .filter(|r| r.start > at)
+                    .map(|r| r.start)
+                    .min()
+                    .unwrap_or(u64::MAX),
+            };
+            let n = (data.len() - done).min(usize::try_from(boundary - at).unwrap_or(usize::MAX));
+            if rom.is_none() {
+                self.mem
+                    .write_slice(&data[done..done + n], GuestAddress(at))
+                    .map_err(|_| err())?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}

@@ -211,6 +211,41 @@ mod tests {
     }
 
     #[test]
+    fn fw_cfg_dma_honours_rom_as_cpu_stores_do() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (mut m, _, _) = pc();
+        let rom_at = 0xffff_0000u64;
+        m.add_rom(rom_at, &[0x90; 0x1_0000]).unwrap();
+        let transfer = |m: &mut Machine, target: u64| {
+            let desc = 0x1000u64;
+            let control =
+                (u32::from(fw_cfg::key::SIGNATURE) << 16) | fw_cfg::dma::SELECT | fw_cfg::dma::READ;
+            let mut raw = control.to_be_bytes().to_vec();
+            raw.extend_from_slice(&4u32.to_be_bytes());
+            raw.extend_from_slice(&target.to_be_bytes());
+            m.mem.write_slice(&raw, GuestAddress(desc)).unwrap();
+            m.pio_write(0x514, &((desc >> 32) as u32).to_be_bytes());
+            m.pio_write(0x518, &(desc as u32).to_be_bytes());
+            let mut status = [0u8; 4];
+            m.mem.read_slice(&mut status, GuestAddress(desc)).unwrap();
+            u32::from_be_bytes(status)
+        };
+        // Into RAM: the bytes land.
+        assert_eq!(transfer(&mut m, 0x2000), 0);
+        let mut got = [0u8; 4];
+        m.mem.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
+        assert_eq!(&got, b"QEMU");
+        // Into the ROM: dropped, as a CPU store would be, and the ROM keeps its bytes.
+        assert_eq!(transfer(&mut m, rom_at + 0x10), 0);
+        m.mem
+            .read_slice(&mut got, GuestAddress(rom_at + 0x10))
+            .unwrap();
+        assert_eq!(got, [0x90; 4]);
+        // Where there is neither RAM nor ROM the transfer fails.
+        assert_eq!(transfer(&mut m, 0xe000_0000), fw_cfg::dma::ERROR);
+    }
+
+    #[test]
     fn timer_path_pit_channel_0_through_the_pic() {
         let (mut m, host, _) = pc();
         init_pic(&mut m, !1, 0xff);

@@ -11,10 +11,9 @@
 
 use super::{Device, DeviceError, DeviceState, IoCtx};
 use crate::machine::MachineConfig;
-use crate::memory::MemoryLayout;
+use crate::memory::{DmaMemory, MemoryLayout};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The selector port (also a data port for byte reads, as QEMU's combined region).
 pub const PORT_SELECTOR: u16 = 0x510;
@@ -324,11 +323,11 @@ impl FwCfg {
     }
 
     /// Runs the DMA request whose control structure is at `desc`.
-    fn dma_transfer(&mut self, mem: &GuestMemoryMmap, desc: u64) {
+    fn dma_transfer(&mut self, mem: DmaMemory, desc: u64) {
         let mut raw = [0u8; 16];
-        if desc.checked_add(16).is_none() || mem.read_slice(&mut raw, GuestAddress(desc)).is_err() {
+        if mem.read(&mut raw, desc).is_err() {
             // Nothing sensible to report into; try to flag the error where the guest looks.
-            let _ = mem.write_slice(&dma::ERROR.to_be_bytes(), GuestAddress(desc));
+            let _ = mem.write(&dma::ERROR.to_be_bytes(), desc);
             return;
         }
         let control = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
@@ -373,12 +372,8 @@ impl FwCfg {
                     let range = offset..offset + len as usize;
                     if read {
                         let data = self.selected.and_then(|k| self.item_data(k));
-                        let ok = data.is_some_and(|d| {
-                            guest_range_ok(address, u64::from(len))
-                                && mem
-                                    .write_slice(&d[range.clone()], GuestAddress(address))
-                                    .is_ok()
-                        });
+                        let ok =
+                            data.is_some_and(|d| mem.write(&d[range.clone()], address).is_ok());
                         if !ok {
                             status |= dma::ERROR;
                         }
@@ -393,24 +388,24 @@ impl FwCfg {
             address = address.wrapping_add(u64::from(len));
             length -= len;
         }
-        let _ = mem.write_slice(&status.to_be_bytes(), GuestAddress(desc));
+        let _ = mem.write(&status.to_be_bytes(), desc);
     }
 
     /// A DMA write into the selected item; fails unless the item is writable and the whole
     /// request fits in it (QEMU's rule).
     fn dma_write(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: DmaMemory,
         address: u64,
         range: std::ops::Range<usize>,
         whole: bool,
     ) -> bool {
         let Some(k) = self.selected else { return false };
-        if k == key::FILE_DIR || !whole || !guest_range_ok(address, range.len() as u64) {
+        if k == key::FILE_DIR || !whole {
             return false;
         }
         let mut buf = vec![0u8; range.len()];
-        if mem.read_slice(&mut buf, GuestAddress(address)).is_err() {
+        if mem.read(&mut buf, address).is_err() {
             return false;
         }
         match self.item_mut(k) {
@@ -437,25 +432,18 @@ impl FwCfg {
     }
 }
 
-/// Whether `[address, address + len)` does not wrap around the address space.
-fn guest_range_ok(address: u64, len: u64) -> bool {
-    address.checked_add(len).is_some()
-}
-
-/// Writes `len` zero bytes at `address`, a page at a time; false if any part is not RAM.
-fn zero_fill(mem: &GuestMemoryMmap, address: u64, len: u64) -> bool {
+/// Writes `len` zero bytes at `address`, a page at a time; false if any part is neither RAM
+/// nor ROM.
+fn zero_fill(mem: DmaMemory, address: u64, len: u64) -> bool {
     const CHUNK: u64 = 4096;
-    if !guest_range_ok(address, len) {
+    if address.checked_add(len).is_none() {
         return false;
     }
     let zeros = [0u8; CHUNK as usize];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK);
-        if mem
-            .write_slice(&zeros[..n as usize], GuestAddress(address + done))
-            .is_err()
-        {
+        if mem.write(&zeros[..n as usize], address + done).is_err() {
             return false;
         }
         done += n;
@@ -560,6 +548,7 @@ impl Device for FwCfg {
 mod tests {
     use super::*;
     use crate::devices::scripted_host::Rig;
+    use vm_memory::{Bytes, GuestAddress};
 
     const RAM: u64 = 16 << 20;
 

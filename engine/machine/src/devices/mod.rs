@@ -24,7 +24,6 @@ pub(crate) mod testutil;
 use crate::host::{Host, Position};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
 
 /// Something a device asks of the whole machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,8 +72,8 @@ pub struct IoCtx<'a> {
     pub host: &'a mut dyn Host,
     /// Where the guest is; pass it to every [`Host`] call.
     pub pos: Position,
-    /// Guest memory, for devices that do DMA (fw_cfg).
-    pub mem: &'a GuestMemoryMmap,
+    /// Guest memory, for devices that do DMA (fw_cfg), with the CPU's ROM rules.
+    pub mem: crate::memory::DmaMemory<'a>,
     /// Interrupt lines.
     pub irq: &'a mut dyn InterruptLines,
     /// Set to ask the machine to stop.

@@ -96,7 +96,7 @@ impl Rig {
         IoCtx {
             host: &mut self.host,
             pos: Position::default(),
-            mem: &self.mem,
+            mem: crate::memory::DmaMemory::new(&self.mem, &self.layout.rom),
             irq: &mut self.lines,
             stop: &mut self.stop,
             now_cache: None,

@@ -117,7 +117,7 @@ impl Bench {
         let mut ctx = IoCtx {
             host: &mut self.host,
             pos: Position::default(),
-            mem: &self.mem,
+            mem: crate::memory::DmaMemory::new(&self.mem, &[]),
             irq: &mut self.lines,
             stop: &mut self.stop,
             now_cache: None,
