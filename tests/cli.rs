@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{code, deja, kvm_available, scratch, text};
+use common::{code, deja, kvm_available, s, scratch, text};
 use std::path::Path;
 
 #[test]
@@ -101,6 +101,55 @@ fn bad_inputs_get_exit_status_1_and_say_why() {
     }
     let o = deja(&["run", "--mem", "lots", "guest:hello"]);
     assert_eq!(code(&o), 2, "clap usage errors exit 2");
+}
+
+/// Devices and FIFOs as images are refused before reading (they would grow memory without
+/// bound or block forever); so is a file too large to load.
+#[test]
+fn special_and_oversized_image_files_are_refused_at_once() {
+    let dir = scratch("special");
+    let fifo = dir.join("fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let big = dir.join("big.bin");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(5 << 30)
+        .unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["run", "--bios", "/dev/zero"],
+            "not a regular file (a character device)",
+        ),
+        (
+            &["run", "--raw", "0x7c00", "--mode", "real", "/dev/zero"],
+            "a character device",
+        ),
+        (
+            &["run", "--raw", "0x7c00", "--mode", "real", s(&fifo)],
+            "a FIFO",
+        ),
+        (&["run", s(&fifo)], "a FIFO"),
+        (&["run", "--bios", s(&big)], "larger than"),
+    ];
+    for (args, needle) in cases {
+        let started = std::time::Instant::now();
+        let o = deja(args);
+        assert_eq!(code(&o), 1, "{args:?}: stderr {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains(needle),
+            "{args:?}: {}",
+            text(&o.stderr)
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{args:?}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `jmp $` at 0x7c00: only the time limit ends it.

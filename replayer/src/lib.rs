@@ -317,7 +317,28 @@ pub fn resolve_image(
     let image = if let Some(name) = record.name.strip_prefix("guest:") {
         guests(name).ok_or_else(|| err(format!("no built-in guest named {name:?}")))?
     } else {
-        let bytes = std::fs::read(&record.name).map_err(|e| err(format!("reading it: {e}")))?;
+        // Only a regular file of exactly the recorded size is read: a trace names any path
+        // it likes, and must not make deja read a device, block on a FIFO, or say anything
+        // about a file that is not the image.
+        let path = std::path::Path::new(&record.name);
+        let size = std::fs::metadata(path)
+            .map_err(|e| err(format!("reading it: {e}")))?
+            .len();
+        if size != record.size {
+            return Err(err(format!(
+                "it is not the image recorded: the recorded image has {} bytes, the file {size}",
+                record.size
+            )));
+        }
+        let bytes = deja_machine::loader::read_file_bounded(path, record.size)
+            .map_err(|e| err(format!("reading it: {e}")))?;
+        if !record.matches(&bytes) {
+            return Err(err(format!(
+                "it is not the image recorded: the file has the recorded size ({} bytes) but not \
+                 its BLAKE3 digest {}",
+                record.size, record.digest
+            )));
+        }
         Image {
             name: record.name.clone(),
             bytes,

@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome};
 use deja_machine::devices::StopRequest;
-use deja_machine::loader::{EntryMode, Image, ImageFormat};
+use deja_machine::loader::{EntryMode, Image, ImageFormat, MAX_IMAGE_FILE, read_file_bounded};
 use deja_machine::{ClockMode, LiveHost, MachineConfig, memory};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -149,7 +149,7 @@ pub fn resolve_image(args: &RunArgs) -> anyhow::Result<Image> {
             .with_context(|| format!("assembling guest {name}"));
     }
     let path = Path::new(&args.image);
-    let read = || std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let read = || read_file_bounded(path, MAX_IMAGE_FILE);
     if args.bios {
         return Ok(Image {
             name: args.image.clone(),

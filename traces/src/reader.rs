@@ -179,11 +179,20 @@ impl TraceReader<BufReader<File>> {
     /// Opens a trace file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ReadError> {
         let name = path.as_ref().display().to_string();
-        let file = File::open(path.as_ref()).map_err(|source| ReadError::Io {
+        let io = |source| ReadError::Io {
             name: name.clone(),
             offset: 0,
             source,
-        })?;
+        };
+        // A trace is read with seeks and by its length: a FIFO or device would block or
+        // never end, so only regular files (or links to one) are opened.
+        if !std::fs::metadata(path.as_ref()).map_err(io)?.is_file() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (a device, FIFO or directory); traces are read from regular files only",
+            )));
+        }
+        let file = File::open(path.as_ref()).map_err(io)?;
         Self::new(BufReader::with_capacity(128 << 10, file), name)
     }
 }

@@ -68,7 +68,7 @@ impl std::str::FromStr for EntryMode {
 
 /// How an image is loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "format", rename_all = "lowercase")]
+#[serde(tag = "format", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ImageFormat {
     /// Bytes copied to `load_addr`, entered at `entry` in `mode`.
     Raw {
@@ -84,6 +84,26 @@ pub enum ImageFormat {
     /// A firmware ROM mapped below 4 GiB (and aliased below 1 MiB), entered at the reset
     /// vector.
     Firmware,
+}
+
+impl ImageFormat {
+    /// Parses a sidecar's JSON. Fields the format does not have are refused (a misspelt
+    /// `entry` must not silently become the default), including on formats without fields,
+    /// which serde's `deny_unknown_fields` lets through for an internally tagged enum.
+    pub fn from_sidecar(text: &[u8]) -> Result<Self, serde_json::Error> {
+        let value: serde_json::Value = serde_json::from_slice(text)?;
+        let format: ImageFormat = serde_json::from_value(value.clone())?;
+        let known = serde_json::to_value(&format)?;
+        if let (Some(given), Some(known)) = (value.as_object(), known.as_object())
+            && let Some(field) = given.keys().find(|k| !known.contains_key(*k))
+        {
+            return Err(serde::de::Error::custom(format!(
+                "unknown field `{field}` for format {:?}",
+                known.get("format").and_then(|f| f.as_str()).unwrap_or("?")
+            )));
+        }
+        Ok(format)
+    }
 }
 
 /// An image ready to load.
@@ -186,14 +206,15 @@ pub enum LoadError {
     /// No multiboot header in the first 8 KiB.
     #[error(
         "{name}: no multiboot header (magic 0x1badb002 at a 4-byte aligned offset below \
-         {searched:#x}) and no sidecar {name}.json; say what the file is with --bios FILE, or \
-         --raw ADDR --entry ADDR --mode real|protected|long, or write a sidecar"
+         {searched:#x}); {advice}"
     )]
     NotMultiboot {
         /// The image's name.
         name: String,
         /// How many bytes were searched.
         searched: usize,
+        /// Why a header was expected, and what to do instead.
+        advice: String,
     },
     /// A multiboot magic was found but no header around it has a valid checksum.
     #[error(
@@ -276,6 +297,17 @@ pub enum LoadError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A path that does not name a regular file (a device, a FIFO, a directory, or a
+    /// symbolic link to one): reading it could block or never end.
+    #[error(
+        "{path}: not a regular file ({kind}); deja reads images and traces from regular files only"
+    )]
+    NotRegularFile {
+        /// The path given.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
     /// A file is larger than deja can load.
     #[error("{path}: {size:#x} bytes is larger than the {max:#x} bytes deja reads")]
     FileTooLarge {
@@ -342,7 +374,21 @@ impl Image {
     /// valid multiboot header, else an error that says how to describe it.
     pub fn detect(name: impl Into<String>, bytes: Vec<u8>) -> Result<Self, LoadError> {
         let name = name.into();
-        multiboot::find_header(&name, &bytes)?;
+        if bytes.is_empty() {
+            return Err(LoadError::Empty { name });
+        }
+        multiboot::find_header(&name, &bytes).map_err(|e| match e {
+            LoadError::NotMultiboot { name, searched, .. } => LoadError::NotMultiboot {
+                advice: format!(
+                    "there is no sidecar {name}.json either; say what the file is with --bios \
+                     FILE, or --raw ADDR --entry ADDR --mode real|protected|long, or write a \
+                     sidecar"
+                ),
+                name,
+                searched,
+            },
+            other => other,
+        })?;
         Ok(Self::multiboot(name, bytes))
     }
 
@@ -351,16 +397,19 @@ impl Image {
     /// anything else is an error explaining the options (`--bios`, `--raw`, a sidecar).
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
         let name = path.display().to_string();
-        let bytes = read_bounded(path, MAX_IMAGE_FILE)?;
+        let bytes = read_file_bounded(path, MAX_IMAGE_FILE)?;
         let sidecar = sidecar_path(path);
-        match std::fs::metadata(&sidecar) {
+        match std::fs::symlink_metadata(&sidecar) {
             Ok(_) => {
-                let text = read_bounded(&sidecar, MAX_SIDECAR_FILE)?;
+                let text = read_file_bounded(&sidecar, MAX_SIDECAR_FILE)?;
                 let format =
-                    serde_json::from_slice(&text).map_err(|source| LoadError::Sidecar {
+                    ImageFormat::from_sidecar(&text).map_err(|source| LoadError::Sidecar {
                         path: sidecar.clone(),
                         source,
                     })?;
+                if bytes.is_empty() {
+                    return Err(LoadError::Empty { name });
+                }
                 Ok(Self {
                     name,
                     bytes,
@@ -403,20 +452,64 @@ pub fn sidecar_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
+/// Reads a whole file of at most `max` bytes. Only regular files (or links to one) are
+/// read, so that a device such as `/dev/zero` or a FIFO can neither grow memory without
+/// bound nor block; the size is checked before reading, and the read itself is capped in
+/// case the file grows meanwhile.
+pub fn read_file_bounded(path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let size = std::fs::metadata(path).map_err(io)?.len();
-    if size > max {
-        return Err(LoadError::FileTooLarge {
+    let check = |meta: std::fs::Metadata| {
+        let t = meta.file_type();
+        let kind = if t.is_file() {
+            return Ok(meta.len());
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        Err(LoadError::NotRegularFile {
             path: path.to_path_buf(),
-            size,
-            max,
-        });
+            kind,
+        })
+    };
+    check(std::fs::metadata(path).map_err(io)?)?;
+    // O_NONBLOCK: should the path be swapped for a FIFO after the check, opening it must
+    // not wait for a writer (the type is checked again on the open file).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
+    let size = check(file.metadata().map_err(io)?)?;
+    let too_large = |size| LoadError::FileTooLarge {
+        path: path.to_path_buf(),
+        size,
+        max,
+    };
+    if size > max {
+        return Err(too_large(size));
     }
-    std::fs::read(path).map_err(io)
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > max {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// Writes `image` (and whatever its entry mode needs: GDT, page tables, multiboot

@@ -126,6 +126,8 @@ pub fn find_header(name: &str, bytes: &[u8]) -> Result<Header, LoadError> {
     Err(first_bad.unwrap_or(LoadError::NotMultiboot {
         name: name.to_string(),
         searched: bytes.len().min(SEARCH_LIMIT),
+        advice: "it was described as a multiboot kernel (by its sidecar or the command line)"
+            .to_string(),
     }))
 }
 

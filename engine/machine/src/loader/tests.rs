@@ -941,3 +941,106 @@ fn from_file_detects_multiboot_and_explains_unknown_files() {
     assert!("v86".parse::<EntryMode>().is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn files_that_are_not_regular_are_refused_without_reading_them() {
+    let dir = temp_dir("special");
+    let fifo = dir.join("fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c_path` is a valid NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let link = dir.join("zero-link");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let cases: [(&std::path::Path, &str); 4] = [
+        (std::path::Path::new("/dev/zero"), "a character device"),
+        (&fifo, "a FIFO"),
+        (&link, "a character device"),
+        (&dir, "a directory"),
+    ];
+    for (path, kind) in cases {
+        // A FIFO with no writer would block a plain open forever; /dev/zero never ends.
+        let err = read_file_bounded(path, MAX_IMAGE_FILE).unwrap_err();
+        assert!(
+            matches!(&err, LoadError::NotRegularFile { kind: k, .. } if *k == kind),
+            "{}: {err}",
+            path.display()
+        );
+        assert!(Image::from_file(path).is_err());
+    }
+    // An image whose sidecar is a FIFO.
+    let image = dir.join("image.bin");
+    std::fs::write(&image, mb_elf()).unwrap();
+    std::os::unix::fs::symlink(&fifo, dir.join("image.bin.json")).unwrap();
+    let err = Image::from_file(&image).unwrap_err();
+    assert!(
+        matches!(err, LoadError::NotRegularFile { kind: "a FIFO", .. }),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn files_larger_than_the_limit_are_refused_before_reading() {
+    let dir = temp_dir("large");
+    let big = dir.join("big.bin");
+    // Sparse: 5 GiB of size, nothing written.
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(5 << 30).unwrap();
+    let err = read_file_bounded(&big, MAX_IMAGE_FILE).unwrap_err();
+    assert!(
+        matches!(err, LoadError::FileTooLarge { size, max, .. } if size == 5 << 30 && max == MAX_IMAGE_FILE),
+        "{err}"
+    );
+    f.set_len(100).unwrap();
+    assert!(matches!(
+        read_file_bounded(&big, 99),
+        Err(LoadError::FileTooLarge {
+            size: 100,
+            max: 99,
+            ..
+        })
+    ));
+    assert_eq!(read_file_bounded(&big, 100).unwrap().len(), 100);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sidecar_and_empty_image_messages_say_what_is_wrong() {
+    let dir = temp_dir("messages");
+    // A sidecar that calls a file without a header a multiboot kernel: the error must not
+    // claim there is no sidecar.
+    let blob = dir.join("blob.bin");
+    std::fs::write(&blob, [0x90u8; 100]).unwrap();
+    std::fs::write(dir.join("blob.bin.json"), r#"{"format":"multiboot"}"#).unwrap();
+    let image = Image::from_file(&blob).unwrap();
+    let mut m = machine();
+    let msg = load(&mut m, &image).unwrap_err().to_string();
+    assert!(msg.contains("no multiboot header"), "{msg}");
+    assert!(msg.contains("described as a multiboot kernel"), "{msg}");
+    assert!(!msg.contains("no sidecar"), "{msg}");
+
+    // Empty files are empty, with or without a sidecar.
+    let empty = dir.join("empty.bin");
+    std::fs::write(&empty, []).unwrap();
+    let err = Image::from_file(&empty).unwrap_err();
+    assert!(matches!(err, LoadError::Empty { .. }), "{err}");
+    std::fs::write(dir.join("empty.bin.json"), r#"{"format":"firmware"}"#).unwrap();
+    let err = Image::from_file(&empty).unwrap_err();
+    assert!(matches!(err, LoadError::Empty { .. }), "{err}");
+
+    // Unknown sidecar fields are refused, not ignored.
+    std::fs::write(
+        dir.join("blob.bin.json"),
+        r#"{"format":"raw","load_addr":4096,"entry":4096,"mode":"real","entyr":8192}"#,
+    )
+    .unwrap();
+    let err = Image::from_file(&blob).unwrap_err();
+    assert!(matches!(err, LoadError::Sidecar { .. }), "{err}");
+    assert!(err.to_string().contains("entyr"), "{err}");
+    std::fs::write(dir.join("blob.bin.json"), r#"{"format":"multiboot","x":1}"#).unwrap();
+    assert!(matches!(
+        Image::from_file(&blob),
+        Err(LoadError::Sidecar { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
