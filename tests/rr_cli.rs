@@ -115,6 +115,48 @@ fn a_truncated_trace_replays_what_it_holds_and_says_so() {
     );
 }
 
+/// A recording stopped by a limit (here --max-instructions; Ctrl-C and --timeout end the
+/// same way) whose footer is lost, even by one byte, replays to where it stopped and says
+/// the trace ends early (exit 4), not that the replay diverged (exit 3).
+#[test]
+fn a_stopped_recording_that_lost_its_footer_ends_early_and_does_not_diverge() {
+    let dir = scratch("lost-footer");
+    let trace = dir.join("timer.trace");
+    let o = deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "--max-instructions",
+        "5000",
+        "guest:timer",
+        "-o",
+        s(&trace),
+        "--mem",
+        "32M",
+    ]);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    let whole = deja(&["replay", s(&trace)]);
+    assert_eq!(code(&whole), 0, "stderr: {}", text(&whole.stderr));
+    let bytes = std::fs::read(&trace).unwrap();
+    for cut_bytes in [1, 16] {
+        let cut = dir.join(format!("cut{cut_bytes}.trace"));
+        std::fs::write(&cut, &bytes[..bytes.len() - cut_bytes]).unwrap();
+        let r = deja(&["replay", s(&cut)]);
+        let err = text(&r.stderr);
+        assert_eq!(
+            code(&r),
+            4,
+            "cut {cut_bytes}: stdout {} stderr {err}",
+            text(&r.stdout)
+        );
+        assert!(err.contains("trace ends early"), "{err}");
+        assert!(
+            err.contains("icount 5000 "),
+            "stops where the recording did: {err}"
+        );
+    }
+}
+
 #[test]
 fn chaos_until_failure_keeps_a_racy_kernel_panic_that_replays_exactly() {
     let dir = scratch("racy");

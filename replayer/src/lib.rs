@@ -656,13 +656,22 @@ pub fn replay_with(
         None => (None, None),
     };
     // A recording that was interrupted (Ctrl-C, timeout, instruction limit) ends wherever
-    // it was stopped: the replay stops there too, exactly on engines that count.
-    let stop_at_end =
-        opts.until.is_none() && footer.as_ref().is_some_and(|f| f.exit.status.is_none());
-    let end_icount = footer
-        .as_ref()
+    // it was stopped: the replay stops there too, exactly on engines that count. Without a
+    // footer (the trace was cut), the End event says so when it made it to disk.
+    let interrupted_at = match &footer {
+        Some(f) => f.exit.status.is_none().then_some(f.final_position),
+        None => match reader.last_event()? {
+            Some(Event {
+                at,
+                kind: EventKind::End { status: None, .. },
+            }) => Some(at),
+            _ => None,
+        },
+    };
+    let stop_at_end = opts.until.is_none() && interrupted_at.is_some();
+    let end_icount = interrupted_at
         .filter(|_| stop_at_end && counts && !exit_sync)
-        .map(|f| f.final_position.icount);
+        .map(|at| at.icount);
     let mut observer = Observer {
         hooks,
         watch_hits: 0,

@@ -834,6 +834,25 @@ impl<R: Read + Seek> TraceReader<R> {
         Events::new(self, start, 0)
     }
 
+    /// The last event of the last whole events frame, read without reading the others: a
+    /// trace cut before its footer still says where the recording ended when its `End`
+    /// event made it to disk.
+    pub fn last_event(&mut self) -> Result<Option<Event>, ReadError> {
+        let Some(last) = self
+            .frames
+            .iter()
+            .rev()
+            .find(|f| f.kind == FrameKind::Events.to_byte())
+            .copied()
+        else {
+            return Ok(None);
+        };
+        let frame = self.frame_at(last.offset, last.seq)?;
+        let events = decode_events(&frame.header, &frame.payload)
+            .map_err(|d| self.frame_error(last.seq, last.offset, d))?;
+        Ok(events.into_iter().last().map(|(e, _)| e))
+    }
+
     /// The events after a checkpoint: where replay resumes once the checkpoint is restored.
     pub fn events_after(
         &mut self,
