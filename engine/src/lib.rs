@@ -404,6 +404,7 @@ impl Vm {
     fn schedule_poll(&mut self) {
         let pos = self.machine.position();
         let quantum = self.machine.host.poll_quantum(pos).max(1);
-        self.next_poll = self.cpu.icount() + quantum;
+        // Saturating: a quantum comes from the host, and a replayed one from a trace file.
+        self.next_poll = self.cpu.icount().saturating_add(quantum);
     }
 }

@@ -33,7 +33,7 @@ pub enum StateError {
         detail: String,
     },
     /// A page of a checkpoint lies outside guest memory.
-    #[error("checkpoint page {page:#x} (address {:#x}) is not in guest memory", page * PAGE_SIZE as u64)]
+    #[error("checkpoint page number {page:#x} is not a page of this machine's RAM")]
     PageOutsideMemory {
         /// The page number.
         page: u64,
@@ -274,7 +274,7 @@ pub fn memory_diff(
     recorded: &deja_traces::MemoryImage,
     limit: usize,
 ) -> Vec<String> {
-    use deja_machine::vm_memory::{Bytes, GuestAddress};
+    use deja_machine::vm_memory::Bytes;
     let mut pages: std::collections::BTreeSet<u64> = recorded.pages().map(|(n, _)| n).collect();
     for_each_resident_page(machine, |n, page| {
         if !is_zero(page) {
@@ -287,11 +287,10 @@ pub fn memory_diff(
     for n in pages {
         let want = recorded.page(n).map_or(&zero[..], |p| &p[..]);
         let mut have = [0u8; PAGE_SIZE];
-        if machine
-            .mem
-            .read_slice(&mut have, GuestAddress(n * PAGE_SIZE as u64))
-            .is_err()
-        {
+        let Ok(addr) = ram_page_address(machine, n) else {
+            continue;
+        };
+        if machine.mem.read_slice(&mut have, addr).is_err() {
             continue;
         }
         let Some(first) = (0..PAGE_SIZE).find(|&i| want[i] != have[i]) else {
@@ -451,6 +450,19 @@ pub fn snapshot(
     })
 }
 
+/// The guest-physical address of RAM page `n`, or an error when a trace names a page this
+/// machine's RAM does not have (a page number whose address does not even fit in 64 bits
+/// must not wrap onto a real page).
+fn ram_page_address(
+    machine: &Machine,
+    n: u64,
+) -> Result<deja_machine::vm_memory::GuestAddress, StateError> {
+    n.checked_mul(PAGE_SIZE as u64)
+        .filter(|&addr| machine.layout.is_ram(addr))
+        .map(deja_machine::vm_memory::GuestAddress)
+        .ok_or(StateError::PageOutsideMemory { page: n })
+}
+
 /// Restores a checkpoint into a freshly built machine: memory (every resident page not in
 /// `memory` is zeroed), CPU state and icount, devices, position. Returns the poll schedule
 /// to give [`deja_engine::Vm::set_next_poll`] and the restored CPU state. `format` is the
@@ -465,26 +477,28 @@ pub fn restore(
 ) -> Result<(u64, CpuState), StateError> {
     let state = decode_cpu_state(cpu_state, format)?;
     let snap: MachineSnapshot = decode(machine_state, "machine state")?;
+    // Every page is checked before anything is written: a bad checkpoint changes nothing.
+    for (n, _) in memory.pages() {
+        ram_page_address(machine, n)?;
+    }
     let mut stale = Vec::new();
     for_each_resident_page(machine, |n, page| {
         if memory.page(n).is_none() && !is_zero(page) {
             stale.push(n);
         }
     });
-    use deja_machine::vm_memory::{Bytes, GuestAddress};
+    use deja_machine::vm_memory::Bytes;
     let zero = [0u8; PAGE_SIZE];
     for n in stale {
-        let addr = GuestAddress(n * PAGE_SIZE as u64);
         machine
             .mem
-            .write_slice(&zero, addr)
+            .write_slice(&zero, ram_page_address(machine, n)?)
             .map_err(|_| StateError::PageOutsideMemory { page: n })?;
     }
     for (n, page) in memory.pages() {
-        let addr = GuestAddress(n * PAGE_SIZE as u64);
         machine
             .mem
-            .write_slice(page, addr)
+            .write_slice(page, ram_page_address(machine, n)?)
             .map_err(|_| StateError::PageOutsideMemory { page: n })?;
     }
     cpu.set_state(&state)?;

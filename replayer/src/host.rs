@@ -214,6 +214,23 @@ impl Player {
         recorded.exits < actual.exits || (self.compare_icount && recorded.icount < actual.icount)
     }
 
+    /// Takes a recorded time answer. Guest time never runs backwards on a live host (both
+    /// clocks are monotonic), so a trace whose time does is damaged or crafted: devices
+    /// would compute negative intervals from it. It is refused as a divergence and the
+    /// previous time stands.
+    fn accept_time(&mut self, at: Position, ns: u64) -> u64 {
+        if ns < self.last_time {
+            self.diverge(
+                at,
+                format!("a time read at or after {} ns", self.last_time),
+                format!("the trace's time read of {ns} ns, earlier than the one before"),
+            );
+            return self.last_time;
+        }
+        self.last_time = ns;
+        ns
+    }
+
     /// Records the first mismatch and stops the CPU.
     pub fn diverge(&mut self, at: Position, expected: String, actual: String) {
         if self.mismatch.is_some() {
@@ -337,10 +354,7 @@ impl Host for ReplayingHost {
     fn time_ns(&mut self, at: deja_machine::Position) -> u64 {
         let mut p = lock(&self.player);
         match p.answer(trace_position(at), 0, "a time read", true) {
-            Some(EventKind::TimeRead { ns }) => {
-                p.last_time = ns;
-                ns
-            }
+            Some(EventKind::TimeRead { ns }) => p.accept_time(trace_position(at), ns),
             _ => p.last_time,
         }
     }
@@ -375,7 +389,10 @@ impl Host for ReplayingHost {
                     kind: EventKind::TimeRead { ns },
                 }) if p.same_position(logged, at) => {
                     p.consume();
-                    p.last_time = ns;
+                    let ns = p.accept_time(at, ns);
+                    if p.mismatch.is_some() {
+                        return None;
+                    }
                     let due = ns >= deadline_ns || !p.polls_log_due_times_only;
                     return due.then_some(ns);
                 }

@@ -80,6 +80,16 @@ fn replay_on(
     until: Option<Until>,
     seek: bool,
 ) -> ReplayReport {
+    try_replay_on(engine, path, image, until, seek).unwrap()
+}
+
+fn try_replay_on(
+    engine: Engine,
+    path: &Path,
+    image: &Image,
+    until: Option<Until>,
+    seek: bool,
+) -> Result<ReplayReport, deja_replayer::ReplayError> {
     let opts = ReplayOptions {
         engine: kind(engine),
         until,
@@ -95,7 +105,6 @@ fn replay_on(
         Box::new(std::io::sink()),
         Box::new(move |cfg, image, host, out| build(engine, cfg, image, host, out)),
     )
-    .unwrap()
 }
 
 fn assert_verified(r: &ReplayReport) {
@@ -225,6 +234,16 @@ fn rewrite(src: &Path, dst: &Path, edit: impl Fn(u64, &mut Event)) {
     rewrite_with(src, dst, edit, |_, _, _| {});
 }
 
+/// [`rewrite_with`]'s page editor may also renumber a page.
+fn renumber_pages(src: &Path, dst: &Path, renumber: impl Fn(u64, u64) -> u64) {
+    rewrite_pages(
+        src,
+        dst,
+        |_, _| {},
+        |ordinal, n, _| *n = renumber(ordinal, *n),
+    );
+}
+
 /// [`rewrite`], also applying `edit_page(checkpoint ordinal, page number, bytes)` to every
 /// checkpoint page.
 fn rewrite_with(
@@ -232,6 +251,18 @@ fn rewrite_with(
     dst: &Path,
     edit: impl Fn(u64, &mut Event),
     edit_page: impl Fn(u64, u64, &mut [u8]),
+) {
+    rewrite_pages(src, dst, edit, |ordinal, n, bytes| {
+        edit_page(ordinal, *n, bytes)
+    });
+}
+
+/// [`rewrite_with`], where the page editor may also change the page number.
+fn rewrite_pages(
+    src: &Path,
+    dst: &Path,
+    edit: impl Fn(u64, &mut Event),
+    edit_page: impl Fn(u64, &mut u64, &mut [u8]),
 ) {
     let mut r = TraceReader::open(src).unwrap();
     let header = r.header().clone();
@@ -244,7 +275,7 @@ fn rewrite_with(
         while next_cp < checkpoints.len() && checkpoints[next_cp].event_index == i as u64 {
             let mut c = r.read_checkpoint(&checkpoints[next_cp]).unwrap();
             for (n, p) in c.pages.iter_mut() {
-                edit_page(c.meta.ordinal, *n, &mut p[..]);
+                edit_page(c.meta.ordinal, n, &mut p[..]);
             }
             w.checkpoint(
                 CheckpointInput {
@@ -312,6 +343,96 @@ fn a_tampered_time_answer_is_reported_as_a_divergence_at_its_position() {
     );
     // The untouched copy still verifies.
     assert_verified(&replay_on(Engine::Bt, &path, &image, None, false));
+}
+
+/// Numbers read from a trace are checked against the machine it describes, even when every
+/// checksum is valid: a page number of 2^52 + 7 must not wrap onto page 7, and a poll
+/// quantum of u64::MAX or a clock that runs backwards must not overflow or reach devices.
+#[test]
+fn crafted_numbers_in_a_trace_with_valid_checksums_are_refused() {
+    let image = guest(6);
+    let path = tmp("crafted-src.trace");
+    record(Engine::Bt, &image, &path, b"");
+    let mut r = TraceReader::open(&path).unwrap();
+    let cp = r.checkpoints()[0];
+    let victim = r.read_checkpoint(&cp).unwrap().pages[0].0;
+    drop(r);
+
+    let wrapped = tmp("crafted-page.trace");
+    renumber_pages(
+        &path,
+        &wrapped,
+        |_, n| {
+            if n == victim { (1 << 52) + n } else { n }
+        },
+    );
+    let mut r = TraceReader::open(&wrapped).unwrap();
+    let report = deja_traces::verify(&mut r).unwrap();
+    assert!(!report.ok, "trace verify must not say OK: {report}");
+    assert!(
+        report.to_string().contains("beyond the guest memory"),
+        "{report}"
+    );
+    let err = r.memory_at(&r.checkpoints()[0].clone()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("checkpoint page number 0x10000000000"),
+        "{err}"
+    );
+    drop(r);
+    // Seeking from that checkpoint fails with the reader's message; nothing is restored.
+    let stop = Some(Until::Icount(cp.position.icount + 10));
+    let err = try_replay_on(Engine::Bt, &wrapped, &image, stop, true).unwrap_err();
+    assert!(err.to_string().contains("beyond the guest memory"), "{err}");
+
+    // A page inside the header's bound but outside this machine's RAM (the VGA hole).
+    let hole = tmp("crafted-hole.trace");
+    renumber_pages(&path, &hole, |_, n| if n == victim { 0xa0 } else { n });
+    let err = try_replay_on(Engine::Bt, &hole, &image, stop, true).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("page number 0xa0 is not a page of this machine's RAM"),
+        "{err}"
+    );
+
+    // A poll quantum of u64::MAX: no overflow, the replay just diverges.
+    let events = deja_replayer::read_events(&path).unwrap();
+    let quantum = events
+        .iter()
+        .position(|e| matches!(e.kind, EventKind::PollQuantum { .. }))
+        .expect("a bt recording logs poll quanta") as u64;
+    let huge = tmp("crafted-quantum.trace");
+    rewrite(&path, &huge, |i, e| {
+        if i == quantum
+            && let EventKind::PollQuantum { instructions } = &mut e.kind
+        {
+            *instructions = u64::MAX;
+        }
+    });
+    let r = replay_on(Engine::Bt, &huge, &image, None, false);
+    assert!(matches!(r.verdict, Verdict::Diverged(_)), "{r}");
+
+    // A time read earlier than the one before.
+    let times: Vec<u64> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.kind, EventKind::TimeRead { ns } if ns > 1000))
+        .map(|(i, _)| i as u64)
+        .collect();
+    let back = tmp("crafted-time.trace");
+    let victim_time = times[times.len() / 2];
+    rewrite(&path, &back, |i, e| {
+        if i == victim_time
+            && let EventKind::TimeRead { ns } = &mut e.kind
+        {
+            *ns = 0;
+        }
+    });
+    let r = replay_on(Engine::Bt, &back, &image, None, false);
+    let Verdict::Diverged(d) = &r.verdict else {
+        panic!("a clock running backwards went unnoticed: {r}");
+    };
+    assert!(d.actual.contains("earlier than the one before"), "{r}");
 }
 
 #[test]

@@ -266,6 +266,21 @@ pub(crate) fn decode_whole<T: serde::de::DeserializeOwned>(
     Ok(value)
 }
 
+/// Checks a checkpoint's page number against the machine the header describes: whatever
+/// the layout, `ram_size` bytes of RAM lie below 4 GiB + `ram_size`, so a page beyond that
+/// (or one whose address does not fit in 64 bits) is not guest memory.
+pub(crate) fn check_page_number(ram_size: u64, page: u64) -> Result<(), String> {
+    const FOUR_GIB: u64 = 1 << 32;
+    let limit = FOUR_GIB.saturating_add(ram_size) / PAGE_SIZE as u64;
+    if page >= limit {
+        return Err(format!(
+            "checkpoint page number {page:#x} lies beyond the guest memory of a machine with \
+             {ram_size:#x} bytes of RAM (pages below {limit:#x})"
+        ));
+    }
+    Ok(())
+}
+
 /// Splits a CheckpointPages payload into pages.
 pub(crate) fn page_items(payload: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
     payload.chunks_exact(PAGE_ITEM_LEN).map(|item| {
@@ -925,7 +940,9 @@ impl<R: Read + Seek> TraceReader<R> {
                     ),
                 ));
             }
+            let ram_size = self.header.machine.ram_size;
             for (n, bytes) in page_items(&f.payload) {
+                check_page_number(ram_size, n).map_err(|d| self.frame_error(seq, offset, d))?;
                 page(n, bytes);
                 pages += 1;
             }

@@ -3,7 +3,8 @@
 
 use crate::frame::FrameKind;
 use crate::reader::{
-    RawFrame, ReadError, TraceReader, TraceStatus, decode_events, decode_whole, page_items,
+    RawFrame, ReadError, TraceReader, TraceStatus, check_page_number, decode_events, decode_whole,
+    page_items,
 };
 use crate::types::{
     CheckpointIndexEntry, CheckpointMeta, Digest, EventKind, ExitInfo, FrameIndexEntry, Header,
@@ -341,6 +342,7 @@ pub fn verify_with_progress<R: Read + Seek>(
     let (mut events, mut pages, mut frames_checked) = (0u64, 0u64, 0u64);
     let mut last = Position::default();
     let mut run = (0u64, 0u64, 0u64, reader.header_len()); // pages, frames, bytes, first offset
+    let ram_size = reader.header().machine.ram_size;
     let result = walk(reader, |_r, step| {
         match step {
             Step::Bad(seq, offset, detail) => push(Some(seq), Some(offset), detail),
@@ -386,7 +388,12 @@ pub fn verify_with_progress<R: Read + Seek>(
                         run.0 += h.items as u64;
                         run.1 += 1;
                         run.2 += h.compressed_len as u64;
-                        pages += page_items(&frame.payload).count() as u64;
+                        for (n, _) in page_items(&frame.payload) {
+                            pages += 1;
+                            if let Err(d) = check_page_number(ram_size, n) {
+                                push(Some(h.seq), Some(offset), d);
+                            }
+                        }
                         if h.first != h.last {
                             push(
                                 Some(h.seq),
