@@ -45,7 +45,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything else, so that no Ctrl-C or SIGTERM can kill a recording before its
+    // handler exists (see set_stop_signals_blocked).
+    cli::run::set_stop_signals_blocked(true);
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_) | Command::Record(_)) {
+        cli::run::set_stop_signals_blocked(false);
+    }
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::Record(_) | Command::Replay(_)
+    ) {
+        cli::end_quietly_on_closed_stdout();
+    }
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
         Command::Info(args) => cli::info::info(args),

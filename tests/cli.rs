@@ -260,3 +260,52 @@ fn run_reboots_on_reset_unless_no_reboot() {
     );
     assert!(err.contains("guest reset the machine (port 0xcf9"), "{err}");
 }
+
+/// `deja trace info | head` and friends: when stdout's reader has gone away, deja ends
+/// quietly (printing commands by SIGPIPE, as other Unix tools; commands that run guests keep
+/// going and exit with their usual status) and never panics.
+#[test]
+fn a_closed_stdout_ends_deja_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let dir = scratch("epipe");
+    let trace = dir.join("hello.trace");
+    let o = deja(&["record", "--engine", "bt", "guest:hello", "-o", s(&trace)]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let t = s(&trace);
+    let cases: [(&[&str], Option<i32>); 9] = [
+        (&["trace", "info", t], None),
+        (&["trace", "stats", t], None),
+        (&["trace", "verify", t], None),
+        (&["trace", "dump", t], None),
+        (&["guests", "list"], None),
+        (&["info"], None),
+        (&["replay", t], Some(0)),
+        (&["replay", "--serial-out", "-", "--json", t], Some(0)),
+        (
+            &["run", "--engine", "bt", "--json", "-", "guest:hello"],
+            Some(0),
+        ),
+    ];
+    for (args, status) in cases {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe() writes.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe() just returned these descriptors; each is owned exactly once here.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_deja"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(write))
+            .output()
+            .unwrap();
+        let err = text(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        match status {
+            None => assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{args:?}: {err}"),
+            Some(c) => assert_eq!(o.status.code(), Some(c), "{args:?}: {err}"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

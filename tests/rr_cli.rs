@@ -331,6 +331,65 @@ fn sigterm_ends_a_recording_with_a_complete_trace_that_replays() {
     );
 }
 
+/// A SIGTERM that lands while `deja record` is still starting (here: reading a 256 MiB raw
+/// image, long before any recorder or handler thread exists) stays pending and stops the
+/// recording as soon as it starts: the trace is written. Before, it killed deja outright.
+#[test]
+fn a_sigterm_during_start_up_still_leaves_a_trace() {
+    let dir = scratch("early-sigterm");
+    let image = dir.join("big.bin");
+    let trace = dir.join("big.trace");
+    // `jmp $` at the start, then zeros: 256 MiB to read and load before recording starts.
+    let f = std::fs::File::create(&image).unwrap();
+    f.set_len(256 << 20).unwrap();
+    std::fs::write(&image, [0xeb, 0xfe]).unwrap();
+    f.set_len(256 << 20).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_deja"))
+        .args([
+            "record",
+            "--engine",
+            "bt",
+            "--mem",
+            "512M",
+            "--raw",
+            "0x100000",
+            "--mode",
+            "protected",
+            s(&image),
+            "-o",
+            s(&trace),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the new program runs (its name is deja's), main starts within a millisecond or
+    // so; 5 ms later deja is still reading the image.
+    let comm = format!("/proc/{}/comm", child.id());
+    while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "deja") {
+        std::thread::yield_now();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert!(
+        !trace.exists(),
+        "the recording started too soon to test start-up"
+    );
+    // SAFETY: kill with a pid we spawned and a valid signal number.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 130, "stderr: {}", text(&o.stderr));
+    let info = deja(&["trace", "info", s(&trace), "--json"]);
+    assert_eq!(code(&info), 0, "{}", text(&info.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["status"], "Complete", "{v}");
+    assert_eq!(v["outcome"]["exit"]["reason"], "interrupted");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_full_disk_ends_the_recording_and_says_what_was_kept() {
     if !std::path::Path::new("/dev/full").exists() {

@@ -14,6 +14,26 @@ pub mod trace;
 /// deja itself failed (bad arguments beyond clap's checks, unreadable image, engine error).
 pub const EXIT_DEJA_ERROR: u8 = 1;
 
+/// Prints a line to stdout for the commands that run guests (run, record, replay), which
+/// keep SIGPIPE ignored so that a reader going away cannot kill a recording before its
+/// footer is written: the line is dropped when stdout is closed (the exit status still
+/// says how the run ended), instead of `println!`'s panic.
+pub fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
+/// Gives SIGPIPE its default action, for the commands that only print (trace, guests,
+/// info, report, bench): when their reader goes away (`deja trace info | head`) they end
+/// quietly, as other Unix tools do, instead of panicking on a failed print.
+pub fn end_quietly_on_closed_stdout() {
+    // SAFETY: signal() with SIG_DFL installs no handler code; it only resets the action for
+    // SIGPIPE, which Rust's runtime set to SIG_IGN at start-up.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Shown at the end of `--help`.
 pub const EXIT_CODES_HELP: &str = "\
 Exit status of `deja run`:

@@ -369,7 +369,7 @@ fn report(
         });
         let text = serde_json::to_string_pretty(&summary)?;
         if path.as_os_str() == "-" {
-            println!("{text}");
+            super::say(text);
         } else {
             std::fs::write(path, text + "\n")
                 .with_context(|| format!("writing {}", path.display()))?;

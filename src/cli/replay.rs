@@ -184,7 +184,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         && !args.watch.is_empty()
         && let Some(last) = report.watch.last()
     {
-        println!(
+        super::say(format_args!(
             "watch: {} stores into the watched bytes; the last, at icount {} (rip {:#x}), is \
              shown just before it runs by: deja replay --until {} {}",
             report.watch_hits,
@@ -192,15 +192,15 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             last.rip,
             last.icount,
             args.trace.display()
-        );
+        ));
     } else if !args.json && !args.watch.is_empty() {
-        println!("watch: no store touched the watched bytes");
+        super::say("watch: no store touched the watched bytes");
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::say(serde_json::to_string_pretty(&report)?);
     } else {
         match &report.verdict {
-            Verdict::Verified => println!("{report}"),
+            Verdict::Verified => super::say(&report),
             _ => eprintln!("{report}"),
         }
         if let Some(from) = report.started_from {

@@ -178,37 +178,58 @@ pub fn resolve_image(args: &RunArgs) -> anyhow::Result<Image> {
     Ok(Image::from_file(path)?)
 }
 
-/// Stops the run cleanly on the first Ctrl-C or SIGTERM; a second one exits at once.
-pub(crate) fn kick_on_signals(kicker: deja_machine::Kicker) -> anyhow::Result<()> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use, and
-    // pthread_sigmask only changes this thread's mask (threads spawned later inherit it).
+/// SIGINT and SIGTERM, the signals that stop a run cleanly.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            bail!("blocking SIGINT/SIGTERM failed: error {rc}");
-        }
-        std::thread::Builder::new()
-            .name("deja-signals".into())
-            .spawn(move || {
-                let mut first = true;
-                loop {
-                    let mut sig = 0;
-                    // SAFETY: `set` is initialised above and outlives the loop; `sig` is valid.
-                    if libc::sigwait(&set, &mut sig) != 0 {
-                        return;
-                    }
-                    if !first {
-                        std::process::exit(130);
-                    }
-                    first = false;
-                    kicker.kick();
-                }
-            })?;
+        set
     }
+}
+
+/// Blocks or unblocks SIGINT and SIGTERM for this thread (and threads spawned later).
+/// `main` blocks them before anything else, so that a signal in the first milliseconds of
+/// `deja record` stays pending until [`kick_on_signals`] takes it (and the recording it
+/// stops keeps a trace) instead of killing the process; commands without a handler
+/// unblock them again.
+pub(crate) fn set_stop_signals_blocked(blocked: bool) {
+    let set = stop_signals();
+    let how = if blocked {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: `set` is initialised; pthread_sigmask only changes this thread's mask. It
+    // fails only for an invalid `how`, which this is not.
+    unsafe {
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// Stops the run cleanly on the first Ctrl-C or SIGTERM; a second one exits at once.
+pub(crate) fn kick_on_signals(kicker: deja_machine::Kicker) -> anyhow::Result<()> {
+    set_stop_signals_blocked(true);
+    let set = stop_signals();
+    std::thread::Builder::new()
+        .name("deja-signals".into())
+        .spawn(move || {
+            let mut first = true;
+            loop {
+                let mut sig = 0;
+                // SAFETY: `set` is initialised and owned by this thread; `sig` is valid.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    return;
+                }
+                if !first {
+                    std::process::exit(130);
+                }
+                first = false;
+                kicker.kick();
+            }
+        })?;
     Ok(())
 }
 
@@ -325,7 +346,7 @@ fn report(
         });
         let text = serde_json::to_string_pretty(&summary)?;
         if path.as_os_str() == "-" {
-            println!("{text}");
+            super::say(text);
         } else {
             std::fs::write(path, text + "\n")
                 .with_context(|| format!("writing {}", path.display()))?;
