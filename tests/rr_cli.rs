@@ -376,10 +376,8 @@ fn a_sigterm_during_start_up_still_leaves_a_trace() {
         "the recording started too soon to test start-up"
     );
     // SAFETY: kill with a pid we spawned and a valid signal number.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     let o = child.wait_with_output().unwrap();
     assert_eq!(code(&o), 130, "stderr: {}", text(&o.stderr));
     let info = deja(&["trace", "info", s(&trace), "--json"]);
