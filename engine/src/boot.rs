@@ -220,3 +220,55 @@ mod tests {
         assert_eq!(state.cr0 & 1, 0, "real mode");
     }
 }
+
+/// The CPUID answers guest code gets on an engine, ring 0 and ring 3 apart, for each of
+/// [`deja_machine::CpuidTable::probe_leaves`]: bt answers from the table; kvm runs a probe
+/// guest, since a host may answer some leaves itself (PVM answers ring-3 CPUID natively
+/// and overrides leaves 1, 7 and 0xd in ring 0 too). Returns how they were learned and the
+/// two lists.
+pub fn guest_visible_cpuid(
+    engine: EngineKind,
+    table: &deja_machine::CpuidTable,
+) -> Result<GuestVisibleCpuid, String> {
+    match engine {
+        EngineKind::Bt => {
+            let answers: Vec<_> = table
+                .probe_leaves()
+                .into_iter()
+                .map(|(function, index)| {
+                    let [eax, ebx, ecx, edx] = table.lookup(function, index);
+                    deja_machine::cpuid::CpuidEntry {
+                        function,
+                        index,
+                        indexed: true,
+                        eax,
+                        ebx,
+                        ecx,
+                        edx,
+                    }
+                })
+                .collect();
+            Ok(GuestVisibleCpuid {
+                source: "deja's table (bt)".into(),
+                ring0: answers.clone(),
+                ring3: answers,
+            })
+        }
+        EngineKind::Kvm => Ok(GuestVisibleCpuid {
+            source: "a probe guest on this host's kvm".into(),
+            ring0: deja_kvm::probe::guest_cpuid(table, 0)?,
+            ring3: deja_kvm::probe::guest_cpuid(table, 3)?,
+        }),
+    }
+}
+
+/// What [`guest_visible_cpuid`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestVisibleCpuid {
+    /// How the answers were learned.
+    pub source: String,
+    /// As ring-0 code sees them.
+    pub ring0: Vec<deja_machine::cpuid::CpuidEntry>,
+    /// As ring-3 code sees them.
+    pub ring3: Vec<deja_machine::cpuid::CpuidEntry>,
+}

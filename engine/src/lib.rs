@@ -15,7 +15,7 @@
 
 mod boot;
 
-pub use boot::{BuildError, build_vm, build_vm_with_mmu};
+pub use boot::{BuildError, GuestVisibleCpuid, build_vm, build_vm_with_mmu, guest_visible_cpuid};
 /// The bt engine's MMU strategies (`deja run --mmu`), re-exported for [`build_vm_with_mmu`].
 pub use deja_bt::mmu::MmuStrategy;
 

@@ -227,22 +227,49 @@ pub fn machine_info(config: &MachineConfig) -> MachineInfo {
     MachineInfo {
         ram_size: config.ram_size,
         cmdline: config.cmdline.clone(),
-        cpuid: config
-            .cpuid
-            .entries
-            .iter()
-            .map(|e| deja_traces::CpuidEntry {
-                function: e.function,
-                index: e.index,
-                indexed: e.indexed,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect(),
+        cpuid: config.cpuid.entries.iter().map(trace_cpuid_entry).collect(),
         extra: serde_json::to_vec(config).unwrap_or_default(),
     }
+}
+
+/// A CPUID entry in trace terms.
+pub fn trace_cpuid_entry(e: &deja_machine::cpuid::CpuidEntry) -> deja_traces::CpuidEntry {
+    deja_traces::CpuidEntry {
+        function: e.function,
+        index: e.index,
+        indexed: e.indexed,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+    }
+}
+
+/// A CPUID entry of a trace in the machine's terms.
+pub fn machine_cpuid_entry(e: &deja_traces::CpuidEntry) -> deja_machine::cpuid::CpuidEntry {
+    deja_machine::cpuid::CpuidEntry {
+        function: e.function,
+        index: e.index,
+        indexed: e.indexed,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+    }
+}
+
+/// The CPUID answers a guest gets on `engine` with `table`, in trace terms (`None` when
+/// the engine could not be probed; the recording goes on without them).
+pub fn guest_cpuid(
+    engine: deja_engine::EngineKind,
+    table: &deja_machine::CpuidTable,
+) -> Option<deja_traces::GuestCpuid> {
+    let seen = deja_engine::guest_visible_cpuid(engine, table).ok()?;
+    Some(deja_traces::GuestCpuid {
+        source: seen.source,
+        ring0: seen.ring0.iter().map(trace_cpuid_entry).collect(),
+        ring3: seen.ring3.iter().map(trace_cpuid_entry).collect(),
+    })
 }
 
 /// The image's record for the header: name, digest, and its load format.
@@ -456,6 +483,8 @@ impl Recorder {
         };
         header.notes = opts.notes.clone();
         header.on_reset = opts.on_reset;
+        header.guest_cpuid = guest_cpuid(opts.engine, &config.cpuid);
+        header.host_cpu = Some(deja_traces::HostCpu::detect());
         let writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
         let exit_sync = opts.delivery == Delivery::ExitSynchronous;
         let shared = Arc::new(Mutex::new(Shared {

@@ -357,6 +357,96 @@ pub fn resolve_image(
     Ok(image)
 }
 
+/// What a replay of a trace with `header` on `engine` should say before it starts: where
+/// the guest will get other CPUID answers than it got while recording (a guest that tests
+/// those bits can take another path, and the replay then diverges), and whether this host's
+/// CPU differs from the recording host's (x87 transcendentals run on the host FPU).
+pub fn preflight_warnings(header: &Header, engine: EngineKind) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some(recorded) = &header.guest_cpuid {
+        let table = deja_machine::CpuidTable {
+            entries: header
+                .machine
+                .cpuid
+                .iter()
+                .map(deja_recorder::machine_cpuid_entry)
+                .collect(),
+        };
+        match deja_engine::guest_visible_cpuid(engine, &table) {
+            Ok(current) => {
+                for (ring, then, now) in [
+                    (0, &recorded.ring0, &current.ring0),
+                    (3, &recorded.ring3, &current.ring3),
+                ] {
+                    let diffs = cpuid_differences(then, now);
+                    if !diffs.is_empty() {
+                        warnings.push(format!(
+                            "the guest's ring-{ring} CPUID answers differ from the recording's \
+                             (recorded from {}; on {engine} from {}): {}; a guest that tests \
+                             these bits may take another path and the replay diverge",
+                            recorded.source,
+                            current.source,
+                            diffs.join("; ")
+                        ));
+                    }
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "cannot tell whether {engine} gives the guest the CPUID answers it got while \
+                 recording: {e}"
+            )),
+        }
+    }
+    if let Some(then) = &header.host_cpu {
+        let now = deja_traces::HostCpu::detect();
+        if (&then.vendor, then.family, then.model, then.stepping)
+            != (&now.vendor, now.family, now.model, now.stepping)
+        {
+            warnings.push(format!(
+                "recorded on a {then}, replaying on a {now}: x87 transcendental instructions \
+                 (FSIN, FCOS, FPATAN, F2XM1, FYL2X, ...) run on the host FPU and may give other \
+                 results"
+            ));
+        }
+    }
+    warnings
+}
+
+/// The leaves whose answers differ between two probes of the same leaves, as text.
+fn cpuid_differences(
+    then: &[deja_traces::CpuidEntry],
+    now: &[deja_machine::cpuid::CpuidEntry],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in then {
+        let recorded = [t.eax, t.ebx, t.ecx, t.edx];
+        let current = now
+            .iter()
+            .find(|n| (n.function, n.index) == (t.function, t.index))
+            .map(|n| [n.eax, n.ebx, n.ecx, n.edx]);
+        match current {
+            Some(current) if current == recorded => {}
+            Some(current) => {
+                let mut d = format!("leaf {:#x}.{}:", t.function, t.index);
+                for (i, name) in ["eax", "ebx", "ecx", "edx"].iter().enumerate() {
+                    if recorded[i] != current[i] {
+                        d.push_str(&format!(
+                            " {name} {:08x} recorded, {:08x} now",
+                            recorded[i], current[i]
+                        ));
+                    }
+                }
+                out.push(d);
+            }
+            None => out.push(format!(
+                "leaf {:#x}.{}: not probed now",
+                t.function, t.index
+            )),
+        }
+    }
+    out
+}
+
 /// The machine configuration a trace was recorded with.
 pub fn machine_config(header: &Header, trace: &str) -> Result<MachineConfig, ReplayError> {
     state::decode_json(&header.machine.extra, "machine configuration").map_err(|e| {

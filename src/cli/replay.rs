@@ -114,13 +114,16 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let end = reader.footer().map(|f| f.final_position);
-    drop(reader);
     let mmu = args.mmu;
     let engine = match args.engine {
         Some(e) => EngineKind::from(e),
         None if recorded == "bt" => EngineKind::Bt,
         None => EngineKind::Kvm,
     };
+    for warning in deja_replayer::preflight_warnings(reader.header(), engine) {
+        eprintln!("deja: warning: {warning}");
+    }
+    drop(reader);
     let serial_out: Box<dyn Write + Send> = match &args.serial_out {
         Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdout()),
         Some(p) => {

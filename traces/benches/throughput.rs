@@ -21,6 +21,8 @@ fn header() -> Header {
         created_unix_secs: 0,
         notes: Default::default(),
         on_reset: ResetPolicy::Stop,
+        guest_cpuid: None,
+        host_cpu: None,
     }
 }
 

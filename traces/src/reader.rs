@@ -357,11 +357,17 @@ impl<R: Read + Seek> TraceReader<R> {
                 detail: "checksum mismatch".into(),
             });
         }
-        // Headers before version 3 end before `on_reset`: a zero byte is the variant index of
-        // ResetPolicy::Stop, what those recordings did at a reset.
+        // Older headers end early: a zero byte is the variant index of ResetPolicy::Stop (what
+        // recordings before version 3 did at a reset), and of `None` for each Option added
+        // since (version 7: guest CPUID, host CPU).
+        let missing = match version {
+            ..3 => 3,
+            ..crate::GUEST_CPUID_FORMAT => 2,
+            _ => 0,
+        };
         let padded;
-        let body = if version < 3 {
-            padded = [body, &[0u8][..]].concat();
+        let body = if missing > 0 {
+            padded = [body, &[0u8; 3][..missing]].concat();
             &padded[..]
         } else {
             body

@@ -143,6 +143,36 @@ impl fmt::Display for TraceInfo {
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "none".into())
         )?;
+        if let Some(seen) = &h.guest_cpuid {
+            for (ring, answers) in [(0, &seen.ring0), (3, &seen.ring3)] {
+                // Leaves the table lists whose answer the guest saw otherwise.
+                let differ: Vec<String> = answers
+                    .iter()
+                    .filter(|a| {
+                        h.machine.cpuid.iter().any(|t| {
+                            t.function == a.function
+                                && (!t.indexed || t.index == a.index)
+                                && (t.eax, t.ebx, t.ecx, t.edx) != (a.eax, a.ebx, a.ecx, a.edx)
+                        })
+                    })
+                    .map(|a| format!("{:#x}.{}", a.function, a.index))
+                    .collect();
+                let verdict = if differ.is_empty() {
+                    "as the table".to_string()
+                } else {
+                    format!("other than the table in leaves {}", differ.join(", "))
+                };
+                writeln!(
+                    f,
+                    "guest CPUID  ring {ring}: {} leaves probed, {verdict} (from {})",
+                    answers.len(),
+                    seen.source
+                )?;
+            }
+        }
+        if let Some(cpu) = &h.host_cpu {
+            writeln!(f, "host CPU     {cpu}")?;
+        }
         for (k, v) in &h.notes {
             writeln!(f, "note         {k} = {v}")?;
         }

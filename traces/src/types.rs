@@ -156,6 +156,105 @@ pub struct CpuidEntry {
     pub edx: u32,
 }
 
+/// The CPUID answers the guest actually got while recording, ring 0 and ring 3 apart: a
+/// host may answer some leaves itself whatever table deja gives it (KVM under PVM answers
+/// ring-3 CPUID natively, and overrides some leaves in ring 0 too), and a guest that sees
+/// other feature bits can take other paths on another engine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestCpuid {
+    /// How the answers were learned (e.g. "a probe guest on kvm", "deja's table (bt)").
+    pub source: String,
+    /// Each probed leaf as ring-0 code saw it.
+    pub ring0: Vec<CpuidEntry>,
+    /// Each probed leaf as ring-3 code saw it.
+    pub ring3: Vec<CpuidEntry>,
+}
+
+/// The host CPU a trace was recorded on. Guest-visible results can depend on it even on
+/// bt (x87 transcendentals run on the host FPU), so a replay on another model warns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCpu {
+    /// CPUID vendor string ("GenuineIntel", "AuthenticAMD").
+    pub vendor: String,
+    /// Display family (base + extended).
+    pub family: u32,
+    /// Display model (base + extended).
+    pub model: u32,
+    /// Stepping.
+    pub stepping: u32,
+    /// The brand string.
+    pub name: String,
+}
+
+impl HostCpu {
+    /// This machine's CPU, from the CPUID instruction.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::__cpuid;
+            let words =
+                |r: [u32; 4]| -> Vec<u8> { r.iter().flat_map(|w| w.to_le_bytes()).collect() };
+            let text = |b: &[u8]| {
+                String::from_utf8_lossy(b)
+                    .trim_matches(char::from(0))
+                    .trim()
+                    .to_string()
+            };
+            // CPUID exists on every x86-64 CPU (safe to call since Rust 1.87).
+            let leaf = |f: u32| __cpuid(f);
+            let l0 = leaf(0);
+            let vendor = text(&words([l0.ebx, l0.edx, l0.ecx, 0])[..12]);
+            let l1 = leaf(1);
+            let base_family = (l1.eax >> 8) & 0xf;
+            let family = base_family
+                + if base_family == 0xf {
+                    (l1.eax >> 20) & 0xff
+                } else {
+                    0
+                };
+            let model = ((l1.eax >> 4) & 0xf)
+                | if base_family == 0x6 || base_family == 0xf {
+                    ((l1.eax >> 16) & 0xf) << 4
+                } else {
+                    0
+                };
+            let name = if leaf(0x8000_0000).eax >= 0x8000_0004 {
+                let mut b = Vec::new();
+                for f in 0x8000_0002..=0x8000_0004 {
+                    let r = leaf(f);
+                    b.extend(words([r.eax, r.ebx, r.ecx, r.edx]));
+                }
+                text(&b)
+            } else {
+                String::new()
+            };
+            Self {
+                vendor,
+                family,
+                model,
+                stepping: l1.eax & 0xf,
+                name,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Self::default()
+    }
+}
+
+impl std::fmt::Display for HostCpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} family {:#x} model {:#x} stepping {}",
+            self.vendor, self.family, self.model, self.stepping
+        )?;
+        if !self.name.is_empty() {
+            write!(f, " ({})", self.name)?;
+        }
+        Ok(())
+    }
+}
+
 /// The machine configuration the run was recorded with.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineInfo {
@@ -234,6 +333,11 @@ pub struct Header {
     /// What a guest reset did. Format version 3 (older headers end before it and read as
     /// [`ResetPolicy::Stop`]).
     pub on_reset: ResetPolicy,
+    /// The CPUID answers the guest got. Format version 7 ([`crate::GUEST_CPUID_FORMAT`];
+    /// older headers read as `None`).
+    pub guest_cpuid: Option<GuestCpuid>,
+    /// The recording host's CPU. Format version 7 (older headers read as `None`).
+    pub host_cpu: Option<HostCpu>,
 }
 
 impl Header {
@@ -255,6 +359,8 @@ impl Header {
             created_unix_secs,
             notes: BTreeMap::new(),
             on_reset: ResetPolicy::Stop,
+            guest_cpuid: None,
+            host_cpu: None,
         }
     }
 }

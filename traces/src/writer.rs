@@ -661,18 +661,55 @@ mod tests {
         );
     }
 
-    /// A format 2 file header: this build's header without its last field (`on_reset`),
-    /// under version 2, with its checksum.
-    fn format2_file_header(header: &Header) -> Vec<u8> {
+    /// A file header of an older `version`: this build's header (with the policy Stop, no
+    /// guest CPUID and no host CPU: the zero bytes that end it) without the fields that
+    /// version lacks, with its checksum.
+    fn old_file_header(header: &Header, version: u32) -> Vec<u8> {
         let mut body = bincode::serde::encode_to_vec(header, crate::bincode_config()).unwrap();
-        assert_eq!(body.pop(), Some(0), "ResetPolicy::Stop is the last byte");
+        let missing = if version < 3 { 3 } else { 2 };
+        for _ in 0..missing {
+            assert_eq!(
+                body.pop(),
+                Some(0),
+                "the fields a version lacks end in zeros"
+            );
+        }
         let mut out = crate::FILE_MAGIC.to_vec();
-        out.extend_from_slice(&2u32.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(&body);
         let sum = crate::checksum64(&[&out[8..]]);
         out.extend_from_slice(&sum.to_le_bytes());
         out
+    }
+
+    #[test]
+    fn headers_before_format_7_read_without_guest_cpuid_or_host_cpu() {
+        use crate::{ClockMode, Delivery, GuestCpuid, HostCpu, MachineInfo, TraceReader};
+        let mut header = Header::new(
+            "bt",
+            ClockMode::Virtual,
+            Delivery::InstructionExact,
+            MachineInfo::default(),
+        );
+        for version in 3..crate::GUEST_CPUID_FORMAT {
+            let r = TraceReader::new(
+                std::io::Cursor::new(old_file_header(&header, version)),
+                "old.trace",
+            )
+            .unwrap();
+            assert_eq!(r.format_version(), version);
+            assert_eq!(*r.header(), header);
+        }
+        header.guest_cpuid = Some(GuestCpuid {
+            source: "test".into(),
+            ..GuestCpuid::default()
+        });
+        header.host_cpu = Some(HostCpu::detect());
+        assert!(!header.host_cpu.as_ref().unwrap().vendor.is_empty());
+        let new = encode_file_header(&header).unwrap();
+        let r = TraceReader::new(std::io::Cursor::new(new), "new.trace").unwrap();
+        assert_eq!(*r.header(), header);
     }
 
     #[test]
@@ -690,7 +727,7 @@ mod tests {
         );
         header.notes.insert("command".into(), "deja record".into());
         assert_eq!(header.on_reset, ResetPolicy::Stop);
-        let old = format2_file_header(&header);
+        let old = old_file_header(&header, 2);
         let r = TraceReader::new(std::io::Cursor::new(old), "old.trace").unwrap();
         assert_eq!(r.format_version(), 2);
         assert_eq!(*r.header(), header);

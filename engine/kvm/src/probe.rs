@@ -87,18 +87,38 @@ fn machine() -> Result<Machine, String> {
 
 /// Runs `code` from `state` until its first device access.
 fn run_probe(code: &[u8], make_state: impl FnOnce(&Machine) -> CpuState) -> Outcome {
+    run_probe_then(code, make_state, |_| ()).0
+}
+
+/// [`run_probe`], then `after` on the machine (to read what the probe wrote).
+fn run_probe_then<R>(
+    code: &[u8],
+    make_state: impl FnOnce(&Machine) -> CpuState,
+    after: impl FnOnce(&Machine) -> R,
+) -> (Outcome, Option<R>) {
     let mut m = match machine() {
         Ok(m) => m,
-        Err(e) => return Outcome::Failed(e),
+        Err(e) => return (Outcome::Failed(e), None),
     };
-    let mut cpu = match KvmCpu::new(&m) {
+    let outcome = run_probe_on(&mut m, code, make_state);
+    let r = after(&m);
+    (outcome, Some(r))
+}
+
+fn run_probe_on(
+    m: &mut Machine,
+    code: &[u8],
+    make_state: impl FnOnce(&Machine) -> CpuState,
+) -> Outcome {
+    let m = &mut *m;
+    let mut cpu = match KvmCpu::new(m) {
         Ok(c) => c,
         Err(e) => return Outcome::Failed(e.to_string()),
     };
     if let Err(e) = m.mem.write_slice(code, GuestAddress(CODE)) {
         return Outcome::Failed(e.to_string());
     }
-    let state = make_state(&m);
+    let state = make_state(m);
     if let Err(e) = cpu.set_state(&state) {
         return Outcome::Failed(e.to_string());
     }
@@ -110,7 +130,7 @@ fn run_probe(code: &[u8], make_state: impl FnOnce(&Machine) -> CpuState) -> Outc
         }
     });
     let started = Instant::now();
-    let result = cpu.run(&mut m, Limit::default());
+    let result = cpu.run(m, Limit::default());
     let elapsed = started.elapsed();
     drop(tx);
     let _ = watchdog.join();
@@ -206,6 +226,74 @@ fn per_instruction(elapsed: Duration, instructions: u64) -> String {
     }
 }
 
+/// Where the CPUID probe reads its (function, subleaf) pairs and writes the answers.
+const CPUID_INPUTS: u64 = 0x3000;
+const CPUID_OUTPUTS: u64 = 0x8000;
+
+/// For each (EAX, ECX) pair at CPUID_INPUTS, CPUID and store EAX..EDX at CPUID_OUTPUTS:
+/// `mov esi, in; mov edi, out; mov ebp, n; 1: mov eax, [rsi]; mov ecx, [rsi+4]; cpuid;
+/// mov [rdi], eax; mov [rdi+4], ebx; mov [rdi+8], ecx; mov [rdi+12], edx; add rsi, 8;
+/// add rdi, 16; dec ebp; jnz 1b; out dx, al`.
+fn cpuid_code(n: u32) -> Vec<u8> {
+    let mut c = vec![0xbe];
+    c.extend_from_slice(&(CPUID_INPUTS as u32).to_le_bytes());
+    c.push(0xbf);
+    c.extend_from_slice(&(CPUID_OUTPUTS as u32).to_le_bytes());
+    c.push(0xbd);
+    c.extend_from_slice(&n.to_le_bytes());
+    c.extend_from_slice(&[
+        0x8b, 0x06, 0x8b, 0x4e, 0x04, 0x0f, 0xa2, 0x89, 0x07, 0x89, 0x5f, 0x04, 0x89, 0x4f, 0x08,
+        0x89, 0x57, 0x0c, 0x48, 0x83, 0xc6, 0x08, 0x48, 0x83, 0xc7, 0x10, 0xff, 0xcd, 0x75, 0xe2,
+        0xee,
+    ]);
+    c
+}
+
+/// What CPUID answers guest code at privilege level `cpl` (0 or 3, in long mode) on this
+/// host's KVM with `table` set, for each of [`CpuidTable::probe_leaves`].
+pub fn guest_cpuid(
+    table: &deja_machine::CpuidTable,
+    cpl: u8,
+) -> Result<Vec<deja_machine::cpuid::CpuidEntry>, String> {
+    let leaves = table.probe_leaves();
+    let mut m = machine()?;
+    m.config.cpuid = table.clone();
+    let mut inputs = Vec::new();
+    for &(f, i) in &leaves {
+        inputs.extend_from_slice(&f.to_le_bytes());
+        inputs.extend_from_slice(&i.to_le_bytes());
+    }
+    m.mem
+        .write_slice(&inputs, GuestAddress(CPUID_INPUTS))
+        .map_err(|e| e.to_string())?;
+    match run_probe_on(&mut m, &cpuid_code(leaves.len() as u32), |m| {
+        long_mode(m, cpl)
+    }) {
+        Outcome::Finished(..) => {}
+        Outcome::Failed(e) => return Err(e),
+    }
+    let mut out = vec![0u8; leaves.len() * 16];
+    m.mem
+        .read_slice(&mut out, GuestAddress(CPUID_OUTPUTS))
+        .map_err(|e| e.to_string())?;
+    Ok(leaves
+        .iter()
+        .zip(out.chunks_exact(16))
+        .map(|(&(function, index), r)| {
+            let w = |k: usize| u32::from_le_bytes([r[k], r[k + 1], r[k + 2], r[k + 3]]);
+            deja_machine::cpuid::CpuidEntry {
+                function,
+                index,
+                indexed: true,
+                eax: w(0),
+                ebx: w(4),
+                ecx: w(8),
+                edx: w(12),
+            }
+        })
+        .collect())
+}
+
 /// Runs every probe and reports what each showed. Takes about 0.1 s on a PVM host.
 pub fn probe_guests(cpuid: &deja_machine::CpuidTable) -> Vec<Fact> {
     let mut out = Vec::new();
@@ -256,37 +344,28 @@ pub fn probe_guests(cpuid: &deja_machine::CpuidTable) -> Vec<Fact> {
             },
         ));
     }
-    // CPUID leaf 0 in ring 0 and ring 3: xor eax,eax; xor ecx,ecx; cpuid; out dx,al.
-    let cpuid_code = [0x31, 0xc0, 0x31, 0xc9, 0x0f, 0xa2, 0xee];
-    let ours = cpuid.lookup(0, 0);
-    let mut want = Vec::new();
-    for r in [ours[1], ours[3], ours[2]] {
-        want.extend_from_slice(&r.to_le_bytes());
-    }
-    let want_text = String::from_utf8_lossy(&want).into_owned();
+    // Every leaf of deja's table (and the basic leaves up to 0xd) in ring 0 and ring 3.
     for cpl in [0u8, 3] {
-        out.push(detected(
-            match run_probe(&cpuid_code, |m| long_mode(m, cpl)) {
-                Outcome::Finished(s, _) => {
-                    let mut vendor = Vec::new();
-                    for r in [gpr::RBX, gpr::RDX, gpr::RCX] {
-                        vendor.extend_from_slice(&(s.gpr[r] as u32).to_le_bytes());
-                    }
-                    let seen = String::from_utf8_lossy(&vendor).into_owned();
-                    if vendor == want {
-                        format!(
-                            "guest ring-{cpl} CPUID answers from deja's table (vendor {seen:?})"
-                        )
-                    } else {
-                        format!(
-                            "guest ring-{cpl} CPUID is not intercepted: it answered vendor \
-                             {seen:?}, deja's table says {want_text:?}"
-                        )
-                    }
+        out.push(detected(match guest_cpuid(cpuid, cpl) {
+            Ok(seen) => {
+                let diffs = cpuid.differences(&seen);
+                if diffs.is_empty() {
+                    format!(
+                        "guest ring-{cpl} CPUID answers from deja's table ({} leaves probed)",
+                        seen.len()
+                    )
+                } else {
+                    let list: Vec<String> = diffs.iter().map(|d| d.to_string()).collect();
+                    format!(
+                        "guest ring-{cpl} CPUID: the host overrides {} of {} leaves probed: {}",
+                        diffs.len(),
+                        seen.len(),
+                        list.join("; ")
+                    )
                 }
-                Outcome::Failed(e) => format!("guest ring-{cpl} CPUID could not be probed: {e}"),
-            },
-        ));
+            }
+            Err(e) => format!("guest ring-{cpl} CPUID could not be probed: {e}"),
+        }));
     }
     out.push(detected(
         match machine().and_then(|m| KvmCpu::new(&m).map_err(|e| e.to_string())) {
@@ -329,6 +408,16 @@ pub fn probe_guests(cpuid: &deja_machine::CpuidTable) -> Vec<Fact> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpuid_code_loops_back_to_its_first_load() {
+        let c = cpuid_code(3);
+        assert_eq!(c.len(), 15 + 31);
+        // The JNZ's target is the `mov eax, [rsi]` right after the three moves.
+        let jnz = c.len() - 3;
+        assert_eq!(c[jnz], 0x75);
+        assert_eq!(jnz as i64 + 2 + i64::from(c[jnz + 1] as i8), 15);
+    }
 
     #[test]
     fn loop_code_encodes_a_countdown() {

@@ -65,6 +65,35 @@ pub mod features {
     pub const LM: u32 = 1 << 29;
 }
 
+/// One leaf whose answer a guest saw differs from the table's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuidDifference {
+    /// EAX input.
+    pub function: u32,
+    /// ECX input.
+    pub index: u32,
+    /// EAX..EDX as the table answers.
+    pub table: [u32; 4],
+    /// EAX..EDX as the guest saw them.
+    pub seen: [u32; 4],
+}
+
+impl std::fmt::Display for CpuidDifference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "leaf {:#x}.{}:", self.function, self.index)?;
+        for (i, name) in ["eax", "ebx", "ecx", "edx"].iter().enumerate() {
+            if self.table[i] != self.seen[i] {
+                write!(
+                    f,
+                    " {name} {:08x} (table {:08x})",
+                    self.seen[i], self.table[i]
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole table.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CpuidTable {
@@ -169,6 +198,36 @@ impl CpuidTable {
         self.find(function, index)
             .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
             .unwrap_or([0; 4])
+    }
+
+    /// The leaves (function, subleaf) a probe of the guest-visible CPUID asks: every entry
+    /// of the table, and the basic leaves up to 0xd (XSAVE, subleaves 0 and 1), which hosts
+    /// answer themselves on some hypervisors although this table stops below them.
+    pub fn probe_leaves(&self) -> Vec<(u32, u32)> {
+        let mut leaves: Vec<(u32, u32)> =
+            self.entries.iter().map(|e| (e.function, e.index)).collect();
+        leaves.extend((1..=0xd).map(|f| (f, 0)));
+        leaves.push((0xd, 1));
+        leaves.sort_unstable();
+        leaves.dedup();
+        leaves
+    }
+
+    /// Where answers a guest saw (`seen`, one entry per leaf asked) differ from this
+    /// table's.
+    pub fn differences(&self, seen: &[CpuidEntry]) -> Vec<CpuidDifference> {
+        seen.iter()
+            .filter_map(|e| {
+                let table = self.lookup(e.function, e.index);
+                let seen = [e.eax, e.ebx, e.ecx, e.edx];
+                (table != seen).then_some(CpuidDifference {
+                    function: e.function,
+                    index: e.index,
+                    table,
+                    seen,
+                })
+            })
+            .collect()
     }
 
     /// Whether a feature bit is set in a leaf's register (0 = EAX .. 3 = EDX).

@@ -58,6 +58,26 @@ pub fn header() -> Header {
         created_unix_secs: 1_700_000_000,
         notes,
         on_reset: ResetPolicy::Reboot,
+        guest_cpuid: Some(GuestCpuid {
+            source: "a probe guest".into(),
+            ring0: vec![CpuidEntry {
+                function: 1,
+                index: 0,
+                indexed: true,
+                eax: 0x306a9,
+                ebx: 0x10800,
+                ecx: 0xf7f8_3203,
+                edx: 0x178b_fbff,
+            }],
+            ring3: Vec::new(),
+        }),
+        host_cpu: Some(HostCpu {
+            vendor: "AuthenticAMD".into(),
+            family: 0x19,
+            model: 0x11,
+            stepping: 1,
+            name: "AMD EPYC".into(),
+        }),
     }
 }
 
