@@ -360,10 +360,12 @@ impl<R: Read + Seek> TraceReader<R> {
         // Older headers end early: a zero byte is the variant index of ResetPolicy::Stop (what
         // recordings before version 3 did at a reset), and of `None` for each Option added
         // since (version 7: guest CPUID, host CPU).
-        let missing = match version {
-            ..3 => 3,
-            ..crate::GUEST_CPUID_FORMAT => 2,
-            _ => 0,
+        let missing = if version < 3 {
+            3
+        } else if version < crate::GUEST_CPUID_FORMAT {
+            2
+        } else {
+            0
         };
         let padded;
         let body = if missing > 0 {
