@@ -1,0 +1,96 @@
+//! Hostile guests (issue #14): instructions that would run for minutes must still stop
+//! promptly when the engine is kicked (a timeout, Ctrl-C), at an iteration boundary with
+//! architecturally correct state.
+
+mod common;
+
+use common::*;
+use deja_machine::{Cpu, Exit, Limit};
+use iced_x86::code_asm::*;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Runs `code` (32-bit protected mode at 0x2000) on bt, kicks it after `after`, and returns
+/// the exit, the final state and icount; panics if the run does not come back within a
+/// minute (before the fix, a REP string instruction whose elements are device exits held the
+/// kick back until its last element: billions of them).
+fn kicked_run(code: Vec<u8>, after: Duration) -> (Exit, deja_machine::CpuState, u64, u64) {
+    let (tx, rx) = mpsc::channel();
+    let (ktx, krx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut m, _log, _lines) = machine();
+        let s = protected_mode_state(&m, 0x2000);
+        load(&m, 0x2000, &code);
+        let mut c = cpu(&m, &s);
+        ktx.send(c.kicker()).unwrap();
+        let exit = c.run(&mut m, Limit::default()).unwrap();
+        let _ = tx.send((exit, c.state().unwrap(), c.icount(), m.position().exits));
+    });
+    let kicker = krx.recv().unwrap();
+    std::thread::sleep(after);
+    kicker.kick();
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the kicked run did not stop within a minute")
+}
+
+/// The address of the REP-prefixed instruction in `code` (at 0x2000) and how many
+/// instructions come before it.
+fn rep_at(code: &[u8]) -> (u64, u64) {
+    let d = iced_x86::Decoder::with_ip(32, code, 0x2000, iced_x86::DecoderOptions::NONE);
+    let insns: Vec<_> = d.into_iter().collect();
+    let i = insns.iter().position(|i| i.has_rep_prefix()).unwrap();
+    (insns[i].ip(), i as u64)
+}
+
+#[test]
+fn a_kick_stops_a_rep_movsb_of_4g_elements_between_two_iterations() {
+    // ECX = 0xffffffff from RAM into RAM, then on past the end of the 16 MiB of RAM, where
+    // every element is an (unmapped) device access and the instruction one exit group.
+    let code = asm(32, 0x2000, |a| {
+        a.cld().unwrap();
+        a.mov(esi, 0x10_0000).unwrap();
+        a.mov(edi, 0x80_0000).unwrap();
+        a.mov(ecx, 0xffff_ffffu32).unwrap();
+        a.rep().movsb().unwrap();
+        a.hlt().unwrap();
+    });
+    let (rep_ip, before) = rep_at(&code);
+    for after in [Duration::from_millis(20), Duration::from_millis(1500)] {
+        let (exit, st, icount, exits) = kicked_run(code.clone(), after);
+        assert_eq!(exit, Exit::Kicked, "kicked after {after:?}");
+        // Not retired: RIP at the REP MOVSB, the instructions before it counted.
+        assert_eq!(st.rip, rep_ip, "kicked after {after:?}");
+        assert_eq!(icount, before, "kicked after {after:?}");
+        let done = 0xffff_ffffu64 - st.gpr[1];
+        assert!(
+            done > 0 && done < 0xffff_ffff / 2,
+            "kicked after {after:?}: {done} elements done"
+        );
+        assert_eq!(st.gpr[6], 0x10_0000 + done, "ESI after {done} elements");
+        assert_eq!(st.gpr[7], 0x80_0000 + done, "EDI after {done} elements");
+        if after > Duration::from_secs(1) {
+            assert!(exits > 0, "past the end of RAM: device exits");
+        }
+    }
+}
+
+#[test]
+fn a_kick_stops_a_long_rep_outsb_between_two_elements() {
+    let code = asm(32, 0x2000, |a| {
+        a.cld().unwrap();
+        a.mov(dx, TEST_PORT as u32).unwrap();
+        a.mov(esi, 0x10_0000).unwrap();
+        a.mov(ecx, 0x4000_0000u32).unwrap();
+        a.rep().outsb().unwrap();
+        a.hlt().unwrap();
+    });
+    let (rep_ip, before) = rep_at(&code);
+    let (exit, st, icount, exits) = kicked_run(code, Duration::from_millis(300));
+    assert_eq!(exit, Exit::Kicked);
+    assert_eq!(st.rip, rep_ip, "RIP still at the REP OUTSB");
+    assert_eq!(icount, before);
+    let done = 0x4000_0000u64 - st.gpr[1];
+    assert!(done > 0 && done < 0x4000_0000, "{done} elements done");
+    assert_eq!(exits, done, "one device exit per element");
+    assert_eq!(st.gpr[6], 0x10_0000 + done);
+}
