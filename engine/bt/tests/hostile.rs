@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use deja_bt::BtCpu;
 use deja_machine::{Cpu, Exit, Limit};
 use iced_x86::code_asm::*;
 use std::sync::mpsc;
@@ -93,4 +94,80 @@ fn a_kick_stops_a_long_rep_outsb_between_two_elements() {
     assert!(done > 0 && done < 0x4000_0000, "{done} elements done");
     assert_eq!(exits, done, "one device exit per element");
     assert_eq!(st.gpr[6], 0x10_0000 + done);
+}
+
+/// Where the test ROM goes: the top 64 KiB below 4 GiB, as a `--bios` image is mapped.
+const ROM_AT: u64 = 0xffff_0000;
+/// Where the ROM guest stores what it read.
+const OUT: u64 = 0x6000;
+
+/// A 64 KiB ROM whose bytes all differ from their neighbours (no 0xff runs).
+fn rom_bytes() -> Vec<u8> {
+    (0..0x1_0000u32)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9) >> 24) as u8 ^ 0x5a)
+        .collect()
+}
+
+#[test]
+fn data_reads_of_the_firmware_rom_at_4g_return_its_bytes_under_every_mmu() {
+    // Long mode with 0xc000_0000..0x1_0000_0000 identity-mapped too (2 MiB pages): the
+    // guest reads the reset vector's 16 bytes and other ROM bytes as data (8-, 4-, 2- and
+    // 1-byte loads, a REP MOVSB), tries to overwrite one, and reads it back.
+    let code = asm(64, 0x2000, |a| {
+        a.mov(rax, 0xffff_fff0u64).unwrap();
+        a.mov(rbx, qword_ptr(rax)).unwrap();
+        a.mov(qword_ptr(OUT), rbx).unwrap();
+        a.mov(rbx, qword_ptr(rax + 8)).unwrap();
+        a.mov(qword_ptr(OUT + 8), rbx).unwrap();
+        a.mov(rax, ROM_AT + 0x1234).unwrap();
+        a.mov(ebx, dword_ptr(rax)).unwrap();
+        a.mov(dword_ptr(OUT + 0x10), ebx).unwrap();
+        a.mov(bx, word_ptr(rax + 0x10)).unwrap();
+        a.mov(word_ptr(OUT + 0x14), bx).unwrap();
+        a.mov(bl, byte_ptr(rax + 0x20)).unwrap();
+        a.mov(byte_ptr(OUT + 0x16), bl).unwrap();
+        a.mov(rsi, ROM_AT + 0x8000).unwrap();
+        a.mov(edi, (OUT + 0x20) as u32).unwrap();
+        a.mov(ecx, 0x100u32).unwrap();
+        a.rep().movsb().unwrap();
+        // A store to ROM is dropped.
+        a.mov(byte_ptr(rax), 0).unwrap();
+        a.mov(bl, byte_ptr(rax)).unwrap();
+        a.mov(byte_ptr(OUT + 0x17), bl).unwrap();
+        a.hlt().unwrap();
+    });
+    let rom = rom_bytes();
+    let mut expected = Vec::new();
+    expected.extend_from_slice(&rom[0xfff0..0x1_0000]);
+    expected.extend_from_slice(&rom[0x1234..0x1238]);
+    expected.extend_from_slice(&rom[0x1244..0x1246]);
+    expected.push(rom[0x1254]);
+    expected.push(rom[0x1234]);
+    expected.extend_from_slice(&[0; 8]);
+    expected.extend_from_slice(&rom[0x8000..0x8100]);
+    for strategy in deja_bt::mmu::MmuStrategy::ALL {
+        let (mut m, _log, _lines) = machine();
+        m.add_rom(ROM_AT, &rom).unwrap();
+        let s = long_mode_state(&m, 0x2000);
+        let pdpt = PML4 + 0x1000;
+        let pd_high = PML4 + 0x3000;
+        load(&m, pdpt + 3 * 8, &(pd_high | 7).to_le_bytes());
+        let pdes: Vec<u8> = (0..512u64)
+            .flat_map(|i| ((0xc000_0000 + (i << 21)) | 0x87).to_le_bytes())
+            .collect();
+        load(&m, pd_high, &pdes);
+        load(&m, 0x2000, &code);
+        let mut c = BtCpu::new(&m).unwrap();
+        c.set_mmu(Box::new(deja_bt::paging::MmuAdapter(
+            strategy.create().unwrap(),
+        )));
+        c.set_state(&s).unwrap();
+        assert_eq!(run(&mut c, &mut m, 1000), Exit::Halted, "{strategy}");
+        assert_eq!(
+            peek(&m, OUT, expected.len()),
+            expected,
+            "{strategy}: ROM bytes as read (reset vector, loads, REP MOVSB, after a store)"
+        );
+        assert_eq!(m.stats().get("io.unmapped_mmio"), 0, "{strategy}");
+    }
 }
