@@ -171,3 +171,173 @@ fn data_reads_of_the_firmware_rom_at_4g_return_its_bytes_under_every_mmu() {
         assert_eq!(m.stats().get("io.unmapped_mmio"), 0, "{strategy}");
     }
 }
+
+/// A non-canonical address (bit 47 clear, bits 63:48 not all equal to it).
+const NON_CANONICAL: u64 = 0x0000_8000_0000_1000;
+/// Where the #GP handler of [`branch_fault`] records the frame.
+const FRAME_OUT: u64 = 0x7000;
+/// The #GP handler.
+const GP_HANDLER: u64 = 0x4800;
+/// The branch's memory operands (far pointers, IRETQ/RETFQ frames are built on the stack).
+const POINTER: u64 = 0x6800;
+
+/// Runs `body` (ring 0, 64-bit, RSP = 0x8000) whose instruction at the label it returns
+/// must raise #GP(0); returns (error code, saved RIP, saved CS, saved RSP, the label's RIP).
+fn branch_fault(
+    body: impl FnOnce(&mut CodeAssembler) -> CodeLabel,
+) -> Result<(u64, u64, u64, u64, u64), Exit> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let branch = body(&mut a);
+    a.hlt().unwrap();
+    let result = a
+        .assemble_options(
+            0x2000,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .unwrap();
+    let branch_ip = result.label_ip(&branch).unwrap();
+    let code = result.inner.code_buffer;
+    let handler = asm(64, GP_HANDLER, |a| {
+        // Error code, RIP, CS and (past RFLAGS) RSP of the frame.
+        for (i, at) in [0, 8, 16, 32].into_iter().enumerate() {
+            a.mov(rax, qword_ptr(rsp + at)).unwrap();
+            a.mov(qword_ptr(FRAME_OUT + 8 * i as u64), rax).unwrap();
+        }
+        a.hlt().unwrap();
+    });
+    let (mut m, _log, _lines) = machine();
+    let mut s = long_mode_state(&m, 0x2000);
+    s.gpr[4] = 0x8000;
+    load(&m, 0x2000, &code);
+    load(&m, GP_HANDLER, &handler);
+    load(&m, IDT + 13 * 16, &gate64(GP_HANDLER, 0x18, 0));
+    let mut c = cpu(&m, &s);
+    let exit = run(&mut c, &mut m, 1000);
+    if exit != Exit::Halted {
+        return Err(exit);
+    }
+    let f: Vec<u64> = (0..4)
+        .map(|i| u64::from_le_bytes(peek(&m, FRAME_OUT + 8 * i, 8).try_into().unwrap()))
+        .collect();
+    Ok((f[0], f[1], f[2], f[3], branch_ip))
+}
+
+#[test]
+fn branches_to_non_canonical_targets_fault_at_the_branch_with_state_unchanged() {
+    // SDM: JMP/CALL far, RET far, IRET (64-bit mode), near JMP/CALL/RET and SYSRET/SYSEXIT
+    // raise #GP(0) when the target RIP is non-canonical, before changing any state: the
+    // frame holds the branch's own RIP, CS 0x18 and the RSP it started with.
+    type Case = (&'static str, fn(&mut CodeAssembler) -> CodeLabel);
+    let cases: &[Case] = &[
+        ("jmp far m16:64", |a| {
+            let mut l = a.create_label();
+            a.mov(rax, NON_CANONICAL).unwrap();
+            a.mov(qword_ptr(POINTER), rax).unwrap();
+            a.mov(word_ptr(POINTER + 8), 0x18).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.jmp(tword_ptr(POINTER)).unwrap();
+            l
+        }),
+        ("call far m16:64", |a| {
+            let mut l = a.create_label();
+            a.mov(rax, NON_CANONICAL).unwrap();
+            a.mov(qword_ptr(POINTER), rax).unwrap();
+            a.mov(word_ptr(POINTER + 8), 0x18).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.call(tword_ptr(POINTER)).unwrap();
+            l
+        }),
+        ("iretq", |a| {
+            let mut l = a.create_label();
+            a.mov(rax, rsp).unwrap();
+            a.push(0x10).unwrap();
+            a.push(rax).unwrap();
+            a.pushfq().unwrap();
+            a.push(0x18).unwrap();
+            a.mov(rax, NON_CANONICAL).unwrap();
+            a.push(rax).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.iretq().unwrap();
+            l
+        }),
+        ("retfq", |a| {
+            let mut l = a.create_label();
+            a.push(0x18).unwrap();
+            a.mov(rax, NON_CANONICAL).unwrap();
+            a.push(rax).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.db(&[0x48, 0xcb]).unwrap(); // REX.W RETF
+            l
+        }),
+        ("jmp rax", |a| {
+            let mut l = a.create_label();
+            a.mov(rax, NON_CANONICAL).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.jmp(rax).unwrap();
+            l
+        }),
+        ("call rax", |a| {
+            let mut l = a.create_label();
+            a.mov(rax, NON_CANONICAL).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.call(rax).unwrap();
+            l
+        }),
+        ("ret", |a| {
+            let mut l = a.create_label();
+            a.mov(rax, NON_CANONICAL).unwrap();
+            a.push(rax).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.ret().unwrap();
+            l
+        }),
+        ("sysret (rcx)", |a| {
+            let mut l = a.create_label();
+            a.mov(ecx, 0xc000_0080u32).unwrap(); // EFER.SCE
+            a.rdmsr().unwrap();
+            a.or(eax, 1).unwrap();
+            a.wrmsr().unwrap();
+            a.mov(rcx, NON_CANONICAL).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.sysretq().unwrap();
+            l
+        }),
+        ("sysexit (rdx)", |a| {
+            let mut l = a.create_label();
+            a.mov(ecx, 0x174u32).unwrap(); // IA32_SYSENTER_CS
+            a.mov(eax, 0x08u32).unwrap();
+            a.xor(edx, edx).unwrap();
+            a.wrmsr().unwrap();
+            a.mov(rdx, NON_CANONICAL).unwrap();
+            a.mov(rcx, 0x8000u64).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.sysexitq().unwrap();
+            l
+        }),
+    ];
+    let mut failures = Vec::new();
+    for (name, body) in cases {
+        // The RSP the branch starts with: what the body pushed below 0x8000.
+        let (error, f_rip, f_cs, f_rsp, at) = match branch_fault(*body) {
+            Ok(frame) => frame,
+            Err(exit) => {
+                failures.push(format!("{name}: the #GP handler never ran: {exit:?}"));
+                continue;
+            }
+        };
+        let pushed = match *name {
+            "iretq" => 40,
+            "retfq" => 16,
+            "ret" => 8,
+            _ => 0,
+        };
+        let want = (0, at, 0x18, 0x8000 - pushed);
+        if (error, f_rip, f_cs, f_rsp) != want {
+            failures.push(format!(
+                "{name}: frame (error, rip, cs, rsp) = ({error:#x}, {f_rip:#x}, {f_cs:#x}, {f_rsp:#x}), \
+                 expected {want:#x?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
