@@ -647,7 +647,7 @@ pub fn replay_with(
     // element.
     let end_exits = footer
         .as_ref()
-        .filter(|_| stop_at_end && counts)
+        .filter(|_| stop_at_end && (counts || exit_sync))
         .map(|f| f.final_position.exits);
     vm.set_stop_exits(end_exits);
     let mut observer = Observer {

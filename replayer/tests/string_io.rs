@@ -569,8 +569,11 @@ fn a_kick_inside_a_rep_ins_stops_the_recording_between_two_elements() {
                 if engine == Engine::Bt {
                     assert_eq!(outcome.run.exits, kicked_at.exits, "{what}");
                 } else {
+                    // kvm stops where its emulator next re-enters the guest: at the end of
+                    // an INS read-ahead batch (at most 1 KiB), not at the instruction's last
+                    // element (exit 3025 and 5528 here, where it stopped before).
                     assert!(
-                        outcome.run.exits >= kicked_at.exits,
+                        (kicked_at.exits..=kicked_at.exits + 1024).contains(&outcome.run.exits),
                         "{what}: kicked at exit {}, stopped at {}",
                         kicked_at.exits,
                         outcome.run.exits
