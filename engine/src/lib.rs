@@ -150,6 +150,7 @@ pub struct Vm {
     next_poll: u64,
     reset_plan: Option<ResetPlan>,
     reboot: bool,
+    stop_exits: Option<u64>,
 }
 
 /// Watches a run between exits; see [`Vm::run_observed`].
@@ -219,7 +220,17 @@ impl Vm {
             next_poll: 0,
             reset_plan: None,
             reboot: false,
+            stop_exits: None,
         }
+    }
+
+    /// Ends the run between two elements of a REP string instruction's exit group once the
+    /// device-exit ordinal has reached `exits`, and makes [`RunOptions::max_instructions`]
+    /// end it only once the ordinal is there too (see [`Limit::stop_at_exits`]): a replay
+    /// stops where a recording was kicked inside an exit group, where the instruction has
+    /// not retired, so the instruction count alone names only its start.
+    pub fn set_stop_exits(&mut self, exits: Option<u64>) {
+        self.stop_exits = exits;
     }
 
     /// Sets what a machine reset re-creates ([`build_vm`] does it).
@@ -318,10 +329,16 @@ impl Vm {
             } else {
                 None
             };
+            // The exit condition goes with the run's own limit, not with a poll's (a poll due
+            // at the same count comes first, as it came in the recording).
+            let stop_at_exits = self
+                .stop_exits
+                .filter(|_| opts.max_instructions.is_none_or(|m| m < self.next_poll));
             let exit = self.cpu.run(
                 &mut self.machine,
                 Limit {
                     stop_at_icount: stop_at,
+                    stop_at_exits,
                 },
             )?;
             self.machine.set_icount(self.cpu.icount());
@@ -343,9 +360,13 @@ impl Vm {
                         self.machine.poll();
                         self.schedule_poll();
                     }
-                    if opts
+                    let exits = self.machine.position().exits;
+                    let at_max = opts
                         .max_instructions
-                        .is_some_and(|m| self.cpu.icount() >= m)
+                        .is_some_and(|m| self.cpu.icount() >= m);
+                    if (at_max && self.stop_exits.is_none_or(|k| exits >= k))
+                        || (opts.max_instructions.is_none()
+                            && self.stop_exits.is_some_and(|k| exits >= k))
                     {
                         break RunEnd::InstructionLimit;
                     }

@@ -762,6 +762,13 @@ pub fn replay_with(
     let end_icount = interrupted_at
         .filter(|_| stop_at_end && counts && !exit_sync)
         .map(|at| at.icount);
+    // A recording kicked between two elements of a REP string instruction stopped inside
+    // its exit group: the instruction count names the instruction, the exit ordinal the
+    // element.
+    let end_exits = interrupted_at
+        .filter(|_| stop_at_end && (counts || exit_sync))
+        .map(|at| at.exits);
+    vm.set_stop_exits(end_exits);
     let mut observer = Observer {
         hooks,
         watch_hits: 0,
@@ -784,8 +791,8 @@ pub fn replay_with(
         &mut observer,
     )?;
     observer.drain_watch(vm.cpu.as_mut());
-    let stopped_at_recorded_end =
-        observer.reached_end || (end_icount.is_some() && run.end == RunEnd::InstructionLimit);
+    let stopped_at_recorded_end = observer.reached_end
+        || ((end_icount.is_some() || end_exits.is_some()) && run.end == RunEnd::InstructionLimit);
     let at = state::trace_position(vm.machine.position());
     let cpu_state = vm.cpu.state()?;
     let final_digest = state_digest(&vm.machine, &cpu_state);

@@ -508,15 +508,20 @@ fn the_string_io_guest_replays_across_engines_on_the_pc_machine() {
     }
 }
 
-/// A kick that lands between two elements of a REP INS waits for the end of its exit group:
-/// the recording stops at an instruction boundary, after the instruction's last element,
-/// and replays verified to exactly there on both engines.
+/// A kick that lands between two elements of a REP INS stops the recording there, inside
+/// the instruction's exit group (bt: right after the element it came in; kvm: where its
+/// emulator next re-enters the guest), with the instruction not retired, and the trace
+/// replays verified to exactly there (issue #14: a long REP string instruction used to hold
+/// a kick back until its last element).
 #[test]
-fn a_kick_inside_a_rep_ins_stops_the_recording_at_the_end_of_its_group() {
+fn a_kick_inside_a_rep_ins_stops_the_recording_between_two_elements() {
     let image = string_guest();
     let cfg = config();
-    let kvm = kvm_available("a_kick_inside_a_rep_ins_stops_the_recording_at_the_end_of_its_group");
-    let mut recordings = vec![(Engine::Bt, Some(Delivery::ExitSynchronous))];
+    let kvm = kvm_available("a_kick_inside_a_rep_ins_stops_the_recording_between_two_elements");
+    let mut recordings = vec![
+        (Engine::Bt, Some(Delivery::ExitSynchronous)),
+        (Engine::Bt, None),
+    ];
     if kvm {
         recordings.push((Engine::Kvm, None));
     }
@@ -557,15 +562,23 @@ fn a_kick_inside_a_rep_ins_stops_the_recording_at_the_end_of_its_group() {
             };
             let kicked_at = kicked_at.lock().unwrap().unwrap();
             if kick_after > 2 {
-                // Kicked between two elements of a long REP INS: the recording went on to
-                // its last element (a kvm replay, which can only stop at group ends, then
-                // verifies that this is one).
-                assert!(
-                    outcome.run.exits > kicked_at.exits,
-                    "{what}: kicked at exit {}, stopped at {}",
-                    kicked_at.exits,
-                    outcome.run.exits
-                );
+                // Kicked between two elements of a long REP INS: the recording stopped inside
+                // it (bt: right after the element whose time read kicked; the replay's
+                // final digest, equal to the recording's, covers RIP still at the REP INS and
+                // the count left), not at its last element.
+                if engine == Engine::Bt {
+                    assert_eq!(outcome.run.exits, kicked_at.exits, "{what}");
+                } else {
+                    // kvm stops where its emulator next re-enters the guest: at the end of
+                    // an INS read-ahead batch (at most 1 KiB), not at the instruction's last
+                    // element (exit 3025 and 5528 here, where it stopped before).
+                    assert!(
+                        (kicked_at.exits..=kicked_at.exits + 1024).contains(&outcome.run.exits),
+                        "{what}: kicked at exit {}, stopped at {}",
+                        kicked_at.exits,
+                        outcome.run.exits
+                    );
+                }
             }
             println!(
                 "{what}: kicked at exit {}, stopped at exit {} (icount {}), replayed on bt: {} events, digest {}",
@@ -575,7 +588,11 @@ fn a_kick_inside_a_rep_ins_stops_the_recording_at_the_end_of_its_group() {
                 state.events,
                 state.final_digest
             );
-            if kvm {
+            // kvm replays exit-synchronous traces that end where it can stop: at the end of
+            // an exit group (its own recordings, which it stops where its emulator re-enters
+            // the guest). It cannot stop right after any element, where bt stops.
+            let exit_sync = engine == Engine::Kvm || delivery == Some(Delivery::ExitSynchronous);
+            if kvm && exit_sync && (engine == Engine::Kvm || kick_after == 2) {
                 let r = replay_on(Engine::Kvm, &path, &image);
                 assert!(matches!(r.verdict, Verdict::Verified), "{what} on kvm: {r}");
                 assert_eq!(r.final_digest, outcome.final_digest, "{what} on kvm");

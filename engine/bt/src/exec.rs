@@ -433,6 +433,17 @@ impl Ctx<'_> {
         self.machine.mem.get_host_address(GuestAddress(phys)).ok()
     }
 
+    /// [`Ctx::host_ptr`] for reads: firmware ROM is memory too (it is in guest memory,
+    /// mapped read-only), so data reads see its bytes as kvm's do, not a device's all-ones.
+    /// Stores never take this path: `write_bytes` drops those to ROM first.
+    fn host_ptr_for_read(&self, phys: u64) -> Option<*mut u8> {
+        let layout = &self.machine.layout;
+        if !layout.is_ram(phys) && !layout.is_rom(phys) {
+            return None;
+        }
+        self.machine.mem.get_host_address(GuestAddress(phys)).ok()
+    }
+
     /// Reads `size` (1, 2, 4, 8) bytes at a linear address.
     #[inline(always)]
     pub fn read_lin(&mut self, lin: u64, size: u8) -> Result<u64, Exc> {
@@ -447,8 +458,9 @@ impl Ctx<'_> {
         let off = (lin & 0xfff) as usize;
         let e = self.mem.read_tlb[tlb_index(lin)];
         if e.tag == page | (user as u64) << 1 | 1 && off + size as usize <= 4096 {
-            // SAFETY: the entry maps a RAM page of the machine's guest memory (checked by
-            // `host_ptr` when filled; flushed at every run start and mapping change), and
+            // SAFETY: the entry maps a RAM or ROM page of guest memory (checked by
+            // `host_ptr_for_read` when filled; flushed at every run start and mapping
+            // change), and
             // `off + size` stays within that 4 KiB page.
             return Ok(unsafe { load(e.host.add(off), size) });
         }
@@ -482,9 +494,9 @@ impl Ctx<'_> {
             done += chunk;
         }
         for &(p, at, len) in &pieces[..n] {
-            if let Some(h) = self.host_ptr(p) {
-                // SAFETY: `h` points at RAM page of guest memory holding `p`, and the chunk
-                // does not cross the 4 KiB page.
+            if let Some(h) = self.host_ptr_for_read(p) {
+                // SAFETY: `h` points at the RAM or ROM page of guest memory holding `p`, and
+                // the chunk does not cross the 4 KiB page (ROMs are whole pages).
                 unsafe { std::ptr::copy_nonoverlapping(h, out[at..].as_mut_ptr(), len) };
                 if len == out.len() && !self.mem.watching {
                     let page = self.wrap(lin) & !0xfff;

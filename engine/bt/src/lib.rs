@@ -102,7 +102,8 @@ pub struct BtCpu {
     /// without a PMU does), never in the middle of a run.
     deliver_at_exits: bool,
     /// The guest continues an exit group ([`deja_machine::exit_group`]): until `run`
-    /// returns, no interrupt, NMI or INIT is taken and kicks wait, as on kvm.
+    /// returns, no interrupt, NMI or INIT is taken, as on kvm (kicks are taken between
+    /// elements).
     holding: bool,
     /// Dead-flag elimination is on (off only to check it against exact flags everywhere).
     eliminate_flags: bool,
@@ -499,9 +500,15 @@ impl BtCpu {
         self.cache.flush_lookup();
         self.mem.watching = self.core.data_bps_armed();
         let stop_at = limit.stop_at_icount.unwrap_or(u64::MAX);
+        let stop_exits = limit.stop_at_exits.unwrap_or(0);
         let holding = self.holding;
         let mut irq_line = !holding && machine.interrupt_pending();
-        if self.kicker.pending() && !holding {
+        // Kicks are taken inside exit groups too, between two elements: a timeout or Ctrl-C
+        // must stop a REP string instruction with billions of elements to go. Nothing is
+        // polled or delivered there (the run ends), so the exit-group rule still decides
+        // every recorded position; the stop itself is named by the exit ordinal
+        // (`Limit::stop_at_exits` stops a replay there).
+        if self.kicker.pending() {
             // A kick must stop a halted guest too (Ctrl-C while the guest idles).
             self.kicker.take();
             return Ok(Exit::Kicked);
@@ -519,11 +526,14 @@ impl BtCpu {
         }
         loop {
             self.cache.bury();
-            if self.kicker.pending() && !holding {
+            if self.kicker.pending() {
                 self.kicker.take();
                 return Ok(Exit::Kicked);
             }
-            if self.icount >= stop_at {
+            // At the instruction limit with exits still to come (`Limit::stop_at_exits`):
+            // only the unretired instruction at RIP may run on, one op at a time.
+            let exits_due = self.icount == stop_at && machine.position().exits < stop_exits;
+            if self.icount >= stop_at && !exits_due {
                 return Ok(Exit::InstructionLimit);
             }
             if self.core.db_pending != 0 {
@@ -631,7 +641,7 @@ impl BtCpu {
                 let kicker = &self.kicker;
                 let left = loop {
                     let shadow_before = ctx.core.pending.interrupt_shadow;
-                    let budget = if shadow_before || debug {
+                    let budget = if shadow_before || debug || exits_due {
                         1
                     } else {
                         stop_at - ctx.icount
@@ -679,6 +689,7 @@ impl BtCpu {
                         };
                     }
                     if ctx.icount >= stop_at
+                        || exits_due
                         || kicker.pending()
                         || (irq_line && ctx.core.rflags & core::fl::IF != 0)
                     {
@@ -1039,6 +1050,14 @@ impl Cpu for BtCpu {
             && machine.stop_request().is_none()
             && self.exit_group_continues(machine)
         {
+            if limit
+                .stop_at_exits
+                .is_some_and(|k| machine.position().exits >= k)
+            {
+                // Between two elements, where a recording was kicked (`Limit::stop_at_exits`).
+                exit = Ok(Exit::InstructionLimit);
+                break;
+            }
             self.stats.extra.add("bt.exit_group_continued", 1);
             self.holding = true;
             exit = self.run_until_exit(machine, limit);

@@ -535,7 +535,9 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
         code_checks(ctx, &s, sel)?;
         let mode64 = ctx.core.long_mode() && s.l;
         let rip = if mode64 { off } else { off & mask(op.size) };
-        if !mode64 && rip > s.limit as u64 {
+        // A target outside the segment, or non-canonical in 64-bit mode, faults at the far
+        // JMP/CALL itself, before anything changes (SDM JMP, CALL: #GP(0)).
+        if (!mode64 && rip > s.limit as u64) || (mode64 && !crate::exec::canonical(rip)) {
             return Err(Exc::gp(0));
         }
         // Loading CS sets the descriptor's accessed bit in the GDT/LDT, as hardware does.
@@ -604,6 +606,10 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let t = parse_descriptor(target_sel, td);
     let tcode = (target_sel & 0xfffc) as u32;
     check_gate_target(&t, tcode, cpl, long)?;
+    if long && !crate::exec::canonical(target_off) {
+        // A 64-bit call gate's target offset is checked before any stack switch or push.
+        return Err(Exc::gp(0));
+    }
     let conforming = t.type_ & 4 != 0;
     if !call {
         if !conforming && t.dpl != cpl {
@@ -732,6 +738,10 @@ pub fn far_ret(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if !s.present {
         return Err(Exc::np(code));
     }
+    if ctx.core.long_mode() && s.l && !crate::exec::canonical(rip) {
+        // RET far to a non-canonical RIP faults at the RET, with nothing popped.
+        return Err(Exc::gp(0));
+    }
     if rpl == cpl {
         let ss = ctx.core.stack_size();
         let sp = ctx.core.gpr[4].wrapping_add(2 * size as u64 + op.target);
@@ -850,7 +860,8 @@ pub fn iret(ctx: &mut Ctx, op: &UOp) -> OpResult {
         return Err(Exc::np(code));
     }
     let to64 = ctx.core.long_mode() && s.l;
-    if !to64 && rip > s.limit as u64 {
+    if (!to64 && rip > s.limit as u64) || (to64 && !crate::exec::canonical(rip)) {
+        // Faults at the IRET, before any state changes (SDM IRET: #GP(0)).
         return Err(Exc::gp(0));
     }
     let pop_stack = rpl != cpl || ctx.core.mode64();
@@ -1765,6 +1776,11 @@ pub fn sysexit(ctx: &mut Ctx, op: &UOp) -> OpResult {
     need_cpl0(ctx)?;
     let cs = ctx.core.msr(msr::IA32_SYSENTER_CS) as u16 & 0xfffc;
     if cs == 0 {
+        return Err(Exc::gp(0));
+    }
+    let canonical = |v| crate::exec::canonical(v);
+    if op.size == 8 && !(canonical(ctx.core.gpr[2]) && canonical(ctx.core.gpr[1])) {
+        // SDM SYSEXIT: a non-canonical RDX (RIP) or RCX (RSP) is #GP(0) at the SYSEXIT.
         return Err(Exc::gp(0));
     }
     if op.size == 8 {

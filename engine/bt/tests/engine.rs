@@ -49,6 +49,7 @@ fn stopping_at_every_instruction_count_gives_the_same_final_state() {
                 &mut m2,
                 Limit {
                     stop_at_icount: Some(n),
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -130,6 +131,7 @@ fn a_stop_at_any_instruction_count_sees_the_state_single_steps_see() {
                 &mut m1,
                 Limit {
                     stop_at_icount: Some(next),
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -153,6 +155,7 @@ fn a_stop_at_any_instruction_count_sees_the_state_single_steps_see() {
                 &mut m2,
                 Limit {
                     stop_at_icount: Some(n as u64),
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -32,6 +32,7 @@ fn run_until_debug_exit(cpu: &mut BtCpu, m: &mut Machine, rounds: usize, idle: b
                 m,
                 Limit {
                     stop_at_icount: Some(cpu.icount() + 10_000),
+                    ..Default::default()
                 },
             )
             .unwrap();

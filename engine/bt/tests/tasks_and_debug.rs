@@ -874,6 +874,7 @@ fn a_pending_debug_trap_survives_a_state_transfer_at_every_instruction_boundary(
                 &mut m,
                 deja_machine::Limit {
                     stop_at_icount: Some(icount),
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -27,7 +27,9 @@
 //! and may re-enter the guest between batches. deja follows the exit-group rule
 //! ([`deja_machine::exit_group`]) that bt follows too: while the next instruction after a
 //! device exit is a REP string instruction with elements to go, the vCPU is resumed with
-//! nothing injected and kicks held, so [`Cpu::run`] returns the group's last exit only.
+//! nothing injected, so [`Cpu::run`] returns the group's last exit only. A kick inside a
+//! group is taken where the emulator re-enters the guest between two batches (no exit
+//! waiting, the last element completed), and [`Limit::stop_at_exits`] stops a replay there.
 //! Usually decided at the exit from the registers KVM syncs into `kvm_run`
 //! (`KVM_CAP_SYNC_REGS`) and a code fetch; a REP string instruction at or right after RIP
 //! costs completing the access at once (a `KVM_RUN` with `immediate_exit`, so registers are
@@ -903,12 +905,28 @@ impl KvmCpu {
     }
 
     /// [`Cpu::run`] itself: runs until an exit.
-    fn run_until_exit(&mut self, machine: &mut Machine, _limit: Limit) -> Result<Exit, CpuError> {
+    fn run_until_exit(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
         let _in_run = self.kick.enter();
         // Set while the guest continues an exit group (deja_machine::exit_group): until the
-        // group's last device exit nothing is injected and kicks wait.
+        // group's last device exit nothing is injected. Kicks are taken inside a group too,
+        // where the emulator re-enters the guest between two elements (no exit waiting, the
+        // last element completed): a KVM_RUN that returns EINTR.
         let mut holding = false;
         loop {
+            if holding && !self.exit_waiting {
+                // Between two elements, the last one completed.
+                if self.kicker.pending() {
+                    self.kick.clear_immediate_exit();
+                    return Ok(Exit::Kicked);
+                }
+                if limit
+                    .stop_at_exits
+                    .is_some_and(|k| machine.position().exits >= k)
+                {
+                    // Where a recording was kicked inside this group (`Limit::stop_at_exits`).
+                    return Ok(Exit::InstructionLimit);
+                }
+            }
             let mut want_window = false;
             if !holding {
                 if self.kicker.pending() {
@@ -966,7 +984,7 @@ impl KvmCpu {
                     // Clear first, then look at the flag: a kick landing in between sets
                     // immediate_exit again and the next KVM_RUN returns at once.
                     self.kick.clear_immediate_exit();
-                    if self.kicker.pending() && !holding {
+                    if self.kicker.pending() {
                         return Ok(Exit::Kicked);
                     }
                 }

@@ -464,6 +464,13 @@ pub struct Limit {
     /// Stop exactly when the retired-instruction count reaches this value (engines that
     /// count instructions only; others ignore it and stop at their next exit).
     pub stop_at_icount: Option<u64>,
+    /// Stop between two elements of a repeated string instruction's exit group once the
+    /// device-exit ordinal has reached this value; and when [`Limit::stop_at_icount`] is
+    /// reached before it, run the unretired instruction at RIP on to there. A recording
+    /// kicked between two elements of a REP INS/OUTS ends at such a position, which the
+    /// instruction count alone does not name (the instruction has not retired). Engines that
+    /// cannot stop there ignore it.
+    pub stop_at_exits: Option<u64>,
 }
 
 /// Why [`Cpu::run`] returned.

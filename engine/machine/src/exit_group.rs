@@ -12,8 +12,8 @@
 //! **A device exit after which the CPU's next instruction is a REP-prefixed string
 //! instruction with a non-zero count (in the count register of its address size) does not
 //! end its exit group.** Until the group ends, the engine keeps running the guest itself:
-//! the machine is not polled, the run loop's observer is not called, no interrupt, NMI or
-//! INIT is taken and a kick waits. The group ends at the next device exit that does not
+//! the machine is not polled, the run loop's observer is not called and no interrupt, NMI
+//! or INIT is taken. The group ends at the next device exit that does not
 //! continue it (for a string I/O instruction: the exit of its last element), and there the
 //! run loop polls and delivers as after any other exit.
 //!
@@ -23,9 +23,12 @@
 //! The cost: a long REP INS/OUTS delays polls and interrupts until it completes (hardware may
 //! take an interrupt between iterations, and does not have to), and a device access directly
 //! followed by a REP string instruction (e.g. `out dx, al; rep insw`) joins that
-//! instruction's group. A kick (Ctrl-C, a timeout) inside a group ends the run at the
-//! group's end, and a replay asked to stop at an exit ordinal inside a group (`--until
-//! exit:K`) stops at its end.
+//! instruction's group. A kick (Ctrl-C, a timeout) inside a group still ends
+//! the run promptly, between two elements (bt: after any element; kvm: where its emulator
+//! re-enters the guest, every 1024 elements or so): the run ends there, nothing is polled or
+//! delivered, and the position (instruction count, exit ordinal) names the element, so a
+//! replay stops there too (`Limit::stop_at_exits`). A replay asked to stop at an exit
+//! ordinal inside a group (`--until exit:K`) still stops at its end.
 //!
 //! Limits: REP MOVS/STOS/LODS to device MMIO follow the same rule (kvm completes and checks
 //! every such exit, which is slow) but no guest tests them yet. A REP INS whose destination

@@ -274,6 +274,7 @@ pub fn run(cpu: &mut BtCpu, m: &mut Machine, max: u64) -> Exit {
                 m,
                 Limit {
                     stop_at_icount: Some(max),
+                    ..Default::default()
                 },
             )
             .unwrap();
