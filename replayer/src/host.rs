@@ -4,7 +4,7 @@
 use deja_machine::{CpuState, Host, Kicker};
 use deja_recorder::NO_POLL_QUANTUM;
 use deja_recorder::state::trace_position;
-use deja_traces::{CheckpointIndexEntry, Event, EventKind, Position, TraceReader};
+use deja_traces::{CheckpointIndexEntry, Event, EventKind, EventTag, Position, TraceReader};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -303,7 +303,7 @@ impl Player {
     fn answer(
         &mut self,
         at: Position,
-        ordinal: usize,
+        tag: EventTag,
         asked: &str,
         check_position: bool,
     ) -> Option<EventKind> {
@@ -319,7 +319,7 @@ impl Player {
                 self.consume();
                 continue;
             }
-            if e.kind.ordinal() == ordinal && (!check_position || self.same_position(e.at, at)) {
+            if e.kind.tag() == tag && (!check_position || self.same_position(e.at, at)) {
                 self.consume();
                 return Some(e.kind);
             }
@@ -353,7 +353,7 @@ impl ReplayingHost {
 impl Host for ReplayingHost {
     fn time_ns(&mut self, at: deja_machine::Position) -> u64 {
         let mut p = lock(&self.player);
-        match p.answer(trace_position(at), 0, "a time read", true) {
+        match p.answer(trace_position(at), EventTag::TimeRead, "a time read", true) {
             Some(EventKind::TimeRead { ns }) => p.accept_time(trace_position(at), ns),
             _ => p.last_time,
         }
@@ -362,7 +362,7 @@ impl Host for ReplayingHost {
     fn boot_wallclock(&mut self) -> i64 {
         let mut p = lock(&self.player);
         let at = p.last;
-        match p.answer(at, 1, "the boot wallclock", false) {
+        match p.answer(at, EventTag::BootWallclock, "the boot wallclock", false) {
             Some(EventKind::BootWallclock { secs }) => secs,
             _ => 0,
         }
@@ -429,7 +429,12 @@ impl Host for ReplayingHost {
 
     fn entropy(&mut self, at: deja_machine::Position) -> u64 {
         let mut p = lock(&self.player);
-        match p.answer(trace_position(at), 3, "an entropy read", true) {
+        match p.answer(
+            trace_position(at),
+            EventTag::Entropy,
+            "an entropy read",
+            true,
+        ) {
             Some(EventKind::Entropy { value }) => value,
             _ => 0,
         }
@@ -440,7 +445,12 @@ impl Host for ReplayingHost {
         if p.exit_sync {
             return NO_POLL_QUANTUM;
         }
-        match p.answer(trace_position(at), 4, "a poll quantum", true) {
+        match p.answer(
+            trace_position(at),
+            EventTag::PollQuantum,
+            "a poll quantum",
+            true,
+        ) {
             Some(EventKind::PollQuantum { instructions }) => instructions.max(1),
             _ => NO_POLL_QUANTUM,
         }
@@ -452,7 +462,7 @@ impl Host for ReplayingHost {
         if let Some(EventKind::Idle {
             deadline_ns: recorded,
             ..
-        }) = p.answer(at, 5, "an idle period", true)
+        }) = p.answer(at, EventTag::Idle, "an idle period", true)
             && recorded != deadline_ns
         {
             let fmt = |d: Option<u64>| d.map_or("input".to_string(), |d| format!("{d} ns"));
@@ -467,9 +477,12 @@ impl Host for ReplayingHost {
     fn interrupt_delivered(&mut self, at: deja_machine::Position, vector: u8) {
         let mut p = lock(&self.player);
         let at = trace_position(at);
-        if let Some(EventKind::Interrupt { vector: recorded }) =
-            p.answer(at, 6, &format!("interrupt vector {vector:#04x}"), true)
-            && recorded != vector
+        if let Some(EventKind::Interrupt { vector: recorded }) = p.answer(
+            at,
+            EventTag::Interrupt,
+            &format!("interrupt vector {vector:#04x}"),
+            true,
+        ) && recorded != vector
         {
             p.diverge(
                 at,

@@ -497,49 +497,131 @@ pub const REGISTER_NAMES: [&str; 22] = [
     "r14", "r15", "rip", "rflags", "cr0", "cr3", "cr4", "efer",
 ];
 
+/// Which kind an event is, without its data: what a replaying host asks for and what counts
+/// and dumps group by. The discriminants are the variants' bincode indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum EventTag {
+    /// [`EventKind::TimeRead`].
+    TimeRead = 0,
+    /// [`EventKind::BootWallclock`].
+    BootWallclock = 1,
+    /// [`EventKind::SerialInput`].
+    SerialInput = 2,
+    /// [`EventKind::Entropy`].
+    Entropy = 3,
+    /// [`EventKind::PollQuantum`].
+    PollQuantum = 4,
+    /// [`EventKind::Idle`].
+    Idle = 5,
+    /// [`EventKind::Interrupt`].
+    Interrupt = 6,
+    /// [`EventKind::StateDigest`].
+    StateDigest = 7,
+    /// [`EventKind::SerialOutput`].
+    SerialOutput = 8,
+    /// [`EventKind::Chaos`].
+    Chaos = 9,
+    /// [`EventKind::End`].
+    End = 10,
+    /// [`EventKind::Registers`].
+    Registers = 11,
+}
+
+impl EventTag {
+    /// Every tag, in variant order.
+    pub const ALL: [EventTag; 12] = [
+        EventTag::TimeRead,
+        EventTag::BootWallclock,
+        EventTag::SerialInput,
+        EventTag::Entropy,
+        EventTag::PollQuantum,
+        EventTag::Idle,
+        EventTag::Interrupt,
+        EventTag::StateDigest,
+        EventTag::SerialOutput,
+        EventTag::Chaos,
+        EventTag::End,
+        EventTag::Registers,
+    ];
+
+    /// A short stable name, used for counts and dumps (the footer's event counts are keyed
+    /// by it, so it never changes).
+    pub const fn name(self) -> &'static str {
+        match self {
+            EventTag::TimeRead => "time",
+            EventTag::BootWallclock => "wallclock",
+            EventTag::SerialInput => "serial-in",
+            EventTag::Entropy => "entropy",
+            EventTag::PollQuantum => "poll-quantum",
+            EventTag::Idle => "idle",
+            EventTag::Interrupt => "interrupt",
+            EventTag::StateDigest => "state-digest",
+            EventTag::SerialOutput => "serial-out",
+            EventTag::Chaos => "chaos",
+            EventTag::End => "end",
+            EventTag::Registers => "registers",
+        }
+    }
+
+    /// Whether events of this kind are `Host` answers, which a replaying host hands back;
+    /// the others are recorder-side facts that a replay checks.
+    pub const fn is_host_answer(self) -> bool {
+        match self {
+            EventTag::TimeRead
+            | EventTag::BootWallclock
+            | EventTag::SerialInput
+            | EventTag::Entropy
+            | EventTag::PollQuantum
+            | EventTag::Idle => true,
+            EventTag::Interrupt
+            | EventTag::StateDigest
+            | EventTag::SerialOutput
+            | EventTag::Chaos
+            | EventTag::End
+            | EventTag::Registers => false,
+        }
+    }
+}
+
 impl EventKind {
     /// Every kind name, in variant order.
-    pub const NAMES: [&'static str; 12] = [
-        "time",
-        "wallclock",
-        "serial-in",
-        "entropy",
-        "poll-quantum",
-        "idle",
-        "interrupt",
-        "state-digest",
-        "serial-out",
-        "chaos",
-        "end",
-        "registers",
-    ];
+    pub const NAMES: [&'static str; EventTag::ALL.len()] = {
+        let mut names = [""; EventTag::ALL.len()];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = EventTag::ALL[i].name();
+            i += 1;
+        }
+        names
+    };
 
     /// A short stable name, used for counts and dumps.
     pub fn name(&self) -> &'static str {
-        Self::NAMES[self.ordinal()]
+        self.tag().name()
     }
 
-    /// The variant's index in [`EventKind::NAMES`].
-    pub fn ordinal(&self) -> usize {
+    /// Which kind this is.
+    pub fn tag(&self) -> EventTag {
         match self {
-            EventKind::TimeRead { .. } => 0,
-            EventKind::BootWallclock { .. } => 1,
-            EventKind::SerialInput { .. } => 2,
-            EventKind::Entropy { .. } => 3,
-            EventKind::PollQuantum { .. } => 4,
-            EventKind::Idle { .. } => 5,
-            EventKind::Interrupt { .. } => 6,
-            EventKind::StateDigest { .. } => 7,
-            EventKind::SerialOutput { .. } => 8,
-            EventKind::Chaos { .. } => 9,
-            EventKind::End { .. } => 10,
-            EventKind::Registers { .. } => 11,
+            EventKind::TimeRead { .. } => EventTag::TimeRead,
+            EventKind::BootWallclock { .. } => EventTag::BootWallclock,
+            EventKind::SerialInput { .. } => EventTag::SerialInput,
+            EventKind::Entropy { .. } => EventTag::Entropy,
+            EventKind::PollQuantum { .. } => EventTag::PollQuantum,
+            EventKind::Idle { .. } => EventTag::Idle,
+            EventKind::Interrupt { .. } => EventTag::Interrupt,
+            EventKind::StateDigest { .. } => EventTag::StateDigest,
+            EventKind::SerialOutput { .. } => EventTag::SerialOutput,
+            EventKind::Chaos { .. } => EventTag::Chaos,
+            EventKind::End { .. } => EventTag::End,
+            EventKind::Registers { .. } => EventTag::Registers,
         }
     }
 
     /// Whether this is one of the `Host` answers a replaying host hands back.
     pub fn is_host_answer(&self) -> bool {
-        self.ordinal() <= 5
+        self.tag().is_host_answer()
     }
 }
 

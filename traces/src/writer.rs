@@ -438,7 +438,7 @@ impl<W: Write> TraceWriter<W> {
         self.events_in_buffer += 1;
         self.last_position = event.at;
         self.events_total += 1;
-        self.counts[event.kind.ordinal()] += 1;
+        self.counts[event.kind.tag() as usize] += 1;
         if self.events.len() >= self.opts.frame_bytes
             || self.events_in_buffer >= self.opts.frame_events
         {

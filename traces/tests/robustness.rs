@@ -373,3 +373,34 @@ fn files_on_disk_round_trip_and_json_output_is_readable() {
     assert!(err.to_string().contains("missing.trace"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An event's tag is its bincode variant index (what the trace stores), and exactly the
+/// first six kinds are `Host` answers.
+#[test]
+fn event_tags_are_the_stored_variant_indices() {
+    let mut rng = Rng(7);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..2000 {
+        let e = event(&mut rng, Position::new(i, i));
+        let bytes = bincode::serde::encode_to_vec(&e.kind, bincode::config::standard()).unwrap();
+        assert_eq!(bytes[0], e.kind.tag() as u8, "{e}");
+        assert_eq!(EventKind::NAMES[e.kind.tag() as usize], e.kind.name());
+        seen.insert(e.kind.tag());
+    }
+    assert!(seen.len() >= 11, "{seen:?}");
+    let answers: Vec<EventTag> = EventTag::ALL
+        .into_iter()
+        .filter(|t| t.is_host_answer())
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            EventTag::TimeRead,
+            EventTag::BootWallclock,
+            EventTag::SerialInput,
+            EventTag::Entropy,
+            EventTag::PollQuantum,
+            EventTag::Idle
+        ]
+    );
+}
