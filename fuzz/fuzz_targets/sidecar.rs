@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Some(json) = json {
         let parsed: ImageFormat = serde_json::from_slice(json).expect("from_file accepted it");
-        assert_eq!(parsed, image.format, "from_file reads the sidecar as serde_json does");
+        assert_eq!(
+            parsed, image.format,
+            "from_file reads the sidecar as serde_json does"
+        );
     }
     image.write_with_sidecar(copy).expect("writing a copy");
     let again = Image::from_file(copy).expect("reading the copy");

@@ -19,8 +19,7 @@ use deja_machine::loader::{self, EntryMode, Image, ImageFormat};
 use deja_machine::{ClockMode, Cpu, LiveHost, Machine, MachineConfig, build_pc};
 use deja_recorder::state;
 use deja_traces::{
-    DumpOptions, FILE_MAGIC, FRAME_HEADER_LEN, MemoryImage, TRAILER_LEN, TRAILER_MAGIC,
-    TraceReader,
+    DumpOptions, FILE_MAGIC, FRAME_HEADER_LEN, MemoryImage, TRAILER_LEN, TRAILER_MAGIC, TraceReader,
 };
 use std::io::Cursor;
 
@@ -59,7 +58,9 @@ fn header_end(b: &[u8]) -> Option<usize> {
     if b.len() < FILE_PREFIX_LEN {
         return None;
     }
-    let end = FILE_PREFIX_LEN.checked_add(u32_at(b, 12) as usize)?.checked_add(8)?;
+    let end = FILE_PREFIX_LEN
+        .checked_add(u32_at(b, 12) as usize)?
+        .checked_add(8)?;
     (end <= b.len()).then_some(end)
 }
 
@@ -92,7 +93,10 @@ pub fn fix_checksums(bytes: &[u8]) -> Vec<u8> {
         if payload_end > end {
             break;
         }
-        let sum = checksum64(&[&out[off..off + 60], &out[off + FRAME_HEADER_LEN..payload_end]]);
+        let sum = checksum64(&[
+            &out[off..off + 60],
+            &out[off + FRAME_HEADER_LEN..payload_end],
+        ]);
         out[off + 60..off + FRAME_HEADER_LEN].copy_from_slice(&sum.to_le_bytes());
         off = payload_end;
     }
@@ -265,9 +269,14 @@ pub fn restore(memory: &MemoryImage, cpu_state: &[u8], machine_state: &[u8], for
         return;
     }
     let (mut machine, mut cpu) = small_vm();
-    if let Ok((_, state)) =
-        state::restore(&mut machine, &mut cpu, memory, cpu_state, machine_state, format)
-    {
+    if let Ok((_, state)) = state::restore(
+        &mut machine,
+        &mut cpu,
+        memory,
+        cpu_state,
+        machine_state,
+        format,
+    ) {
         let _ = state::state_digest(&machine, &state);
         let _ = state::device_diff(&machine, machine_state);
         let _ = cpu.state();
@@ -448,7 +457,11 @@ impl LoaderInput {
     /// The machine configuration the selector chooses.
     pub fn config(&self) -> MachineConfig {
         MachineConfig {
-            ram_size: if self.selector & 8 != 0 { 2 << 20 } else { FUZZ_RAM },
+            ram_size: if self.selector & 8 != 0 {
+                2 << 20
+            } else {
+                FUZZ_RAM
+            },
             cmdline: if self.selector & 16 != 0 {
                 "console=ttyS0 deja.fuzz=1".into()
             } else {
