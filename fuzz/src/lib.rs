@@ -245,29 +245,9 @@ pub fn small_vm() -> (Machine, BtCpu) {
     (machine, cpu)
 }
 
-/// Whether the targets run into the defects already known (issue #14) instead of stepping
-/// around them: `DEJA_FUZZ_KNOWN=1`. Off by default, so that a short run (CI) fails only on
-/// something new; each known defect has its input in `artifacts-found/`.
-pub fn hit_known_defects() -> bool {
-    static KNOWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *KNOWN.get_or_init(|| std::env::var_os("DEJA_FUZZ_KNOWN").is_some_and(|v| v == "1"))
-}
-
-/// Known defect (issue #14): `state::restore` computes a page's address as
-/// `page * PAGE_SIZE` unchecked, which overflows for page numbers of 2^52 and more.
-/// Remove this check when that is fixed.
-fn has_overflowing_page(memory: &MemoryImage) -> bool {
-    memory
-        .pages()
-        .any(|(n, _)| n.checked_mul(deja_traces::PAGE_SIZE as u64).is_none())
-}
-
 /// Restores a checkpoint into a fresh [`small_vm`] as `deja replay --seek` does, then takes
 /// the state digest and the device diff of the restored machine.
 pub fn restore(memory: &MemoryImage, cpu_state: &[u8], machine_state: &[u8], format: u32) {
-    if !hit_known_defects() && has_overflowing_page(memory) {
-        return;
-    }
     let (mut machine, mut cpu) = small_vm();
     if let Ok((_, state)) = state::restore(
         &mut machine,
