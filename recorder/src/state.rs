@@ -33,7 +33,7 @@ pub enum StateError {
         detail: String,
     },
     /// A page of a checkpoint lies outside guest memory.
-    #[error("checkpoint page number {page:#x} is not a page of this machine's RAM")]
+    #[error("checkpoint page number {page:#x} is not a page of this machine's RAM or ROM")]
     PageOutsideMemory {
         /// The page number.
         page: u64,
@@ -450,15 +450,15 @@ pub fn snapshot(
     })
 }
 
-/// The guest-physical address of RAM page `n`, or an error when a trace names a page this
-/// machine's RAM does not have (a page number whose address does not even fit in 64 bits
+/// The guest-physical address of page `n` of RAM or ROM (a checkpoint holds every resident
+/// page, ROM too), or an error when a trace names a page this machine does not have (a page number whose address does not even fit in 64 bits
 /// must not wrap onto a real page).
 fn ram_page_address(
     machine: &Machine,
     n: u64,
 ) -> Result<deja_machine::vm_memory::GuestAddress, StateError> {
     n.checked_mul(PAGE_SIZE as u64)
-        .filter(|&addr| machine.layout.is_ram(addr))
+        .filter(|&addr| machine.layout.is_ram(addr) || machine.layout.is_rom(addr))
         .map(deja_machine::vm_memory::GuestAddress)
         .ok_or(StateError::PageOutsideMemory { page: n })
 }
@@ -598,6 +598,58 @@ mod tests {
         // Without a trap or pins, the new layout is the old one plus four empty fields.
         let plain = encode(&expected_format3_state());
         assert_eq!(plain[..plain.len() - 4], format3_bytes()[..]);
+    }
+
+    /// A checkpoint holds every resident page, the firmware ROM's too: it restores into a
+    /// machine built the same way (ROM pages are pages of the machine, not outside it).
+    #[test]
+    fn checkpoints_of_a_firmware_machine_restore_with_their_rom_pages() {
+        use deja_engine::{EngineKind, build_vm};
+        use deja_machine::loader::Image;
+        let mut rom = vec![0xf4u8; 64 << 10]; // HLT everywhere; the reset vector too.
+        rom[0xfff0] = 0xf4;
+        let image = Image::firmware("rom.bin", rom);
+        let vm = || {
+            let config = deja_machine::MachineConfig {
+                ram_size: 16 << 20,
+                ..Default::default()
+            };
+            let host = Box::new(deja_machine::LiveHost::new(
+                deja_machine::ClockMode::Virtual,
+            ));
+            build_vm(
+                EngineKind::Bt,
+                config,
+                host,
+                Box::new(std::io::sink()),
+                &image,
+            )
+            .unwrap()
+        };
+        let mut a = vm();
+        let mut tracker = PageTracker::new();
+        let snap = snapshot(&a.machine, a.cpu.as_mut(), 0, &mut tracker).unwrap();
+        assert!(
+            snap.pages
+                .iter()
+                .any(|(n, _)| a.machine.layout.is_rom(n * PAGE_SIZE as u64)),
+            "the ROM's pages are resident and in the checkpoint"
+        );
+        let mut memory = deja_traces::MemoryImage::new();
+        for (n, p) in &snap.pages {
+            memory.set_page(*n, p);
+        }
+        let mut b = vm();
+        let (_, state) = restore(
+            &mut b.machine,
+            b.cpu.as_mut(),
+            &memory,
+            &snap.cpu_state,
+            &snap.machine_state,
+            deja_traces::FORMAT_VERSION,
+        )
+        .unwrap();
+        assert_eq!(state_digest(&b.machine, &state), snap.digest);
     }
 
     #[test]

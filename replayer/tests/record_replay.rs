@@ -391,7 +391,7 @@ fn crafted_numbers_in_a_trace_with_valid_checksums_are_refused() {
     let err = try_replay_on(Engine::Bt, &hole, &image, stop, true).unwrap_err();
     assert!(
         err.to_string()
-            .contains("page number 0xa0 is not a page of this machine's RAM"),
+            .contains("page number 0xa0 is not a page of this machine's RAM or ROM"),
         "{err}"
     );
 
