@@ -7,9 +7,7 @@ use deja_traces::{Event, EventKind, TraceWriter};
 use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// What `Host::poll_quantum` answers under exit-synchronous delivery: devices are polled at
-/// device exits only, so the answer is not an input and is not logged.
-pub const NO_POLL_QUANTUM: u64 = 1 << 62;
+use deja_snapshot::NO_POLL_QUANTUM;
 
 /// A sink for trace bytes (a file, or anything a test wants).
 pub type TraceSink = Box<dyn Write + Send>;

@@ -2,8 +2,8 @@
 //! comes at the recorded position and is of the recorded kind.
 
 use deja_machine::{CpuState, Host, Kicker};
-use deja_recorder::NO_POLL_QUANTUM;
-use deja_recorder::state::trace_position;
+use deja_snapshot::NO_POLL_QUANTUM;
+use deja_snapshot::state::trace_position;
 use deja_traces::{CheckpointIndexEntry, Event, EventKind, EventTag, Position, TraceReader};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, sync_channel};

@@ -25,7 +25,7 @@ use deja_machine::loader::{Image, ImageFormat};
 use deja_machine::{
     Cpu, CpuError, CpuState, Host, InterruptDelivery, Machine, MachineConfig, WatchHit,
 };
-use deja_recorder::{SerialCapture, SerialTee, StateError, lock_capture, state, state_digest};
+use deja_snapshot::{SerialCapture, SerialTee, StateError, lock_capture, state, state_digest};
 use deja_traces::{
     CheckpointIndexEntry, Delivery, Digest, Event, EventKind, Footer, Header, ImageRecord,
     Position, ReadError, TraceReader, TraceStatus,
@@ -369,7 +369,7 @@ pub fn preflight_warnings(header: &Header, engine: EngineKind) -> Vec<String> {
                 .machine
                 .cpuid
                 .iter()
-                .map(deja_recorder::machine_cpuid_entry)
+                .map(deja_snapshot::machine_cpuid_entry)
                 .collect(),
         };
         match deja_engine::guest_visible_cpuid(engine, &table) {
@@ -796,7 +796,7 @@ pub fn replay_with(
     let at = state::trace_position(vm.machine.position());
     let cpu_state = vm.cpu.state()?;
     let final_digest = state_digest(&vm.machine, &cpu_state);
-    let (exit_status, end) = deja_recorder::describe_end(&run.end);
+    let (exit_status, end) = deja_snapshot::describe_end(&run.end);
 
     let mut p = host::lock(&player);
     let reached_until =
