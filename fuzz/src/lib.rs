@@ -258,7 +258,7 @@ pub fn restore(memory: &MemoryImage, cpu_state: &[u8], machine_state: &[u8], for
         format,
     ) {
         let _ = state::state_digest(&machine, &state);
-        let _ = state::device_diff(&machine, machine_state);
+        let _ = state::device_diff(&machine, machine_state, format);
         let _ = cpu.state();
     }
 }

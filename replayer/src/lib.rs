@@ -823,7 +823,8 @@ pub fn replay_with(
             if let Ok(memory) = reader.memory_at(&cp) {
                 memory_diff = state::memory_diff(&vm.machine, &memory, 8);
             }
-            device_diff = state::device_diff(&vm.machine, &c.meta.device_state);
+            device_diff =
+                state::device_diff(&vm.machine, &c.meta.device_state, reader.format_version());
             if register_diff.is_empty() && memory_diff.is_empty() && device_diff.is_empty() {
                 note = Some(
                     "the checkpoint here matches registers, memory and devices: the \

@@ -32,6 +32,33 @@ pub enum StateError {
         /// bincode's explanation.
         detail: String,
     },
+    /// A checkpoint holds a device this machine does not have.
+    #[error("the checkpoint holds the state of a device {device:?} this machine does not have")]
+    UnknownDevice {
+        /// The device's key.
+        device: String,
+    },
+    /// A device's saved state has a layout version this build does not read.
+    #[error(
+        "the checkpoint holds state layout {found} of device {device:?}; this build reads \
+         layout {supported}"
+    )]
+    DeviceVersion {
+        /// The device's key.
+        device: String,
+        /// The version in the checkpoint.
+        found: u32,
+        /// The version this build's device writes and reads.
+        supported: u32,
+    },
+    /// A CPU state layout this build does not read (a newer deja wrote it).
+    #[error(
+        "the checkpoint's CPU state has layout {found}; this build reads layouts 3 to {CPU_STATE_LAYOUT}"
+    )]
+    CpuLayout {
+        /// The layout version found.
+        found: u32,
+    },
     /// A page of a checkpoint lies outside guest memory.
     #[error("checkpoint page number {page:#x} is not a page of this machine's RAM or ROM")]
     PageOutsideMemory {
@@ -53,15 +80,150 @@ pub enum StateError {
     },
 }
 
-/// Everything but the CPU and memory that a checkpoint must hold to resume a run exactly.
+/// Everything but the CPU and memory that a checkpoint must hold to resume a run exactly
+/// (trace format [`VERSIONED_STATE_FORMAT`] on).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineSnapshot {
     /// The position (icount and device-exit ordinal).
     pub position: deja_traces::Position,
     /// When the run loop next polls devices (instruction-counting engines).
     pub next_poll: u64,
-    /// Every device's state, interrupt controller first.
-    pub devices: Vec<DeviceState>,
+    /// Every device's state by its key ([`Machine::device_keys`]). A device the machine has
+    /// but the snapshot lacks (added to deja later) keeps its boot state on restore.
+    pub devices: BTreeMap<String, DeviceBlob>,
+}
+
+/// One device's saved state with the layout version its device wrote
+/// ([`deja_machine::devices::Device::state_version`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceBlob {
+    /// The layout version.
+    pub version: u32,
+    /// The state, bincode.
+    pub state: Vec<u8>,
+}
+
+/// A machine snapshot as trace formats 1-6 stored it: device states by position.
+#[derive(Deserialize)]
+struct PositionalMachineSnapshot {
+    position: deja_traces::Position,
+    next_poll: u64,
+    devices: Vec<DeviceState>,
+}
+
+/// The first trace format whose checkpoints carry versioned state: the CPU state with its
+/// own layout version ([`CPU_STATE_LAYOUT`]), device states by name with each device's
+/// version ([`MachineSnapshot`]). Adding a CPU field or a device is then no format change.
+pub const VERSIONED_STATE_FORMAT: u32 = 7;
+// The recorder writes checkpoints of this build's layout under the writer's format.
+const _: () = assert!(deja_traces::FORMAT_VERSION >= VERSIONED_STATE_FORMAT);
+
+/// The CPU state layout this build writes: 3 is formats 1-3 (up to
+/// [`CpuState::pending`]), 4 adds [`CpuState::pending_debug`], 5 adds
+/// [`CpuState::x87_error_pins`]. A new `CpuState` field bumps it, keeps the previous layout
+/// as a struct with a `From` conversion, and leaves the trace format alone.
+pub const CPU_STATE_LAYOUT: u32 = 5;
+
+/// A machine snapshot decoded from any trace format: device states by key, so that restore
+/// and diffs need not know the format.
+pub struct DecodedMachineState {
+    /// The position.
+    pub position: deja_traces::Position,
+    /// The poll schedule.
+    pub next_poll: u64,
+    /// Device states by key, each with its layout version.
+    pub devices: BTreeMap<String, (u32, DeviceState)>,
+}
+
+/// Decodes a checkpoint's machine state written under trace format `format`. Formats 1-6
+/// stored devices by position: they are named with this machine's keys (the device set
+/// must then be the recording's, as it always was).
+pub fn decode_machine_state(
+    bytes: &[u8],
+    format: u32,
+    machine: &Machine,
+) -> Result<DecodedMachineState, StateError> {
+    if format < VERSIONED_STATE_FORMAT {
+        let old: PositionalMachineSnapshot = decode(bytes, "machine state")?;
+        let keys = machine.device_keys();
+        if old.devices.len() != keys.len() {
+            return Err(StateError::Machine(MachineError::DeviceCountMismatch {
+                expected: keys.len(),
+                found: old.devices.len(),
+            }));
+        }
+        return Ok(DecodedMachineState {
+            position: old.position,
+            next_poll: old.next_poll,
+            devices: keys
+                .into_iter()
+                .zip(old.devices.into_iter().map(|d| (1, d)))
+                .collect(),
+        });
+    }
+    let snap: MachineSnapshot = decode(bytes, "machine state")?;
+    let mut devices = BTreeMap::new();
+    for (key, blob) in snap.devices {
+        let state: DeviceState = bincode::serde::decode_from_slice(&blob.state, bincode_config())
+            .map(|(v, _)| v)
+            .map_err(|e| StateError::Decode {
+                what: "device state",
+                detail: format!("{key}: {e}"),
+            })?;
+        devices.insert(key, (blob.version, state));
+    }
+    Ok(DecodedMachineState {
+        position: snap.position,
+        next_poll: snap.next_poll,
+        devices,
+    })
+}
+
+/// Every device's state by key, as this build writes it.
+fn save_machine_state(machine: &Machine, next_poll: u64) -> MachineSnapshot {
+    let devices = machine
+        .device_keys()
+        .into_iter()
+        .zip(machine.device_state_versions())
+        .zip(machine.save_devices())
+        .map(|((key, version), state)| {
+            let blob = DeviceBlob {
+                version,
+                state: encode(&state),
+            };
+            (key, blob)
+        })
+        .collect();
+    MachineSnapshot {
+        position: trace_position(machine.position()),
+        next_poll,
+        devices,
+    }
+}
+
+/// Restores the devices a decoded snapshot holds; a device it lacks keeps its state (the
+/// machine is freshly built, so its boot state).
+fn restore_devices(machine: &mut Machine, decoded: &DecodedMachineState) -> Result<(), StateError> {
+    let keys = machine.device_keys();
+    if let Some(unknown) = decoded.devices.keys().find(|k| !keys.contains(k)) {
+        return Err(StateError::UnknownDevice {
+            device: unknown.clone(),
+        });
+    }
+    let versions = machine.device_state_versions();
+    for (i, key) in keys.iter().enumerate() {
+        if let Some((version, state)) = decoded.devices.get(key) {
+            if *version != versions[i] {
+                return Err(StateError::DeviceVersion {
+                    device: key.clone(),
+                    found: *version,
+                    supported: versions[i],
+                });
+            }
+            machine.restore_device(i, state)?;
+        }
+    }
+    Ok(())
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -92,39 +254,56 @@ pub const PENDING_DEBUG_FORMAT: u32 = 4;
 /// The first trace format whose checkpoints hold [`CpuState::x87_error_pins`].
 pub const X87_ERROR_PINS_FORMAT: u32 = 5;
 
+/// Encodes a CPU state for a checkpoint: its layout version, then the state.
+pub fn encode_cpu_state(state: &CpuState) -> Vec<u8> {
+    encode(&(CPU_STATE_LAYOUT, state))
+}
+
 /// Decodes a checkpoint's CPU state, written by a recorder of trace format `format` (the
-/// trace's [`deja_traces::TraceReader::format_version`]): formats 1-3 end the state before
-/// [`CpuState::pending_debug`] (read as "no #DB trap pending"), format 4 before
-/// [`CpuState::x87_error_pins`] (read as FERR# and IGNNE# inactive). The whole blob must be
-/// used, so a blob of one layout never passes for another.
+/// trace's [`deja_traces::TraceReader::format_version`]). From format
+/// [`VERSIONED_STATE_FORMAT`] the blob names its own layout; before, the format implies
+/// it: formats 1-3 end the state before [`CpuState::pending_debug`] (read as "no #DB trap
+/// pending"), format 4 before [`CpuState::x87_error_pins`] (read as FERR# and IGNNE#
+/// inactive). The whole blob must be used, so a blob of one layout never passes for
+/// another.
 pub fn decode_cpu_state(bytes: &[u8], format: u32) -> Result<CpuState, StateError> {
-    let what = if format < PENDING_DEBUG_FORMAT {
-        "CPU state (trace format 1-3 layout)"
+    let (layout, body) = if format >= VERSIONED_STATE_FORMAT {
+        let (layout, used): (u32, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(|e| {
+                StateError::Decode {
+                    what: "CPU state layout",
+                    detail: e.to_string(),
+                }
+            })?;
+        (layout, &bytes[used..])
+    } else if format < PENDING_DEBUG_FORMAT {
+        (3, bytes)
     } else if format < X87_ERROR_PINS_FORMAT {
-        "CPU state (trace format 4 layout)"
+        (4, bytes)
     } else {
-        "CPU state"
+        (5, bytes)
+    };
+    let what = match layout {
+        3 => "CPU state (layout 3, trace formats 1-3)",
+        4 => "CPU state (layout 4, trace format 4)",
+        _ => "CPU state",
     };
     let fail = |detail: String| StateError::Decode { what, detail };
     let config = bincode_config();
-    let (state, used) = if format < PENDING_DEBUG_FORMAT {
-        bincode::serde::decode_from_slice::<CpuStateFormat3, _>(bytes, config)
-            .map(|(s, n)| (CpuState::from(s), n))
-    } else if format < X87_ERROR_PINS_FORMAT {
-        bincode::serde::decode_from_slice::<CpuStateFormat4, _>(bytes, config).map(|(s, n)| {
-            let mut state = CpuState::from(s.base);
-            state.pending_debug = s.pending_debug;
-            (state, n)
-        })
-    } else {
-        bincode::serde::decode_from_slice::<CpuState, _>(bytes, config)
+    let (state, used) = match layout {
+        3 => bincode::serde::decode_from_slice::<CpuStateFormat3, _>(body, config)
+            .map(|(s, n)| (CpuState::from(s), n)),
+        4 => bincode::serde::decode_from_slice::<CpuStateFormat4, _>(body, config)
+            .map(|(s, n)| (CpuState::from(s), n)),
+        CPU_STATE_LAYOUT => bincode::serde::decode_from_slice::<CpuState, _>(body, config),
+        found => return Err(StateError::CpuLayout { found }),
     }
     .map_err(|e| fail(e.to_string()))?;
-    if used != bytes.len() {
+    if used != body.len() {
         return Err(fail(format!(
-            "{} of its {} bytes are left over (a state of another trace format?)",
-            bytes.len() - used,
-            bytes.len()
+            "{} of its {} bytes are left over (a state of another layout?)",
+            body.len() - used,
+            body.len()
         )));
     }
     Ok(state)
@@ -162,6 +341,14 @@ struct CpuStateFormat3 {
 struct CpuStateFormat4 {
     base: CpuStateFormat3,
     pending_debug: PendingDebug,
+}
+
+impl From<CpuStateFormat4> for CpuState {
+    fn from(o: CpuStateFormat4) -> Self {
+        let mut state = CpuState::from(o.base);
+        state.pending_debug = o.pending_debug;
+        state
+    }
 }
 
 impl From<CpuStateFormat3> for CpuState {
@@ -321,12 +508,13 @@ pub fn memory_diff(
     out
 }
 
-/// Which devices' states differ from a checkpoint's machine snapshot blob.
-pub fn device_diff(machine: &Machine, machine_state: &[u8]) -> Vec<String> {
-    let Ok(snap) = decode::<MachineSnapshot>(machine_state, "machine state") else {
-        return vec!["the recorded machine state does not decode".into()];
+/// Which devices' states differ from a checkpoint's machine snapshot blob (written under
+/// trace format `format`).
+pub fn device_diff(machine: &Machine, machine_state: &[u8], format: u32) -> Vec<String> {
+    let decoded = match decode_machine_state(machine_state, format, machine) {
+        Ok(d) => d,
+        Err(e) => return vec![format!("the recorded machine state does not decode: {e}")],
     };
-    let now = machine.save_devices();
     let short = |d: &DeviceState| {
         let t = format!("{d:?}");
         if t.len() > 240 {
@@ -335,13 +523,20 @@ pub fn device_diff(machine: &Machine, machine_state: &[u8]) -> Vec<String> {
             t
         }
     };
+    let now: BTreeMap<String, DeviceState> = machine
+        .device_keys()
+        .into_iter()
+        .zip(machine.save_devices())
+        .collect();
+    let keys: std::collections::BTreeSet<&String> =
+        decoded.devices.keys().chain(now.keys()).collect();
     let mut out = Vec::new();
-    for i in 0..snap.devices.len().max(now.len()) {
-        match (snap.devices.get(i), now.get(i)) {
+    for key in keys {
+        match (decoded.devices.get(key).map(|(_, d)| d), now.get(key)) {
             (Some(a), Some(b)) if a == b => {}
-            (Some(a), Some(b)) => out.push(format!("device {i}: {} -> {}", short(a), short(b))),
-            (Some(a), None) => out.push(format!("device {i}: {} -> missing", short(a))),
-            (None, Some(b)) => out.push(format!("device {i}: missing -> {}", short(b))),
+            (Some(a), Some(b)) => out.push(format!("{key}: {} -> {}", short(a), short(b))),
+            (Some(a), None) => out.push(format!("{key}: {} -> missing", short(a))),
+            (None, Some(_)) => {}
             (None, None) => {}
         }
     }
@@ -436,15 +631,10 @@ pub fn snapshot(
             pages.push((n, p));
         }
     });
-    let snap = MachineSnapshot {
-        position,
-        next_poll,
-        devices: machine.save_devices(),
-    };
     Ok(Snapshot {
         position,
-        cpu_state: encode(&state),
-        machine_state: encode(&snap),
+        cpu_state: encode_cpu_state(&state),
+        machine_state: encode(&save_machine_state(machine, next_poll)),
         digest: state_digest(machine, &state),
         pages,
     })
@@ -476,7 +666,7 @@ pub fn restore(
     format: u32,
 ) -> Result<(u64, CpuState), StateError> {
     let state = decode_cpu_state(cpu_state, format)?;
-    let snap: MachineSnapshot = decode(machine_state, "machine state")?;
+    let snap = decode_machine_state(machine_state, format, machine)?;
     // Every page is checked before anything is written: a bad checkpoint changes nothing.
     for (n, _) in memory.pages() {
         ram_page_address(machine, n)?;
@@ -502,7 +692,7 @@ pub fn restore(
             .map_err(|_| StateError::PageOutsideMemory { page: n })?;
     }
     cpu.set_state(&state)?;
-    machine.restore_devices(&snap.devices)?;
+    restore_devices(machine, &snap)?;
     machine.set_position(Position {
         icount: snap.position.icount,
         exits: snap.position.exits,
@@ -588,8 +778,9 @@ mod tests {
             after_shadow: 0x4000,
         };
         let bytes = encode(&s);
+        assert_eq!(decode_cpu_state(&bytes, 6).unwrap(), s);
         assert_eq!(
-            decode_cpu_state(&bytes, deja_traces::FORMAT_VERSION).unwrap(),
+            decode_cpu_state(&encode_cpu_state(&s), deja_traces::FORMAT_VERSION).unwrap(),
             s
         );
         const { assert!(deja_traces::FORMAT_VERSION >= X87_ERROR_PINS_FORMAT) };
@@ -650,6 +841,120 @@ mod tests {
         )
         .unwrap();
         assert_eq!(state_digest(&b.machine, &state), snap.digest);
+    }
+
+    /// From format 7 the CPU blob names its layout: a blob of an older layout (as a future
+    /// build keeps writing after adding a field) reads through its `From` conversion under
+    /// any trace format, and a newer layout than this build knows is refused by name.
+    #[test]
+    fn cpu_state_blobs_carry_their_layout_version() {
+        let mut layout3 = encode(&3u32);
+        layout3.extend(format3_bytes());
+        let s = decode_cpu_state(&layout3, VERSIONED_STATE_FORMAT).unwrap();
+        assert!(
+            s == expected_format3_state(),
+            "{:#?}",
+            expected_format3_state().diff(&s)
+        );
+        let mut layout9 = encode(&9u32);
+        layout9.extend(format3_bytes());
+        let err = decode_cpu_state(&layout9, VERSIONED_STATE_FORMAT).unwrap_err();
+        assert!(matches!(err, StateError::CpuLayout { found: 9 }), "{err}");
+        // Without the prefix, a format-7 reader must not take a bare state for one.
+        assert!(decode_cpu_state(&encode(&expected_format3_state()), 7).is_err());
+    }
+
+    /// A pc machine on bt, for the device-state tests.
+    fn pc_vm() -> deja_engine::Vm {
+        let image = deja_machine::loader::Image::raw(
+            "spin.bin",
+            vec![0xeb, 0xfe],
+            0x7c00,
+            0x7c00,
+            deja_machine::loader::EntryMode::Real,
+        );
+        let config = deja_machine::MachineConfig {
+            ram_size: 16 << 20,
+            ..Default::default()
+        };
+        let host = Box::new(deja_machine::LiveHost::new(
+            deja_machine::ClockMode::Virtual,
+        ));
+        deja_engine::build_vm(
+            deja_engine::EngineKind::Bt,
+            config,
+            host,
+            Box::new(std::io::sink()),
+            &image,
+        )
+        .unwrap()
+    }
+
+    /// Device states are stored by name: a checkpoint without some device (one deja added
+    /// after the recording) restores the others and leaves that one in its boot state; a
+    /// device this machine does not have, or a layout version it does not read, is refused
+    /// by name.
+    #[test]
+    fn device_states_are_stored_by_name_with_their_versions() {
+        let mut a = pc_vm();
+        a.machine.pio_write(0x80, &[0x42]); // the POST port keeps its history
+        let keys = a.machine.device_keys();
+        assert_eq!(keys[0], "pc-irqchip");
+        assert!(keys.contains(&"post".to_string()) && keys.contains(&"serial".to_string()));
+        let mut tracker = PageTracker::new();
+        let snap = snapshot(&a.machine, a.cpu.as_mut(), 7, &mut tracker).unwrap();
+        let mut memory = deja_traces::MemoryImage::new();
+        for (n, p) in &snap.pages {
+            memory.set_page(*n, p);
+        }
+        let mut stored: MachineSnapshot = decode(&snap.machine_state, "test").unwrap();
+        assert_eq!(stored.devices.len(), keys.len());
+        assert_eq!(stored.devices["post"].version, 1);
+
+        let restore_into = |stored: &MachineSnapshot| {
+            let mut b = pc_vm();
+            let r = restore(
+                &mut b.machine,
+                b.cpu.as_mut(),
+                &memory,
+                &snap.cpu_state,
+                &encode(stored),
+                deja_traces::FORMAT_VERSION,
+            );
+            (b, r)
+        };
+        let (b, r) = restore_into(&stored);
+        assert_eq!(r.unwrap().0, 7);
+        assert_eq!(deja_machine::pc::post_codes(&b.machine), [0x42]);
+
+        stored.devices.remove("post");
+        let (b, r) = restore_into(&stored);
+        r.unwrap();
+        assert!(
+            deja_machine::pc::post_codes(&b.machine).is_empty(),
+            "boot state"
+        );
+
+        let mut extra = stored.clone();
+        extra.devices.insert(
+            "floppy".into(),
+            DeviceBlob {
+                version: 1,
+                state: encode(&DeviceState::DebugExit),
+            },
+        );
+        let err = restore_into(&extra).1.unwrap_err();
+        assert!(
+            matches!(&err, StateError::UnknownDevice { device } if device == "floppy"),
+            "{err}"
+        );
+
+        stored.devices.get_mut("serial").unwrap().version = 2;
+        let err = restore_into(&stored).1.unwrap_err();
+        assert!(
+            matches!(&err, StateError::DeviceVersion { device, found: 2, supported: 1 } if device == "serial"),
+            "{err}"
+        );
     }
 
     #[test]

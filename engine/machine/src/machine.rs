@@ -610,6 +610,56 @@ impl Machine {
         Ok(())
     }
 
+    /// Each device's snapshot key, in the order of [`Machine::save_devices`]: its name, with
+    /// `#k` appended to the k-th (k >= 2) of several devices of one name. Checkpoints store
+    /// device states by key, so that a device added to the machine later does not shift the
+    /// others.
+    pub fn device_keys(&self) -> Vec<String> {
+        let names: Vec<&str> = std::iter::once(self.irqchip.name())
+            .chain(self.devices.iter().map(|d| d.name()))
+            .collect();
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let k = names[..i].iter().filter(|n| *n == name).count();
+                if k == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name}#{}", k + 1)
+                }
+            })
+            .collect()
+    }
+
+    /// Each device's [`Device::state_version`], in the order of [`Machine::save_devices`].
+    pub fn device_state_versions(&self) -> Vec<u32> {
+        std::iter::once(self.irqchip.state_version())
+            .chain(self.devices.iter().map(|d| d.state_version()))
+            .collect()
+    }
+
+    /// Restores one device (`index` in the order of [`Machine::save_devices`]).
+    pub fn restore_device(
+        &mut self,
+        index: usize,
+        state: &DeviceState,
+    ) -> Result<(), MachineError> {
+        let expected = self.devices.len() + 1;
+        match index {
+            0 => self.irqchip.restore(state)?,
+            i => self
+                .devices
+                .get_mut(i - 1)
+                .ok_or(MachineError::DeviceCountMismatch {
+                    expected,
+                    found: i + 1,
+                })?
+                .restore(state)?,
+        }
+        Ok(())
+    }
+
     /// Restores what [`Machine::save_devices`] returned.
     pub fn restore_devices(&mut self, states: &[DeviceState]) -> Result<(), MachineError> {
         if states.len() != self.devices.len() + 1 {

@@ -268,6 +268,12 @@ pub trait Device: Send {
     fn survives_reset(&self) -> bool {
         false
     }
+    /// The layout version of this device's saved state. A checkpoint stores it with the
+    /// state; a device whose state gains a field bumps it (and learns to read the older
+    /// layout), so that older checkpoints still restore without a trace-format change.
+    fn state_version(&self) -> u32 {
+        1
+    }
     /// The device's complete state.
     fn save(&self) -> DeviceState;
     /// Replaces the device's state.
