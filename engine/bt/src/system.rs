@@ -373,9 +373,11 @@ pub fn mov_sreg(ctx: &mut Ctx, op: &UOp) -> OpResult {
     } else {
         ctx.get(&op.src, 2)? as u16
     };
+    // POP steps the stack pointer by the stack size in force before the load (POP SS may
+    // change SS.B).
+    let ss = ctx.core.stack_size();
     load_seg(ctx, s, sel)?;
     if op.aux == 1 {
-        let ss = ctx.core.stack_size();
         let sp = ctx.core.gpr[4].wrapping_add(op.size as u64);
         ctx.core.set_reg(4, false, ss, sp);
     }

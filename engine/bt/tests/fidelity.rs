@@ -1,0 +1,397 @@
+//! x86 fidelity, round two (issue #16): address-size prefixes on LOOP/JCXZ, the stack size
+//! POP Sreg and ENTER use, BCD adjusts, LAR/LSL/VERR/VERW/ARPL and canonical descriptor-table
+//! bases. Expected values follow the SDM's pseudocode; each table names the rule it checks.
+
+mod common;
+
+use common::*;
+use deja_machine::cpu::{CpuState, Segment, seg};
+use deja_machine::{Cpu, Exit, Machine};
+use iced_x86::code_asm::*;
+use iced_x86::{Code, Encoder, Instruction};
+
+/// Encodes one branch `code` at `ip` whose target is the byte after the instruction and a
+/// following HLT, so the guest halts one byte further when the branch is taken.
+fn branch_then_hlt(bitness: u32, code: Code, ip: u64) -> Vec<u8> {
+    let mut enc = Encoder::new(bitness);
+    let probe = Instruction::with_branch(code, ip + 8).unwrap();
+    let len = enc.encode(&probe, ip).unwrap() as u64;
+    enc.take_buffer();
+    let insn = Instruction::with_branch(code, ip + len + 1).unwrap();
+    enc.encode(&insn, ip).unwrap();
+    let mut bytes = enc.take_buffer();
+    bytes.extend([0xf4, 0xf4]);
+    bytes
+}
+
+/// The initial state for `bitness` with code at `ip`.
+fn mode_state(m: &Machine, bitness: u32, ip: u64) -> CpuState {
+    match bitness {
+        16 => real_mode_state(ip),
+        32 => protected_mode_state(m, ip),
+        _ => long_mode_state(m, ip),
+    }
+}
+
+/// LOOP/LOOPcc/JCXZ count with CX, ECX or RCX by address size (the 0x67 prefix), not by
+/// the mode's default; JCXZ/JECXZ/JRCXZ likewise test the register the address size names.
+#[test]
+fn loop_and_jcxz_use_the_counter_of_the_address_size() {
+    const ZF: u64 = 0x40;
+    // (bitness, form, RCX before, flags, RCX after, taken)
+    let cases: &[(u32, Code, u64, u64, u64, bool)] = &[
+        (16, Code::Loop_rel8_16_CX, 0x1_0000, 0, 0x1_ffff, true),
+        (16, Code::Loop_rel8_16_ECX, 0x1_0000, 0, 0xffff, true),
+        (16, Code::Loop_rel8_16_ECX, 0x2_0001, 0, 0x2_0000, true),
+        (16, Code::Loope_rel8_16_ECX, 0x1_0001, ZF, 0x1_0000, true),
+        (16, Code::Loopne_rel8_16_ECX, 0x1_0001, 0, 0x1_0000, true),
+        (16, Code::Loope_rel8_16_CX, 0x1_0001, ZF, 0x1_0000, false),
+        (16, Code::Jcxz_rel8_16, 0x1_0000, 0, 0x1_0000, true),
+        (16, Code::Jecxz_rel8_16, 0x1_0000, 0, 0x1_0000, false),
+        (32, Code::Loop_rel8_32_CX, 0x1_0001, 0, 0x1_0000, false),
+        (32, Code::Loop_rel8_32_CX, 0x2_0000, 0, 0x2_ffff, true),
+        (32, Code::Loop_rel8_32_ECX, 0x1_0000, 0, 0xffff, true),
+        (32, Code::Loopne_rel8_32_CX, 0x2_0000, 0, 0x2_ffff, true),
+        (32, Code::Loope_rel8_32_CX, 0x2_0002, ZF, 0x2_0001, true),
+        (32, Code::Jcxz_rel8_32, 0x1_0000, 0, 0x1_0000, true),
+        (32, Code::Jecxz_rel8_32, 0x1_0000, 0, 0x1_0000, false),
+        // A 32-bit counter write zero-extends into RCX.
+        (64, Code::Loop_rel8_64_ECX, 0x1_0000_0001, 0, 0, false),
+        (
+            64,
+            Code::Loop_rel8_64_ECX,
+            0x5_0000_0000,
+            0,
+            0xffff_ffff,
+            true,
+        ),
+        (64, Code::Loope_rel8_64_ECX, 0x1_0000_0002, ZF, 1, true),
+        (
+            64,
+            Code::Loop_rel8_64_RCX,
+            0x1_0000_0001,
+            0,
+            0x1_0000_0000,
+            true,
+        ),
+        (
+            64,
+            Code::Jecxz_rel8_64,
+            0x1_0000_0000,
+            0,
+            0x1_0000_0000,
+            true,
+        ),
+        (
+            64,
+            Code::Jrcxz_rel8_64,
+            0x1_0000_0000,
+            0,
+            0x1_0000_0000,
+            false,
+        ),
+    ];
+    for &(bitness, code, count, flags, want_rcx, taken) in cases {
+        let (mut m, _, _) = machine();
+        let ip = if bitness == 64 { 0x20_0000 } else { 0x2000 };
+        let bytes = branch_then_hlt(bitness, code, ip);
+        load(&m, ip, &bytes);
+        let mut s = mode_state(&m, bitness, ip);
+        s.gpr[1] = count;
+        s.rflags = 2 | flags;
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 10), Exit::Halted, "{code:?}");
+        let st = c.state().unwrap();
+        let len = bytes.len() as u64 - 2;
+        let want_rip = ip + len + 1 + u64::from(taken);
+        assert_eq!(
+            (st.gpr[1], st.rip),
+            (want_rcx, want_rip),
+            "{bitness}-bit {code:?} with RCX {count:#x}: RCX and RIP (taken: {taken})"
+        );
+        assert_eq!(c.icount(), 2, "{code:?}: icount");
+    }
+}
+
+/// GDT slot 0x50: a ring-0 16-bit (B = 0) writable data segment, base 0, 4 GiB limit.
+const DATA16: u16 = 0x50;
+
+fn protected_with_data16(m: &Machine, eip: u64) -> CpuState {
+    let mut s = protected_mode_state(m, eip);
+    load(
+        m,
+        GDT + u64::from(DATA16),
+        &0x008f_9300_0000_ffffu64.to_le_bytes(),
+    );
+    s.gdtr.limit = 0x57;
+    s
+}
+
+fn data16_segment() -> Segment {
+    let mut s = Segment::flat(DATA16, false, false);
+    s.db = false;
+    s
+}
+
+/// POP Sreg adds to the stack pointer with the stack size in force before the load: POP SS
+/// that switches between 16-bit and 32-bit stacks, and POP DS/ES/FS/GS, on both sizes.
+#[test]
+fn pop_sreg_steps_the_stack_pointer_by_the_old_stack_size() {
+    // (operand size 4 = o32, pop into, SS is 16-bit before, selector popped, ESP before,
+    //  ESP after)
+    let cases: &[(u8, usize, bool, u16, u64, u64)] = &[
+        (4, seg::SS, true, 0x10, 0x2_fffc, 0x2_0000),
+        (4, seg::SS, false, DATA16, 0x1_fffc, 0x2_0000),
+        (2, seg::SS, true, 0x10, 0x2_fffe, 0x2_0000),
+        (2, seg::SS, false, DATA16, 0x1_fffe, 0x2_0000),
+        (4, seg::DS, true, 0x10, 0x2_fffc, 0x2_0000),
+        (4, seg::ES, false, DATA16, 0x1_fffc, 0x2_0000),
+        (2, seg::FS, true, DATA16, 0x2_fffe, 0x2_0000),
+        (4, seg::GS, false, 0x10, 0x1_fffc, 0x2_0000),
+    ];
+    for &(size, sreg, ss16, sel, sp0, want) in cases {
+        let (mut m, _, _) = machine();
+        let code = asm(32, 0x2000, |a| {
+            match (size, sreg) {
+                (4, seg::SS) => a.pop(ss),
+                (4, seg::DS) => a.pop(ds),
+                (4, seg::ES) => a.pop(es),
+                (4, seg::GS) => a.pop(gs),
+                (2, seg::SS) => a.db(&[0x66, 0x17]),
+                (2, seg::FS) => a.db(&[0x66, 0x0f, 0xa1]),
+                _ => unreachable!(),
+            }
+            .unwrap();
+            a.hlt().unwrap();
+        });
+        load(&m, 0x2000, &code);
+        let mut s = protected_with_data16(&m, 0x2000);
+        if ss16 {
+            s.seg[seg::SS] = data16_segment();
+        }
+        let top = if ss16 { sp0 & 0xffff } else { sp0 };
+        load(&m, top, &u32::from(sel).to_le_bytes());
+        s.gpr[4] = sp0;
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 10), Exit::Halted);
+        let st = c.state().unwrap();
+        assert_eq!(st.seg[sreg].selector, sel, "pop sreg {sreg} size {size}");
+        assert_eq!(
+            st.gpr[4],
+            want,
+            "pop sreg {sreg} o{} from a {}-bit stack: ESP",
+            size * 8,
+            if ss16 { 16 } else { 32 }
+        );
+    }
+}
+
+/// ENTER as the SDM's pseudocode (and Bochs) does it: FrameTemp is the stack pointer after
+/// pushing the frame pointer, the nested copies read below the old frame pointer at the
+/// stack size, BP or EBP (by operand size) gets FrameTemp, and only the stack pointer's
+/// stack-size part moves.
+#[test]
+fn enter_follows_operand_and_stack_sizes_at_every_nesting_level() {
+    struct Case {
+        name: &'static str,
+        bitness: u32,
+        o32: bool,
+        ss16: bool,
+        alloc: u16,
+        level: u8,
+        esp: u64,
+        ebp: u64,
+        want_esp: u64,
+        want_ebp: u64,
+        /// (address, size, value) written to the stack.
+        pushed: &'static [(u64, u8, u64)],
+    }
+    let cases = [
+        Case {
+            name: "o32 enter 8,0 on a 16-bit stack",
+            bitness: 32,
+            o32: true,
+            ss16: true,
+            alloc: 8,
+            level: 0,
+            esp: 0x1_0000,
+            ebp: 0x1234_5678,
+            want_esp: 0x1_fff4,
+            want_ebp: 0x1_fffc,
+            pushed: &[(0xfffc, 4, 0x1234_5678)],
+        },
+        Case {
+            name: "o32 enter 8,3 on a 16-bit stack",
+            bitness: 32,
+            o32: true,
+            ss16: true,
+            alloc: 8,
+            level: 3,
+            esp: 0x1_0000,
+            ebp: 0x5_2000,
+            want_esp: 0x1_ffe8,
+            want_ebp: 0x1_fffc,
+            pushed: &[
+                (0xfffc, 4, 0x5_2000),
+                (0xfff8, 4, 0xaaaa_1ffc),
+                (0xfff4, 4, 0xaaaa_1ff8),
+                (0xfff0, 4, 0x1_fffc),
+            ],
+        },
+        Case {
+            name: "o32 enter 36,2 on a 32-bit stack",
+            bitness: 32,
+            o32: true,
+            ss16: false,
+            alloc: 36,
+            level: 2,
+            esp: 0x9000,
+            ebp: 0x7000,
+            want_esp: 0x8fd0,
+            want_ebp: 0x8ffc,
+            pushed: &[
+                (0x8ffc, 4, 0x7000),
+                (0x8ff8, 4, 0xaaaa_6ffc),
+                (0x8ff4, 4, 0x8ffc),
+            ],
+        },
+        Case {
+            name: "o16 enter 4,2 on a 32-bit stack",
+            bitness: 32,
+            o32: false,
+            ss16: false,
+            alloc: 4,
+            level: 2,
+            esp: 0x9000,
+            ebp: 0x1_7000,
+            want_esp: 0x8ff6,
+            want_ebp: 0x1_8ffe,
+            pushed: &[
+                (0x8ffe, 2, 0x7000),
+                (0x8ffc, 2, 0x6ffe),
+                (0x8ffa, 2, 0x8ffe),
+            ],
+        },
+        Case {
+            name: "o16 enter 6,1 in real mode",
+            bitness: 16,
+            o32: false,
+            ss16: true,
+            alloc: 6,
+            level: 1,
+            esp: 0x5_7000,
+            ebp: 0x9_1234,
+            want_esp: 0x5_6ff6,
+            want_ebp: 0x9_6ffe,
+            pushed: &[(0x6ffe, 2, 0x1234), (0x6ffc, 2, 0x6ffe)],
+        },
+        Case {
+            name: "o16 enter 0,33 (level mod 32 = 1) on a 16-bit stack",
+            bitness: 32,
+            o32: false,
+            ss16: true,
+            alloc: 0,
+            level: 33,
+            esp: 0x3_0000,
+            ebp: 0x4_0100,
+            want_esp: 0x3_fffc,
+            want_ebp: 0x4_fffe,
+            pushed: &[(0xfffe, 2, 0x0100), (0xfffc, 2, 0xfffe)],
+        },
+    ];
+    for c in &cases {
+        let (mut m, _, _) = machine();
+        let ip = 0x2000;
+        let code = asm(c.bitness, ip, |a| {
+            let o32 = if c.bitness == 16 { c.o32 } else { !c.o32 };
+            if o32 {
+                a.db(&[0x66]).unwrap();
+            }
+            a.db(&[0xc8, c.alloc as u8, (c.alloc >> 8) as u8, c.level])
+                .unwrap();
+            a.hlt().unwrap();
+        });
+        load(&m, ip, &code);
+        let mut s = if c.bitness == 16 {
+            real_mode_state(ip)
+        } else {
+            protected_with_data16(&m, ip)
+        };
+        if c.bitness == 32 && c.ss16 {
+            s.seg[seg::SS] = data16_segment();
+        }
+        // The old frames below EBP: each word/dword holds 0xaaaa_0000 | its address.
+        let base = c.ebp & if c.ss16 { 0xffff } else { 0xffff_ffff };
+        for i in 1..8u64 {
+            let a = base - 4 * i;
+            load(&m, a, &(0xaaaa_0000u32 | (a as u32 & 0xffff)).to_le_bytes());
+        }
+        if !c.o32 {
+            for i in 1..8u64 {
+                let a = base - 2 * i;
+                load(&m, a, &(a as u16).to_le_bytes());
+            }
+        }
+        s.gpr[4] = c.esp;
+        s.gpr[5] = c.ebp;
+        let mut cpu = cpu(&m, &s);
+        assert_eq!(run(&mut cpu, &mut m, 10), Exit::Halted, "{}", c.name);
+        let st = cpu.state().unwrap();
+        assert_eq!(
+            (st.gpr[4], st.gpr[5]),
+            (c.want_esp, c.want_ebp),
+            "{}: ESP, EBP",
+            c.name
+        );
+        for &(addr, size, v) in c.pushed {
+            let got = peek(&m, addr, size as usize);
+            let mut b = [0u8; 8];
+            b[..size as usize].copy_from_slice(&got);
+            assert_eq!(u64::from_le_bytes(b), v, "{}: pushed at {addr:#x}", c.name);
+        }
+    }
+}
+
+/// ENTER checks that a write at the final stack pointer would succeed: with the final frame
+/// on a not-present page it raises #PF there (CR2 = the final RSP, a supervisor write
+/// to a not-present page), RSP and RBP unchanged, RIP at the ENTER.
+#[test]
+fn enter_faults_when_the_final_stack_pointer_is_not_writable() {
+    let (mut m, _, _) = machine();
+    let rip = 0x20_0000u64;
+    let handler = 0x20_1000u64;
+    load(
+        &m,
+        handler,
+        &asm(64, handler, |a| {
+            a.pop(rbx).unwrap();
+            a.pop(rcx).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    let code = asm(64, rip, |a| {
+        a.enter(0x20u32, 0u32).unwrap();
+        a.hlt().unwrap();
+    });
+    load(&m, rip, &code);
+    let mut s = long_mode_state(&m, rip);
+    // The 2 MiB page at 0x40_0000 is not present; the stack starts just above it.
+    load(&m, PML4 + 0x2000 + 2 * 8, &0u64.to_le_bytes());
+    load(&m, IDT + 14 * 16, &gate64(handler, 0x18, 1));
+    load(&m, TSS + 0x24, &0x9000u64.to_le_bytes());
+    s.gpr[4] = 0x60_0010;
+    s.gpr[5] = 0x1234;
+    let mut c = cpu(&m, &s);
+    assert_eq!(run(&mut c, &mut m, 10), Exit::Halted);
+    let st = c.state().unwrap();
+    assert_eq!(st.rip, handler + 3, "the #PF handler ran");
+    assert_eq!(st.cr2, 0x60_0010 - 8 - 0x20, "CR2: the final RSP");
+    assert_eq!(st.gpr[3], 2, "error code: supervisor write, not present");
+    assert_eq!(st.gpr[1], rip, "the fault is at the ENTER");
+    assert_eq!(st.gpr[5], 0x1234, "RBP unchanged");
+    assert_eq!(
+        peek(&m, 0x9000 - 16, 8),
+        0x60_0010u64.to_le_bytes(),
+        "RSP unchanged"
+    );
+}
