@@ -1234,19 +1234,17 @@ pub fn bcd_adjust(ctx: &mut Ctx, op: &UOp) -> OpResult {
         _ => {
             let ax = ctx.core.reg(0, false, 2);
             let adjust = al & 0xf > 9 || af;
+            // The SDM's pseudocode for current CPUs adjusts AX as a whole (AAA: AX + 0x106;
+            // AAS: AX - 6, then AH - 1), so AL's carry or borrow reaches AH.
             let nax = if adjust {
                 if op.aux == 2 {
-                    let lo = (ax as u8).wrapping_add(6) as u64;
-                    let hi = ((ax >> 8) as u8).wrapping_add(1) as u64;
-                    (hi << 8) | (lo & 0xf)
+                    ax.wrapping_add(0x106)
                 } else {
-                    let lo = (ax as u8).wrapping_sub(6) as u64;
-                    let hi = ((ax >> 8) as u8).wrapping_sub(1) as u64;
-                    (hi << 8) | (lo & 0xf)
+                    ax.wrapping_sub(6).wrapping_sub(0x100)
                 }
             } else {
-                ax & 0xff0f
-            };
+                ax
+            } & 0xff0f;
             ctx.core.set_reg(0, false, 2, nax);
             nf |= szp(nax & 0xff, 1);
             if adjust {
