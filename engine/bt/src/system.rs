@@ -1424,6 +1424,10 @@ pub fn desc_table(ctx: &mut Ctx, op: &UOp) -> OpResult {
         if op.size == 2 && bsize == 4 {
             base &= 0xff_ffff;
         }
+        // A non-canonical table base is refused before anything changes.
+        if bsize == 8 && !crate::exec::canonical(base) {
+            return Err(Exc::gp(0));
+        }
         let t = deja_machine::cpu::DescriptorTable { base, limit };
         if op.aux == 0 {
             ctx.core.gdtr = t;
@@ -1476,10 +1480,6 @@ pub fn ldt_tr(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     let (addr, d) = read_descriptor(ctx, sel)?;
     let mut s = parse_descriptor(sel, d);
-    if ctx.core.long_mode() {
-        let hi = ctx.read_lin_as(addr + 8, 8, false)?;
-        s.base |= (hi & 0xffff_ffff) << 32;
-    }
     let ok = if op.aux == 0 {
         !s.s && s.type_ == 2
     } else {
@@ -1490,6 +1490,15 @@ pub fn ldt_tr(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     if !s.present {
         return Err(Exc::np(code));
+    }
+    if ctx.core.long_mode() {
+        // The 16-byte descriptor's upper half holds base 63:32; a non-canonical base is
+        // #GP(selector) (as kvm's emulator and Bochs do).
+        let hi = ctx.read_lin_as(addr + 8, 8, false)?;
+        s.base |= (hi & 0xffff_ffff) << 32;
+        if !crate::exec::canonical(s.base) {
+            return Err(Exc::gp(code));
+        }
     }
     if op.aux == 0 {
         ctx.core.ldtr = s;
