@@ -663,6 +663,16 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
             };
             op.exec = system::ldt_tr;
         }
+        Mnemonic::Lar | Mnemonic::Lsl | Mnemonic::Verr | Mnemonic::Verw | Mnemonic::Arpl => {
+            op.aux = match m {
+                Mnemonic::Lar => system::selector_query::LAR,
+                Mnemonic::Lsl => system::selector_query::LSL,
+                Mnemonic::Verr => system::selector_query::VERR,
+                Mnemonic::Verw => system::selector_query::VERW,
+                _ => system::selector_query::ARPL,
+            };
+            op.exec = system::selector_query;
+        }
         Mnemonic::Invlpg => op.exec = system::invlpg,
         Mnemonic::Cpuid => op.exec = system::cpuid,
         Mnemonic::Rdtsc | Mnemonic::Rdtscp => {

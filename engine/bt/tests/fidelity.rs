@@ -787,3 +787,295 @@ fn descriptor_table_bases_must_be_canonical_in_64_bit_mode() {
         }
     }
 }
+
+/// System-descriptor types LAR and LSL accept (SDM vol. 2, LAR and LSL), in legacy
+/// protected mode and in IA-32e mode (64-bit and compatibility mode).
+const LAR_LEGACY: &[u8] = &[1, 2, 3, 4, 5, 9, 0xb, 0xc];
+const LAR_IA32E: &[u8] = &[2, 9, 0xb, 0xc];
+const LSL_LEGACY: &[u8] = &[1, 2, 3, 9, 0xb];
+const LSL_IA32E: &[u8] = &[2, 9, 0xb];
+
+/// The descriptors of the selector-query table: every system type and a set of code and
+/// data types at several DPLs, one per 16-byte slot from GDT offset 0x50, each with its own
+/// limit (byte granular or 4 KiB granular).
+fn query_descriptors() -> Vec<u64> {
+    let mut v = Vec::new();
+    for t in 0..16u64 {
+        for dpl in [0u64, 3] {
+            v.push((t << 40) | (dpl << 45));
+        }
+    }
+    for t in [0u64, 2, 6, 8, 0xa, 0xc, 0xe] {
+        for dpl in 0..4u64 {
+            v.push(((0x10 | t) << 40) | (dpl << 45) | (u64::from(dpl == 2) << 40));
+        }
+    }
+    v.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let i = i as u64;
+            let present = u64::from(i % 5 != 4) << 47;
+            let g = (i % 3 == 0) as u64;
+            d | present
+                | (g << 55)
+                | (1 << 54)
+                | (0x1000 + i * 0x111)
+                | ((i & 0xf) << 48)
+                | (0xab << 16)
+        })
+        .collect()
+}
+
+/// LAR, LSL, VERR and VERW over every system-descriptor type and code/data types at every
+/// DPL, with RPL 0 and 3, at CPL 0 and 3, in legacy protected mode and in compatibility
+/// mode (IA-32e: other system types), plus the null selector, a selector beyond the GDT
+/// limit, an LDT selector without an LDT and (IA-32e) a system descriptor whose upper half
+/// is beyond the limit: ZF and the result against the SDM's rules (an invalid selector
+/// leaves the destination and never faults; not-present descriptors answer too), with ZF
+/// set and clear beforehand.
+#[test]
+fn lar_lsl_verr_verw_follow_the_descriptor_type_and_privilege_rules() {
+    let descs = query_descriptors();
+    let first = 0x50u64;
+    let table_end = first + 16 * descs.len() as u64;
+    // An LDT descriptor whose second half lies beyond the GDT limit.
+    let tail_sel = table_end;
+    let gdt_limit = table_end + 7;
+    let mut sels: Vec<u16> = Vec::new();
+    for i in 0..descs.len() as u64 {
+        for rpl in [0u16, 3] {
+            sels.push((first + 16 * i) as u16 | rpl);
+        }
+    }
+    sels.extend([
+        0,
+        3,
+        tail_sel as u16,
+        (gdt_limit + 1) as u16 & !7,
+        0x0804,
+        0x000c,
+    ]);
+    const SENTINEL: u64 = 0xdead_beef;
+    for ia32e in [false, true] {
+        for cpl in [0u16, 3] {
+            for zf_before in [false, true] {
+                let (mut m, _, _) = machine();
+                let mut s = if ia32e {
+                    long_mode_state(&m, 0x2000)
+                } else {
+                    protected_mode_state(&m, 0x2000)
+                };
+                for (i, d) in descs.iter().enumerate() {
+                    load(&m, GDT + first + 16 * i as u64, &d.to_le_bytes());
+                }
+                load(
+                    &m,
+                    GDT + tail_sel,
+                    &(0x0000_8200_0000_ffffu64).to_le_bytes(),
+                );
+                s.gdtr.limit = gdt_limit as u16;
+                // No LDT: an LDT selector answers ZF = 0.
+                s.ldtr = Segment {
+                    unusable: true,
+                    ..Segment::default()
+                };
+                let (code_sel, stack_sel) = if cpl == 3 { (0x23, 0x2b) } else { (0x08, 0x10) };
+                s.seg[seg::CS] = Segment::flat(code_sel, true, false);
+                s.seg[seg::CS].dpl = cpl as u8;
+                s.seg[seg::CS].type_ |= 1;
+                s.seg[seg::SS] = Segment::flat(stack_sel, false, false);
+                s.seg[seg::SS].dpl = cpl as u8;
+                s.rflags = 2 | (3 << 12);
+                let (sel_at, out_at) = (0x10_0000u64, 0x11_0000u64);
+                let bytes: Vec<u8> = sels.iter().flat_map(|v| v.to_le_bytes()).collect();
+                load(&m, sel_at, &bytes);
+                let code = asm(32, 0x2000, |a| {
+                    let mut top = a.create_label();
+                    a.set_label(&mut top).unwrap();
+                    for (i, kind) in ["lar", "lsl", "verr", "verw"].into_iter().enumerate() {
+                        let at = 8 * i as i32;
+                        a.mov(eax, SENTINEL as u32).unwrap();
+                        a.cmp(ebx, 0).unwrap();
+                        match kind {
+                            "lar" => a.lar(eax, word_ptr(esi)),
+                            "lsl" => a.lsl(eax, word_ptr(esi)),
+                            "verr" => a.verr(word_ptr(esi)),
+                            _ => a.verw(word_ptr(esi)),
+                        }
+                        .unwrap();
+                        a.pushfd().unwrap();
+                        a.pop(edx).unwrap();
+                        a.mov(dword_ptr(edi + at), eax).unwrap();
+                        a.mov(dword_ptr(edi + at + 4), edx).unwrap();
+                    }
+                    a.add(esi, 2).unwrap();
+                    a.add(edi, 32).unwrap();
+                    a.dec(ecx).unwrap();
+                    a.jnz(top).unwrap();
+                    a.mov(edx, u32::from(STOP_PORT)).unwrap();
+                    a.out(dx, al).unwrap();
+                });
+                load(&m, 0x2000, &code);
+                s.gpr[6] = sel_at;
+                s.gpr[7] = out_at;
+                s.gpr[1] = sels.len() as u64;
+                s.gpr[3] = u64::from(!zf_before);
+                let mut c = cpu(&m, &s);
+                let mode = format!(
+                    "{} CPL {cpl} ZF before {zf_before}",
+                    if ia32e {
+                        "compatibility mode"
+                    } else {
+                        "protected mode"
+                    }
+                );
+                assert_eq!(run(&mut c, &mut m, 1 << 16), Exit::StopRequested, "{mode}");
+                let out = peek(&m, out_at, 32 * sels.len());
+                let u32_at =
+                    |o: usize| u64::from(u32::from_le_bytes(out[o..o + 4].try_into().unwrap()));
+                let mut wrong = Vec::new();
+                for (n, &sel) in sels.iter().enumerate() {
+                    let off = u64::from(sel & 0xfff8);
+                    let d = if sel & 4 != 0 || sel & 0xfffc == 0 || off + 7 > gdt_limit {
+                        None
+                    } else if off == tail_sel {
+                        Some(0x0000_8200_0000_ffffu64)
+                    } else {
+                        Some(descs[((off - first) / 16) as usize])
+                    };
+                    for (i, kind) in ["lar", "lsl", "verr", "verw"].into_iter().enumerate() {
+                        let want = d.and_then(|d| {
+                            let hi = d >> 32;
+                            let s_bit = hi & (1 << 12) != 0;
+                            let t = ((hi >> 8) & 0xf) as u8;
+                            let dpl = ((hi >> 13) & 3) as u16;
+                            let conforming_code = s_bit && t & 0xc == 0xc;
+                            let priv_ok = dpl >= cpl && dpl >= sel & 3;
+                            let upper_in_limit = !ia32e || s_bit || off + 15 <= gdt_limit;
+                            let (types, ok) = match kind {
+                                "lar" => (if ia32e { LAR_IA32E } else { LAR_LEGACY }, true),
+                                "lsl" => (if ia32e { LSL_IA32E } else { LSL_LEGACY }, true),
+                                "verr" => (&[][..], s_bit && (t & 8 == 0 || t & 2 != 0)),
+                                _ => (&[][..], s_bit && t & 8 == 0 && t & 2 != 0),
+                            };
+                            let type_ok = if kind.starts_with('l') {
+                                s_bit || types.contains(&t)
+                            } else {
+                                ok
+                            };
+                            let allowed = (conforming_code && kind != "verw") || priv_ok;
+                            (type_ok && allowed && upper_in_limit).then(|| match kind {
+                                "lar" => hi & 0x00f0_ff00,
+                                "lsl" => {
+                                    let l = (d & 0xffff) | ((d >> 32) & 0xf_0000);
+                                    if hi & (1 << 23) != 0 {
+                                        (l << 12) | 0xfff
+                                    } else {
+                                        l
+                                    }
+                                }
+                                _ => SENTINEL,
+                            })
+                        });
+                        let got = u32_at(32 * n + 8 * i);
+                        let got_zf = u32_at(32 * n + 8 * i + 4) & 0x40 != 0;
+                        let want_val = want.unwrap_or(SENTINEL);
+                        if got_zf != want.is_some() || got != want_val {
+                            wrong.push(format!(
+                                "{kind} {sel:#06x} (descriptor {:x?}): got ZF {got_zf} {got:#x}, want ZF {} {want_val:#x}",
+                                d,
+                                want.is_some()
+                            ));
+                        }
+                    }
+                }
+                assert!(
+                    wrong.is_empty(),
+                    "{mode}: {} of {} queries wrong; first:\n{}",
+                    wrong.len(),
+                    4 * sels.len(),
+                    wrong[..wrong.len().min(10)].join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// ARPL raises the destination selector's RPL to the source's (ZF = 1) or leaves it (ZF =
+/// 0), register and memory forms; only the low 16 bits and ZF change.
+#[test]
+fn arpl_adjusts_the_rpl_and_sets_zf() {
+    // (dst, src, ZF before, dst after, ZF after)
+    let cases: &[(u64, u64, bool, u64, bool)] = &[
+        (0xaaaa_0010, 0x0003, false, 0xaaaa_0013, true),
+        (0xaaaa_0011, 0xff02, false, 0xaaaa_0012, true),
+        (0xaaaa_0013, 0x0001, true, 0xaaaa_0013, false),
+        (0xaaaa_0012, 0x0002, true, 0xaaaa_0012, false),
+        (0x0000_fff8, 0x0003, false, 0x0000_fffb, true),
+    ];
+    for &(dst, src, zf, want, want_zf) in cases {
+        for memory in [false, true] {
+            let (mut m, _, _) = machine();
+            let code = asm(32, 0x2000, |a| {
+                if memory {
+                    a.arpl(word_ptr(0x3000u32), cx).unwrap();
+                } else {
+                    a.arpl(ax, cx).unwrap();
+                }
+                a.hlt().unwrap();
+            });
+            load(&m, 0x2000, &code);
+            load(&m, 0x3000, &(dst as u32).to_le_bytes());
+            let mut s = protected_mode_state(&m, 0x2000);
+            s.gpr[0] = dst;
+            s.gpr[1] = src;
+            s.rflags = 2 | if zf { 0x40 } else { 0 } | 0x1;
+            let mut c = cpu(&m, &s);
+            assert_eq!(run(&mut c, &mut m, 10), Exit::Halted);
+            let st = c.state().unwrap();
+            let got = if memory {
+                u64::from(u32::from_le_bytes(peek(&m, 0x3000, 4).try_into().unwrap()))
+            } else {
+                st.gpr[0]
+            };
+            let what = format!("arpl {dst:#x}, {src:#x} (memory {memory})");
+            assert_eq!(got, want, "{what}");
+            assert_eq!(st.rflags & 0x40 != 0, want_zf, "{what}: ZF");
+            assert_eq!(st.rflags & 1, 1, "{what}: CF kept");
+        }
+    }
+}
+
+/// LAR, LSL, VERR, VERW and ARPL are not recognized in real mode: #UD (through the IVT).
+#[test]
+fn selector_queries_raise_ud_in_real_mode() {
+    type Body = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let cases: [(&str, Body); 5] = [
+        ("lar", |a| a.lar(ax, cx)),
+        ("lsl", |a| a.lsl(ax, cx)),
+        ("verr", |a| a.verr(cx)),
+        ("verw", |a| a.verw(cx)),
+        ("arpl", |a| a.arpl(ax, cx)),
+    ];
+    for (name, body) in cases {
+        let (mut m, _, _) = machine();
+        let handler = 0x3000u64;
+        load(&m, handler, &asm(16, handler, |a| a.hlt().unwrap()));
+        load(&m, 6 * 4, &((handler as u32) & 0xffff).to_le_bytes());
+        let code = asm(16, 0x2000, |a| {
+            body(a).unwrap();
+            a.hlt().unwrap();
+        });
+        load(&m, 0x2000, &code);
+        let s = real_mode_state(0x2000);
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 10), Exit::Halted, "{name}");
+        let st = c.state().unwrap();
+        assert_eq!(st.rip, handler + 1, "{name}: #UD handler");
+        assert_eq!(
+            peek(&m, 0x7000 - 6, 2),
+            [0x00, 0x20],
+            "{name}: the #UD pushed the RIP of the instruction"
+        );
+    }
+}
