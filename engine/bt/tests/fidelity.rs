@@ -16,7 +16,7 @@ fn branch_then_hlt(bitness: u32, code: Code, ip: u64) -> Vec<u8> {
     let mut enc = Encoder::new(bitness);
     let probe = Instruction::with_branch(code, ip + 8).unwrap();
     let len = enc.encode(&probe, ip).unwrap() as u64;
-    enc.take_buffer();
+    let _probe = enc.take_buffer();
     let insn = Instruction::with_branch(code, ip + len + 1).unwrap();
     enc.encode(&insn, ip).unwrap();
     let mut bytes = enc.take_buffer();
@@ -412,7 +412,7 @@ fn bcd_reference(op: &str, ax_in: u16, flags: u16, base: u8) -> (u16, u16, u16) 
         if v & 0x80 != 0 {
             f |= SF;
         }
-        if v.count_ones() % 2 == 0 {
+        if v.count_ones().is_multiple_of(2) {
             f |= PF;
         }
         f
@@ -815,7 +815,7 @@ fn query_descriptors() -> Vec<u64> {
         .map(|(i, d)| {
             let i = i as u64;
             let present = u64::from(i % 5 != 4) << 47;
-            let g = (i % 3 == 0) as u64;
+            let g = i.is_multiple_of(3) as u64;
             d | present
                 | (g << 55)
                 | (1 << 54)
