@@ -545,6 +545,18 @@ impl Ctx<'_> {
         self.write_bytes(lin, &b[..size as usize], user)
     }
 
+    /// Checks that a write of `size` bytes at a linear address would not fault (paging),
+    /// without writing: #PF as the write would raise it.
+    pub fn check_writable(&mut self, lin: u64, size: u64) -> Result<(), Exc> {
+        let user = self.user();
+        let last = self.wrap(lin.wrapping_add(size.max(1) - 1));
+        self.translate(self.wrap(lin), Kind::Write, user)?;
+        if last & !0xfff != self.wrap(lin) & !0xfff {
+            self.translate(last, Kind::Write, user)?;
+        }
+        Ok(())
+    }
+
     /// Writes bytes at a linear address (page crossings handled; both pages are checked
     /// before anything is written).
     pub fn write_bytes(&mut self, lin: u64, data: &[u8], user: bool) -> Result<(), Exc> {

@@ -792,7 +792,12 @@ pub fn popa(ctx: &mut Ctx, op: &UOp) -> OpResult {
     Ok(Ctl::Next)
 }
 
-/// ENTER imm16, imm8 (`target` = frame size, `aux` = nesting level).
+/// ENTER imm16, imm8 (`target` = frame size, `aux` = nesting level), as the SDM's
+/// pseudocode: FrameTemp is the stack pointer (at operand size) after pushing the frame
+/// pointer; the nested copies are read below the old frame pointer, stepped at the stack
+/// size; BP/EBP/RBP (operand size) gets FrameTemp and only the stack-size part of the stack
+/// pointer moves. A write at the final stack pointer is checked (segment limit and paging)
+/// before any register changes.
 pub fn enter(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let size = op.size;
     let ss = ctx.core.stack_size();
@@ -800,27 +805,29 @@ pub fn enter(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let bp = ctx.core.gpr[5];
     let mut sp = ctx.core.gpr[4];
     fn push_at(ctx: &mut Ctx, sp: &mut u64, size: u8, ss: u8, v: u64) -> Result<(), Exc> {
-        *sp = sp.wrapping_sub(size as u64) & mask(ss);
-        let lin = ctx.linear(seg::SS as u8, *sp, size as u64, true)?;
-        ctx.write_lin(lin, size, v)
+        let nsp = sp.wrapping_sub(size as u64) & mask(ss);
+        let lin = ctx.linear(seg::SS as u8, nsp, size as u64, true)?;
+        ctx.write_lin(lin, size, v)?;
+        *sp = (*sp & !mask(ss)) | nsp;
+        Ok(())
     }
     push_at(ctx, &mut sp, size, ss, bp)?;
-    let frame = sp;
+    let frame = sp & mask(size);
     if level > 0 {
         let mut b = bp;
         for _ in 1..level {
-            b = b.wrapping_sub(size as u64) & mask(ss);
-            let lin = ctx.linear(seg::SS as u8, b, size as u64, false)?;
+            b = (b & !mask(ss)) | (b.wrapping_sub(size as u64) & mask(ss));
+            let lin = ctx.linear(seg::SS as u8, b & mask(ss), size as u64, false)?;
             let v = ctx.read_lin(lin, size)?;
             push_at(ctx, &mut sp, size, ss, v)?;
         }
         push_at(ctx, &mut sp, size, ss, frame)?;
     }
     let nsp = sp.wrapping_sub(op.target) & mask(ss);
-    // The final stack must be writable (Intel checks the whole new frame).
-    if op.target > 0 {
-        ctx.linear(seg::SS as u8, nsp, 1, true)?;
-    }
+    // SDM: #PF "if a write using the final value of the stack pointer (within the current
+    // stack segment) would cause a page fault"; nothing is written there.
+    let lin = ctx.linear(seg::SS as u8, nsp, size as u64, true)?;
+    ctx.check_writable(lin, size as u64)?;
     ctx.core.set_reg(5, false, size, frame);
     ctx.core.set_reg(4, false, ss, nsp);
     Ok(Ctl::Next)
@@ -1227,19 +1234,17 @@ pub fn bcd_adjust(ctx: &mut Ctx, op: &UOp) -> OpResult {
         _ => {
             let ax = ctx.core.reg(0, false, 2);
             let adjust = al & 0xf > 9 || af;
+            // The SDM's pseudocode for current CPUs adjusts AX as a whole (AAA: AX + 0x106;
+            // AAS: AX - 6, then AH - 1), so AL's carry or borrow reaches AH.
             let nax = if adjust {
                 if op.aux == 2 {
-                    let lo = (ax as u8).wrapping_add(6) as u64;
-                    let hi = ((ax >> 8) as u8).wrapping_add(1) as u64;
-                    (hi << 8) | (lo & 0xf)
+                    ax.wrapping_add(0x106)
                 } else {
-                    let lo = (ax as u8).wrapping_sub(6) as u64;
-                    let hi = ((ax >> 8) as u8).wrapping_sub(1) as u64;
-                    (hi << 8) | (lo & 0xf)
+                    ax.wrapping_sub(6).wrapping_sub(0x100)
                 }
             } else {
-                ax & 0xff0f
-            };
+                ax
+            } & 0xff0f;
             ctx.core.set_reg(0, false, 2, nax);
             nf |= szp(nax & 0xff, 1);
             if adjust {

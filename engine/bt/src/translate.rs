@@ -455,16 +455,16 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
                 Mnemonic::Loopne => 2,
                 _ => 3,
             });
-            op.aux = match insn.op_register(1) {
-                Register::CX => 2,
-                Register::ECX => 4,
-                Register::RCX => 8,
-                _ => match m {
-                    Mnemonic::Jcxz => 2,
-                    Mnemonic::Jecxz => 4,
-                    Mnemonic::Jrcxz => 8,
-                    _ => (bitness / 8) as u8,
-                },
+            // The counter is CX, ECX or RCX by address size (a 0x67 prefix changes it):
+            // the JCXZ mnemonics name it, the LOOP forms end with it.
+            let name = format!("{code:?}");
+            op.aux = match m {
+                Mnemonic::Jcxz => 2,
+                Mnemonic::Jecxz => 4,
+                Mnemonic::Jrcxz => 8,
+                _ if name.ends_with("_CX") => 2,
+                _ if name.ends_with("_ECX") => 4,
+                _ => 8,
             };
             op.exec = ops::loop_op;
         }
@@ -662,6 +662,16 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
                 _ => 3,
             };
             op.exec = system::ldt_tr;
+        }
+        Mnemonic::Lar | Mnemonic::Lsl | Mnemonic::Verr | Mnemonic::Verw | Mnemonic::Arpl => {
+            op.aux = match m {
+                Mnemonic::Lar => system::selector_query::LAR,
+                Mnemonic::Lsl => system::selector_query::LSL,
+                Mnemonic::Verr => system::selector_query::VERR,
+                Mnemonic::Verw => system::selector_query::VERW,
+                _ => system::selector_query::ARPL,
+            };
+            op.exec = system::selector_query;
         }
         Mnemonic::Invlpg => op.exec = system::invlpg,
         Mnemonic::Cpuid => op.exec = system::cpuid,

@@ -117,7 +117,25 @@ fn random_insn(a: &mut CodeAssembler, r: &mut Rng) -> Result<(), IcedError> {
     let disp = (r.below(64) * 8) as i32;
     let mem = qword_ptr(r14 + disp);
     let cnt = (r.below(70)) as u32;
-    match r.below(56) {
+    match r.below(57) {
+        // LOOP/LOOPcc/JCXZ with and without 0x67 (ECX or RCX), skipping a 2-byte NOT EAX (no flags: the undefined-flag tracking reads the listing straight through)
+        // when taken.
+        56 => {
+            let forms: [&[u8]; 7] = [
+                &[0x67, 0xe2],
+                &[0xe2],
+                &[0x67, 0xe1],
+                &[0x67, 0xe0],
+                &[0xe1],
+                &[0x67, 0xe3],
+                &[0xe3],
+            ];
+            a.db(forms[r.below(7) as usize])?;
+            a.db(&[2, 0xf7, 0xd0])
+        }
+        // No a32 string instructions: with them kvm on this PVM host sometimes runs past the
+        // final OUT (a triple fault or a state with RIP beyond the sequence), so it is no
+        // oracle for them here; tests/fidelity.rs and the table tests cover them.
         34 => a.shl(x, 1),
         35 => a.shr(x32, 1),
         36 => a.sar(x, 1),
@@ -228,7 +246,23 @@ fn random_insn32(a: &mut CodeAssembler, r: &mut Rng, pushed: &mut u32) -> Result
     let y = G[r.below(6) as usize];
     let imm = r.next() as i32;
     let b = B[r.below(8) as usize];
-    match r.below(20) {
+    match r.below(21) {
+        // a16 LOOP/LOOPcc/JCXZ (CX) and the 32-bit forms, skipping a 2-byte NOT EAX (no flags: the undefined-flag tracking reads the listing straight through).
+        20 => {
+            let forms: [&[u8]; 6] = [
+                &[0x67, 0xe2],
+                &[0xe2],
+                &[0x67, 0xe1],
+                &[0x67, 0xe0],
+                &[0x67, 0xe3],
+                &[0xe3],
+            ];
+            a.db(forms[r.below(6) as usize])?;
+            a.db(&[2, 0xf7, 0xd0])
+        }
+        // No a16 string instructions: under kvm on this PVM host they diverge from bt in ways
+        // that point at the host (RIPs past the sequence's end, REP counts from the wrong
+        // register), so they are not an oracle here; tests/fidelity.rs covers them.
         0 => a.add(al, b),
         1 => a.sub(al, b),
         // DAA, AAA and AAS shut the guest down under kvm on this host (PVM), and its AAM/AAD
@@ -317,7 +351,13 @@ fn seed_case_in(
     load(km, CODE, &code);
     load(km, DATA, &data);
     load(km, STACK - 0x1000, &stack);
-    let (ks, kd) = run_on(kvm, km, &init);
+    let (ks, kd) = try_run_on(kvm, km, &init).map_err(|e| {
+        format!(
+            "seed {seed}:\n{}initial: {:x?}\n{e}",
+            listing(&code, bitness),
+            init.gpr
+        )
+    })?;
 
     let (mut bm, _, _) = machine();
     let _ = user_state(&bm);
@@ -436,7 +476,7 @@ fn random_user_sequences_match_the_host_cpu() {
         failures.len(),
         failures
             .iter()
-            .take(3)
+            .take(12)
             .cloned()
             .collect::<Vec<_>>()
             .join("\n\n")
@@ -878,7 +918,7 @@ fn fp_differential(test: &str, bitness: u32, default_seeds: u64) {
         failures.len(),
         failures
             .iter()
-            .take(3)
+            .take(12)
             .cloned()
             .collect::<Vec<_>>()
             .join("\n\n")
