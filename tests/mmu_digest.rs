@@ -63,7 +63,8 @@ fn run(guest: &deja_guests::Guest, mmu: MmuStrategy) -> Result {
         outcome.end
     );
     let state = vm.cpu.state().unwrap();
-    let digest = deja_recorder::state_digest(&vm.machine, &state).to_string();
+    let scheme = deja_recorder::state::current_digest_scheme(&vm.machine);
+    let digest = deja_recorder::state_digest(&vm.machine, &state, &scheme).to_string();
     let serial = serial.0.lock().unwrap().clone();
     Result {
         digest,

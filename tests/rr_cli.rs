@@ -375,13 +375,31 @@ fn a_sigterm_during_start_up_still_leaves_a_trace() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Once the new program runs (its name is deja's), main starts within a millisecond or
-    // so; 5 ms later deja is still reading the image.
-    let comm = format!("/proc/{}/comm", child.id());
-    while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "deja") {
+    // Wait until deja's main has blocked SIGINT and SIGTERM (its first act), then signal at
+    // once: deja has yet to read the image (its resident memory is far below the image's
+    // 256 MiB), so no handler thread or recorder exists yet.
+    let status = format!("/proc/{}/status", child.id());
+    let field = |text: &str, name: &str| -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    let rss_kib = loop {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let blocked = field(&text, "SigBlk:")
+            .and_then(|m| u64::from_str_radix(&m, 16).ok())
+            .unwrap_or(0);
+        let stop_signals = (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1));
+        if blocked & stop_signals == stop_signals {
+            break field(&text, "VmRSS:")
+                .and_then(|v| v.trim_end_matches(" kB").trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
         std::thread::yield_now();
-    }
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(
+        rss_kib < 128 << 10,
+        "the signals were blocked only after the image was read ({rss_kib} KiB resident)"
+    );
     assert!(
         !trace.exists(),
         "the recording started too soon to test start-up"

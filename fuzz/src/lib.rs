@@ -257,7 +257,7 @@ pub fn restore(memory: &MemoryImage, cpu_state: &[u8], machine_state: &[u8], for
         machine_state,
         format,
     ) {
-        let _ = state::state_digest(&machine, &state);
+        let _ = state::state_digest(&machine, &state, &state::current_digest_scheme(&machine));
         let _ = state::device_diff(&machine, machine_state, format);
         let _ = cpu.state();
     }

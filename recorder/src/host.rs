@@ -15,8 +15,10 @@ pub type TraceSink = Box<dyn Write + Send>;
 /// The trace writer and the recording's bookkeeping, shared by the recording host (which
 /// logs answers) and the recorder (which adds digests and checkpoints between exits).
 pub struct Shared {
-    /// The writer; `None` once finished.
+    /// The writer; `None` before the header is written and once finished.
     pub writer: Option<TraceWriter<TraceSink>>,
+    /// Events asked for while there was no writer (they are lost: an error if any).
+    pub unwritten: u64,
     /// The first write error: the recording stops at the next exit and says so.
     pub error: Option<deja_traces::WriteError>,
     /// Events logged since the last state digest.
@@ -55,6 +57,7 @@ impl Shared {
             return;
         }
         let Some(w) = self.writer.as_mut() else {
+            self.unwritten += 1;
             return;
         };
         // Events whose position the host cannot know (boot wallclock) take the last one.

@@ -151,6 +151,7 @@ struct Observer<'p> {
     shared: Arc<Mutex<Shared>>,
     serial: Arc<Mutex<SerialCapture>>,
     tracker: PageTracker,
+    scheme: deja_traces::DigestScheme,
     digest_interval: u64,
     checkpoint_every: u64,
     /// Digests taken because `digest_interval` events had passed (checkpoints go with
@@ -187,7 +188,7 @@ impl Observer<'_> {
                 || self.checkpoint_every == 1
         };
         let result = if checkpoint {
-            snapshot(machine, cpu, next_poll, &mut self.tracker).map(|snap| {
+            snapshot(machine, cpu, next_poll, &mut self.tracker, &self.scheme).map(|snap| {
                 s.log(
                     at,
                     EventKind::StateDigest {
@@ -212,7 +213,7 @@ impl Observer<'_> {
             })
         } else {
             cpu.state().map_err(StateError::from).map(|st| {
-                let digest = state_digest(machine, &st);
+                let digest = state_digest(machine, &st, &self.scheme);
                 // No checkpoint holds the CPU state here: the registers go with the digest.
                 s.log(
                     at,
@@ -290,6 +291,7 @@ pub struct RecordOutcome {
 /// A recording in progress: the machine is built, the header written.
 pub struct Recorder {
     vm: Vm,
+    scheme: deja_traces::DigestScheme,
     shared: Arc<Mutex<Shared>>,
     serial: Arc<Mutex<SerialCapture>>,
     opts: RecordOptions,
@@ -329,10 +331,13 @@ impl Recorder {
         header.on_reset = opts.on_reset;
         header.guest_cpuid = guest_cpuid(opts.engine, &config.cpuid);
         header.host_cpu = Some(deja_traces::HostCpu::detect());
-        let writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
         let exit_sync = opts.delivery == Delivery::ExitSynchronous;
+        // The machine is built before the header is written (the header names its devices,
+        // for the digest scheme), with no writer yet: building asks the host nothing, and
+        // an event logged meanwhile would be lost, so that is checked below.
         let shared = Arc::new(Mutex::new(Shared {
-            writer: Some(writer),
+            writer: None,
+            unwritten: 0,
             error: None,
             since_digest: 0,
             last: deja_traces::Position::default(),
@@ -351,6 +356,22 @@ impl Recorder {
             engine: opts.engine,
             detail: e.to_string(),
         })?;
+        let scheme = state::current_digest_scheme(&vm.machine);
+        header.digest_scheme = Some(scheme.clone());
+        let writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
+        {
+            let mut s = host::lock(&shared);
+            if s.unwritten != 0 {
+                return Err(RecordError::Build {
+                    image: image.name.clone(),
+                    engine: opts.engine,
+                    detail: "building the machine asked the host for an input, which would \
+                             have gone unrecorded"
+                        .into(),
+                });
+            }
+            s.writer = Some(writer);
+        }
         vm.set_reboot(opts.on_reset == ResetPolicy::Reboot);
         let delivery = if exit_sync {
             InterruptDelivery::AtExits
@@ -379,6 +400,7 @@ impl Recorder {
         host::lock(&shared).kicker = Some(vm.cpu.kicker());
         Ok(Self {
             vm,
+            scheme,
             shared,
             serial,
             opts,
@@ -411,6 +433,7 @@ impl Recorder {
             shared: self.shared.clone(),
             serial: self.serial.clone(),
             tracker: PageTracker::new(),
+            scheme: self.scheme.clone(),
             digest_interval: self.opts.digest_interval,
             checkpoint_every: self.opts.checkpoint_every,
             digests: 0,
@@ -430,7 +453,7 @@ impl Recorder {
             at,
             source: e.into(),
         })?;
-        let final_digest = state_digest(machine, &cpu_state);
+        let final_digest = state_digest(machine, &cpu_state, &self.scheme);
         let (status, reason) = describe_end(&run.end);
         let (serial_digest, serial_bytes, output) = {
             let mut c = lock_capture(&self.serial);

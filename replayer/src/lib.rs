@@ -462,6 +462,7 @@ pub type Builder<'a> = dyn FnOnce(&MachineConfig, &Image, Box<dyn Host>, Box<dyn
     + 'a;
 
 struct Observer<'h> {
+    scheme: deja_traces::DigestScheme,
     hooks: ReplayHooks<'h>,
     watch_hits: u64,
     watch_tail: std::collections::VecDeque<WatchHit>,
@@ -533,7 +534,7 @@ impl RunObserver for Observer<'_> {
                             return false;
                         }
                     };
-                    let actual = state_digest(machine, &state);
+                    let actual = state_digest(machine, &state, &self.scheme);
                     if actual != *digest {
                         p.diverge(
                             at,
@@ -713,6 +714,8 @@ pub fn replay_with(
         })?;
     host::lock(&player).set_kicker(vm.cpu.kicker());
     vm.cpu.set_watch(&opts.watch)?;
+    let scheme = state::recorded_digest_scheme(&header);
+    state::check_digest_scheme(&vm.machine, &scheme)?;
 
     let mut started_from = None;
     if let Some(cp) = checkpoint {
@@ -770,6 +773,7 @@ pub fn replay_with(
         .map(|at| at.exits);
     vm.set_stop_exits(end_exits);
     let mut observer = Observer {
+        scheme: scheme.clone(),
         hooks,
         watch_hits: 0,
         watch_tail: Default::default(),
@@ -795,7 +799,7 @@ pub fn replay_with(
         || ((end_icount.is_some() || end_exits.is_some()) && run.end == RunEnd::InstructionLimit);
     let at = state::trace_position(vm.machine.position());
     let cpu_state = vm.cpu.state()?;
-    let final_digest = state_digest(&vm.machine, &cpu_state);
+    let final_digest = state_digest(&vm.machine, &cpu_state, &scheme);
     let (exit_status, end) = deja_snapshot::describe_end(&run.end);
 
     let mut p = host::lock(&player);

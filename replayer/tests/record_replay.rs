@@ -888,3 +888,69 @@ fn a_checkpoint_between_an_instruction_and_its_debug_trap_replays_the_trap() {
     let full = replay_on(Engine::Bt, &path, &image, None, false);
     assert_verified(&full);
 }
+
+/// A device added to the machine after a recording (here a second POST port) changes
+/// neither the trace's digests (scheme 2 covers the devices the header lists) nor its
+/// checkpoints (the new device keeps its boot state): the trace verifies on the larger
+/// machine, from the start and when seeking from a checkpoint. A trace whose digests cover
+/// a device the machine lacks is refused before the replay starts.
+#[test]
+fn a_device_added_after_the_recording_leaves_its_trace_verifiable() {
+    use deja_machine::devices::post::PostPort;
+    let image = guest(12);
+    let path = tmp("added-device.trace");
+    let rec = record(Engine::Bt, &image, &path, b"hi");
+    let header = TraceReader::open(&path).unwrap().header().clone();
+    let scheme = header.digest_scheme.clone().unwrap();
+    assert_eq!(scheme.version, 2);
+    assert_eq!(scheme.devices, ["test-irqchip", "test-board"]);
+    let replay_with_extra = |until: Option<Until>, seek: bool| {
+        let opts = ReplayOptions {
+            engine: EngineKind::Bt,
+            until,
+            seek,
+            timeout: Some(std::time::Duration::from_secs(60)),
+            watch: Vec::new(),
+        };
+        let img = image.clone();
+        replay(
+            &path,
+            &opts,
+            &move |name| (name == "board").then(|| img.clone()),
+            Box::new(std::io::sink()),
+            Box::new(|cfg, image, host, out| {
+                let mut vm = build(Engine::Bt, cfg, image, host, out)?;
+                vm.machine
+                    .add_device(Box::<PostPort>::default(), &[(0x80, 1)], &[])
+                    .map_err(|e| e.to_string())?;
+                Ok(vm)
+            }),
+        )
+    };
+    let r = replay_with_extra(None, false).unwrap();
+    assert_verified(&r);
+    assert_eq!(r.final_digest, rec.outcome.final_digest);
+    let cp = TraceReader::open(&path).unwrap().checkpoints()[1];
+    let r = replay_with_extra(Some(Until::Icount(cp.position.icount + 5)), true).unwrap();
+    assert!(matches!(r.verdict, Verdict::ReachedUntil { .. }), "{r}");
+    assert_eq!(r.started_from, Some(cp.position), "{r}");
+
+    // Digests over a device this machine does not have cannot be checked: refused first.
+    let mut r = TraceReader::open(&path).unwrap();
+    let mut header = r.header().clone();
+    header
+        .digest_scheme
+        .as_mut()
+        .unwrap()
+        .devices
+        .push("floppy".into());
+    let events: Vec<Event> = r.events().map(|e| e.unwrap()).collect();
+    let other = tmp("added-device-floppy.trace");
+    let mut w = TraceWriter::create(&other, &header, WriterOptions::default()).unwrap();
+    for e in &events {
+        w.push(e).unwrap();
+    }
+    drop(w);
+    let err = try_replay_on(Engine::Bt, &other, &image, None, false).unwrap_err();
+    assert!(err.to_string().contains("\"floppy\""), "{err}");
+}

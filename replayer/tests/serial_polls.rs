@@ -62,6 +62,7 @@ fn recording_to(
     .unwrap();
     let shared = Arc::new(Mutex::new(Shared {
         writer: Some(writer),
+        unwritten: 0,
         error: None,
         since_digest: 0,
         last: Default::default(),

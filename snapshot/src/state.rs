@@ -10,7 +10,7 @@ use deja_machine::cpu::{DescriptorTable, FpuState, PendingDebug, PendingEvents, 
 use deja_machine::devices::DeviceState;
 use deja_machine::vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use deja_machine::{Cpu, CpuError, CpuState, Machine, MachineError, Position, Segment};
-use deja_traces::{Digest, PAGE_SIZE, PageTracker};
+use deja_traces::{Digest, DigestScheme, PAGE_SIZE, PageTracker};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -50,6 +50,12 @@ pub enum StateError {
         found: u32,
         /// The version this build's device writes and reads.
         supported: u32,
+    },
+    /// A trace's digest scheme that this build or this machine cannot compute.
+    #[error("{detail}")]
+    DigestScheme {
+        /// What is wrong.
+        detail: String,
     },
     /// A CPU state layout this build does not read (a newer deja wrote it).
     #[error(
@@ -583,14 +589,71 @@ fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
 }
 
-/// The state digest: BLAKE3 over the CPU's architectural core, every device's state and
-/// every non-zero page of guest memory (number and contents). Identical machines on either
-/// engine give identical digests.
-pub fn state_digest(machine: &Machine, cpu: &CpuState) -> Digest {
+/// The digest scheme this build records with: version 2 over every device of `machine`.
+pub fn current_digest_scheme(machine: &Machine) -> DigestScheme {
+    DigestScheme {
+        version: 2,
+        devices: machine.device_keys(),
+    }
+}
+
+/// The digest scheme a trace's header names (traces before format 7 have none: scheme 1).
+pub fn recorded_digest_scheme(header: &deja_traces::Header) -> DigestScheme {
+    header.digest_scheme.clone().unwrap_or(DigestScheme {
+        version: 1,
+        devices: Vec::new(),
+    })
+}
+
+/// Checks that this build computes `scheme` and that `machine` has every device it covers
+/// (before a replay starts, so that no digest fails for a reason that is not the guest's).
+pub fn check_digest_scheme(machine: &Machine, scheme: &DigestScheme) -> Result<(), StateError> {
+    if !(1..=2).contains(&scheme.version) {
+        return Err(StateError::DigestScheme {
+            detail: format!(
+                "the trace's digests use scheme {}; this build computes schemes 1 and 2",
+                scheme.version
+            ),
+        });
+    }
+    let keys = machine.device_keys();
+    if let Some(missing) = scheme.devices.iter().find(|d| !keys.contains(d)) {
+        return Err(StateError::DigestScheme {
+            detail: format!(
+                "the trace's digests cover a device {missing:?} this machine does not have"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The state digest under `scheme`: BLAKE3 over the CPU's architectural core, the devices,
+/// and every non-zero page of guest memory (number and contents). Identical machines on
+/// either engine give identical digests. Scheme 1 digests every device's state in machine
+/// order (what traces before format 7 hold); scheme 2 each device the scheme lists by its
+/// own [`deja_machine::devices::Device::digest`], so devices beyond the list do not count.
+pub fn state_digest(machine: &Machine, cpu: &CpuState, scheme: &DigestScheme) -> Digest {
     let mut h = blake3::Hasher::new();
-    h.update(b"deja-state-v1\0");
-    h.update(&cpu_core(cpu));
-    h.update(&encode(&machine.save_devices()));
+    if scheme.version == 1 {
+        h.update(b"deja-state-v1\0");
+        h.update(&cpu_core(cpu));
+        h.update(&encode(&machine.save_devices()));
+    } else {
+        h.update(b"deja-state-v2\0");
+        h.update(&cpu_core(cpu));
+        let keys = machine.device_keys();
+        for key in &scheme.devices {
+            // A device the machine lacks was refused by check_digest_scheme before the run.
+            let digest = keys
+                .iter()
+                .position(|k| k == key)
+                .and_then(|i| machine.device_digest(i))
+                .unwrap_or([0; 32]);
+            h.update(key.as_bytes());
+            h.update(&[0]);
+            h.update(&digest);
+        }
+    }
     for_each_resident_page(machine, |n, page| {
         if !is_zero(page) {
             h.update(&n.to_le_bytes());
@@ -614,12 +677,14 @@ pub struct Snapshot {
     pub pages: Vec<(u64, Vec<u8>)>,
 }
 
-/// Takes a snapshot: CPU, devices, and the pages `tracker` says changed.
+/// Takes a snapshot: CPU, devices, the pages `tracker` says changed, and the state digest
+/// under `scheme`.
 pub fn snapshot(
     machine: &Machine,
     cpu: &mut dyn Cpu,
     next_poll: u64,
     tracker: &mut PageTracker,
+    scheme: &DigestScheme,
 ) -> Result<Snapshot, StateError> {
     let state = cpu.state()?;
     let position = trace_position(machine.position());
@@ -635,7 +700,7 @@ pub fn snapshot(
         position,
         cpu_state: encode_cpu_state(&state),
         machine_state: encode(&save_machine_state(machine, next_poll)),
-        digest: state_digest(machine, &state),
+        digest: state_digest(machine, &state, scheme),
         pages,
     })
 }
@@ -819,7 +884,8 @@ mod tests {
         };
         let mut a = vm();
         let mut tracker = PageTracker::new();
-        let snap = snapshot(&a.machine, a.cpu.as_mut(), 0, &mut tracker).unwrap();
+        let scheme = current_digest_scheme(&a.machine);
+        let snap = snapshot(&a.machine, a.cpu.as_mut(), 0, &mut tracker, &scheme).unwrap();
         assert!(
             snap.pages
                 .iter()
@@ -840,7 +906,7 @@ mod tests {
             deja_traces::FORMAT_VERSION,
         )
         .unwrap();
-        assert_eq!(state_digest(&b.machine, &state), snap.digest);
+        assert_eq!(state_digest(&b.machine, &state, &scheme), snap.digest);
     }
 
     /// From format 7 the CPU blob names its layout: a blob of an older layout (as a future
@@ -902,7 +968,8 @@ mod tests {
         assert_eq!(keys[0], "pc-irqchip");
         assert!(keys.contains(&"post".to_string()) && keys.contains(&"serial".to_string()));
         let mut tracker = PageTracker::new();
-        let snap = snapshot(&a.machine, a.cpu.as_mut(), 7, &mut tracker).unwrap();
+        let scheme = current_digest_scheme(&a.machine);
+        let snap = snapshot(&a.machine, a.cpu.as_mut(), 7, &mut tracker, &scheme).unwrap();
         let mut memory = deja_traces::MemoryImage::new();
         for (n, p) in &snap.pages {
             memory.set_page(*n, p);

@@ -23,6 +23,7 @@ fn header() -> Header {
         on_reset: ResetPolicy::Stop,
         guest_cpuid: None,
         host_cpu: None,
+        digest_scheme: None,
     }
 }
 

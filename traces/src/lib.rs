@@ -59,8 +59,9 @@ pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
 /// this crate, and the recorder's `state::decode_cpu_state` reads the format 1-3 layout);
 /// version 5 the x87 FERR#/IGNNE# pins after it (`CpuState::x87_error_pins`); version 6
 /// ([`DUE_POLLS_FORMAT`]) logs a device poll's time read only when a deadline had passed;
-/// version 7 ([`GUEST_CPUID_FORMAT`]) adds [`Header::guest_cpuid`] and [`Header::host_cpu`]
-/// at the header's end. Older traces still read (their headers with `on_reset` =
+/// version 7 ([`GUEST_CPUID_FORMAT`]) adds [`Header::guest_cpuid`], [`Header::host_cpu`] and
+/// [`Header::digest_scheme`] at the header's end, and checkpoints of versioned state (the
+/// snapshot crate's `VERSIONED_STATE_FORMAT`). Older traces still read (their headers with `on_reset` =
 /// [`ResetPolicy::Stop`], what every recording did then, and no CPUID or host CPU).
 pub const FORMAT_VERSION: u32 = 7;
 /// The first format version whose header records the CPUID answers the guest got and the

@@ -255,6 +255,19 @@ impl std::fmt::Display for HostCpu {
     }
 }
 
+/// How a trace's state digests were computed. Version 1 (traces before format 7, which
+/// have no scheme): the CPU core, the bincode of every device's state in machine order, and
+/// memory. Version 2: the CPU core, each listed device's own digest in list order, and
+/// memory; devices a later machine has beyond the list are not covered, so adding a device
+/// to deja does not break the digests of older traces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestScheme {
+    /// The scheme's version.
+    pub version: u32,
+    /// The devices covered, by their snapshot keys.
+    pub devices: Vec<String>,
+}
+
 /// The machine configuration the run was recorded with.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineInfo {
@@ -338,6 +351,9 @@ pub struct Header {
     pub guest_cpuid: Option<GuestCpuid>,
     /// The recording host's CPU. Format version 7 (older headers read as `None`).
     pub host_cpu: Option<HostCpu>,
+    /// How state digests were computed. Format version 7 (older headers read as `None`:
+    /// scheme 1).
+    pub digest_scheme: Option<DigestScheme>,
 }
 
 impl Header {
@@ -361,6 +377,7 @@ impl Header {
             on_reset: ResetPolicy::Stop,
             guest_cpuid: None,
             host_cpu: None,
+            digest_scheme: None,
         }
     }
 }

@@ -666,7 +666,7 @@ mod tests {
     /// version lacks, with its checksum.
     fn old_file_header(header: &Header, version: u32) -> Vec<u8> {
         let mut body = bincode::serde::encode_to_vec(header, crate::bincode_config()).unwrap();
-        let missing = if version < 3 { 3 } else { 2 };
+        let missing = if version < 3 { 4 } else { 3 };
         for _ in 0..missing {
             assert_eq!(
                 body.pop(),

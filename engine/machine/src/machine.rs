@@ -632,6 +632,17 @@ impl Machine {
             .collect()
     }
 
+    /// The digest of device `index` (in the order of [`Machine::save_devices`]) by its
+    /// [`Device::digest`]; `None` if there is no such device.
+    pub fn device_digest(&self, index: usize) -> Option<[u8; 32]> {
+        let mut h = blake3::Hasher::new();
+        match index {
+            0 => self.irqchip.digest(&mut h),
+            i => self.devices.get(i - 1)?.digest(&mut h),
+        }
+        Some(*h.finalize().as_bytes())
+    }
+
     /// Each device's [`Device::state_version`], in the order of [`Machine::save_devices`].
     pub fn device_state_versions(&self) -> Vec<u32> {
         std::iter::once(self.irqchip.state_version())

@@ -78,6 +78,10 @@ pub fn header() -> Header {
             stepping: 1,
             name: "AMD EPYC".into(),
         }),
+        digest_scheme: Some(DigestScheme {
+            version: 2,
+            devices: vec!["pc-irqchip".into(), "pit".into()],
+        }),
     }
 }
 

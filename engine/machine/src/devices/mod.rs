@@ -268,6 +268,16 @@ pub trait Device: Send {
     fn survives_reset(&self) -> bool {
         false
     }
+    /// Feeds what the guest can observe of this device into a state digest. The default
+    /// is the whole saved state; a device with state the guest cannot see (buffers of
+    /// output already delivered, statistics) may digest less.
+    fn digest(&self, hasher: &mut blake3::Hasher) {
+        // Encoding plain in-memory state into a Vec cannot fail.
+        let bytes = bincode::serde::encode_to_vec(self.save(), bincode::config::standard())
+            .unwrap_or_default();
+        hasher.update(&bytes);
+    }
+
     /// The layout version of this device's saved state. A checkpoint stores it with the
     /// state; a device whose state gains a field bumps it (and learns to read the older
     /// layout), so that older checkpoints still restore without a trace-format change.
