@@ -57,7 +57,10 @@ fn in_on_kvm_exits_to_userspace_at_least_once_per_operation() {
     let ms = short_run("in", vec![Column::Engine(EngineKind::Kvm)]);
     let m = find(&ms, "in", "kvm");
     if let Status::Skipped { reason } = &m.status {
-        println!("SKIP: kvm unavailable (/dev/kvm): {reason}");
+        deja_testkit::skip_without_kvm(
+            "in_on_kvm_exits_to_userspace_at_least_once_per_operation",
+            reason,
+        );
         return;
     }
     assert_eq!(m.status, Status::Ok, "{m:#?}");
@@ -238,8 +241,9 @@ fn hlt_wake_halts_once_woken_by_one_timer_interrupt_per_operation() {
     }
     let kvm = find(&ms, "hlt-wake", "kvm");
     if let Status::Skipped { reason } = &kvm.status {
-        println!(
-            "SKIP: hlt_wake_halts_once_woken_by_one_timer_interrupt_per_operation: /dev/kvm not available: {reason}"
+        deja_testkit::skip_without_kvm(
+            "hlt_wake_halts_once_woken_by_one_timer_interrupt_per_operation",
+            reason,
         );
         return;
     }

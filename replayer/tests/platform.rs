@@ -45,7 +45,7 @@ fn kvm_usable(test: &str) -> bool {
     ) {
         Ok(_) => true,
         Err(deja_engine::BuildError::EngineUnavailable { reason, .. }) => {
-            println!("SKIP: {test}: /dev/kvm not available: {reason}");
+            deja_testkit::skip_without_kvm(test, &reason);
             false
         }
         Err(e) => panic!("{test}: {e}"),

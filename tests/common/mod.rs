@@ -35,11 +35,8 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Whether /dev/kvm exists; prints a visible SKIP line naming `test` when it does not.
+/// Whether /dev/kvm can be used; prints a visible SKIP line naming `test` when it cannot
+/// (and fails under `DEJA_REQUIRE_KVM=1`).
 pub fn kvm_available(test: &str) -> bool {
-    let ok = Path::new("/dev/kvm").exists();
-    if !ok {
-        eprintln!("SKIP: {test}: /dev/kvm not available on this machine");
-    }
-    ok
+    deja_testkit::kvm_or_skip(test)
 }

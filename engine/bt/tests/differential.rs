@@ -409,7 +409,7 @@ fn random_compatibility_mode_sequences_with_bcd_match_the_host_cpu() {
     let mut kvm = match KvmCpu::new(&km) {
         Ok(c) => c,
         Err(e) if e.is_unavailable() => {
-            println!("SKIP: random_compatibility_mode_sequences: /dev/kvm not available: {e}");
+            deja_testkit::skip_without_kvm("random_compatibility_mode_sequences", &e);
             return;
         }
         Err(e) => panic!("creating the kvm vCPU failed: {e}"),
@@ -447,7 +447,7 @@ fn random_user_sequences_match_the_host_cpu() {
     let mut kvm = match KvmCpu::new(&km) {
         Ok(c) => c,
         Err(e) if e.is_unavailable() => {
-            println!("SKIP: random_user_sequences_match_the_host_cpu: /dev/kvm not available: {e}");
+            deja_testkit::skip_without_kvm("random_user_sequences_match_the_host_cpu", &e);
             return;
         }
         Err(e) => panic!("creating the kvm vCPU failed: {e}"),
@@ -876,7 +876,7 @@ fn fp_differential(test: &str, bitness: u32, default_seeds: u64) {
     let mut kvm = match KvmCpu::new(&km) {
         Ok(c) => c,
         Err(e) if e.is_unavailable() => {
-            println!("SKIP: {test}: /dev/kvm not available: {e}");
+            deja_testkit::skip_without_kvm(test, &e);
             return;
         }
         Err(e) => panic!("creating the kvm vCPU failed: {e}"),

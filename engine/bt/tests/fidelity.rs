@@ -713,7 +713,10 @@ fn descriptor_table_bases_must_be_canonical_in_64_bit_mode() {
     let mut kvm = match deja_kvm::KvmCpu::new(&km) {
         Ok(c) => Some(c),
         Err(e) if e.is_unavailable() => {
-            println!("SKIP (kvm part): descriptor_table_bases_must_be_canonical: {e}");
+            deja_testkit::skip_without_kvm(
+                "descriptor_table_bases_must_be_canonical (kvm part)",
+                &e,
+            );
             None
         }
         Err(e) => panic!("creating the kvm vCPU failed: {e}"),

@@ -656,8 +656,8 @@ mod tests {
     fn probes_replace_the_inferred_limits_they_measure() {
         let info = HostInfo::detect_and_probe();
         if let Some(why) = &info.unavailable_reason {
-            println!("SKIP: probes need /dev/kvm: {why}");
             assert!(info.probes.is_empty());
+            deja_testkit::skip_without_kvm("probes_replace_the_inferred_limits_they_measure", why);
             return;
         }
         println!("{}", info.render());

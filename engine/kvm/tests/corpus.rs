@@ -88,7 +88,7 @@ fn hello_boots_to_long_mode_and_exits_0_on_kvm() {
     let mut cpu = match KvmCpu::new(&m) {
         Ok(c) => c,
         Err(e) if e.is_unavailable() => {
-            println!("SKIP: hello on kvm: /dev/kvm not available: {e}");
+            deja_testkit::skip_without_kvm("hello on kvm", &e);
             return;
         }
         Err(e) => panic!("{e}"),
@@ -148,7 +148,7 @@ fn run_on_pc(
     let mut cpu = match KvmCpu::new(&m) {
         Ok(c) => c,
         Err(e) if e.is_unavailable() => {
-            println!("SKIP: {name} on kvm: /dev/kvm not available: {e}");
+            deja_testkit::skip_without_kvm(&format!("{name} on kvm"), &e);
             return None;
         }
         Err(e) => panic!("{e}"),

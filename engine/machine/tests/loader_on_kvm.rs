@@ -152,8 +152,7 @@ fn assemble(
 /// Each test writes: port 0x80 ← a value the entry state determines; 0x81.. more values.
 #[test]
 fn every_entry_mode_runs_on_kvm() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("SKIP: every_entry_mode_runs_on_kvm needs /dev/kvm, which this host lacks");
+    if !deja_testkit::kvm_or_skip("every_entry_mode_runs_on_kvm") {
         return;
     }
     let kvm = Kvm::new().unwrap();

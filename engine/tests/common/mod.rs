@@ -32,19 +32,10 @@ impl SharedBuffer {
     }
 }
 
-/// Whether this host can run the kvm engine; says why not, visibly, when it cannot.
+/// Whether this host can run the kvm engine; says why not, visibly, when it cannot (and
+/// fails under `DEJA_REQUIRE_KVM=1`).
 pub fn kvm_usable(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIP: {test}: /dev/kvm not available ({e})");
-            false
-        }
-    }
+    deja_testkit::kvm_or_skip(test)
 }
 
 /// Builds built-in guest `name` on `engine` with 16 MiB of RAM, `host` and a serial capture.
@@ -76,7 +67,7 @@ pub fn guest_vm(
     ) {
         Ok(vm) => Some((vm, serial)),
         Err(BuildError::EngineUnavailable { engine, reason }) => {
-            println!("SKIP: {test}: engine {engine} is not available: {reason}");
+            deja_testkit::skip_without_kvm(test, format!("engine {engine}: {reason}"));
             None
         }
         Err(e) => panic!("{test}: building the vm for {name} on {engine}: {e}"),

@@ -210,7 +210,7 @@ pub fn kvm_available(test: &str) -> bool {
     match deja_kvm::KvmCpu::new(&m) {
         Ok(_) => true,
         Err(e) if e.is_unavailable() => {
-            println!("SKIP: {test}: /dev/kvm not available: {e}");
+            deja_testkit::skip_without_kvm(test, &e);
             false
         }
         Err(e) => panic!("{test}: creating a kvm vCPU failed: {e}"),

@@ -160,7 +160,7 @@ pub fn kvm_cpu(machine: &Machine, test: &str) -> Option<KvmCpu> {
     match KvmCpu::new(machine) {
         Ok(cpu) => Some(cpu),
         Err(e) if e.is_unavailable() => {
-            println!("SKIP: {test}: /dev/kvm not available: {e}");
+            deja_testkit::skip_without_kvm(test, &e);
             None
         }
         Err(e) => panic!("{test}: creating the kvm vCPU failed: {e}"),
