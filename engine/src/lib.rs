@@ -141,6 +141,83 @@ impl RunOutcome {
     }
 }
 
+impl RunOutcome {
+    /// One line saying how the run ended (what `deja run` prints).
+    pub fn describe_end(&self) -> String {
+        match &self.end {
+            RunEnd::Stopped(StopRequest::DebugExit { value }) => format!(
+                "guest wrote {value:#x} to debug-exit (exit status {}, QEMU's would be {})",
+                self.exit_status(),
+                (value << 1) | 1
+            ),
+            RunEnd::Stopped(StopRequest::Reset { source }) => {
+                format!("guest reset the machine ({source})")
+            }
+            RunEnd::Stopped(StopRequest::PowerOff) => "guest powered off".to_string(),
+            RunEnd::Shutdown { reason, .. } => format!("guest CPU shut down: {reason}"),
+            RunEnd::Timeout => "time limit reached".to_string(),
+            RunEnd::InstructionLimit => format!("instruction limit reached at {}", self.icount),
+            RunEnd::Interrupted => "interrupted".to_string(),
+        }
+    }
+}
+
+/// A run's summary as `deja run --json` writes it (and `Display` prints its first line).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// The image's name.
+    pub image: String,
+    /// The engine's name.
+    pub engine: &'static str,
+    /// How the run ended, in words.
+    pub end: String,
+    /// The process exit status it maps to.
+    pub exit_status: i32,
+    /// Retired instructions (0 where the engine cannot count).
+    pub icount: u64,
+    /// Device exits.
+    pub exits: u64,
+    /// Host seconds.
+    pub elapsed_seconds: f64,
+    /// Engine and machine counters.
+    pub stats: std::collections::BTreeMap<String, u64>,
+    /// The POST codes the guest wrote to port 0x80.
+    pub post_codes: Vec<u8>,
+    /// The CPU state at a shutdown (triple fault).
+    pub shutdown_state: Option<CpuState>,
+}
+
+impl RunSummary {
+    /// The summary of `outcome`, a run of `image` on `engine` that wrote `post_codes`.
+    pub fn new(image: &str, engine: EngineKind, outcome: &RunOutcome, post_codes: Vec<u8>) -> Self {
+        Self {
+            image: image.to_string(),
+            engine: engine.name(),
+            end: outcome.describe_end(),
+            exit_status: outcome.exit_status(),
+            icount: outcome.icount,
+            exits: outcome.exits,
+            elapsed_seconds: outcome.elapsed.as_secs_f64(),
+            stats: outcome.stats.counters.clone(),
+            post_codes,
+            shutdown_state: match &outcome.end {
+                RunEnd::Shutdown { state, .. } => Some(state.as_ref().clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} on {}: {}; {} instructions, {} device exits, {:.3} s",
+            self.image, self.engine, self.end, self.icount, self.exits, self.elapsed_seconds
+        )
+    }
+}
+
 /// A machine and the engine that runs it.
 pub struct Vm {
     /// Memory, devices, host.

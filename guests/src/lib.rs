@@ -285,6 +285,21 @@ pub fn all() -> &'static [Guest] {
     &GUESTS
 }
 
+/// The image of built-in guest `name`, or why there is none: what
+/// [`deja_machine::loader::ImageRequest::resolve`] takes for `guest:NAME`.
+pub fn image_of(name: &str) -> Result<Image, String> {
+    match find(name) {
+        Some(g) => g.image().map_err(|e| format!("assembling it failed: {e}")),
+        None => {
+            let names: Vec<_> = all().iter().map(|g| g.name).collect();
+            Err(format!(
+                "no built-in guest named {name:?}; there are: {}",
+                names.join(", ")
+            ))
+        }
+    }
+}
+
 /// The built-in guest called `name`.
 pub fn find(name: &str) -> Option<&'static Guest> {
     GUESTS.iter().find(|g| g.name == name)

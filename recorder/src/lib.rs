@@ -288,6 +288,105 @@ pub struct RecordOutcome {
     pub checkpoints: u64,
 }
 
+/// A recording's summary as `deja record --json` writes it (and `Display` prints).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecordSummary {
+    /// The image's name.
+    pub image: String,
+    /// The engine's name.
+    pub engine: &'static str,
+    /// The trace file.
+    pub trace: std::path::PathBuf,
+    /// How the run ended, in words.
+    pub end: String,
+    /// The exit status the end maps to, if it ended in one.
+    pub exit_status: Option<i32>,
+    /// Retired instructions.
+    pub icount: u64,
+    /// Device exits.
+    pub exits: u64,
+    /// Events logged.
+    pub events: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Trace bytes written.
+    pub trace_bytes: u64,
+    /// Host seconds.
+    pub elapsed_seconds: f64,
+    /// The state digest at the end.
+    pub final_digest: Digest,
+    /// BLAKE3 of the guest's serial output.
+    pub serial_digest: Digest,
+    /// The chaos seed, if chaos mode was on.
+    pub chaos_seed: Option<u64>,
+    /// The write error that cut the trace short, if any.
+    pub write_error: Option<String>,
+}
+
+impl RecordSummary {
+    /// The summary of recording `o` of `image` on `engine` into `trace`.
+    pub fn new(
+        image: &str,
+        engine: EngineKind,
+        trace: &std::path::Path,
+        o: &RecordOutcome,
+        chaos_seed: Option<u64>,
+    ) -> Self {
+        let (exit_status, end) = describe_end(&o.run.end);
+        Self {
+            image: image.to_string(),
+            engine: engine.name(),
+            trace: trace.to_path_buf(),
+            end,
+            exit_status,
+            icount: o.run.icount,
+            exits: o.run.exits,
+            events: o.events,
+            checkpoints: o.checkpoints,
+            trace_bytes: o.trace_bytes,
+            elapsed_seconds: o.run.elapsed.as_secs_f64(),
+            final_digest: o.final_digest,
+            serial_digest: o.serial_digest,
+            chaos_seed,
+            write_error: o.write_error.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for RecordSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(e) = &self.write_error {
+            return write!(
+                f,
+                "the trace could not be finished: {e}\n{} keeps every whole frame written \
+                 before that ({} bytes); it replays up to there",
+                self.trace.display(),
+                self.trace_bytes
+            );
+        }
+        let per_event = if self.events > 0 {
+            self.trace_bytes as f64 / self.events as f64
+        } else {
+            0.0
+        };
+        write!(
+            f,
+            "recorded {} on {} ({}): {} instructions, {} exits, {} events, {} checkpoints, {} \
+             bytes ({per_event:.1} bytes/event), {:.3} s -> {}",
+            self.image,
+            self.engine,
+            self.end,
+            self.icount,
+            self.exits,
+            self.events,
+            self.checkpoints,
+            self.trace_bytes,
+            self.elapsed_seconds,
+            self.trace.display()
+        )
+    }
+}
+
 /// A recording in progress: the machine is built, the header written.
 pub struct Recorder {
     vm: Vm,

@@ -2,9 +2,8 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome};
-use deja_machine::devices::StopRequest;
-use deja_machine::loader::{EntryMode, Image, ImageFormat, MAX_IMAGE_FILE, read_file_bounded};
+use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome, RunSummary};
+use deja_machine::loader::{EntryMode, Image, ImageFormat, ImageRequest};
 use deja_machine::{ClockMode, LiveHost, MachineConfig, memory};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -49,9 +48,9 @@ pub enum ModeArg {
     Long,
 }
 
-/// Arguments of `deja run`.
-#[derive(Args, Debug)]
-pub struct RunArgs {
+/// What to run and on what machine: the arguments `deja run` and `deja record` share.
+#[derive(Args, Debug, Clone)]
+pub struct GuestArgs {
     /// What to run: `guest:NAME` (see `deja guests list`), a multiboot kernel, a file with a
     /// `FILE.json` load description (as `deja guests build` writes), or with --bios/--raw a
     /// firmware ROM or raw image.
@@ -62,32 +61,29 @@ pub struct RunArgs {
     /// Guest RAM, e.g. 256M, 1G, 4G (above 3.5 GiB RAM continues at 4 GiB, as QEMU's pc).
     #[arg(long, default_value = "256M", value_parser = parse_mem)]
     pub mem: u64,
-    /// Stop the run after this many seconds of host time (exit status 124).
+    /// Stop after this many seconds of host time (`deja run` exits 124; a recording's trace
+    /// is finished).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
     /// Stop after exactly this many guest instructions (bt only).
     #[arg(long, value_name = "N")]
     pub max_instructions: Option<u64>,
-    /// Guest-visible clock.
+    /// Guest-visible clock: host time (what a trace makes reproducible) or virtual time
+    /// (derived from guest progress: reproducible without a trace).
     #[arg(long, value_enum, default_value = "host")]
     pub clock: ClockArg,
     /// bt's MMU strategy: shadow (shadow page tables kept coherent by write tracing, the
-    /// default), nested (EPT-style two-dimensional walks) or tlb (a plain soft TLB).
+    /// default), nested (EPT-style two-dimensional walks) or tlb (a plain soft TLB). The
+    /// guest sees the same on all three, so a trace replays under any of them.
     #[arg(long, value_name = "STRATEGY", value_parser = parse_mmu)]
     pub mmu: Option<deja_engine::MmuStrategy>,
-    /// Print the counters (exits by reason, device accesses, engine counters) after the run.
-    #[arg(long)]
-    pub stats: bool,
-    /// Write a machine-readable summary of the run to FILE (`-` for stdout; then use
-    /// --serial-out so guest output does not mix with it).
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
-    /// Also show how the run ended when it ended normally, and the POST codes written to 0x80.
-    #[arg(long, short)]
-    pub verbose: bool,
     /// Write the guest's COM1 output to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub serial_out: Option<PathBuf>,
+    /// Write a machine-readable summary to FILE (`-` for stdout; then use --serial-out so
+    /// guest output does not mix with it).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
     /// Kernel command line (multiboot).
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
@@ -107,6 +103,57 @@ pub struct RunArgs {
     /// CPU mode a raw image starts in.
     #[arg(long, value_enum, requires = "raw")]
     pub mode: Option<ModeArg>,
+}
+
+impl GuestArgs {
+    /// The image the arguments name.
+    pub fn image_request(&self) -> ImageRequest {
+        let format = if self.bios {
+            Some(ImageFormat::Firmware)
+        } else {
+            self.raw.map(|load_addr| ImageFormat::Raw {
+                load_addr,
+                entry: self.entry.unwrap_or(load_addr),
+                mode: match self.mode {
+                    Some(ModeArg::Real) | None => EntryMode::Real,
+                    Some(ModeArg::Protected) => EntryMode::Protected,
+                    Some(ModeArg::Long) => EntryMode::Long,
+                },
+            })
+        };
+        ImageRequest::new(&self.image, format)
+    }
+
+    /// The machine configuration the arguments describe.
+    pub fn machine_config(&self) -> MachineConfig {
+        MachineConfig {
+            ram_size: self.mem,
+            cmdline: self.append.clone(),
+            ..MachineConfig::default()
+        }
+    }
+
+    /// The clock.
+    pub fn clock_mode(&self) -> ClockMode {
+        match self.clock {
+            ClockArg::Host => ClockMode::Host,
+            ClockArg::Virtual => ClockMode::Virtual,
+        }
+    }
+}
+
+/// Arguments of `deja run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The guest and its machine.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Print the counters (exits by reason, device accesses, engine counters) after the run.
+    #[arg(long)]
+    pub stats: bool,
+    /// Also show how the run ended when it ended normally, and the POST codes written to 0x80.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -135,47 +182,8 @@ fn parse_addr(s: &str) -> Result<u64, String> {
 }
 
 /// Resolves the IMAGE argument and its flags into an image to load.
-pub fn resolve_image(args: &RunArgs) -> anyhow::Result<Image> {
-    if let Some(name) = args.image.strip_prefix("guest:") {
-        let guest = deja_guests::find(name).with_context(|| {
-            let names: Vec<_> = deja_guests::all().iter().map(|g| g.name).collect();
-            format!(
-                "no built-in guest named {name:?}; there are: {}",
-                names.join(", ")
-            )
-        })?;
-        return guest
-            .image()
-            .with_context(|| format!("assembling guest {name}"));
-    }
-    let path = Path::new(&args.image);
-    let read = || read_file_bounded(path, MAX_IMAGE_FILE);
-    if args.bios {
-        return Ok(Image {
-            name: args.image.clone(),
-            bytes: read()?,
-            format: ImageFormat::Firmware,
-        });
-    }
-    if let Some(load_addr) = args.raw {
-        let mode = match args.mode {
-            Some(ModeArg::Real) => EntryMode::Real,
-            Some(ModeArg::Protected) => EntryMode::Protected,
-            Some(ModeArg::Long) => EntryMode::Long,
-            None => bail!("--raw needs --mode real|protected|long"),
-        };
-        let entry = args.entry.unwrap_or(load_addr);
-        return Ok(Image {
-            name: args.image.clone(),
-            bytes: read()?,
-            format: ImageFormat::Raw {
-                load_addr,
-                entry,
-                mode,
-            },
-        });
-    }
-    Ok(Image::from_file(path)?)
+pub fn resolve_image(args: &GuestArgs) -> anyhow::Result<Image> {
+    Ok(args.image_request().resolve(&deja_guests::image_of)?)
 }
 
 /// SIGINT and SIGTERM, the signals that stop a run cleanly.
@@ -235,90 +243,64 @@ pub(crate) fn kick_on_signals(kicker: deja_machine::Kicker) -> anyhow::Result<()
 
 /// Runs `deja run`.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let image = resolve_image(&args)?;
-    let engine = EngineKind::from(args.engine);
-    if args.max_instructions.is_some() && engine == EngineKind::Kvm {
+    let guest = &args.guest;
+    let image = resolve_image(guest)?;
+    let engine = EngineKind::from(guest.engine);
+    if guest.max_instructions.is_some() && engine == EngineKind::Kvm {
         bail!("--max-instructions needs an engine that counts instructions (bt); kvm cannot here");
     }
-    let config = MachineConfig {
-        ram_size: args.mem,
-        cmdline: args.append.clone(),
-        ..MachineConfig::default()
-    };
-    let clock = match args.clock {
-        ClockArg::Host => ClockMode::Host,
-        ClockArg::Virtual => ClockMode::Virtual,
-    };
-    let host = Box::new(LiveHost::new(clock).with_stdin());
-    let serial_out: Box<dyn Write + Send> = match &args.serial_out {
+    let host = Box::new(LiveHost::new(guest.clock_mode()).with_stdin());
+    let serial_out: Box<dyn Write + Send> = match &guest.serial_out {
         Some(p) => {
             Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
         }
         None => Box::new(std::io::stdout()),
     };
-    let mut vm = deja_engine::build_vm_with_mmu(engine, config, host, serial_out, &image, args.mmu)
-        .with_context(|| format!("starting {} on {engine}", image.name))?;
-    vm.set_reboot(!args.no_reboot);
+    let mut vm = deja_engine::build_vm_with_mmu(
+        engine,
+        guest.machine_config(),
+        host,
+        serial_out,
+        &image,
+        guest.mmu,
+    )
+    .with_context(|| format!("starting {} on {engine}", image.name))?;
+    vm.set_reboot(!guest.no_reboot);
     kick_on_signals(vm.cpu.kicker())?;
     let outcome = vm
         .run(RunOptions {
-            timeout: args.timeout,
-            max_instructions: args.max_instructions,
+            timeout: guest.timeout,
+            max_instructions: guest.max_instructions,
         })
         .with_context(|| format!("running {} on {engine}", image.name))?;
     let _ = std::io::stdout().flush();
 
     let post_codes = deja_machine::pc::post_codes(&vm.machine);
-    report(&args, engine, &image, &outcome, &post_codes)?;
+    let summary = RunSummary::new(&image.name, engine, &outcome, post_codes);
+    report(&args, &summary, &outcome)?;
     Ok(ExitCode::from(outcome.exit_status() as u8))
 }
 
-/// One line saying how the run ended.
-pub fn describe_end(outcome: &RunOutcome) -> String {
-    match &outcome.end {
-        RunEnd::Stopped(StopRequest::DebugExit { value }) => format!(
-            "guest wrote {value:#x} to debug-exit (exit status {}, QEMU's would be {})",
-            outcome.exit_status(),
-            (value << 1) | 1
-        ),
-        RunEnd::Stopped(StopRequest::Reset { source }) => {
-            format!("guest reset the machine ({source})")
-        }
-        RunEnd::Stopped(StopRequest::PowerOff) => "guest powered off".to_string(),
-        RunEnd::Shutdown { reason, .. } => format!("guest CPU shut down: {reason}"),
-        RunEnd::Timeout => "time limit reached".to_string(),
-        RunEnd::InstructionLimit => format!("instruction limit reached at {}", outcome.icount),
-        RunEnd::Interrupted => "interrupted".to_string(),
-    }
-}
-
-fn report(
-    args: &RunArgs,
-    engine: EngineKind,
-    image: &Image,
-    outcome: &RunOutcome,
-    post: &[u8],
-) -> anyhow::Result<()> {
+fn report(args: &RunArgs, summary: &RunSummary, outcome: &RunOutcome) -> anyhow::Result<()> {
     let normal = matches!(outcome.end, RunEnd::Stopped(_) | RunEnd::InstructionLimit);
     if args.verbose || !normal {
-        eprintln!("deja: {}", describe_end(outcome));
+        eprintln!("deja: {}", summary.end);
     }
-    if let RunEnd::Shutdown { state, .. } = &outcome.end {
+    if let Some(state) = &summary.shutdown_state {
         eprintln!("deja: CPU state at shutdown:\n{state}");
     }
-    if args.verbose && !post.is_empty() {
-        let codes: Vec<String> = post.iter().map(|c| format!("{c:02x}")).collect();
+    if args.verbose && !summary.post_codes.is_empty() {
+        let codes: Vec<String> = summary
+            .post_codes
+            .iter()
+            .map(|c| format!("{c:02x}"))
+            .collect();
         eprintln!("deja: POST codes (port 0x80): {}", codes.join(" "));
     }
     if args.stats {
-        eprintln!(
-            "deja: {engine}: {} instructions, {} device exits, {:.3} s",
-            outcome.icount,
-            outcome.exits,
-            outcome.elapsed.as_secs_f64()
-        );
+        eprintln!("deja: {summary}");
         let mut section = "";
-        for (name, value) in &outcome.stats.counters {
+        for (name, value) in &summary.stats {
             let head = name.split('.').next().unwrap_or("");
             if head != section {
                 section = head;
@@ -327,30 +309,19 @@ fn report(
             eprintln!("    {name:<40} {value:>14}");
         }
     }
-    if let Some(path) = &args.json {
-        let state = match &outcome.end {
-            RunEnd::Shutdown { state, .. } => Some(state.as_ref()),
-            _ => None,
-        };
-        let summary = serde_json::json!({
-            "image": image.name,
-            "engine": engine.name(),
-            "end": describe_end(outcome),
-            "exit_status": outcome.exit_status(),
-            "icount": outcome.icount,
-            "exits": outcome.exits,
-            "elapsed_seconds": outcome.elapsed.as_secs_f64(),
-            "stats": outcome.stats.counters,
-            "post_codes": post,
-            "shutdown_state": state,
-        });
-        let text = serde_json::to_string_pretty(&summary)?;
-        if path.as_os_str() == "-" {
-            super::say(text);
-        } else {
-            std::fs::write(path, text + "\n")
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
+    if let Some(path) = &args.guest.json {
+        write_json(path, summary)?;
+    }
+    Ok(())
+}
+
+/// Writes `value` as pretty JSON to `path` (`-`: stdout).
+pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    if path.as_os_str() == "-" {
+        super::say(text);
+    } else {
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -117,6 +117,58 @@ pub struct Image {
     pub format: ImageFormat,
 }
 
+/// An image as a user names it (`deja run IMAGE [--bios | --raw ADDR ...]`): a built-in
+/// guest, or a file with what is known of its format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRequest {
+    /// `guest:NAME`, one of the built-in guests.
+    Builtin(String),
+    /// A file; `format` when the command line said what it is (`--bios`, `--raw`), else
+    /// its sidecar or its multiboot header says.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The format given on the command line.
+        format: Option<ImageFormat>,
+    },
+}
+
+impl ImageRequest {
+    /// `guest:NAME` names a built-in guest; anything else is a file path.
+    pub fn new(name: &str, format: Option<ImageFormat>) -> Self {
+        match name.strip_prefix("guest:") {
+            Some(guest) => ImageRequest::Builtin(guest.to_string()),
+            None => ImageRequest::File {
+                path: PathBuf::from(name),
+                format,
+            },
+        }
+    }
+
+    /// The image: a built-in guest from `builtin` (which says why when it has none of that
+    /// name), or the file read with [`read_file_bounded`].
+    pub fn resolve(
+        &self,
+        builtin: &dyn Fn(&str) -> Result<Image, String>,
+    ) -> Result<Image, LoadError> {
+        match self {
+            ImageRequest::Builtin(name) => builtin(name).map_err(|reason| LoadError::Builtin {
+                name: name.clone(),
+                reason,
+            }),
+            ImageRequest::File { path, format: None } => Image::from_file(path),
+            ImageRequest::File {
+                path,
+                format: Some(format),
+            } => Ok(Image {
+                name: path.display().to_string(),
+                bytes: read_file_bounded(path, MAX_IMAGE_FILE)?,
+                format: format.clone(),
+            }),
+        }
+    }
+}
+
 /// Largest image file [`Image::from_file`] reads: nothing larger fits below 4 GiB.
 pub const MAX_IMAGE_FILE: u64 = crate::memory::FOUR_GIB;
 /// Largest sidecar [`Image::from_file`] reads (a sidecar is a few dozen bytes).
@@ -126,6 +178,14 @@ pub const MAX_SIDECAR_FILE: u64 = 64 << 10;
 /// wrong, where (offsets, addresses, field names) and, where it helps, what to do instead.
 #[derive(Debug, Error)]
 pub enum LoadError {
+    /// A built-in guest could not be had.
+    #[error("guest:{name}: {reason}")]
+    Builtin {
+        /// The name after `guest:`.
+        name: String,
+        /// Why not.
+        reason: String,
+    },
     /// The image has no bytes.
     #[error("image {name} is empty")]
     Empty {
