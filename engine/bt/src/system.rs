@@ -959,9 +959,17 @@ pub fn deliver(
         }
         let ent = ctx.read_lin_as(ctx.core.idtr.base + off, 4, false)?;
         let cs = ctx.core.seg[seg::CS].selector;
-        ctx.push(2, old_flags & 0xffff)?;
-        ctx.push(2, cs as u64)?;
-        ctx.push(2, rip & 0xffff)?;
+        let sp = ctx.core.gpr[4];
+        let pushed = (|| {
+            ctx.push(2, old_flags & 0xffff)?;
+            ctx.push(2, cs as u64)?;
+            ctx.push(2, rip & 0xffff)
+        })();
+        if let Err(e) = pushed {
+            // Nothing of a frame that faulted half-way stays (SP as before the event).
+            ctx.core.gpr[4] = sp;
+            return Err(e);
+        }
         let sel = (ent >> 16) as u16;
         let mut c = ctx.core.seg[seg::CS];
         c.selector = sel;
@@ -1179,14 +1187,22 @@ pub fn raise(ctx: &mut Ctx, first: Exc, kind: EventKind, rip: u64) -> bool {
     }
 }
 
-/// INT n / INT3 / INTO (`target` = vector; `aux` 1 = INTO).
+/// INT n / INT3 / INTO / INT1 (`target` = vector; `aux` 1 = INTO, 2 = INT3 or INT1).
+///
+/// A fault while delivering the event (gate not present or beyond the IDT limit, the gate's
+/// DPL, a page fault pushing the frame, ...) means the instruction did not complete: it is
+/// returned as this instruction's fault, so it is reported with the INT's own address and
+/// the handler can remove its cause and run the INT again (SDM vol. 3 6.5, the INT n
+/// pseudocode). It is a fresh exception, never a double fault: the software interrupt is
+/// not an exception, whatever its vector.
 pub fn int_n(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if op.aux == 1 && !ctx.core.cond(0) {
         return Ok(Ctl::Next);
     }
     let vector = op.target as u8;
     let c = &*ctx.core;
-    if c.vm86() && c.iopl() < 3 && op.aux != 2 {
+    // Only INT n is IOPL-sensitive in virtual-8086 mode; INT3, INTO and INT1 go to the IDT.
+    if c.vm86() && c.iopl() < 3 && op.aux == 0 {
         return Err(Exc::gp(0));
     }
     let kind = if op.aux == 2 && vector == 1 {
@@ -1194,16 +1210,13 @@ pub fn int_n(ctx: &mut Ctx, op: &UOp) -> OpResult {
     } else {
         EventKind::Software
     };
-    if !raise(
-        ctx,
-        Exc {
-            vector,
-            error: None,
-        },
-        kind,
-        op.next_rip,
-    ) {
-        ctx.stats.triple_fault = true;
+    if kind == EventKind::PrivilegedSoftware {
+        *ctx.stats.exceptions.entry(vector).or_default() += 1;
+    }
+    deliver(ctx, vector, None, kind, op.next_rip)?;
+    if kind == EventKind::PrivilegedSoftware {
+        // Every #DB clears DR7.GD, so that the handler may use the debug registers.
+        ctx.core.dr7 &= !dbg::GD;
     }
     Ok(Ctl::End)
 }
