@@ -1726,7 +1726,19 @@ pub fn syscall(ctx: &mut Ctx, op: &UOp) -> OpResult {
     ctx.core.rflags = ((f & !fmask & !fl::RF) & fl::WRITABLE) | 2;
     ctx.core.lazy.op = crate::core::FlagOp::Done;
     ctx.core.rip = target;
+    single_step_after(ctx);
     Ok(Ctl::End)
+}
+
+/// SYSCALL and SYSRET single-step by the TF they leave, not the one they found (the debug
+/// step skips them): an FMASK that clears TF keeps the trap out of the kernel, and a SYSRET
+/// that restores TF traps at once, in user mode, as if the SYSCALL had just completed. This
+/// is what QEMU does and what Linux relies on (its FMASK clears TF, and its SYSCALL entry,
+/// unlike SYSENTER's, has no code for a #DB on its first instruction).
+fn single_step_after(ctx: &mut Ctx) {
+    if ctx.core.rflags & fl::TF != 0 {
+        ctx.core.db_pending |= dbg::BS;
+    }
 }
 
 /// SYSRET (`size` 8 = to 64-bit, 4 = to compatibility mode).
@@ -1755,6 +1767,7 @@ pub fn sysret(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let f = ctx.core.gpr[11];
     ctx.core.rflags = ((f & !(fl::RF | fl::VM)) & fl::WRITABLE) | 2;
     ctx.core.lazy.op = crate::core::FlagOp::Done;
+    single_step_after(ctx);
     Ok(Ctl::End)
 }
 
