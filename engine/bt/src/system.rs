@@ -1597,6 +1597,9 @@ pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if ctx.machine.handles_msr(idx) {
         return machine_msr(ctx, op, idx);
     }
+    if deja_machine::cpu::mca::is_mca_msr(idx) {
+        return mca_msr(ctx, op, idx);
+    }
     if !KNOWN_MSRS.contains(&idx) {
         ctx.count(&format!("bt.unknown_msr.{idx:#x}"));
         return Err(Exc::gp(0));
@@ -1656,6 +1659,27 @@ pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     ctx.core.rip = op.next_rip;
     Ok(Ctl::End)
+}
+
+/// RDMSR/WRMSR of a machine-check MSR ([`deja_machine::cpu::mca`]): the state lives in
+/// the CPU state's MSRs, absent ones read as their reset values.
+fn mca_msr(ctx: &mut Ctx, op: &UOp, idx: u32) -> OpResult {
+    use deja_machine::cpu::mca;
+    if op.aux == 0 {
+        let v = match ctx.core.msrs.get(&idx) {
+            Some(&v) if idx != msr::IA32_MCG_CAP => v,
+            _ => mca::reset_value(idx),
+        };
+        ctx.core.gpr[0] = v & 0xffff_ffff;
+        ctx.core.gpr[2] = v >> 32;
+        return Ok(Ctl::Next);
+    }
+    let v = (ctx.core.gpr[0] & 0xffff_ffff) | (ctx.core.gpr[2] << 32);
+    if !mca::write_allowed(idx, v) {
+        return Err(Exc::gp(0));
+    }
+    ctx.core.msrs.insert(idx, v);
+    Ok(Ctl::Next)
 }
 
 /// RDMSR/WRMSR of an MSR the machine owns (the local APIC's IA32_APIC_BASE,

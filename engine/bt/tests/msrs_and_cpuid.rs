@@ -1,0 +1,192 @@
+//! Model-specific registers and CPUID answers as the hardware gives them, on bt, and where
+//! this host lets it run, the same guest on kvm with the same results: the machine-check
+//! MSRs (IA32_MCG_CAP/STATUS/CTL and the MCi banks, no errors pending, SDM vol. 3 ch. 16).
+
+mod common;
+
+use common::*;
+use deja_kvm::KvmCpu;
+use deja_machine::cpu::CpuState;
+use deja_machine::{Cpu, Exit, Limit, Machine};
+use iced_x86::code_asm::*;
+
+/// Scratch data the guest records into (clear of the TSS and its I/O bitmap).
+const DATA: u64 = 0x6000;
+
+/// One MSR access: an optional WRMSR of a value, then RDMSR.
+#[derive(Debug, Clone, Copy)]
+struct MsrOp {
+    index: u32,
+    write: Option<u64>,
+}
+
+/// What the guest saw: the value read (0 after a #GP), whether RDMSR and WRMSR faulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    value: u64,
+    read_gp: bool,
+    write_gp: bool,
+}
+
+fn op(index: u32, write: Option<u64>) -> MsrOp {
+    MsrOp { index, write }
+}
+
+/// A 32-bit ring-0 guest that runs `ops` with a #GP handler that skips the faulting
+/// RDMSR/WRMSR (reading 0) and counts in EBP; ends with OUT to [`STOP_PORT`].
+fn msr_guest(m: &Machine, ops: &[MsrOp]) -> CpuState {
+    let gp = 0x2800u64;
+    load(
+        m,
+        gp,
+        &asm(32, gp, |a| {
+            // No IRET: the host's emulator (PVM) cannot run a 32-bit IRETD in ring 0.
+            a.add(esp, 4).unwrap(); // error code
+            a.pop(ebx).unwrap(); // EIP
+            a.add(esp, 8).unwrap(); // CS, EFLAGS
+            a.add(ebx, 2).unwrap(); // past RDMSR/WRMSR
+            a.inc(ebp).unwrap();
+            a.xor(eax, eax).unwrap();
+            a.xor(edx, edx).unwrap();
+            a.jmp(ebx).unwrap();
+        }),
+    );
+    let g = (gp & 0xffff) | (0x08u64 << 16) | (0x8eu64 << 40) | ((gp >> 16) << 48);
+    load(m, IDT + 13 * 8, &g.to_le_bytes());
+    let code = asm(32, 0x2000, |a| {
+        for (i, o) in ops.iter().enumerate() {
+            let at = (DATA + 16 * i as u64) as u32;
+            a.mov(ecx, o.index).unwrap();
+            a.xor(ebp, ebp).unwrap();
+            if let Some(v) = o.write {
+                a.mov(eax, v as u32).unwrap();
+                a.mov(edx, (v >> 32) as u32).unwrap();
+                a.wrmsr().unwrap();
+            }
+            a.mov(dword_ptr(at + 12), ebp).unwrap();
+            a.xor(ebp, ebp).unwrap();
+            a.xor(eax, eax).unwrap();
+            a.xor(edx, edx).unwrap();
+            a.rdmsr().unwrap();
+            a.mov(dword_ptr(at), eax).unwrap();
+            a.mov(dword_ptr(at + 4), edx).unwrap();
+            a.mov(dword_ptr(at + 8), ebp).unwrap();
+        }
+        a.mov(dx, STOP_PORT as u32).unwrap();
+        a.out(dx, al).unwrap();
+    });
+    load(m, 0x2000, &code);
+    protected_mode_state(m, 0x2000)
+}
+
+fn seen(m: &Machine, n: usize) -> Vec<Seen> {
+    (0..n)
+        .map(|i| {
+            let b = peek(m, DATA + 16 * i as u64, 16);
+            let w = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+            Seen {
+                value: u64::from(w(0)) | u64::from(w(4)) << 32,
+                read_gp: w(8) != 0,
+                write_gp: w(12) != 0,
+            }
+        })
+        .collect()
+}
+
+fn run_ops_on(cpu: &mut dyn Cpu, m: &mut Machine, ops: &[MsrOp]) -> Vec<Seen> {
+    let s = msr_guest(m, ops);
+    cpu.set_state(&s).unwrap();
+    for _ in 0..1000 {
+        let exit = cpu.run(m, Limit::default()).unwrap();
+        if exit == Exit::StopRequested || m.take_stop().is_some() {
+            return seen(m, ops.len());
+        }
+        assert_eq!(exit, Exit::DeviceAccess, "{} stopped: {exit:?}", cpu.name());
+    }
+    panic!("{}: the guest did not finish", cpu.name());
+}
+
+/// The machine-check accesses and what a CPU with deja's MCA (10 banks, IA32_MCG_CTL
+/// present, no errors) answers.
+fn mca_cases() -> Vec<(MsrOp, Seen)> {
+    let ok = |value| Seen {
+        value,
+        read_gp: false,
+        write_gp: false,
+    };
+    let write_gp = |value| Seen {
+        value,
+        read_gp: false,
+        write_gp: true,
+    };
+    let gp = Seen {
+        value: 0,
+        read_gp: true,
+        write_gp: true,
+    };
+    vec![
+        (op(0x179, None), ok(0x10a)),          // MCG_CAP: MCG_CTL_P, 10 banks
+        (op(0x179, Some(0)), write_gp(0x10a)), // read-only
+        (op(0x17a, None), ok(0)),              // MCG_STATUS: no machine check
+        (op(0x17b, None), ok(!0)),             // MCG_CTL: all enabled
+        (op(0x17b, Some(5)), write_gp(!0)),    // 0 or all 1s only
+        (op(0x17b, Some(0)), ok(0)),
+        (op(0x17b, Some(!0)), ok(!0)),
+        (op(0x400, None), ok(!0)), // MC0_CTL
+        (op(0x400, Some(5)), write_gp(!0)),
+        (op(0x400, Some(0)), ok(0)),
+        (op(0x401, None), ok(0)),          // MC0_STATUS: no error
+        (op(0x401, Some(1)), write_gp(0)), // writable with 0 only
+        (op(0x401, Some(0)), ok(0)),
+        (op(0x402, Some(0x1234)), ok(0x1234)), // MC0_ADDR
+        (op(0x403, None), ok(0)),              // MC0_MISC
+        (op(0x424, None), ok(!0)),             // MC9_CTL: the last bank
+        (op(0x427, None), ok(0)),              // MC9_MISC
+        (
+            op(0x428, None),
+            Seen {
+                write_gp: false,
+                ..gp
+            },
+        ), // no bank 10
+        (op(0x428, Some(0)), gp),
+    ]
+}
+
+#[test]
+fn machine_check_msrs_read_as_a_cpu_with_no_errors_and_write_as_the_sdm_says() {
+    let cases = mca_cases();
+    let ops: Vec<MsrOp> = cases.iter().map(|c| c.0).collect();
+    let (mut m, _, _) = machine();
+    let mut c = cpu(&m, &CpuState::reset());
+    let got = run_ops_on(&mut c, &mut m, &ops);
+    for (i, (o, want)) in cases.iter().enumerate() {
+        assert_eq!(got[i], *want, "bt: {o:x?}");
+    }
+}
+
+#[test]
+fn machine_check_msrs_match_on_kvm() {
+    let cases = mca_cases();
+    let ops: Vec<MsrOp> = cases.iter().map(|c| c.0).collect();
+    let (mut m, _, _) = machine();
+    let mut k = match KvmCpu::new(&m) {
+        Ok(k) => k,
+        Err(e) if e.is_unavailable() => {
+            println!("SKIP: machine-check MSRs on kvm: /dev/kvm not available: {e}");
+            return;
+        }
+        Err(e) => panic!("kvm: {e}"),
+    };
+    let got = run_ops_on(&mut k, &mut m, &ops);
+    for (i, (o, want)) in cases.iter().enumerate() {
+        assert_eq!(got[i], *want, "kvm: {o:x?}");
+    }
+}
+
+#[test]
+fn cpuid_reports_mce_and_mca() {
+    let t = deja_machine::cpuid::CpuidTable::deja_default();
+    assert!(t.has(1, 3, 1 << 7), "CPUID.01H:EDX.MCE");
+    assert!(t.has(1, 3, 1 << 14), "CPUID.01H:EDX.MCA");
+}
