@@ -1590,6 +1590,14 @@ const KNOWN_MSRS: &[u32] = &[
     msr::IA32_TSC_AUX,
 ];
 
+/// RDPMC: #GP(0) whatever ECX says. deja's CPU has no performance-monitoring counters
+/// (CPUID leaf 0xA, which would count them, is beyond its maximum basic leaf), so every
+/// counter index is invalid (SDM RDPMC), as under KVM without a vPMU; outside ring 0 with
+/// CR4.PCE clear it would be #GP(0) anyway.
+pub fn rdpmc(_ctx: &mut Ctx, _op: &UOp) -> OpResult {
+    Err(Exc::gp(0))
+}
+
 /// RDMSR (`aux` 0) / WRMSR (`aux` 1).
 pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     need_cpl0(ctx)?;

@@ -13,38 +13,53 @@ use iced_x86::code_asm::*;
 /// Scratch data the guest records into (clear of the TSS and its I/O bitmap).
 const DATA: u64 = 0x6000;
 
-/// One MSR access: an optional WRMSR of a value, then RDMSR.
+/// One MSR access: an optional WRMSR of a value, then RDMSR (or RDPMC of counter `index`).
 #[derive(Debug, Clone, Copy)]
 struct MsrOp {
     index: u32,
     write: Option<u64>,
+    rdpmc: bool,
 }
 
-/// What the guest saw: the value read (0 after a #GP), whether RDMSR and WRMSR faulted.
+/// What the guest saw: the value read (0 after a #GP), and the error code of the #GP that
+/// RDMSR (RDPMC) and WRMSR raised, if any (an exception without a gate shows up as a #GP
+/// with the IDT bit set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
     value: u64,
-    read_gp: bool,
-    write_gp: bool,
+    read_gp: Option<u32>,
+    write_gp: Option<u32>,
 }
 
 fn op(index: u32, write: Option<u64>) -> MsrOp {
-    MsrOp { index, write }
+    MsrOp {
+        index,
+        write,
+        rdpmc: false,
+    }
 }
 
-/// A 32-bit ring-0 guest that runs `ops` with a #GP handler that skips the faulting
-/// RDMSR/WRMSR (reading 0) and counts in EBP; ends with OUT to [`STOP_PORT`].
-fn msr_guest(m: &Machine, ops: &[MsrOp]) -> CpuState {
+fn rdpmc(index: u32) -> MsrOp {
+    MsrOp {
+        index,
+        write: None,
+        rdpmc: true,
+    }
+}
+
+/// A #GP handler that skips the faulting two-byte instruction (RDMSR, WRMSR, RDPMC),
+/// zeroes EAX and EDX and leaves the error code + 1 in EBP.
+fn install_gp_skip(m: &Machine) {
     let gp = 0x2800u64;
     load(
         m,
         gp,
         &asm(32, gp, |a| {
             // No IRET: the host's emulator (PVM) cannot run a 32-bit IRETD in ring 0.
-            a.add(esp, 4).unwrap(); // error code
+            a.pop(ebp).unwrap(); // error code
             a.pop(ebx).unwrap(); // EIP
             a.add(esp, 8).unwrap(); // CS, EFLAGS
-            a.add(ebx, 2).unwrap(); // past RDMSR/WRMSR
+            a.add(ebx, 2).unwrap(); // past the instruction
             a.inc(ebp).unwrap();
             a.xor(eax, eax).unwrap();
             a.xor(edx, edx).unwrap();
@@ -53,6 +68,12 @@ fn msr_guest(m: &Machine, ops: &[MsrOp]) -> CpuState {
     );
     let g = (gp & 0xffff) | (0x08u64 << 16) | (0x8eu64 << 40) | ((gp >> 16) << 48);
     load(m, IDT + 13 * 8, &g.to_le_bytes());
+}
+
+/// A 32-bit ring-0 guest that runs `ops` with [`install_gp_skip`]'s handler; ends with OUT
+/// to [`STOP_PORT`].
+fn msr_guest(m: &Machine, ops: &[MsrOp]) -> CpuState {
+    install_gp_skip(m);
     let code = asm(32, 0x2000, |a| {
         for (i, o) in ops.iter().enumerate() {
             let at = (DATA + 16 * i as u64) as u32;
@@ -67,7 +88,11 @@ fn msr_guest(m: &Machine, ops: &[MsrOp]) -> CpuState {
             a.xor(ebp, ebp).unwrap();
             a.xor(eax, eax).unwrap();
             a.xor(edx, edx).unwrap();
-            a.rdmsr().unwrap();
+            if o.rdpmc {
+                a.rdpmc().unwrap();
+            } else {
+                a.rdmsr().unwrap();
+            }
             a.mov(dword_ptr(at), eax).unwrap();
             a.mov(dword_ptr(at + 4), edx).unwrap();
             a.mov(dword_ptr(at + 8), ebp).unwrap();
@@ -86,8 +111,8 @@ fn seen(m: &Machine, n: usize) -> Vec<Seen> {
             let w = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
             Seen {
                 value: u64::from(w(0)) | u64::from(w(4)) << 32,
-                read_gp: w(8) != 0,
-                write_gp: w(12) != 0,
+                read_gp: w(8).checked_sub(1),
+                write_gp: w(12).checked_sub(1),
             }
         })
         .collect()
@@ -111,18 +136,18 @@ fn run_ops_on(cpu: &mut dyn Cpu, m: &mut Machine, ops: &[MsrOp]) -> Vec<Seen> {
 fn mca_cases() -> Vec<(MsrOp, Seen)> {
     let ok = |value| Seen {
         value,
-        read_gp: false,
-        write_gp: false,
+        read_gp: None,
+        write_gp: None,
     };
     let write_gp = |value| Seen {
         value,
-        read_gp: false,
-        write_gp: true,
+        read_gp: None,
+        write_gp: Some(0),
     };
     let gp = Seen {
         value: 0,
-        read_gp: true,
-        write_gp: true,
+        read_gp: Some(0),
+        write_gp: Some(0),
     };
     vec![
         (op(0x179, None), ok(0x10a)),          // MCG_CAP: MCG_CTL_P, 10 banks
@@ -145,7 +170,7 @@ fn mca_cases() -> Vec<(MsrOp, Seen)> {
         (
             op(0x428, None),
             Seen {
-                write_gp: false,
+                write_gp: None,
                 ..gp
             },
         ), // no bank 10
@@ -189,4 +214,44 @@ fn cpuid_reports_mce_and_mca() {
     let t = deja_machine::cpuid::CpuidTable::deja_default();
     assert!(t.has(1, 3, 1 << 7), "CPUID.01H:EDX.MCE");
     assert!(t.has(1, 3, 1 << 14), "CPUID.01H:EDX.MCA");
+}
+
+/// RDPMC: deja's CPU has no performance-monitoring counters (CPUID leaf 0xA is beyond its
+/// maximum basic leaf), so every counter index is invalid: #GP(0), in ring 0 too.
+fn rdpmc_cases() -> Vec<MsrOp> {
+    vec![rdpmc(0), rdpmc(1), rdpmc(0x4000_0000), rdpmc(0x8000_0000)]
+}
+
+fn assert_rdpmc_faults(got: &[Seen], engine: &str) {
+    for (o, g) in rdpmc_cases().iter().zip(got) {
+        assert_eq!(
+            (g.read_gp, g.value),
+            (Some(0), 0),
+            "{engine}: RDPMC {:#x}: #GP(0)",
+            o.index
+        );
+    }
+}
+
+#[test]
+fn rdpmc_of_an_invalid_counter_raises_gp_in_ring_0() {
+    let (mut m, _, _) = machine();
+    let mut c = cpu(&m, &CpuState::reset());
+    let got = run_ops_on(&mut c, &mut m, &rdpmc_cases());
+    assert_rdpmc_faults(&got, "bt");
+}
+
+#[test]
+fn rdpmc_of_an_invalid_counter_raises_gp_in_ring_0_on_kvm() {
+    let (mut m, _, _) = machine();
+    let mut k = match KvmCpu::new(&m) {
+        Ok(k) => k,
+        Err(e) if e.is_unavailable() => {
+            println!("SKIP: RDPMC on kvm: /dev/kvm not available: {e}");
+            return;
+        }
+        Err(e) => panic!("kvm: {e}"),
+    };
+    let got = run_ops_on(&mut k, &mut m, &rdpmc_cases());
+    assert_rdpmc_faults(&got, "kvm");
 }
