@@ -1533,7 +1533,7 @@ pub fn invlpg(ctx: &mut Ctx, op: &UOp) -> OpResult {
 pub fn cpuid(ctx: &mut Ctx, _op: &UOp) -> OpResult {
     let eax = ctx.core.gpr[0] as u32;
     let ecx = ctx.core.gpr[1] as u32;
-    let r = ctx.machine.config.cpuid.lookup(eax, ecx);
+    let r = ctx.machine.cpuid(eax, ecx);
     for (i, reg) in [0usize, 3, 1, 2].iter().enumerate() {
         ctx.core.gpr[*reg] = r[i] as u64;
     }
@@ -1708,9 +1708,13 @@ fn machine_msr(ctx: &mut Ctx, op: &UOp, idx: u32) -> OpResult {
         offset: ctx.core.msr(msr::IA32_TSC),
         ..deja_machine::devices::lapic::GuestTsc::BT
     };
-    // IA32_APIC_BASE lives in the local APIC's state; the copy in the CPU state keeps its
-    // reset value on both engines (kvm's sregs copy never sees the filtered write either).
     ctx.machine.wrmsr(idx, v, tsc).map_err(|_| Exc::gp(0))?;
+    if idx == msr::IA32_APIC_BASE {
+        // IA32_APIC_BASE lives in the local APIC's state; the CPU state keeps a copy of what
+        // the guest wrote, as kvm's does (it hands the value to KVM, whose CPUID.01H:EDX.APIC
+        // follows it).
+        ctx.core.msrs.insert(idx, v);
+    }
     Ok(Ctl::Next)
 }
 

@@ -255,3 +255,103 @@ fn rdpmc_of_an_invalid_counter_raises_gp_in_ring_0_on_kvm() {
     let got = run_ops_on(&mut k, &mut m, &rdpmc_cases());
     assert_rdpmc_faults(&got, "kvm");
 }
+
+/// A deja-pc machine (local APIC, isa-debug-exit at 0xf4) on the virtual clock.
+fn pc_machine() -> Machine {
+    let config = deja_machine::MachineConfig {
+        ram_size: 16 << 20,
+        ..deja_machine::MachineConfig::default()
+    };
+    deja_machine::pc::build_pc(
+        config,
+        Box::new(deja_machine::LiveHost::new(
+            deja_machine::ClockMode::Virtual,
+        )),
+        Box::new(std::io::sink()),
+    )
+    .unwrap()
+}
+
+/// Where the APIC test moves the local APIC when it enables it again.
+const MOVED_APIC_BASE: u32 = 0xfed0_0000;
+
+/// Real mode: CPUID.01H:EDX with the APIC enabled, after IA32_APIC_BASE disables it, and
+/// after it enables it again (at [`MOVED_APIC_BASE`]); the state's copy of
+/// IA32_APIC_BASE must follow the guest's writes on both engines.
+fn apic_cpuid_on(cpu: &mut dyn Cpu, m: &mut Machine) -> [u32; 3] {
+    let code = asm(16, 0x1000, |a| {
+        for (i, enable) in [None, Some(false), Some(true)].into_iter().enumerate() {
+            if let Some(en) = enable {
+                a.mov(ecx, 0x1bu32).unwrap();
+                a.rdmsr().unwrap();
+                if en {
+                    // Enabled again at another base.
+                    a.and(eax, 0xfff).unwrap();
+                    a.or(eax, (MOVED_APIC_BASE | 0x800) as i32).unwrap();
+                } else {
+                    a.and(eax, !0x800u32 as i32).unwrap();
+                }
+                a.wrmsr().unwrap();
+            }
+            a.mov(eax, 1u32).unwrap();
+            a.cpuid().unwrap();
+            a.mov(dword_ptr((DATA + 4 * i as u64) as u32), edx).unwrap();
+        }
+        a.out(0xf4, al).unwrap();
+    });
+    load(m, 0x1000, &code);
+    cpu.set_state(&real_mode_state(0x1000)).unwrap();
+    for _ in 0..100 {
+        cpu.run(m, Limit::default()).unwrap();
+        if m.take_stop().is_some() {
+            assert_eq!(
+                cpu.state().unwrap().msrs[&0x1b],
+                u64::from(MOVED_APIC_BASE) | 0x900,
+                "{}: IA32_APIC_BASE in the state",
+                cpu.name()
+            );
+            let b = peek(m, DATA, 12);
+            let w = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+            return [w(0), w(4), w(8)];
+        }
+    }
+    panic!("{}: the guest did not finish", cpu.name());
+}
+
+const CPUID_APIC: u32 = 1 << 9;
+
+#[test]
+fn cpuid_apic_bit_follows_the_apic_global_enable() {
+    let mut m = pc_machine();
+    let mut c = cpu(&m, &CpuState::reset());
+    let [on, off, again] = apic_cpuid_on(&mut c, &mut m);
+    assert_ne!(on & CPUID_APIC, 0, "APIC enabled at reset");
+    assert_eq!(
+        off & CPUID_APIC,
+        0,
+        "IA32_APIC_BASE.EN clear hides the APIC"
+    );
+    assert_ne!(again & CPUID_APIC, 0, "enabled again");
+    assert_eq!(on & !CPUID_APIC, off & !CPUID_APIC, "nothing else changes");
+}
+
+#[test]
+fn cpuid_apic_bit_follows_the_apic_global_enable_on_kvm() {
+    let mut m = pc_machine();
+    let mut k = match KvmCpu::new(&m) {
+        Ok(k) => k,
+        Err(e) if e.is_unavailable() => {
+            println!("SKIP: CPUID APIC bit on kvm: /dev/kvm not available: {e}");
+            return;
+        }
+        Err(e) => panic!("kvm: {e}"),
+    };
+    let [on, off, again] = apic_cpuid_on(&mut k, &mut m);
+    assert_ne!(on & CPUID_APIC, 0, "APIC enabled at reset");
+    assert_eq!(
+        off & CPUID_APIC,
+        0,
+        "IA32_APIC_BASE.EN clear hides the APIC"
+    );
+    assert_ne!(again & CPUID_APIC, 0, "enabled again");
+}

@@ -715,6 +715,23 @@ impl KvmCpu {
         Ok(false)
     }
 
+    /// Hands the IA32_APIC_BASE deja's local APIC just took to KVM (through `kvm_sregs`),
+    /// which keeps CPUID.01H:EDX.APIC in step with its enable bit, as bt does
+    /// ([`Machine::cpuid`]); KVM never sees the guest's write, which deja's APIC owns.
+    fn tell_kvm_apic_base(&mut self, value: u64) -> Result<(), CpuError> {
+        let mut sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| host_err("KVM_GET_SREGS", e))?;
+        if sregs.apic_base != value {
+            sregs.apic_base = value;
+            self.vcpu
+                .set_sregs(&sregs)
+                .map_err(|e| host_err("KVM_SET_SREGS", e))?;
+        }
+        Ok(())
+    }
+
     /// The registers as KVM left them at the last exit: from `kvm_run` when KVM syncs them
     /// there, else by ioctl.
     fn exit_registers(&mut self) -> Result<(kb::kvm_regs, kb::kvm_sregs), CpuError> {
@@ -833,6 +850,9 @@ impl KvmCpu {
                         .map(|v| self.vcpu.get_kvm_run().__bindgen_anon_1.msr.data = v)
                         .map_err(|_| ())
                 };
+                if write && m.index == msr::IA32_APIC_BASE && result.is_ok() {
+                    self.tell_kvm_apic_base(m.data)?;
+                }
                 // A non-zero `error` makes KVM inject #GP(0).
                 self.vcpu.get_kvm_run().__bindgen_anon_1.msr.error = u8::from(result.is_err());
                 self.count(if write { "exit.wrmsr" } else { "exit.rdmsr" });

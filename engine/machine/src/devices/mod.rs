@@ -114,6 +114,12 @@ pub trait Irqchip: Device + InterruptLines {
     fn mmio_window(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Whether the local APIC is globally enabled (IA32_APIC_BASE.EN), which CPUID.01H:EDX
+    /// reports as the hardware does; `None` without a local APIC (CPUID says what the table
+    /// says).
+    fn apic_globally_enabled(&self) -> Option<bool> {
+        None
+    }
     /// Whether RDMSR/WRMSR of `msr` belongs to the interrupt controller (IA32_APIC_BASE,
     /// IA32_TSC_DEADLINE, the x2APIC registers) rather than to the CPU core.
     fn handles_msr(&self, _msr: u32) -> bool {
