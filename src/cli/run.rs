@@ -285,6 +285,9 @@ pub fn describe_end(outcome: &RunOutcome) -> String {
             format!("guest reset the machine ({source})")
         }
         RunEnd::Stopped(StopRequest::PowerOff) => "guest powered off".to_string(),
+        RunEnd::Stopped(StopRequest::Suspend) => {
+            "guest suspended to RAM (ACPI S3; --no-reboot: not resumed)".to_string()
+        }
         RunEnd::Shutdown { reason, .. } => format!("guest CPU shut down: {reason}"),
         RunEnd::Timeout => "time limit reached".to_string(),
         RunEnd::InstructionLimit => format!("instruction limit reached at {}", outcome.icount),

@@ -40,6 +40,9 @@ pub enum StopRequest {
     },
     /// The guest powered the machine off (ACPI, or QEMU's shutdown ports).
     PowerOff,
+    /// The guest entered ACPI S3 (suspend-to-RAM): the machine resets with RAM kept and the
+    /// CPU resumes at the FACS waking vector ([`acpi::resume_state`]).
+    Suspend,
 }
 
 impl StopRequest {
