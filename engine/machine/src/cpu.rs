@@ -324,7 +324,7 @@ pub mod mca {
         match index {
             msr::IA32_MCG_CAP => MCG_CAP,
             msr::IA32_MCG_CTL => !0,
-            i if i >= msr::IA32_MC0_CTL && (i - msr::IA32_MC0_CTL) % 4 == 0 => !0,
+            i if i >= msr::IA32_MC0_CTL && (i - msr::IA32_MC0_CTL).is_multiple_of(4) => !0,
             _ => 0,
         }
     }

@@ -567,6 +567,28 @@ impl Device for AcpiPm {
     }
 }
 
+/// Firmware_Waking_Vector of the FACS at [`FACS_ADDR`]: where an S3 resume enters, in real
+/// mode (0: the OS set none, and the firmware boots normally).
+pub fn waking_vector(mem: &GuestMemoryMmap) -> u32 {
+    mem.read_obj::<u32>(GuestAddress(FACS_ADDR + FACS_WAKING_VECTOR))
+        .unwrap_or(0)
+}
+
+/// The CPU state an S3 resume starts in, as SeaBIOS leaves it for the OS: real mode at
+/// `vector` as segment `vector >> 4`, offset `vector & 0xf` (ACPI 6.5 5.2.10), data
+/// segments 0. (SeaBIOS resumes through Firmware_Waking_Vector only, never through
+/// X_Firmware_Waking_Vector, and so does deja.)
+pub fn resume_state(vector: u32) -> crate::cpu::CpuState {
+    use crate::cpu::{Segment, seg};
+    let mut s = crate::cpu::CpuState::reset();
+    for (i, sg) in s.seg.iter_mut().enumerate() {
+        *sg = Segment::real_mode(0, i == seg::CS);
+    }
+    s.seg[seg::CS] = Segment::real_mode((vector >> 4) as u16, true);
+    s.rip = u64::from(vector & 0xf);
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -887,26 +909,4 @@ mod tests {
             })
         ));
     }
-}
-
-/// Firmware_Waking_Vector of the FACS at [`FACS_ADDR`]: where an S3 resume enters, in real
-/// mode (0: the OS set none, and the firmware boots normally).
-pub fn waking_vector(mem: &GuestMemoryMmap) -> u32 {
-    mem.read_obj::<u32>(GuestAddress(FACS_ADDR + FACS_WAKING_VECTOR))
-        .unwrap_or(0)
-}
-
-/// The CPU state an S3 resume starts in, as SeaBIOS leaves it for the OS: real mode at
-/// `vector` as segment `vector >> 4`, offset `vector & 0xf` (ACPI 6.5 5.2.10), data
-/// segments 0. (SeaBIOS resumes through Firmware_Waking_Vector only, never through
-/// X_Firmware_Waking_Vector, and so does deja.)
-pub fn resume_state(vector: u32) -> crate::cpu::CpuState {
-    use crate::cpu::{Segment, seg};
-    let mut s = crate::cpu::CpuState::reset();
-    for (i, sg) in s.seg.iter_mut().enumerate() {
-        *sg = Segment::real_mode(0, i == seg::CS);
-    }
-    s.seg[seg::CS] = Segment::real_mode((vector >> 4) as u16, true);
-    s.rip = u64::from(vector & 0xf);
-    s
 }
