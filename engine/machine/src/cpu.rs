@@ -303,7 +303,9 @@ pub mod mca {
     pub const MCG_CAP: u64 = MCG_CTL_P | BANKS as u64;
 
     /// The machine-check MSRs that hold state (all but the read-only IA32_MCG_CAP), which
-    /// [`CpuState::msrs`](super::CpuState::msrs) carries.
+    /// [`CpuState::msrs`](super::CpuState::msrs) carries once known: kvm reports them all,
+    /// bt those the guest wrote (an absent one has its [`reset_value`]; the reset state
+    /// leaves them out, so that older checkpoints keep their layout).
     pub fn state_msrs() -> impl Iterator<Item = u32> {
         [msr::IA32_MCG_STATUS, msr::IA32_MCG_CTL]
             .into_iter()
@@ -387,12 +389,6 @@ impl CpuState {
         s.gpr[gpr::RDX] = 0x600; // family 6 signature, as QEMU's reset leaves it
         s.msrs.insert(msr::IA32_APIC_BASE, 0xfee0_0900);
         s.msrs.insert(msr::IA32_PAT, 0x0007_0406_0007_0406);
-        for index in mca::state_msrs() {
-            let v = mca::reset_value(index);
-            if v != 0 {
-                s.msrs.insert(index, v);
-            }
-        }
         s
     }
 
