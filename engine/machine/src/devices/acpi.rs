@@ -38,7 +38,7 @@ pub const LAPIC_ADDRESS: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
 /// The sleep type the DSDT's `_S5` names (QEMU's PIIX4: 0 is soft-off).
 pub const SLP_TYP_S5: u16 = 0;
-/// The sleep type the DSDT's `_S3` names (QEMU's PIIX4: 1 is suspend-to-RAM).
+/// The sleep type of suspend-to-RAM (S3): what QEMU's PIIX4 DSDT names in `_S3`.
 pub const SLP_TYP_S3: u16 = 1;
 /// Where the FACS goes (the first 64-byte boundary after the RSDP), which holds the
 /// waking vector an S3 resume enters.
@@ -177,9 +177,9 @@ fn put(t: &mut [u8], at: usize, bytes: &[u8]) {
 
 fn dsdt() -> Vec<u8> {
     let mut t = table(b"DSDT", 1);
-    // Name (_S3, Package (4) { One, One, Zero, Zero }): suspend-to-RAM is SLP_TYP 1.
-    t.extend_from_slice(&[0x08, b'_', b'S', b'3', b'_', 0x12, 0x06, 0x04]);
-    t.extend_from_slice(&[0x01, 0x01, 0x00, 0x00]);
+    // No _S3 object yet, although the PM device implements SLP_TYP 1 (QEMU's S3): the
+    // tables are guest memory, so adding it would make every existing trace diverge on
+    // replay; it needs a table revision recorded in the trace header first.
     // Name (_S5, Package (4) { Zero, Zero, Zero, Zero }): soft-off is SLP_TYP 0.
     t.extend_from_slice(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04]);
     t.extend_from_slice(&[SLP_TYP_S5 as u8, SLP_TYP_S5 as u8, 0x00, 0x00]);
