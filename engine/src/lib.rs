@@ -132,7 +132,7 @@ impl RunOutcome {
         match &self.end {
             RunEnd::Stopped(StopRequest::DebugExit { value }) => (value & 0xff) as i32,
             RunEnd::Stopped(StopRequest::PowerOff) => 0,
-            RunEnd::Stopped(StopRequest::Reset { .. }) => 0,
+            RunEnd::Stopped(StopRequest::Reset { .. } | StopRequest::Suspend) => 0,
             RunEnd::Shutdown { .. } => 125,
             RunEnd::Timeout => 124,
             RunEnd::InstructionLimit => 0,
@@ -154,6 +154,9 @@ impl RunOutcome {
                 format!("guest reset the machine ({source})")
             }
             RunEnd::Stopped(StopRequest::PowerOff) => "guest powered off".to_string(),
+            RunEnd::Stopped(StopRequest::Suspend) => {
+                "guest suspended to RAM (ACPI S3; --no-reboot: not resumed)".to_string()
+            }
             RunEnd::Shutdown { reason, .. } => format!("guest CPU shut down: {reason}"),
             RunEnd::Timeout => "time limit reached".to_string(),
             RunEnd::InstructionLimit => format!("instruction limit reached at {}", self.icount),
@@ -358,6 +361,34 @@ impl Vm {
         Ok(())
     }
 
+    /// ACPI S3 as QEMU with SeaBIOS does it, woken at once (deja has no wake-up source to
+    /// wait for): the machine resets with RAM as it is (no image reload, no new ACPI
+    /// tables), and the CPU resumes where the OS asked, in real mode at the FACS's
+    /// Firmware_Waking_Vector, as SeaBIOS's resume path jumps there. Without a waking
+    /// vector the firmware boots normally: a reset. It happens at the PM1 control write
+    /// that asked for it, so a replay resumes at the same position.
+    fn suspend_and_resume(&mut self) -> Result<(), RunError> {
+        use deja_machine::devices::acpi;
+        let vector = acpi::waking_vector(&self.machine.mem);
+        if vector == 0 {
+            return self.reset_machine("ACPI S3 without a waking vector");
+        }
+        let Some(plan) = &self.reset_plan else {
+            return Err(RunError::Reset {
+                cause: "ACPI S3".into(),
+                detail: "the machine has no reset plan".into(),
+            });
+        };
+        self.machine
+            .reset_devices(&plan.devices)
+            .map_err(|e| RunError::Reset {
+                cause: "ACPI S3".into(),
+                detail: e.to_string(),
+            })?;
+        self.cpu.set_state(&acpi::resume_state(vector))?;
+        Ok(())
+    }
+
     /// Engine counters and machine counters together.
     pub fn stats(&self) -> EngineStats {
         let mut s = self.cpu.stats();
@@ -425,6 +456,10 @@ impl Vm {
                         self.reset_machine(source)?;
                         continue;
                     }
+                    StopRequest::Suspend if self.reboots() => {
+                        self.suspend_and_resume()?;
+                        continue;
+                    }
                     _ => break RunEnd::Stopped(stop),
                 }
             }
@@ -480,6 +515,7 @@ impl Vm {
                     StopRequest::Reset { source } if self.reboots() => {
                         self.reset_machine(source)?
                     }
+                    StopRequest::Suspend if self.reboots() => self.suspend_and_resume()?,
                     _ => break RunEnd::Stopped(stop),
                 }
             }

@@ -373,3 +373,73 @@ fn self_init_and_a_machine_reset_restart_firmware_at_the_reset_vector_on_both_en
         let _ = std::fs::remove_file(&path);
     }
 }
+
+/// A real-mode guest that suspends to RAM (ACPI S3) and checks the resume: it stores the
+/// waking vector (0x1100) in the FACS and a marker in RAM, writes SLP_TYP 1 | SLP_EN to
+/// PM1a_CNT, and exits 0xee if the write was ignored; resumed at 0110:0000, it exits 0x42
+/// if the marker survived (0xef otherwise).
+fn s3_image() -> Image {
+    use deja_machine::devices::acpi::{FACS_ADDR, FACS_WAKING_VECTOR, PM1A_CNT_BLK};
+    let facs_seg = (FACS_ADDR >> 4) as u16;
+    let vec_off = ((FACS_ADDR & 0xf) + FACS_WAKING_VECTOR) as u16;
+    let mut code = Vec::new();
+    code.push(0xb8); // mov ax, facs_seg
+    code.extend_from_slice(&facs_seg.to_le_bytes());
+    code.extend_from_slice(&[0x8e, 0xd8]); // mov ds, ax
+    code.extend_from_slice(&[0x66, 0xc7, 0x06]); // mov dword [vec_off], 0x1100
+    code.extend_from_slice(&vec_off.to_le_bytes());
+    code.extend_from_slice(&0x1100u32.to_le_bytes());
+    code.extend_from_slice(&[0x31, 0xc0, 0x8e, 0xd8]); // xor ax, ax; mov ds, ax
+    code.extend_from_slice(&[0xc7, 0x06, 0x00, 0x06, 0x34, 0x12]); // mov word [0x600], 0x1234
+    code.push(0xba); // mov dx, PM1a_CNT
+    code.extend_from_slice(&PM1A_CNT_BLK.to_le_bytes());
+    code.extend_from_slice(&[0xb8, 0x00, 0x24]); // mov ax, SLP_EN | SLP_TYP 1
+    code.push(0xef); // out dx, ax
+    code.extend_from_slice(&[0xb0, 0xee, 0xe6, 0xf4, 0xf4]); // mov al, 0xee; out 0xf4, al; hlt
+    code.resize(0x100, 0xf4);
+    code.extend_from_slice(&[
+        0x31, 0xc0, 0x8e, 0xd8, // xor ax, ax; mov ds, ax
+        0x81, 0x3e, 0x00, 0x06, 0x34, 0x12, // cmp word [0x600], 0x1234
+        0x75, 0x04, // jne fail
+        0xb0, 0x42, 0xe6, 0xf4, // mov al, 0x42; out 0xf4, al
+        0xb0, 0xef, 0xe6, 0xf4, 0xf4, // fail: mov al, 0xef; out 0xf4, al; hlt
+    ]);
+    Image::raw(
+        "guest:s3-resume",
+        code,
+        0x1000,
+        0x1000,
+        deja_machine::loader::EntryMode::Real,
+    )
+}
+
+fn s3_round_trip(rec: EngineKind) {
+    let image = s3_image();
+    let path = tmp(&format!("s3-{rec}.trace"));
+    let (outcome, _) = record_image(rec, &image, ClockMode::Virtual, &path);
+    assert_eq!(
+        outcome.run.end,
+        RunEnd::Stopped(StopRequest::DebugExit { value: 0x42 }),
+        "S3 on {rec}: resumed at the waking vector with RAM kept"
+    );
+    let r = replay_with(EngineKind::Bt, &path, Some(&image));
+    assert!(
+        matches!(r.verdict, Verdict::Verified),
+        "S3 {rec} -> bt: {r}"
+    );
+    assert_eq!(r.final_digest, outcome.final_digest);
+    assert_eq!(r.exit_status, Some(0x42));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn acpi_s3_resumes_at_the_facs_waking_vector_and_replays_on_bt() {
+    s3_round_trip(EngineKind::Bt);
+}
+
+#[test]
+fn acpi_s3_on_kvm_resumes_at_the_facs_waking_vector_and_replays_on_bt() {
+    if kvm_usable("acpi_s3_on_kvm") {
+        s3_round_trip(EngineKind::Kvm);
+    }
+}

@@ -167,6 +167,7 @@ pub fn describe_end(end: &RunEnd) -> (Option<i32>, String) {
         RunEnd::Stopped(StopRequest::DebugExit { value }) => format!("debug-exit {value:#x}"),
         RunEnd::Stopped(StopRequest::Reset { source }) => format!("reset ({source})"),
         RunEnd::Stopped(StopRequest::PowerOff) => "power off".into(),
+        RunEnd::Stopped(StopRequest::Suspend) => "ACPI S3 suspend (not resumed: no reboot)".into(),
         RunEnd::Shutdown { reason, .. } => format!("shutdown: {reason}"),
         RunEnd::Timeout => "timeout".into(),
         RunEnd::InstructionLimit => "instruction limit".into(),

@@ -855,7 +855,14 @@ impl BtCpu {
         let c = &mut self.core;
         let hits = std::mem::take(&mut c.db_hits);
         let mut bits = hits;
-        if flags_before & core::fl::TF != 0 {
+        let m = op.code.mnemonic();
+        // SYSCALL and SYSRET decide their single-step trap by the TF they leave
+        // (`system::syscall`).
+        let tf_after = matches!(
+            m,
+            iced_x86::Mnemonic::Syscall | iced_x86::Mnemonic::Sysret | iced_x86::Mnemonic::Sysretq
+        );
+        if flags_before & core::fl::TF != 0 && !tf_after {
             bits |= core::dbg::BS;
         }
         if !retired {
@@ -865,7 +872,6 @@ impl BtCpu {
             }
             return;
         }
-        let m = op.code.mnemonic();
         let ss_load = matches!(m, iced_x86::Mnemonic::Mov | iced_x86::Mnemonic::Pop)
             && op.dst == ir::Operand::Sreg(seg::SS as u8);
         if ss_load {

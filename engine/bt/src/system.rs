@@ -961,9 +961,17 @@ pub fn deliver(
         }
         let ent = ctx.read_lin_as(ctx.core.idtr.base + off, 4, false)?;
         let cs = ctx.core.seg[seg::CS].selector;
-        ctx.push(2, old_flags & 0xffff)?;
-        ctx.push(2, cs as u64)?;
-        ctx.push(2, rip & 0xffff)?;
+        let sp = ctx.core.gpr[4];
+        let pushed = (|| {
+            ctx.push(2, old_flags & 0xffff)?;
+            ctx.push(2, cs as u64)?;
+            ctx.push(2, rip & 0xffff)
+        })();
+        if let Err(e) = pushed {
+            // Nothing of a frame that faulted half-way stays (SP as before the event).
+            ctx.core.gpr[4] = sp;
+            return Err(e);
+        }
         let sel = (ent >> 16) as u16;
         let mut c = ctx.core.seg[seg::CS];
         c.selector = sel;
@@ -1181,14 +1189,22 @@ pub fn raise(ctx: &mut Ctx, first: Exc, kind: EventKind, rip: u64) -> bool {
     }
 }
 
-/// INT n / INT3 / INTO (`target` = vector; `aux` 1 = INTO).
+/// INT n / INT3 / INTO / INT1 (`target` = vector; `aux` 1 = INTO, 2 = INT3 or INT1).
+///
+/// A fault while delivering the event (gate not present or beyond the IDT limit, the gate's
+/// DPL, a page fault pushing the frame, ...) means the instruction did not complete: it is
+/// returned as this instruction's fault, so it is reported with the INT's own address and
+/// the handler can remove its cause and run the INT again (SDM vol. 3 6.5, the INT n
+/// pseudocode). It is a fresh exception, never a double fault: the software interrupt is
+/// not an exception, whatever its vector.
 pub fn int_n(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if op.aux == 1 && !ctx.core.cond(0) {
         return Ok(Ctl::Next);
     }
     let vector = op.target as u8;
     let c = &*ctx.core;
-    if c.vm86() && c.iopl() < 3 && op.aux != 2 {
+    // Only INT n is IOPL-sensitive in virtual-8086 mode; INT3, INTO and INT1 go to the IDT.
+    if c.vm86() && c.iopl() < 3 && op.aux == 0 {
         return Err(Exc::gp(0));
     }
     let kind = if op.aux == 2 && vector == 1 {
@@ -1196,16 +1212,13 @@ pub fn int_n(ctx: &mut Ctx, op: &UOp) -> OpResult {
     } else {
         EventKind::Software
     };
-    if !raise(
-        ctx,
-        Exc {
-            vector,
-            error: None,
-        },
-        kind,
-        op.next_rip,
-    ) {
-        ctx.stats.triple_fault = true;
+    if kind == EventKind::PrivilegedSoftware {
+        *ctx.stats.exceptions.entry(vector).or_default() += 1;
+    }
+    deliver(ctx, vector, None, kind, op.next_rip)?;
+    if kind == EventKind::PrivilegedSoftware {
+        // Every #DB clears DR7.GD, so that the handler may use the debug registers.
+        ctx.core.dr7 &= !dbg::GD;
     }
     Ok(Ctl::End)
 }
@@ -1642,7 +1655,7 @@ pub fn invlpg(ctx: &mut Ctx, op: &UOp) -> OpResult {
 pub fn cpuid(ctx: &mut Ctx, _op: &UOp) -> OpResult {
     let eax = ctx.core.gpr[0] as u32;
     let ecx = ctx.core.gpr[1] as u32;
-    let r = ctx.machine.config.cpuid.lookup(eax, ecx);
+    let r = ctx.machine.cpuid(eax, ecx);
     for (i, reg) in [0usize, 3, 1, 2].iter().enumerate() {
         ctx.core.gpr[*reg] = r[i] as u64;
     }
@@ -1699,12 +1712,23 @@ const KNOWN_MSRS: &[u32] = &[
     msr::IA32_TSC_AUX,
 ];
 
+/// RDPMC: #GP(0) whatever ECX says. deja's CPU has no performance-monitoring counters
+/// (CPUID leaf 0xA, which would count them, is beyond its maximum basic leaf), so every
+/// counter index is invalid (SDM RDPMC), as under KVM without a vPMU; outside ring 0 with
+/// CR4.PCE clear it would be #GP(0) anyway.
+pub fn rdpmc(_ctx: &mut Ctx, _op: &UOp) -> OpResult {
+    Err(Exc::gp(0))
+}
+
 /// RDMSR (`aux` 0) / WRMSR (`aux` 1).
 pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     need_cpl0(ctx)?;
     let idx = ctx.core.gpr[1] as u32;
     if ctx.machine.handles_msr(idx) {
         return machine_msr(ctx, op, idx);
+    }
+    if deja_machine::cpu::mca::is_mca_msr(idx) {
+        return mca_msr(ctx, op, idx);
     }
     if !KNOWN_MSRS.contains(&idx) {
         ctx.count(&format!("bt.unknown_msr.{idx:#x}"));
@@ -1767,6 +1791,27 @@ pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     Ok(Ctl::End)
 }
 
+/// RDMSR/WRMSR of a machine-check MSR ([`deja_machine::cpu::mca`]): the state lives in
+/// the CPU state's MSRs, absent ones read as their reset values.
+fn mca_msr(ctx: &mut Ctx, op: &UOp, idx: u32) -> OpResult {
+    use deja_machine::cpu::mca;
+    if op.aux == 0 {
+        let v = match ctx.core.msrs.get(&idx) {
+            Some(&v) if idx != msr::IA32_MCG_CAP => v,
+            _ => mca::reset_value(idx),
+        };
+        ctx.core.gpr[0] = v & 0xffff_ffff;
+        ctx.core.gpr[2] = v >> 32;
+        return Ok(Ctl::Next);
+    }
+    let v = (ctx.core.gpr[0] & 0xffff_ffff) | (ctx.core.gpr[2] << 32);
+    if !mca::write_allowed(idx, v) {
+        return Err(Exc::gp(0));
+    }
+    ctx.core.msrs.insert(idx, v);
+    Ok(Ctl::Next)
+}
+
 /// RDMSR/WRMSR of an MSR the machine owns (the local APIC's IA32_APIC_BASE,
 /// IA32_TSC_DEADLINE and x2APIC registers): a device access, like kvm's userspace MSR exit.
 /// The TSC the guest compares deadlines with is bt's RDTSC: guest nanoseconds (1 GHz) plus
@@ -1785,9 +1830,13 @@ fn machine_msr(ctx: &mut Ctx, op: &UOp, idx: u32) -> OpResult {
         offset: ctx.core.msr(msr::IA32_TSC),
         ..deja_machine::devices::lapic::GuestTsc::BT
     };
-    // IA32_APIC_BASE lives in the local APIC's state; the copy in the CPU state keeps its
-    // reset value on both engines (kvm's sregs copy never sees the filtered write either).
     ctx.machine.wrmsr(idx, v, tsc).map_err(|_| Exc::gp(0))?;
+    if idx == msr::IA32_APIC_BASE {
+        // IA32_APIC_BASE lives in the local APIC's state; the CPU state keeps a copy of what
+        // the guest wrote, as kvm's does (it hands the value to KVM, whose CPUID.01H:EDX.APIC
+        // follows it).
+        ctx.core.msrs.insert(idx, v);
+    }
     Ok(Ctl::Next)
 }
 
@@ -1835,7 +1884,19 @@ pub fn syscall(ctx: &mut Ctx, op: &UOp) -> OpResult {
     ctx.core.rflags = ((f & !fmask & !fl::RF) & fl::WRITABLE) | 2;
     ctx.core.lazy.op = crate::core::FlagOp::Done;
     ctx.core.rip = target;
+    single_step_after(ctx);
     Ok(Ctl::End)
+}
+
+/// SYSCALL and SYSRET single-step by the TF they leave, not the one they found (the debug
+/// step skips them): an FMASK that clears TF keeps the trap out of the kernel, and a SYSRET
+/// that restores TF traps at once, in user mode, as if the SYSCALL had just completed. This
+/// is what QEMU does and what Linux relies on (its FMASK clears TF, and its SYSCALL entry,
+/// unlike SYSENTER's, has no code for a #DB on its first instruction).
+fn single_step_after(ctx: &mut Ctx) {
+    if ctx.core.rflags & fl::TF != 0 {
+        ctx.core.db_pending |= dbg::BS;
+    }
 }
 
 /// SYSRET (`size` 8 = to 64-bit, 4 = to compatibility mode).
@@ -1864,6 +1925,7 @@ pub fn sysret(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let f = ctx.core.gpr[11];
     ctx.core.rflags = ((f & !(fl::RF | fl::VM)) & fl::WRITABLE) | 2;
     ctx.core.lazy.op = crate::core::FlagOp::Done;
+    single_step_after(ctx);
     Ok(Ctl::End)
 }
 

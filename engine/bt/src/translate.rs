@@ -679,6 +679,7 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
             op.aux = (m == Mnemonic::Rdtscp) as u8;
             op.exec = system::rdtsc;
         }
+        Mnemonic::Rdpmc => op.exec = system::rdpmc,
         Mnemonic::Rdrand | Mnemonic::Rdseed => op.exec = system::rdrand,
         Mnemonic::Rdmsr | Mnemonic::Wrmsr => {
             op.aux = (m == Mnemonic::Wrmsr) as u8;

@@ -76,8 +76,10 @@ mod ioctls {
     use kvm_bindings as kb;
     // KVM_INTERRUPT: queue an external interrupt (userspace irqchip only).
     vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kb::KVMIO, 0x86, kb::kvm_interrupt);
+    // KVM_X86_SETUP_MCE: the vCPU's IA32_MCG_CAP (banks and capabilities).
+    vmm_sys_util::ioctl_iow_nr!(KVM_X86_SETUP_MCE, kb::KVMIO, 0x9c, u64);
 }
-use ioctls::KVM_INTERRUPT;
+use ioctls::{KVM_INTERRUPT, KVM_X86_SETUP_MCE};
 
 /// Failures creating a [`KvmCpu`].
 #[derive(Debug, Error)]
@@ -325,6 +327,14 @@ impl KvmCpu {
             .create_vcpu(0)
             .map_err(|e| setup_err("KVM_CREATE_VCPU", e))?;
         let mut cpuid = machine.config.cpuid.clone();
+        if !setup_mce(&vcpu) {
+            // KVM would answer its own default machine-check MSRs (32 banks, no
+            // IA32_MCG_CTL), not deja's: do not advertise MCE/MCA.
+            use deja_machine::cpuid::features::{MCA, MCE};
+            for e in cpuid.entries.iter_mut().filter(|e| e.function == 1) {
+                e.edx &= !(MCE | MCA);
+            }
+        }
         if !apic_msr_exits {
             // Without userspace MSR exits deja's APIC cannot answer x2APIC or
             // IA32_TSC_DEADLINE accesses here: do not advertise them.
@@ -705,6 +715,23 @@ impl KvmCpu {
         Ok(false)
     }
 
+    /// Hands the IA32_APIC_BASE deja's local APIC just took to KVM (through `kvm_sregs`),
+    /// which keeps CPUID.01H:EDX.APIC in step with its enable bit, as bt does
+    /// ([`Machine::cpuid`]); KVM never sees the guest's write, which deja's APIC owns.
+    fn tell_kvm_apic_base(&mut self, value: u64) -> Result<(), CpuError> {
+        let mut sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| host_err("KVM_GET_SREGS", e))?;
+        if sregs.apic_base != value {
+            sregs.apic_base = value;
+            self.vcpu
+                .set_sregs(&sregs)
+                .map_err(|e| host_err("KVM_SET_SREGS", e))?;
+        }
+        Ok(())
+    }
+
     /// The registers as KVM left them at the last exit: from `kvm_run` when KVM syncs them
     /// there, else by ioctl.
     fn exit_registers(&mut self) -> Result<(kb::kvm_regs, kb::kvm_sregs), CpuError> {
@@ -823,6 +850,9 @@ impl KvmCpu {
                         .map(|v| self.vcpu.get_kvm_run().__bindgen_anon_1.msr.data = v)
                         .map_err(|_| ())
                 };
+                if write && m.index == msr::IA32_APIC_BASE && result.is_ok() {
+                    self.tell_kvm_apic_base(m.data)?;
+                }
                 // A non-zero `error` makes KVM inject #GP(0).
                 self.vcpu.get_kvm_run().__bindgen_anon_1.msr.error = u8::from(result.is_err());
                 self.count(if write { "exit.wrmsr" } else { "exit.rdmsr" });
@@ -1274,11 +1304,24 @@ fn enable_apic_msr_exits(vm: &VmFd) -> bool {
         .is_ok()
 }
 
-/// The subset of [`state::KEPT_MSRS`] the host can read for this vCPU.
+/// Gives the vCPU deja's machine-check architecture ([`deja_machine::cpu::mca`]), which
+/// KVM then emulates as bt does (IA32_MCG_CTL and every MCi_CTL all 1s, no error logged).
+/// Returns whether KVM took it.
+fn setup_mce(vcpu: &VcpuFd) -> bool {
+    let cap: u64 = deja_machine::cpu::mca::MCG_CAP;
+    // SAFETY: KVM_X86_SETUP_MCE reads one u64 from the valid reference we pass; the fd is
+    // a vCPU fd.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_X86_SETUP_MCE(), &cap) };
+    rc == 0
+}
+
+/// The subset of [`state::KEPT_MSRS`] and the machine-check MSRs the host can read for
+/// this vCPU.
 fn supported_msrs(vcpu: &VcpuFd) -> Vec<u32> {
     state::KEPT_MSRS
         .iter()
         .copied()
+        .chain(deja_machine::cpu::mca::state_msrs())
         .filter(|&index| {
             kb::Msrs::from_entries(&[kb::kvm_msr_entry {
                 index,

@@ -283,6 +283,71 @@ pub mod msr {
     pub const IA32_GS_BASE: u32 = 0xc000_0101;
     pub const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
     pub const IA32_TSC_AUX: u32 = 0xc000_0103;
+    pub const IA32_MCG_CAP: u32 = 0x179;
+    pub const IA32_MCG_STATUS: u32 = 0x17a;
+    pub const IA32_MCG_CTL: u32 = 0x17b;
+    pub const IA32_MC0_CTL: u32 = 0x400;
+}
+
+/// deja's machine-check architecture, the same on both engines: QEMU's default (10 banks
+/// and IA32_MCG_CTL), no error ever pending (deja injects none). kvm hands it to KVM with
+/// `KVM_X86_SETUP_MCE`, whose MSR emulation the bt engine follows.
+pub mod mca {
+    use super::msr;
+
+    /// Error-reporting banks (MCi_CTL/STATUS/ADDR/MISC at 0x400 + 4i).
+    pub const BANKS: u32 = 10;
+    /// IA32_MCG_CAP.MCG_CTL_P: IA32_MCG_CTL is present.
+    pub const MCG_CTL_P: u64 = 1 << 8;
+    /// IA32_MCG_CAP.
+    pub const MCG_CAP: u64 = MCG_CTL_P | BANKS as u64;
+
+    /// The machine-check MSRs that hold state (all but the read-only IA32_MCG_CAP), which
+    /// [`CpuState::msrs`](super::CpuState::msrs) carries once known: kvm reports them all,
+    /// bt those the guest wrote (an absent one has its [`reset_value`]; the reset state
+    /// leaves them out, so that older checkpoints keep their layout).
+    pub fn state_msrs() -> impl Iterator<Item = u32> {
+        [msr::IA32_MCG_STATUS, msr::IA32_MCG_CTL]
+            .into_iter()
+            .chain(msr::IA32_MC0_CTL..msr::IA32_MC0_CTL + 4 * BANKS)
+    }
+
+    /// Whether `index` is a machine-check MSR of this CPU.
+    pub fn is_mca_msr(index: u32) -> bool {
+        index == msr::IA32_MCG_CAP
+            || index == msr::IA32_MCG_STATUS
+            || index == msr::IA32_MCG_CTL
+            || (msr::IA32_MC0_CTL..msr::IA32_MC0_CTL + 4 * BANKS).contains(&index)
+    }
+
+    /// The value after RESET: every error-reporting enable set (IA32_MCG_CTL, MCi_CTL, as
+    /// KVM and QEMU leave them), no error logged.
+    pub fn reset_value(index: u32) -> u64 {
+        match index {
+            msr::IA32_MCG_CAP => MCG_CAP,
+            msr::IA32_MCG_CTL => !0,
+            i if i >= msr::IA32_MC0_CTL && (i - msr::IA32_MC0_CTL).is_multiple_of(4) => !0,
+            _ => 0,
+        }
+    }
+
+    /// Whether WRMSR may write `value` (else #GP(0)): IA32_MCG_CAP is read-only;
+    /// IA32_MCG_CTL and MCi_CTL take all 0s or all 1s (KVM also lets bit 10 of MCi_CTL be
+    /// clear, for an old Linux workaround on AMD K8); MCi_STATUS takes 0 only (software
+    /// clears a logged error; it cannot log one); IA32_MCG_STATUS, MCi_ADDR and MCi_MISC
+    /// take any value, as under KVM.
+    pub fn write_allowed(index: u32, value: u64) -> bool {
+        match index {
+            msr::IA32_MCG_CAP => false,
+            msr::IA32_MCG_CTL => value == 0 || value == !0,
+            msr::IA32_MCG_STATUS => true,
+            i => match (i - msr::IA32_MC0_CTL) % 4 {
+                0 => value == 0 || value | (1 << 10) == !0,
+                1 => value == 0,
+                _ => true,
+            },
+        }
+    }
 }
 
 impl CpuState {

@@ -32,10 +32,12 @@ pub mod features {
     pub const TSC: u32 = 1 << 4;
     pub const MSR: u32 = 1 << 5;
     pub const PAE: u32 = 1 << 6;
+    pub const MCE: u32 = 1 << 7;
     pub const CX8: u32 = 1 << 8;
     pub const APIC: u32 = 1 << 9;
     pub const SEP: u32 = 1 << 11;
     pub const PGE: u32 = 1 << 13;
+    pub const MCA: u32 = 1 << 14;
     pub const CMOV: u32 = 1 << 15;
     pub const PAT: u32 = 1 << 16;
     pub const PSE36: u32 = 1 << 17;
@@ -139,10 +141,12 @@ impl CpuidTable {
                     | TSC
                     | MSR
                     | PAE
+                    | MCE
                     | CX8
                     | APIC
                     | SEP
                     | PGE
+                    | MCA
                     | CMOV
                     | PAT
                     | PSE36

@@ -370,6 +370,16 @@ impl Machine {
             .is_some_and(|(base, len)| (base..base + len).contains(&addr))
     }
 
+    /// CPUID as the guest sees it now: the table's answer, with CPUID.01H:EDX.APIC clear
+    /// while IA32_APIC_BASE disables the local APIC (as the hardware reports it).
+    pub fn cpuid(&self, function: u32, index: u32) -> [u32; 4] {
+        let mut r = self.config.cpuid.lookup(function, index);
+        if function == 1 && self.irqchip.apic_globally_enabled() == Some(false) {
+            r[3] &= !crate::cpuid::features::APIC;
+        }
+        r
+    }
+
     /// Whether RDMSR/WRMSR of `msr` goes to the machine ([`Machine::rdmsr`],
     /// [`Machine::wrmsr`]) rather than to the engine's own MSRs: the local APIC's
     /// IA32_APIC_BASE, IA32_TSC_DEADLINE and x2APIC registers.

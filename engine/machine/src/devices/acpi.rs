@@ -38,6 +38,13 @@ pub const LAPIC_ADDRESS: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
 /// The sleep type the DSDT's `_S5` names (QEMU's PIIX4: 0 is soft-off).
 pub const SLP_TYP_S5: u16 = 0;
+/// The sleep type of suspend-to-RAM (S3): what QEMU's PIIX4 DSDT names in `_S3`.
+pub const SLP_TYP_S3: u16 = 1;
+/// Where the FACS goes (the first 64-byte boundary after the RSDP), which holds the
+/// waking vector an S3 resume enters.
+pub const FACS_ADDR: u64 = (ACPI_REGION_START + 36).next_multiple_of(64);
+/// Offset of Firmware_Waking_Vector in the FACS.
+pub const FACS_WAKING_VECTOR: u64 = 12;
 
 /// PM1 status/enable bit: PM timer MSB toggled.
 pub const PM1_TMR: u16 = 1 << 0;
@@ -170,6 +177,9 @@ fn put(t: &mut [u8], at: usize, bytes: &[u8]) {
 
 fn dsdt() -> Vec<u8> {
     let mut t = table(b"DSDT", 1);
+    // No _S3 object yet, although the PM device implements SLP_TYP 1 (QEMU's S3): the
+    // tables are guest memory, so adding it would make every existing trace diverge on
+    // replay; it needs a table revision recorded in the trace header first.
     // Name (_S5, Package (4) { Zero, Zero, Zero, Zero }): soft-off is SLP_TYP 0.
     t.extend_from_slice(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04]);
     t.extend_from_slice(&[SLP_TYP_S5 as u8, SLP_TYP_S5 as u8, 0x00, 0x00]);
@@ -279,6 +289,7 @@ pub fn install_acpi_tables_with(
     }
     let rsdp = start;
     let facs_at = align(rsdp + 36, 64);
+    debug_assert_eq!(facs_at, FACS_ADDR);
     let dsdt_at = align(facs_at + 64, 16);
     let dsdt = dsdt();
     let fadt_at = align(dsdt_at + dsdt.len() as u64, 16);
@@ -472,6 +483,8 @@ impl AcpiPm {
                 let slp_typ = (v >> 10) & 7;
                 if v & PM1_SLP_EN != 0 && slp_typ == SLP_TYP_S5 {
                     *ctx.stop = Some(StopRequest::PowerOff);
+                } else if v & PM1_SLP_EN != 0 && slp_typ == SLP_TYP_S3 {
+                    *ctx.stop = Some(StopRequest::Suspend);
                 }
             }
             _ => {}
@@ -552,6 +565,28 @@ impl Device for AcpiPm {
             }),
         }
     }
+}
+
+/// Firmware_Waking_Vector of the FACS at [`FACS_ADDR`]: where an S3 resume enters, in real
+/// mode (0: the OS set none, and the firmware boots normally).
+pub fn waking_vector(mem: &GuestMemoryMmap) -> u32 {
+    mem.read_obj::<u32>(GuestAddress(FACS_ADDR + FACS_WAKING_VECTOR))
+        .unwrap_or(0)
+}
+
+/// The CPU state an S3 resume starts in, as SeaBIOS leaves it for the OS: real mode at
+/// `vector` as segment `vector >> 4`, offset `vector & 0xf` (ACPI 6.5 5.2.10), data
+/// segments 0. (SeaBIOS resumes through Firmware_Waking_Vector only, never through
+/// X_Firmware_Waking_Vector, and so does deja.)
+pub fn resume_state(vector: u32) -> crate::cpu::CpuState {
+    use crate::cpu::{Segment, seg};
+    let mut s = crate::cpu::CpuState::reset();
+    for (i, sg) in s.seg.iter_mut().enumerate() {
+        *sg = Segment::real_mode(0, i == seg::CS);
+    }
+    s.seg[seg::CS] = Segment::real_mode((vector >> 4) as u16, true);
+    s.rip = u64::from(vector & 0xf);
+    s
 }
 
 #[cfg(test)]

@@ -40,6 +40,9 @@ pub enum StopRequest {
     },
     /// The guest powered the machine off (ACPI, or QEMU's shutdown ports).
     PowerOff,
+    /// The guest entered ACPI S3 (suspend-to-RAM): the machine resets with RAM kept and the
+    /// CPU resumes at the FACS waking vector ([`acpi::resume_state`]).
+    Suspend,
 }
 
 impl StopRequest {
@@ -112,6 +115,12 @@ pub trait Irqchip: Device + InterruptLines {
     /// while the APIC is disabled or in x2APIC mode). The machine decodes this page
     /// itself, ahead of its MMIO bus, because the guest can move it.
     fn mmio_window(&self) -> Option<(u64, u64)> {
+        None
+    }
+    /// Whether the local APIC is globally enabled (IA32_APIC_BASE.EN), which CPUID.01H:EDX
+    /// reports as the hardware does; `None` without a local APIC (CPUID says what the table
+    /// says).
+    fn apic_globally_enabled(&self) -> Option<bool> {
         None
     }
     /// Whether RDMSR/WRMSR of `msr` belongs to the interrupt controller (IA32_APIC_BASE,

@@ -294,6 +294,10 @@ impl Irqchip for PcIrqchip {
         self.lapic.mmio_base().map(|base| (base, LAPIC_SIZE))
     }
 
+    fn apic_globally_enabled(&self) -> Option<bool> {
+        Some(self.lapic.globally_enabled())
+    }
+
     fn handles_msr(&self, msr: u32) -> bool {
         Self::handles_msr(msr)
     }

@@ -13,7 +13,9 @@
 //!   virtual to physical as QEMU's ELF loader does for higher-half kernels (see
 //!   `elf_entry`). A 64-bit ELF is refused with QEMU's message.
 //! - The multiboot information (MBI) goes where QEMU puts it: the memory map at
-//!   [`MMAP_ADDR`] (0x9000), the MBI at [`MBI_ADDR`] (0x9500); the command line
+//!   [`MMAP_ADDR`] (0x9000), the MBI at [`MBI_ADDR`] (0x9500), unless the kernel loads
+//!   there (a kernel at 0x8000, say): then both follow the command line, past the kernel's
+//!   end, where QEMU puts what it builds for the kernel, and EBX says where; the command line
 //!   (`"IMAGE-NAME CMDLINE"`, as QEMU passes `"kernel-file cmdline"`) and the boot loader
 //!   name `"deja"` in the page after the kernel's end. The memory map reports RAM as type
 //!   1 and, like SeaBIOS's e820 under QEMU, the EBDA `0x9fc00..0xa0000`, the ACPI tables'
@@ -323,7 +325,7 @@ pub(crate) fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, Loa
     } else {
         elf_chunks(image)?
     };
-    let reserved = [GDT_RESERVED, MBI_RESERVED];
+    let reserved = [GDT_RESERVED];
     for c in &chunks {
         ensure_ram(&machine.layout, || c.what.clone(), c.addr, c.end())?;
         boot::check_overlap(&c.what, c.addr, c.end(), &reserved, "multiboot")?;
@@ -355,7 +357,6 @@ pub(crate) fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, Loa
 
     let mut occupied: Vec<(u64, u64)> = chunks.iter().map(|c| (c.addr, c.end())).collect();
     occupied.push((info_addr, info_end));
-    let stack = boot::pick_stack(&machine.layout, &image.name, &occupied, &reserved)?;
 
     let map = memory_map(&machine.layout);
     let mut mmap = Vec::with_capacity(map.len() * MMAP_ENTRY_SIZE as usize);
@@ -366,6 +367,43 @@ pub(crate) fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, Loa
         mmap.extend_from_slice(&e.kind.to_le_bytes());
     }
     debug_assert!(MMAP_ADDR + mmap.len() as u64 <= MBI_ADDR);
+    // QEMU's spot for the memory map and MBI, unless the kernel (or its command line) is
+    // there: then both follow the command line, past the kernel, where QEMU puts what it
+    // builds for a kernel.
+    let (mmap_addr, mbi_addr) = if occupied
+        .iter()
+        .all(|&(start, end)| end <= MMAP_ADDR || MBI_AREA_END <= start)
+    {
+        (MMAP_ADDR, MBI_ADDR)
+    } else {
+        let mmap_addr = info_end.next_multiple_of(16);
+        let mbi_addr = (mmap_addr + mmap.len() as u64).next_multiple_of(16);
+        let what = || format!("the multiboot memory map and MBI of {}", image.name);
+        ensure_ram(&machine.layout, what, mmap_addr, mbi_addr + MBI_SIZE)?;
+        boot::check_overlap(
+            &what(),
+            mmap_addr,
+            mbi_addr + MBI_SIZE,
+            &reserved,
+            "multiboot",
+        )?;
+        (mmap_addr, mbi_addr)
+    };
+    let mbi_area = Reserved {
+        start: mmap_addr,
+        end: (mbi_addr + MBI_SIZE).max(if mmap_addr == MMAP_ADDR {
+            MBI_AREA_END
+        } else {
+            0
+        }),
+        ..MBI_RESERVED
+    };
+    let stack = boot::pick_stack(
+        &machine.layout,
+        &image.name,
+        &occupied,
+        &[GDT_RESERVED, mbi_area],
+    )?;
     let mem_upper = machine
         .layout
         .ranges
@@ -384,7 +422,7 @@ pub(crate) fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, Loa
     put(20, 0); // mods_count
     put(24, info_addr as u32); // mods_addr: where QEMU's (empty) module list starts
     put(44, mmap.len() as u32);
-    put(48, MMAP_ADDR as u32);
+    put(48, mmap_addr as u32);
     put(64, (info_addr + cmdline.len() as u64 + 1) as u32);
 
     let gdtr = boot::write_gdt(machine, &boot::GDT_PROTECTED)?;
@@ -393,11 +431,11 @@ pub(crate) fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, Loa
         zero(machine, c.addr + c.src.len() as u64, c.zero_len)?;
     }
     write(machine, info_addr, &info)?;
-    write(machine, MMAP_ADDR, &mmap)?;
-    write(machine, MBI_ADDR, &mbi)?;
+    write(machine, mmap_addr, &mmap)?;
+    write(machine, mbi_addr, &mbi)?;
 
     let mut state = boot::protected_state(entry, gdtr, stack);
     state.gpr[gpr::RAX] = u64::from(BOOTLOADER_MAGIC);
-    state.gpr[gpr::RBX] = MBI_ADDR;
+    state.gpr[gpr::RBX] = mbi_addr;
     Ok(state)
 }

@@ -372,7 +372,13 @@ fn mbi(m: &Machine, off: u64) -> u32 {
 }
 
 fn mmap(m: &Machine) -> Vec<MmapEntry> {
-    let (addr, len) = (u64::from(mbi(m, 48)), u64::from(mbi(m, 44)));
+    mmap_of(m, MBI_ADDR)
+}
+
+/// The memory map the MBI at `mbi_addr` points to.
+fn mmap_of(m: &Machine, mbi_addr: u64) -> Vec<MmapEntry> {
+    let mbi = |off| read_u32(m, mbi_addr + off);
+    let (addr, len) = (u64::from(mbi(48)), u64::from(mbi(44)));
     let mut out = Vec::new();
     let mut p = addr;
     while p < addr + len {
@@ -526,6 +532,48 @@ fn multiboot_higher_half_elf_entry_is_translated_to_physical() {
 }
 
 #[test]
+fn multiboot_kernel_over_0x9000_gets_its_mbi_and_memory_map_past_its_end() {
+    // A kernel loaded at 0x8000 (text to 0xa000) covers QEMU's usual MBI spot at 0x9000:
+    // the memory map and the MBI go after the command line, past the kernel, as QEMU puts
+    // everything it builds after the kernel; the kernel's bytes stay as loaded.
+    let aout_fields = 0x40 + 12;
+    let mut f = vec![0xccu8; 0x40];
+    f.extend_from_slice(&mb_header(
+        MB_FLAGS | 1 << 16,
+        &[0x8040, 0x8000, 0xa000, 0xb000, 0x8080],
+    ));
+    f.resize(0x2000, 0xf4);
+    assert_eq!(
+        u32::from_le_bytes(f[aout_fields..aout_fields + 4].try_into().unwrap()),
+        0x8040
+    );
+    let mut m = machine_with(16 << 20, "x");
+    let img = Image::multiboot("low", f.clone());
+    let s = load(&mut m, &img).unwrap();
+    assert_eq!(read(&m, 0x8000, 0x2000), f, "the kernel is intact");
+    assert_eq!(read(&m, 0xa000, 0x1000), vec![0; 0x1000], "bss zeroed");
+    let mbi_addr = s.gpr[gpr::RBX];
+    assert!(
+        mbi_addr >= 0xb000,
+        "MBI at {mbi_addr:#x}, inside the kernel"
+    );
+    let mbi = |off| read_u32(&m, mbi_addr + off);
+    assert_eq!(mbi(0), 0x24f);
+    let cmdline = u64::from(mbi(16));
+    assert_eq!(cmdline, 0xb000, "the page after the kernel, as before");
+    assert_eq!(read_cstr(&m, cmdline), "low x");
+    assert_eq!(read_cstr(&m, u64::from(mbi(64))), "deja");
+    let map_addr = u64::from(mbi(48));
+    assert!(map_addr >= 0xb000 && map_addr + u64::from(mbi(44)) <= mbi_addr);
+    assert_eq!(mmap_of(&m, mbi_addr), multiboot::memory_map(&m.layout));
+    let sp = s.gpr[gpr::RSP];
+    assert!(
+        !(0x8000..mbi_addr + 116).contains(&(sp - 1)),
+        "the stack {sp:#x} clear of kernel and MBI"
+    );
+}
+
+#[test]
 fn multiboot_aout_kludge_loads_text_and_zeroes_bss() {
     let mut m = machine();
     fill(&m, 0x20_0000, 0x3000, 0xaa);
@@ -675,9 +723,9 @@ fn malformed_inputs_are_refused_with_precise_messages() {
             "VGA",
         ),
         (
-            "segment over the MBI",
-            patch(mb_elf(), ph0 + 12, &u(0x9000)),
-            "multiboot memory map",
+            "segment over the GDT",
+            patch(mb_elf(), ph0 + 12, &u(0x520)),
+            "overlaps the GDT",
         ),
         (
             "no PT_LOAD",
@@ -741,21 +789,21 @@ fn malformed_inputs_are_refused_with_precise_messages() {
             "not entirely in RAM",
         ),
         (
-            "a.out at the MBI",
+            "a.out on the GDT",
             patch(
                 patch(
                     patch(
-                        patch(mb_aout(), aout_fields, &u(0x9040)),
+                        patch(mb_aout(), aout_fields, &u(0x540)),
                         aout_fields + 4,
-                        &u(0x9000),
+                        &u(0x500),
                     ),
                     aout_fields + 8,
-                    &u(0x9100),
+                    &u(0x600),
                 ),
                 aout_fields + 12,
                 &u(0),
             ),
-            "overlaps the multiboot memory map",
+            "overlaps the GDT",
         ),
     ];
     for (what, bytes, needle) in cases {
