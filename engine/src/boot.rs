@@ -164,6 +164,7 @@ mod tests {
 
     fn raw(bytes: Vec<u8>, load_addr: u64) -> Image {
         Image {
+            initrd: None,
             name: "test-image".into(),
             bytes,
             format: ImageFormat::Raw {

@@ -505,6 +505,7 @@ pub fn image(mode: PagingMode, coverage: Coverage) -> Result<Image, LinkError> {
         ],
     )?;
     Ok(Image {
+        initrd: None,
         name: format!("guest:{name}"),
         bytes: linked.bytes,
         format: ImageFormat::Raw {

@@ -69,6 +69,7 @@ pub fn long_mode_image(
 ) -> Result<Image, LinkError> {
     let linked = long_mode_link(name, messages, handlers, main)?;
     Ok(Image {
+        initrd: None,
         name: format!("guest:{name}"),
         bytes: linked.bytes,
         format: ImageFormat::Raw {
@@ -90,6 +91,7 @@ pub(crate) fn long_mode_image_with(
 ) -> Result<Image, LinkError> {
     let linked = long_mode_link_with(name, BootMessages::default(), handlers, main, extra)?;
     Ok(Image {
+        initrd: None,
         name: format!("guest:{name}"),
         bytes: linked.bytes,
         format: ImageFormat::Raw {

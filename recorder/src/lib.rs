@@ -421,6 +421,15 @@ impl Recorder {
             machine_info(config),
         );
         header.images.push(image_record(image));
+        if let Some(rd) = &image.initrd {
+            // The initrd is part of the run's identity as the kernel is.
+            header.images.push(deja_traces::ImageRecord::new(
+                &rd.name,
+                &rd.bytes,
+                deja_snapshot::INITRD_LOAD,
+                Vec::new(),
+            ));
+        }
         header.options = RecordingOptions {
             digest_interval: opts.digest_interval,
             checkpoint_interval: opts.digest_interval * opts.checkpoint_every,

@@ -317,31 +317,10 @@ pub fn resolve_image(
     let image = if let Some(name) = record.name.strip_prefix("guest:") {
         guests(name).ok_or_else(|| err(format!("no built-in guest named {name:?}")))?
     } else {
-        // Only a regular file of exactly the recorded size is read: a trace names any path
-        // it likes, and must not make deja read a device, block on a FIFO, or say anything
-        // about a file that is not the image.
-        let path = std::path::Path::new(&record.name);
-        let size = std::fs::metadata(path)
-            .map_err(|e| err(format!("reading it: {e}")))?
-            .len();
-        if size != record.size {
-            return Err(err(format!(
-                "it is not the image recorded: the recorded image has {} bytes, the file {size}",
-                record.size
-            )));
-        }
-        let bytes = deja_machine::loader::read_file_bounded(path, record.size)
-            .map_err(|e| err(format!("reading it: {e}")))?;
-        if !record.matches(&bytes) {
-            return Err(err(format!(
-                "it is not the image recorded: the file has the recorded size ({} bytes) but not \
-                 its BLAKE3 digest {}",
-                record.size, record.digest
-            )));
-        }
         Image {
+            initrd: None,
             name: record.name.clone(),
-            bytes,
+            bytes: read_recorded_file(record)?,
             format,
         }
     };
@@ -445,6 +424,61 @@ fn cpuid_differences(
         }
     }
     out
+}
+
+/// The bytes of the file an image record names. Only a regular file of exactly the recorded
+/// size is read: a trace names any path it likes, and must not make deja read a device,
+/// block on a FIFO, or say anything about a file that is not the image.
+fn read_recorded_file(record: &ImageRecord) -> Result<Vec<u8>, ReplayError> {
+    let err = |detail: String| ReplayError::Image {
+        name: record.name.clone(),
+        detail,
+    };
+    let path = std::path::Path::new(&record.name);
+    let size = std::fs::metadata(path)
+        .map_err(|e| err(format!("reading it: {e}")))?
+        .len();
+    if size != record.size {
+        return Err(err(format!(
+            "it is not the image recorded: the recorded image has {} bytes, the file {size}",
+            record.size
+        )));
+    }
+    let bytes = deja_machine::loader::read_file_bounded(path, record.size)
+        .map_err(|e| err(format!("reading it: {e}")))?;
+    if !record.matches(&bytes) {
+        return Err(err(format!(
+            "it is not the image recorded: the file has the recorded size ({} bytes) but not \
+             its BLAKE3 digest {}",
+            record.size, record.digest
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The images a trace's header names: the first is the one booted; a Linux kernel's second
+/// is its initrd (recorded with load "initrd").
+pub fn resolve_images(
+    images: &[ImageRecord],
+    guests: &dyn Fn(&str) -> Option<Image>,
+) -> Result<Image, ReplayError> {
+    let first = images.first().ok_or_else(|| ReplayError::Image {
+        name: "(none)".into(),
+        detail: "the header lists no image".into(),
+    })?;
+    let mut image = resolve_image(first, guests)?;
+    if let Some(rd) = images
+        .get(1)
+        .filter(|r| r.load == deja_snapshot::INITRD_LOAD)
+    {
+        image.initrd = Some(Box::new(Image {
+            name: rd.name.clone(),
+            bytes: read_recorded_file(rd)?,
+            format: image.format.clone(),
+            initrd: None,
+        }));
+    }
+    Ok(image)
 }
 
 /// The machine configuration a trace was recorded with.
@@ -653,11 +687,13 @@ pub fn replay_with(
     let header = reader.header().clone();
     let footer: Option<Footer> = reader.footer().cloned();
     let config = machine_config(&header, &name)?;
-    let record = header.images.first().ok_or_else(|| ReplayError::BadTrace {
-        trace: name.clone(),
-        detail: "the header lists no image".into(),
-    })?;
-    let image = resolve_image(record, guests)?;
+    if header.images.is_empty() {
+        return Err(ReplayError::BadTrace {
+            trace: name.clone(),
+            detail: "the header lists no image".into(),
+        });
+    }
+    let image = resolve_images(&header.images, guests)?;
     let exit_sync = header.delivery == Delivery::ExitSynchronous;
 
     // Where to start: the nearest checkpoint at or before the target, when seeking.

@@ -227,6 +227,7 @@ fn string_guest() -> Image {
         .unwrap();
     bytes[at + 1..at + 3].copy_from_slice(&handler_ip.to_le_bytes());
     Image {
+        initrd: None,
         name: "guest:board".into(),
         bytes,
         format: ImageFormat::Raw {

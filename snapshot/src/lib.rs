@@ -22,6 +22,10 @@ use std::sync::{Arc, Mutex};
 /// device exits only, so the answer is not an input and is not logged.
 pub const NO_POLL_QUANTUM: u64 = 1 << 62;
 
+/// The `load` text of an initrd's image record in a trace header (the record after its
+/// kernel's).
+pub const INITRD_LOAD: &str = "initrd";
+
 /// The guest's serial output, teed: passed on to where it was going, and hashed.
 #[derive(Default)]
 pub struct SerialCapture {

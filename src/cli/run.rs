@@ -3,7 +3,9 @@
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome, RunSummary};
-use deja_machine::loader::{EntryMode, Image, ImageFormat, ImageRequest};
+use deja_machine::loader::{
+    EntryMode, Image, ImageFormat, ImageRequest, MAX_IMAGE_FILE, read_file_bounded,
+};
 use deja_machine::{ClockMode, LiveHost, MachineConfig, memory};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -84,9 +86,12 @@ pub struct GuestArgs {
     /// guest output does not mix with it).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Kernel command line (multiboot).
+    /// Kernel command line (Linux, multiboot).
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
+    /// The initial RAM disk of a Linux kernel (IMAGE a bzImage, found by its setup header).
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
     /// End the run on a reset request (0xcf9, port 0x92, i8042) or a triple fault instead
     /// of rebooting the machine (as QEMU's -no-reboot).
     #[arg(long)]
@@ -183,7 +188,23 @@ fn parse_addr(s: &str) -> Result<u64, String> {
 
 /// Resolves the IMAGE argument and its flags into an image to load.
 pub fn resolve_image(args: &GuestArgs) -> anyhow::Result<Image> {
-    Ok(args.image_request().resolve(&deja_guests::image_of)?)
+    let mut image = args.image_request().resolve(&deja_guests::image_of)?;
+    if let Some(path) = &args.initrd {
+        if image.format != ImageFormat::Linux {
+            bail!(
+                "--initrd goes with a Linux kernel (a bzImage); {} is loaded as {:?}",
+                image.name,
+                image.format
+            );
+        }
+        image.initrd = Some(Box::new(Image {
+            name: path.display().to_string(),
+            bytes: read_file_bounded(path, MAX_IMAGE_FILE)?,
+            format: ImageFormat::Linux,
+            initrd: None,
+        }));
+    }
+    Ok(image)
 }
 
 /// SIGINT and SIGTERM, the signals that stop a run cleanly.

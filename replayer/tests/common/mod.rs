@@ -348,6 +348,7 @@ pub fn guest(ticks: u16) -> Image {
 /// A raw real-mode image for the board machine, loaded and entered at [`LOAD`].
 pub fn board_image(bytes: Vec<u8>) -> Image {
     Image {
+        initrd: None,
         name: "guest:board".into(),
         bytes,
         format: ImageFormat::Raw {

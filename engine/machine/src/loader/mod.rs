@@ -16,6 +16,7 @@
 pub mod boot;
 pub mod elf;
 pub mod firmware;
+pub mod linux;
 pub mod multiboot;
 pub mod raw;
 
@@ -84,6 +85,9 @@ pub enum ImageFormat {
     /// A firmware ROM mapped below 4 GiB (and aliased below 1 MiB), entered at the reset
     /// vector.
     Firmware,
+    /// A Linux bzImage, entered through the x86 boot protocol's 64-bit entry with the
+    /// machine's command line and the image's initrd.
+    Linux,
 }
 
 impl ImageFormat {
@@ -115,6 +119,9 @@ pub struct Image {
     pub bytes: Vec<u8>,
     /// How to load it.
     pub format: ImageFormat,
+    /// The initial RAM disk a Linux kernel gets (`--initrd`), part of the run's identity
+    /// as the kernel is.
+    pub initrd: Option<Box<Image>>,
 }
 
 /// An image as a user names it (`deja run IMAGE [--bios | --raw ADDR ...]`): a built-in
@@ -161,6 +168,7 @@ impl ImageRequest {
                 path,
                 format: Some(format),
             } => Ok(Image {
+                initrd: None,
                 name: path.display().to_string(),
                 bytes: read_file_bounded(path, MAX_IMAGE_FILE)?,
                 format: format.clone(),
@@ -293,6 +301,14 @@ pub enum LoadError {
         /// The 32-bit sum that should have been zero.
         sum: u32,
     },
+    /// A bzImage that the boot protocol cannot load.
+    #[error("{name}: {problem}")]
+    BzImage {
+        /// The image's name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A multiboot header field is inconsistent (a.out kludge addresses, truncation).
     #[error("{name}: multiboot header at offset {offset:#x}: {problem}")]
     MultibootHeader {
@@ -402,6 +418,7 @@ impl Image {
         mode: EntryMode,
     ) -> Self {
         Self {
+            initrd: None,
             name: name.into(),
             bytes,
             format: ImageFormat::Raw {
@@ -415,6 +432,7 @@ impl Image {
     /// A multiboot kernel.
     pub fn multiboot(name: impl Into<String>, bytes: Vec<u8>) -> Self {
         Self {
+            initrd: None,
             name: name.into(),
             bytes,
             format: ImageFormat::Multiboot,
@@ -424,6 +442,7 @@ impl Image {
     /// A firmware ROM (what `--bios FILE` gives).
     pub fn firmware(name: impl Into<String>, bytes: Vec<u8>) -> Self {
         Self {
+            initrd: None,
             name: name.into(),
             bytes,
             format: ImageFormat::Firmware,
@@ -436,6 +455,14 @@ impl Image {
         let name = name.into();
         if bytes.is_empty() {
             return Err(LoadError::Empty { name });
+        }
+        if linux::is_bzimage(&bytes) {
+            return Ok(Self {
+                name,
+                bytes,
+                format: ImageFormat::Linux,
+                initrd: None,
+            });
         }
         multiboot::find_header(&name, &bytes).map_err(|e| match e {
             LoadError::NotMultiboot { name, searched, .. } => LoadError::NotMultiboot {
@@ -471,6 +498,7 @@ impl Image {
                     return Err(LoadError::Empty { name });
                 }
                 Ok(Self {
+                    initrd: None,
                     name,
                     bytes,
                     format,
@@ -589,6 +617,7 @@ pub fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, LoadError>
         } => raw::load(machine, image, load_addr, entry, mode),
         ImageFormat::Multiboot => multiboot::load(machine, image),
         ImageFormat::Firmware => firmware::load(machine, image),
+        ImageFormat::Linux => linux::load(machine, image, image.initrd.as_deref()),
     }
 }
 
