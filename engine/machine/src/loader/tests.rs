@@ -1092,3 +1092,110 @@ fn sidecar_and_empty_image_messages_say_what_is_wrong() {
     ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// ---------------------------------------------------------------- Linux boot protocol
+
+#[test]
+fn bzimages_load_as_the_boot_protocol_says() {
+    let bytes = deja_testkit::bzimage(&[0xf4]);
+    let mut m = machine_with(64 << 20, "console=ttyS0 quiet");
+    let mut image = Image::detect("bz", bytes.clone()).unwrap();
+    assert_eq!(image.format, ImageFormat::Linux);
+    image.initrd = Some(Box::new(Image {
+        name: "rd".into(),
+        bytes: vec![7; 5000],
+        format: ImageFormat::Linux,
+        initrd: None,
+    }));
+    let s = load(&mut m, &image).unwrap();
+    use super::linux::{CMDLINE_ADDR, ZERO_PAGE_ADDR};
+    assert_eq!(s.rip, 0x100_0000 + 0x200);
+    assert_eq!(s.gpr[gpr::RSI], ZERO_PAGE_ADDR);
+    assert_eq!(s.seg[seg::CS].selector, 0x10);
+    assert!(s.seg[seg::CS].l);
+    assert_eq!(s.seg[seg::DS].selector, 0x18);
+    assert_eq!(s.rflags & (1 << 9), 0, "interrupts off");
+    assert_eq!(read(&m, 0x100_0200, 1), [0xf4]);
+    let zp = read(&m, ZERO_PAGE_ADDR, 4096);
+    let u32_at = |at: usize| u32::from_le_bytes(zp[at..at + 4].try_into().unwrap());
+    // The setup header, copied (the loader then fills in type_of_loader, the initrd and
+    // the command line pointer, 0x210..0x22c).
+    assert_eq!(zp[0x1f1..0x210], bytes[0x1f1..0x210]);
+    assert_eq!(zp[0x22c..0x26c], bytes[0x22c..0x26c]);
+    assert_eq!(zp[0x210], 0xff, "type_of_loader");
+    assert_eq!(u32_at(0x228) as u64, CMDLINE_ADDR);
+    assert_eq!(read_cstr(&m, CMDLINE_ADDR), "console=ttyS0 quiet");
+    let (rd_at, rd_len) = (u32_at(0x218) as u64, u32_at(0x21c));
+    assert_eq!(rd_len, 5000);
+    assert_eq!(rd_at % 4096, 0);
+    assert!(rd_at + 5000 <= 64 << 20 && rd_at >= 0x100_0000 + 0x10_0000);
+    assert_eq!(read(&m, rd_at, 5000), vec![7; 5000]);
+    let map = super::multiboot::memory_map(&m.layout);
+    assert_eq!(zp[0x1e8] as usize, map.len());
+    for (i, e) in map.iter().enumerate() {
+        let at = 0x2d0 + i * 20;
+        assert_eq!(
+            u64::from_le_bytes(zp[at..at + 8].try_into().unwrap()),
+            e.base
+        );
+        assert_eq!(
+            u64::from_le_bytes(zp[at + 8..at + 16].try_into().unwrap()),
+            e.len
+        );
+        let kind = u32_at(at + 16);
+        assert_eq!(kind, if e.kind == MMAP_RAM { 1 } else { 2 });
+    }
+    assert_eq!(
+        u64::from_le_bytes(zp[0x70..0x78].try_into().unwrap()),
+        crate::devices::acpi::ACPI_REGION_START,
+        "acpi_rsdp_addr"
+    );
+}
+
+#[test]
+fn malformed_bzimages_are_refused_with_precise_messages() {
+    let good = deja_testkit::bzimage(&[0xf4]);
+    let with = |at: usize, v: &[u8]| {
+        let mut b = good.clone();
+        b[at..at + v.len()].copy_from_slice(v);
+        b
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (with(0x206, &[0x0b, 0x02]), "older than 2.12"),
+        (with(0x236, &[0, 0]), "XLF_KERNEL_64"),
+        (with(0x211, &[0]), "LOADED_HIGH"),
+        (with(0x1f1, &[200]), "past the end"),
+        (with(0x201, &[0]), "length byte at 0x201"),
+        (with(0x230, &[3, 0, 0, 0]), "not a power of two"),
+        (good[..0x250].to_vec(), "no boot-protocol setup header"),
+    ];
+    for (bytes, needle) in cases {
+        let image = Image {
+            name: "bz".into(),
+            bytes,
+            format: ImageFormat::Linux,
+            initrd: None,
+        };
+        let mut m = machine_with(64 << 20, "");
+        let err = load(&mut m, &image).unwrap_err().to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    // A command line longer than the kernel takes, and an initrd that does not fit.
+    let mut m = machine_with(64 << 20, &"x".repeat(0x800));
+    let image = Image::detect("bz", good.clone()).unwrap();
+    let err = load(&mut m, &image).unwrap_err().to_string();
+    assert!(err.contains("at most 2047"), "{err}");
+    let mut m = machine_with(32 << 20, "");
+    let mut image = Image::detect("bz", good).unwrap();
+    image.initrd = Some(Box::new(Image {
+        name: "huge".into(),
+        bytes: vec![1; 24 << 20],
+        format: ImageFormat::Linux,
+        initrd: None,
+    }));
+    let err = load(&mut m, &image).unwrap_err().to_string();
+    assert!(
+        err.contains("initrd huge") && err.contains("--mem"),
+        "{err}"
+    );
+}
