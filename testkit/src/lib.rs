@@ -68,3 +68,133 @@ pub fn bzimage(code64: &[u8]) -> Vec<u8> {
     b.extend_from_slice(code64);
     b
 }
+
+/// A `cpio` archive in the "newc" format, as the kernel unpacks an initramfs.
+#[derive(Debug, Default)]
+pub struct Cpio {
+    bytes: Vec<u8>,
+    next_inode: u32,
+}
+
+impl Cpio {
+    /// An empty archive.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
+        self.next_inode += 1;
+        let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+        let fields = [
+            self.next_inode,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.bytes.extend_from_slice(b"070701");
+        for f in fields {
+            self.bytes.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.bytes.len() % 4 != 0 {
+            self.bytes.push(0);
+        }
+    }
+
+    /// A directory.
+    pub fn dir(&mut self, name: &str) -> &mut Self {
+        self.entry(name, 0o040755, &[], (0, 0));
+        self
+    }
+
+    /// A regular file with permission bits `perm`.
+    pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> &mut Self {
+        self.entry(name, 0o100000 | perm, data, (0, 0));
+        self
+    }
+
+    /// A character device node.
+    pub fn char_device(&mut self, name: &str, major: u32, minor: u32) -> &mut Self {
+        self.entry(name, 0o020600, &[], (major, minor));
+        self
+    }
+
+    /// The archive, with its trailer.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0));
+        self.bytes
+    }
+}
+
+/// Debian's stock kernel and busybox, fetched once with `apt-get download` into `cache`
+/// (reused when present): the bzImage and the static busybox binary. Errors say what failed
+/// (a Linux test then fails with that message; it never passes by skipping).
+pub fn debian_linux(
+    cache: &std::path::Path,
+) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+    use std::process::Command;
+    std::fs::create_dir_all(cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
+    let find = |dir: &std::path::Path, prefix: &str| -> Option<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(prefix))
+            })
+    };
+    let run = |cmd: &mut Command| -> Result<String, String> {
+        let out = cmd
+            .current_dir(cache)
+            .output()
+            .map_err(|e| format!("running {cmd:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{cmd:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let boot = cache.join("root/boot");
+    let busybox = cache.join("root/bin/busybox");
+    if find(&boot, "vmlinuz-").is_none() || !busybox.exists() {
+        // linux-image-amd64 is a metapackage: its dependency is the kernel of the day.
+        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+        let kernel = depends
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: "))
+            .filter(|p| p.starts_with("linux-image-"))
+            .ok_or_else(|| {
+                format!("apt-cache depends linux-image-amd64 named no kernel: {depends}")
+            })?
+            .to_string();
+        run(Command::new("apt-get").args(["download", &kernel, "busybox-static"]))?;
+        for deb in ["linux-image-", "busybox-static"] {
+            let path =
+                find(cache, deb).ok_or_else(|| format!("apt-get download left no {deb}*.deb"))?;
+            run(Command::new("dpkg-deb").arg("-x").arg(&path).arg("root"))?;
+        }
+    }
+    let kernel =
+        find(&boot, "vmlinuz-").ok_or_else(|| format!("no vmlinuz in {}", boot.display()))?;
+    Ok((kernel, busybox))
+}
