@@ -497,3 +497,72 @@ fn recordings_reboot_like_run_and_replays_follow_the_header() {
         }
     }
 }
+
+/// `--fail-on`: a console line that matches is the failure. The guest runs on for the grace
+/// period of device exits, then the recording stops there, is kept by --until-failure, says
+/// why, and replays verified to that position. A pattern that never matches keeps nothing.
+#[test]
+fn a_console_line_matching_fail_on_is_a_kept_failure_that_replays() {
+    let dir = scratch("fail-on");
+    let trace = dir.join("timer.trace");
+    let record = |pattern: &str| {
+        deja(&[
+            "record",
+            "--engine",
+            "bt",
+            "--clock",
+            "virtual",
+            "--until-failure",
+            "--attempts",
+            "2",
+            "--fail-on",
+            pattern,
+            "--fail-grace-exits",
+            "3",
+            "guest:timer",
+            "-o",
+            s(&trace),
+            "--serial-out",
+            s(&dir.join("serial.txt")),
+            "--json",
+            s(&dir.join("summary.json")),
+        ])
+    };
+    let o = record(r"^timer: \d+ interrupts");
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("attempt 1: the console matched --fail-on: timer: 50 interrupts"),
+        "{err}"
+    );
+    assert!(err.contains("kept its trace"), "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    assert!(
+        summary["end"]
+            .as_str()
+            .unwrap()
+            .starts_with("the console matched"),
+        "{summary}"
+    );
+    // It stopped 3 exits after the line, before the guest's own end ("timer: PASS").
+    let serial = std::fs::read_to_string(dir.join("serial.txt")).unwrap();
+    assert!(!serial.contains("PASS"), "{serial}");
+    let r = deja(&["replay", s(&trace)]);
+    assert_eq!(code(&r), 0, "{}", text(&r.stderr));
+    assert!(
+        text(&r.stdout).contains("replay verified"),
+        "{}",
+        text(&r.stdout)
+    );
+
+    std::fs::remove_file(&trace).unwrap();
+    let o = record("no such line");
+    assert_eq!(code(&o), 4, "stderr: {}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("no failure in 2 attempts"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!trace.exists());
+}

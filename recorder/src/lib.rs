@@ -110,7 +110,17 @@ pub struct RecordOptions {
     /// into the header, so a replay does the same; the recorder sets it on the machine it
     /// builds, whatever the build function chose.
     pub on_reset: ResetPolicy,
+    /// A console line matching this is a failure (`--fail-on`): the recording stops
+    /// [`RecordOptions::fail_grace_exits`] device exits later (so the rest of an oops is
+    /// kept), and [`is_failure`] says so.
+    pub fail_on: Option<regex::Regex>,
+    /// Device exits the guest runs on after a `fail_on` match.
+    pub fail_grace_exits: u64,
 }
+
+/// Default device exits a guest runs on after its console matched `--fail-on` (an oops of
+/// a few KiB on a 16550A is a few thousand exits).
+pub const DEFAULT_FAIL_GRACE_EXITS: u64 = 20_000;
 
 /// Default events between state digests.
 pub const DEFAULT_DIGEST_INTERVAL: u64 = 1024;
@@ -141,6 +151,8 @@ impl RecordOptions {
             notes: BTreeMap::new(),
             writer: WriterOptions::default(),
             on_reset: ResetPolicy::Stop,
+            fail_on: None,
+            fail_grace_exits: DEFAULT_FAIL_GRACE_EXITS,
         }
     }
 }
@@ -152,6 +164,9 @@ struct Observer<'p> {
     serial: Arc<Mutex<SerialCapture>>,
     tracker: PageTracker,
     scheme: deja_traces::DigestScheme,
+    /// Device exits to run on after a console failure match; where the run then stops.
+    fail_grace_exits: u64,
+    stop_at_exits: Option<u64>,
     digest_interval: u64,
     checkpoint_every: u64,
     /// Digests taken because `digest_interval` events had passed (checkpoints go with
@@ -260,6 +275,12 @@ impl RunObserver for Observer<'_> {
             self.last_digest_at = Some(pos);
             self.digest_now(machine, cpu, next_poll, regular);
         }
+        if self.stop_at_exits.is_none() && lock_capture(&self.serial).matched().is_some() {
+            self.stop_at_exits = Some(pos.exits.saturating_add(self.fail_grace_exits));
+        }
+        if self.stop_at_exits.is_some_and(|k| pos.exits >= k) {
+            return false;
+        }
         self.error.is_none() && host::lock(&self.shared).error.is_none()
     }
 }
@@ -274,6 +295,8 @@ pub struct RecordOutcome {
     pub footer: Option<Footer>,
     /// The write error that cut the trace short, if any (the file keeps every whole frame).
     pub write_error: Option<String>,
+    /// The console line that matched `--fail-on`, if one did.
+    pub console_failure: Option<String>,
     /// State digest at the end.
     pub final_digest: Digest,
     /// BLAKE3 of the guest's serial output.
@@ -332,7 +355,10 @@ impl RecordSummary {
         o: &RecordOutcome,
         chaos_seed: Option<u64>,
     ) -> Self {
-        let (exit_status, end) = describe_end(&o.run.end);
+        let (exit_status, mut end) = describe_end(&o.run.end);
+        if let (Some(line), RunEnd::Interrupted) = (&o.console_failure, &o.run.end) {
+            end = format!("the console matched --fail-on: {line}");
+        }
         Self {
             image: image.to_string(),
             engine: engine.name(),
@@ -458,6 +484,9 @@ impl Recorder {
             .chaos_seed
             .map(|seed| Chaos::new(seed, opts.chaos_max_quantum));
         let host = RecordingHost::new(live, shared.clone(), exit_sync, chaos);
+        if let Some(pattern) = &opts.fail_on {
+            lock_capture(&serial).watch_for(pattern.clone());
+        }
         let tee = SerialTee::new(serial_out, serial.clone());
         let mut vm = build(Box::new(host), Box::new(tee)).map_err(|e| RecordError::Build {
             image: image.name.clone(),
@@ -542,6 +571,8 @@ impl Recorder {
             serial: self.serial.clone(),
             tracker: PageTracker::new(),
             scheme: self.scheme.clone(),
+            fail_grace_exits: self.opts.fail_grace_exits,
+            stop_at_exits: None,
             digest_interval: self.opts.digest_interval,
             checkpoint_every: self.opts.checkpoint_every,
             digests: 0,
@@ -562,7 +593,13 @@ impl Recorder {
             source: e.into(),
         })?;
         let final_digest = state_digest(machine, &cpu_state, &self.scheme);
-        let (status, reason) = describe_end(&run.end);
+        let (status, mut reason) = describe_end(&run.end);
+        let console_failure = lock_capture(&self.serial).matched().map(str::to_string);
+        if let Some(line) = &console_failure
+            && observer.stop_at_exits.is_some_and(|k| run.exits >= k)
+        {
+            reason = format!("the console matched --fail-on: {line}");
+        }
         let (serial_digest, serial_bytes, output) = {
             let mut c = lock_capture(&self.serial);
             (c.digest(), c.total(), c.take_pending())
@@ -614,6 +651,7 @@ impl Recorder {
             run,
             footer,
             write_error,
+            console_failure,
             final_digest,
             serial_digest,
             serial_bytes,
@@ -624,14 +662,15 @@ impl Recorder {
     }
 }
 
-/// Whether a recorded run is a failure worth keeping: the guest wrote a non-zero status to
-/// debug-exit, or its CPU shut down.
-pub fn is_failure(run: &RunOutcome) -> bool {
-    match &run.end {
-        RunEnd::Stopped(StopRequest::DebugExit { value }) => *value != 0,
-        RunEnd::Shutdown { .. } => true,
-        _ => false,
-    }
+/// Whether a recording is a failure worth keeping: its console matched `--fail-on`, the
+/// guest wrote a non-zero status to debug-exit, or its CPU shut down.
+pub fn is_failure(outcome: &RecordOutcome) -> bool {
+    outcome.console_failure.is_some()
+        || match &outcome.run.end {
+            RunEnd::Stopped(StopRequest::DebugExit { value }) => *value != 0,
+            RunEnd::Shutdown { .. } => true,
+            _ => false,
+        }
 }
 
 /// What [`record_until_failure`] found.
@@ -670,7 +709,7 @@ pub fn record_until_failure(
         let outcome = record_one(&attempt_path, seed)?;
         result.attempts += 1;
         progress(i + 1, seed, &outcome);
-        let failed = is_failure(&outcome.run);
+        let failed = is_failure(&outcome);
         let ended = matches!(
             outcome.run.end,
             RunEnd::Stopped(_) | RunEnd::Shutdown { .. }

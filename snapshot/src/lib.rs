@@ -33,9 +33,55 @@ pub struct SerialCapture {
     total: u64,
     pending: Vec<u8>,
     keep: Option<Vec<u8>>,
+    watch: Option<ConsoleWatch>,
+}
+
+/// Console lines matched against a pattern (`deja record --fail-on`): the first line that
+/// matches is kept.
+struct ConsoleWatch {
+    pattern: regex::Regex,
+    line: Vec<u8>,
+    matched: Option<String>,
+}
+
+/// Longest console line a watch keeps (longer lines are matched by their first part).
+const WATCH_LINE_MAX: usize = 4096;
+
+impl ConsoleWatch {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.matched.is_some() {
+                return;
+            }
+            if b == b'\n' {
+                let text = String::from_utf8_lossy(&self.line);
+                let text = text.trim_end_matches('\r');
+                if self.pattern.is_match(text) {
+                    self.matched = Some(text.to_string());
+                }
+                self.line.clear();
+            } else if self.line.len() < WATCH_LINE_MAX {
+                self.line.push(b);
+            }
+        }
+    }
 }
 
 impl SerialCapture {
+    /// Also matches every console line against `pattern`; see [`SerialCapture::matched`].
+    pub fn watch_for(&mut self, pattern: regex::Regex) {
+        self.watch = Some(ConsoleWatch {
+            pattern,
+            line: Vec::new(),
+            matched: None,
+        });
+    }
+
+    /// The first console line that matched the watched pattern, if any.
+    pub fn matched(&self) -> Option<&str> {
+        self.watch.as_ref()?.matched.as_deref()
+    }
+
     /// A capture that also keeps every byte (for callers that inspect the output).
     pub fn keeping() -> Self {
         Self {
@@ -87,6 +133,9 @@ impl Write for SerialTee {
             c.pending.extend_from_slice(buf);
             if let Some(k) = &mut c.keep {
                 k.extend_from_slice(buf);
+            }
+            if let Some(w) = &mut c.watch {
+                w.feed(buf);
             }
         }
         // The guest's output is recorded whether or not the terminal takes it.

@@ -6,8 +6,8 @@ use clap::Args;
 use deja_engine::{EngineKind, RunOptions, build_vm_with_mmu};
 use deja_machine::LiveHost;
 use deja_recorder::{
-    DEFAULT_CHAOS_MAX_QUANTUM, DEFAULT_DIGEST_INTERVAL, RecordOptions, RecordOutcome,
-    RecordSummary, Recorder, SerialCapture, record_until_failure,
+    DEFAULT_CHAOS_MAX_QUANTUM, DEFAULT_DIGEST_INTERVAL, DEFAULT_FAIL_GRACE_EXITS, RecordOptions,
+    RecordOutcome, RecordSummary, Recorder, SerialCapture, record_until_failure,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -47,18 +47,31 @@ pub struct RecordArgs {
     /// Largest chaos poll quantum in instructions.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CHAOS_MAX_QUANTUM, requires = "chaos")]
     pub chaos_max_quantum: u64,
-    /// Record again with the next chaos seed until the guest fails (non-zero debug-exit
-    /// status or a triple fault), and keep the failing trace. A reset then always ends the
-    /// attempt (a triple fault is a failure to keep); otherwise a reset reboots unless
-    /// --no-reboot. The trace's header says which, and `deja replay` does the same.
-    #[arg(long, requires = "chaos")]
+    /// Record again (with the next chaos seed, with --chaos) until the guest fails (its
+    /// console matches --fail-on, a non-zero debug-exit status, or a triple fault), and
+    /// keep the failing trace. A reset then always ends the attempt (a triple fault is a
+    /// failure to keep); otherwise a reset reboots unless --no-reboot. The trace's header
+    /// says which, and `deja replay` does the same.
+    #[arg(long)]
     pub until_failure: bool,
+    /// A console line matching REGEX is a failure (e.g. 'Kernel panic|BUG:|Oops|WARNING:'):
+    /// the guest runs on for --fail-grace-exits device exits (so the rest of the oops is
+    /// kept), then the recording stops and, with --until-failure, is kept.
+    #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
+    pub fail_on: Option<regex::Regex>,
+    /// Device exits the guest runs on after its console matched --fail-on.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FAIL_GRACE_EXITS, requires = "fail_on")]
+    pub fail_grace_exits: u64,
     /// Most recordings `--until-failure` makes.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub attempts: u64,
     /// No progress display.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+fn parse_regex(s: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(s).map_err(|e| e.to_string())
 }
 
 fn serial_sink(path: &Option<PathBuf>) -> anyhow::Result<Box<dyn Write + Send>> {
@@ -90,6 +103,8 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         opts.delivery = deja_traces::Delivery::ExitSynchronous;
     }
     opts.chaos_max_quantum = args.chaos_max_quantum;
+    opts.fail_on = args.fail_on.clone();
+    opts.fail_grace_exits = args.fail_grace_exits;
     opts.on_reset = if guest.no_reboot || args.until_failure {
         deja_traces::ResetPolicy::Stop
     } else {
@@ -172,7 +187,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
             args.attempts,
             seed,
             |path, s| {
-                record_one(path, Some(s)).map_err(|e| {
+                record_one(path, args.chaos.then_some(s)).map_err(|e| {
                     failure = Some(e);
                     deja_recorder::RecordError::Build {
                         image: image.name.clone(),
@@ -182,10 +197,16 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
                 })
             },
             |n, s, o| {
-                eprintln!(
-                    "deja: attempt {n} (chaos seed {s}): {}",
-                    deja_recorder::describe_end(&o.run.end).1
-                );
+                let seed = if args.chaos {
+                    format!(" (chaos seed {s})")
+                } else {
+                    String::new()
+                };
+                let end = match &o.console_failure {
+                    Some(line) => format!("the console matched --fail-on: {line}"),
+                    None => deja_recorder::describe_end(&o.run.end).1,
+                };
+                eprintln!("deja: attempt {n}{seed}: {end}");
             },
         );
         if let Some(e) = failure {
@@ -195,19 +216,26 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         let Some(last) = &found.last else {
             bail!("no attempt was made (--attempts 0)");
         };
-        report(&args, &image.name, engine, last, found.failing_seed)?;
+        let chaos_seed = found.failing_seed.filter(|_| args.chaos);
+        report(&args, &image.name, engine, last, chaos_seed)?;
+        let seeds = if args.chaos {
+            format!(" (chaos seeds {seed}..)")
+        } else {
+            String::new()
+        };
         return Ok(match found.failing_seed {
-            Some(s) => {
+            Some(_) => {
                 eprintln!(
-                    "deja: the guest failed on attempt {} (chaos seed {s}); kept its trace in {}",
+                    "deja: the guest failed on attempt {}{}; kept its trace in {}",
                     found.attempts,
+                    chaos_seed.map_or(String::new(), |s| format!(" (chaos seed {s})")),
                     args.output.display()
                 );
                 ExitCode::SUCCESS
             }
             None => {
                 eprintln!(
-                    "deja: no failure in {} attempts (chaos seeds {seed}..); no trace kept",
+                    "deja: no failure in {} attempts{seeds}; no trace kept",
                     found.attempts
                 );
                 ExitCode::from(EXIT_NO_FAILURE)
