@@ -274,7 +274,8 @@ mod tests {
         let mut rig = Rig::new(4 << 20);
         let mut d = PcTestdev::new();
         // (port, width, value, the line change it makes)
-        let cases: &[(u16, usize, u64, Option<(u32, bool)>)] = &[
+        type Case = (u16, usize, u64, Option<(u32, bool)>);
+        let cases: &[Case] = &[
             (0x2000, 1, 1, Some((0, true))),
             (0x2000, 1, 0, Some((0, false))),
             (0x200e, 1, 0x80, Some((14, true))),
@@ -296,7 +297,7 @@ mod tests {
                 before + usize::from(change.is_some())
             );
         }
-        assert!(rig.lines.level(14) == false && rig.lines.level(15) && rig.lines.level(4));
+        assert!(!rig.lines.level(14) && rig.lines.level(15) && rig.lines.level(4));
         assert_eq!(d.ignored, 4);
         assert_eq!(port_read(&mut d, &mut rig, 0x200f, 1), 0, "lines read as 0");
         assert_eq!(port_read(&mut d, &mut rig, 0x200f, 2), 0xffff);
