@@ -566,3 +566,62 @@ fn a_console_line_matching_fail_on_is_a_kept_failure_that_replays() {
     );
     assert!(!trace.exists());
 }
+
+/// `--device pc-testdev`: the recording's header names the device, so `deja replay` (which
+/// takes no `--device`) rebuilds the same machine and verifies; on kvm too, replayed on bt.
+#[test]
+fn a_recording_with_the_pc_testdev_replays_verified() {
+    let pass = deja_guests::testdev::PASS_LINE;
+    let mut engines = vec!["bt"];
+    if kvm_available("a_recording_with_the_pc_testdev_replays_verified") {
+        engines.push("kvm");
+    }
+    for engine in engines {
+        let dir = scratch(&format!("pc-testdev-{engine}"));
+        let trace = dir.join("testdev.trace");
+        let o = deja(&[
+            "record",
+            "--engine",
+            engine,
+            "--device",
+            "pc-testdev",
+            "guest:pc-testdev",
+            "-o",
+            s(&trace),
+            "--mem",
+            "32M",
+        ]);
+        assert_eq!(code(&o), 0, "{engine}: stderr: {}", text(&o.stderr));
+        assert!(
+            text(&o.stdout).contains(pass),
+            "{engine}: {}",
+            text(&o.stdout)
+        );
+        for replay_engine in ["bt", engine] {
+            let r = deja(&["replay", s(&trace), "--engine", replay_engine, "--json"]);
+            assert_eq!(
+                code(&r),
+                0,
+                "{engine} -> {replay_engine}: stdout {} stderr {}",
+                text(&r.stdout),
+                text(&r.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+            assert_eq!(v["verdict"], "Verified", "{engine} -> {replay_engine}");
+        }
+    }
+}
+
+/// An unknown `--device` is refused before anything runs, naming the devices there are.
+#[test]
+fn an_unknown_device_is_refused_with_the_known_ones() {
+    for cmd in ["run", "record"] {
+        let o = deja(&[cmd, "--device", "isa-testdev", "guest:hello"]);
+        assert_eq!(code(&o), 2, "{cmd}: {}", text(&o.stderr));
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("isa-testdev") && err.contains("pc-testdev"),
+            "{cmd}: {err}"
+        );
+    }
+}

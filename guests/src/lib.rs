@@ -21,6 +21,7 @@ pub mod racy_kernel;
 mod rt;
 pub mod string_io;
 pub mod system;
+pub mod testdev;
 pub mod timer;
 
 pub use link::LinkError;
@@ -67,7 +68,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 35] = [
+static GUESTS: [Guest; 36] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -277,6 +278,14 @@ static GUESTS: [Guest; 35] = [
                       instruction breakpoint with RF, a DR1 write breakpoint, ICEBP, DR7.GD, \
                       each #DB's RIP and DR6; exits 0",
         build: system::build_debug,
+    },
+    Guest {
+        name: "pc-testdev",
+        description: "QEMU's pc-testdev (needs --device pc-testdev): scratch register at \
+                      0xe0/0xe8, flush port, the 64 KiB window at 0xff000000 at every width \
+                      and with a read-modify-write, IRQ 5 raised and lowered through port \
+                      0x2005; exits 0 (without the device: says so, checks nothing)",
+        build: testdev::build,
     },
 ];
 

@@ -6,7 +6,7 @@ use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome, RunSummary};
 use deja_machine::loader::{
     EntryMode, Image, ImageFormat, ImageRequest, MAX_IMAGE_FILE, read_file_bounded,
 };
-use deja_machine::{ClockMode, LiveHost, MachineConfig, memory};
+use deja_machine::{ClockMode, LiveHost, MachineConfig, OptionalDevice, memory};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -108,6 +108,11 @@ pub struct GuestArgs {
     /// CPU mode a raw image starts in.
     #[arg(long, value_enum, requires = "raw")]
     pub mode: Option<ModeArg>,
+    /// Add an optional device (repeatable; none by default): pc-testdev (QEMU's ISA test
+    /// device for QEMU-targeted test kernels). A trace records the devices, and its replay
+    /// rebuilds the same machine.
+    #[arg(long = "device", value_name = "NAME", value_parser = |s: &str| s.parse::<OptionalDevice>().map_err(|e| e.to_string()))]
+    pub devices: Vec<OptionalDevice>,
 }
 
 impl GuestArgs {
@@ -134,6 +139,7 @@ impl GuestArgs {
         MachineConfig {
             ram_size: self.mem,
             cmdline: self.append.clone(),
+            devices: self.devices.clone(),
             ..MachineConfig::default()
         }
     }

@@ -40,6 +40,17 @@ pub enum MachineError {
     /// The ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] crate::devices::acpi::AcpiError),
+    /// `--device` named a device deja does not have.
+    #[error("unknown device {name:?}; the optional devices are: {known}")]
+    UnknownDevice {
+        /// The name asked for.
+        name: String,
+        /// The names deja knows, comma separated.
+        known: String,
+    },
+    /// The same optional device was asked for twice (both would claim the same addresses).
+    #[error("device {0} is asked for more than once")]
+    DuplicateDevice(OptionalDevice),
     /// A saved machine state has a different set of devices.
     #[error("saved state has {found} devices, this machine has {expected}")]
     DeviceCountMismatch {
@@ -59,6 +70,11 @@ pub struct MachineConfig {
     pub cmdline: String,
     /// The CPUID table both engines present.
     pub cpuid: CpuidTable,
+    /// Devices added to the machine on request (`--device`), in the order asked for.
+    /// Traces recorded before the field existed have none (`serde(default)`), and a machine
+    /// without any writes no field, so its trace header is what it was before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<OptionalDevice>,
 }
 
 impl Default for MachineConfig {
@@ -67,7 +83,49 @@ impl Default for MachineConfig {
             ram_size: crate::memory::DEFAULT_RAM,
             cmdline: String::new(),
             cpuid: CpuidTable::deja_default(),
+            devices: Vec::new(),
         }
+    }
+}
+
+/// A device the machine has only when asked for (`deja run --device NAME`). Off by default,
+/// so that a machine without them has exactly the devices, keys and digests it always had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OptionalDevice {
+    /// QEMU's `pc-testdev` ([`crate::devices::pc_testdev`]).
+    #[serde(rename = "pc-testdev")]
+    PcTestdev,
+}
+
+impl OptionalDevice {
+    /// Every optional device, in the order `--help` and errors list them.
+    pub const ALL: [OptionalDevice; 1] = [OptionalDevice::PcTestdev];
+
+    /// The name `--device` takes (QEMU's `-device` name).
+    pub fn name(self) -> &'static str {
+        match self {
+            OptionalDevice::PcTestdev => crate::devices::pc_testdev::NAME,
+        }
+    }
+}
+
+impl std::fmt::Display for OptionalDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for OptionalDevice {
+    type Err = MachineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| MachineError::UnknownDevice {
+                name: s.to_string(),
+                known: Self::ALL.map(OptionalDevice::name).join(", "),
+            })
     }
 }
 

@@ -16,6 +16,12 @@
 //! | ACPI PM1a, PM timer | 0x600-0x60b | 9 (SCI) |
 //! | local APIC, I/O APIC (in the irqchip) | MMIO 0xfee00000, 0xfec00000 | |
 //!
+//! Optional devices (`MachineConfig::devices`, `--device NAME`), added after all of these:
+//!
+//! | device | ports, MMIO | IRQ |
+//! |---|---|---|
+//! | pc-testdev | 0xe0-0xe3, 0xe4 (flush), 0xe8-0xeb, 0x2000-0x2017; MMIO 0xff000000 (64 KiB) | drives 0-15 |
+//!
 //! ACPI tables (RSDP in 0xe0000..0xf0000) are written into RAM when the machine is built.
 
 use crate::devices::acpi::{self, AcpiPm, install_acpi_tables};
@@ -24,6 +30,7 @@ use crate::devices::fw_cfg::{self, FwCfg};
 use crate::devices::i8042::I8042;
 use crate::devices::lapic::Lapic;
 use crate::devices::pc_irqchip::PcIrqchip;
+use crate::devices::pc_testdev::{self, PcTestdev};
 use crate::devices::pci::{self, PciHost};
 use crate::devices::pic::{ELCR_BASE, MASTER_BASE, Pic, SLAVE_BASE};
 use crate::devices::pit::{PIT_BASE, PORT_B, Pit};
@@ -33,7 +40,7 @@ use crate::devices::rtc::Rtc;
 use crate::devices::serial::{COM1_BASE, Serial};
 use crate::devices::{DeviceState, i8042, rtc};
 use crate::host::Host;
-use crate::machine::{Machine, MachineConfig, MachineError};
+use crate::machine::{Machine, MachineConfig, MachineError, OptionalDevice};
 use std::io::Write;
 
 /// The POST diagnostic port.
@@ -78,7 +85,29 @@ pub fn build_pc(
     )?;
     m.add_device(Box::<AcpiPm>::default(), &[acpi::PM_RANGE], &[])?;
     install_acpi_tables(&m.mem, &m.layout)?;
+    add_optional_devices(&mut m)?;
     Ok(m)
+}
+
+/// Adds the devices `--device` asked for, after every standard one: the standard devices
+/// keep their indices and snapshot keys, and a machine that asked for none is unchanged.
+fn add_optional_devices(m: &mut Machine) -> Result<(), MachineError> {
+    let wanted = m.config.devices.clone();
+    for (i, &d) in wanted.iter().enumerate() {
+        if wanted[..i].contains(&d) {
+            return Err(MachineError::DuplicateDevice(d));
+        }
+        match d {
+            OptionalDevice::PcTestdev => {
+                m.add_device(
+                    Box::new(PcTestdev::new()),
+                    &pc_testdev::PIO_RANGES,
+                    &[pc_testdev::MMIO_RANGE],
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The POST codes the guest wrote, oldest first (empty if the machine has no POST port).
@@ -208,6 +237,130 @@ mod tests {
         assert_eq!(inb(&mut m, 0x71), 0x00, "15 MiB extended: 0x3c00");
         m.pio_write(0x70, &[0x18]);
         assert_eq!(inb(&mut m, 0x71), 0x3c);
+    }
+
+    /// The standard machine's devices, as every trace recorded so far names them.
+    const STANDARD_KEYS: [&str; 11] = [
+        "pc-irqchip",
+        "pit",
+        "i8042",
+        "rtc",
+        "post",
+        "debug-exit",
+        "serial",
+        "port92",
+        "pci",
+        "fw_cfg",
+        "acpi-pm",
+    ];
+
+    fn pc_with(devices: Vec<OptionalDevice>) -> Result<Machine, MachineError> {
+        let config = MachineConfig {
+            ram_size: 16 << 20,
+            devices,
+            ..MachineConfig::default()
+        };
+        build_pc(
+            config,
+            Box::<ScriptedHost>::default(),
+            Box::new(std::io::sink()),
+        )
+    }
+
+    #[test]
+    fn without_optional_devices_the_machine_is_as_before() {
+        let (m, _, _) = pc();
+        assert_eq!(m.device_keys(), STANDARD_KEYS);
+        // Nothing decodes the pc-testdev's ports or window.
+        assert!(!m.is_mmio(pc_testdev::IOMEM_BASE));
+        let (mut m, _, _) = pc();
+        assert_eq!(inb(&mut m, 0xe0), 0xff);
+        assert_eq!(inb(&mut m, 0x2000), 0xff);
+        // The configuration's JSON (a trace header's `extra`) has no new field, and JSON
+        // without it (every older trace) reads as a machine without optional devices.
+        let json = serde_json::to_string(&m.config).unwrap();
+        assert!(!json.contains("devices"), "{json}");
+        let back: MachineConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m.config);
+    }
+
+    #[test]
+    fn pc_testdev_is_added_last_and_named_in_the_config() {
+        let m = pc_with(vec![OptionalDevice::PcTestdev]).unwrap();
+        let mut want: Vec<String> = STANDARD_KEYS.iter().map(|k| k.to_string()).collect();
+        want.push("pc-testdev".into());
+        assert_eq!(m.device_keys(), want);
+        assert!(m.is_mmio(pc_testdev::IOMEM_BASE));
+        assert!(m.is_mmio(pc_testdev::IOMEM_BASE + pc_testdev::IOMEM_LEN - 1));
+        assert!(!m.is_mmio(pc_testdev::IOMEM_BASE + pc_testdev::IOMEM_LEN));
+        let json = serde_json::to_string(&m.config).unwrap();
+        assert!(json.contains(r#""devices":["pc-testdev"]"#), "{json}");
+        let back: MachineConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.devices, vec![OptionalDevice::PcTestdev]);
+        // Names: known ones parse, unknown ones list what there is, duplicates are refused.
+        assert_eq!(
+            "pc-testdev".parse::<OptionalDevice>().unwrap(),
+            OptionalDevice::PcTestdev
+        );
+        let err = "isa-testdev"
+            .parse::<OptionalDevice>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("isa-testdev") && err.contains("pc-testdev"),
+            "{err}"
+        );
+        assert!(matches!(
+            pc_with(vec![OptionalDevice::PcTestdev, OptionalDevice::PcTestdev]),
+            Err(MachineError::DuplicateDevice(OptionalDevice::PcTestdev))
+        ));
+    }
+
+    #[test]
+    fn pc_testdev_through_the_machine() {
+        let mut m = pc_with(vec![OptionalDevice::PcTestdev]).unwrap();
+        // Scratch register: dword at 0xe0, bytes back at 0xe8.
+        m.pio_write(0xe0, &0x0403_0201u32.to_le_bytes());
+        assert_eq!(
+            (0xe8..0xec).map(|p| inb(&mut m, p)).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        // The window at every width, through the MMIO bus.
+        for len in [1usize, 2, 4, 8] {
+            let addr = pc_testdev::IOMEM_BASE + 0x40 * len as u64;
+            let v = 0x8877_6655_4433_2211u64;
+            m.mmio_write(addr, &v.to_le_bytes()[..len]);
+            let mut b = [0u8; 8];
+            m.mmio_read(addr, &mut b[..len]);
+            assert_eq!(&b[..len], &v.to_le_bytes()[..len], "{len} bytes");
+        }
+        // IRQ 14 through the 8259 pair: raised by a write of 1, held, lowered by 0.
+        init_pic(&mut m, 0xfb, !(1 << 6));
+        m.pio_write(0x200e, &[1]);
+        assert!(m.interrupt_pending());
+        assert_eq!(m.acknowledge_interrupt(), 0x2e);
+        m.pio_write(0xa0, &[0x20]);
+        m.pio_write(0x20, &[0x20]);
+        m.pio_write(0x200e, &[0]);
+        assert!(!m.interrupt_pending());
+        // The same line at the I/O APIC (8259s masked): pin 14, level triggered, vector
+        // 0x51, so it stays asserted until the line drops.
+        init_pic(&mut m, 0xff, 0xff);
+        let ioapic = 0xfec0_0000u64;
+        m.mmio_write(ioapic, &(0x10u32 + 2 * 14).to_le_bytes());
+        m.mmio_write(ioapic + 0x10, &(0x51u32 | 1 << 15).to_le_bytes());
+        m.pio_write(0x200e, &[0xff]);
+        assert!(m.interrupt_pending());
+        assert_eq!(m.acknowledge_interrupt(), 0x51);
+        // The window and the scratch register survive a machine reset, as in QEMU.
+        let boot = pc_with(vec![OptionalDevice::PcTestdev])
+            .unwrap()
+            .save_devices();
+        m.reset_devices(&boot).unwrap();
+        assert_eq!(inb(&mut m, 0xe3), 4);
+        let mut b = [0u8; 1];
+        m.mmio_read(pc_testdev::IOMEM_BASE + 0x40, &mut b);
+        assert_eq!(b[0], 0x11);
     }
 
     #[test]

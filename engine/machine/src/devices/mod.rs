@@ -9,6 +9,7 @@ pub mod i8042;
 pub mod ioapic;
 pub mod lapic;
 pub mod pc_irqchip;
+pub mod pc_testdev;
 pub mod pci;
 pub mod pic;
 pub mod pit;
@@ -239,6 +240,9 @@ pub enum DeviceState {
     I8042(i8042::I8042State),
     /// The PIC, I/O APIC and local APIC together.
     PcIrqchip(Box<pc_irqchip::PcIrqchipState>),
+    /// QEMU's pc-testdev (only on machines built with `--device pc-testdev`). New variants
+    /// go at the end: checkpoints store the variant index.
+    PcTestdev(Box<pc_testdev::PcTestdevState>),
 }
 
 impl DeviceState {
