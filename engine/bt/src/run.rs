@@ -4,7 +4,7 @@
 use crate::block::Found;
 use crate::cache::{Block, Link};
 use crate::core::Core;
-use crate::exec::Ctx;
+use crate::exec::{Ctx, positioned};
 use crate::ir::{Ctl, Exc};
 use crate::system::EventKind;
 use crate::{BtCpu, core, ir, system};
@@ -37,18 +37,15 @@ impl BtCpu {
     fn ctx<'a>(&'a mut self, machine: &'a mut Machine) -> Ctx<'a> {
         let align_check =
             self.core.cr0 & core::crb::AM != 0 && self.core.rflags & core::fl::AC != 0;
-        Ctx {
-            core: &mut self.core,
+        Ctx::new(
+            &mut self.core,
             machine,
-            mem: &mut self.mem,
-            cache: &mut self.cache,
-            icount: self.icount,
-            device: false,
-            smc_current: false,
-            exact_flags: true,
+            &mut self.mem,
+            &mut self.cache,
+            &mut self.stats,
+            self.icount,
             align_check,
-            stats: &mut self.stats,
-        }
+        )
     }
 
     /// Whether instructions must run one at a time with the debug checks: single-stepping,
@@ -195,8 +192,7 @@ impl BtCpu {
                 irq_line = machine.interrupt_pending();
             }
             if irq_line && !shadow && self.core.rflags & core::fl::IF != 0 {
-                machine.set_icount(self.icount);
-                let vector = machine.acknowledge_interrupt();
+                let vector = positioned(machine, self.icount).acknowledge_interrupt();
                 self.stats.interrupts += 1;
                 let rip = self.core.rip;
                 if !self.raise(
@@ -245,18 +241,15 @@ impl BtCpu {
             let watch_on = self.mem.watch.is_some();
             let mut slot = slot;
             loop {
-                let mut ctx = Ctx {
-                    core: &mut self.core,
-                    machine: &mut *machine,
-                    mem: &mut self.mem,
-                    cache: &mut self.cache,
-                    icount: self.icount,
-                    device: false,
-                    smc_current: false,
-                    exact_flags: true,
-                    align_check: false,
-                    stats: &mut self.stats,
-                };
+                let mut ctx = Ctx::new(
+                    &mut self.core,
+                    &mut *machine,
+                    &mut self.mem,
+                    &mut self.cache,
+                    &mut self.stats,
+                    self.icount,
+                    false,
+                );
                 let kicker = &self.kicker;
                 let left = loop {
                     let shadow_before = ctx.core.pending.interrupt_shadow;
@@ -407,14 +400,12 @@ impl BtCpu {
                                 irq_line = true;
                                 break;
                             }
-                            machine.set_icount(self.icount);
-                            machine.note_halt();
+                            positioned(machine, self.icount).note_halt();
                             self.core.pending.halted = true;
                             return Ok(Exit::Halted);
                         }
                         if ran.outcome == Ctl::Halt {
-                            machine.set_icount(self.icount);
-                            machine.note_halt();
+                            positioned(machine, self.icount).note_halt();
                             if irq_line && self.core.rflags & core::fl::IF != 0 {
                                 // An interrupt is already waiting: HLT retires and wakes at
                                 // once.

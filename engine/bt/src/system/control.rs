@@ -14,7 +14,7 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             2 => ctx.core.cr2,
             3 => ctx.core.cr3,
             4 => ctx.core.cr4,
-            8 => ctx.machine.cr8().unwrap_or(ctx.core.cr8),
+            8 => ctx.machine().cr8().unwrap_or(ctx.core.cr8),
             _ => return Err(Exc::UD),
         };
         ctx.put(&op.dst, op.size, v)?;
@@ -108,7 +108,7 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             }
             // CR8 is the local APIC's TPR (bits 7:4); the core keeps a copy for its state.
             ctx.core.cr8 = v;
-            ctx.machine.set_cr8(v);
+            ctx.set_cr8(v);
         }
         _ => return Err(Exc::UD),
     }
@@ -123,13 +123,7 @@ pub(crate) fn pae_pdptes_ok(ctx: &mut Ctx) -> bool {
     if c.cr0 & crb::PG == 0 || c.cr4 & crb::PAE == 0 || c.long_mode() {
         return true;
     }
-    let regs = crate::paging::Regs {
-        cr0: c.cr0,
-        cr3: c.cr3,
-        cr4: c.cr4,
-        efer: c.efer,
-    };
-    ctx.mem.mmu.load_pdptes(&ctx.machine.mem, &regs)
+    ctx.load_pdptes()
 }
 
 /// Flushes every cached translation after a paging change.

@@ -58,8 +58,7 @@ pub fn op_in(ctx: &mut Ctx, op: &UOp) -> OpResult {
     io_allowed(ctx, port, op.size)?;
     io_breakpoints(ctx, port, op.size);
     let mut buf = [0u8; 4];
-    ctx.device_access();
-    ctx.machine.pio_read(port, &mut buf[..op.size as usize]);
+    ctx.port_in(port, &mut buf[..op.size as usize]);
     ctx.core
         .set_reg(0, false, op.size, u32::from_le_bytes(buf) as u64);
     Ok(Ctl::Next)
@@ -74,9 +73,7 @@ pub fn op_out(ctx: &mut Ctx, op: &UOp) -> OpResult {
     io_allowed(ctx, port, op.size)?;
     io_breakpoints(ctx, port, op.size);
     let v = ctx.core.reg(0, false, op.size);
-    ctx.device_access();
-    ctx.machine
-        .pio_write(port, &v.to_le_bytes()[..op.size as usize]);
+    ctx.port_out(port, &v.to_le_bytes()[..op.size as usize]);
     Ok(Ctl::Next)
 }
 

@@ -7,7 +7,7 @@ use super::*;
 pub fn cpuid(ctx: &mut Ctx, _op: &UOp) -> OpResult {
     let eax = ctx.core.gpr[0] as u32;
     let ecx = ctx.core.gpr[1] as u32;
-    let r = ctx.machine.cpuid(eax, ecx);
+    let r = ctx.machine().cpuid(eax, ecx);
     for (i, reg) in [0usize, 3, 1, 2].iter().enumerate() {
         ctx.core.gpr[*reg] = r[i] as u64;
     }
@@ -15,9 +15,7 @@ pub fn cpuid(ctx: &mut Ctx, _op: &UOp) -> OpResult {
 }
 
 fn tsc(ctx: &mut Ctx) -> u64 {
-    ctx.machine.set_icount(ctx.icount);
-    let pos = ctx.machine.position();
-    let t = ctx.machine.host.time_ns(pos);
+    let t = ctx.host_time_ns();
     t.wrapping_add(ctx.core.msrs.get(&msr::IA32_TSC).copied().unwrap_or(0))
 }
 
@@ -37,9 +35,7 @@ pub fn rdtsc(ctx: &mut Ctx, op: &UOp) -> OpResult {
 
 /// RDRAND/RDSEED: entropy through the host.
 pub fn rdrand(ctx: &mut Ctx, op: &UOp) -> OpResult {
-    ctx.machine.set_icount(ctx.icount);
-    let pos = ctx.machine.position();
-    let v = ctx.machine.host.entropy(pos);
+    let v = ctx.host_entropy();
     ctx.put(&op.dst, op.size, v & mask(op.size))?;
     ctx.core.set_arith(fl::CF);
     Ok(Ctl::Next)
@@ -76,7 +72,7 @@ pub fn rdpmc(_ctx: &mut Ctx, _op: &UOp) -> OpResult {
 pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
     need_cpl0(ctx)?;
     let idx = ctx.core.gpr[1] as u32;
-    if ctx.machine.handles_msr(idx) {
+    if ctx.machine().handles_msr(idx) {
         return machine_msr(ctx, op, idx);
     }
     if deja_machine::cpu::mca::is_mca_msr(idx) {
@@ -169,10 +165,8 @@ fn mca_msr(ctx: &mut Ctx, op: &UOp, idx: u32) -> OpResult {
 /// The TSC the guest compares deadlines with is bt's RDTSC: guest nanoseconds (1 GHz) plus
 /// the IA32_TSC adjustment.
 fn machine_msr(ctx: &mut Ctx, op: &UOp, idx: u32) -> OpResult {
-    ctx.machine.set_icount(ctx.icount);
-    ctx.device = true;
     if op.aux == 0 {
-        let v = ctx.machine.rdmsr(idx).map_err(|_| Exc::gp(0))?;
+        let v = ctx.machine_rdmsr(idx).map_err(|_| Exc::gp(0))?;
         ctx.core.gpr[0] = v & 0xffff_ffff;
         ctx.core.gpr[2] = v >> 32;
         return Ok(Ctl::Next);
@@ -182,7 +176,7 @@ fn machine_msr(ctx: &mut Ctx, op: &UOp, idx: u32) -> OpResult {
         offset: ctx.core.msr(msr::IA32_TSC),
         ..deja_machine::devices::lapic::GuestTsc::BT
     };
-    ctx.machine.wrmsr(idx, v, tsc).map_err(|_| Exc::gp(0))?;
+    ctx.machine_wrmsr(idx, v, tsc).map_err(|_| Exc::gp(0))?;
     if idx == msr::IA32_APIC_BASE {
         // IA32_APIC_BASE lives in the local APIC's state; the CPU state keeps a copy of what
         // the guest wrote, as kvm's does (it hands the value to KVM, whose CPUID.01H:EDX.APIC
