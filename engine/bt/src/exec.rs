@@ -11,6 +11,8 @@ use crate::paging::{Kind, Regs, Translate};
 use crate::track::{CODE, PAGE_TABLE, PageTrack};
 use deja_machine::Machine;
 use deja_machine::cpu::seg;
+use deja_machine::devices::MsrFault;
+use deja_machine::devices::lapic::GuestTsc;
 use deja_machine::vm_memory::{GuestAddress, GuestMemoryBackend};
 
 const TLB_SIZE: usize = 1024;
@@ -212,8 +214,13 @@ impl MemSys {
 pub struct Ctx<'a> {
     /// The CPU.
     pub core: &'a mut Core,
-    /// Devices and memory.
-    pub machine: &'a mut Machine,
+    /// Devices, memory and the `Host`. Private: a device, a machine MSR or the host is
+    /// reached only through the methods that give it the current position first
+    /// ([`Ctx::port_in`], [`Ctx::port_out`], [`Ctx::machine_rdmsr`], [`Ctx::machine_wrmsr`],
+    /// [`Ctx::host_time_ns`], [`Ctx::host_entropy`], and MMIO inside [`Ctx::read_bytes`]
+    /// and [`Ctx::write_bytes`]); what carries no position is reached through
+    /// [`Ctx::machine`] (shared) and a few named methods.
+    machine: &'a mut Machine,
     /// MMU and TLB.
     pub mem: &'a mut MemSys,
     /// The block cache (for store-side invalidation).
@@ -252,6 +259,125 @@ pub fn natural_alignment(size: u64) -> u64 {
 #[inline(always)]
 pub fn canonical(v: u64) -> bool {
     ((v as i64) << 16 >> 16) as u64 == v
+}
+
+/// The one place bt tells the machine where the guest is: every call into a device, a
+/// machine MSR or the `Host` goes through here, with `icount` the count of instructions
+/// retired before the one making the call (the position of that instruction).
+#[inline(always)]
+pub(crate) fn positioned(machine: &mut Machine, icount: u64) -> &mut Machine {
+    machine.set_icount(icount);
+    machine
+}
+
+impl<'a> Ctx<'a> {
+    /// A context for running micro-ops at instruction count `icount`.
+    pub fn new(
+        core: &'a mut Core,
+        machine: &'a mut Machine,
+        mem: &'a mut MemSys,
+        cache: &'a mut BlockCache,
+        stats: &'a mut crate::Stats,
+        icount: u64,
+        align_check: bool,
+    ) -> Ctx<'a> {
+        Ctx {
+            core,
+            machine,
+            mem,
+            cache,
+            icount,
+            device: false,
+            smc_current: false,
+            exact_flags: true,
+            stats,
+            align_check,
+        }
+    }
+}
+
+/// Devices, machine MSRs and the host: each call is made at the current instruction's
+/// position, and the device exits mark the instruction as having made one ([`Ctx::device`]).
+impl Ctx<'_> {
+    /// The machine at the current instruction's position.
+    #[inline(always)]
+    fn at_position(&mut self) -> &mut Machine {
+        positioned(self.machine, self.icount)
+    }
+
+    /// The machine for a device exit of the current instruction.
+    #[inline(always)]
+    fn device_exit(&mut self) -> &mut Machine {
+        self.device = true;
+        self.at_position()
+    }
+
+    /// A guest IN from `port` (`data.len()` bytes): a device exit.
+    pub fn port_in(&mut self, port: u16, data: &mut [u8]) {
+        self.device_exit().pio_read(port, data);
+    }
+
+    /// A guest OUT to `port`: a device exit.
+    pub fn port_out(&mut self, port: u16, data: &[u8]) {
+        self.device_exit().pio_write(port, data);
+    }
+
+    /// A guest read of guest-physical `p`, which is not RAM or ROM: a device exit.
+    fn mmio_read(&mut self, p: u64, data: &mut [u8]) {
+        self.device_exit().mmio_read(p, data);
+    }
+
+    /// A guest write to guest-physical `p`, which is not RAM: a device exit.
+    fn mmio_write(&mut self, p: u64, data: &[u8]) {
+        self.device_exit().mmio_write(p, data);
+    }
+
+    /// RDMSR of an MSR the machine owns ([`Machine::handles_msr`]): a device exit.
+    pub fn machine_rdmsr(&mut self, idx: u32) -> Result<u64, MsrFault> {
+        self.device_exit().rdmsr(idx)
+    }
+
+    /// WRMSR of an MSR the machine owns: a device exit.
+    pub fn machine_wrmsr(&mut self, idx: u32, v: u64, tsc: GuestTsc) -> Result<(), MsrFault> {
+        self.device_exit().wrmsr(idx, v, tsc)
+    }
+
+    /// Guest time in ns from the host (RDTSC and its kind; not a device exit).
+    pub fn host_time_ns(&mut self) -> u64 {
+        self.at_position().time_ns()
+    }
+
+    /// Entropy from the host (RDRAND/RDSEED; not a device exit).
+    pub fn host_entropy(&mut self) -> u64 {
+        let m = self.at_position();
+        let pos = m.position();
+        m.host.entropy(pos)
+    }
+
+    /// The machine, shared: memory, the layout, CPUID, which MSRs it owns, CR8. Nothing
+    /// reachable through it calls a device or the host.
+    pub fn machine(&self) -> &Machine {
+        self.machine
+    }
+
+    /// Loads the PAE PDPTE registers from guest memory under the current CR0/CR3/CR4/EFER;
+    /// `false` means #GP(0).
+    pub fn load_pdptes(&mut self) -> bool {
+        let regs = self.regs();
+        self.mem.mmu.load_pdptes(&self.machine.mem, &regs)
+    }
+
+    /// A MOV to CR8 when the interrupt controller owns the task priority (not a device
+    /// exit; no position).
+    pub fn set_cr8(&mut self, v: u64) {
+        self.machine.set_cr8(v);
+    }
+
+    /// Drives an interrupt line of the machine's interrupt controller (FERR#'s IRQ13; no
+    /// position).
+    pub fn set_irq(&mut self, line: u32, level: bool) {
+        self.machine.set_irq(line, level);
+    }
 }
 
 impl Ctx<'_> {
@@ -506,9 +632,7 @@ impl Ctx<'_> {
                     self.mem.read_tlb[tlb_index(page)] = TlbEntry { tag, host: base };
                 }
             } else {
-                self.machine.set_icount(self.icount);
-                self.machine.mmio_read(p, &mut out[at..at + len]);
-                self.device = true;
+                self.mmio_read(p, &mut out[at..at + len]);
             }
         }
         Ok(())
@@ -627,9 +751,7 @@ impl Ctx<'_> {
                     self.tracked_store(reasons, p, len);
                 }
             } else {
-                self.machine.set_icount(self.icount);
-                self.machine.mmio_write(p, &data[at..at + len]);
-                self.device = true;
+                self.mmio_write(p, &data[at..at + len]);
             }
         }
         Ok(())
@@ -726,12 +848,6 @@ impl Ctx<'_> {
     /// Counts an event.
     pub fn count(&mut self, name: &str) {
         self.stats.extra.add(name, 1);
-    }
-
-    /// Marks the current instruction as having made a device access (position updated).
-    pub fn device_access(&mut self) {
-        self.machine.set_icount(self.icount);
-        self.device = true;
     }
 
     /// The RIP a branch lands on, truncated to the operand size outside 64-bit mode.

@@ -555,8 +555,7 @@ pub fn x87_error(ctx: &mut Ctx) -> Option<OpResult> {
     }
     if !pins.ferr {
         pins.ferr = true;
-        ctx.machine
-            .set_irq(deja_machine::machine::FPU_ERROR_IRQ, true);
+        ctx.set_irq(deja_machine::machine::FPU_ERROR_IRQ, true);
         ctx.stats.extra.add("bt.x87_ferr", 1);
     }
     Some(Ok(Ctl::Freeze))
@@ -572,8 +571,7 @@ pub fn x87_error_sync(ctx: &mut Ctx) {
     let c = &mut *ctx.core;
     if c.x87_pins.ferr && !x87_pending(c.fpu.fsw, c.fpu.fcw) {
         c.x87_pins = Default::default();
-        ctx.machine
-            .set_irq(deja_machine::machine::FPU_ERROR_IRQ, false);
+        ctx.set_irq(deja_machine::machine::FPU_ERROR_IRQ, false);
     }
 }
 

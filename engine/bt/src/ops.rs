@@ -1373,17 +1373,14 @@ pub fn string_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 ctx.translate(d, crate::paging::Kind::Write, ctx.core.cpl() == 3)?;
                 let port = ctx.core.reg(2, false, 2) as u16;
                 let mut buf = [0u8; 4];
-                ctx.device_access();
-                ctx.machine.pio_read(port, &mut buf[..size as usize]);
+                ctx.port_in(port, &mut buf[..size as usize]);
                 ctx.write_lin(d, size, u32::from_le_bytes(buf) as u64)?;
             }
             _ => {
                 let s = ctx.linear(sseg, si, size as u64, false)?;
                 let v = ctx.read_lin(s, size)?;
                 let port = ctx.core.reg(2, false, 2) as u16;
-                ctx.device_access();
-                ctx.machine
-                    .pio_write(port, &v.to_le_bytes()[..size as usize]);
+                ctx.port_out(port, &v.to_le_bytes()[..size as usize]);
             }
         }
         if matches!(
