@@ -629,8 +629,11 @@ impl Recorder {
                 // An exit-synchronous recording stopped from outside (Ctrl-C, timeout) ran on
                 // past its last exit by a number of instructions nobody counted: its final
                 // state is not a reproducible position, so the footer claims no digest.
-                let reproducible =
-                    status.is_some() || self.opts.delivery == Delivery::InstructionExact;
+                // Nor does a bt recording kicked between two RAM-only elements of a REP
+                // string instruction: its position names the instruction, not the element.
+                let reproducible = status.is_some()
+                    || (self.opts.delivery == Delivery::InstructionExact
+                        && !self.vm.cpu.stopped_inside_instruction());
                 match w.finish(FinishInfo {
                     final_position: at,
                     final_state_digest: reproducible.then_some(final_digest),

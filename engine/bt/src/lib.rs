@@ -104,6 +104,10 @@ pub struct BtCpu {
     /// returns, no interrupt, NMI or INIT is taken, as on kvm (kicks are taken between
     /// elements).
     holding: bool,
+    /// Where (RIP, icount) a REP string instruction last stopped between two elements that
+    /// made no device access (a chunk of RAM-only elements): a kick there stops the run at a
+    /// point (icount, exit ordinal) does not name ([`Cpu::stopped_inside_instruction`]).
+    rep_paused_at: Option<(u64, u64)>,
     /// Dead-flag elimination is on (off only to check it against exact flags everywhere).
     eliminate_flags: bool,
 }
@@ -123,6 +127,7 @@ impl BtCpu {
             kicker: Kicker::new(),
             deliver_at_exits: false,
             holding: false,
+            rep_paused_at: None,
             eliminate_flags: true,
         })
     }
@@ -257,6 +262,10 @@ impl Cpu for BtCpu {
 
     fn kicker(&self) -> Kicker {
         self.kicker.clone()
+    }
+
+    fn stopped_inside_instruction(&self) -> bool {
+        self.rep_paused_at == Some((self.core.rip, self.icount))
     }
 
     fn set_watch(&mut self, ranges: &[(u64, u64)]) -> Result<(), CpuError> {

@@ -366,6 +366,10 @@ impl BtCpu {
                     } => {
                         // SAFETY: as above; `bury` has not run since.
                         let block: &Block = unsafe { &*block };
+                        // A REP string instruction paused between RAM-only elements: a kick
+                        // now stops it where no position names the elements done.
+                        self.rep_paused_at =
+                            (ran.restarted && !device).then_some((self.core.rip, self.icount));
                         if debug {
                             let retired = ran.fault.is_none() && self.icount > icount_before;
                             self.after_debug_step(

@@ -693,6 +693,14 @@ pub trait Cpu: Send {
     /// image, issue #6): drop whatever was derived from it (bt's translated blocks and
     /// TLBs). Engines that derive nothing from guest memory keep the default.
     fn memory_rewritten(&mut self) {}
+    /// Whether the last run stopped (kicked) inside an instruction at a point its position
+    /// does not name: between two elements of a REP string instruction whose elements since
+    /// the last device exit touched RAM only. The icount and exit ordinal are those of an
+    /// earlier point, so a recording stopped there claims no final state. Engines that stop
+    /// only at instruction boundaries or device exits keep the default.
+    fn stopped_inside_instruction(&self) -> bool {
+        false
+    }
     /// Chooses where external interrupts may be delivered. Every engine supports
     /// [`InterruptDelivery::Exact`]; [`InterruptDelivery::AtExits`] (what kvm recording
     /// without a PMU needs, and what replaying such a trace on another engine needs) returns
