@@ -355,3 +355,39 @@ fn cpuid_apic_bit_follows_the_apic_global_enable_on_kvm() {
     );
     assert_ne!(again & CPUID_APIC, 0, "enabled again");
 }
+
+/// The MSRs a Linux kernel reads at boot, as deja's CPU answers them on bt: a microcode
+/// revision, fast strings on, and IA32_ARCH_CAPABILITIES (enumerated by CPUID.7.EDX[29])
+/// with the "not vulnerable" bits, read-only.
+#[test]
+fn msrs_linux_reads_at_boot_answer_as_a_cpu_that_needs_no_mitigations() {
+    let ok = |value| Seen {
+        value,
+        read_gp: None,
+        write_gp: None,
+    };
+    let cases = [
+        (op(0x8b, None), ok(1 << 32)),
+        (op(0x8b, Some(0)), ok(1 << 32)),
+        (op(0x1a0, None), ok(0x1801)),
+        (op(0x1a0, Some(0x1800)), ok(0x1800)),
+        (op(0x10a, None), ok(0x0d10_e179)),
+        (
+            op(0x10a, Some(0)),
+            Seen {
+                value: 0x0d10_e179,
+                read_gp: None,
+                write_gp: Some(0),
+            },
+        ),
+    ];
+    let ops: Vec<MsrOp> = cases.iter().map(|c| c.0).collect();
+    let (mut m, _, _) = machine();
+    let mut c = cpu(&m, &CpuState::reset());
+    let got = run_ops_on(&mut c, &mut m, &ops);
+    for (i, (o, want)) in cases.iter().enumerate() {
+        assert_eq!(got[i], *want, "bt: {o:x?}");
+    }
+    let table = deja_machine::CpuidTable::deja_default();
+    assert!(table.has(7, 3, deja_machine::cpuid::features::ARCH_CAPABILITIES));
+}

@@ -274,6 +274,8 @@ pub mod msr {
     pub const IA32_SYSENTER_EIP: u32 = 0x176;
     pub const IA32_PAT: u32 = 0x277;
     pub const IA32_MISC_ENABLE: u32 = 0x1a0;
+    pub const IA32_BIOS_SIGN_ID: u32 = 0x8b;
+    pub const IA32_ARCH_CAPABILITIES: u32 = 0x10a;
     pub const IA32_EFER: u32 = 0xc000_0080;
     pub const IA32_STAR: u32 = 0xc000_0081;
     pub const IA32_LSTAR: u32 = 0xc000_0082;

@@ -56,6 +56,8 @@ pub mod features {
     pub const HYPERVISOR: u32 = 1 << 31;
     // Leaf 7 EBX.
     pub const SMEP: u32 = 1 << 7;
+    // Leaf 7 EDX.
+    pub const ARCH_CAPABILITIES: u32 = 1 << 29;
     // Leaf 0x8000_0001 ECX.
     pub const LAHF_LM: u32 = 1 << 0;
     pub const ABM: u32 = 1 << 5;
@@ -158,7 +160,9 @@ impl CpuidTable {
             ),
             CpuidEntry {
                 indexed: true,
-                ..leaf(7, 0, SMEP, 0, 0)
+                // IA32_ARCH_CAPABILITIES says what deja's CPU is not vulnerable to, so a
+                // kernel does not turn on mitigations a translator does not need.
+                ..leaf(7, 0, SMEP, 0, ARCH_CAPABILITIES)
             },
             leaf(0x4000_0000, 0x4000_0000, hv[0], hv[1], hv[2]),
             leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),

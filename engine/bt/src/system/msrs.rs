@@ -58,7 +58,37 @@ const KNOWN_MSRS: &[u32] = &[
     msr::IA32_GS_BASE,
     msr::IA32_KERNEL_GS_BASE,
     msr::IA32_TSC_AUX,
+    msr::IA32_BIOS_SIGN_ID,
+    msr::IA32_ARCH_CAPABILITIES,
 ];
+
+/// IA32_ARCH_CAPABILITIES (read-only): not vulnerable to rogue data cache loads (RDCL_NO),
+/// no L1D flush needed on VM entry, not vulnerable to speculative store bypass (SSB_NO),
+/// microarchitectural data sampling (MDS_NO), page-size-change machine checks, TSX async
+/// abort (TAA_NO), the stale-data and MMIO-data leaks (SBDR_SSDP_NO, FBSDP_NO, PSDP_NO),
+/// branch history injection (BHI_NO), post-barrier RSB predictions (PBRSB_NO), gather data
+/// sampling (GDS_NO) and register file data sampling (RFDS_NO): deja executes nothing
+/// speculatively that a guest could observe, so a kernel need not mitigate these.
+pub const ARCH_CAPABILITIES: u64 = (1 << 0)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 8)
+    | (1 << 13)
+    | (1 << 14)
+    | (1 << 15)
+    | (1 << 20)
+    | (1 << 24)
+    | (1 << 26)
+    | (1 << 27);
+
+/// IA32_MISC_ENABLE at reset: fast-string operations enabled, branch trace storage and
+/// precise event sampling unavailable (no performance monitoring).
+pub const MISC_ENABLE_RESET: u64 = (1 << 0) | (1 << 11) | (1 << 12);
+
+/// The microcode revision IA32_BIOS_SIGN_ID reports (bits 63:32; deja has no microcode).
+pub const MICROCODE_REVISION: u64 = 1;
 
 /// RDPMC: #GP(0) whatever ECX says. deja's CPU has no performance-monitoring counters
 /// (CPUID leaf 0xA, which would count them, is beyond its maximum basic leaf), so every
@@ -83,10 +113,17 @@ pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
         return Err(Exc::gp(0));
     }
     if op.aux == 0 {
-        let v = if idx == msr::IA32_TSC {
-            tsc(ctx)
-        } else {
-            ctx.core.msr(idx)
+        let v = match idx {
+            msr::IA32_TSC => tsc(ctx),
+            msr::IA32_ARCH_CAPABILITIES => ARCH_CAPABILITIES,
+            msr::IA32_BIOS_SIGN_ID => MICROCODE_REVISION << 32,
+            msr::IA32_MISC_ENABLE => ctx
+                .core
+                .msrs
+                .get(&idx)
+                .copied()
+                .unwrap_or(MISC_ENABLE_RESET),
+            _ => ctx.core.msr(idx),
         };
         ctx.core.gpr[0] = v & 0xffff_ffff;
         ctx.core.gpr[2] = v >> 32;
@@ -127,6 +164,10 @@ pub fn msr_op(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 }
             }
         }
+        // Read-only.
+        msr::IA32_ARCH_CAPABILITIES => return Err(Exc::gp(0)),
+        // A write (of 0, before CPUID, to latch the revision) changes nothing here.
+        msr::IA32_BIOS_SIGN_ID => {}
         msr::IA32_TSC => {
             let now = tsc(ctx).wrapping_sub(ctx.core.msr(msr::IA32_TSC));
             ctx.core.msrs.insert(idx, v.wrapping_sub(now));
