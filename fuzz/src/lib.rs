@@ -392,6 +392,8 @@ impl LoaderInput {
             } => (0, load_addr, entry, mode as u8),
             ImageFormat::Multiboot => (1, 0, 0, 0),
             ImageFormat::Firmware => (2, 0, 0, 0),
+            // Detection finds a bzImage by its setup header.
+            ImageFormat::Linux => (4, 0, 0, 0),
         };
         Self {
             selector,
