@@ -284,6 +284,10 @@ fn a_kvm_recording_replays_on_bt() {
     let info = text(&deja(&["trace", "info", s(&trace)]).stdout);
     assert!(info.contains("guest CPUID  ring 0"), "{info}");
     assert!(info.contains("host CPU"), "{info}");
+    assert!(
+        info.contains("digests      scheme 2 over the CPU, memory and 11 devices (pc-irqchip, pit"),
+        "{info}"
+    );
     assert_eq!(
         text(&r.stderr).contains("CPUID answers differ from the recording's"),
         info.contains("other than the table"),

@@ -173,6 +173,19 @@ impl fmt::Display for TraceInfo {
         if let Some(cpu) = &h.host_cpu {
             writeln!(f, "host CPU     {cpu}")?;
         }
+        match &h.digest_scheme {
+            Some(d) => writeln!(
+                f,
+                "digests      scheme {} over the CPU, memory and {} devices ({})",
+                d.version,
+                d.devices.len(),
+                d.devices.join(", ")
+            )?,
+            None => writeln!(
+                f,
+                "digests      scheme 1 over the CPU, memory and every device, by position"
+            )?,
+        }
         for (k, v) in &h.notes {
             writeln!(f, "note         {k} = {v}")?;
         }
