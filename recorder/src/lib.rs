@@ -297,6 +297,8 @@ pub struct RecordOutcome {
     pub write_error: Option<String>,
     /// The console line that matched `--fail-on`, if one did.
     pub console_failure: Option<String>,
+    /// How the run ended, as its End event says.
+    pub end_reason: String,
     /// State digest at the end.
     pub final_digest: Digest,
     /// BLAKE3 of the guest's serial output.
@@ -355,10 +357,8 @@ impl RecordSummary {
         o: &RecordOutcome,
         chaos_seed: Option<u64>,
     ) -> Self {
-        let (exit_status, mut end) = describe_end(&o.run.end);
-        if let (Some(line), RunEnd::Interrupted) = (&o.console_failure, &o.run.end) {
-            end = format!("the console matched --fail-on: {line}");
-        }
+        let exit_status = describe_end(&o.run.end).0;
+        let end = o.end_reason.clone();
         Self {
             image: image.to_string(),
             engine: engine.name(),
@@ -598,8 +598,9 @@ impl Recorder {
         if let Some(line) = &console_failure
             && observer.stop_at_exits.is_some_and(|k| run.exits >= k)
         {
-            reason = format!("the console matched --fail-on: {line}");
+            reason = console_match(line);
         }
+        let end_reason = reason.clone();
         let (serial_digest, serial_bytes, output) = {
             let mut c = lock_capture(&self.serial);
             (c.digest(), c.total(), c.take_pending())
@@ -655,6 +656,7 @@ impl Recorder {
             footer,
             write_error,
             console_failure,
+            end_reason,
             final_digest,
             serial_digest,
             serial_bytes,
@@ -662,6 +664,21 @@ impl Recorder {
             trace_bytes,
             checkpoints: observer.checkpoints,
         })
+    }
+}
+
+/// The end reason of a run stopped because its console matched `--fail-on`.
+fn console_match(line: &str) -> String {
+    format!("the console matched --fail-on: {line}")
+}
+
+impl RecordOutcome {
+    /// What made the recording a failure (a console match) or else how it ended, for a
+    /// line per `--until-failure` attempt.
+    pub fn verdict(&self) -> String {
+        self.console_failure
+            .as_deref()
+            .map_or_else(|| self.end_reason.clone(), console_match)
     }
 }
 

@@ -202,11 +202,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     String::new()
                 };
-                let end = match &o.console_failure {
-                    Some(line) => format!("the console matched --fail-on: {line}"),
-                    None => deja_recorder::describe_end(&o.run.end).1,
-                };
-                eprintln!("deja: attempt {n}{seed}: {end}");
+                eprintln!("deja: attempt {n}{seed}: {}", o.verdict());
             },
         );
         if let Some(e) = failure {

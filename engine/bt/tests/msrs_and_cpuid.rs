@@ -31,6 +31,19 @@ struct Seen {
     write_gp: Option<u32>,
 }
 
+/// The kvm vCPU for `m`, or `None` after a SKIP line (a failure under `DEJA_REQUIRE_KVM=1`)
+/// when this host has no usable /dev/kvm.
+fn kvm_cpu(m: &Machine, test: &str) -> Option<KvmCpu> {
+    match KvmCpu::new(m) {
+        Ok(k) => Some(k),
+        Err(e) if e.is_unavailable() => {
+            deja_testkit::skip_without_kvm(test, &e);
+            None
+        }
+        Err(e) => panic!("kvm: {e}"),
+    }
+}
+
 fn op(index: u32, write: Option<u64>) -> MsrOp {
     MsrOp {
         index,
@@ -195,13 +208,8 @@ fn machine_check_msrs_match_on_kvm() {
     let cases = mca_cases();
     let ops: Vec<MsrOp> = cases.iter().map(|c| c.0).collect();
     let (mut m, _, _) = machine();
-    let mut k = match KvmCpu::new(&m) {
-        Ok(k) => k,
-        Err(e) if e.is_unavailable() => {
-            println!("SKIP: machine-check MSRs on kvm: /dev/kvm not available: {e}");
-            return;
-        }
-        Err(e) => panic!("kvm: {e}"),
+    let Some(mut k) = kvm_cpu(&m, "machine-check MSRs on kvm") else {
+        return;
     };
     let got = run_ops_on(&mut k, &mut m, &ops);
     for (i, (o, want)) in cases.iter().enumerate() {
@@ -244,13 +252,8 @@ fn rdpmc_of_an_invalid_counter_raises_gp_in_ring_0() {
 #[test]
 fn rdpmc_of_an_invalid_counter_raises_gp_in_ring_0_on_kvm() {
     let (mut m, _, _) = machine();
-    let mut k = match KvmCpu::new(&m) {
-        Ok(k) => k,
-        Err(e) if e.is_unavailable() => {
-            println!("SKIP: RDPMC on kvm: /dev/kvm not available: {e}");
-            return;
-        }
-        Err(e) => panic!("kvm: {e}"),
+    let Some(mut k) = kvm_cpu(&m, "RDPMC on kvm") else {
+        return;
     };
     let got = run_ops_on(&mut k, &mut m, &rdpmc_cases());
     assert_rdpmc_faults(&got, "kvm");
@@ -338,13 +341,8 @@ fn cpuid_apic_bit_follows_the_apic_global_enable() {
 #[test]
 fn cpuid_apic_bit_follows_the_apic_global_enable_on_kvm() {
     let mut m = pc_machine();
-    let mut k = match KvmCpu::new(&m) {
-        Ok(k) => k,
-        Err(e) if e.is_unavailable() => {
-            println!("SKIP: CPUID APIC bit on kvm: /dev/kvm not available: {e}");
-            return;
-        }
-        Err(e) => panic!("kvm: {e}"),
+    let Some(mut k) = kvm_cpu(&m, "CPUID APIC bit on kvm") else {
+        return;
     };
     let [on, off, again] = apic_cpuid_on(&mut k, &mut m);
     assert_ne!(on & CPUID_APIC, 0, "APIC enabled at reset");

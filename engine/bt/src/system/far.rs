@@ -283,6 +283,26 @@ pub(super) fn finish_task_switch(ctx: &mut Ctx, after: Option<Exc>) {
     }
 }
 
+/// The code segment a RET far or IRET returns to (selector `sel`, RPL `rpl`): a code
+/// segment, conforming with DPL <= RPL or non-conforming with DPL = RPL, present (#GP or
+/// #NP with the selector otherwise).
+fn return_code_segment(ctx: &mut Ctx, sel: u16, rpl: u8) -> Result<Segment, Exc> {
+    let (_, d) = read_descriptor(ctx, sel)?;
+    let s = parse_descriptor(sel, d);
+    let code = (sel & 0xfffc) as u32;
+    if !s.s || s.type_ & 8 == 0 {
+        return Err(Exc::gp(code));
+    }
+    let conforming = s.type_ & 4 != 0;
+    if (conforming && s.dpl > rpl) || (!conforming && s.dpl != rpl) {
+        return Err(Exc::gp(code));
+    }
+    if !s.present {
+        return Err(Exc::np(code));
+    }
+    Ok(s)
+}
+
 /// Far RET (`target` = bytes to release).
 pub fn far_ret(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let size = op.size;
@@ -304,19 +324,7 @@ pub fn far_ret(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if sel & 0xfffc == 0 || rpl < cpl {
         return Err(Exc::gp((sel & 0xfffc) as u32));
     }
-    let (_, d) = read_descriptor(ctx, sel)?;
-    let s = parse_descriptor(sel, d);
-    let code = (sel & 0xfffc) as u32;
-    if !s.s || s.type_ & 8 == 0 {
-        return Err(Exc::gp(code));
-    }
-    let conforming = s.type_ & 4 != 0;
-    if (conforming && s.dpl > rpl) || (!conforming && s.dpl != rpl) {
-        return Err(Exc::gp(code));
-    }
-    if !s.present {
-        return Err(Exc::np(code));
-    }
+    let s = return_code_segment(ctx, sel, rpl)?;
     if ctx.core.long_mode() && s.l && !crate::exec::canonical(rip) {
         // RET far to a non-canonical RIP faults at the RET, with nothing popped.
         return Err(Exc::gp(0));
@@ -426,18 +434,7 @@ pub fn iret(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if rpl < cpl {
         return Err(Exc::gp(code));
     }
-    let (_, d) = read_descriptor(ctx, sel)?;
-    let s = parse_descriptor(sel, d);
-    if !s.s || s.type_ & 8 == 0 {
-        return Err(Exc::gp(code));
-    }
-    let conforming = s.type_ & 4 != 0;
-    if (conforming && s.dpl > rpl) || (!conforming && s.dpl != rpl) {
-        return Err(Exc::gp(code));
-    }
-    if !s.present {
-        return Err(Exc::np(code));
-    }
+    let s = return_code_segment(ctx, sel, rpl)?;
     let to64 = ctx.core.long_mode() && s.l;
     if (!to64 && rip > s.limit as u64) || (to64 && !crate::exec::canonical(rip)) {
         // Faults at the IRET, before any state changes (SDM IRET: #GP(0)).
