@@ -285,7 +285,7 @@ fn a_kvm_recording_replays_on_bt() {
     assert!(info.contains("guest CPUID  ring 0"), "{info}");
     assert!(info.contains("host CPU"), "{info}");
     assert!(
-        info.contains("digests      scheme 2 over the CPU, memory and 11 devices (pc-irqchip, pit"),
+        info.contains("digests      scheme 3 over the CPU, memory and 11 devices (pc-irqchip, pit"),
         "{info}"
     );
     assert_eq!(

@@ -23,7 +23,7 @@ pub mod host;
 pub use deja_snapshot::{
     MachineSnapshot, NO_POLL_QUANTUM, SerialCapture, SerialTee, StateError, describe_end,
     guest_cpuid, image_record, lock_capture, machine_cpuid_entry, machine_info, restore, snapshot,
-    state, state_digest, trace_cpuid_entry,
+    state, state_digest, trace_cpuid_entry, StateDigester,
 };
 pub use host::{Chaos, RecordingHost, Shared, TraceSink};
 
@@ -35,7 +35,7 @@ use deja_machine::{
 };
 use deja_traces::{
     CheckpointInput, Delivery, Digest, EventKind, ExitInfo, FinishInfo, Footer, Header,
-    PageTracker, RecordingOptions, ResetPolicy, TraceWriter, WriteError, WriterOptions,
+    RecordingOptions, ResetPolicy, TraceWriter, WriteError, WriterOptions,
 };
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -162,8 +162,7 @@ struct Observer<'p> {
     progress: Option<&'p mut dyn FnMut(deja_traces::Position)>,
     shared: Arc<Mutex<Shared>>,
     serial: Arc<Mutex<SerialCapture>>,
-    tracker: PageTracker,
-    scheme: deja_traces::DigestScheme,
+    digester: StateDigester,
     /// Device exits to run on after a console failure match; where the run then stops.
     fail_grace_exits: u64,
     stop_at_exits: Option<u64>,
@@ -203,7 +202,8 @@ impl Observer<'_> {
                 || self.checkpoint_every == 1
         };
         let result = if checkpoint {
-            snapshot(machine, cpu, next_poll, &mut self.tracker, &self.scheme).map(|snap| {
+            let full = self.checkpoints == 0;
+            snapshot(machine, cpu, next_poll, &mut self.digester, full).map(|snap| {
                 s.log(
                     at,
                     EventKind::StateDigest {
@@ -218,7 +218,7 @@ impl Observer<'_> {
                         cpu_state: snap.cpu_state,
                         device_state: snap.machine_state,
                         state_digest: Some(snap.digest),
-                        full: self.checkpoints == 0,
+                        full,
                     };
                     match w.checkpoint(input, snap.pages.iter().map(|(n, p)| (*n, p))) {
                         Ok(_) => self.checkpoints += 1,
@@ -228,7 +228,7 @@ impl Observer<'_> {
             })
         } else {
             cpu.state().map_err(StateError::from).map(|st| {
-                let digest = state_digest(machine, &st, &self.scheme);
+                let digest = self.digester.digest(machine, cpu, &st);
                 // No checkpoint holds the CPU state here: the registers go with the digest.
                 s.log(
                     at,
@@ -569,8 +569,7 @@ impl Recorder {
             progress,
             shared: self.shared.clone(),
             serial: self.serial.clone(),
-            tracker: PageTracker::new(),
-            scheme: self.scheme.clone(),
+            digester: StateDigester::new(self.scheme.clone()),
             fail_grace_exits: self.opts.fail_grace_exits,
             stop_at_exits: None,
             digest_interval: self.opts.digest_interval,
@@ -592,7 +591,9 @@ impl Recorder {
             at,
             source: e.into(),
         })?;
-        let final_digest = state_digest(machine, &cpu_state, &self.scheme);
+        let final_digest = observer
+            .digester
+            .digest(machine, self.vm.cpu.as_mut(), &cpu_state);
         let (status, mut reason) = describe_end(&run.end);
         let console_failure = lock_capture(&self.serial).matched().map(str::to_string);
         if let Some(line) = &console_failure

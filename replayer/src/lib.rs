@@ -25,7 +25,7 @@ use deja_machine::loader::{Image, ImageFormat};
 use deja_machine::{
     Cpu, CpuError, CpuState, Host, InterruptDelivery, Machine, MachineConfig, WatchHit,
 };
-use deja_snapshot::{SerialCapture, SerialTee, StateError, lock_capture, state, state_digest};
+use deja_snapshot::{SerialCapture, SerialTee, StateError, lock_capture, state};
 use deja_traces::{
     CheckpointIndexEntry, Delivery, Digest, Event, EventKind, Footer, Header, ImageRecord,
     Position, ReadError, TraceReader, TraceStatus,
@@ -496,7 +496,7 @@ pub type Builder<'a> = dyn FnOnce(&MachineConfig, &Image, Box<dyn Host>, Box<dyn
     + 'a;
 
 struct Observer<'h> {
-    scheme: deja_traces::DigestScheme,
+    digester: deja_snapshot::StateDigester,
     hooks: ReplayHooks<'h>,
     watch_hits: u64,
     watch_tail: std::collections::VecDeque<WatchHit>,
@@ -568,7 +568,7 @@ impl RunObserver for Observer<'_> {
                             return false;
                         }
                     };
-                    let actual = state_digest(machine, &state, &self.scheme);
+                    let actual = self.digester.digest(machine, cpu, &state);
                     if actual != *digest {
                         p.diverge(
                             at,
@@ -809,7 +809,7 @@ pub fn replay_with(
         .map(|at| at.exits);
     vm.set_stop_exits(end_exits);
     let mut observer = Observer {
-        scheme: scheme.clone(),
+        digester: deja_snapshot::StateDigester::new(scheme),
         hooks,
         watch_hits: 0,
         watch_tail: Default::default(),
@@ -835,7 +835,9 @@ pub fn replay_with(
         || ((end_icount.is_some() || end_exits.is_some()) && run.end == RunEnd::InstructionLimit);
     let at = state::trace_position(vm.machine.position());
     let cpu_state = vm.cpu.state()?;
-    let final_digest = state_digest(&vm.machine, &cpu_state, &scheme);
+    let final_digest = observer
+        .digester
+        .digest(&vm.machine, vm.cpu.as_mut(), &cpu_state);
     let (exit_status, end) = deja_snapshot::describe_end(&run.end);
 
     let mut p = host::lock(&player);

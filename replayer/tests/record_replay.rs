@@ -902,7 +902,7 @@ fn a_device_added_after_the_recording_leaves_its_trace_verifiable() {
     let rec = record(Engine::Bt, &image, &path, b"hi");
     let header = TraceReader::open(&path).unwrap().header().clone();
     let scheme = header.digest_scheme.clone().unwrap();
-    assert_eq!(scheme.version, 2);
+    assert_eq!(scheme.version, 3);
     assert_eq!(scheme.devices, ["test-irqchip", "test-board"]);
     let replay_with_extra = |until: Option<Until>, seek: bool| {
         let opts = ReplayOptions {

@@ -221,6 +221,13 @@ impl Cpu for BtCpu {
         Ok(self.core.to_state())
     }
 
+    fn collect_dirty_pages(&mut self, _machine: &Machine) -> bool {
+        // Every store that missed the write TLB marked its page; dropping the TLB makes the
+        // next store to each page miss once more.
+        self.mem.flush_write_tlb();
+        true
+    }
+
     fn memory_rewritten(&mut self) {
         self.cache.clear();
         self.mem.mmu.flush(true);

@@ -47,7 +47,7 @@ use deja_machine::{CpuState, EngineStats};
 use std::fmt;
 use std::str::FromStr;
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
+use deja_machine::GuestRam;
 
 /// The physical-address width deja's CPUID reports (leaf 0x8000_0008, EAX bits 7:0). Entry bits
 /// from here up to bit 51 are reserved and fault with RSVD.
@@ -301,7 +301,7 @@ pub trait Mmu: Send {
     /// ignored here.
     fn translate(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
         linear: u64,
         access: Access,
@@ -330,7 +330,7 @@ pub trait Mmu: Send {
     /// load and its first memory access.
     fn load_pdptes(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
     ) -> Result<[u64; 4], MmuError> {
         read_pae_pdptes(mem, regs.cr3)
@@ -339,7 +339,7 @@ pub trait Mmu: Send {
     /// The guest stored `len` bytes at guest-physical `phys`, in a page this strategy asked
     /// to be tracked ([`MmuEvent::Track`]); called after the store is in memory. The shadow
     /// strategy updates or drops the shadow entries built from what changed.
-    fn note_guest_write(&mut self, mem: &GuestMemoryMmap, phys: u64, len: usize) {
+    fn note_guest_write(&mut self, mem: &GuestRam, phys: u64, len: usize) {
         let _ = (mem, phys, len);
     }
 
