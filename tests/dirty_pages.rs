@@ -81,7 +81,11 @@ fn check_guest(guest: &deja_guests::Guest, engine: EngineKind, mmu: Option<MmuSt
     let started = std::time::Instant::now();
     let image = guest.image().unwrap();
     let host = Box::new(LiveHost::new(ClockMode::Virtual));
-    let what = format!("{} on {engine}{}", guest.name, mmu.map(|m| format!("/{m}")).unwrap_or_default());
+    let what = format!(
+        "{} on {engine}{}",
+        guest.name,
+        mmu.map(|m| format!("/{m}")).unwrap_or_default()
+    );
     let mut vm = build_vm_with_mmu(
         engine,
         MachineConfig::default(),
@@ -129,7 +133,11 @@ fn check_guest(guest: &deja_guests::Guest, engine: EngineKind, mmu: Option<MmuSt
         "{what}: {scans} of {} refreshes read all of memory",
         checker.compared
     );
-    eprintln!("{what}: {} comparisons, {:?}", checker.compared, started.elapsed());
+    eprintln!(
+        "{what}: {} comparisons, {:?}",
+        checker.compared,
+        started.elapsed()
+    );
     checker.compared
 }
 

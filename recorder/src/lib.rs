@@ -21,9 +21,9 @@
 pub mod host;
 
 pub use deja_snapshot::{
-    MachineSnapshot, NO_POLL_QUANTUM, SerialCapture, SerialTee, StateError, describe_end,
-    guest_cpuid, image_record, lock_capture, machine_cpuid_entry, machine_info, restore, snapshot,
-    state, state_digest, trace_cpuid_entry, StateDigester,
+    MachineSnapshot, NO_POLL_QUANTUM, SerialCapture, SerialTee, StateDigester, StateError,
+    describe_end, guest_cpuid, image_record, lock_capture, machine_cpuid_entry, machine_info,
+    restore, snapshot, state, state_digest, trace_cpuid_entry,
 };
 pub use host::{Chaos, RecordingHost, Shared, TraceSink};
 

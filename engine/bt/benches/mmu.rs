@@ -8,10 +8,10 @@ use deja_bt::mmu::{
     Access, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE, PagingConfig,
     PagingRegs, soft_tlb, walk,
 };
+use deja_machine::GuestRam;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
-use deja_machine::GuestRam;
 
 const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;

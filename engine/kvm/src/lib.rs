@@ -52,6 +52,7 @@ pub mod kvm_stats;
 pub mod probe;
 pub mod state;
 
+use deja_machine::GuestRam;
 use deja_machine::cpu::{PendingEvents, msr};
 use deja_machine::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Machine};
 use host_info::Flavour;
@@ -62,7 +63,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-use deja_machine::GuestRam;
 
 const ENGINE: &str = "kvm";
 
@@ -1215,7 +1215,12 @@ fn set_slot(
 ) -> Result<(), KvmError> {
     let region = mem
         .find_region(vm_memory::GuestAddress(piece.start))
-        .ok_or_else(|| setup_err("guest memory slot", format!("no region at {:#x}", piece.start)))?;
+        .ok_or_else(|| {
+            setup_err(
+                "guest memory slot",
+                format!("no region at {:#x}", piece.start),
+            )
+        })?;
     let host = region
         .get_host_address(MemoryRegionAddress(0))
         .map_err(|e| setup_err("guest memory host address", e))?;

@@ -202,8 +202,8 @@ fn is_string_opcode(op: u8) -> bool {
     matches!(op, 0x6c..=0x6f | 0xa4..=0xa7 | 0xaa..=0xaf)
 }
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 #[cfg(test)]
 mod tests {
@@ -250,8 +250,8 @@ mod tests {
     }
 
     use super::{PagingRegs, fetch_code};
-    use vm_memory::{Bytes, GuestAddress};
     use crate::memory::GuestRam;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn mem() -> GuestRam {
         GuestRam::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()

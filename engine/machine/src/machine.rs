@@ -264,7 +264,7 @@ impl Machine {
             bytes.len(),
             None,
         )
-            .map_err(|e| err(format!("allocating host memory failed: {e}")))?;
+        .map_err(|e| err(format!("allocating host memory failed: {e}")))?;
         let mem = self
             .mem
             .insert_region(std::sync::Arc::new(region))

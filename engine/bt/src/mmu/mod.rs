@@ -43,11 +43,11 @@ pub use walk::{
     accessed_dirty_updates, pae_pdpte_reserved_bits, read_pae_pdptes, set_accessed_dirty, walk,
 };
 
+use deja_machine::GuestRam;
 use deja_machine::{CpuState, EngineStats};
 use std::fmt;
 use std::str::FromStr;
 use thiserror::Error;
-use deja_machine::GuestRam;
 
 /// The physical-address width deja's CPUID reports (leaf 0x8000_0008, EAX bits 7:0). Entry bits
 /// from here up to bit 51 are reserved and fault with RSVD.
@@ -328,11 +328,7 @@ pub trait Mmu: Send {
     /// translation after a flush (a reserved bit found that late becomes a #PF with RSVD),
     /// which differs from hardware only when the guest rewrites its PDPT between the CR3
     /// load and its first memory access.
-    fn load_pdptes(
-        &mut self,
-        mem: &GuestRam,
-        regs: &PagingRegs,
-    ) -> Result<[u64; 4], MmuError> {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &PagingRegs) -> Result<[u64; 4], MmuError> {
         read_pae_pdptes(mem, regs.cr3)
     }
 

@@ -22,10 +22,10 @@ use super::{
     Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, MmuEvent, PageFault, PagingRegs,
     counters, note_ad_stores,
 };
+use deja_machine::GuestRam;
 use std::cell::Cell;
 use std::convert::Infallible;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use deja_machine::GuestRam;
 
 /// EPT entry bits 2:0: read, write, execute allowed.
 const EPT_RWX: u64 = 0b111;
@@ -262,11 +262,7 @@ impl Mmu for NestedMmu {
         s
     }
 
-    fn load_pdptes(
-        &mut self,
-        mem: &GuestRam,
-        regs: &PagingRegs,
-    ) -> Result<[u64; 4], MmuError> {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &PagingRegs) -> Result<[u64; 4], MmuError> {
         self.tlb.load_pdptes(mem, regs)
     }
 

@@ -70,8 +70,8 @@ use super::{
     Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, MmuEvent, PageFault, PagingRegs,
     counters, note_ad_stores,
 };
-use std::collections::{BTreeMap, BTreeSet};
 use deja_machine::GuestRam;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Shadow roots (guest CR3 × role) kept at once; the least recently used one is recycled.
 pub const SHADOW_ROOTS: usize = 8;
@@ -587,11 +587,7 @@ impl Mmu for ShadowMmu {
         s
     }
 
-    fn load_pdptes(
-        &mut self,
-        mem: &GuestRam,
-        regs: &PagingRegs,
-    ) -> Result<[u64; 4], MmuError> {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &PagingRegs) -> Result<[u64; 4], MmuError> {
         self.pdptes.load(mem, regs.cr3)
     }
 

@@ -5,8 +5,8 @@
 
 use super::*;
 use crate::track::{PAGE_TABLE, PageTrack};
-use vm_memory::{Bytes, GuestAddress};
 use deja_machine::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x40_0000;
 

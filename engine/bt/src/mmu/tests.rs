@@ -3,8 +3,8 @@
 //! chose, not from memory), over page tables built in a small guest memory.
 
 use super::*;
-use vm_memory::{Bytes, GuestAddress};
 use deja_machine::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x10_0000;
 

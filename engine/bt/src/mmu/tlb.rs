@@ -318,11 +318,7 @@ impl Mmu for SoftTlb {
         s
     }
 
-    fn load_pdptes(
-        &mut self,
-        mem: &GuestRam,
-        regs: &PagingRegs,
-    ) -> Result<[u64; 4], MmuError> {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &PagingRegs) -> Result<[u64; 4], MmuError> {
         self.pdptes.load(mem, regs.cr3)
     }
 

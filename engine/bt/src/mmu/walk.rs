@@ -6,9 +6,9 @@ use super::{
     EFER_NXE, MAXPHYADDR, MmuError, PF_FETCH, PF_PRESENT, PF_RESERVED, PF_USER, PF_WRITE,
     PageFault, PagingRegs,
 };
+use deja_machine::GuestRam;
 use std::convert::Infallible;
 use vm_memory::{Bytes, GuestAddress};
-use deja_machine::GuestRam;
 
 /// Entry bit 0: present.
 const P: u64 = 1 << 0;

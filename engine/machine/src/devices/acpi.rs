@@ -8,11 +8,11 @@
 //! from the layout, so a parser can walk them from the RSDP alone.
 
 use super::{Device, DeviceError, DeviceState, IoCtx, StopRequest};
+use crate::memory::GuestRam;
 use crate::memory::MemoryLayout;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
-use crate::memory::GuestRam;
 
 /// First byte of the area the tables are written to (16-byte aligned, searched for the
 /// RSDP by operating systems).
@@ -263,10 +263,7 @@ fn align(v: u64, to: u64) -> u64 {
 }
 
 /// Writes the tables QEMU's `pc` would have with one CPU and the PM timer QEMU has.
-pub fn install_acpi_tables(
-    mem: &GuestRam,
-    layout: &MemoryLayout,
-) -> Result<AcpiLayout, AcpiError> {
+pub fn install_acpi_tables(mem: &GuestRam, layout: &MemoryLayout) -> Result<AcpiLayout, AcpiError> {
     install_acpi_tables_with(mem, layout, &AcpiOptions::default())
 }
 

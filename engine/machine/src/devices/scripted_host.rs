@@ -3,8 +3,8 @@
 
 use super::{InterruptLines, IoCtx, StopRequest};
 use crate::host::{Host, Position};
-use crate::memory::MemoryLayout;
 use crate::memory::GuestRam;
+use crate::memory::MemoryLayout;
 
 /// A host whose time is whatever the test last set; it never touches the real world.
 #[derive(Debug, Default)]

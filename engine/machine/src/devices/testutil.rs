@@ -3,10 +3,10 @@
 
 use super::{Device, InterruptLines, IoCtx, StopRequest};
 use crate::host::{Host, Position};
+use crate::memory::GuestRam;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use vm_memory::GuestAddress;
-use crate::memory::GuestRam;
 
 /// What the scripted host answers; shared so a test can change it while a machine owns the
 /// host.
