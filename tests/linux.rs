@@ -83,3 +83,174 @@ fn debians_kernel_boots_to_init_on_bt_and_powers_off() {
     assert!(console.contains("Linux 6.1."), "{tail}");
     assert!(console.contains("reboot: Power down"), "{tail}");
 }
+
+/// Builds `tests/data/race-module` against `headers` in `dir`; returns the module.
+fn build_race_module(headers: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/race-module");
+    let build = dir.join("race-module");
+    std::fs::create_dir_all(&build).unwrap();
+    for f in ["race.c", "Kbuild"] {
+        std::fs::copy(src.join(f), build.join(f)).unwrap();
+    }
+    let out = std::process::Command::new("make")
+        .arg("-C")
+        .arg(headers)
+        .arg(format!("M={}", build.display()))
+        .arg("modules")
+        .output()
+        .expect("running make");
+    assert!(
+        out.status.success(),
+        "building the race module against {} failed:\n{}\n{}",
+        headers.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    build.join("race.ko")
+}
+
+/// The module's symbols as /proc/kallsyms listed them on the console: (address, name).
+fn module_symbols(console: &str) -> Vec<(u64, String)> {
+    let mut syms: Vec<(u64, String)> = console
+        .lines()
+        .filter(|l| l.trim_end().ends_with("[race]"))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let name = f.nth(1)?.to_string();
+            Some((addr, name))
+        })
+        .collect();
+    syms.sort();
+    syms
+}
+
+/// The issue's end-to-end story: a module with a real race (a timer and a /proc write
+/// handler doing an unlocked read-modify-write), built against Debian's headers for the very
+/// kernel, loaded by the initramfs; `deja record --until-failure --fail-on WARNING:` keeps
+/// the run where the module's check fired; the replay verifies, and `--watch-virtual` at the
+/// variable's address (printed by the module at load) names the store that lost the update:
+/// the write handler storing a stale value over the timer's increment.
+#[test]
+fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
+    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
+        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let headers = deja_testkit::debian_linux_headers(&cache, &kernel)
+        .unwrap_or_else(|e| panic!("the module test needs Debian's kernel headers: {e}"));
+    let dir = scratch("linux-race");
+    let module = build_race_module(&headers, &dir);
+    let mut cpio = Cpio::new();
+    cpio.dir("bin")
+        .dir("dev")
+        .dir("proc")
+        .char_device("dev/console", 5, 1)
+        .file("bin/busybox", 0o755, &std::fs::read(&busybox).unwrap())
+        .file("race.ko", 0o644, &std::fs::read(&module).unwrap())
+        .file(
+            "init",
+            0o755,
+            b"#!/bin/busybox sh\n\
+              /bin/busybox --install -s /bin\n\
+              mount -t proc proc /proc\n\
+              insmod /race.ko\n\
+              grep '\\[race\\]' /proc/kallsyms\n\
+              i=0\n\
+              while [ $i -lt 2000 ]; do echo 1 > /proc/race; i=$((i+1)); done\n\
+              echo race: done\n\
+              poweroff -f\n",
+        );
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(&initrd, cpio.finish()).unwrap();
+    let trace = dir.join("race.trace");
+    let serial = dir.join("serial.txt");
+    let o = common::deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "--mem",
+        "512M",
+        "--clock",
+        "virtual",
+        "--until-failure",
+        "--attempts",
+        "4",
+        "--chaos",
+        "--chaos-seed",
+        "1",
+        "--fail-on",
+        "WARNING:",
+        "--timeout",
+        "900",
+        "--initrd",
+        s(&initrd),
+        "--append",
+        "console=ttyS0 panic=-1",
+        "--serial-out",
+        s(&serial),
+        "-q",
+        "-o",
+        s(&trace),
+        s(&kernel),
+    ]);
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    let tail: String = console.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+    assert!(
+        console.contains("race: lost update"),
+        "exit {}: {}\nconsole (last lines, reversed):\n{tail}",
+        code(&o),
+        text(&o.stderr)
+    );
+    let address = console
+        .lines()
+        .find_map(|l| l.split("race: race_counter at ").nth(1))
+        .map(|a| u64::from_str_radix(a.trim(), 16).unwrap())
+        .unwrap_or_else(|| panic!("the module printed no address:\n{tail}"));
+    let symbols = module_symbols(&console);
+    let race_write = symbols
+        .iter()
+        .position(|(_, n)| n == "race_write")
+        .unwrap_or_else(|| panic!("no race_write in the console's kallsyms: {symbols:?}"));
+    let (write_start, write_end) = (
+        symbols[race_write].0,
+        symbols.get(race_write + 1).map_or(u64::MAX, |s| s.0),
+    );
+
+    // The replay verifies, and the watch names every store to the counter.
+    let watch = format!("{address:#x}");
+    let r = common::deja(&["replay", "-q", "--watch-virtual", &watch, s(&trace)]);
+    let out = text(&r.stdout);
+    assert_eq!(code(&r), 0, "{}\n{}", text(&r.stderr), out.lines().rev().take(20).collect::<Vec<_>>().join("\n"));
+    assert!(out.contains("replay verified"), "{}", text(&r.stderr));
+    // The lost update: the handler's store of a value the counter already held (the timer
+    // had incremented it since the handler read it), right after the timer's store.
+    let hits: Vec<&str> = out.lines().filter(|l| l.starts_with("watch: icount ")).collect();
+    let lost = hits
+        .iter()
+        .position(|l| l.ends_with("(unchanged)"))
+        .unwrap_or_else(|| panic!("no store lost an update among {} stores", hits.len()));
+    let rip = |l: &str| {
+        let r = l.split(" rip ").nth(1).unwrap().split(':').next().unwrap();
+        u64::from_str_radix(r.trim_start_matches("0x"), 16).unwrap()
+    };
+    let lost_rip = rip(hits[lost]);
+    assert!(
+        (write_start..write_end).contains(&lost_rip),
+        "the lost update's store at {lost_rip:#x} is not in race_write ({write_start:#x}..{write_end:#x}): {}",
+        hits[lost]
+    );
+    assert!(lost > 0 && !(write_start..write_end).contains(&rip(hits[lost - 1])),
+        "the store before the lost update is the timer's: {}", hits[lost - 1]);
+    // --until that store's icount shows the machine just before it, at the storing RIP.
+    let icount = hits[lost]
+        .strip_prefix("watch: icount ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap();
+    let u = common::deja(&["replay", "-q", "--until", icount, s(&trace)]);
+    assert_eq!(code(&u), 0, "{}", text(&u.stderr));
+    assert!(
+        text(&u.stdout).contains(&format!("RIP={lost_rip:016x}")),
+        "the state at {icount} is not at {lost_rip:#x}: {}",
+        text(&u.stdout)
+    );
+}

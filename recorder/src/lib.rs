@@ -163,6 +163,8 @@ struct Observer<'p> {
     shared: Arc<Mutex<Shared>>,
     serial: Arc<Mutex<SerialCapture>>,
     digester: StateDigester,
+    /// Host time spent in [`Observer::digest_now`].
+    state_time: std::time::Duration,
     /// Device exits to run on after a console failure match; where the run then stops.
     fail_grace_exits: u64,
     stop_at_exits: Option<u64>,
@@ -273,7 +275,9 @@ impl RunObserver for Observer<'_> {
         };
         if regular || milestone {
             self.last_digest_at = Some(pos);
+            let started = std::time::Instant::now();
             self.digest_now(machine, cpu, next_poll, regular);
+            self.state_time += started.elapsed();
         }
         if self.stop_at_exits.is_none() && lock_capture(&self.serial).matched().is_some() {
             self.stop_at_exits = Some(pos.exits.saturating_add(self.fail_grace_exits));
@@ -311,6 +315,11 @@ pub struct RecordOutcome {
     pub trace_bytes: u64,
     /// Checkpoints written.
     pub checkpoints: u64,
+    /// Host seconds spent taking state digests and checkpoints (part of the run's time).
+    pub state_seconds: f64,
+    /// Guest pages hashed for them (dirty pages, plus whole-memory scans where the engine
+    /// could not say what was written).
+    pub pages_hashed: u64,
 }
 
 /// A recording's summary as `deja record --json` writes it (and `Display` prints).
@@ -570,6 +579,7 @@ impl Recorder {
             shared: self.shared.clone(),
             serial: self.serial.clone(),
             digester: StateDigester::new(self.scheme.clone()),
+            state_time: std::time::Duration::ZERO,
             fail_grace_exits: self.opts.fail_grace_exits,
             stop_at_exits: None,
             digest_interval: self.opts.digest_interval,
@@ -664,6 +674,8 @@ impl Recorder {
             events,
             trace_bytes,
             checkpoints: observer.checkpoints,
+            state_seconds: observer.state_time.as_secs_f64(),
+            pages_hashed: observer.digester.memory().pages_hashed,
         })
     }
 }

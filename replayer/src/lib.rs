@@ -97,6 +97,16 @@ pub enum Until {
     Exit(u64),
 }
 
+impl std::fmt::Display for Until {
+    /// As `--until` takes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Until::Icount(n) => write!(f, "icount:{n}"),
+            Until::Exit(k) => write!(f, "exit:{k}"),
+        }
+    }
+}
+
 impl std::str::FromStr for Until {
     type Err = String;
 
@@ -132,6 +142,10 @@ pub struct ReplayOptions {
     /// Guest-physical ranges `(start, len)` whose every store is reported (engines that see
     /// individual stores: bt).
     pub watch: Vec<(u64, u64)>,
+    /// Guest-virtual addresses to translate through the guest's page tables where the
+    /// replay stops ([`ReplayReport::translations`]): how `deja replay --watch-virtual`
+    /// finds the physical bytes of a kernel variable.
+    pub translate: Vec<u64>,
 }
 
 impl ReplayOptions {
@@ -143,6 +157,7 @@ impl ReplayOptions {
             seek: true,
             timeout: None,
             watch: Vec::new(),
+            translate: Vec::new(),
         }
     }
 }
@@ -274,6 +289,9 @@ pub struct ReplayReport {
     pub watch_hits: u64,
     /// The last [`WATCH_TAIL`] of them, oldest first.
     pub watch: Vec<WatchHit>,
+    /// Each of [`ReplayOptions::translate`]'s virtual addresses with the physical address
+    /// it maps to where the replay stopped (`None`: not mapped there).
+    pub translations: Vec<(u64, Option<u64>)>,
 }
 
 impl std::fmt::Display for ReplayReport {
@@ -838,6 +856,20 @@ pub fn replay_with(
     let final_digest = observer
         .digester
         .digest(&vm.machine, vm.cpu.as_mut(), &cpu_state);
+    let paging = deja_machine::exit_group::PagingRegs {
+        cr0: cpu_state.cr0,
+        cr3: cpu_state.cr3,
+        cr4: cpu_state.cr4,
+        efer: cpu_state.efer,
+    };
+    let translations = opts
+        .translate
+        .iter()
+        .map(|&v| {
+            let phys = deja_machine::exit_group::translate_linear(&vm.machine.mem, &paging, v);
+            (v, phys)
+        })
+        .collect();
     let (exit_status, end) = deja_snapshot::describe_end(&run.end);
 
     let mut p = host::lock(&player);
@@ -936,6 +968,7 @@ pub fn replay_with(
         recorded_engine: header.engine.clone(),
         watch_hits: observer.watch_hits,
         watch: observer.watch_tail.into(),
+        translations,
     })
 }
 

@@ -96,6 +96,7 @@ fn try_replay_on(
         seek,
         timeout: Some(std::time::Duration::from_secs(60)),
         watch: Vec::new(),
+        translate: Vec::new(),
     };
     let img = image.clone();
     replay(
@@ -911,6 +912,7 @@ fn a_device_added_after_the_recording_leaves_its_trace_verifiable() {
             seek,
             timeout: Some(std::time::Duration::from_secs(60)),
             watch: Vec::new(),
+            translate: Vec::new(),
         };
         let img = image.clone();
         replay(

@@ -167,7 +167,7 @@ pub struct RunArgs {
     pub verbose: bool,
 }
 
-fn parse_mem(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_mem(s: &str) -> Result<u64, String> {
     memory::parse_size(s).map_err(|e| e.to_string())
 }
 

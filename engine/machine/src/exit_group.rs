@@ -129,7 +129,7 @@ pub fn fetch_code(mem: &GuestRam, regs: &PagingRegs, linear: u64, buf: &mut [u8]
     let mut done = 0;
     while done < buf.len() {
         let lin = linear.wrapping_add(done as u64);
-        let Some(phys) = walk(mem, regs, lin) else {
+        let Some(phys) = translate_linear(mem, regs, lin) else {
             break;
         };
         let in_page = (0x1000 - (lin & 0xfff)) as usize;
@@ -145,9 +145,10 @@ pub fn fetch_code(mem: &GuestRam, regs: &PagingRegs, linear: u64, buf: &mut [u8]
     done
 }
 
-/// The physical address of `linear`, or `None` when a table entry on the way is not present
-/// or cannot be read.
-fn walk(mem: &GuestRam, regs: &PagingRegs, linear: u64) -> Option<u64> {
+/// The physical address of `linear` under `regs`, or `None` when a table entry on the way is
+/// not present or cannot be read. A pure walk: no accessed or dirty bit is set, no access
+/// rights are checked (what a debugger asks: where does this address point now).
+pub fn translate_linear(mem: &GuestRam, regs: &PagingRegs, linear: u64) -> Option<u64> {
     const PRESENT: u64 = 1;
     const PS: u64 = 1 << 7;
     const ADDR: u64 = 0x000f_ffff_ffff_f000;
