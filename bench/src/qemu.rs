@@ -320,6 +320,78 @@ fn time_marks(socket: &MarkSocket, child: &mut Child) -> Result<Duration, String
         .ok_or_else(|| format!("the end mark's time {end:?} precedes the start's {start:?}"))
 }
 
+/// Boots a Linux `kernel` with `initrd` and command line `append` in `mem_bytes` of RAM
+/// under QEMU's TCG, as `deja run` boots it on deja-pc, and returns the host time from
+/// starting QEMU to its exit (the guest powering off). The workload must end by itself.
+pub fn boot_linux(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    append: &str,
+    mem_bytes: u64,
+    timeout: Duration,
+) -> Result<Duration, QemuError> {
+    const NAME: &str = "linux-boot";
+    if !on_path(QEMU) {
+        return Err(QemuError::NotInstalled);
+    }
+    let mut cmd = Command::new(QEMU);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-machine",
+        "pc",
+        "-cpu",
+        "qemu64",
+        "-nodefaults",
+    ])
+    .args(["-display", "none", "-serial", "null", "-monitor", "none"])
+    .args(["-no-reboot", "-m"])
+    .arg(format!("{}M", mem_bytes >> 20))
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-append")
+    .arg(append);
+    if let Some(initrd) = initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(io("starting", Path::new(QEMU)))?;
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(io("waiting for", Path::new(QEMU)))?
+        {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(QemuError::Run {
+                bench: NAME,
+                message: format!("no power-off within {timeout:?}"),
+                stderr: String::new(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = started.elapsed();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    if !status.success() {
+        return Err(QemuError::Run {
+            bench: NAME,
+            message: format!("exited with {status}"),
+            stderr: stderr.trim().to_string(),
+        });
+    }
+    Ok(elapsed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,65 +436,4 @@ mod tests {
             "{line}"
         );
     }
-}
-
-/// Boots a Linux `kernel` with `initrd` and command line `append` in `mem_bytes` of RAM
-/// under QEMU's TCG, as `deja run` boots it on deja-pc, and returns the host time from
-/// starting QEMU to its exit (the guest powering off). The workload must end by itself.
-pub fn boot_linux(
-    kernel: &Path,
-    initrd: Option<&Path>,
-    append: &str,
-    mem_bytes: u64,
-    timeout: Duration,
-) -> Result<Duration, QemuError> {
-    const NAME: &str = "linux-boot";
-    if !on_path(QEMU) {
-        return Err(QemuError::NotInstalled);
-    }
-    let mut cmd = Command::new(QEMU);
-    cmd.args(["-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-nodefaults"])
-        .args(["-display", "none", "-serial", "null", "-monitor", "none"])
-        .args(["-no-reboot", "-m"])
-        .arg(format!("{}M", mem_bytes >> 20))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-append")
-        .arg(append);
-    if let Some(initrd) = initrd {
-        cmd.arg("-initrd").arg(initrd);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let started = Instant::now();
-    let mut child = cmd.spawn().map_err(io("starting", Path::new(QEMU)))?;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(io("waiting for", Path::new(QEMU)))? {
-            break status;
-        }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(QemuError::Run {
-                bench: NAME,
-                message: format!("no power-off within {timeout:?}"),
-                stderr: String::new(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let elapsed = started.elapsed();
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
-    if !status.success() {
-        return Err(QemuError::Run {
-            bench: NAME,
-            message: format!("exited with {status}"),
-            stderr: stderr.trim().to_string(),
-        });
-    }
-    Ok(elapsed)
 }

@@ -331,7 +331,11 @@ fn record_run(
 /// A verified replay of the whole trace (its run loop's seconds), or with `until` a seek
 /// there (all the seconds a user waits: opening the trace, restoring the nearest
 /// checkpoint, replaying the rest).
-fn replay_run(trace: &Path, config: &RecordBenchConfig, until: Option<u64>) -> Result<Timed, String> {
+fn replay_run(
+    trace: &Path,
+    config: &RecordBenchConfig,
+    until: Option<u64>,
+) -> Result<Timed, String> {
     let mut opts = ReplayOptions::new(EngineKind::Bt);
     opts.timeout = Some(config.timeout);
     opts.until = until.map(deja_replayer::Until::Icount);

@@ -96,6 +96,11 @@ pub struct RecordOptions {
     /// A checkpoint at every this many digests (0: none). The first is full, later ones
     /// hold changed pages only.
     pub checkpoint_every: u64,
+    /// No checkpoint closer than this many instructions to the previous one (engines that
+    /// count instructions; 0: no minimum). A guest that reads the clock in tight loops (a
+    /// kernel's delay loops) makes events, and so digests, every few hundred thousand
+    /// instructions; checkpoints that close would cost more to write than a seek saves.
+    pub checkpoint_min_instructions: u64,
     /// Chaos mode: poll quanta drawn from a generator with this seed.
     pub chaos_seed: Option<u64>,
     /// Largest chaos poll quantum, in instructions.
@@ -124,6 +129,9 @@ pub const DEFAULT_FAIL_GRACE_EXITS: u64 = 20_000;
 
 /// Default events between state digests.
 pub const DEFAULT_DIGEST_INTERVAL: u64 = 1024;
+/// Default least distance between checkpoints, in instructions: about 40 ms of replay on
+/// bt, so a seek replays at most that far after restoring the nearest one.
+pub const DEFAULT_CHECKPOINT_MIN_INSTRUCTIONS: u64 = 1 << 22;
 /// The device exit count of the first progress-milestone digest; each later milestone is
 /// twice the previous one.
 pub const FIRST_EXIT_MILESTONE: u64 = 16;
@@ -145,6 +153,7 @@ impl RecordOptions {
             },
             digest_interval: DEFAULT_DIGEST_INTERVAL,
             checkpoint_every: 1,
+            checkpoint_min_instructions: DEFAULT_CHECKPOINT_MIN_INSTRUCTIONS,
             chaos_seed: None,
             chaos_max_quantum: DEFAULT_CHAOS_MAX_QUANTUM,
             run: RunOptions::default(),
@@ -170,6 +179,9 @@ struct Observer<'p> {
     stop_at_exits: Option<u64>,
     digest_interval: u64,
     checkpoint_every: u64,
+    checkpoint_min_instructions: u64,
+    /// Where the last checkpoint was taken.
+    last_checkpoint_icount: Option<u64>,
     /// Digests taken because `digest_interval` events had passed (checkpoints go with
     /// every `checkpoint_every`-th of them).
     digests: u64,
@@ -198,11 +210,19 @@ impl Observer<'_> {
         if !output.is_empty() {
             s.log(at, EventKind::SerialOutput { bytes: output });
         }
+        let spaced = !cpu.counts_instructions()
+            || self.last_checkpoint_icount.is_none_or(|last| {
+                pos.icount.saturating_sub(last) >= self.checkpoint_min_instructions
+            });
         let checkpoint = regular && {
             self.digests += 1;
-            self.checkpoint_every > 0 && self.digests % self.checkpoint_every == 1
-                || self.checkpoint_every == 1
+            (self.checkpoint_every > 0 && self.digests % self.checkpoint_every == 1
+                || self.checkpoint_every == 1)
+                && spaced
         };
+        if checkpoint {
+            self.last_checkpoint_icount = Some(pos.icount);
+        }
         let result = if checkpoint {
             let full = self.checkpoints == 0;
             snapshot(machine, cpu, next_poll, &mut self.digester, full).map(|snap| {
@@ -584,6 +604,8 @@ impl Recorder {
             stop_at_exits: None,
             digest_interval: self.opts.digest_interval,
             checkpoint_every: self.opts.checkpoint_every,
+            checkpoint_min_instructions: self.opts.checkpoint_min_instructions,
+            last_checkpoint_icount: None,
             digests: 0,
             checkpoints: 0,
             last_digest_at: None,

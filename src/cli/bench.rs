@@ -57,7 +57,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
     /// The kernel command line of --kernel.
-    #[arg(long, value_name = "ARGS", requires = "kernel", default_value = "console=ttyS0 panic=-1")]
+    #[arg(
+        long,
+        value_name = "ARGS",
+        requires = "kernel",
+        default_value = "console=ttyS0 panic=-1"
+    )]
     pub append: String,
     /// Guest RAM of the --kernel workload.
     #[arg(long, value_name = "SIZE", requires = "kernel", default_value = "512M", value_parser = super::run::parse_mem)]
@@ -102,8 +107,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let record_replay = if args.record_replay || args.record_replay_only || args.kernel.is_some()
-    {
+    let record_replay = if args.record_replay || args.record_replay_only || args.kernel.is_some() {
         let rr = deja_bench::record::RecordBenchConfig {
             guests: args.record_guests.clone(),
             repeat: args.repeat,

@@ -33,6 +33,10 @@ pub struct RecordArgs {
     /// register diffs on divergence; 0 for none.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub checkpoint_every: u64,
+    /// No checkpoint closer than N instructions to the previous one (bt; 0: no minimum), so
+    /// guests that read the clock in tight loops do not fill the trace with checkpoints.
+    #[arg(long, value_name = "N", default_value_t = deja_recorder::DEFAULT_CHECKPOINT_MIN_INSTRUCTIONS)]
+    pub checkpoint_min_instructions: u64,
     /// On bt, deliver interrupts only at device exits (as kvm does), so the trace also
     /// replays on kvm.
     #[arg(long)]
@@ -99,6 +103,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let mut opts = RecordOptions::new(engine, clock);
     opts.digest_interval = args.digest_interval;
     opts.checkpoint_every = args.checkpoint_every;
+    opts.checkpoint_min_instructions = args.checkpoint_min_instructions;
     if args.exit_synchronous {
         opts.delivery = deja_traces::Delivery::ExitSynchronous;
     }

@@ -243,14 +243,16 @@ fn translate_watches(
     args: &ReplayArgs,
     engine: EngineKind,
     end: Option<deja_traces::Position>,
-    build: &(impl Fn(
+    build: &(
+         impl Fn(
         &deja_machine::MachineConfig,
         &deja_machine::loader::Image,
         Box<dyn deja_machine::Host>,
         Box<dyn Write + Send>,
     ) -> Result<deja_engine::Vm, String>
-          + Clone
-          + 'static),
+         + Clone
+         + 'static
+     ),
 ) -> anyhow::Result<Vec<(u64, u64)>> {
     let stop = match (args.until, end) {
         (Some(u), _) => u,
@@ -288,8 +290,15 @@ fn translate_watches(
         Box::new(build.clone()),
         ReplayHooks::default(),
     )
-    .with_context(|| format!("replaying {} to translate --watch-virtual", args.trace.display()))?;
-    if !matches!(report.verdict, Verdict::ReachedUntil { .. }) {
+    .with_context(|| {
+        format!(
+            "replaying {} to translate --watch-virtual",
+            args.trace.display()
+        )
+    })?;
+    // Without --until the stop is the recorded end, which a replay reaches as verified.
+    let at_end = args.until.is_none() && matches!(report.verdict, Verdict::Verified);
+    if !matches!(report.verdict, Verdict::ReachedUntil { .. }) && !at_end {
         anyhow::bail!(
             "--watch-virtual: the replay did not reach {stop} to translate there: {report}"
         );

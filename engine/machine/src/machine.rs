@@ -787,6 +787,14 @@ impl Machine {
     }
 }
 
+/// The dirty-page bitmap of one region of guest memory (one bit per 4 KiB page).
+fn dirty_bitmap(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+) -> &vm_memory::bitmap::AtomicBitmap {
+    let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+    mapping.bitmap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,12 +944,4 @@ mod tests {
             Err(MachineError::Device(_))
         ));
     }
-}
-
-/// The dirty-page bitmap of one region of guest memory (one bit per 4 KiB page).
-fn dirty_bitmap(
-    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
-) -> &vm_memory::bitmap::AtomicBitmap {
-    let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
-    mapping.bitmap()
 }
