@@ -232,18 +232,27 @@ fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
     assert!(out.contains("replay verified"), "{}", text(&r.stderr));
     // The lost update: the handler's store of a value the counter already held (the timer
     // had incremented it since the handler read it), right after the timer's store.
-    let hits: Vec<&str> = out
-        .lines()
-        .filter(|l| l.starts_with("watch: icount "))
-        .collect();
-    let lost = hits
-        .iter()
-        .position(|l| l.ends_with("(unchanged)"))
-        .unwrap_or_else(|| panic!("no store lost an update among {} stores", hits.len()));
+    // Before the module loaded, the counter's physical page belonged to someone else: the
+    // stores that matter are the module's own (its code lies between its first and last
+    // symbols).
     let rip = |l: &str| {
         let r = l.split(" rip ").nth(1).unwrap().split(':').next().unwrap();
         u64::from_str_radix(r.trim_start_matches("0x"), 16).unwrap()
     };
+    let module_code = symbols[0].0..symbols[symbols.len() - 1].0 + 0x1000;
+    let hits: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("watch: icount ") && module_code.contains(&rip(l)))
+        .collect();
+    let lost = hits
+        .iter()
+        .position(|l| l.ends_with("(unchanged)"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no store lost an update among the module's {} stores",
+                hits.len()
+            )
+        });
     let lost_rip = rip(hits[lost]);
     assert!(
         (write_start..write_end).contains(&lost_rip),

@@ -48,6 +48,8 @@ fn record_with(
     let live = Box::new(LiveHost::new(ClockMode::Host).with_input(rx));
     let mut opts = RecordOptions::new(kind(engine), ClockMode::Host);
     opts.digest_interval = 16;
+    // These guests run a few thousand instructions: a checkpoint at every digest.
+    opts.checkpoint_min_instructions = 0;
     tweak(&mut opts);
     let serial = Arc::new(Mutex::new(SerialCapture::keeping()));
     let sink = Box::new(std::fs::File::create(path).unwrap());
@@ -625,6 +627,7 @@ fn a_full_disk_keeps_every_whole_frame_and_says_so() {
     let live = Box::new(LiveHost::new(ClockMode::Host));
     let mut opts = RecordOptions::new(EngineKind::Bt, ClockMode::Host);
     opts.digest_interval = 16;
+    opts.checkpoint_min_instructions = 0;
     opts.writer.frame_events = 64;
     let cfg = config();
     let sink = Box::new(FullDisk {
