@@ -72,7 +72,8 @@ impl From<KernelEntryArg> for KernelEntry {
 /// What to run and on what machine: the arguments `deja run` and `deja record` share.
 #[derive(Args, Debug, Clone)]
 pub struct GuestArgs {
-    /// What to run: `guest:NAME` (see `deja guests list`), a multiboot kernel, a file with a
+    /// What to run: `guest:NAME` (see `deja guests list`), a multiboot kernel, a Linux
+    /// bzImage or vmlinux (with --initrd, --append, --kernel-entry), a file with a
     /// `FILE.json` load description (as `deja guests build` writes), or with --bios/--raw a
     /// firmware ROM or raw image.
     pub image: String,
