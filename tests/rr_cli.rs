@@ -629,3 +629,71 @@ fn an_unknown_device_is_refused_with_the_known_ones() {
         );
     }
 }
+
+/// `--kernel-entry pvh` is part of the run's identity: a bzImage recorded through its PVH
+/// entry (its payload's vmlinux) replays through it, and the trace says so. The image's
+/// boot-protocol entry is a HLT with interrupts off, so a replay that took it would
+/// diverge at once.
+#[test]
+fn a_bzimage_recorded_through_pvh_replays_through_pvh() {
+    let dir = scratch("pvh-entry");
+    // 32-bit: mov al, 0; mov dx, 0xf4; out dx, al; hlt (debug-exit 0).
+    let vmlinux = deja_testkit::vmlinux(&[0xb0, 0x00, 0x66, 0xba, 0xf4, 0x00, 0xee, 0xf4]);
+    let bz = dir.join("bzImage");
+    std::fs::write(&bz, deja_testkit::bzimage_with_payload(&vmlinux)).unwrap();
+    let trace = dir.join("pvh.trace");
+    let o = deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "--kernel-entry",
+        "pvh",
+        s(&bz),
+        "-o",
+        s(&trace),
+        "--mem",
+        "32M",
+    ]);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    let info = deja(&["trace", "info", s(&trace)]);
+    assert!(text(&info.stdout).contains("Pvh"), "{}", text(&info.stdout));
+    let r = deja(&["replay", s(&trace), "--json"]);
+    assert_eq!(code(&r), 0, "{}", text(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["verdict"], "Verified");
+    assert_eq!(
+        v["icount"], 3,
+        "mov, mov, out: the PVH entry's code up to debug-exit"
+    );
+    // The same file through the boot protocol is another run: it halts at its 64-bit entry.
+    let b = deja(&[
+        "run",
+        "--engine",
+        "bt",
+        "--kernel-entry",
+        "boot-protocol",
+        "--timeout",
+        "1",
+        s(&bz),
+        "--mem",
+        "32M",
+    ]);
+    assert_eq!(code(&b), 124, "stderr: {}", text(&b.stderr));
+    // A vmlinux has no boot-protocol entry; --kernel-entry needs a Linux kernel.
+    let vml = dir.join("vmlinux");
+    std::fs::write(&vml, &vmlinux).unwrap();
+    let v = deja(&["run", "--kernel-entry", "boot-protocol", s(&vml)]);
+    assert_eq!(code(&v), 1);
+    assert!(
+        text(&v.stderr).contains("no boot-protocol entry"),
+        "{}",
+        text(&v.stderr)
+    );
+    let g = deja(&["run", "--kernel-entry", "pvh", "guest:hello"]);
+    assert_eq!(code(&g), 1);
+    assert!(
+        text(&g.stderr).contains("goes with a Linux kernel"),
+        "{}",
+        text(&g.stderr)
+    );
+}

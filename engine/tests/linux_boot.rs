@@ -1,7 +1,8 @@
 //! The Linux boot protocol's 64-bit entry, checked by a kernel of our own: a bzImage whose
 //! entry reads what the boot loader left (the zero page at RSI: the initrd's address, the
 //! command line, the e820 entry count) and reports a checksum of them through debug-exit.
-//! Debian's kernel is booted by the Linux tests; this one needs no download.
+//! Debian's kernel is booted by the Linux tests; this one needs no download. The same for
+//! the PVH entry: a vmlinux whose 32-bit entry reads the `hvm_start_info` at EBX.
 
 mod common;
 
@@ -22,12 +23,16 @@ const ENTRY: &[u8] = &[
 
 fn boot(engine: EngineKind) -> Option<RunEnd> {
     let bytes = deja_testkit::bzimage(ENTRY);
-    let mut image = Image::detect("synthetic-bzImage", bytes).unwrap();
+    let image = Image::detect("synthetic-bzImage", bytes).unwrap();
     assert_eq!(image.format, ImageFormat::Linux);
+    run(engine, image)
+}
+
+fn run(engine: EngineKind, mut image: Image) -> Option<RunEnd> {
     image.initrd = Some(Box::new(Image {
         name: "initrd".into(),
         bytes: vec![0x11, 0, 0, 0, 0x99],
-        format: ImageFormat::Linux,
+        format: image.format.clone(),
         initrd: None,
     }));
     let config = MachineConfig {
@@ -60,6 +65,60 @@ fn the_64_bit_entry_sees_the_zero_page_initrd_and_command_line() {
     let want = (0x11 + u32::from(b'c') + e820) & 0xff;
     for engine in [EngineKind::Bt, EngineKind::Kvm] {
         if let Some(end) = boot(engine) {
+            assert_eq!(
+                end,
+                RunEnd::Stopped(StopRequest::DebugExit { value: want }),
+                "{engine}"
+            );
+        }
+    }
+}
+
+/// The PVH entry's code: checks that paging is off and the start info's magic and version,
+/// then reports the initrd's first byte (through the module list) + the command line's
+/// first byte + the memory map's entry count + the module count through debug-exit, or
+/// 0xee when a check fails.
+fn pvh_entry() -> Vec<u8> {
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut fail = a.create_label();
+    a.mov(eax, cr0).unwrap();
+    a.test(eax, 0x8000_0000u32 as i32).unwrap();
+    a.jnz(fail).unwrap();
+    a.cmp(dword_ptr(ebx), 0x336e_c578u32 as i32).unwrap();
+    a.jne(fail).unwrap();
+    a.cmp(dword_ptr(ebx + 4), 1).unwrap();
+    a.jne(fail).unwrap();
+    a.mov(esi, dword_ptr(ebx + 16)).unwrap();
+    a.mov(esi, dword_ptr(esi)).unwrap();
+    a.movzx(ecx, byte_ptr(esi)).unwrap();
+    a.mov(edx, dword_ptr(ebx + 24)).unwrap();
+    a.movzx(eax, byte_ptr(edx)).unwrap();
+    a.add(ecx, eax).unwrap();
+    a.add(ecx, dword_ptr(ebx + 48)).unwrap();
+    a.add(ecx, dword_ptr(ebx + 12)).unwrap();
+    a.mov(eax, ecx).unwrap();
+    a.mov(dx, 0xf4).unwrap();
+    a.out(dx, al).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut fail).unwrap();
+    a.mov(al, 0xee).unwrap();
+    a.mov(dx, 0xf4).unwrap();
+    a.out(dx, al).unwrap();
+    a.hlt().unwrap();
+    a.assemble(deja_testkit::VMLINUX_ENTRY).unwrap()
+}
+
+#[test]
+fn the_pvh_entry_sees_the_start_info_initrd_and_command_line() {
+    let layout = deja_machine::memory::MemoryLayout::pc(64 << 20).unwrap();
+    let e820 = deja_machine::loader::multiboot::memory_map(&layout).len() as u32;
+    let want = (0x11 + u32::from(b'c') + e820 + 1) & 0xff;
+    let vmlinux = deja_testkit::vmlinux(&pvh_entry());
+    for engine in [EngineKind::Bt, EngineKind::Kvm] {
+        let image = Image::detect("synthetic-vmlinux", vmlinux.clone()).unwrap();
+        assert_eq!(image.format, ImageFormat::Pvh);
+        if let Some(end) = run(engine, image) {
             assert_eq!(
                 end,
                 RunEnd::Stopped(StopRequest::DebugExit { value: want }),

@@ -349,7 +349,8 @@ fn take_blob(data: &[u8]) -> Option<(&[u8], &[u8])> {
 /// entry (u64 LE) | mode (u8) | image bytes`. The selector's low 3 bits (mod 5) choose the
 /// format (raw, multiboot, firmware, firmware padded with zeros to whole 64 KiB, or detect),
 /// bit 3 a 2 MiB machine instead of 16 MiB, bit 4 a kernel command line. The raw fields are
-/// there (and ignored) for every format, so inputs keep one layout.
+/// there (and ignored) for every format, so inputs keep one layout; after detection, an odd
+/// mode boots a Linux kernel through its PVH entry (a bzImage through its payload).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoaderInput {
     /// Selector byte.
@@ -358,7 +359,8 @@ pub struct LoaderInput {
     pub load_addr: u64,
     /// Raw entry point.
     pub entry: u64,
-    /// Raw entry mode (mod 3: real, protected, long).
+    /// Raw entry mode (mod 3: real, protected, long); after detection, bit 0 asks for the
+    /// PVH entry.
     pub mode: u8,
     /// The image.
     pub bytes: Vec<u8>,
@@ -392,8 +394,10 @@ impl LoaderInput {
             } => (0, load_addr, entry, mode as u8),
             ImageFormat::Multiboot => (1, 0, 0, 0),
             ImageFormat::Firmware => (2, 0, 0, 0),
-            // Detection finds a bzImage by its setup header.
+            // Detection finds a bzImage by its setup header, a vmlinux by its PVH note.
             ImageFormat::Linux => (4, 0, 0, 0),
+            // Mode 1 after detection: the PVH entry (a bzImage through its payload).
+            ImageFormat::Pvh => (4, 0, 0, 1),
         };
         Self {
             selector,
@@ -432,7 +436,14 @@ impl LoaderInput {
                 bytes.resize(bytes.len().div_ceil(rom).max(1) * rom, 0);
                 Image::firmware(name, bytes)
             }
-            _ => Image::detect(name, bytes).ok()?,
+            _ => {
+                let mut image = Image::detect(name, bytes).ok()?;
+                if self.mode & 1 != 0 {
+                    let max = self.config().ram_size;
+                    image.set_kernel_entry(loader::KernelEntry::Pvh, max).ok()?;
+                }
+                image
+            }
         })
     }
 

@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use deja_engine::{EngineKind, RunEnd, RunOptions, RunOutcome, RunSummary};
 use deja_machine::loader::{
-    EntryMode, Image, ImageFormat, ImageRequest, MAX_IMAGE_FILE, read_file_bounded,
+    EntryMode, Image, ImageFormat, ImageRequest, KernelEntry, MAX_IMAGE_FILE, read_file_bounded,
 };
 use deja_machine::{ClockMode, LiveHost, MachineConfig, OptionalDevice, memory};
 use std::io::Write;
@@ -50,10 +50,30 @@ pub enum ModeArg {
     Long,
 }
 
+/// The entry a Linux kernel boots through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernelEntryArg {
+    /// The x86 boot protocol's 64-bit entry, after the bzImage's decompressor.
+    BootProtocol,
+    /// The PVH entry (32-bit, paging off): a vmlinux, or the vmlinux in a bzImage's payload
+    /// (decompressed by deja, so the kernel's decompressor never runs).
+    Pvh,
+}
+
+impl From<KernelEntryArg> for KernelEntry {
+    fn from(e: KernelEntryArg) -> Self {
+        match e {
+            KernelEntryArg::BootProtocol => KernelEntry::BootProtocol,
+            KernelEntryArg::Pvh => KernelEntry::Pvh,
+        }
+    }
+}
+
 /// What to run and on what machine: the arguments `deja run` and `deja record` share.
 #[derive(Args, Debug, Clone)]
 pub struct GuestArgs {
-    /// What to run: `guest:NAME` (see `deja guests list`), a multiboot kernel, a file with a
+    /// What to run: `guest:NAME` (see `deja guests list`), a multiboot kernel, a Linux
+    /// bzImage or vmlinux (with --initrd, --append, --kernel-entry), a file with a
     /// `FILE.json` load description (as `deja guests build` writes), or with --bios/--raw a
     /// firmware ROM or raw image.
     pub image: String,
@@ -89,9 +109,15 @@ pub struct GuestArgs {
     /// Kernel command line (Linux, multiboot).
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
-    /// The initial RAM disk of a Linux kernel (IMAGE a bzImage, found by its setup header).
+    /// The initial RAM disk of a Linux kernel (IMAGE a bzImage, found by its setup header,
+    /// or a vmlinux, found by its PVH note).
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
+    /// How a Linux kernel is entered: boot-protocol (the default for a bzImage) or pvh (the
+    /// default for a vmlinux; a bzImage's payload is decompressed by deja and booted the
+    /// same way, skipping its decompressor). A trace records the entry and replays it.
+    #[arg(long, value_enum, value_name = "ENTRY")]
+    pub kernel_entry: Option<KernelEntryArg>,
     /// End the run on a reset request (0xcf9, port 0x92, i8042) or a triple fault instead
     /// of rebooting the machine (as QEMU's -no-reboot).
     #[arg(long)]
@@ -195,10 +221,13 @@ fn parse_addr(s: &str) -> Result<u64, String> {
 /// Resolves the IMAGE argument and its flags into an image to load.
 pub fn resolve_image(args: &GuestArgs) -> anyhow::Result<Image> {
     let mut image = args.image_request().resolve(&deja_guests::image_of)?;
+    if let Some(entry) = args.kernel_entry {
+        image.set_kernel_entry(entry.into(), args.mem)?;
+    }
     if let Some(path) = &args.initrd {
-        if image.format != ImageFormat::Linux {
+        if !image.is_linux() {
             bail!(
-                "--initrd goes with a Linux kernel (a bzImage); {} is loaded as {:?}",
+                "--initrd goes with a Linux kernel (a bzImage or a vmlinux); {} is loaded as {:?}",
                 image.name,
                 image.format
             );

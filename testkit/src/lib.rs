@@ -69,6 +69,73 @@ pub fn bzimage(code64: &[u8]) -> Vec<u8> {
     b
 }
 
+/// Where [`vmlinux`] loads its code and enters it: the physical address Linux links at.
+pub const VMLINUX_ENTRY: u64 = 0x100_0000;
+/// Bytes of zero-filled bss [`vmlinux`]'s segment has after its code.
+pub const VMLINUX_BSS: u64 = 0x1000;
+
+/// A minimal `vmlinux` for PVH loader tests: an x86-64 ELF64 executable with one PT_LOAD
+/// segment holding `code32` at physical [`VMLINUX_ENTRY`] (virtual address in the kernel's
+/// high mapping, as Linux links it) followed by [`VMLINUX_BSS`] bytes of bss, and a PT_NOTE
+/// segment whose "Xen" note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY, 8-byte descriptor as
+/// Linux writes it) names [`VMLINUX_ENTRY`] as the 32-bit PVH entry.
+pub fn vmlinux(code32: &[u8]) -> Vec<u8> {
+    const PHOFF: usize = 64;
+    const NOTE: usize = PHOFF + 2 * 56;
+    const CODE: usize = 0x100;
+    let mut b = vec![0u8; CODE];
+    let put = |b: &mut Vec<u8>, at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+    put(&mut b, 0, b"\x7fELF\x02\x01\x01");
+    put(&mut b, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut b, 18, &62u16.to_le_bytes()); // EM_X86_64
+    put(&mut b, 20, &1u32.to_le_bytes());
+    put(&mut b, 24, &VMLINUX_ENTRY.to_le_bytes());
+    put(&mut b, 32, &(PHOFF as u64).to_le_bytes());
+    put(&mut b, 52, &64u16.to_le_bytes()); // e_ehsize
+    put(&mut b, 54, &56u16.to_le_bytes()); // e_phentsize
+    put(&mut b, 56, &2u16.to_le_bytes()); // e_phnum
+    let phdr = |b: &mut Vec<u8>, at: usize, f: [u64; 6], p_type: u32, flags: u32| {
+        put(b, at, &p_type.to_le_bytes());
+        put(b, at + 4, &flags.to_le_bytes());
+        for (i, v) in f.iter().enumerate() {
+            put(b, at + 8 + i * 8, &v.to_le_bytes());
+        }
+    };
+    let len = code32.len() as u64;
+    let vaddr = 0xffff_ffff_8000_0000 + VMLINUX_ENTRY;
+    // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+    let load = [
+        CODE as u64,
+        vaddr,
+        VMLINUX_ENTRY,
+        len,
+        len + VMLINUX_BSS,
+        0x20_0000,
+    ];
+    phdr(&mut b, PHOFF, load, 1, 7);
+    phdr(&mut b, PHOFF + 56, [NOTE as u64, 0, 0, 24, 24, 4], 4, 4);
+    put(&mut b, NOTE, &4u32.to_le_bytes()); // n_namesz
+    put(&mut b, NOTE + 4, &8u32.to_le_bytes()); // n_descsz
+    put(&mut b, NOTE + 8, &18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    put(&mut b, NOTE + 12, b"Xen\0");
+    put(&mut b, NOTE + 16, &VMLINUX_ENTRY.to_le_bytes());
+    b.extend_from_slice(code32);
+    b
+}
+
+/// A [`bzimage`] whose setup header names `payload` (appended after its kernel code) as its
+/// compressed vmlinux, as `payload_offset` and `payload_length` do in a real one.
+pub fn bzimage_with_payload(payload: &[u8]) -> Vec<u8> {
+    let mut b = bzimage(&[0xf4]);
+    let offset = (b.len() - 1024) as u32; // from the protected-mode kernel at 0x400
+    b[0x248..0x24c].copy_from_slice(&offset.to_le_bytes());
+    b[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(payload);
+    // Linux appends the uncompressed size after an xz or zstd stream.
+    b.extend_from_slice(&[0x12, 0x34, 0, 0]);
+    b
+}
+
 /// A `cpio` archive in the "newc" format, as the kernel unpacks an initramfs.
 #[derive(Debug, Default)]
 pub struct Cpio {

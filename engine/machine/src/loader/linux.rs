@@ -63,6 +63,8 @@ const HDR_KERNEL_ALIGNMENT: usize = 0x230;
 const HDR_RELOCATABLE: usize = 0x234;
 const HDR_XLOADFLAGS: usize = 0x236;
 const HDR_CMDLINE_SIZE: usize = 0x238;
+const HDR_PAYLOAD_OFFSET: usize = 0x248;
+const HDR_PAYLOAD_LENGTH: usize = 0x24c;
 const HDR_PREF_ADDRESS: usize = 0x258;
 const HDR_INIT_SIZE: usize = 0x260;
 
@@ -99,6 +101,10 @@ pub struct SetupHeader {
     pub cmdline_size: u64,
     /// Where the setup header ends in the file (its length is in the header).
     pub header_end: usize,
+    /// Where the compressed vmlinux starts, from `kernel_offset` (see [`super::payload`]).
+    pub payload_offset: u32,
+    /// Its length.
+    pub payload_length: u32,
 }
 
 /// Whether `bytes` look like a bzImage (boot flag and "HdrS"): then a loader that does
@@ -175,6 +181,8 @@ pub fn parse_header(name: &str, bytes: &[u8]) -> Result<SetupHeader, LoadError> 
         initrd_addr_max: u64::from(u32_at(bytes, HDR_INITRD_ADDR_MAX)),
         cmdline_size: u64::from(u32_at(bytes, HDR_CMDLINE_SIZE)),
         header_end,
+        payload_offset: u32_at(bytes, HDR_PAYLOAD_OFFSET),
+        payload_length: u32_at(bytes, HDR_PAYLOAD_LENGTH),
     })
 }
 

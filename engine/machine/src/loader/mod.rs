@@ -1,8 +1,9 @@
 //! Loaders: how an image gets into guest memory and what CPU state it starts with.
 //!
-//! Three formats, as QEMU offers them: a raw image at an address with an entry mode, a
-//! multiboot v1 kernel (`-kernel`), and a firmware ROM started from the reset vector
-//! (`-bios`). An image file may carry a JSON sidecar (`IMAGE.json`) describing its
+//! The formats, as QEMU offers them: a raw image at an address with an entry mode, a
+//! multiboot v1 kernel (`-kernel`), a firmware ROM started from the reset vector
+//! (`-bios`), and a Linux kernel through the boot protocol (a bzImage) or its PVH entry (a
+//! vmlinux, or the vmlinux in a bzImage's payload). An image file may carry a JSON sidecar (`IMAGE.json`) describing its
 //! [`ImageFormat`], which is how `deja guests build` writes the built-in guests.
 //!
 //! Order of use: build the [`Machine`], call [`load`] (which may add a ROM region to guest
@@ -18,6 +19,8 @@ pub mod elf;
 pub mod firmware;
 pub mod linux;
 pub mod multiboot;
+pub mod payload;
+pub mod pvh;
 pub mod raw;
 
 use crate::cpu::CpuState;
@@ -88,6 +91,44 @@ pub enum ImageFormat {
     /// A Linux bzImage, entered through the x86 boot protocol's 64-bit entry with the
     /// machine's command line and the image's initrd.
     Linux,
+    /// A Linux kernel entered at its PVH entry (32-bit, paging off, `hvm_start_info`) with
+    /// the machine's command line and the image's initrd: an ELF64 vmlinux, or a bzImage
+    /// whose payload holds one (`--kernel-entry pvh`; its decompressor never runs).
+    Pvh,
+}
+
+/// Which entry of a Linux kernel boots it (`--kernel-entry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelEntry {
+    /// The x86 boot protocol's 64-bit entry (a bzImage only).
+    BootProtocol,
+    /// The PVH entry (a vmlinux, or a bzImage through its payload).
+    Pvh,
+}
+
+impl KernelEntry {
+    /// The entry's name as `--kernel-entry` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelEntry::BootProtocol => "boot-protocol",
+            KernelEntry::Pvh => "pvh",
+        }
+    }
+}
+
+impl std::str::FromStr for KernelEntry {
+    type Err = LoadError;
+
+    /// Parses `boot-protocol` or `pvh`.
+    fn from_str(s: &str) -> Result<Self, LoadError> {
+        match s {
+            "boot-protocol" => Ok(KernelEntry::BootProtocol),
+            "pvh" => Ok(KernelEntry::Pvh),
+            other => Err(LoadError::BadKernelEntry {
+                text: other.to_string(),
+            }),
+        }
+    }
 }
 
 impl ImageFormat {
@@ -309,6 +350,28 @@ pub enum LoadError {
         /// What is wrong.
         problem: String,
     },
+    /// A kernel that cannot be booted through its PVH entry.
+    #[error("{name}: {problem}")]
+    Pvh {
+        /// The image's name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A `--kernel-entry` value that is not an entry.
+    #[error("unknown kernel entry {text:?}: expected boot-protocol or pvh")]
+    BadKernelEntry {
+        /// What was given.
+        text: String,
+    },
+    /// A `--kernel-entry` that the image cannot be booted through.
+    #[error("{name}: {problem}")]
+    KernelEntry {
+        /// The image's name.
+        name: String,
+        /// Why not, and what to do instead.
+        problem: String,
+    },
     /// A multiboot header field is inconsistent (a.out kludge addresses, truncation).
     #[error("{name}: multiboot header at offset {offset:#x}: {problem}")]
     MultibootHeader {
@@ -464,19 +527,85 @@ impl Image {
                 initrd: None,
             });
         }
+        // A 64-bit ELF is a vmlinux when it has a PVH entry; else it may still carry a
+        // multiboot header (which the multiboot loader refuses as QEMU does).
+        let elf64 = elf::is_elf64_x86_64(&bytes);
+        if elf64 {
+            let parsed = elf::parse_elf64(&bytes).map_err(|source| LoadError::Elf {
+                name: name.clone(),
+                source,
+            })?;
+            if pvh::entry_note(&name, &parsed)?.is_some() {
+                return Ok(Self {
+                    name,
+                    bytes,
+                    format: ImageFormat::Pvh,
+                    initrd: None,
+                });
+            }
+        }
         multiboot::find_header(&name, &bytes).map_err(|e| match e {
             LoadError::NotMultiboot { name, searched, .. } => LoadError::NotMultiboot {
-                advice: format!(
-                    "there is no sidecar {name}.json either; say what the file is with --bios \
-                     FILE, or --raw ADDR --entry ADDR --mode real|protected|long, or write a \
-                     sidecar"
-                ),
+                advice: if elf64 {
+                    "it is a 64-bit ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY, \
+                     which Linux has with CONFIG_PVH=y); boot a Linux kernel as its bzImage or \
+                     a vmlinux built with CONFIG_PVH"
+                        .to_string()
+                } else {
+                    format!(
+                        "there is no sidecar {name}.json either; say what the file is with \
+                         --bios FILE, or --raw ADDR --entry ADDR --mode real|protected|long, \
+                         or write a sidecar"
+                    )
+                },
                 name,
                 searched,
             },
             other => other,
         })?;
         Ok(Self::multiboot(name, bytes))
+    }
+
+    /// Whether this is a Linux kernel (booted through the boot protocol or PVH), which takes
+    /// an initrd and a `--kernel-entry`.
+    pub fn is_linux(&self) -> bool {
+        matches!(self.format, ImageFormat::Linux | ImageFormat::Pvh)
+    }
+
+    /// Chooses the entry a Linux kernel boots through: a bzImage takes either (PVH through
+    /// its payload, checked here so that a kernel without a PVH entry is refused before the
+    /// run); a vmlinux has only its PVH entry.
+    pub fn set_kernel_entry(&mut self, entry: KernelEntry, max: u64) -> Result<(), LoadError> {
+        let refuse = |problem: String| LoadError::KernelEntry {
+            name: self.name.clone(),
+            problem,
+        };
+        match (&self.format, entry) {
+            (ImageFormat::Linux, KernelEntry::BootProtocol)
+            | (ImageFormat::Pvh, KernelEntry::Pvh) => {}
+            (ImageFormat::Linux, KernelEntry::Pvh) => {
+                pvh::parse(&self.name, &pvh::vmlinux(&self.name, &self.bytes, max)?)?;
+                self.format = ImageFormat::Pvh;
+            }
+            (ImageFormat::Pvh, KernelEntry::BootProtocol) if linux::is_bzimage(&self.bytes) => {
+                self.format = ImageFormat::Linux;
+            }
+            (ImageFormat::Pvh, KernelEntry::BootProtocol) => {
+                return Err(refuse(
+                    "a vmlinux has no boot-protocol entry (that is the bzImage's setup code); \
+                     boot it with --kernel-entry pvh, or boot the bzImage"
+                        .into(),
+                ));
+            }
+            (other, _) => {
+                return Err(refuse(format!(
+                    "--kernel-entry {} goes with a Linux kernel (a bzImage or a vmlinux); this \
+                     image is loaded as {other:?}",
+                    entry.name()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Reads an image file. If `PATH.json` exists it says what the file is (the serde form
@@ -618,11 +747,12 @@ pub fn load(machine: &mut Machine, image: &Image) -> Result<CpuState, LoadError>
         ImageFormat::Multiboot => multiboot::load(machine, image),
         ImageFormat::Firmware => firmware::load(machine, image),
         ImageFormat::Linux => linux::load(machine, image, image.initrd.as_deref()),
+        ImageFormat::Pvh => pvh::load(machine, image, image.initrd.as_deref()),
     }
 }
 
 /// Loads `image` again after a machine reset, as at boot, into a machine it was
-/// [`load`]ed into: raw and multiboot images are written again; a firmware ROM, still
+/// [`load`]ed into: raw, multiboot and Linux images (kernel and initrd) are written again; a firmware ROM, still
 /// mapped, gets its low alias rewritten and restarts at the reset vector.
 pub fn reload(machine: &mut Machine, image: &Image) -> Result<CpuState, LoadError> {
     match image.format {

@@ -1199,3 +1199,416 @@ fn malformed_bzimages_are_refused_with_precise_messages() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------- PVH
+
+use super::pvh::{
+    MEMMAP_ADDR, MEMMAP_ENTRY_SIZE, MODLIST_ADDR, START_INFO_ADDR, START_INFO_MAGIC, StartInfo,
+};
+use deja_testkit::{VMLINUX_BSS, VMLINUX_ENTRY};
+
+fn pvh_image(bytes: Vec<u8>, initrd: Option<Vec<u8>>) -> Image {
+    Image {
+        name: "vmlinux".into(),
+        bytes,
+        format: ImageFormat::Pvh,
+        initrd: initrd.map(|bytes| {
+            Box::new(Image {
+                name: "rd".into(),
+                bytes,
+                format: ImageFormat::Pvh,
+                initrd: None,
+            })
+        }),
+    }
+}
+
+#[test]
+fn hvm_start_info_has_xen_s_layout() {
+    let info = StartInfo {
+        nr_modules: 0x0102_0304,
+        modlist_paddr: 0x1111_2222_3333_4444,
+        cmdline_paddr: 0x5555_6666_7777_8888,
+        rsdp_paddr: 0x9999_aaaa_bbbb_cccc,
+        memmap_paddr: 0xdddd_eeee_ffff_0000,
+        memmap_entries: 0x0506_0708,
+    };
+    let b = info.to_bytes();
+    assert_eq!(b.len(), 56, "sizeof(struct hvm_start_info), version 1");
+    // (offset, width, value) as xen/include/public/arch-x86/hvm/start_info.h has them.
+    let fields: [(usize, usize, u64); 10] = [
+        (0, 4, 0x336e_c578),
+        (4, 4, 1),
+        (8, 4, 0),
+        (12, 4, 0x0102_0304),
+        (16, 8, 0x1111_2222_3333_4444),
+        (24, 8, 0x5555_6666_7777_8888),
+        (32, 8, 0x9999_aaaa_bbbb_cccc),
+        (40, 8, 0xdddd_eeee_ffff_0000),
+        (48, 4, 0x0506_0708),
+        (52, 4, 0),
+    ];
+    for (at, width, want) in fields {
+        let mut v = [0u8; 8];
+        v[..width].copy_from_slice(&b[at..at + width]);
+        assert_eq!(u64::from_le_bytes(v), want, "field at {at}");
+    }
+    let m = pvh::modlist_entry(0x1234_5000, 0x6789);
+    assert_eq!(m.len(), 32);
+    assert_eq!(
+        m[..16],
+        [0x1234_5000u64.to_le_bytes(), 0x6789u64.to_le_bytes()].concat()
+    );
+    assert_eq!(m[16..], [0; 16], "no module command line, reserved zero");
+    let e = pvh::memmap_entry(0x10_0000, 0x20_0000, 2);
+    assert_eq!(e.len(), 24);
+    assert_eq!(
+        e[..],
+        [
+            &0x10_0000u64.to_le_bytes()[..],
+            &0x20_0000u64.to_le_bytes(),
+            &2u32.to_le_bytes(),
+            &[0; 4]
+        ]
+        .concat()
+    );
+}
+
+#[test]
+fn vmlinux_is_detected_and_entered_as_the_pvh_abi_says() {
+    let code = code(300);
+    let bytes = deja_testkit::vmlinux(&code);
+    let detected = Image::detect("vmlinux", bytes.clone()).unwrap();
+    assert_eq!(detected.format, ImageFormat::Pvh);
+    let mut m = machine_with(64 << 20, "console=ttyS0 root=/dev/ram0");
+    fill(&m, VMLINUX_ENTRY + 300, 64, 0xcc); // bss must come back zeroed
+    let image = pvh_image(bytes, Some(vec![0x5a; 10_000]));
+    let s = load(&mut m, &image).unwrap();
+    // 32-bit protected mode, paging off, flat segments, interrupts off, EBX = start info.
+    assert_eq!(s.rip, VMLINUX_ENTRY);
+    assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+    assert_eq!(s.cr4, 0);
+    assert_eq!(s.efer, 0);
+    assert_eq!(s.rflags & (1 << 9), 0);
+    assert_eq!(s.gpr[gpr::RBX], START_INFO_ADDR);
+    assert!(s.seg[seg::CS].db && !s.seg[seg::CS].l, "32-bit code");
+    assert_eq!(s.seg[seg::CS].type_ & 0xa, 0xa, "execute/read");
+    for sg in &s.seg {
+        assert_eq!((sg.base, sg.limit), (0, 0xffff_ffff));
+    }
+    assert_segments_match_gdt(&m, &s);
+    assert_eq!(
+        (s.tr.base, s.tr.limit, s.tr.type_),
+        (0, 0x67, 0xb),
+        "32-bit busy TSS"
+    );
+    assert_eq!(read(&m, VMLINUX_ENTRY, 300), code);
+    assert_eq!(
+        read(&m, VMLINUX_ENTRY + 300, VMLINUX_BSS as usize),
+        vec![0; 4096]
+    );
+    // The start info, as the guest reads it.
+    assert_eq!(read_u32(&m, START_INFO_ADDR), START_INFO_MAGIC);
+    assert_eq!(read_u32(&m, START_INFO_ADDR + 4), 1, "version");
+    assert_eq!(read_u32(&m, START_INFO_ADDR + 12), 1, "nr_modules");
+    assert_eq!(read_u64(&m, START_INFO_ADDR + 16), MODLIST_ADDR);
+    let cmdline = read_u64(&m, START_INFO_ADDR + 24);
+    assert_eq!(read_cstr(&m, cmdline), "console=ttyS0 root=/dev/ram0");
+    assert_eq!(
+        read_u64(&m, START_INFO_ADDR + 32),
+        crate::devices::acpi::ACPI_REGION_START,
+        "rsdp_paddr"
+    );
+    let (rd_at, rd_len) = (read_u64(&m, MODLIST_ADDR), read_u64(&m, MODLIST_ADDR + 8));
+    assert_eq!(rd_len, 10_000);
+    assert_eq!(rd_at % 4096, 0);
+    assert!(rd_at >= VMLINUX_ENTRY + 300 + VMLINUX_BSS && rd_at + rd_len <= 64 << 20);
+    assert_eq!(read(&m, rd_at, 10_000), vec![0x5a; 10_000]);
+    assert_eq!(read_u64(&m, START_INFO_ADDR + 40), MEMMAP_ADDR);
+    let map = super::multiboot::memory_map(&m.layout);
+    assert_eq!(read_u32(&m, START_INFO_ADDR + 48) as usize, map.len());
+    for (i, e) in map.iter().enumerate() {
+        let at = MEMMAP_ADDR + (i * MEMMAP_ENTRY_SIZE) as u64;
+        assert_eq!(read_u64(&m, at), e.base);
+        assert_eq!(read_u64(&m, at + 8), e.len);
+        let kind = if e.kind == MMAP_RAM { 1 } else { 2 };
+        assert_eq!(read_u32(&m, at + 16), kind);
+        assert_eq!(read_u32(&m, at + 20), 0, "reserved");
+    }
+    // No initrd: no modules, no module list.
+    let mut m = machine_with(64 << 20, "");
+    load(&mut m, &pvh_image(deja_testkit::vmlinux(&[0xf4]), None)).unwrap();
+    assert_eq!(read_u32(&m, START_INFO_ADDR + 12), 0);
+    assert_eq!(read_u64(&m, START_INFO_ADDR + 16), 0);
+    assert_eq!(read_cstr(&m, read_u64(&m, START_INFO_ADDR + 24)), "");
+}
+
+#[test]
+fn a_reset_reloads_a_linux_kernel_and_its_initrd() {
+    for pvh in [false, true] {
+        let mut m = machine_with(64 << 20, "console=ttyS0");
+        let mut image = if pvh {
+            pvh_image(deja_testkit::vmlinux(&[0xf4; 64]), None)
+        } else {
+            Image::detect("bz", deja_testkit::bzimage(&[0xf4; 64])).unwrap()
+        };
+        image.initrd = Some(Box::new(Image {
+            name: "rd".into(),
+            bytes: vec![0x77; 8192],
+            format: image.format.clone(),
+            initrd: None,
+        }));
+        let first = load(&mut m, &image).unwrap();
+        let snapshot = |m: &Machine| {
+            [
+                read(m, 0x1_0000, 0x1000),
+                read(m, 0x100_0000, 0x1000),
+                read(m, (64 << 20) - 0x2000, 0x2000),
+            ]
+        };
+        let before = snapshot(&m);
+        // The guest scribbles over its kernel, its initrd, its boot structures.
+        for at in (0..64u64 << 20).step_by(1 << 20).skip(1) {
+            fill(&m, at, 0x2000, 0xcc);
+        }
+        fill(&m, 0x1_0000, 0x1000, 0xcc);
+        fill(&m, (64 << 20) - 0x4000, 0x4000, 0xcc);
+        assert_eq!(reload(&mut m, &image).unwrap(), first, "pvh {pvh}");
+        // The boot structures, the kernel and its bss, and the initrd are back.
+        let after = snapshot(&m);
+        for (i, what) in ["boot structures", "kernel", "initrd"].iter().enumerate() {
+            assert!(after[i] == before[i], "pvh {pvh}: {what} not reloaded");
+        }
+    }
+}
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+fn xz(b: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn a_bzimage_boots_through_pvh_from_its_compressed_payload() {
+    let vmlinux = deja_testkit::vmlinux(&code(500));
+    let mut reference = machine_with(64 << 20, "quiet");
+    let want = load(&mut reference, &pvh_image(vmlinux.clone(), None)).unwrap();
+    let payloads: [(&str, Vec<u8>); 4] = [
+        ("gzip", gzip(&vmlinux)),
+        ("xz", xz(&vmlinux)),
+        ("zstd", zstd::encode_all(&vmlinux[..], 19).unwrap()),
+        ("uncompressed", vmlinux.clone()),
+    ];
+    for (what, payload) in payloads {
+        let bz = deja_testkit::bzimage_with_payload(&payload);
+        assert_eq!(
+            super::payload::Compression::detect(super::payload::payload("bz", &bz).unwrap())
+                .map(|c| c.name()),
+            Some(what)
+        );
+        let mut image = Image::detect("bz", bz.clone()).unwrap();
+        assert_eq!(
+            image.format,
+            ImageFormat::Linux,
+            "a bzImage boots the boot protocol"
+        );
+        image.set_kernel_entry(KernelEntry::Pvh, 64 << 20).unwrap();
+        assert_eq!(image.format, ImageFormat::Pvh);
+        assert_eq!(image.bytes, bz, "the image stays the file (its identity)");
+        let mut m = machine_with(64 << 20, "quiet");
+        assert_eq!(load(&mut m, &image).unwrap(), want, "{what}");
+        for (at, len) in [(0, 0xa_0000), (0x10_0000, 31 << 20)] {
+            assert_eq!(read(&m, at, len), read(&reference, at, len), "{what}");
+        }
+        // And back.
+        image
+            .set_kernel_entry(KernelEntry::BootProtocol, 64 << 20)
+            .unwrap();
+        assert_eq!(image.format, ImageFormat::Linux);
+    }
+}
+
+#[test]
+fn kernel_entries_that_cannot_be_had_are_refused_with_what_to_do() {
+    let max = 64 << 20;
+    let mut vml = Image::detect("vml", deja_testkit::vmlinux(&[0xf4])).unwrap();
+    let err = vml
+        .set_kernel_entry(KernelEntry::BootProtocol, max)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no boot-protocol entry"), "{err}");
+    let mut raw = raw(vec![0xf4], 0x7c00, 0x7c00, EntryMode::Real);
+    let err = raw
+        .set_kernel_entry(KernelEntry::Pvh, max)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("goes with a Linux kernel"), "{err}");
+    assert_eq!("pvh".parse::<KernelEntry>().unwrap(), KernelEntry::Pvh);
+    assert_eq!(
+        "boot-protocol".parse::<KernelEntry>().unwrap(),
+        KernelEntry::BootProtocol
+    );
+    assert!("PVH".parse::<KernelEntry>().is_err());
+
+    // Payloads deja cannot take, each named in the message.
+    let vmlinux = deja_testkit::vmlinux(&[0xf4]);
+    let mut corrupt_xz = xz(&vmlinux);
+    let n = corrupt_xz.len();
+    corrupt_xz[n / 2] ^= 0xff;
+    let mut no_pvh = vmlinux.clone();
+    no_pvh[64 + 112 + 8..][..4].copy_from_slice(&17u32.to_le_bytes()); // the note's type
+    let mut beyond = deja_testkit::bzimage_with_payload(&gzip(&vmlinux));
+    beyond[0x24c..0x250].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    let cases: Vec<(Vec<u8>, u64, &str)> = vec![
+        (
+            deja_testkit::bzimage_with_payload(b"BZh91AY&SY"),
+            max,
+            "bzip2-compressed",
+        ),
+        (
+            deja_testkit::bzimage_with_payload(&[0x02, 0x21, 0x4c, 0x18, 0, 0]),
+            max,
+            "lz4-compressed",
+        ),
+        (
+            deja_testkit::bzimage_with_payload(b"garbage!"),
+            max,
+            "magic of no compression",
+        ),
+        (
+            deja_testkit::bzimage_with_payload(&corrupt_xz),
+            max,
+            "decompressing the xz payload",
+        ),
+        (
+            deja_testkit::bzimage_with_payload(
+                &zstd::encode_all(&vec![0u8; 1 << 20][..], 3).unwrap(),
+            ),
+            0x1000,
+            "more than 0x1000 bytes",
+        ),
+        (
+            deja_testkit::bzimage_with_payload(&gzip(&no_pvh)),
+            max,
+            "no XEN_ELFNOTE_PHYS32_ENTRY",
+        ),
+        (beyond, max, "is not inside the"),
+        (deja_testkit::bzimage(&[0xf4]), max, "payload_length 0x0"),
+    ];
+    for (bytes, max, needle) in cases {
+        let mut image = Image::detect("bz", bytes).unwrap();
+        let err = match image.set_kernel_entry(KernelEntry::Pvh, max) {
+            Ok(()) => panic!("{needle}: accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert_eq!(image.format, ImageFormat::Linux, "unchanged on error");
+    }
+}
+
+#[test]
+fn malformed_vmlinux_files_are_refused_with_precise_messages() {
+    let good = deja_testkit::vmlinux(&[0xf4; 16]);
+    const PH0: usize = 64;
+    const PH1: usize = 64 + 56;
+    const NOTE: usize = 64 + 112;
+    let with = |at: usize, v: &[u8]| patch(good.clone(), at, v);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (good[..40].to_vec(), "an ELF64 header needs 64"),
+        (with(0, b"\x7fELG"), "not an ELF file"),
+        (with(4, &[1]), "expected 2 (ELFCLASS64)"),
+        (with(5, &[2]), "little endian"),
+        (with(16, &[3, 0]), "ET_EXEC"),
+        (with(18, &[3, 0]), "EM_X86_64"),
+        (with(54, &[32, 0]), "e_phentsize"),
+        (with(56, &[0xff, 0]), "extends past the end"),
+        (with(32, &u64::MAX.to_le_bytes()), "extends past the end"),
+        (
+            with(PH0 + 32, &0x1000_0000u64.to_le_bytes()),
+            "past the end of the file",
+        ),
+        (
+            with(PH0 + 8, &u64::MAX.to_le_bytes()),
+            "past the end of the file",
+        ),
+        (with(PH0 + 40, &4u64.to_le_bytes()), "larger than p_memsz"),
+        (
+            with(PH0 + 24, &(u64::MAX - 8).to_le_bytes()),
+            "overflows 64 bits",
+        ),
+        (with(PH0, &[6]), "no PT_LOAD segment"),
+        (with(NOTE + 4, &[0xff, 0xff]), "run past the segment's end"),
+        (
+            with(NOTE, &[0xff, 0xff, 0xff, 0xff]),
+            "run past the segment's end",
+        ),
+        (with(NOTE + 4, &[2]), "2-byte descriptor"),
+        (with(NOTE + 20, &[1]), "beyond the 4 GiB"),
+        (with(NOTE + 8, &[17]), "no XEN_ELFNOTE_PHYS32_ENTRY"),
+        (with(NOTE + 12, b"Xem"), "no XEN_ELFNOTE_PHYS32_ENTRY"),
+        (with(PH1, &[0]), "no XEN_ELFNOTE_PHYS32_ENTRY"),
+        (
+            with(NOTE + 16, &[0x00, 0x20]),
+            "in none of the loaded segments",
+        ),
+        // p_paddr in the start-info page, beyond RAM, in the VGA hole.
+        (
+            with(PH0 + 24, &0x1_0000u64.to_le_bytes()),
+            "overlaps the PVH start info",
+        ),
+        (
+            with(PH0 + 24, &0x1000_0000u64.to_le_bytes()),
+            "not entirely in RAM",
+        ),
+        (with(PH0 + 24, &0xa_0000u64.to_le_bytes()), "VGA window"),
+    ];
+    for (bytes, needle) in cases {
+        let mut m = machine_with(64 << 20, "");
+        let err = load(&mut m, &pvh_image(bytes, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    // Overlapping segments: a program header table at the end of the file with the
+    // PT_LOAD twice, then the PT_NOTE.
+    let mut two = good.clone();
+    let table = [&good[PH0..PH1], &good[PH0..PH1], &good[PH1..PH1 + 56]].concat();
+    two[32..40].copy_from_slice(&(good.len() as u64).to_le_bytes());
+    two[56..58].copy_from_slice(&3u16.to_le_bytes());
+    two.extend_from_slice(&table);
+    let mut m = machine_with(64 << 20, "");
+    let err = load(&mut m, &pvh_image(two, None)).unwrap_err().to_string();
+    assert!(err.contains("overlaps another segment"), "{err}");
+    // An initrd that does not fit above the kernel.
+    let mut m = machine_with(32 << 20, "");
+    let err = load(&mut m, &pvh_image(good.clone(), Some(vec![1; 20 << 20])))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("initrd rd") && err.contains("--mem"), "{err}");
+    // A 64-bit ELF without a PVH note is not taken for anything else.
+    let err = Image::detect("k", with(NOTE + 8, &[17]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("without a PVH entry note"), "{err}");
+    // 8-byte aligned notes (p_align 8) are read with 8-byte padding.
+    let mut aligned = good;
+    aligned[PH1 + 48..PH1 + 56].copy_from_slice(&8u64.to_le_bytes());
+    let elf = super::elf::parse_elf64(&aligned).unwrap();
+    assert_eq!(elf.notes.len(), 1);
+    assert_eq!(
+        (
+            elf.notes[0].name,
+            elf.notes[0].kind,
+            elf.notes[0].desc.len()
+        ),
+        (&b"Xen"[..], 18, 8)
+    );
+}
