@@ -238,6 +238,8 @@ fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
         "512M",
         "--clock",
         "virtual",
+        "--kernel-entry",
+        "pvh",
         "--until-failure",
         "--attempts",
         "3",
@@ -337,9 +339,10 @@ fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
         .unwrap();
     let u = common::deja(&["replay", "-q", "--until", icount, s(&trace)]);
     assert_eq!(code(&u), 0, "{}", text(&u.stderr));
+    // The state goes to stderr with the verdict.
     assert!(
-        text(&u.stdout).contains(&format!("RIP={lost_rip:016x}")),
+        text(&u.stderr).contains(&format!("RIP={lost_rip:016x}")),
         "the state at {icount} is not at {lost_rip:#x}: {}",
-        text(&u.stdout)
+        text(&u.stderr)
     );
 }
