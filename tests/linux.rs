@@ -462,3 +462,74 @@ fn a_linux_boot_records_and_replays_on_both_clocks_and_seeks_to_the_same_state()
         );
     }
 }
+
+/// Commands typed into the guest's shell on COM1 run, as on a serial console: the shell's
+/// answers come back on the console. The commands are sent once init says it is ready
+/// (a UART's FIFO is emptied when the kernel's driver takes the port, as on hardware).
+#[test]
+fn commands_piped_into_the_guest_shell_give_their_output() {
+    use std::io::{BufRead, Write};
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
+    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
+        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let dir = scratch("linux-shell");
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(
+        &initrd,
+        initramfs(
+            &busybox,
+            "/bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc\n\
+             echo init: ready for commands\n\
+             exec sh\n",
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_deja"))
+        .args(["run", "--engine", "bt", "--mem", "512M", "--timeout", "900"])
+        .args([
+            "--kernel-entry",
+            "pvh",
+            "--append",
+            "console=ttyS0 panic=-1",
+        ])
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--serial-out", "-"])
+        .arg(&kernel)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting deja run");
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut console = String::new();
+    let mut sent = false;
+    for line in stdout.lines() {
+        let line = line.unwrap_or_default();
+        console.push_str(&line);
+        console.push('\n');
+        if !sent && line.contains("init: ready for commands") {
+            stdin
+                .write_all(b"echo piped-$((6*7)) $(cat /proc/sys/kernel/osrelease)\npoweroff -f\n")
+                .unwrap();
+            stdin.flush().unwrap();
+            sent = true;
+        }
+    }
+    let status = child.wait().unwrap();
+    let tail: String = console
+        .lines()
+        .rev()
+        .take(20)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(sent, "init never said it was ready:\n{tail}");
+    assert!(status.success(), "{status}:\n{tail}");
+    assert!(
+        console.lines().any(|l| l.starts_with("piped-42 6.1.")),
+        "the shell's answer is missing:\n{tail}"
+    );
+    assert!(console.contains("reboot: Power down"), "{tail}");
+}

@@ -334,6 +334,8 @@ pub fn boot_linux(
     if !on_path(QEMU) {
         return Err(QemuError::NotInstalled);
     }
+    let console =
+        std::env::temp_dir().join(format!("deja-bench-qemu-linux-{}.txt", std::process::id()));
     let mut cmd = Command::new(QEMU);
     cmd.args([
         "-accel",
@@ -344,7 +346,8 @@ pub fn boot_linux(
         "qemu64",
         "-nodefaults",
     ])
-    .args(["-display", "none", "-serial", "null", "-monitor", "none"])
+    .args(["-display", "none", "-monitor", "none", "-serial"])
+    .arg(format!("file:{}", console.display()))
     .args(["-no-reboot", "-m"])
     .arg(format!("{}M", mem_bytes >> 20))
     .arg("-kernel")
@@ -382,10 +385,21 @@ pub fn boot_linux(
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut stderr);
     }
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    let _ = std::fs::remove_file(&console);
     if !status.success() {
         return Err(QemuError::Run {
             bench: NAME,
             message: format!("exited with {status}"),
+            stderr: stderr.trim().to_string(),
+        });
+    }
+    // A panic with panic=-1 also ends QEMU cleanly (-no-reboot): only a power-off counts.
+    if !text.contains("reboot: Power down") {
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        return Err(QemuError::Run {
+            bench: NAME,
+            message: format!("the guest did not power off; console ends {tail:?}"),
             stderr: stderr.trim().to_string(),
         });
     }
