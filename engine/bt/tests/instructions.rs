@@ -455,7 +455,7 @@ fn unimplemented_instruction_raises_ud_and_is_counted() {
     let gate = gate64(handler, 0x18, 0);
     load(&m, IDT + 6 * 16, &gate);
     let code = asm(64, 0x20_0000, |a| {
-        a.addsubps(xmm0, xmm1).unwrap();
+        a.aesenc(xmm0, xmm1).unwrap();
         a.hlt().unwrap();
     });
     load(&m, 0x20_0000, &code);
@@ -465,6 +465,6 @@ fn unimplemented_instruction_raises_ud_and_is_counted() {
     let st = c.state().unwrap();
     assert_eq!(st.rip, handler + 1);
     let stats = c.stats();
-    assert_eq!(stats.get("bt.unimplemented.addsubps"), 1, "{stats:?}");
+    assert_eq!(stats.get("bt.unimplemented.aesenc"), 1, "{stats:?}");
     assert_eq!(stats.get("bt.exceptions.6"), 1);
 }

@@ -47,7 +47,11 @@ pub mod features {
     pub const SSE: u32 = 1 << 25;
     pub const SSE2: u32 = 1 << 26;
     // Leaf 1 ECX.
+    pub const SSE3: u32 = 1 << 0;
+    pub const SSSE3: u32 = 1 << 9;
     pub const CX16: u32 = 1 << 13;
+    pub const SSE4_1: u32 = 1 << 19;
+    pub const SSE4_2: u32 = 1 << 20;
     pub const X2APIC: u32 = 1 << 21;
     pub const MOVBE: u32 = 1 << 22;
     pub const POPCNT: u32 = 1 << 23;
@@ -136,8 +140,18 @@ impl CpuidTable {
                 // X2APIC and TSC_DEADLINE are deja's local APIC's (bt answers their MSRs;
                 // kvm forwards them and clears both bits on hosts that cannot). The TSC
                 // the deadline compares with is each engine's RDTSC: guest nanoseconds
-                // (1 GHz) on bt, the host TSC at KVM's TSC frequency on kvm.
-                CX16 | X2APIC | MOVBE | POPCNT | TSC_DEADLINE | RDRAND | HYPERVISOR,
+                // (1 GHz) on bt, the host TSC at KVM's TSC frequency on kvm. SSE3 to SSE4.2,
+                // POPCNT, CX16 (and LAHF_LM below) make the x86-64-v2 level.
+                SSE3 | SSSE3
+                    | SSE4_1
+                    | SSE4_2
+                    | CX16
+                    | X2APIC
+                    | MOVBE
+                    | POPCNT
+                    | TSC_DEADLINE
+                    | RDRAND
+                    | HYPERVISOR,
                 FPU | DE
                     | PSE
                     | TSC
