@@ -293,7 +293,8 @@ static GUESTS: [Guest; 37] = [
         description: "the x86-64-v2 level: CPUID bits, then SSE3 (HADDPS, ADDSUBPS, LDDQU, \
                       MOVDDUP), SSSE3 (PSHUFB, PALIGNR, PABSD), SSE4.1 (PMULLD, PTEST, \
                       ROUNDSD, PINSRQ/PEXTRQ, BLENDVPS), SSE4.2 (PCMPGTQ, PCMPISTRI, CRC32), \
-                      POPCNT, CMPXCHG16B, LAHF/SAHF in 64-bit mode; exits 0",
+                      POPCNT, CMPXCHG16B, LAHF/SAHF in 64-bit mode; then CLFLUSHOPT and \
+                      CLWB; exits 0",
         build: x86_64_v2::build,
     },
 ];

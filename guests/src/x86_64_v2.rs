@@ -1,7 +1,8 @@
 //! `x86-64-v2`: the instructions of the x86-64-v2 level that a RHEL-9-class user space
 //! assumes (SSE3, SSSE3, SSE4.1, SSE4.2 with PCMPxSTRx and CRC32, POPCNT, CMPXCHG16B,
 //! LAHF/SAHF in 64-bit mode), each with a result worked out from the SDM's definition and
-//! checked by the guest: the CPUID bits first, then one or more instructions per feature.
+//! checked by the guest: the CPUID bits first, then one or more instructions per feature;
+//! then CLFLUSHOPT and CLWB, which Linux uses where the CPU reports them.
 //! Recorded and replayed, it shows these instructions are deterministic on bt.
 
 use crate::link::{LinkError, SectionAsm};
@@ -314,6 +315,37 @@ pub(crate) fn build() -> Result<Image, LinkError> {
             a.set_label(&mut bad)?;
             a.nop()
         })?;
+
+        // Beyond the level: CLFLUSHOPT and CLWB (CPUID.07H:EBX bits 23, 24) write a line
+        // back (and evict it) without changing what memory reads.
+        check(
+            s,
+            rt,
+            "CPUID.07H:EBX reports CLFLUSHOPT and CLWB",
+            |a, ok| {
+                a.mov(eax, 7)?;
+                a.xor(ecx, ecx)?;
+                a.cpuid()?;
+                a.and(ebx, 3 << 23)?;
+                a.cmp(ebx, 3 << 23)?;
+                a.je(ok)
+            },
+        )?;
+        check(
+            s,
+            rt,
+            "a line written back by CLWB, CLFLUSHOPT, CLFLUSH",
+            |a, ok| {
+                a.mov(rax, 0x0123_4567_89ab_cdefu64)?;
+                a.mov(qword_ptr(DATA + 0xc0), rax)?;
+                a.clwb(byte_ptr(DATA + 0xc0))?;
+                a.clflushopt(byte_ptr(DATA + 0xc0))?;
+                a.clflush(byte_ptr(DATA + 0xc0))?;
+                a.sfence()?;
+                a.cmp(qword_ptr(DATA + 0xc0), rax)?;
+                a.je(ok)
+            },
+        )?;
 
         rt.print(s, format!("{PASS_LINE}\r\n").as_bytes())?;
         rt.exit_with(s, EXIT_PASS)

@@ -999,6 +999,20 @@ pub fn movbe(ctx: &mut Ctx, op: &UOp) -> OpResult {
     Ok(Ctl::Next)
 }
 
+/// CLFLUSH, CLFLUSHOPT and CLWB: a translator has no cache lines to write back or evict,
+/// but the address is checked as a one-byte load's is (segment, canonical form, paging with
+/// #PF and its error code) without reading it, so an MMIO line sees no access.
+pub fn cache_line(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let Operand::Mem(m) = op.dst else {
+        return Err(Exc::UD);
+    };
+    let off = ctx.ea(&m);
+    let lin = ctx.linear(m.seg, off, 1, false)?;
+    let user = ctx.core.cpl() == 3;
+    ctx.translate(lin, crate::paging::Kind::Read, user)?;
+    Ok(Ctl::Next)
+}
+
 /// CRC32 (SSE4.2): the CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of the source's
 /// `aux` bytes, least significant first, continuing from the destination's low 32 bits; the
 /// result zero-extends into a 64-bit destination. No flags change.

@@ -232,7 +232,6 @@ pub fn build(insn: &Instruction, bitness: u32, features: &Features) -> UOp {
         | Mnemonic::Prefetcht1
         | Mnemonic::Prefetcht2
         | Mnemonic::Prefetchw
-        | Mnemonic::Clflush
         | Mnemonic::Endbr64
         | Mnemonic::Endbr32 => op.exec = ops::nop,
         Mnemonic::Inc | Mnemonic::Dec => {
@@ -567,6 +566,7 @@ pub fn build(insn: &Instruction, bitness: u32, features: &Features) -> UOp {
             };
             op.exec = ops::flagop;
         }
+        Mnemonic::Clflush | Mnemonic::Clflushopt | Mnemonic::Clwb => op.exec = ops::cache_line,
         Mnemonic::Crc32 => {
             op.aux = op_size(insn, 1);
             op.exec = ops::crc32;

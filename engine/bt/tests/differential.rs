@@ -117,7 +117,13 @@ fn random_insn(a: &mut CodeAssembler, r: &mut Rng) -> Result<(), IcedError> {
     let disp = (r.below(64) * 8) as i32;
     let mem = qword_ptr(r14 + disp);
     let cnt = (r.below(70)) as u32;
-    match r.below(64) {
+    match r.below(65) {
+        // The cache-line instructions on a mapped line: they run and change nothing.
+        64 => match r.below(3) {
+            0 => a.clflush(byte_ptr(r14 + disp)),
+            1 => a.clflushopt(byte_ptr(r14 + disp)),
+            _ => a.clwb(byte_ptr(r14 + disp)),
+        },
         // x86-64-v2's integer instructions: CRC32 over every source size, LAHF/SAHF in
         // 64-bit mode, CMPXCHG16B on an aligned slot (both outcomes: the comparand is the
         // slot itself half the time).

@@ -895,7 +895,7 @@ fn the_translator_accepts_what_the_cpuid_table_reports() {
     use deja_machine::cpuid::features as f;
     type Snip = fn(&mut CodeAssembler) -> Result<(), IcedError>;
     // (the feature, its leaf, register and bit, an instruction needing it, its mnemonic)
-    let cases: [(&str, u32, usize, u32, Snip, &str); 10] = [
+    let cases: [(&str, u32, usize, u32, Snip, &str); 12] = [
         ("SSE3", 1, 2, f::SSE3, |a| a.haddps(xmm0, xmm1), "haddps"),
         (
             "SSE3 (x87)",
@@ -948,6 +948,15 @@ fn the_translator_accepts_what_the_cpuid_table_reports() {
             "cmpxchg16b",
         ),
         ("LAHF_LM", 0x8000_0001, 2, f::LAHF_LM, |a| a.lahf(), "lahf"),
+        (
+            "CLFLUSHOPT",
+            7,
+            1,
+            f::CLFLUSHOPT,
+            |a| a.clflushopt(byte_ptr(r14)),
+            "clflushopt",
+        ),
+        ("CLWB", 7, 1, f::CLWB, |a| a.clwb(byte_ptr(r14)), "clwb"),
     ];
     for (name, leaf, reg, mask, snip, mnemonic) in cases {
         let (f, _) = fault_of(&[0; 512], |_| {}, snip);
