@@ -221,6 +221,34 @@ fn x86_64_v2_on_kvm() {
 }
 
 #[test]
+fn umip_on_bt() {
+    passes("umip_on_bt", EngineKind::Bt, "umip");
+}
+
+#[test]
+fn umip_on_kvm() {
+    let test = "umip_on_kvm";
+    if !pvm_host() {
+        passes(test, EngineKind::Kvm, "umip");
+        return;
+    }
+    // PVM: the ring-0 emulator runs the guest up to its first IRETQ to ring 3 (after its
+    // own LTR), where the vCPU stops making progress; pin that, then skip.
+    let Some(run) = run_guest_for(test, EngineKind::Kvm, "umip", Duration::from_secs(3)) else {
+        return;
+    };
+    match run {
+        Ok((outcome, text)) => assert!(
+            outcome.end == RunEnd::Timeout && !text.contains("PASS"),
+            "{test}: the host changed: {:?}: {text}",
+            outcome.end
+        ),
+        Err(failure) => assert!(!failure.serial.contains("PASS"), "{test}: {failure}"),
+    }
+    println!("SKIP: {test}: ring-3 cases: {PVM_RING3_WITH_TSS}");
+}
+
+#[test]
 fn iopl_on_bt() {
     passes("iopl_on_bt", EngineKind::Bt, "iopl");
 }

@@ -69,7 +69,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 37] = [
+static GUESTS: [Guest; 38] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -287,6 +287,12 @@ static GUESTS: [Guest; 37] = [
                       and with a read-modify-write, IRQ 5 raised and lowered through port \
                       0x2005; exits 0 (without the device: says so, checks nothing)",
         build: testdev::build,
+    },
+    Guest {
+        name: "umip",
+        description: "UMIP: SGDT, SIDT, SLDT, SMSW and STR in ring 0 and ring 3 with \
+                      CR4.UMIP clear and set (#GP(0) only in ring 3 with it set); exits 0",
+        build: system::build_umip,
     },
     Guest {
         name: "x86-64-v2",

@@ -976,6 +976,30 @@ fn the_translator_accepts_what_the_cpuid_table_reports() {
 }
 
 #[test]
+fn cr4_umip_can_be_set_only_when_the_cpuid_table_reports_it() {
+    let set: fn(&mut CodeAssembler) -> Result<(), IcedError> = |a| {
+        a.mov(rax, cr4)?;
+        a.or(eax, 1 << 11)?;
+        a.mov(cr4, rax)
+    };
+    let o = go(&[0; 512], |_| {}, set);
+    assert_eq!(o.fault, None);
+    assert_ne!(o.state.cr4 & (1 << 11), 0, "CR4.UMIP set");
+    let o = go_with(
+        &without(7, 2, deja_machine::cpuid::features::UMIP),
+        &[0; 512],
+        |_| {},
+        set,
+    );
+    assert_eq!(
+        o.fault.map(|(v, _)| v),
+        Some(13),
+        "#GP without CPUID's UMIP"
+    );
+    assert_eq!(o.state.cr4 & (1 << 11), 0);
+}
+
+#[test]
 fn crc32_is_crc32c_over_each_source_size() {
     // CRC-32C("123456789") = 0xE3069283 (initial value and final XOR all ones).
     let mut data = [0u8; 512];

@@ -62,6 +62,8 @@ pub mod features {
     pub const SMEP: u32 = 1 << 7;
     pub const CLFLUSHOPT: u32 = 1 << 23;
     pub const CLWB: u32 = 1 << 24;
+    // Leaf 7 ECX.
+    pub const UMIP: u32 = 1 << 2;
     // Leaf 7 EDX.
     pub const ARCH_CAPABILITIES: u32 = 1 << 29;
     // Leaf 0x8000_0001 ECX.
@@ -178,7 +180,7 @@ impl CpuidTable {
                 indexed: true,
                 // IA32_ARCH_CAPABILITIES says what deja's CPU is not vulnerable to, so a
                 // kernel does not turn on mitigations a translator does not need.
-                ..leaf(7, 0, SMEP | CLFLUSHOPT | CLWB, 0, ARCH_CAPABILITIES)
+                ..leaf(7, 0, SMEP | CLFLUSHOPT | CLWB, UMIP, ARCH_CAPABILITIES)
             },
             leaf(0x4000_0000, 0x4000_0000, hv[0], hv[1], hv[2]),
             leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
