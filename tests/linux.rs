@@ -495,7 +495,6 @@ fn commands_piped_into_the_guest_shell_give_their_output() {
         ])
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--serial-out", "-"])
         .arg(&kernel)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -78,7 +78,8 @@ fn parse_regex(s: &str) -> Result<regex::Regex, String> {
     regex::Regex::new(s).map_err(|e| e.to_string())
 }
 
-fn serial_sink(path: &Option<PathBuf>) -> anyhow::Result<Box<dyn Write + Send>> {
+/// Where the guest's COM1 output goes: FILE, or stdout for none or `-`.
+pub(crate) fn serial_sink(path: &Option<PathBuf>) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(match path {
         Some(p) if p.as_os_str() != "-" => {
             Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
