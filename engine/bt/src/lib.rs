@@ -110,6 +110,8 @@ pub struct BtCpu {
     rep_paused_at: Option<(u64, u64)>,
     /// Dead-flag elimination is on (off only to check it against exact flags everywhere).
     eliminate_flags: bool,
+    /// Linear addresses a debugger stops before (sorted; see [`Cpu::set_breakpoints`]).
+    breakpoints: Vec<u64>,
 }
 
 impl BtCpu {
@@ -129,6 +131,7 @@ impl BtCpu {
             holding: false,
             rep_paused_at: None,
             eliminate_flags: true,
+            breakpoints: Vec::new(),
         })
     }
 
@@ -276,6 +279,14 @@ impl Cpu for BtCpu {
             })
         });
         self.mem.flush_fast();
+        Ok(())
+    }
+
+    fn set_breakpoints(&mut self, linear: &[u64]) -> Result<(), CpuError> {
+        let mut b = linear.to_vec();
+        b.sort_unstable();
+        b.dedup();
+        self.breakpoints = b;
         Ok(())
     }
 

@@ -145,6 +145,13 @@ pub fn fetch_code(mem: &GuestMemoryMmap, regs: &PagingRegs, linear: u64, buf: &m
     done
 }
 
+/// The physical address of `linear` through the guest's page tables (no side effects, as
+/// [`fetch_code`]), or `None` when a table entry on the way is not present or cannot be
+/// read: what a debugger's watchpoint on a virtual address watches.
+pub fn linear_to_physical(mem: &GuestMemoryMmap, regs: &PagingRegs, linear: u64) -> Option<u64> {
+    walk(mem, regs, linear)
+}
+
 /// The physical address of `linear`, or `None` when a table entry on the way is not present
 /// or cannot be read.
 fn walk(mem: &GuestMemoryMmap, regs: &PagingRegs, linear: u64) -> Option<u64> {
