@@ -314,6 +314,12 @@ impl Target for ReplayTarget {
     fn guard_rail_implicit_sw_breakpoints(&self) -> bool {
         true
     }
+
+    // Acks stay on: a session that goes on after a bad packet starts a fresh protocol
+    // state, which would not know that acks had been turned off.
+    fn use_no_ack_mode(&self) -> bool {
+        false
+    }
 }
 
 impl SingleThreadBase for ReplayTarget {
@@ -589,12 +595,37 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// A connection to gdb that can be handed to a protocol stub more than once (after a packet
+/// the protocol library cannot parse, the session goes on with a fresh stub on the same
+/// stream).
+pub enum Link {
+    /// TCP.
+    Tcp(std::net::TcpStream),
+    /// A Unix socket.
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Link {
+    /// Another handle on the same stream.
+    fn conn(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Link::Tcp(t) => Box::new(t.try_clone()?),
+            Link::Unix(u) => Box::new(u.try_clone()?),
+        })
+    }
+
+    fn write_raw(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        match self {
+            Link::Tcp(t) => (&*t).write_all(bytes),
+            Link::Unix(u) => (&*u).write_all(bytes),
+        }
+    }
+}
+
 /// Listens at `at`, calls `ready` with the address once gdb can connect, and accepts one
 /// connection.
-pub fn accept(
-    at: &Endpoint,
-    ready: &mut dyn FnMut(&str),
-) -> Result<Box<dyn ConnectionExt<Error = std::io::Error>>, GdbError> {
+pub fn accept(at: &Endpoint, ready: &mut dyn FnMut(&str)) -> Result<Link, GdbError> {
     let err = |source| GdbError::Connection {
         address: at.to_string(),
         source,
@@ -606,7 +637,7 @@ pub fn accept(
             ready(&local.to_string());
             let (stream, _) = listener.accept().map_err(err)?;
             let _ = stream.set_nodelay(true);
-            Ok(Box::new(stream))
+            Ok(Link::Tcp(stream))
         }
         Endpoint::Unix(path) => {
             match std::fs::remove_file(path) {
@@ -617,34 +648,53 @@ pub fn accept(
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
             ready(&path.display().to_string());
             let (stream, _) = listener.accept().map_err(err)?;
-            Ok(Box::new(stream))
+            Ok(Link::Unix(stream))
         }
     }
 }
 
-/// Serves `target` to the gdb on `conn` until it detaches or kills the session.
-pub fn serve(
-    target: &mut ReplayTarget,
-    conn: Box<dyn ConnectionExt<Error = std::io::Error>>,
-) -> Result<DisconnectReason, GdbError> {
-    let stub = GdbStub::builder(conn)
-        .packet_buffer_size(0x4000)
-        .build()
-        .map_err(|e| GdbError::Protocol(e.to_string()))?;
-    match stub.run_blocking::<EventLoop>(target) {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            if e.is_target_error() {
-                match e.into_target_error() {
-                    Some(t) => Err(t),
-                    None => Err(GdbError::Protocol("target error".into())),
-                }
-            } else {
-                Err(GdbError::Protocol(e.to_string()))
+/// Serves `target` to the gdb on `link` until it detaches or kills the session. A packet
+/// the protocol library refuses to parse (malformed arguments) is answered with an error
+/// reply and the session goes on; connection and replay failures end it.
+pub fn serve(target: &mut ReplayTarget, link: &Link) -> Result<DisconnectReason, GdbError> {
+    let conn_err = |source| GdbError::Connection {
+        address: "gdb".into(),
+        source,
+    };
+    loop {
+        let stub = GdbStub::builder(link.conn().map_err(conn_err)?)
+            .packet_buffer_size(0x4000)
+            .build()
+            .map_err(|e| GdbError::Protocol(e.to_string()))?;
+        match stub.run_blocking::<EventLoop>(target) {
+            Ok(r) => return Ok(r),
+            Err(e) if e.is_target_error() => {
+                return Err(e
+                    .into_target_error()
+                    .unwrap_or_else(|| GdbError::Protocol("target error".into())));
+            }
+            Err(e) if e.is_connection_error() => {
+                return Err(GdbError::Protocol(e.to_string()));
+            }
+            Err(e) => {
+                // gdbstub names the failure only in its message.
+                let msg = e.to_string();
+                let answer: &[u8] = if msg.contains("Checksum") {
+                    // A damaged packet: ask gdb to send it again.
+                    b"-"
+                } else if msg.contains("Nack") {
+                    // gdb asked for a reply again; it will ask again or time out.
+                    b""
+                } else {
+                    // The packet was not acknowledged: ack it and answer E01.
+                    b"+$E01#a6"
+                };
+                (target.log)(&format!("deja gdb: bad packet ({msg}); going on"));
+                link.write_raw(answer).map_err(conn_err)?;
             }
         }
     }
 }
 
-/// A connection gdb talks over (what [`accept`] returns; tests build their own).
+/// A connection gdb talks over.
 pub type Conn = Box<dyn ConnectionExt<Error = std::io::Error>>;

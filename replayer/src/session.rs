@@ -498,25 +498,7 @@ impl ReplaySession {
             let window_start = self.vm.cpu.icount();
             // Every event in [window_start, window_end), the last one wins.
             let mut last: Option<(u64, Stop)> = None;
-            loop {
-                if self.at_breakpoint()? && self.vm.cpu.icount() < window_end {
-                    let lin = self.lin_rip()?;
-                    last = Some((self.vm.cpu.icount(), Stop::Breakpoint(lin)));
-                    match self.step()? {
-                        Stop::Reached => {}
-                        Stop::Diverged(d) => return Ok(Stop::Diverged(d)),
-                        _ => break,
-                    }
-                    if let Some(hit) = self.last_step_hits.take()
-                        && hit.icount < window_end
-                    {
-                        last = Some((hit.icount, self.watch_stop(hit)));
-                    }
-                    continue;
-                }
-                if self.vm.cpu.icount() >= window_end {
-                    break;
-                }
+            while self.vm.cpu.icount() < window_end {
                 match self.segment(window_end, true)? {
                     Segment::Watch(_) => {
                         for hit in std::mem::take(&mut self.segment_hits) {
@@ -526,10 +508,20 @@ impl ReplaySession {
                             }
                         }
                     }
-                    Segment::Breakpoint(_) => {
-                        for hit in std::mem::take(&mut self.segment_hits) {
-                            let stop = self.watch_stop(hit.clone());
-                            last = Some((hit.icount, stop));
+                    Segment::Breakpoint(b) => {
+                        // Stores before it are older than the breakpoint, which wins.
+                        self.segment_hits.clear();
+                        last = Some((self.vm.cpu.icount(), Stop::Breakpoint(b)));
+                        // Step over it, seeing a store it makes.
+                        match self.step()? {
+                            Stop::Reached => {}
+                            Stop::Diverged(d) => return Ok(Stop::Diverged(d)),
+                            _ => break,
+                        }
+                        if let Some(hit) = self.last_step_hits.take()
+                            && hit.icount < window_end
+                        {
+                            last = Some((hit.icount, self.watch_stop(hit)));
                         }
                     }
                     Segment::Limit => break,
@@ -539,13 +531,11 @@ impl ReplaySession {
             }
             if let Some((icount, stop)) = last {
                 self.seek(icount)?;
-                if let Stop::Breakpoint(addr) = stop
-                    && self.lin_rip()? != addr
-                {
-                    // An interrupt delivered at this count: the breakpoint is at its
-                    // handler, after the delivery.
+                if let Stop::Breakpoint(addr) = stop {
+                    // The breakpoint stops after any interrupt delivered at this count (the
+                    // plain seek stops before it): run on to it.
                     let keep = std::mem::replace(&mut self.breakpoints, vec![addr]);
-                    let r = self.segment(icount + 1, false);
+                    let r = self.segment(icount + 1, true);
                     self.breakpoints = keep;
                     r?;
                 }
@@ -886,13 +876,11 @@ impl deja_engine::RunObserver for SessionObserver<'_, '_> {
             return false;
         }
         if !self.breakpoints.is_empty()
+            && cpu.stopped_at_breakpoint()
             && let Ok(s) = cpu.state()
         {
-            let lin = linear_rip(&s);
-            if self.breakpoints.binary_search(&lin).is_ok() {
-                self.at_breakpoint = Some(lin);
-                return false;
-            }
+            self.at_breakpoint = Some(linear_rip(&s));
+            return false;
         }
         true
     }

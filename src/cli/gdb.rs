@@ -31,7 +31,7 @@ pub fn serve_replay(
     if let Some(s) = stamped {
         session.set_position_hook(Some(Box::new(move |p| s.flush_at(p.icount))));
     }
-    let conn = deja_gdb::accept(at, &mut |addr| {
+    let link = deja_gdb::accept(at, &mut |addr| {
         eprintln!(
             "deja: waiting for gdb on {addr} (gdb -ex 'target remote {addr}'), at the start \
              of {}",
@@ -40,7 +40,7 @@ pub fn serve_replay(
     })?;
     eprintln!("deja: gdb connected");
     let mut target = ReplayTarget::new(session, Box::new(|line| eprintln!("{line}")));
-    let reason = deja_gdb::serve(&mut target, conn)?;
+    let reason = deja_gdb::serve(&mut target, &link)?;
     let session = target.session();
     let p = session.position();
     eprintln!(

@@ -112,6 +112,8 @@ pub struct BtCpu {
     eliminate_flags: bool,
     /// Linear addresses a debugger stops before (sorted; see [`Cpu::set_breakpoints`]).
     breakpoints: Vec<u64>,
+    /// The last run stopped at one of them.
+    breakpoint_stop: bool,
 }
 
 impl BtCpu {
@@ -132,6 +134,7 @@ impl BtCpu {
             rep_paused_at: None,
             eliminate_flags: true,
             breakpoints: Vec::new(),
+            breakpoint_stop: false,
         })
     }
 
@@ -288,6 +291,10 @@ impl Cpu for BtCpu {
         b.dedup();
         self.breakpoints = b;
         Ok(())
+    }
+
+    fn stopped_at_breakpoint(&self) -> bool {
+        self.breakpoint_stop
     }
 
     fn take_watch_hits(&mut self) -> Vec<deja_machine::WatchHit> {

@@ -115,6 +115,7 @@ impl BtCpu {
         self.mem.flush_fast();
         self.cache.flush_lookup();
         self.mem.watching = self.core.data_bps_armed();
+        self.breakpoint_stop = false;
         let stop_at = limit.stop_at_icount.unwrap_or(u64::MAX);
         let stop_exits = limit.stop_at_exits.unwrap_or(0);
         let holding = self.holding;
@@ -221,6 +222,7 @@ impl BtCpu {
                     .binary_search(&Self::lin_rip(&self.core))
                     .is_ok()
             {
+                self.breakpoint_stop = true;
                 return Ok(Exit::InstructionLimit);
             }
             let debug = self.debug_mode();

@@ -747,6 +747,12 @@ pub trait Cpu: Send {
             detail: "this engine cannot stop at breakpoints of its own; debug on bt".into(),
         })
     }
+    /// Whether the last run ended at one of [`Cpu::set_breakpoints`]'s addresses (rather than
+    /// at its limit or an exit with RIP there by chance: an interrupt due at that boundary
+    /// is taken before the instruction, and so before its breakpoint, as on hardware).
+    fn stopped_at_breakpoint(&self) -> bool {
+        false
+    }
     /// The stores into watched ranges since the last call, in execution order.
     fn take_watch_hits(&mut self) -> Vec<WatchHit> {
         Vec::new()
