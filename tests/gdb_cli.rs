@@ -224,7 +224,8 @@ fn a_watchpoint_and_reverse_continue_from_the_panic_find_the_lost_update() {
     let last_rip = hits.last().unwrap().1;
     assert_eq!(hits.last().unwrap().0, last);
 
-    let stub = Stub::start(&trace, "127.0.0.1:0", &[]);
+    let console_out = trace.with_extension("console");
+    let stub = Stub::start(&trace, "127.0.0.1:0", &["--serial-out", s(&console_out)]);
     let watch = format!("watch *(long*){addr}");
     let out = gdb(
         &stub.addr,
@@ -258,6 +259,8 @@ fn a_watchpoint_and_reverse_continue_from_the_panic_find_the_lost_update() {
     );
     assert!(out.contains("Hardware watchpoint 1"), "{out}");
     assert!(err.contains("all matched"), "{err}");
+    // The console once, though the session replayed parts of it several times.
+    assert_eq!(std::fs::read_to_string(&console_out).unwrap(), console);
 }
 
 #[test]

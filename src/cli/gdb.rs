@@ -29,7 +29,7 @@ pub fn serve_replay(
     )
     .with_context(|| format!("opening {} for gdb", args.trace.display()))?;
     if let Some(s) = stamped {
-        session.set_position_hook(Some(Box::new(move |p| s.flush_at(p.icount))));
+        session.set_position_hook(Some(Box::new(move |p| s.flush_at(p))));
     }
     let link = deja_gdb::accept(at, &mut |addr| {
         eprintln!(

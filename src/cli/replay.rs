@@ -67,8 +67,9 @@ pub struct ReplayArgs {
     pub stamp: bool,
 }
 
-/// Serial output with each line prefixed by the instruction count where it was written:
-/// bytes wait until the replay's next position (the device exit that wrote them) is known.
+/// Serial output held until the replay's next position (the device exit that wrote it) is
+/// known: then each line can be prefixed with that instruction count (`--stamp`), and a
+/// gdb session that replays a stretch again does not print its output twice.
 #[derive(Clone)]
 pub struct Stamped(Arc<Mutex<StampState>>);
 
@@ -77,30 +78,41 @@ pub struct StampState {
     out: Box<dyn Write + Send>,
     pending: Vec<u8>,
     line_start: bool,
+    stamp: bool,
+    /// The last device exit whose output was passed on (output at or before it is a
+    /// replay of what was already printed).
+    printed_exits: Option<u64>,
 }
 
 impl Stamped {
-    /// Stamps what is written to it and passes it on to `out`.
-    pub fn new(out: Box<dyn Write + Send>) -> Self {
+    /// Holds what is written to it and passes it on to `out`, stamped when `stamp`.
+    pub fn new(out: Box<dyn Write + Send>, stamp: bool) -> Self {
         Self(Arc::new(Mutex::new(StampState {
             out,
             pending: Vec::new(),
             line_start: true,
+            stamp,
+            printed_exits: None,
         })))
     }
 
-    /// Writes the pending bytes, their lines stamped with `icount`.
-    pub fn flush_at(&self, icount: u64) {
+    /// Passes the pending bytes on, written at position `at` (their lines stamped with its
+    /// instruction count), unless output at that device exit was passed on before.
+    pub fn flush_at(&self, at: deja_traces::Position) {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if s.pending.is_empty() {
             return;
         }
         let pending = std::mem::take(&mut s.pending);
+        if s.printed_exits.is_some_and(|e| at.exits <= e) {
+            return;
+        }
+        s.printed_exits = Some(at.exits);
         let mut text = Vec::with_capacity(pending.len() + 24);
         let mut line_start = s.line_start;
         for b in pending {
-            if line_start {
-                text.extend_from_slice(format!("[icount {icount}] ").as_bytes());
+            if line_start && s.stamp {
+                text.extend_from_slice(format!("[icount {}] ", at.icount).as_bytes());
             }
             text.push(b);
             line_start = b == b'\n';
@@ -199,8 +211,8 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
         None => Box::new(std::io::sink()),
     };
-    let (serial_out, stamped): (Box<dyn Write + Send>, _) = if args.stamp {
-        let s = Stamped::new(serial_out);
+    let (serial_out, stamped): (Box<dyn Write + Send>, _) = if args.stamp || args.gdb.is_some() {
+        let s = Stamped::new(serial_out, args.stamp);
         (Box::new(s.clone()), Some(s))
     } else {
         (serial_out, None)
@@ -241,7 +253,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut progress = |p: deja_traces::Position| {
         pb.set_position(if by_icount { p.icount } else { p.exits });
         if let Some(s) = &stamp_hook {
-            s.flush_at(p.icount);
+            s.flush_at(p);
         }
     };
     let print_hits = !args.json;
@@ -269,7 +281,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     )
     .with_context(|| format!("replaying {} on {engine}", args.trace.display()))?;
     if let Some(s) = &stamped {
-        s.flush_at(report.icount);
+        s.flush_at(deja_traces::Position::new(report.icount, report.exits));
     }
     pb.finish_and_clear();
     let _ = std::io::stdout().flush();
