@@ -67,10 +67,16 @@ impl Stub {
     /// Starts the stub on `endpoint` (`127.0.0.1:0` picks a free port) and waits until it
     /// listens.
     fn start(trace: &Path, endpoint: &str, extra: &[&str]) -> Stub {
+        let mut args = vec!["replay", "--gdb", endpoint];
+        args.extend_from_slice(extra);
+        args.push(s(trace));
+        Stub::spawn(&args)
+    }
+
+    /// Starts `deja ARGS` (which must serve gdb) and waits until it listens.
+    fn spawn(args: &[&str]) -> Stub {
         let mut child = Command::new(env!("CARGO_BIN_EXE_deja"))
-            .args(["replay", "--gdb", endpoint])
-            .args(extra)
-            .arg(trace)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -621,4 +627,54 @@ fn a_kvm_recording_is_debugged_on_bt() {
     );
     assert_eq!(w[1], w[0] - 1, "{out}");
     assert!(err.contains("all matched"), "{err}");
+}
+
+#[test]
+fn a_live_run_is_debugged_forward_only() {
+    let stub = Stub::spawn(&[
+        "run",
+        "--gdb",
+        "127.0.0.1:0",
+        "--engine",
+        "bt",
+        "--mem",
+        "32M",
+        "guest:racy-kernel",
+    ]);
+    let out = gdb(
+        &stub.addr,
+        &[
+            "stepi 3",
+            "monitor when",
+            "break *0x7ddf",
+            "continue",
+            "monitor when",
+            "p/x $rip",
+            "delete",
+            "watch *(long*)0x98000",
+            "continue",
+            "monitor when",
+            "reverse-stepi",
+            "monitor seek 5",
+            "delete",
+            "continue",
+        ],
+    );
+    let (status, err) = stub.finish();
+    assert_eq!(status, 0, "{err}");
+    let w = whens(&out);
+    assert_eq!(w[0], 3, "{out}");
+    assert_eq!(values(&out), vec![0x7ddf], "{out}");
+    assert_eq!(
+        w[2],
+        w[1] + 1,
+        "the watchpoint stops right after the store: {out}"
+    );
+    assert!(out.contains("Hardware watchpoint 2"), "{out}");
+    assert!(
+        out.contains("Target remote does not support this command"),
+        "no reverse execution on a live run: {out}"
+    );
+    assert!(out.contains("a live run goes forward only"), "{out}");
+    assert!(out.contains("exited normally"), "{out}");
 }

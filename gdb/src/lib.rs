@@ -15,10 +15,13 @@
 //! SIGABRT and the replay's report.
 
 pub mod arch;
+pub mod live;
 
 use arch::{DejaRegs, DejaX86};
+use deja_machine::CpuState;
 use deja_replayer::ReplayError;
 use deja_replayer::session::{ReplaySession, Stop};
+use deja_traces::Position;
 use gdbstub::common::Signal;
 use gdbstub::conn::ConnectionExt;
 use gdbstub::stub::{DisconnectReason, GdbStub, SingleThreadStopReason, run_blocking};
@@ -57,6 +60,15 @@ pub enum GdbError {
     /// The protocol machinery failed.
     #[error("gdb protocol: {0}")]
     Protocol(String),
+    /// A live run failed.
+    #[error("running: {0}")]
+    Run(#[from] deja_engine::RunError),
+    /// The live engine failed.
+    #[error("the engine: {0}")]
+    Cpu(#[from] deja_machine::CpuError),
+    /// A live run cannot do what was asked.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What gdb asked the target to do at the last resume.
@@ -76,9 +88,104 @@ struct Watchpoint {
     kind: WatchKind,
 }
 
+/// What gdb debugs: a replay session (every command) or a live run (forward only).
+pub trait Debuggee {
+    /// The current position.
+    fn position(&self) -> Position;
+    /// The CPU state here.
+    fn cpu_state(&mut self) -> Result<CpuState, GdbError>;
+    /// Reads memory at a virtual address through the page tables here.
+    fn read_virtual(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GdbError>;
+    /// Reads guest-physical memory.
+    fn read_physical(&self, addr: u64, buf: &mut [u8]) -> usize;
+    /// The physical address of a virtual one here.
+    fn translate(&mut self, addr: u64) -> Result<Option<u64>, GdbError>;
+    /// Replaces the breakpoints (linear addresses).
+    fn set_breakpoints(&mut self, linear: &[u64]);
+    /// Watches stores into `len` bytes at virtual `virt`.
+    fn add_watch(&mut self, virt: u64, len: u64) -> Result<(), GdbError>;
+    /// Stops watching them.
+    fn remove_watch(&mut self, virt: u64, len: u64) -> bool;
+    /// One instruction forward.
+    fn step(&mut self) -> Result<Stop, GdbError>;
+    /// Forward to the next breakpoint or watched store.
+    fn resume(&mut self, interrupt: &mut dyn FnMut() -> bool) -> Result<Stop, GdbError>;
+    /// Whether it can go backwards and seek (a replay) or not (a live run).
+    fn reversible(&self) -> bool;
+    /// One instruction back.
+    fn reverse_step(&mut self) -> Result<Stop, GdbError>;
+    /// Back to the last breakpoint or watched store.
+    fn reverse_resume(&mut self) -> Result<Stop, GdbError>;
+    /// To instruction count `n`.
+    fn seek(&mut self, n: u64) -> Result<Stop, GdbError>;
+    /// A restore point here; its position.
+    fn checkpoint(&mut self) -> Result<Position, GdbError>;
+    /// State digests checked so far (a replay's).
+    fn digests_checked(&self) -> u64;
+    /// Whether a replay diverged.
+    fn diverged(&self) -> bool;
+}
+
+impl Debuggee for ReplaySession {
+    fn position(&self) -> Position {
+        ReplaySession::position(self)
+    }
+    fn cpu_state(&mut self) -> Result<CpuState, GdbError> {
+        Ok(ReplaySession::cpu_state(self)?)
+    }
+    fn read_virtual(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GdbError> {
+        Ok(ReplaySession::read_virtual(self, addr, buf)?)
+    }
+    fn read_physical(&self, addr: u64, buf: &mut [u8]) -> usize {
+        ReplaySession::read_physical(self, addr, buf)
+    }
+    fn translate(&mut self, addr: u64) -> Result<Option<u64>, GdbError> {
+        Ok(ReplaySession::translate(self, addr)?)
+    }
+    fn set_breakpoints(&mut self, linear: &[u64]) {
+        ReplaySession::set_breakpoints(self, linear)
+    }
+    fn add_watch(&mut self, virt: u64, len: u64) -> Result<(), GdbError> {
+        Ok(ReplaySession::add_watch(self, virt, len)?)
+    }
+    fn remove_watch(&mut self, virt: u64, len: u64) -> bool {
+        ReplaySession::remove_watch(self, virt, len)
+    }
+    fn step(&mut self) -> Result<Stop, GdbError> {
+        Ok(ReplaySession::step(self)?)
+    }
+    fn resume(&mut self, interrupt: &mut dyn FnMut() -> bool) -> Result<Stop, GdbError> {
+        Ok(ReplaySession::resume(self, interrupt)?)
+    }
+    fn reversible(&self) -> bool {
+        true
+    }
+    fn reverse_step(&mut self) -> Result<Stop, GdbError> {
+        Ok(ReplaySession::reverse_step(self)?)
+    }
+    fn reverse_resume(&mut self) -> Result<Stop, GdbError> {
+        Ok(ReplaySession::reverse_resume(self)?)
+    }
+    fn seek(&mut self, n: u64) -> Result<Stop, GdbError> {
+        Ok(ReplaySession::seek(self, n)?)
+    }
+    fn checkpoint(&mut self) -> Result<Position, GdbError> {
+        Ok(ReplaySession::checkpoint(self)?)
+    }
+    fn digests_checked(&self) -> u64 {
+        ReplaySession::digests_checked(self)
+    }
+    fn diverged(&self) -> bool {
+        self.divergence().is_some()
+    }
+}
+
 /// A replay session served to gdb.
-pub struct ReplayTarget {
-    session: ReplaySession,
+pub type ReplayTarget = DebugTarget<ReplaySession>;
+
+/// A [`Debuggee`] served to gdb.
+pub struct DebugTarget<D: Debuggee> {
+    session: D,
     sw: BTreeSet<u64>,
     hw: BTreeSet<u64>,
     watches: Vec<Watchpoint>,
@@ -88,9 +195,9 @@ pub struct ReplayTarget {
     log: Box<dyn FnMut(&str) + Send>,
 }
 
-impl ReplayTarget {
+impl<D: Debuggee> DebugTarget<D> {
     /// Serves `session`; `log` hears the stub's explanations (refused writes, divergences).
-    pub fn new(session: ReplaySession, log: Box<dyn FnMut(&str) + Send>) -> Self {
+    pub fn new(session: D, log: Box<dyn FnMut(&str) + Send>) -> Self {
         Self {
             session,
             sw: BTreeSet::new(),
@@ -103,7 +210,7 @@ impl ReplayTarget {
     }
 
     /// The session (to read its verdict after gdb detaches).
-    pub fn session(&mut self) -> &mut ReplaySession {
+    pub fn session(&mut self) -> &mut D {
         &mut self.session
     }
 
@@ -157,6 +264,8 @@ impl ReplayTarget {
                 self.action = Some(Action::Continue);
                 return Ok(None);
             }
+            // A live run has no log to reach the end of: its guest is gone.
+            Stop::End if !self.session.reversible() => SingleThreadStopReason::Exited(0),
             Stop::End => SingleThreadStopReason::ReplayLog {
                 tid: None,
                 pos: ReplayLogPosition::End,
@@ -183,6 +292,13 @@ impl ReplayTarget {
                 None => t.parse().ok(),
             }
         };
+        if !self.session.reversible() && matches!(verb, "seek" | "run" | "checkpoint" | "restart") {
+            outputln!(
+                out,
+                "a live run goes forward only: {verb} needs a replay (deja replay --gdb)"
+            );
+            return Ok(());
+        }
         match verb {
             "when" => {
                 let p = self.session.position();
@@ -255,7 +371,7 @@ impl ReplayTarget {
                     out,
                     "{} state digests checked, all matched{}",
                     self.session.digests_checked(),
-                    if self.session.divergence().is_some() {
+                    if self.session.diverged() {
                         " until the divergence"
                     } else {
                         ""
@@ -294,7 +410,7 @@ impl ReplayTarget {
     }
 }
 
-impl Target for ReplayTarget {
+impl<D: Debuggee> Target for DebugTarget<D> {
     type Arch = DejaX86;
     type Error = GdbError;
 
@@ -322,12 +438,9 @@ impl Target for ReplayTarget {
     }
 }
 
-impl SingleThreadBase for ReplayTarget {
+impl<D: Debuggee> SingleThreadBase for DebugTarget<D> {
     fn read_registers(&mut self, regs: &mut DejaRegs) -> TargetResult<(), Self> {
-        let s = self
-            .session
-            .cpu_state()
-            .map_err(|e| TargetError::Fatal(e.into()))?;
+        let s = self.session.cpu_state().map_err(TargetError::Fatal)?;
         *regs = DejaRegs::from_state(&s);
         Ok(())
     }
@@ -341,7 +454,7 @@ impl SingleThreadBase for ReplayTarget {
         let n = self
             .session
             .read_virtual(start_addr, data)
-            .map_err(|e| TargetError::Fatal(e.into()))?;
+            .map_err(TargetError::Fatal)?;
         if n == 0 && !data.is_empty() {
             return Err(TargetError::Errno(14));
         }
@@ -365,7 +478,7 @@ impl SingleThreadBase for ReplayTarget {
     }
 }
 
-impl SingleThreadResume for ReplayTarget {
+impl<D: Debuggee> SingleThreadResume for DebugTarget<D> {
     fn resume(&mut self, _signal: Option<Signal>) -> Result<(), Self::Error> {
         // A replayed guest has no signals to take: C and S resume as c and s.
         self.action = Some(Action::Continue);
@@ -377,36 +490,44 @@ impl SingleThreadResume for ReplayTarget {
     }
 
     fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, (), Self>> {
-        Some(self)
+        if self.session.reversible() {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, (), Self>> {
-        Some(self)
+        if self.session.reversible() {
+            Some(self)
+        } else {
+            None
+        }
     }
 }
 
-impl SingleThreadSingleStep for ReplayTarget {
+impl<D: Debuggee> SingleThreadSingleStep for DebugTarget<D> {
     fn step(&mut self, _signal: Option<Signal>) -> Result<(), Self::Error> {
         self.action = Some(Action::Step);
         Ok(())
     }
 }
 
-impl ReverseStep<()> for ReplayTarget {
+impl<D: Debuggee> ReverseStep<()> for DebugTarget<D> {
     fn reverse_step(&mut self, _tid: ()) -> Result<(), Self::Error> {
         self.action = Some(Action::ReverseStep);
         Ok(())
     }
 }
 
-impl ReverseCont<()> for ReplayTarget {
+impl<D: Debuggee> ReverseCont<()> for DebugTarget<D> {
     fn reverse_cont(&mut self) -> Result<(), Self::Error> {
         self.action = Some(Action::ReverseContinue);
         Ok(())
     }
 }
 
-impl Breakpoints for ReplayTarget {
+impl<D: Debuggee> Breakpoints for DebugTarget<D> {
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
         Some(self)
     }
@@ -420,7 +541,7 @@ impl Breakpoints for ReplayTarget {
     }
 }
 
-impl SwBreakpoint for ReplayTarget {
+impl<D: Debuggee> SwBreakpoint for DebugTarget<D> {
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         self.sw.insert(addr);
         self.sync_breakpoints();
@@ -434,7 +555,7 @@ impl SwBreakpoint for ReplayTarget {
     }
 }
 
-impl HwBreakpoint for ReplayTarget {
+impl<D: Debuggee> HwBreakpoint for DebugTarget<D> {
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         self.hw.insert(addr);
         self.sync_breakpoints();
@@ -448,7 +569,7 @@ impl HwBreakpoint for ReplayTarget {
     }
 }
 
-impl HwWatchpoint for ReplayTarget {
+impl<D: Debuggee> HwWatchpoint for DebugTarget<D> {
     fn add_hw_watchpoint(
         &mut self,
         addr: u64,
@@ -499,7 +620,7 @@ impl HwWatchpoint for ReplayTarget {
     }
 }
 
-impl MonitorCmd for ReplayTarget {
+impl<D: Debuggee> MonitorCmd for DebugTarget<D> {
     fn handle_monitor_cmd(
         &mut self,
         cmd: &[u8],
@@ -517,16 +638,16 @@ impl MonitorCmd for ReplayTarget {
 }
 
 /// The blocking event loop: runs the pending action, watching the connection for Ctrl-C.
-enum EventLoop {}
+struct EventLoop<D>(std::marker::PhantomData<D>);
 
-impl run_blocking::BlockingEventLoop for EventLoop {
-    type Target = ReplayTarget;
+impl<D: Debuggee> run_blocking::BlockingEventLoop for EventLoop<D> {
+    type Target = DebugTarget<D>;
     type Connection = Box<dyn ConnectionExt<Error = std::io::Error>>;
     type StopReason = SingleThreadStopReason<u64>;
 
     #[allow(clippy::type_complexity)]
     fn wait_for_stop_reason(
-        target: &mut ReplayTarget,
+        target: &mut DebugTarget<D>,
         conn: &mut Self::Connection,
     ) -> Result<
         run_blocking::Event<SingleThreadStopReason<u64>>,
@@ -550,7 +671,7 @@ impl run_blocking::BlockingEventLoop for EventLoop {
     }
 
     fn on_interrupt(
-        target: &mut ReplayTarget,
+        target: &mut DebugTarget<D>,
     ) -> Result<Option<SingleThreadStopReason<u64>>, GdbError> {
         target.action = None;
         Ok(Some(SingleThreadStopReason::Signal(Signal::SIGINT)))
@@ -656,7 +777,10 @@ pub fn accept(at: &Endpoint, ready: &mut dyn FnMut(&str)) -> Result<Link, GdbErr
 /// Serves `target` to the gdb on `link` until it detaches or kills the session. A packet
 /// the protocol library refuses to parse (malformed arguments) is answered with an error
 /// reply and the session goes on; connection and replay failures end it.
-pub fn serve(target: &mut ReplayTarget, link: &Link) -> Result<DisconnectReason, GdbError> {
+pub fn serve<D: Debuggee>(
+    target: &mut DebugTarget<D>,
+    link: &Link,
+) -> Result<DisconnectReason, GdbError> {
     let conn_err = |source| GdbError::Connection {
         address: "gdb".into(),
         source,
@@ -666,7 +790,7 @@ pub fn serve(target: &mut ReplayTarget, link: &Link) -> Result<DisconnectReason,
             .packet_buffer_size(0x4000)
             .build()
             .map_err(|e| GdbError::Protocol(e.to_string()))?;
-        match stub.run_blocking::<EventLoop>(target) {
+        match stub.run_blocking::<EventLoop<D>>(target) {
             Ok(r) => return Ok(r),
             Err(e) if e.is_target_error() => {
                 return Err(e
@@ -679,6 +803,12 @@ pub fn serve(target: &mut ReplayTarget, link: &Link) -> Result<DisconnectReason,
             Err(e) => {
                 // gdbstub names the failure only in its message.
                 let msg = e.to_string();
+                if !msg.contains("parse packet")
+                    && !msg.contains("Nack")
+                    && !msg.contains("too much data")
+                {
+                    return Err(GdbError::Protocol(msg));
+                }
                 let answer: &[u8] = if msg.contains("Checksum") {
                     // A damaged packet: ask gdb to send it again.
                     b"-"

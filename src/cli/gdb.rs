@@ -1,4 +1,4 @@
-//! `deja replay --gdb`: a replay served to gdb.
+//! `deja replay --gdb` and `deja run --gdb`: a replay (or a live run) served to gdb.
 
 use super::replay::{ReplayArgs, Stamped};
 use anyhow::Context;
@@ -59,4 +59,24 @@ pub fn serve_replay(
     } else {
         0
     }))
+}
+
+/// Waits for gdb at `at` and serves the live run of `vm` (forward only) until gdb leaves.
+pub fn serve_live(vm: deja_engine::Vm, at: &Endpoint) -> anyhow::Result<ExitCode> {
+    let run = deja_gdb::live::LiveRun::new(vm)?;
+    let link = deja_gdb::accept(at, &mut |addr| {
+        eprintln!(
+            "deja: waiting for gdb on {addr} (gdb -ex 'target remote {addr}'), before the \
+             guest's first instruction"
+        );
+    })?;
+    eprintln!("deja: gdb connected");
+    let mut target = deja_gdb::DebugTarget::new(run, Box::new(|line| eprintln!("{line}")));
+    let reason = deja_gdb::serve(&mut target, &link)?;
+    let p = deja_gdb::Debuggee::position(target.session());
+    eprintln!(
+        "deja: gdb session ended ({reason:?}) at icount {} exit #{}",
+        p.icount, p.exits
+    );
+    Ok(ExitCode::SUCCESS)
 }
