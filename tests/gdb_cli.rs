@@ -678,3 +678,57 @@ fn a_live_run_is_debugged_forward_only() {
     assert!(out.contains("a live run goes forward only"), "{out}");
     assert!(out.contains("exited normally"), "{out}");
 }
+
+#[test]
+fn ctrl_c_stops_a_running_guest() {
+    // A live run of the racy kernel takes millions of instructions: gdb's Ctrl-C (0x03)
+    // arrives while it runs and stops it with SIGINT; the session goes on.
+    let stub = Stub::spawn(&[
+        "run",
+        "--gdb",
+        "127.0.0.1:0",
+        "--engine",
+        "bt",
+        "--mem",
+        "32M",
+        "--serial-out",
+        "/dev/null",
+        "guest:racy-kernel",
+    ]);
+    let mut conn = std::net::TcpStream::connect(&stub.addr).expect("connecting");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(&packet("qSupported:swbreak+")).unwrap();
+    assert!(reply(&mut conn).is_some_and(|r| r.starts_with("PacketSize")));
+    let mut running = packet("c");
+    running.push(0x03);
+    conn.write_all(&running).unwrap();
+    let stop = reply(&mut conn).expect("a stop reply");
+    assert!(
+        stop.starts_with("T02") || stop.starts_with("S02"),
+        "SIGINT expected, got {stop:?}"
+    );
+    conn.write_all(&packet("qRcmd,7768656e")).unwrap(); // "when"
+    let mut when = String::new();
+    while let Some(r) = reply(&mut conn) {
+        if r == "OK" {
+            break;
+        }
+        when.push_str(&r);
+    }
+    let hex = when.trim_start_matches('O');
+    let text: String = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap() as char)
+        .collect();
+    let icount: u64 = text
+        .strip_prefix("icount ")
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text:?}"));
+    assert!(icount > 0, "{text}");
+    // gdb going away without a detach ends the session as a detach does.
+    drop(conn);
+    let (status, err) = stub.finish();
+    assert_eq!(status, 0, "{err}");
+    assert!(err.contains("gdb session ended"), "{err}");
+}

@@ -798,7 +798,22 @@ pub fn serve<D: Debuggee>(
                     .unwrap_or_else(|| GdbError::Protocol("target error".into())));
             }
             Err(e) if e.is_connection_error() => {
-                return Err(GdbError::Protocol(e.to_string()));
+                let msg = e.to_string();
+                return match e.into_connection_error() {
+                    // gdb went away without detaching (killed, or the user quit): the
+                    // session is over, as after a detach.
+                    Some((io, _))
+                        if matches!(
+                            io.kind(),
+                            std::io::ErrorKind::UnexpectedEof
+                                | std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::BrokenPipe
+                        ) =>
+                    {
+                        Ok(DisconnectReason::Disconnect)
+                    }
+                    _ => Err(GdbError::Protocol(msg)),
+                };
             }
             Err(e) => {
                 // gdbstub names the failure only in its message.
