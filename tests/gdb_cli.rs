@@ -14,10 +14,15 @@ use std::time::{Duration, Instant};
 
 /// The racy kernel's trace (chaos seed 1 fails on its first attempt) and its console.
 fn racy_trace(name: &str) -> (PathBuf, String) {
+    racy_trace_with(name, &[])
+}
+
+/// [`racy_trace`] with more `deja record` arguments.
+fn racy_trace_with(name: &str, extra: &[&str]) -> (PathBuf, String) {
     let dir = scratch(name);
     let trace = dir.join("racy.trace");
     let out = dir.join("racy.out");
-    let o = deja(&[
+    let args = [
         "record",
         "--engine",
         "bt",
@@ -34,7 +39,11 @@ fn racy_trace(name: &str) -> (PathBuf, String) {
         s(&out),
         "--mem",
         "32M",
-    ]);
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect::<Vec<_>>();
+    let o = deja(&args);
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     (trace, std::fs::read_to_string(&out).unwrap())
 }
@@ -224,7 +233,18 @@ fn counter_address(console: &str) -> String {
 
 #[test]
 fn a_watchpoint_and_reverse_continue_from_the_panic_find_the_lost_update() {
-    let (trace, console) = racy_trace("gdb-watch");
+    // Dense checkpoints in the trace: going back restores them (the other tests have none
+    // and go back through the session's own snapshots).
+    let (trace, console) = racy_trace_with(
+        "gdb-watch",
+        &["--digest-interval", "20", "--checkpoint-every", "1"],
+    );
+    let info = text(&deja(&["trace", "info", s(&trace)]).stdout);
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("checkpoints") && !l.trim_end().ends_with(" 0")),
+        "{info}"
+    );
     let addr = counter_address(&console);
     let (hits, last) = watch_listing(&trace, &addr);
     let last_rip = hits.last().unwrap().1;
