@@ -12,8 +12,10 @@
 //! Going back restores the nearest restore point at or before the target and replays
 //! forward: the trace's own checkpoints (traces with instruction counts), and snapshots the
 //! session takes in memory (at the start, every [`SessionOptions::snapshot_every`]
-//! instructions of forward progress, and near where the debugger stops). The session never
-//! changes guest state itself: nothing a debugger does can make the replay diverge.
+//! instructions of forward progress when running has cost ten times the last snapshot,
+//! and near where the debugger stops; at most [`MAX_SNAPSHOTS`] holding
+//! [`MAX_SNAPSHOT_BYTES`] together). The session never changes guest state itself:
+//! nothing a debugger does can make the replay diverge.
 //!
 //! Positions are bt's instruction counts: a trace recorded on kvm replays on bt and gets
 //! them from the replay (its own positions count device exits only).
@@ -38,6 +40,13 @@ use std::sync::{Arc, Mutex};
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 2_000_000;
 /// Most in-memory snapshots a session keeps (the one at the start is never dropped).
 pub const MAX_SNAPSHOTS: usize = 128;
+/// Most bytes of guest memory the in-memory snapshots hold together (each holds every
+/// non-zero page: a Linux guest's are hundreds of MiB); older ones are dropped first.
+pub const MAX_SNAPSHOT_BYTES: u64 = 2 << 30;
+/// A forward snapshot costs a copy and a digest of memory: the session runs at least this
+/// many times as long as the last snapshot took before it takes the next one, so that
+/// snapshots never cost more than a small share of a forward run.
+const SNAPSHOT_COST_RATIO: u32 = 10;
 /// A stop farther than this from the nearest restore point gets a snapshot of its own, so
 /// that stepping backwards near it replays only a few instructions.
 pub const NEAR_STOP: u64 = 20_000;
@@ -129,6 +138,9 @@ pub struct ReplaySession {
     trace_checkpoints: bool,
     snapshots: Vec<Snapshot>,
     snapshot_every: u64,
+    /// How long the last snapshot took, and how long the machine has run since.
+    snapshot_cost: std::time::Duration,
+    run_since_snapshot: std::time::Duration,
     /// The recording's last position, when it ended at a known instruction count.
     end_icount: Option<u64>,
     stop_at_end: bool,
@@ -238,6 +250,8 @@ impl ReplaySession {
             trace_checkpoints: !exit_sync,
             snapshots: Vec::new(),
             snapshot_every: opts.snapshot_every.max(1),
+            snapshot_cost: std::time::Duration::ZERO,
+            run_since_snapshot: std::time::Duration::ZERO,
             end_icount,
             stop_at_end: interrupted_at.is_some(),
             at_end: false,
@@ -722,7 +736,10 @@ impl ReplaySession {
             .filter(|&i| i <= now)
             .max()
             .unwrap_or(0);
-        if now - last >= self.snapshot_every {
+        self.run_since_snapshot += run.elapsed;
+        if now - last >= self.snapshot_every
+            && self.run_since_snapshot >= self.snapshot_cost * SNAPSHOT_COST_RATIO
+        {
             self.take_snapshot()?;
         }
         Ok(Segment::Limit)
@@ -813,6 +830,7 @@ impl ReplaySession {
         if self.snapshots.iter().any(|s| s.position == now) {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let mut tracker = PageTracker::new();
         let next_poll = self.vm.next_poll();
         let snap = state::snapshot(
@@ -827,10 +845,21 @@ impl ReplaySession {
             memory.set_page(*n, page);
         }
         let event_index = host::lock(&self.player).consumed();
-        if self.snapshots.len() >= MAX_SNAPSHOTS {
-            // Drop the oldest taken, but never the one at the start.
+        let bytes = |v: &[Snapshot]| -> u64 {
+            v.iter()
+                .map(|s| s.memory.pages().count() as u64 * deja_traces::PAGE_SIZE as u64)
+                .sum()
+        };
+        let new_bytes = snap.pages.len() as u64 * deja_traces::PAGE_SIZE as u64;
+        // Drop the oldest taken, but never the one at the start.
+        while self.snapshots.len() > 1
+            && (self.snapshots.len() >= MAX_SNAPSHOTS
+                || bytes(&self.snapshots) + new_bytes > MAX_SNAPSHOT_BYTES)
+        {
             self.snapshots.remove(1);
         }
+        self.snapshot_cost = started.elapsed();
+        self.run_since_snapshot = std::time::Duration::ZERO;
         self.snapshots.push(Snapshot {
             position: now,
             event_index,
