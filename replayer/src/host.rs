@@ -136,6 +136,16 @@ impl Player {
         Self::with_source(Source::Preloaded(items.into_iter()), checkpoint, exit_sync)
     }
 
+    /// Plays `events`, the trace's events from index `first` on, as a replay restored at
+    /// `at` (a checkpoint's position, or a replay session's own snapshot) consumes them.
+    pub fn from_events(events: Vec<Event>, first: u64, at: Position, exit_sync: bool) -> Self {
+        let items: Vec<Item> = events.into_iter().map(Item::Event).collect();
+        let mut p = Self::with_source(Source::Preloaded(items.into_iter()), None, exit_sync);
+        p.consumed = first;
+        p.last = at;
+        p
+    }
+
     fn with_source(
         source: Source,
         checkpoint: Option<CheckpointIndexEntry>,

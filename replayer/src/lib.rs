@@ -17,6 +17,7 @@
 //! starting from the nearest checkpoint at or before it.
 
 mod host;
+pub mod session;
 
 pub use host::{Mismatch, PRELOAD_MAX_EVENTS, Player, ReplayingHost};
 
@@ -86,6 +87,9 @@ pub enum ReplayError {
     /// Reading the CPU state failed.
     #[error("reading the CPU state: {0}")]
     Cpu(#[from] CpuError),
+    /// A replay session refused a request (see [`session`]).
+    #[error("replay session: {0}")]
+    Session(String),
 }
 
 /// Where `--until` stops.

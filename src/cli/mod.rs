@@ -2,6 +2,7 @@
 //! than call the library crates and format their answers.
 
 pub mod bench;
+pub mod gdb;
 pub mod guests;
 pub mod info;
 pub mod progress;

@@ -9,6 +9,7 @@ use deja_replayer::{ReplayHooks, ReplayOptions, Until, Verdict, replay_with};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The replay differed from the recording.
@@ -59,6 +60,85 @@ pub struct ReplayArgs {
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Serve the replay to gdb at ADDR (`:PORT` or `HOST:PORT`, loopback when no host is
+    /// given, or a Unix socket path) instead of running it: deja waits for gdb at the
+    /// trace's start (`target remote ADDR`), and gdb can then step, continue and reverse
+    /// through the whole recording (on bt, whatever engine recorded it).
+    #[arg(long, value_name = "ADDR")]
+    pub gdb: Option<deja_gdb::Endpoint>,
+    /// Prefix every line of the guest's serial output with `[icount N] `, the instruction
+    /// count at the device exit that wrote the line's first byte (`monitor seek N` in gdb
+    /// goes there).
+    #[arg(long)]
+    pub stamp: bool,
+}
+
+/// Serial output held until the replay's next position (the device exit that wrote it) is
+/// known: then each line can be prefixed with that instruction count (`--stamp`), and a
+/// gdb session that replays a stretch again does not print its output twice.
+#[derive(Clone)]
+pub struct Stamped(Arc<Mutex<StampState>>);
+
+/// What [`Stamped`] holds.
+pub struct StampState {
+    out: Box<dyn Write + Send>,
+    pending: Vec<u8>,
+    line_start: bool,
+    stamp: bool,
+    /// The last device exit whose output was passed on (output at or before it is a
+    /// replay of what was already printed).
+    printed_exits: Option<u64>,
+}
+
+impl Stamped {
+    /// Holds what is written to it and passes it on to `out`, stamped when `stamp`.
+    pub fn new(out: Box<dyn Write + Send>, stamp: bool) -> Self {
+        Self(Arc::new(Mutex::new(StampState {
+            out,
+            pending: Vec::new(),
+            line_start: true,
+            stamp,
+            printed_exits: None,
+        })))
+    }
+
+    /// Passes the pending bytes on, written at position `at` (their lines stamped with its
+    /// instruction count), unless output at that device exit was passed on before.
+    pub fn flush_at(&self, at: deja_traces::Position) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if s.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut s.pending);
+        if s.printed_exits.is_some_and(|e| at.exits <= e) {
+            return;
+        }
+        s.printed_exits = Some(at.exits);
+        let mut text = Vec::with_capacity(pending.len() + 24);
+        let mut line_start = s.line_start;
+        for b in pending {
+            if line_start && s.stamp {
+                text.extend_from_slice(format!("[icount {}] ", at.icount).as_bytes());
+            }
+            text.push(b);
+            line_start = b == b'\n';
+        }
+        s.line_start = line_start;
+        let _ = s.out.write_all(&text);
+        let _ = s.out.flush();
+    }
+}
+
+impl Write for Stamped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn parse_watch(s: &str) -> Result<(u64, u64), String> {
@@ -137,6 +217,21 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
         None => Box::new(std::io::sink()),
     };
+    let (serial_out, stamped): (Box<dyn Write + Send>, _) = if args.stamp || args.gdb.is_some() {
+        let s = Stamped::new(serial_out, args.stamp);
+        (Box::new(s.clone()), Some(s))
+    } else {
+        (serial_out, None)
+    };
+    if let Some(at) = &args.gdb {
+        if engine != EngineKind::Bt {
+            eprintln!(
+                "deja: debugging the {recorded} recording on bt (only bt stops at exact \
+                 instructions)"
+            );
+        }
+        return super::gdb::serve_replay(&args, at, serial_out, stamped, mmu);
+    }
     let build = move |cfg: &deja_machine::MachineConfig,
                       image: &deja_machine::loader::Image,
                       host: Box<dyn deja_machine::Host>,
@@ -171,8 +266,12 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         .is_some_and(|p| super::progress::guest_output_on_terminal(Some(p)));
     let pb = super::progress::bar(total, unit, !args.quiet && !args.json && !to_terminal);
     pb.set_message(format!("replaying on {engine}"));
+    let stamp_hook = stamped.clone();
     let mut progress = |p: deja_traces::Position| {
         pb.set_position(if by_icount { p.icount } else { p.exits });
+        if let Some(s) = &stamp_hook {
+            s.flush_at(p);
+        }
     };
     let print_hits = !args.json;
     let pb_for_hits = pb.clone();
@@ -196,6 +295,9 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .with_context(|| format!("replaying {} on {engine}", args.trace.display()))?;
+    if let Some(s) = &stamped {
+        s.flush_at(deja_traces::Position::new(report.icount, report.exits));
+    }
     pb.finish_and_clear();
     let _ = std::io::stdout().flush();
     if !args.json

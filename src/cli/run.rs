@@ -191,6 +191,11 @@ pub struct RunArgs {
     /// Also show how the run ended when it ended normally, and the POST codes written to 0x80.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Serve the run to gdb at ADDR (`:PORT`, `HOST:PORT` or a Unix socket path) on bt,
+    /// stopped before the guest's first instruction: forward only (record it and use
+    /// `deja replay --gdb` to go backwards).
+    #[arg(long, value_name = "ADDR")]
+    pub gdb: Option<deja_gdb::Endpoint>,
 }
 
 pub(crate) fn parse_mem(s: &str) -> Result<u64, String> {
@@ -301,7 +306,11 @@ pub(crate) fn kick_on_signals(kicker: deja_machine::Kicker) -> anyhow::Result<()
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let guest = &args.guest;
     let image = resolve_image(guest)?;
-    let engine = EngineKind::from(guest.engine);
+    let mut engine = EngineKind::from(guest.engine);
+    if args.gdb.is_some() && engine != EngineKind::Bt {
+        eprintln!("deja: --gdb runs the guest on bt (only bt stops at exact instructions)");
+        engine = EngineKind::Bt;
+    }
     if guest.max_instructions.is_some() && engine == EngineKind::Kvm {
         bail!("--max-instructions needs an engine that counts instructions (bt); kvm cannot here");
     }
@@ -317,6 +326,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )
     .with_context(|| format!("starting {} on {engine}", image.name))?;
     vm.set_reboot(!guest.no_reboot);
+    if let Some(at) = &args.gdb {
+        return super::gdb::serve_live(vm, at);
+    }
     kick_on_signals(vm.cpu.kicker())?;
     let outcome = vm
         .run(RunOptions {

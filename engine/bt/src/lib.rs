@@ -115,6 +115,10 @@ pub struct BtCpu {
     rep_paused_at: Option<(u64, u64)>,
     /// Dead-flag elimination is on (off only to check it against exact flags everywhere).
     eliminate_flags: bool,
+    /// Linear addresses a debugger stops before (sorted; see [`Cpu::set_breakpoints`]).
+    breakpoints: Vec<u64>,
+    /// The last run stopped at one of them.
+    breakpoint_stop: bool,
 }
 
 impl BtCpu {
@@ -134,6 +138,8 @@ impl BtCpu {
             holding: false,
             rep_paused_at: None,
             eliminate_flags: true,
+            breakpoints: Vec::new(),
+            breakpoint_stop: false,
         })
     }
 
@@ -289,6 +295,18 @@ impl Cpu for BtCpu {
         });
         self.mem.flush_fast();
         Ok(())
+    }
+
+    fn set_breakpoints(&mut self, linear: &[u64]) -> Result<(), CpuError> {
+        let mut b = linear.to_vec();
+        b.sort_unstable();
+        b.dedup();
+        self.breakpoints = b;
+        Ok(())
+    }
+
+    fn stopped_at_breakpoint(&self) -> bool {
+        self.breakpoint_stop
     }
 
     fn take_watch_hits(&mut self) -> Vec<deja_machine::WatchHit> {

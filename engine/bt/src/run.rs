@@ -115,6 +115,7 @@ impl BtCpu {
         self.mem.flush_fast();
         self.cache.flush_lookup();
         self.mem.watching = self.core.data_bps_armed();
+        self.breakpoint_stop = false;
         let stop_at = limit.stop_at_icount.unwrap_or(u64::MAX);
         let stop_exits = limit.stop_at_exits.unwrap_or(0);
         let holding = self.holding;
@@ -213,6 +214,17 @@ impl BtCpu {
                 // Exit-synchronous delivery: whatever was pending at entry had its chance.
                 irq_line = false;
             }
+            // A debugger's breakpoint (not the guest's DR7): stop before the instruction.
+            if !self.breakpoints.is_empty()
+                && !exits_due
+                && self
+                    .breakpoints
+                    .binary_search(&Self::lin_rip(&self.core))
+                    .is_ok()
+            {
+                self.breakpoint_stop = true;
+                return Ok(Exit::InstructionLimit);
+            }
             let debug = self.debug_mode();
             if debug {
                 let bits = self.instruction_breakpoints();
@@ -251,6 +263,7 @@ impl BtCpu {
                     false,
                 );
                 let kicker = &self.kicker;
+                let breakpoints = &self.breakpoints;
                 let left = loop {
                     let shadow_before = ctx.core.pending.interrupt_shadow;
                     let budget = if shadow_before || debug || exits_due {
@@ -270,11 +283,23 @@ impl BtCpu {
                     let block: &Block = unsafe { &*ptr };
                     ctx.cache.enter(slot);
                     let len = block.ops.len();
-                    let n = if (len as u64) <= budget {
+                    let mut n = if (len as u64) <= budget {
                         len
                     } else {
                         budget as usize
                     };
+                    // A debugger's breakpoint inside the block: run up to it, then back to
+                    // the boundary checks, which stop there.
+                    let mut cut = false;
+                    if !breakpoints.is_empty()
+                        && let Some(i) = first_breakpoint(block, &block.ops[..n], breakpoints)
+                    {
+                        if i == 0 {
+                            break Left::Boundary;
+                        }
+                        n = i;
+                        cut = true;
+                    }
                     ctx.exact_flags = n < len;
                     ctx.align_check =
                         ctx.core.cr0 & core::crb::AM != 0 && ctx.core.rflags & core::fl::AC != 0;
@@ -301,6 +326,7 @@ impl BtCpu {
                         };
                     }
                     if ctx.icount >= stop_at
+                        || cut
                         || exits_due
                         || kicker.pending()
                         || (irq_line && ctx.core.rflags & core::fl::IF != 0)
@@ -600,4 +626,21 @@ fn run_ops(ctx: &mut Ctx, ops: &[ir::UOp], watch_on: bool) -> OpsRun {
         fault: None,
         restarted: false,
     }
+}
+
+/// The index of the first of `ops` (a prefix of `block`'s) whose linear address is one of
+/// the sorted `breakpoints`.
+fn first_breakpoint(block: &Block, ops: &[ir::UOp], breakpoints: &[u64]) -> Option<usize> {
+    // A block's ops share its CS base and mode (bits 2 and 3 of the key's mode: long mode
+    // and CS.L); outside 64-bit mode linear addresses wrap at 4 GiB, as `BtCpu::lin_rip`
+    // computes them.
+    let mode64 = block.key.mode & 0b1100 == 0b1100;
+    ops.iter().position(|op| {
+        let lin = if mode64 {
+            op.rip
+        } else {
+            block.key.cs_base.wrapping_add(op.rip) & 0xffff_ffff
+        };
+        breakpoints.binary_search(&lin).is_ok()
+    })
 }

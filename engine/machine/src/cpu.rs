@@ -739,6 +739,28 @@ pub trait Cpu: Send {
             detail: "this engine cannot report individual stores; watch on bt".into(),
         })
     }
+    /// Stops runs before the instruction at any of these linear addresses (a debugger's
+    /// breakpoints, kept by the engine and never written into guest memory): [`Cpu::run`]
+    /// then returns [`Exit::InstructionLimit`] below the limit, with RIP at the breakpoint;
+    /// callers tell the two apart by RIP. The instruction a breakpoint names runs only once
+    /// the caller steps it with the breakpoint removed. An empty list removes them all.
+    /// Engines that cannot stop at arbitrary instructions (kvm) return an error.
+    fn set_breakpoints(&mut self, linear: &[u64]) -> Result<(), CpuError> {
+        if linear.is_empty() {
+            return Ok(());
+        }
+        Err(CpuError::Unsupported {
+            engine: self.name(),
+            rip: 0,
+            detail: "this engine cannot stop at breakpoints of its own; debug on bt".into(),
+        })
+    }
+    /// Whether the last run ended at one of [`Cpu::set_breakpoints`]'s addresses (rather than
+    /// at its limit or an exit with RIP there by chance: an interrupt due at that boundary
+    /// is taken before the instruction, and so before its breakpoint, as on hardware).
+    fn stopped_at_breakpoint(&self) -> bool {
+        false
+    }
     /// The stores into watched ranges since the last call, in execution order.
     fn take_watch_hits(&mut self) -> Vec<WatchHit> {
         Vec::new()
