@@ -1612,3 +1612,24 @@ fn malformed_vmlinux_files_are_refused_with_precise_messages() {
         (&b"Xen"[..], 18, 8)
     );
 }
+
+#[test]
+fn detection_tells_a_vmlinux_from_a_64_bit_multiboot_kernel() {
+    // A 64-bit ELF with a multiboot header but no PVH note, malformed or not, is a
+    // multiboot kernel, which the loader refuses with QEMU's message.
+    let mut mb64 = deja_testkit::vmlinux(&[0xf4; 64]);
+    mb64[64 + 112 + 8] = 17; // no PVH note
+    let header = mb_header(0x0, &[]);
+    mb64.extend_from_slice(&header);
+    let malformed = patch(mb64.clone(), 56, &[0xff, 0]); // e_phnum past the file
+    for bytes in [mb64, malformed] {
+        let image = Image::detect("k", bytes).unwrap();
+        assert_eq!(image.format, ImageFormat::Multiboot);
+        let err = load(&mut machine(), &image).unwrap_err().to_string();
+        assert!(err.contains("Cannot load x86-64 image"), "{err}");
+    }
+    // Without a multiboot header, a malformed ELF64 says what is wrong with it.
+    let bad = patch(deja_testkit::vmlinux(&[0xf4]), 56, &[0xff, 0]);
+    let err = Image::detect("k", bad).unwrap_err().to_string();
+    assert!(err.contains("program header table"), "{err}");
+}
