@@ -149,3 +149,386 @@ fn debians_kernel_boots_to_init_on_bt_through_both_entries_and_powers_off() {
         bp.icount
     );
 }
+
+/// Builds `tests/data/race-module` against `headers` in `dir`; returns the module.
+fn build_race_module(headers: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/race-module");
+    let build = dir.join("race-module");
+    std::fs::create_dir_all(&build).unwrap();
+    for f in ["race.c", "Kbuild"] {
+        std::fs::copy(src.join(f), build.join(f)).unwrap();
+    }
+    let out = std::process::Command::new("make")
+        .arg("-C")
+        .arg(headers)
+        .arg(format!("M={}", build.display()))
+        .arg("modules")
+        .output()
+        .expect("running make");
+    assert!(
+        out.status.success(),
+        "building the race module against {} failed:\n{}\n{}",
+        headers.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    build.join("race.ko")
+}
+
+/// The module's symbols as /proc/kallsyms listed them on the console: (address, name).
+fn module_symbols(console: &str) -> Vec<(u64, String)> {
+    let mut syms: Vec<(u64, String)> = console
+        .lines()
+        .filter(|l| l.trim_end().ends_with("[race]"))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let name = f.nth(1)?.to_string();
+            Some((addr, name))
+        })
+        .collect();
+    syms.sort();
+    syms
+}
+
+/// The issue's end-to-end story: a module with a real race (a timer and a /proc write
+/// handler doing an unlocked read-modify-write), built against Debian's headers for the very
+/// kernel, loaded by the initramfs; `deja record --until-failure --fail-on WARNING:` keeps
+/// the run where the module's check fired; the replay verifies, and `--watch-virtual` at the
+/// variable's address (printed by the module at load) names the store that lost the update:
+/// the write handler storing a stale value over the timer's increment.
+#[test]
+fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
+    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
+        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let headers = deja_testkit::debian_linux_headers(&cache, &kernel)
+        .unwrap_or_else(|e| panic!("the module test needs Debian's kernel headers: {e}"));
+    let dir = scratch("linux-race");
+    let module = build_race_module(&headers, &dir);
+    let mut cpio = Cpio::new();
+    cpio.dir("bin")
+        .dir("dev")
+        .dir("proc")
+        .char_device("dev/console", 5, 1)
+        .file("bin/busybox", 0o755, &std::fs::read(&busybox).unwrap())
+        .file("race.ko", 0o644, &std::fs::read(&module).unwrap())
+        .file(
+            "init",
+            0o755,
+            b"#!/bin/busybox sh\n\
+              /bin/busybox --install -s /bin\n\
+              mount -t proc proc /proc\n\
+              insmod /race.ko\n\
+              grep '\\[race\\]' /proc/kallsyms\n\
+              i=0\n\
+              while [ $i -lt 2000 ]; do echo 1 > /proc/race; i=$((i+1)); done\n\
+              echo race: done\n\
+              poweroff -f\n",
+        );
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(&initrd, cpio.finish()).unwrap();
+    let trace = dir.join("race.trace");
+    let serial = dir.join("serial.txt");
+    let o = common::deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "--mem",
+        "512M",
+        "--clock",
+        "virtual",
+        "--kernel-entry",
+        "pvh",
+        "--until-failure",
+        "--attempts",
+        "3",
+        "--fail-on",
+        "WARNING:",
+        "--timeout",
+        "900",
+        "--initrd",
+        s(&initrd),
+        "--append",
+        "console=ttyS0 panic=-1",
+        "--serial-out",
+        s(&serial),
+        "-q",
+        "-o",
+        s(&trace),
+        s(&kernel),
+    ]);
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    let tail: String = console
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        console.contains("race: lost update"),
+        "exit {}: {}\nconsole (last lines, reversed):\n{tail}",
+        code(&o),
+        text(&o.stderr)
+    );
+    let address = console
+        .lines()
+        .find_map(|l| l.split("race: race_counter at ").nth(1))
+        .map(|a| u64::from_str_radix(a.trim(), 16).unwrap())
+        .unwrap_or_else(|| panic!("the module printed no address:\n{tail}"));
+    let symbols = module_symbols(&console);
+    let race_write = symbols
+        .iter()
+        .position(|(_, n)| n == "race_write")
+        .unwrap_or_else(|| panic!("no race_write in the console's kallsyms: {symbols:?}"));
+    let (write_start, write_end) = (
+        symbols[race_write].0,
+        symbols.get(race_write + 1).map_or(u64::MAX, |s| s.0),
+    );
+
+    // The replay verifies, and the watch names every store to the counter.
+    let watch = format!("{address:#x}");
+    let r = common::deja(&["replay", "-q", "--watch-virtual", &watch, s(&trace)]);
+    let out = text(&r.stdout);
+    assert_eq!(
+        code(&r),
+        0,
+        "{}\n{}",
+        text(&r.stderr),
+        out.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    assert!(out.contains("replay verified"), "{}", text(&r.stderr));
+    // The lost update: the handler's store of a value the counter already held (the timer
+    // had incremented it since the handler read it), right after the timer's store.
+    // Before the module loaded, the counter's physical page belonged to someone else: the
+    // stores that matter are the module's own (its code lies between its first and last
+    // symbols).
+    let rip = |l: &str| {
+        let r = l.split(" rip ").nth(1).unwrap().split(':').next().unwrap();
+        u64::from_str_radix(r.trim_start_matches("0x"), 16).unwrap()
+    };
+    let module_code = symbols[0].0..symbols[symbols.len() - 1].0 + 0x1000;
+    let hits: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("watch: icount ") && module_code.contains(&rip(l)))
+        .collect();
+    let lost = hits
+        .iter()
+        .position(|l| l.ends_with("(unchanged)"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no store lost an update among the module's {} stores",
+                hits.len()
+            )
+        });
+    let lost_rip = rip(hits[lost]);
+    assert!(
+        (write_start..write_end).contains(&lost_rip),
+        "the lost update's store at {lost_rip:#x} is not in race_write ({write_start:#x}..{write_end:#x}): {}",
+        hits[lost]
+    );
+    assert!(
+        lost > 0 && !(write_start..write_end).contains(&rip(hits[lost - 1])),
+        "the store before the lost update is the timer's: {}",
+        hits[lost - 1]
+    );
+    // --until that store's icount shows the machine just before it, at the storing RIP.
+    let icount = hits[lost]
+        .strip_prefix("watch: icount ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap();
+    let u = common::deja(&["replay", "-q", "--until", icount, s(&trace)]);
+    assert_eq!(code(&u), 0, "{}", text(&u.stderr));
+    // The state goes to stderr with the verdict.
+    assert!(
+        text(&u.stderr).contains(&format!("RIP={lost_rip:016x}")),
+        "the state at {icount} is not at {lost_rip:#x}: {}",
+        text(&u.stderr)
+    );
+}
+
+/// Records the boot (through PVH) on `clock`, replays it, and returns the trace, the
+/// recording's console and the replay's JSON report.
+fn record_and_replay(
+    kernel: &Path,
+    initrd: &Path,
+    clock: &str,
+) -> (std::path::PathBuf, String, serde_json::Value) {
+    let dir = scratch(&format!("linux-rr-{clock}"));
+    let trace = dir.join("boot.trace");
+    let (rec_serial, rep_serial) = (dir.join("record.txt"), dir.join("replay.txt"));
+    let o = common::deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "--mem",
+        "512M",
+        "--clock",
+        clock,
+        "--timeout",
+        "900",
+        "--kernel-entry",
+        "pvh",
+        "--initrd",
+        s(initrd),
+        "--append",
+        "console=ttyS0 panic=-1",
+        "--serial-out",
+        s(&rec_serial),
+        "-q",
+        "-o",
+        s(&trace),
+        s(kernel),
+    ]);
+    let console = std::fs::read_to_string(&rec_serial).unwrap_or_default();
+    assert_eq!(code(&o), 0, "{clock}: {}\n{console}", text(&o.stderr));
+    assert!(console.contains("init: reached"), "{clock}: {console}");
+    let r = common::deja(&[
+        "replay",
+        "-q",
+        "--json",
+        "--serial-out",
+        s(&rep_serial),
+        s(&trace),
+    ]);
+    assert_eq!(code(&r), 0, "{clock}: {}", text(&r.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(report["verdict"], "Verified", "{clock}: {report}");
+    assert_eq!(
+        std::fs::read_to_string(&rep_serial).unwrap(),
+        console,
+        "{clock}: the replay's console differs from the recording's"
+    );
+    (trace, console, report)
+}
+
+/// Record and replay at Linux scale, on both clocks: the host-clock recording boots to init
+/// as a plain run does, each replay verifies every digest and prints the same console, and
+/// `--until` at three points of the boot (seeking from the nearest checkpoint) gives the same
+/// state, digest included, as a replay from the start stopped there.
+#[test]
+fn a_linux_boot_records_and_replays_on_both_clocks_and_seeks_to_the_same_state() {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
+    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
+        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let dir = scratch("linux-rr");
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(
+        &initrd,
+        initramfs(
+            &busybox,
+            "/bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc\n\
+             echo \"init: reached, $(cat /proc/cmdline)\"\n\
+             poweroff -f\n",
+        ),
+    )
+    .unwrap();
+    let (virt, host) = std::thread::scope(|t| {
+        let v = t.spawn(|| record_and_replay(&kernel, &initrd, "virtual"));
+        let h = t.spawn(|| record_and_replay(&kernel, &initrd, "host"));
+        (v.join(), h.join())
+    });
+    let (trace, _, report) = virt.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    host.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let icount = report["icount"].as_u64().unwrap();
+    for quarter in 1..=3 {
+        let n = (icount / 4 * quarter).to_string();
+        let seek = common::deja(&["replay", "-q", "--json", "--until", &n, s(&trace)]);
+        let start = common::deja(&[
+            "replay",
+            "-q",
+            "--json",
+            "--from-start",
+            "--until",
+            &n,
+            s(&trace),
+        ]);
+        let (seek, start): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_slice(&seek.stdout).unwrap(),
+            serde_json::from_slice(&start.stdout).unwrap(),
+        );
+        assert!(
+            seek["started_from"].is_object(),
+            "no checkpoint before {n}: {seek}"
+        );
+        assert!(start["started_from"].is_null(), "{start}");
+        assert_eq!(seek["final_digest"], start["final_digest"], "at {n}");
+        assert_eq!(seek["verdict"], start["verdict"], "at {n}");
+        assert_eq!(
+            seek["icount"].as_u64(),
+            Some(icount / 4 * quarter),
+            "{seek}"
+        );
+    }
+}
+
+/// Commands typed into the guest's shell on COM1 run, as on a serial console: the shell's
+/// answers come back on the console. The commands are sent once init says it is ready
+/// (a UART's FIFO is emptied when the kernel's driver takes the port, as on hardware).
+#[test]
+fn commands_piped_into_the_guest_shell_give_their_output() {
+    use std::io::{BufRead, Write};
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
+    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
+        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let dir = scratch("linux-shell");
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(
+        &initrd,
+        initramfs(
+            &busybox,
+            "/bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc\n\
+             echo init: ready for commands\n\
+             exec sh\n",
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_deja"))
+        .args(["run", "--engine", "bt", "--mem", "512M", "--timeout", "900"])
+        .args([
+            "--kernel-entry",
+            "pvh",
+            "--append",
+            "console=ttyS0 panic=-1",
+        ])
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg(&kernel)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting deja run");
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut console = String::new();
+    let mut sent = false;
+    for line in stdout.lines() {
+        let line = line.unwrap_or_default();
+        console.push_str(&line);
+        console.push('\n');
+        if !sent && line.contains("init: ready for commands") {
+            stdin
+                .write_all(b"echo piped-$((6*7)) $(cat /proc/sys/kernel/osrelease)\npoweroff -f\n")
+                .unwrap();
+            stdin.flush().unwrap();
+            sent = true;
+        }
+    }
+    let status = child.wait().unwrap();
+    let tail: String = console
+        .lines()
+        .rev()
+        .take(20)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(sent, "init never said it was ready:\n{tail}");
+    assert!(status.success(), "{status}:\n{tail}");
+    assert!(
+        console.lines().any(|l| l.starts_with("piped-42 6.1.")),
+        "the shell's answer is missing:\n{tail}"
+    );
+    assert!(console.contains("reboot: Power down"), "{tail}");
+}

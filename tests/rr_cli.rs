@@ -285,7 +285,7 @@ fn a_kvm_recording_replays_on_bt() {
     assert!(info.contains("guest CPUID  ring 0"), "{info}");
     assert!(info.contains("host CPU"), "{info}");
     assert!(
-        info.contains("digests      scheme 2 over the CPU, memory and 11 devices (pc-irqchip, pit"),
+        info.contains("digests      scheme 3 over the CPU, memory and 11 devices (pc-irqchip, pit"),
         "{info}"
     );
     assert_eq!(
@@ -613,6 +613,41 @@ fn a_recording_with_the_pc_testdev_replays_verified() {
             let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
             assert_eq!(v["verdict"], "Verified", "{engine} -> {replay_engine}");
         }
+    }
+}
+
+/// The x86-64-v2 instructions (SSE3..SSE4.2, POPCNT, CMPXCHG16B, LAHF/SAHF, then
+/// CLFLUSHOPT/CLWB) and UMIP's faults, recorded on bt, replay verified: the SSE levels run
+/// through the host FPU path, and the replay must get the same bits.
+#[test]
+fn recordings_of_the_cpu_feature_guests_replay_verified() {
+    for (guest, pass) in [
+        ("x86-64-v2", deja_guests::x86_64_v2::PASS_LINE),
+        ("umip", "umip: PASS"),
+    ] {
+        let dir = scratch(guest);
+        let trace = dir.join("feature.trace");
+        let image = format!("guest:{guest}");
+        let o = deja(&[
+            "record",
+            "--engine",
+            "bt",
+            &image,
+            "-o",
+            s(&trace),
+            "--mem",
+            "32M",
+        ]);
+        assert_eq!(code(&o), 0, "{guest}: stderr: {}", text(&o.stderr));
+        assert!(
+            text(&o.stdout).contains(pass),
+            "{guest}: {}",
+            text(&o.stdout)
+        );
+        let r = deja(&["replay", s(&trace), "--json"]);
+        assert_eq!(code(&r), 0, "{guest}: stderr: {}", text(&r.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        assert_eq!(v["verdict"], "Verified", "{guest}");
     }
 }
 

@@ -34,9 +34,10 @@ fn translate_all(code: &[u8]) -> usize {
     let mut insns: Vec<Instruction> = Vec::with_capacity(64);
     let mut ops = Vec::with_capacity(64);
     let mut made = 0;
+    let features = deja_bt::features::Features::default();
     while decoder.can_decode() {
         let insn = decoder.decode();
-        ops.push(deja_bt::translate::build(&insn, 64));
+        ops.push(deja_bt::translate::build(&insn, 64, &features));
         insns.push(insn);
         if insn.flow_control() != FlowControl::Next || insns.len() == 64 {
             deja_bt::translate::eliminate_dead_flags(&mut ops, &insns);

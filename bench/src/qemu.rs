@@ -320,6 +320,92 @@ fn time_marks(socket: &MarkSocket, child: &mut Child) -> Result<Duration, String
         .ok_or_else(|| format!("the end mark's time {end:?} precedes the start's {start:?}"))
 }
 
+/// Boots a Linux `kernel` with `initrd` and command line `append` in `mem_bytes` of RAM
+/// under QEMU's TCG, as `deja run` boots it on deja-pc, and returns the host time from
+/// starting QEMU to its exit (the guest powering off). The workload must end by itself.
+pub fn boot_linux(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    append: &str,
+    mem_bytes: u64,
+    timeout: Duration,
+) -> Result<Duration, QemuError> {
+    const NAME: &str = "linux-boot";
+    if !on_path(QEMU) {
+        return Err(QemuError::NotInstalled);
+    }
+    let console =
+        std::env::temp_dir().join(format!("deja-bench-qemu-linux-{}.txt", std::process::id()));
+    let mut cmd = Command::new(QEMU);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-machine",
+        "pc",
+        "-cpu",
+        "qemu64",
+        "-nodefaults",
+    ])
+    .args(["-display", "none", "-monitor", "none", "-serial"])
+    .arg(format!("file:{}", console.display()))
+    .args(["-no-reboot", "-m"])
+    .arg(format!("{}M", mem_bytes >> 20))
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-append")
+    .arg(append);
+    if let Some(initrd) = initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(io("starting", Path::new(QEMU)))?;
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(io("waiting for", Path::new(QEMU)))?
+        {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(QemuError::Run {
+                bench: NAME,
+                message: format!("no power-off within {timeout:?}"),
+                stderr: String::new(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = started.elapsed();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    let _ = std::fs::remove_file(&console);
+    if !status.success() {
+        return Err(QemuError::Run {
+            bench: NAME,
+            message: format!("exited with {status}"),
+            stderr: stderr.trim().to_string(),
+        });
+    }
+    // A panic with panic=-1 also ends QEMU cleanly (-no-reboot): only a power-off counts.
+    if !text.contains("reboot: Power down") {
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        return Err(QemuError::Run {
+            bench: NAME,
+            message: format!("the guest did not power off; console ends {tail:?}"),
+            stderr: stderr.trim().to_string(),
+        });
+    }
+    Ok(elapsed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,8 @@ pub struct RecordBenchConfig {
     pub ram_size: u64,
     /// Host wall-clock limit of each run.
     pub timeout: Duration,
+    /// The kernel command line (Linux workloads).
+    pub cmdline: Option<String>,
 }
 
 impl Default for RecordBenchConfig {
@@ -51,6 +53,7 @@ impl Default for RecordBenchConfig {
             clock: ClockMode::Virtual,
             ram_size: 32 << 20,
             timeout: Duration::from_secs(120),
+            cmdline: None,
         }
     }
 }
@@ -101,6 +104,18 @@ pub struct RecordReplayMeasurement {
     pub trace_bytes_per_event: Option<f64>,
     /// Events per second of guest time.
     pub events_per_guest_second: Option<f64>,
+    /// Host seconds the recording spent taking state digests and checkpoints.
+    #[serde(default)]
+    pub checkpoint_seconds: Option<f64>,
+    /// Host seconds of `deja replay --until N` (seeking from the nearest checkpoint, opening
+    /// the trace included) at a quarter, half and three quarters of the run. Target for a
+    /// Linux boot: at most 3 s.
+    #[serde(default)]
+    pub seek_seconds: Option<Summary>,
+    /// Host seconds of the same workload booted under `qemu-system-x86_64 -accel tcg` to its
+    /// power-off (Linux workloads, when QEMU is installed).
+    #[serde(default)]
+    pub qemu_tcg_seconds: Option<f64>,
 }
 
 impl RecordReplayMeasurement {
@@ -126,6 +141,9 @@ impl RecordReplayMeasurement {
             trace_bytes_per_guest_second: None,
             trace_bytes_per_event: None,
             events_per_guest_second: None,
+            checkpoint_seconds: None,
+            seek_seconds: None,
+            qemu_tcg_seconds: None,
         }
     }
 }
@@ -161,10 +179,34 @@ fn try_measure(guest: &str, config: &RecordBenchConfig) -> Result<RecordReplayMe
         .ok_or_else(|| format!("no built-in guest named {guest:?}"))?
         .image()
         .map_err(|e| format!("building guest {guest}: {e}"))?;
-    let machine = MachineConfig {
+    try_measure_image(guest, &image, config)
+}
+
+/// Measures a workload given as an image (a Linux kernel with its initrd, say) under the
+/// name `label`; failures are reported in the measurement's status.
+pub fn measure_image(
+    label: &str,
+    image: &Image,
+    config: &RecordBenchConfig,
+) -> RecordReplayMeasurement {
+    try_measure_image(label, image, config).unwrap_or_else(|error| {
+        RecordReplayMeasurement::new(label, config.clock, Status::Failed { error })
+    })
+}
+
+fn try_measure_image(
+    guest: &str,
+    image: &Image,
+    config: &RecordBenchConfig,
+) -> Result<RecordReplayMeasurement, String> {
+    let image = image.clone();
+    let mut machine = MachineConfig {
         ram_size: config.ram_size,
         ..MachineConfig::default()
     };
+    if let Some(cmdline) = &config.cmdline {
+        machine.cmdline = cmdline.clone();
+    }
     let dir = std::env::temp_dir().join(format!("deja-bench-rr-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let trace = dir.join(format!("{guest}.trace"));
@@ -178,9 +220,18 @@ fn try_measure(guest: &str, config: &RecordBenchConfig) -> Result<RecordReplayMe
         m.exits = outcome.run.exits;
         m.events = outcome.events;
         m.checkpoints = outcome.checkpoints;
+        m.checkpoint_seconds = Some(outcome.state_seconds);
         record.push(timed);
-        replay.push(replay_run(&trace, config)?);
+        replay.push(replay_run(&trace, config, None)?);
     }
+    let mut seeks = Vec::new();
+    for quarter in 1..=3 {
+        let target = m.icount / 4 * quarter;
+        if target > 0 {
+            seeks.push(replay_run(&trace, config, Some(target))?.seconds);
+        }
+    }
+    m.seek_seconds = Summary::of(&seeks);
     m.repeats = repeat;
     m.trace_bytes = std::fs::metadata(&trace).map_or(0, |md| md.len());
     m.guest_ns = guest_ns(&trace)?;
@@ -277,9 +328,17 @@ fn record_run(
     ))
 }
 
-fn replay_run(trace: &Path, config: &RecordBenchConfig) -> Result<Timed, String> {
+/// A verified replay of the whole trace (its run loop's seconds), or with `until` a seek
+/// there (all the seconds a user waits: opening the trace, restoring the nearest
+/// checkpoint, replaying the rest).
+fn replay_run(
+    trace: &Path,
+    config: &RecordBenchConfig,
+    until: Option<u64>,
+) -> Result<Timed, String> {
     let mut opts = ReplayOptions::new(EngineKind::Bt);
     opts.timeout = Some(config.timeout);
+    opts.until = until.map(deja_replayer::Until::Icount);
     let report = deja_replayer::replay(
         trace,
         &opts,
@@ -290,6 +349,15 @@ fn replay_run(trace: &Path, config: &RecordBenchConfig) -> Result<Timed, String>
         }),
     )
     .map_err(|e| format!("replaying: {e}"))?;
+    if until.is_some() {
+        if !matches!(report.verdict, Verdict::ReachedUntil { .. }) {
+            return Err(format!("the seek did not reach its target: {report}"));
+        }
+        return Ok(Timed {
+            icount: report.icount,
+            seconds: report.elapsed_seconds,
+        });
+    }
     if !matches!(report.verdict, Verdict::Verified) {
         return Err(format!("the replay did not verify: {report}"));
     }
@@ -317,7 +385,7 @@ fn guest_ns(trace: &Path) -> Result<u64, String> {
 pub fn table(ms: &[RecordReplayMeasurement]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<12} {:>12} {:>8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9}\n",
+        "{:<12} {:>12} {:>8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>8} {:>8} {:>9}\n",
         "record/replay",
         "instructions",
         "events",
@@ -327,7 +395,10 @@ pub fn table(ms: &[RecordReplayMeasurement]) -> String {
         "overhead",
         "replay x",
         "B/guest-s",
-        "B/event"
+        "B/event",
+        "ckpt s",
+        "seek s",
+        "qemu-tcg s"
     ));
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
     for m in ms {
@@ -335,7 +406,7 @@ pub fn table(ms: &[RecordReplayMeasurement]) -> String {
             Status::Ok => {
                 let [p, r, q] = m.ns_per_instruction.unwrap_or([f64::NAN; 3]);
                 out.push_str(&format!(
-                    "{:<12} {:>12} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>9} {:>9} {:>11} {:>9}\n",
+                    "{:<12} {:>12} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>9} {:>9} {:>11} {:>9} {:>8} {:>8} {:>9}\n",
                     m.guest,
                     m.icount,
                     m.events,
@@ -346,6 +417,9 @@ pub fn table(ms: &[RecordReplayMeasurement]) -> String {
                     opt(m.replay_speed, &|v| format!("{v:.2}x")),
                     opt(m.trace_bytes_per_guest_second, &|v| format!("{v:.0}")),
                     opt(m.trace_bytes_per_event, &|v| format!("{v:.2}")),
+                    opt(m.checkpoint_seconds, &|v| format!("{v:.2}")),
+                    opt(m.seek_seconds.map(|s| s.max), &|v| format!("{v:.2}")),
+                    opt(m.qemu_tcg_seconds, &|v| format!("{v:.1}")),
                 ));
             }
             Status::Skipped { reason } => {

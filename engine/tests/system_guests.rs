@@ -192,6 +192,62 @@ fn exceptions_on_kvm() {
     println!("SKIP: {test}: ring-3 and compatibility-mode cases: {PVM_RING3_WITH_TSS}");
 }
 
+/// What PVM's emulator of guest ring-0 code does with `x86-64-v2`: it stops at the first
+/// SSE3 instruction (HADDPS, F2 0F 7C) with an emulation failure; the guest passes on bt
+/// (`every_corpus_guest_passes_on_bt`, and recorded and replayed in `tests/rr_cli.rs`).
+const PVM_NO_SSE3_EMULATION: &str = "PVM host: the emulator of guest ring-0 code cannot run \
+     SSE3 and later instructions (KVM_EXIT_INTERNAL_ERROR, emulation failure at HADDPS)";
+
+#[test]
+fn x86_64_v2_on_kvm() {
+    let test = "x86_64_v2_on_kvm";
+    if !pvm_host() {
+        passes(test, EngineKind::Kvm, "x86-64-v2");
+        return;
+    }
+    let Some(run) = run_guest_for(test, EngineKind::Kvm, "x86-64-v2", Duration::from_secs(8))
+    else {
+        return;
+    };
+    match run {
+        Err(failure) => assert!(
+            failure.error.contains("emulation failure")
+                && failure.error.contains("instruction bytes [f2, 0f, 7c"),
+            "{test}: the host changed: {failure}"
+        ),
+        Ok((outcome, text)) => panic!("{test}: the host changed: {:?}: {text}", outcome.end),
+    }
+    println!("SKIP: {test}: {PVM_NO_SSE3_EMULATION}");
+}
+
+#[test]
+fn umip_on_bt() {
+    passes("umip_on_bt", EngineKind::Bt, "umip");
+}
+
+#[test]
+fn umip_on_kvm() {
+    let test = "umip_on_kvm";
+    if !pvm_host() {
+        passes(test, EngineKind::Kvm, "umip");
+        return;
+    }
+    // PVM: the ring-0 emulator runs the guest up to its first IRETQ to ring 3 (after its
+    // own LTR), where the vCPU stops making progress; pin that, then skip.
+    let Some(run) = run_guest_for(test, EngineKind::Kvm, "umip", Duration::from_secs(3)) else {
+        return;
+    };
+    match run {
+        Ok((outcome, text)) => assert!(
+            outcome.end == RunEnd::Timeout && !text.contains("PASS"),
+            "{test}: the host changed: {:?}: {text}",
+            outcome.end
+        ),
+        Err(failure) => assert!(!failure.serial.contains("PASS"), "{test}: {failure}"),
+    }
+    println!("SKIP: {test}: ring-3 cases: {PVM_RING3_WITH_TSS}");
+}
+
 #[test]
 fn iopl_on_bt() {
     passes("iopl_on_bt", EngineKind::Bt, "iopl");

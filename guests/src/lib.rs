@@ -23,6 +23,7 @@ pub mod string_io;
 pub mod system;
 pub mod testdev;
 pub mod timer;
+pub mod x86_64_v2;
 
 pub use link::LinkError;
 pub use rt::{EXIT_CHECK_FAILED, EXIT_INCONCLUSIVE, EXIT_PASS, EXIT_UNEXPECTED_VECTOR, LOAD_ADDR};
@@ -68,7 +69,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 36] = [
+static GUESTS: [Guest; 38] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -286,6 +287,21 @@ static GUESTS: [Guest; 36] = [
                       and with a read-modify-write, IRQ 5 raised and lowered through port \
                       0x2005; exits 0 (without the device: says so, checks nothing)",
         build: testdev::build,
+    },
+    Guest {
+        name: "umip",
+        description: "UMIP: SGDT, SIDT, SLDT, SMSW and STR in ring 0 and ring 3 with \
+                      CR4.UMIP clear and set (#GP(0) only in ring 3 with it set); exits 0",
+        build: system::build_umip,
+    },
+    Guest {
+        name: "x86-64-v2",
+        description: "the x86-64-v2 level: CPUID bits, then SSE3 (HADDPS, ADDSUBPS, LDDQU, \
+                      MOVDDUP), SSSE3 (PSHUFB, PALIGNR, PABSD), SSE4.1 (PMULLD, PTEST, \
+                      ROUNDSD, PINSRQ/PEXTRQ, BLENDVPS), SSE4.2 (PCMPGTQ, PCMPISTRI, CRC32), \
+                      POPCNT, CMPXCHG16B, LAHF/SAHF in 64-bit mode; then CLFLUSHOPT and \
+                      CLWB; exits 0",
+        build: x86_64_v2::build,
     },
 ];
 

@@ -1020,6 +1020,93 @@ pub fn build_iopl() -> Result<Image, LinkError> {
 }
 
 // ---------------------------------------------------------------------------------------
+// umip
+
+/// Where `umip`'s SGDT and SIDT store.
+const UMIP_SCRATCH: u64 = CELLS + 0x300;
+
+/// Builds `umip`: SGDT, SIDT, SLDT, SMSW and STR in ring 0 and ring 3, with CR4.UMIP clear
+/// and set. Set, ring 3 gets #GP(0) for each; ring 0 and a clear UMIP run them.
+pub fn build_umip() -> Result<Image, LinkError> {
+    type Insn = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    const INSNS: [(&str, Insn); 5] = [
+        ("SGDT", |a| a.sgdt(ptr(UMIP_SCRATCH))),
+        ("SIDT", |a| a.sidt(ptr(UMIP_SCRATCH))),
+        ("SLDT", |a| a.sldt(ax)),
+        ("SMSW", |a| a.smsw(ax)),
+        ("STR", |a| a.str(ax)),
+    ];
+    long_mode_image_with(
+        "umip",
+        &handler_table(),
+        &|s, rt| {
+            setup(s, rt)?;
+            check(s, rt, "CPUID.(EAX=07H,ECX=0):ECX.UMIP", |a, ok| {
+                a.mov(eax, 7)?;
+                a.xor(ecx, ecx)?;
+                a.cpuid()?;
+                a.test(ecx, 1 << 2)?;
+                a.jnz(ok)
+            })?;
+            for umip in [false, true] {
+                let a = &mut s.a;
+                a.mov(rax, cr4)?;
+                if umip {
+                    a.or(eax, 1 << 11)?;
+                } else {
+                    a.and(eax, !(1 << 11))?;
+                }
+                a.mov(cr4, rax)?;
+                let base = if umip { 10 } else { 0 };
+                // Ring 0.
+                for (i, (_, insn)) in INSNS.iter().enumerate() {
+                    silent_case(a, 64, base + i as u64, insn)?;
+                }
+                // Ring 3.
+                let mut user = a.create_label();
+                let mut skip = a.create_label();
+                run_user(a, USER_CODE64, user, 0x202)?;
+                a.jmp(skip)?;
+                a.set_label(&mut user)?;
+                for (i, (_, insn)) in INSNS.iter().enumerate() {
+                    silent_case(a, 64, base + 5 + i as u64, insn)?;
+                }
+                a.int(RING0_VECTOR as u32)?;
+                a.set_label(&mut skip)?;
+                let state = if umip { "set" } else { "clear" };
+                for (i, (name, _)) in INSNS.iter().enumerate() {
+                    let i = i as u64;
+                    check_slot(
+                        s,
+                        rt,
+                        base + i,
+                        &format!("{name} at CPL 0, CR4.UMIP {state}"),
+                        0xff,
+                        None,
+                    )?;
+                    let (v, e) = if umip { (13, Some(0)) } else { (0xff, None) };
+                    check_slot(
+                        s,
+                        rt,
+                        base + 5 + i,
+                        &format!("{name} at CPL 3, CR4.UMIP {state}"),
+                        v,
+                        e,
+                    )?;
+                }
+            }
+            s.a.mov(rax, cr4)?;
+            s.a.and(eax, !(1 << 11))?;
+            s.a.mov(cr4, rax)?;
+            rt.print(s, b"umip: PASS\r\n")?;
+            rt.exit_with(s, EXIT_PASS)?;
+            handlers(s)
+        },
+        no_extra(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
 // modes
 
 /// Where `modes` records its stages (below 64 KiB, so real and virtual-8086 code reach it

@@ -21,9 +21,9 @@
 pub mod host;
 
 pub use deja_snapshot::{
-    MachineSnapshot, NO_POLL_QUANTUM, SerialCapture, SerialTee, StateError, describe_end,
-    guest_cpuid, image_record, lock_capture, machine_cpuid_entry, machine_info, restore, snapshot,
-    state, state_digest, trace_cpuid_entry,
+    MachineSnapshot, NO_POLL_QUANTUM, SerialCapture, SerialTee, StateDigester, StateError,
+    describe_end, guest_cpuid, image_record, lock_capture, machine_cpuid_entry, machine_info,
+    restore, snapshot, state, state_digest, trace_cpuid_entry,
 };
 pub use host::{Chaos, RecordingHost, Shared, TraceSink};
 
@@ -35,7 +35,7 @@ use deja_machine::{
 };
 use deja_traces::{
     CheckpointInput, Delivery, Digest, EventKind, ExitInfo, FinishInfo, Footer, Header,
-    PageTracker, RecordingOptions, ResetPolicy, TraceWriter, WriteError, WriterOptions,
+    RecordingOptions, ResetPolicy, TraceWriter, WriteError, WriterOptions,
 };
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -96,6 +96,11 @@ pub struct RecordOptions {
     /// A checkpoint at every this many digests (0: none). The first is full, later ones
     /// hold changed pages only.
     pub checkpoint_every: u64,
+    /// No checkpoint closer than this many instructions to the previous one (engines that
+    /// count instructions; 0: no minimum). A guest that reads the clock in tight loops (a
+    /// kernel's delay loops) makes events, and so digests, every few hundred thousand
+    /// instructions; checkpoints that close would cost more to write than a seek saves.
+    pub checkpoint_min_instructions: u64,
     /// Chaos mode: poll quanta drawn from a generator with this seed.
     pub chaos_seed: Option<u64>,
     /// Largest chaos poll quantum, in instructions.
@@ -127,6 +132,9 @@ pub const DEFAULT_FAIL_GRACE_EXITS: u64 = 20_000;
 
 /// Default events between state digests.
 pub const DEFAULT_DIGEST_INTERVAL: u64 = 1024;
+/// Default least distance between checkpoints, in instructions: about 40 ms of replay on
+/// bt, so a seek replays at most that far after restoring the nearest one.
+pub const DEFAULT_CHECKPOINT_MIN_INSTRUCTIONS: u64 = 1 << 22;
 /// The device exit count of the first progress-milestone digest; each later milestone is
 /// twice the previous one.
 pub const FIRST_EXIT_MILESTONE: u64 = 16;
@@ -148,6 +156,7 @@ impl RecordOptions {
             },
             digest_interval: DEFAULT_DIGEST_INTERVAL,
             checkpoint_every: 1,
+            checkpoint_min_instructions: DEFAULT_CHECKPOINT_MIN_INSTRUCTIONS,
             chaos_seed: None,
             chaos_max_quantum: DEFAULT_CHAOS_MAX_QUANTUM,
             run: RunOptions::default(),
@@ -166,13 +175,17 @@ struct Observer<'p> {
     progress: Option<&'p mut dyn FnMut(deja_traces::Position)>,
     shared: Arc<Mutex<Shared>>,
     serial: Arc<Mutex<SerialCapture>>,
-    tracker: PageTracker,
-    scheme: deja_traces::DigestScheme,
+    digester: StateDigester,
+    /// Host time spent in [`Observer::digest_now`].
+    state_time: std::time::Duration,
     /// Device exits to run on after a console failure match; where the run then stops.
     fail_grace_exits: u64,
     stop_at_exits: Option<u64>,
     digest_interval: u64,
     checkpoint_every: u64,
+    checkpoint_min_instructions: u64,
+    /// Where the last checkpoint was taken.
+    last_checkpoint_icount: Option<u64>,
     /// Digests taken because `digest_interval` events had passed (checkpoints go with
     /// every `checkpoint_every`-th of them).
     digests: u64,
@@ -201,13 +214,22 @@ impl Observer<'_> {
         if !output.is_empty() {
             s.log(at, EventKind::SerialOutput { bytes: output });
         }
+        let spaced = !cpu.counts_instructions()
+            || self.last_checkpoint_icount.is_none_or(|last| {
+                pos.icount.saturating_sub(last) >= self.checkpoint_min_instructions
+            });
         let checkpoint = regular && {
             self.digests += 1;
-            self.checkpoint_every > 0 && self.digests % self.checkpoint_every == 1
-                || self.checkpoint_every == 1
+            (self.checkpoint_every > 0 && self.digests % self.checkpoint_every == 1
+                || self.checkpoint_every == 1)
+                && spaced
         };
+        if checkpoint {
+            self.last_checkpoint_icount = Some(pos.icount);
+        }
         let result = if checkpoint {
-            snapshot(machine, cpu, next_poll, &mut self.tracker, &self.scheme).map(|snap| {
+            let full = self.checkpoints == 0;
+            snapshot(machine, cpu, next_poll, &mut self.digester, full).map(|snap| {
                 s.log(
                     at,
                     EventKind::StateDigest {
@@ -222,7 +244,7 @@ impl Observer<'_> {
                         cpu_state: snap.cpu_state,
                         device_state: snap.machine_state,
                         state_digest: Some(snap.digest),
-                        full: self.checkpoints == 0,
+                        full,
                     };
                     match w.checkpoint(input, snap.pages.iter().map(|(n, p)| (*n, p))) {
                         Ok(_) => self.checkpoints += 1,
@@ -232,7 +254,7 @@ impl Observer<'_> {
             })
         } else {
             cpu.state().map_err(StateError::from).map(|st| {
-                let digest = state_digest(machine, &st, &self.scheme);
+                let digest = self.digester.digest(machine, cpu, &st);
                 // No checkpoint holds the CPU state here: the registers go with the digest.
                 s.log(
                     at,
@@ -277,7 +299,9 @@ impl RunObserver for Observer<'_> {
         };
         if regular || milestone {
             self.last_digest_at = Some(pos);
+            let started = std::time::Instant::now();
             self.digest_now(machine, cpu, next_poll, regular);
+            self.state_time += started.elapsed();
         }
         if self.stop_at_exits.is_none() && lock_capture(&self.serial).matched().is_some() {
             self.stop_at_exits = Some(pos.exits.saturating_add(self.fail_grace_exits));
@@ -315,6 +339,11 @@ pub struct RecordOutcome {
     pub trace_bytes: u64,
     /// Checkpoints written.
     pub checkpoints: u64,
+    /// Host seconds spent taking state digests and checkpoints (part of the run's time).
+    pub state_seconds: f64,
+    /// Guest pages hashed for them (dirty pages, plus whole-memory scans where the engine
+    /// could not say what was written).
+    pub pages_hashed: u64,
 }
 
 /// A recording's summary as `deja record --json` writes it (and `Display` prints).
@@ -583,12 +612,14 @@ impl Recorder {
             progress,
             shared: self.shared.clone(),
             serial: self.serial.clone(),
-            tracker: PageTracker::new(),
-            scheme: self.scheme.clone(),
+            digester: StateDigester::new(self.scheme.clone()),
+            state_time: std::time::Duration::ZERO,
             fail_grace_exits: self.opts.fail_grace_exits,
             stop_at_exits: None,
             digest_interval: self.opts.digest_interval,
             checkpoint_every: self.opts.checkpoint_every,
+            checkpoint_min_instructions: self.opts.checkpoint_min_instructions,
+            last_checkpoint_icount: None,
             digests: 0,
             checkpoints: 0,
             last_digest_at: None,
@@ -606,7 +637,9 @@ impl Recorder {
             at,
             source: e.into(),
         })?;
-        let final_digest = state_digest(machine, &cpu_state, &self.scheme);
+        let final_digest = observer
+            .digester
+            .digest(machine, self.vm.cpu.as_mut(), &cpu_state);
         let (status, mut reason) = describe_end(&run.end);
         let console_failure = lock_capture(&self.serial).matched().map(str::to_string);
         if let Some(line) = &console_failure
@@ -677,6 +710,8 @@ impl Recorder {
             events,
             trace_bytes,
             checkpoints: observer.checkpoints,
+            state_seconds: observer.state_time.as_secs_f64(),
+            pages_hashed: observer.digester.memory().pages_hashed,
         })
     }
 }

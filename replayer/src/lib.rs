@@ -25,7 +25,7 @@ use deja_machine::loader::{Image, ImageFormat};
 use deja_machine::{
     Cpu, CpuError, CpuState, Host, InterruptDelivery, Machine, MachineConfig, WatchHit,
 };
-use deja_snapshot::{SerialCapture, SerialTee, StateError, lock_capture, state, state_digest};
+use deja_snapshot::{SerialCapture, SerialTee, StateError, lock_capture, state};
 use deja_traces::{
     CheckpointIndexEntry, Delivery, Digest, Event, EventKind, Footer, Header, ImageRecord,
     Position, ReadError, TraceReader, TraceStatus,
@@ -97,6 +97,16 @@ pub enum Until {
     Exit(u64),
 }
 
+impl std::fmt::Display for Until {
+    /// As `--until` takes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Until::Icount(n) => write!(f, "icount:{n}"),
+            Until::Exit(k) => write!(f, "exit:{k}"),
+        }
+    }
+}
+
 impl std::str::FromStr for Until {
     type Err = String;
 
@@ -132,6 +142,10 @@ pub struct ReplayOptions {
     /// Guest-physical ranges `(start, len)` whose every store is reported (engines that see
     /// individual stores: bt).
     pub watch: Vec<(u64, u64)>,
+    /// Guest-virtual addresses to translate through the guest's page tables where the
+    /// replay stops ([`ReplayReport::translations`]): how `deja replay --watch-virtual`
+    /// finds the physical bytes of a kernel variable.
+    pub translate: Vec<u64>,
 }
 
 impl ReplayOptions {
@@ -143,6 +157,7 @@ impl ReplayOptions {
             seek: true,
             timeout: None,
             watch: Vec::new(),
+            translate: Vec::new(),
         }
     }
 }
@@ -274,6 +289,9 @@ pub struct ReplayReport {
     pub watch_hits: u64,
     /// The last [`WATCH_TAIL`] of them, oldest first.
     pub watch: Vec<WatchHit>,
+    /// Each of [`ReplayOptions::translate`]'s virtual addresses with the physical address
+    /// it maps to where the replay stopped (`None`: not mapped there).
+    pub translations: Vec<(u64, Option<u64>)>,
 }
 
 impl std::fmt::Display for ReplayReport {
@@ -519,7 +537,7 @@ pub type Builder<'a> = dyn FnOnce(&MachineConfig, &Image, Box<dyn Host>, Box<dyn
     + 'a;
 
 struct Observer<'h> {
-    scheme: deja_traces::DigestScheme,
+    digester: deja_snapshot::StateDigester,
     hooks: ReplayHooks<'h>,
     watch_hits: u64,
     watch_tail: std::collections::VecDeque<WatchHit>,
@@ -591,7 +609,7 @@ impl RunObserver for Observer<'_> {
                             return false;
                         }
                     };
-                    let actual = state_digest(machine, &state, &self.scheme);
+                    let actual = self.digester.digest(machine, cpu, &state);
                     if actual != *digest {
                         p.diverge(
                             at,
@@ -834,7 +852,7 @@ pub fn replay_with(
         .map(|at| at.exits);
     vm.set_stop_exits(end_exits);
     let mut observer = Observer {
-        scheme: scheme.clone(),
+        digester: deja_snapshot::StateDigester::new(scheme),
         hooks,
         watch_hits: 0,
         watch_tail: Default::default(),
@@ -860,7 +878,23 @@ pub fn replay_with(
         || ((end_icount.is_some() || end_exits.is_some()) && run.end == RunEnd::InstructionLimit);
     let at = state::trace_position(vm.machine.position());
     let cpu_state = vm.cpu.state()?;
-    let final_digest = state_digest(&vm.machine, &cpu_state, &scheme);
+    let final_digest = observer
+        .digester
+        .digest(&vm.machine, vm.cpu.as_mut(), &cpu_state);
+    let paging = deja_machine::exit_group::PagingRegs {
+        cr0: cpu_state.cr0,
+        cr3: cpu_state.cr3,
+        cr4: cpu_state.cr4,
+        efer: cpu_state.efer,
+    };
+    let translations = opts
+        .translate
+        .iter()
+        .map(|&v| {
+            let phys = deja_machine::exit_group::translate_linear(&vm.machine.mem, &paging, v);
+            (v, phys)
+        })
+        .collect();
     let (exit_status, end) = deja_snapshot::describe_end(&run.end);
 
     let mut p = host::lock(&player);
@@ -959,6 +993,7 @@ pub fn replay_with(
         recorded_engine: header.engine.clone(),
         watch_hits: observer.watch_hits,
         watch: observer.watch_tail.into(),
+        translations,
     })
 }
 

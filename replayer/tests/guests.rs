@@ -84,6 +84,7 @@ fn replay_on(engine: EngineKind, path: &Path) -> ReplayReport {
             seek: false,
             timeout: Some(Duration::from_secs(120)),
             watch: Vec::new(),
+            translate: Vec::new(),
         },
         &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
         Box::new(std::io::sink()),

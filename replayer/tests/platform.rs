@@ -106,6 +106,7 @@ fn replay_with(engine: EngineKind, path: &Path, image: Option<&Image>) -> Replay
             seek: false,
             timeout: Some(Duration::from_secs(60)),
             watch: Vec::new(),
+            translate: Vec::new(),
         },
         &|name| match image {
             // Images are found by their recorded name without the `guest:` prefix.

@@ -113,6 +113,7 @@ fn replay_bt_with(
         seek: true,
         timeout: Some(std::time::Duration::from_secs(60)),
         watch,
+        translate: Vec::new(),
     };
     replay_with(
         path,

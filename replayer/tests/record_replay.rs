@@ -48,6 +48,8 @@ fn record_with(
     let live = Box::new(LiveHost::new(ClockMode::Host).with_input(rx));
     let mut opts = RecordOptions::new(kind(engine), ClockMode::Host);
     opts.digest_interval = 16;
+    // These guests run a few thousand instructions: a checkpoint at every digest.
+    opts.checkpoint_min_instructions = 0;
     tweak(&mut opts);
     let serial = Arc::new(Mutex::new(SerialCapture::keeping()));
     let sink = Box::new(std::fs::File::create(path).unwrap());
@@ -96,6 +98,7 @@ fn try_replay_on(
         seek,
         timeout: Some(std::time::Duration::from_secs(60)),
         watch: Vec::new(),
+        translate: Vec::new(),
     };
     let img = image.clone();
     replay(
@@ -624,6 +627,7 @@ fn a_full_disk_keeps_every_whole_frame_and_says_so() {
     let live = Box::new(LiveHost::new(ClockMode::Host));
     let mut opts = RecordOptions::new(EngineKind::Bt, ClockMode::Host);
     opts.digest_interval = 16;
+    opts.checkpoint_min_instructions = 0;
     opts.writer.frame_events = 64;
     let cfg = config();
     let sink = Box::new(FullDisk {
@@ -902,7 +906,7 @@ fn a_device_added_after_the_recording_leaves_its_trace_verifiable() {
     let rec = record(Engine::Bt, &image, &path, b"hi");
     let header = TraceReader::open(&path).unwrap().header().clone();
     let scheme = header.digest_scheme.clone().unwrap();
-    assert_eq!(scheme.version, 2);
+    assert_eq!(scheme.version, 3);
     assert_eq!(scheme.devices, ["test-irqchip", "test-board"]);
     let replay_with_extra = |until: Option<Until>, seek: bool| {
         let opts = ReplayOptions {
@@ -911,6 +915,7 @@ fn a_device_added_after_the_recording_leaves_its_trace_verifiable() {
             seek,
             timeout: Some(std::time::Duration::from_secs(60)),
             watch: Vec::new(),
+            translate: Vec::new(),
         };
         let img = image.clone();
         replay(

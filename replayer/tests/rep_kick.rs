@@ -71,6 +71,7 @@ fn a_kick_inside_a_rep_over_ram_leaves_a_trace_that_replays_verified() {
                 seek: false,
                 timeout: Some(Duration::from_secs(60)),
                 watch: Vec::new(),
+                translate: Vec::new(),
             },
             &move |_| Some(img.clone()),
             Box::new(std::io::sink()),

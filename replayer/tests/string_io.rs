@@ -291,6 +291,7 @@ fn replay_on(engine: Engine, path: &Path, image: &Image) -> ReplayReport {
         seek: false,
         timeout: Some(std::time::Duration::from_secs(120)),
         watch: Vec::new(),
+        translate: Vec::new(),
     };
     let img = image.clone();
     replay(
@@ -487,6 +488,7 @@ fn the_string_io_guest_replays_across_engines_on_the_pc_machine() {
                     seek: false,
                     timeout: Some(std::time::Duration::from_secs(120)),
                     watch: Vec::new(),
+                    translate: Vec::new(),
                 },
                 &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
                 Box::new(std::io::sink()),

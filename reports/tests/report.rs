@@ -90,6 +90,9 @@ fn results() -> BenchResults {
             trace_bytes_per_guest_second: Some(473_000.0),
             trace_bytes_per_event: Some(2.46),
             events_per_guest_second: Some(20_000.0),
+            checkpoint_seconds: None,
+            seek_seconds: None,
+            qemu_tcg_seconds: None,
         }],
     }
 }

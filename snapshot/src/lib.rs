@@ -6,9 +6,10 @@
 //! Dependencies point one way: machine and engines below, traces beside, recorder and
 //! replayer above (neither depends on the other).
 
+pub mod memory;
 pub mod state;
 
-pub use state::{MachineSnapshot, StateError, restore, snapshot, state_digest};
+pub use state::{MachineSnapshot, StateDigester, StateError, restore, snapshot, state_digest};
 
 use deja_engine::RunEnd;
 use deja_machine::MachineConfig;

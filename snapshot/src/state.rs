@@ -10,7 +10,7 @@ use deja_machine::cpu::{DescriptorTable, FpuState, PendingDebug, PendingEvents, 
 use deja_machine::devices::DeviceState;
 use deja_machine::vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use deja_machine::{Cpu, CpuError, CpuState, Machine, MachineError, Position, Segment};
-use deja_traces::{Digest, DigestScheme, PAGE_SIZE, PageTracker};
+use deja_traces::{Digest, DigestScheme, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -589,10 +589,10 @@ fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
 }
 
-/// The digest scheme this build records with: version 2 over every device of `machine`.
+/// The digest scheme this build records with: version 3 over every device of `machine`.
 pub fn current_digest_scheme(machine: &Machine) -> DigestScheme {
     DigestScheme {
-        version: 2,
+        version: 3,
         devices: machine.device_keys(),
     }
 }
@@ -608,10 +608,10 @@ pub fn recorded_digest_scheme(header: &deja_traces::Header) -> DigestScheme {
 /// Checks that this build computes `scheme` and that `machine` has every device it covers
 /// (before a replay starts, so that no digest fails for a reason that is not the guest's).
 pub fn check_digest_scheme(machine: &Machine, scheme: &DigestScheme) -> Result<(), StateError> {
-    if !(1..=2).contains(&scheme.version) {
+    if !(1..=3).contains(&scheme.version) {
         return Err(StateError::DigestScheme {
             detail: format!(
-                "the trace's digests use scheme {}; this build computes schemes 1 and 2",
+                "the trace's digests use scheme {}; this build computes schemes 1 to 3",
                 scheme.version
             ),
         });
@@ -627,19 +627,38 @@ pub fn check_digest_scheme(machine: &Machine, scheme: &DigestScheme) -> Result<(
     Ok(())
 }
 
-/// The state digest under `scheme`: BLAKE3 over the CPU's architectural core, the devices,
-/// and every non-zero page of guest memory (number and contents). Identical machines on
-/// either engine give identical digests. Scheme 1 digests every device's state in machine
-/// order (what traces before format 7 hold); scheme 2 each device the scheme lists by its
-/// own [`deja_machine::devices::Device::digest`], so devices beyond the list do not count.
+/// The state digest under `scheme`, computed from scratch: BLAKE3 over the CPU's
+/// architectural core, the devices, and guest memory. Identical machines on either engine
+/// give identical digests. Scheme 1 digests every device's state in machine order (what
+/// traces before format 7 hold); schemes 2 and 3 each device the scheme lists by its own
+/// [`deja_machine::devices::Device::digest`], so devices beyond the list do not count.
+/// Schemes 1 and 2 hash every non-zero page (number and contents) in order; scheme 3 hashes
+/// the lane-wise sum of per-page hashes ([`crate::memory`]), which [`StateDigester`] keeps
+/// current from the pages written, so its digests cost what changed rather than RAM size.
 pub fn state_digest(machine: &Machine, cpu: &CpuState, scheme: &DigestScheme) -> Digest {
+    let sum = (scheme.version >= 3).then(|| crate::memory::full_memory_sum(machine));
+    digest_with(machine, cpu, scheme, sum)
+}
+
+/// [`state_digest`] with scheme 3's memory sum given (`None` for schemes 1 and 2, which
+/// hash memory here).
+fn digest_with(
+    machine: &Machine,
+    cpu: &CpuState,
+    scheme: &DigestScheme,
+    memory_sum: Option<crate::memory::PageHash>,
+) -> Digest {
     let mut h = blake3::Hasher::new();
     if scheme.version == 1 {
         h.update(b"deja-state-v1\0");
         h.update(&cpu_core(cpu));
         h.update(&encode(&machine.save_devices()));
     } else {
-        h.update(b"deja-state-v2\0");
+        h.update(if scheme.version == 2 {
+            b"deja-state-v2\0"
+        } else {
+            b"deja-state-v3\0"
+        });
         h.update(&cpu_core(cpu));
         let keys = machine.device_keys();
         for key in &scheme.devices {
@@ -654,13 +673,66 @@ pub fn state_digest(machine: &Machine, cpu: &CpuState, scheme: &DigestScheme) ->
             h.update(&digest);
         }
     }
-    for_each_resident_page(machine, |n, page| {
-        if !is_zero(page) {
-            h.update(&n.to_le_bytes());
-            h.update(page);
+    match memory_sum {
+        Some(sum) => {
+            for lane in sum {
+                h.update(&lane.to_le_bytes());
+            }
         }
-    });
+        None => for_each_resident_page(machine, |n, page| {
+            if !is_zero(page) {
+                h.update(&n.to_le_bytes());
+                h.update(page);
+            }
+        }),
+    }
     Digest::from(h.finalize())
+}
+
+/// Computes a run's state digests under its scheme, and keeps the page hashes that make
+/// scheme 3's digests and incremental checkpoints cost in proportion to the pages written
+/// since the last one (the recorder and the replayer each own one for a run).
+#[derive(Debug)]
+pub struct StateDigester {
+    scheme: DigestScheme,
+    memory: crate::memory::MemoryHashes,
+}
+
+impl StateDigester {
+    /// A digester for `scheme`; its first digest reads all of memory.
+    pub fn new(scheme: DigestScheme) -> Self {
+        Self {
+            scheme,
+            memory: crate::memory::MemoryHashes::new(),
+        }
+    }
+
+    /// The scheme the digests follow.
+    pub fn scheme(&self) -> &DigestScheme {
+        &self.scheme
+    }
+
+    /// The page hashes (for their counters).
+    pub fn memory(&self) -> &crate::memory::MemoryHashes {
+        &self.memory
+    }
+
+    /// Memory was rewritten in a way the dirty bitmap may not show (a machine reset or a
+    /// restore into a machine that ran): the next digest reads all of it.
+    pub fn invalidate(&mut self) {
+        self.memory.invalidate();
+    }
+
+    /// The state digest of `machine` with CPU state `state` (`cpu`'s, which is asked for
+    /// the pages its guest wrote).
+    pub fn digest(&mut self, machine: &Machine, cpu: &mut dyn Cpu, state: &CpuState) -> Digest {
+        self.memory.refresh(machine, cpu);
+        if self.scheme.version >= 3 {
+            digest_with(machine, state, &self.scheme, Some(self.memory.sum()))
+        } else {
+            state_digest(machine, state, &self.scheme)
+        }
+    }
 }
 
 /// What a checkpoint holds, ready for [`deja_traces::TraceWriter::checkpoint`].
@@ -673,34 +745,28 @@ pub struct Snapshot {
     pub machine_state: Vec<u8>,
     /// The state digest.
     pub digest: Digest,
-    /// Pages changed since the previous checkpoint (all non-zero pages for the first).
+    /// Pages changed since the previous checkpoint (every non-zero page when full).
     pub pages: Vec<(u64, Vec<u8>)>,
 }
 
-/// Takes a snapshot: CPU, devices, the pages `tracker` says changed, and the state digest
-/// under `scheme`.
+/// Takes a snapshot: CPU, devices, the state digest under the digester's scheme, and the
+/// pages changed since the previous checkpoint (every non-zero page when `full`).
 pub fn snapshot(
     machine: &Machine,
     cpu: &mut dyn Cpu,
     next_poll: u64,
-    tracker: &mut PageTracker,
-    scheme: &DigestScheme,
+    digester: &mut StateDigester,
+    full: bool,
 ) -> Result<Snapshot, StateError> {
     let state = cpu.state()?;
     let position = trace_position(machine.position());
-    let mut pages = Vec::new();
-    for_each_resident_page(machine, |n, page| {
-        if !tracker.update(n, page).is_empty() {
-            let mut p = page.to_vec();
-            p.resize(PAGE_SIZE, 0);
-            pages.push((n, p));
-        }
-    });
+    let digest = digester.digest(machine, cpu, &state);
+    let pages = digester.memory.checkpoint_pages(machine, full);
     Ok(Snapshot {
         position,
         cpu_state: encode_cpu_state(&state),
         machine_state: encode(&save_machine_state(machine, next_poll)),
-        digest: state_digest(machine, &state, scheme),
+        digest,
         pages,
     })
 }
@@ -883,9 +949,9 @@ mod tests {
             .unwrap()
         };
         let mut a = vm();
-        let mut tracker = PageTracker::new();
         let scheme = current_digest_scheme(&a.machine);
-        let snap = snapshot(&a.machine, a.cpu.as_mut(), 0, &mut tracker, &scheme).unwrap();
+        let mut digester = StateDigester::new(scheme.clone());
+        let snap = snapshot(&a.machine, a.cpu.as_mut(), 0, &mut digester, true).unwrap();
         assert!(
             snap.pages
                 .iter()
@@ -967,9 +1033,9 @@ mod tests {
         let keys = a.machine.device_keys();
         assert_eq!(keys[0], "pc-irqchip");
         assert!(keys.contains(&"post".to_string()) && keys.contains(&"serial".to_string()));
-        let mut tracker = PageTracker::new();
         let scheme = current_digest_scheme(&a.machine);
-        let snap = snapshot(&a.machine, a.cpu.as_mut(), 7, &mut tracker, &scheme).unwrap();
+        let mut digester = StateDigester::new(scheme.clone());
+        let snap = snapshot(&a.machine, a.cpu.as_mut(), 7, &mut digester, true).unwrap();
         let mut memory = deja_traces::MemoryImage::new();
         for (n, p) in &snap.pages {
             memory.set_page(*n, p);

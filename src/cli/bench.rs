@@ -47,6 +47,29 @@ pub struct BenchArgs {
         default_value = "racy-kernel,timer"
     )]
     pub record_guests: Vec<String>,
+    /// Also measure a Linux boot (a `linux-boot` row in the record/replay table, implies
+    /// --record-replay unless --record-replay-only): the kernel booted on bt with --initrd
+    /// and --append, whose init must power the machine off; plain run, recording, replay,
+    /// seeks, and the same boot under qemu-tcg when that column is on and QEMU installed.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// The initramfs of --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line of --kernel.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        requires = "kernel",
+        default_value = "console=ttyS0 panic=-1"
+    )]
+    pub append: String,
+    /// Guest RAM of the --kernel workload.
+    #[arg(long, value_name = "SIZE", requires = "kernel", default_value = "512M", value_parser = super::run::parse_mem)]
+    pub mem: u64,
+    /// Runs of each kind for the --kernel workload (a boot takes a minute).
+    #[arg(long, value_name = "N", requires = "kernel", default_value_t = 1)]
+    pub kernel_repeat: u32,
 }
 
 /// Runs `deja bench`.
@@ -84,17 +107,22 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let record_replay = if args.record_replay || args.record_replay_only {
+    let record_replay = if args.record_replay || args.record_replay_only || args.kernel.is_some() {
         let rr = deja_bench::record::RecordBenchConfig {
             guests: args.record_guests.clone(),
             repeat: args.repeat,
             ..Default::default()
         };
-        let bar = ProgressBar::new(rr.guests.len() as u64);
+        let bar = ProgressBar::new(rr.guests.len() as u64 + u64::from(args.kernel.is_some()));
         let mut out = Vec::new();
         for g in &rr.guests {
             bar.set_message(format!("record/replay {g}"));
             out.push(deja_bench::record::measure(g, &rr));
+            bar.inc(1);
+        }
+        if let Some(kernel) = &args.kernel {
+            bar.set_message("record/replay linux-boot");
+            out.push(linux_boot(&args, kernel, &config)?);
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -176,4 +204,48 @@ fn print_table(results: &BenchResults) {
             (Status::Ok, None) => println!("{:<10} {:<12} (no timing)", m.bench, m.column()),
         }
     }
+}
+
+/// The `linux-boot` record/replay row: `kernel` with the --initrd and --append of `args`.
+fn linux_boot(
+    args: &BenchArgs,
+    kernel: &std::path::Path,
+    config: &BenchConfig,
+) -> anyhow::Result<deja_bench::record::RecordReplayMeasurement> {
+    let mut image = deja_machine::loader::Image::from_file(kernel)
+        .with_context(|| format!("loading {}", kernel.display()))?;
+    if let Some(initrd) = &args.initrd {
+        image.initrd = Some(Box::new(deja_machine::loader::Image {
+            name: initrd.display().to_string(),
+            bytes: deja_machine::loader::read_file_bounded(
+                initrd,
+                deja_machine::loader::MAX_IMAGE_FILE,
+            )?,
+            format: deja_machine::loader::ImageFormat::Linux,
+            initrd: None,
+        }));
+    }
+    let timeout = std::time::Duration::from_secs(1800);
+    let rr = deja_bench::record::RecordBenchConfig {
+        guests: Vec::new(),
+        repeat: args.kernel_repeat,
+        ram_size: args.mem,
+        timeout,
+        cmdline: Some(args.append.clone()),
+        ..Default::default()
+    };
+    let mut m = deja_bench::record::measure_image("linux-boot", &image, &rr);
+    if config.columns.contains(&Column::QemuTcg) {
+        m.qemu_tcg_seconds = deja_bench::qemu::boot_linux(
+            kernel,
+            args.initrd.as_deref(),
+            &args.append,
+            args.mem,
+            timeout,
+        )
+        .map(|d| d.as_secs_f64())
+        .inspect_err(|e| eprintln!("deja: qemu-tcg linux-boot: {e}"))
+        .ok();
+    }
+    Ok(m)
 }

@@ -33,6 +33,10 @@ pub struct RecordArgs {
     /// register diffs on divergence; 0 for none.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub checkpoint_every: u64,
+    /// No checkpoint closer than N instructions to the previous one (bt; 0: no minimum), so
+    /// guests that read the clock in tight loops do not fill the trace with checkpoints.
+    #[arg(long, value_name = "N", default_value_t = deja_recorder::DEFAULT_CHECKPOINT_MIN_INSTRUCTIONS)]
+    pub checkpoint_min_instructions: u64,
     /// On bt, deliver interrupts only at device exits (as kvm does), so the trace also
     /// replays on kvm.
     #[arg(long)]
@@ -79,7 +83,8 @@ fn parse_regex(s: &str) -> Result<regex::Regex, String> {
     regex::Regex::new(s).map_err(|e| e.to_string())
 }
 
-fn serial_sink(path: &Option<PathBuf>) -> anyhow::Result<Box<dyn Write + Send>> {
+/// Where the guest's COM1 output goes: FILE, or stdout for none or `-`.
+pub(crate) fn serial_sink(path: &Option<PathBuf>) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(match path {
         Some(p) if p.as_os_str() != "-" => {
             Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
@@ -104,6 +109,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let mut opts = RecordOptions::new(engine, clock);
     opts.digest_interval = args.digest_interval;
     opts.checkpoint_every = args.checkpoint_every;
+    opts.checkpoint_min_instructions = args.checkpoint_min_instructions;
     if args.exit_synchronous {
         opts.delivery = deja_traces::Delivery::ExitSynchronous;
     }

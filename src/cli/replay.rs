@@ -50,6 +50,12 @@ pub struct ReplayArgs {
     /// machine just before that store. May be given more than once.
     #[arg(long, value_name = "ADDR[:LEN]", value_parser = parse_watch)]
     pub watch: Vec<(u64, u64)>,
+    /// As --watch, for guest-virtual bytes (a kernel variable's address from System.map,
+    /// /proc/kallsyms or a module's own message): translated through the guest's page
+    /// tables where the replay stops (--until, else the end of the recording), found by a
+    /// first, seeking replay; the physical bytes are then watched for the whole replay.
+    #[arg(long, value_name = "VADDR[:LEN]", value_parser = parse_watch)]
+    pub watch_virtual: Vec<(u64, u64)>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -131,12 +137,23 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
         None => Box::new(std::io::sink()),
     };
+    let build = move |cfg: &deja_machine::MachineConfig,
+                      image: &deja_machine::loader::Image,
+                      host: Box<dyn deja_machine::Host>,
+                      out: Box<dyn Write + Send>| {
+        build_vm_with_mmu(engine, cfg.clone(), host, out, image, mmu).map_err(|e| e.to_string())
+    };
+    let mut watch = args.watch.clone();
+    if !args.watch_virtual.is_empty() {
+        watch.extend(translate_watches(&args, engine, end, &build)?);
+    }
     let opts = ReplayOptions {
         engine,
         until: args.until,
         seek: !args.from_start,
         timeout: args.timeout.map(Duration::from_secs_f64),
-        watch: args.watch.clone(),
+        watch: watch.clone(),
+        translate: Vec::new(),
     };
     // Progress towards the recorded end (or the --until target), by instructions where the
     // trace counts them, else by device exits.
@@ -172,9 +189,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         &opts,
         &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
         serial_out,
-        Box::new(move |cfg, image, host, out| {
-            build_vm_with_mmu(engine, cfg.clone(), host, out, image, mmu).map_err(|e| e.to_string())
-        }),
+        Box::new(build),
         ReplayHooks {
             on_watch: Some(&mut on_watch),
             progress: Some(&mut progress),
@@ -184,7 +199,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     pb.finish_and_clear();
     let _ = std::io::stdout().flush();
     if !args.json
-        && !args.watch.is_empty()
+        && !watch.is_empty()
         && let Some(last) = report.watch.last()
     {
         super::say(format_args!(
@@ -196,7 +211,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             last.icount,
             args.trace.display()
         ));
-    } else if !args.json && !args.watch.is_empty() {
+    } else if !args.json && !watch.is_empty() {
         super::say("watch: no store touched the watched bytes");
     }
     if args.json {
@@ -219,4 +234,88 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Verdict::Diverged(_) => EXIT_DIVERGED,
         Verdict::TraceEnded { .. } => EXIT_TRACE_ENDED,
     }))
+}
+
+/// The physical ranges of `--watch-virtual`'s virtual ones: a first replay seeks to where the
+/// replay will stop (`--until`, else the recorded end) and translates every page of every
+/// range through the guest's page tables there.
+fn translate_watches(
+    args: &ReplayArgs,
+    engine: EngineKind,
+    end: Option<deja_traces::Position>,
+    build: &(
+         impl Fn(
+        &deja_machine::MachineConfig,
+        &deja_machine::loader::Image,
+        Box<dyn deja_machine::Host>,
+        Box<dyn Write + Send>,
+    ) -> Result<deja_engine::Vm, String>
+         + Clone
+         + 'static
+     ),
+) -> anyhow::Result<Vec<(u64, u64)>> {
+    let stop = match (args.until, end) {
+        (Some(u), _) => u,
+        (None, Some(p)) if p.icount > 0 => Until::Icount(p.icount),
+        (None, Some(p)) => Until::Exit(p.exits),
+        (None, None) => anyhow::bail!(
+            "--watch-virtual: the trace has no recorded end to translate at; give --until"
+        ),
+    };
+    // Each range split at page boundaries: consecutive virtual pages need not be
+    // consecutive physical ones.
+    let mut pieces = Vec::new();
+    for &(start, len) in &args.watch_virtual {
+        let mut at = start;
+        let end = start + len;
+        while at < end {
+            let n = (0x1000 - (at & 0xfff)).min(end - at);
+            pieces.push((at, n));
+            at += n;
+        }
+    }
+    let opts = ReplayOptions {
+        engine,
+        until: Some(stop),
+        seek: true,
+        timeout: args.timeout.map(Duration::from_secs_f64),
+        watch: Vec::new(),
+        translate: pieces.iter().map(|&(v, _)| v).collect(),
+    };
+    let report = replay_with(
+        &args.trace,
+        &opts,
+        &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
+        Box::new(std::io::sink()),
+        Box::new(build.clone()),
+        ReplayHooks::default(),
+    )
+    .with_context(|| {
+        format!(
+            "replaying {} to translate --watch-virtual",
+            args.trace.display()
+        )
+    })?;
+    // Without --until the stop is the recorded end, which a replay reaches as verified.
+    let at_end = args.until.is_none() && matches!(report.verdict, Verdict::Verified);
+    if !matches!(report.verdict, Verdict::ReachedUntil { .. }) && !at_end {
+        anyhow::bail!(
+            "--watch-virtual: the replay did not reach {stop} to translate there: {report}"
+        );
+    }
+    let mut physical = Vec::new();
+    for (&(virt, len), &(_, phys)) in pieces.iter().zip(&report.translations) {
+        let Some(phys) = phys else {
+            anyhow::bail!(
+                "--watch-virtual: {virt:#x} is not mapped by the guest's page tables at {stop}"
+            );
+        };
+        if !args.json {
+            super::say(format_args!(
+                "watch: virtual {virt:#x} is physical {phys:#x} at {stop} ({len} bytes)"
+            ));
+        }
+        physical.push((phys, len));
+    }
+    Ok(physical)
 }

@@ -99,7 +99,7 @@ pub struct GuestArgs {
     /// guest sees the same on all three, so a trace replays under any of them.
     #[arg(long, value_name = "STRATEGY", value_parser = parse_mmu)]
     pub mmu: Option<deja_engine::MmuStrategy>,
-    /// Write the guest's COM1 output to FILE instead of stdout.
+    /// Write the guest's COM1 output to FILE instead of stdout (`-` is stdout).
     #[arg(long, value_name = "FILE")]
     pub serial_out: Option<PathBuf>,
     /// Write a machine-readable summary to FILE (`-` for stdout; then use --serial-out so
@@ -193,7 +193,7 @@ pub struct RunArgs {
     pub verbose: bool,
 }
 
-fn parse_mem(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_mem(s: &str) -> Result<u64, String> {
     memory::parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -306,12 +306,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         bail!("--max-instructions needs an engine that counts instructions (bt); kvm cannot here");
     }
     let host = Box::new(LiveHost::new(guest.clock_mode()).with_stdin());
-    let serial_out: Box<dyn Write + Send> = match &guest.serial_out {
-        Some(p) => {
-            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
-        }
-        None => Box::new(std::io::stdout()),
-    };
+    let serial_out = super::record::serial_sink(&guest.serial_out)?;
     let mut vm = deja_engine::build_vm_with_mmu(
         engine,
         guest.machine_config(),

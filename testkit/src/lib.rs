@@ -265,3 +265,72 @@ pub fn debian_linux(
         find(&boot, "vmlinuz-").ok_or_else(|| format!("no vmlinuz in {}", boot.display()))?;
     Ok((kernel, busybox))
 }
+
+/// The kernel headers that build modules for `kernel` (a `vmlinuz-RELEASE` from
+/// [`debian_linux`]): Debian's `linux-headers-RELEASE` package and the packages it needs
+/// (its `-common` tree and `linux-kbuild`), fetched once with `apt-get download` into
+/// `cache` and unpacked there. Returns the directory to give `make -C`. Debian's headers
+/// Makefile includes the common tree by its installed path; the unpacked copy is pointed at
+/// its neighbour in `cache` instead.
+pub fn debian_linux_headers(
+    cache: &std::path::Path,
+    kernel: &std::path::Path,
+) -> Result<std::path::PathBuf, String> {
+    use std::process::Command;
+    let release = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .ok_or_else(|| format!("{} is not a vmlinuz-RELEASE file", kernel.display()))?;
+    let root = cache.join("root");
+    let src = root.join("usr/src");
+    let headers = src.join(format!("linux-headers-{release}"));
+    let run = |cmd: &mut Command| -> Result<String, String> {
+        let out = cmd
+            .current_dir(cache)
+            .output()
+            .map_err(|e| format!("running {cmd:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{cmd:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    if !headers.join("Makefile").exists() {
+        let package = format!("linux-headers-{release}");
+        let depends = run(Command::new("apt-cache").args(["depends", &package]))?;
+        let mut packages = vec![package.clone()];
+        packages.extend(
+            depends
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends: "))
+                .filter(|p| p.starts_with("linux-headers-") || p.starts_with("linux-kbuild-"))
+                .map(str::to_string),
+        );
+        run(Command::new("apt-get").arg("download").args(&packages))?;
+        for p in &packages {
+            let deb = std::fs::read_dir(cache)
+                .map_err(|e| format!("reading {}: {e}", cache.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .find(|d| {
+                    d.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{p}_")) && n.ends_with(".deb"))
+                })
+                .ok_or_else(|| format!("apt-get download left no {p}_*.deb"))?;
+            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg("root"))?;
+        }
+    }
+    let makefile = headers.join("Makefile");
+    let text = std::fs::read_to_string(&makefile)
+        .map_err(|e| format!("reading {}: {e}", makefile.display()))?;
+    if text.contains("include /usr/src/") {
+        let fixed = text.replace("include /usr/src/", &format!("include {}/", src.display()));
+        std::fs::write(&makefile, fixed)
+            .map_err(|e| format!("writing {}: {e}", makefile.display()))?;
+    }
+    Ok(headers)
+}

@@ -8,9 +8,10 @@ use deja_bt::mmu::{
     Access, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, EFER_LMA, EFER_LME, EFER_NXE, PagingConfig,
     PagingRegs, soft_tlb, walk,
 };
+use deja_machine::GuestRam;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
@@ -19,8 +20,8 @@ const PT: u64 = 0x4000;
 const FLAGS: u64 = 0b111;
 
 /// 512 4 KiB pages at linear 0..2 MiB, mapped by 4-level paging to 16 MiB + the same offset.
-fn setup() -> (GuestMemoryMmap, PagingRegs) {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+fn setup() -> (GuestRam, PagingRegs) {
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     mem.write_obj(PDPT | FLAGS, GuestAddress(PML4)).unwrap();
     mem.write_obj(PD | FLAGS, GuestAddress(PDPT)).unwrap();
     mem.write_obj(PT | FLAGS, GuestAddress(PD)).unwrap();

@@ -4,6 +4,7 @@
 
 use crate::cache::{Block, Key};
 use crate::core::Core;
+use crate::features::Features;
 use crate::ir::Exc;
 use crate::paging::Kind;
 use crate::{BtCpu, MAX_BLOCK_INSNS, core, exec, paging, translate};
@@ -168,6 +169,7 @@ impl BtCpu {
                 ),
             });
         }
+        let features = Features::of(machine);
         let mut insns = Vec::new();
         let mut ops = Vec::new();
         let mut extents = [(key.phys, key.phys), (0, 0)];
@@ -180,7 +182,7 @@ impl BtCpu {
                 break;
             }
             consumed += insn.len();
-            ops.push(translate::build(&insn, bitness));
+            ops.push(translate::build(&insn, bitness, &features));
             insns.push(insn);
             if insn.flow_control() != FlowControl::Next || ends_block(&insn) {
                 break;
@@ -225,7 +227,7 @@ impl BtCpu {
             let mut decoder = Decoder::with_ip(bitness, &bytes, key.rip, DecoderOptions::NONE);
             decoder.decode_out(&mut insn);
             let len = insn.len();
-            ops.push(translate::build(&insn, bitness));
+            ops.push(translate::build(&insn, bitness, &features));
             insns.push(insn);
             let first = avail.min(len);
             consumed = first;

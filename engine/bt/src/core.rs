@@ -58,6 +58,7 @@ pub mod crb {
     pub const PGE: u64 = 1 << 7;
     pub const OSFXSR: u64 = 1 << 9;
     pub const OSXMMEXCPT: u64 = 1 << 10;
+    pub const UMIP: u64 = 1 << 11;
     pub const SMEP: u64 = 1 << 20;
     // EFER
     pub const SCE: u64 = 1 << 0;

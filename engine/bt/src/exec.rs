@@ -202,11 +202,17 @@ impl MemSys {
         }
     }
 
+    /// Forgets the cached host pointers for stores, so that the next store to every page
+    /// takes `write_bytes` again (which marks the page dirty).
+    pub fn flush_write_tlb(&mut self) {
+        self.write_tlb.fill(EMPTY);
+        self.write_pages.fill(u64::MAX);
+    }
+
     /// Forgets every cached host pointer.
     pub fn flush_fast(&mut self) {
         self.read_tlb.fill(EMPTY);
-        self.write_tlb.fill(EMPTY);
-        self.write_pages.fill(u64::MAX);
+        self.flush_write_tlb();
     }
 }
 
@@ -737,6 +743,9 @@ impl Ctx<'_> {
                 };
                 // SAFETY: `h` points into a RAM page of guest memory; the chunk stays in it.
                 unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), h, len) };
+                // Stores through the write TLB below go unmarked until the next
+                // `collect_dirty_pages` drops the entry, so the page is marked here.
+                self.machine.mark_dirty(p, len);
                 if reasons == 0 && !watched {
                     if len == data.len() && !self.mem.watching {
                         let page = self.wrap(lin) & !0xfff;

@@ -15,9 +15,12 @@
 //! (operands, segmentation, fast TLB, and the positioned device and host accesses) →
 //! [`paging`] (the MMU; [`mmu`] strategies plug in through `paging::MmuAdapter`).
 //!
-//! x87, MMX and SSE/SSE2 run on the host FPU ([`native`]: real 80-bit precision, MXCSR
+//! x87, MMX and SSE to SSE4.2 run on the host FPU ([`native`]: real 80-bit precision, MXCSR
 //! rounding and flags, bit-exact with the host), the environment formats and masked stores in
 //! software ([`x87`]), the hot XMM moves and integer operations in software ([`sse`]).
+//!
+//! The instruction set is the machine's CPUID table's ([`features`]): an instruction whose
+//! CPUID feature bit the table does not report raises #UD, as on a CPU without it.
 //!
 //! Debugging: while TF or RF is set, a breakpoint is armed in DR7, or a #DB is held back by
 //! a MOV SS shadow, instructions run one at a time so that single-step traps, instruction
@@ -26,11 +29,13 @@
 //! task switches live in [`task`].
 //!
 //! Not implemented yet (each raises #UD or #GP and is counted under `bt.unimplemented.*`):
-//! anything beyond SSE2 (SSE3 and later are not in deja's CPUID).
+//! anything the CPUID table does not report (AVX, AES-NI, XSAVE and the like), and with it
+//! any instruction of a reported feature that its table leaves out.
 
 pub mod cache;
 pub mod core;
 pub mod exec;
+pub mod features;
 pub mod ir;
 pub mod mmu;
 pub mod native;
@@ -219,6 +224,13 @@ impl Cpu for BtCpu {
 
     fn state(&mut self) -> Result<CpuState, CpuError> {
         Ok(self.core.to_state())
+    }
+
+    fn collect_dirty_pages(&mut self, _machine: &Machine) -> bool {
+        // Every store that missed the write TLB marked its page; dropping the TLB makes the
+        // next store to each page miss once more.
+        self.mem.flush_write_tlb();
+        true
     }
 
     fn memory_rewritten(&mut self) {

@@ -43,9 +43,10 @@
 
 use crate::core::crb;
 use crate::exec::Ctx;
+use crate::features::Features;
 use crate::ir::{Ctl, Exc, OpResult, Operand, UOp};
 use iced_x86::code_asm::{
-    CodeAssembler, dword_ptr, qword_ptr, rax as arax, rdx as ardx, rsi as arsi,
+    CodeAssembler, dword_ptr, qword_ptr, rax as arax, rcx as arcx, rdx as ardx, rsi as arsi,
 };
 use iced_x86::{
     CpuidFeature, Encoder, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
@@ -67,6 +68,8 @@ struct Frame {
     rflags: u64,
     /// The host's MXCSR, saved and restored by the stub.
     host_mxcsr: u32,
+    /// Guest RCX, in and out, for the string instructions ([`flag::IMPLICIT_ACD`]).
+    rcx: u64,
 }
 
 const FRAME_MXCSR: i32 = 24;
@@ -75,6 +78,7 @@ const FRAME_RAX: i32 = 512;
 const FRAME_RDX: i32 = 520;
 const FRAME_RFLAGS: i32 = 528;
 const FRAME_HOST_MXCSR: i32 = 536;
+const FRAME_RCX: i32 = 544;
 
 /// The host buffer standing for the guest memory operand (its address is in RDI).
 #[repr(C, align(64))]
@@ -116,6 +120,9 @@ mod flag {
     pub const TINY_SCALAR: u16 = 1 << 14;
     /// CVTPD2PS: the low two f32 lanes are results.
     pub const TINY_LOW_PAIR: u16 = 1 << 15;
+    /// SSE4.2's string instructions: RAX and RDX (the explicit lengths) and RCX (the index
+    /// PCMPxSTRI writes) are the guest's own, not renamed operands.
+    pub const IMPLICIT_ACD: u16 = 1 << 9;
 }
 
 /// What the handler needs about a native op; one leaked, shared instance per distinct
@@ -190,27 +197,15 @@ fn renamed(r: Register, slot: usize) -> Register {
     }
 }
 
-/// Whether the instruction belongs to what deja's CPUID advertises for the FPU, MMX, SSE and
-/// SSE2 (FISTTP is SSE3 and stays #UD, like everything newer).
-fn advertised(insn: &Instruction) -> bool {
+/// Whether the instruction is one this module runs and the guest's CPUID reports: every
+/// feature it needs is enumerated and set ([`Features::enumerated`]), and one of them is the
+/// x87, MMX or an SSE level (so nothing else, CRC32 or MONITOR say, reaches the host).
+fn advertised(insn: &Instruction, features: &Features) -> bool {
     if insn.mnemonic() == Mnemonic::Wait {
         return true;
     }
-    let f = insn.cpuid_features();
-    !f.is_empty()
-        && f.iter().all(|c| {
-            matches!(
-                c,
-                CpuidFeature::FPU
-                    | CpuidFeature::FPU287
-                    | CpuidFeature::FPU387
-                    | CpuidFeature::CMOV
-                    | CpuidFeature::MMX
-                    | CpuidFeature::SSE
-                    | CpuidFeature::SSE2
-            )
-        })
-        && f.iter().any(|c| {
+    features.enumerated(insn)
+        && insn.cpuid_features().iter().any(|c| {
             matches!(
                 c,
                 CpuidFeature::FPU
@@ -219,12 +214,18 @@ fn advertised(insn: &Instruction) -> bool {
                     | CpuidFeature::MMX
                     | CpuidFeature::SSE
                     | CpuidFeature::SSE2
+                    | CpuidFeature::SSE3
+                    | CpuidFeature::SSSE3
+                    | CpuidFeature::SSE4_1
+                    | CpuidFeature::SSE4_2
             )
         })
+        && insn.mnemonic() != Mnemonic::Crc32
 }
 
 fn is_x87(insn: &Instruction) -> bool {
-    insn.mnemonic() == Mnemonic::Wait
+    // FISTTP is SSE3's, but an x87 store in every other respect.
+    matches!(insn.mnemonic(), Mnemonic::Wait | Mnemonic::Fisttp)
         || insn.cpuid_features().iter().any(|c| {
             matches!(
                 c,
@@ -328,10 +329,12 @@ fn make_stub(insn: &Instruction, bitness: u32) -> Option<&'static StubInfo> {
                 _ => {}
             }
         }
+        // Legacy-encoded 16-byte operands must be aligned, except for the unaligned moves,
+        // LDDQU, and SSE4.2's string instructions (checked against the host).
         let unaligned = matches!(
             insn.mnemonic(),
-            Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Movdqu
-        );
+            Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Movdqu | Mnemonic::Lddqu
+        ) || string_insn(insn.mnemonic());
         if size == 16 && !unaligned {
             flags |= flag::ALIGN16;
         }
@@ -374,6 +377,38 @@ fn make_stub(insn: &Instruction, bitness: u32) -> Option<&'static StubInfo> {
         flags |= flag::WRITES_FLAGS;
     }
     flags |= tiny_lanes(m);
+    // Registers the instruction uses without naming them: XMM0 (BLENDV*, PCMPxSTRM) and, for
+    // the string instructions, RAX/RDX/RCX. Any other implicit general register (none in
+    // the SSE levels deja reports) is refused rather than run against the host's.
+    let mut implicit_xmm = Vec::new();
+    {
+        let mut f = InstructionInfoFactory::new();
+        let info = f.info(insn);
+        // iced reports a 32-bit write in 64-bit mode as one to the whole register.
+        let named = |r: Register| {
+            (0..insn.op_count()).any(|i| {
+                insn.op_kind(i) == OpKind::Register
+                    && insn.op_register(i).full_register() == r.full_register()
+            }) || (mem
+                && [insn.memory_base(), insn.memory_index()]
+                    .iter()
+                    .any(|m| *m != Register::None && m.full_register() == r.full_register()))
+        };
+        for u in info.used_registers() {
+            let r = u.register();
+            if named(r) {
+                continue;
+            }
+            if r.is_xmm() {
+                implicit_xmm.push(r);
+            } else if is_gpr(r) {
+                if !string_insn(m) || slot > 0 {
+                    return None;
+                }
+                flags |= flag::IMPLICIT_ACD;
+            }
+        }
+    }
     let mut enc = Encoder::new(64);
     enc.encode(&host, 0).ok()?;
     let insn_bytes = enc.take_buffer();
@@ -382,7 +417,13 @@ fn make_stub(insn: &Instruction, bitness: u32) -> Option<&'static StubInfo> {
     if let Some(s) = arena.forms.get(&key) {
         return Some(s);
     }
-    let bytes = stub_bytes(&host, cls == class::SSE).ok()?;
+    let bytes = stub_bytes(
+        &host,
+        &implicit_xmm,
+        cls == class::SSE,
+        flags & flag::IMPLICIT_ACD != 0,
+    )
+    .ok()?;
     let code = arena.place(&bytes)?;
     let info: &'static StubInfo = Box::leak(Box::new(StubInfo {
         code,
@@ -394,16 +435,25 @@ fn make_stub(insn: &Instruction, bitness: u32) -> Option<&'static StubInfo> {
     Some(info)
 }
 
+/// SSE4.2's string compares (PCMPESTRI/M, PCMPISTRI/M, and the REX.W forms).
+fn string_insn(m: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        m,
+        Pcmpestri | Pcmpestri64 | Pcmpestrm | Pcmpestrm64 | Pcmpistri | Pcmpistrm
+    )
+}
+
 /// Which lanes of an SSE instruction's destination can hold a tiny exact result (the case
 /// where an unmasked underflow traps but the masked run raises no flag).
 fn tiny_lanes(m: Mnemonic) -> u16 {
     use Mnemonic::*;
     match m {
         Addss | Subss | Mulss | Divss | Cvtsd2ss => flag::TINY_F32 | flag::TINY_SCALAR,
-        Addps | Subps | Mulps | Divps => flag::TINY_F32,
+        Addps | Subps | Mulps | Divps | Addsubps | Haddps | Hsubps | Dpps => flag::TINY_F32,
         Cvtpd2ps => flag::TINY_F32 | flag::TINY_LOW_PAIR,
         Addsd | Subsd | Mulsd | Divsd => flag::TINY_F64 | flag::TINY_SCALAR,
-        Addpd | Subpd | Mulpd | Divpd => flag::TINY_F64,
+        Addpd | Subpd | Mulpd | Divpd | Addsubpd | Haddpd | Hsubpd | Dppd => flag::TINY_F64,
         _ => 0,
     }
 }
@@ -434,9 +484,15 @@ fn has_denormal_result(flags: u16, v: u128) -> bool {
 }
 
 /// The stub around `host`. SSE instructions that touch no MMX register need none of the
-/// x87 state: their stub moves only MXCSR and the XMM registers they name (a third of the
-/// cost of FXRSTOR/FXSAVE/FNINIT); everything else goes through the whole FXSAVE image.
-fn stub_bytes(host: &Instruction, sse_only: bool) -> Result<Vec<u8>, iced_x86::IcedError> {
+/// x87 state: their stub moves only MXCSR and the XMM registers they name or use implicitly
+/// (`implicit_xmm`; a third of the cost of FXRSTOR/FXSAVE/FNINIT); everything else goes
+/// through the whole FXSAVE image. With `rcx` the stub also moves RCX in and out.
+fn stub_bytes(
+    host: &Instruction,
+    implicit_xmm: &[Register],
+    sse_only: bool,
+    rcx: bool,
+) -> Result<Vec<u8>, iced_x86::IcedError> {
     use iced_x86::code_asm::{
         AsmRegisterXmm, xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11,
         xmm12, xmm13, xmm14, xmm15,
@@ -447,7 +503,9 @@ fn stub_bytes(host: &Instruction, sse_only: bool) -> Result<Vec<u8>, iced_x86::I
     ];
     let mut xmms: Vec<usize> = (0..host.op_count())
         .filter(|&i| host.op_kind(i) == OpKind::Register && host.op_register(i).is_xmm())
-        .map(|i| (host.op_register(i) as u32 - Register::XMM0 as u32) as usize)
+        .map(|i| host.op_register(i))
+        .chain(implicit_xmm.iter().copied())
+        .map(|r| (r as u32 - Register::XMM0 as u32) as usize)
         .collect();
     xmms.sort_unstable();
     xmms.dedup();
@@ -464,6 +522,9 @@ fn stub_bytes(host: &Instruction, sse_only: bool) -> Result<Vec<u8>, iced_x86::I
     }
     a.mov(arax, qword_ptr(arsi + FRAME_RAX))?;
     a.mov(ardx, qword_ptr(arsi + FRAME_RDX))?;
+    if rcx {
+        a.mov(arcx, qword_ptr(arsi + FRAME_RCX))?;
+    }
     a.push(qword_ptr(arsi + FRAME_RFLAGS))?;
     a.popfq()?;
     a.add_instruction(*host)?;
@@ -471,6 +532,9 @@ fn stub_bytes(host: &Instruction, sse_only: bool) -> Result<Vec<u8>, iced_x86::I
     a.pop(qword_ptr(arsi + FRAME_RFLAGS))?;
     a.mov(qword_ptr(arsi + FRAME_RAX), arax)?;
     a.mov(qword_ptr(arsi + FRAME_RDX), ardx)?;
+    if rcx {
+        a.mov(qword_ptr(arsi + FRAME_RCX), arcx)?;
+    }
     if sse_only {
         for &r in &xmms {
             a.movdqa(slot(r), XMM[r])?;
@@ -509,10 +573,10 @@ fn call(info: &StubInfo, frame: &mut Frame, buf: &mut Buf) {
     }
 }
 
-/// Chooses the native handler for an x87/MMX/SSE/SSE2 instruction, if deja advertises it
-/// and it can be re-encoded; returns whether it did.
-pub fn build(insn: &Instruction, bitness: u32, op: &mut UOp) -> bool {
-    if !advertised(insn) {
+/// Chooses the native handler for an x87, MMX or SSE-level instruction, if the guest's CPUID
+/// (`features`) reports it and it can be re-encoded; returns whether it did.
+pub fn build(insn: &Instruction, bitness: u32, op: &mut UOp, features: &Features) -> bool {
+    if !advertised(insn, features) {
         return false;
     }
     let Some(info) = make_stub(insn, bitness) else {
@@ -713,6 +777,7 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
         rdx: 0,
         rflags: 0x202 | (ctx.core.flags() & 0x8d5),
         host_mxcsr: 0,
+        rcx: 0,
     };
     load_frame(ctx, &mut frame);
     if ignored != 0 {
@@ -725,6 +790,12 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     if let Some(r) = gprs[1] {
         frame.rdx = ctx.core.gpr[r as usize];
+    }
+    let implicit = info.flags & flag::IMPLICIT_ACD != 0;
+    if implicit {
+        frame.rax = ctx.core.gpr[0];
+        frame.rcx = ctx.core.gpr[1];
+        frame.rdx = ctx.core.gpr[2];
     }
     let guest_mxcsr = ctx.core.fpu.mxcsr & 0xffff;
     // Every SSE exception masked, flags cleared: the new flags are this instruction's.
@@ -778,6 +849,7 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 rdx: frame.rdx,
                 rflags: fl,
                 host_mxcsr: 0,
+                rcx: frame.rcx,
             };
             let mut buf2 = Buf([0x5a; 64]);
             let mut buf1 = Buf([0xa5; 64]);
@@ -788,6 +860,7 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 rdx: frame.rdx,
                 rflags: fl,
                 host_mxcsr: 0,
+                rcx: frame.rcx,
             };
             call(info, &mut again1, &mut buf1);
             let n = info.mem_size as usize;
@@ -833,6 +906,9 @@ pub fn exec(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     if let Some(r) = gprs[1] {
         ctx.core.gpr[r as usize] = frame.rdx;
+    }
+    if implicit {
+        ctx.core.gpr[1] = frame.rcx;
     }
     if info.flags & flag::WRITES_FLAGS != 0 {
         ctx.core.set_arith(frame.rflags & 0x8d5);

@@ -999,6 +999,36 @@ pub fn movbe(ctx: &mut Ctx, op: &UOp) -> OpResult {
     Ok(Ctl::Next)
 }
 
+/// CLFLUSH, CLFLUSHOPT and CLWB: a translator has no cache lines to write back or evict,
+/// but the address is checked as a one-byte load's is (segment, canonical form, paging with
+/// #PF and its error code) without reading it, so an MMIO line sees no access.
+pub fn cache_line(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let Operand::Mem(m) = op.dst else {
+        return Err(Exc::UD);
+    };
+    let off = ctx.ea(&m);
+    let lin = ctx.linear(m.seg, off, 1, false)?;
+    let user = ctx.core.cpl() == 3;
+    ctx.translate(lin, crate::paging::Kind::Read, user)?;
+    Ok(Ctl::Next)
+}
+
+/// CRC32 (SSE4.2): the CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of the source's
+/// `aux` bytes, least significant first, continuing from the destination's low 32 bits; the
+/// result zero-extends into a 64-bit destination. No flags change.
+pub fn crc32(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    let mut crc = ctx.get(&op.dst, 4)? as u32;
+    let v = ctx.get(&op.src, op.aux)?;
+    for i in 0..op.aux as u32 {
+        crc ^= (v >> (8 * i)) as u32 & 0xff;
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82f6_3b78 & (crc & 1).wrapping_neg());
+        }
+    }
+    ctx.put(&op.dst, op.size, u64::from(crc))?;
+    Ok(Ctl::Next)
+}
+
 /// XADD.
 pub fn xadd(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let a = ctx.get(&op.dst, op.size)?;

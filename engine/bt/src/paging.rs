@@ -4,7 +4,7 @@
 //! tables, nested model) plugs in here through [`MmuAdapter`]; the default is the shadow
 //! MMU (issue #7).
 
-use vm_memory::GuestMemoryMmap;
+use deja_machine::GuestRam;
 
 /// What a translation is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub trait Translate: Send {
     /// Translates `linear`; `user` is a CPL-3 access (not an implicit supervisor access).
     fn translate(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &Regs,
         linear: u64,
         kind: Kind,
@@ -58,12 +58,12 @@ pub trait Translate: Send {
     fn stats(&self) -> deja_machine::EngineStats;
     /// Loads the PAE PDPTE registers (MOV to CR3/CR0/CR4 with PAE paging); `false` when a
     /// present PDPTE has reserved bits set (the instruction then raises #GP(0)).
-    fn load_pdptes(&mut self, _mem: &GuestMemoryMmap, _regs: &Regs) -> bool {
+    fn load_pdptes(&mut self, _mem: &GuestRam, _regs: &Regs) -> bool {
         true
     }
     /// A guest store of `len` bytes at `phys` (already in memory) to a page the translator
     /// asked to track ([`crate::mmu::MmuEvent::Track`]).
-    fn note_guest_write(&mut self, _mem: &GuestMemoryMmap, _phys: u64, _len: usize) {}
+    fn note_guest_write(&mut self, _mem: &GuestRam, _phys: u64, _len: usize) {}
     /// Moves the translator's pending events to `out` ([`crate::mmu::Mmu::drain_events`]).
     fn drain_events(&mut self, _out: &mut Vec<crate::mmu::MmuEvent>) {}
     /// Forgets everything built from guest memory ([`crate::mmu::Mmu::reset`]).
@@ -89,7 +89,7 @@ impl MmuAdapter {
 impl Translate for MmuAdapter {
     fn translate(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &Regs,
         linear: u64,
         kind: Kind,
@@ -121,10 +121,10 @@ impl Translate for MmuAdapter {
     fn stats(&self) -> deja_machine::EngineStats {
         self.0.stats()
     }
-    fn load_pdptes(&mut self, mem: &GuestMemoryMmap, regs: &Regs) -> bool {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &Regs) -> bool {
         self.0.load_pdptes(mem, &Self::regs(regs)).is_ok()
     }
-    fn note_guest_write(&mut self, mem: &GuestMemoryMmap, phys: u64, len: usize) {
+    fn note_guest_write(&mut self, mem: &GuestRam, phys: u64, len: usize) {
         self.0.note_guest_write(mem, phys, len);
     }
     fn drain_events(&mut self, out: &mut Vec<crate::mmu::MmuEvent>) {

@@ -3,6 +3,7 @@
 
 use crate::core::crb;
 use crate::exec::Ctx;
+use crate::features::Features;
 use crate::ir::{Ctl, Exc, OpResult, Operand, UOp};
 use iced_x86::{Instruction, Mnemonic};
 
@@ -336,11 +337,11 @@ fn lane_bits(m: Mnemonic) -> u64 {
 /// the XMM moves and integer operations gcc-built code uses most (no MXCSR involvement, no
 /// host FPU round trip), the environment and masked-store instructions in [`crate::x87`],
 /// and host execution ([`crate::native`]) for the rest; anything else stays unimplemented.
-pub fn build(insn: &Instruction, bitness: u32, op: &mut UOp) {
+pub fn build(insn: &Instruction, bitness: u32, op: &mut UOp, features: &Features) {
     let mmx = (0..insn.op_count())
         .any(|i| insn.op_kind(i) == iced_x86::OpKind::Register && insn.op_register(i).is_mm());
     if (mmx || !software(insn, op)) && !crate::x87::build(insn, op) {
-        crate::native::build(insn, bitness, op);
+        crate::native::build(insn, bitness, op, features);
     }
 }
 

@@ -2,6 +2,7 @@
 //! instruction and operand form, operands are resolved, and a backward pass over the block
 //! marks the flags each instruction writes as live or dead (from iced-x86's flag info).
 
+use crate::features::Features;
 use crate::ir::{MemRef, NO_REG, Operand, RIP_REL, UOp};
 use crate::ops::{self, alu, shift, string};
 use crate::sse;
@@ -125,9 +126,10 @@ fn name_size(code: Code) -> u8 {
     }
 }
 
-/// Builds the micro-op of one instruction. Unsupported instructions get the handler that
-/// raises #UD and counts them.
-pub fn build(insn: &Instruction, bitness: u32) -> UOp {
+/// Builds the micro-op of one instruction for a CPU reporting `features`. Unsupported
+/// instructions, and those needing a feature the CPUID table does not report, get the handler
+/// that raises #UD and counts them.
+pub fn build(insn: &Instruction, bitness: u32, features: &Features) -> UOp {
     let mut op = UOp {
         exec: system::unimplemented,
         code: insn.code(),
@@ -146,6 +148,9 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
     let code = insn.code();
     if insn.is_invalid() {
         op.exec = system::ud;
+        return op;
+    }
+    if !features.accepts(insn, bitness) && !falls_back(m) {
         return op;
     }
     let alu_kind = match m {
@@ -227,7 +232,6 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
         | Mnemonic::Prefetcht1
         | Mnemonic::Prefetcht2
         | Mnemonic::Prefetchw
-        | Mnemonic::Clflush
         | Mnemonic::Endbr64
         | Mnemonic::Endbr32 => op.exec = ops::nop,
         Mnemonic::Inc | Mnemonic::Dec => {
@@ -562,6 +566,11 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
             };
             op.exec = ops::flagop;
         }
+        Mnemonic::Clflush | Mnemonic::Clflushopt | Mnemonic::Clwb => op.exec = ops::cache_line,
+        Mnemonic::Crc32 => {
+            op.aux = op_size(insn, 1);
+            op.exec = ops::crc32;
+        }
         Mnemonic::Lahf => op.exec = ops::lahf,
         Mnemonic::Sahf => op.exec = ops::sahf,
         Mnemonic::Daa | Mnemonic::Das | Mnemonic::Aaa | Mnemonic::Aas => {
@@ -714,10 +723,17 @@ pub fn build(insn: &Instruction, bitness: u32) -> UOp {
         }
         Mnemonic::Ud2 | Mnemonic::Ud0 | Mnemonic::Ud1 => op.exec = system::ud,
         _ => {
-            sse::build(insn, bitness, &mut op);
+            sse::build(insn, bitness, &mut op, features);
         }
     }
     op
+}
+
+/// Encodings a CPU without their feature runs as an older instruction rather than raising
+/// #UD: TZCNT (BMI1) and LZCNT (ABM) are REP-prefixed BSF and BSR there. bt runs them as
+/// TZCNT and LZCNT whatever the table reports (the BSF/BSR fallback is not modelled).
+fn falls_back(m: Mnemonic) -> bool {
+    matches!(m, Mnemonic::Tzcnt | Mnemonic::Lzcnt)
 }
 
 fn set_crdr(op: &mut UOp, r: u16, write: u8) {

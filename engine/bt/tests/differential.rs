@@ -117,7 +117,35 @@ fn random_insn(a: &mut CodeAssembler, r: &mut Rng) -> Result<(), IcedError> {
     let disp = (r.below(64) * 8) as i32;
     let mem = qword_ptr(r14 + disp);
     let cnt = (r.below(70)) as u32;
-    match r.below(57) {
+    match r.below(65) {
+        // The cache-line instructions on a mapped line: they run and change nothing.
+        64 => match r.below(3) {
+            0 => a.clflush(byte_ptr(r14 + disp)),
+            1 => a.clflushopt(byte_ptr(r14 + disp)),
+            _ => a.clwb(byte_ptr(r14 + disp)),
+        },
+        // x86-64-v2's integer instructions: CRC32 over every source size, LAHF/SAHF in
+        // 64-bit mode, CMPXCHG16B on an aligned slot (both outcomes: the comparand is the
+        // slot itself half the time).
+        // (AH..BH cannot be encoded with REX: the destination is one of the first six.)
+        57 => a.crc32(R32[r.below(6) as usize], R8[r.below(6) as usize]),
+        58 => a.crc32(x32, R16[r.below(4) as usize]),
+        59 => match r.below(3) {
+            0 => a.crc32(x32, y32),
+            1 => a.crc32(x, y),
+            _ => a.crc32(x32, dword_ptr(r14 + disp)),
+        },
+        60 => a.lahf(),
+        61 => a.sahf(),
+        62 => {
+            let at = disp & !15;
+            if r.below(2) == 0 {
+                a.mov(rax, qword_ptr(r14 + at))?;
+                a.mov(rdx, qword_ptr(r14 + at + 8))?;
+            }
+            a.cmpxchg16b(xmmword_ptr(r14 + at))
+        }
+        63 => a.popcnt(x32, dword_ptr(r14 + disp)),
         // LOOP/LOOPcc/JCXZ with and without 0x67 (ECX or RCX), skipping a 2-byte NOT EAX (no flags: the undefined-flag tracking reads the listing straight through)
         // when taken.
         56 => {
@@ -458,6 +486,7 @@ fn random_user_sequences_match_the_host_cpu() {
         .unwrap_or(1000);
     let mut failures = Vec::new();
     let mut compared = 0;
+    let started = std::time::Instant::now();
     for seed in 0..seeds {
         match seed_case(seed, &mut kvm, &mut km) {
             Ok(Outcome::Same) => compared += 1,
@@ -468,7 +497,10 @@ fn random_user_sequences_match_the_host_cpu() {
             }
         }
     }
-    println!("{compared} of {seeds} seeds compared (the rest read undefined flags)");
+    println!(
+        "{compared} of {seeds} seeds compared (the rest read undefined flags; {:.0} seeds/s)",
+        seeds as f64 / started.elapsed().as_secs_f64()
+    );
     assert!(compared > seeds / 4, "too few seeds compared: {compared}");
     assert!(
         failures.is_empty(),
@@ -483,13 +515,17 @@ fn random_user_sequences_match_the_host_cpu() {
     );
 }
 
-/// Every instruction form deja advertises for the x87, MMX, SSE and SSE2 that random
-/// sequences can use in 64-bit ring 3: all of them but the ones that would unmask exceptions
-/// (FLDCW, FLDENV, FRSTOR, LDMXCSR: the oracle has no IDT to take #MF/#XM) and FXSAVE
-/// (whose pointer fields differ between the AMD host and deja's Intel CPU when no exception
-/// is pending; FXSAVE has its own table test).
+/// Every instruction form deja's CPUID table reports for the x87, MMX and the SSE levels
+/// (SSE to SSE4.2, whatever the table has) that random sequences can use in 64-bit ring 3:
+/// all of them but the ones that would unmask exceptions (FLDCW, FLDENV, FRSTOR, LDMXCSR:
+/// the oracle has no IDT to take #MF/#XM) and FXSAVE (whose pointer fields differ between
+/// the AMD host and deja's Intel CPU when no exception is pending; FXSAVE has its own table
+/// test). The forms come from the same table the translator is gated on
+/// (`deja_bt::features`), so a level added there is compared here without a second list.
 fn fp_forms(bitness: u32) -> Vec<Code> {
+    use deja_bt::features::{Features, location};
     use iced_x86::{CpuidFeature as F, EncodingKind, Mnemonic as M, OpCodeOperandKind as K};
+    let features = Features::default();
     Code::values()
         .filter(|c| {
             let oc = c.op_code();
@@ -503,10 +539,22 @@ fn fp_forms(bitness: u32) -> Vec<Code> {
                 && oc.encoding() == EncodingKind::Legacy
                 && feats
                     .iter()
-                    .all(|f| matches!(f, F::FPU | F::FPU387 | F::CMOV | F::MMX | F::SSE | F::SSE2))
-                && feats
-                    .iter()
-                    .any(|f| matches!(f, F::FPU | F::FPU387 | F::MMX | F::SSE | F::SSE2))
+                    .all(|&f| f != F::FPU287 && location(f).is_some() && features.has(f))
+                && feats.iter().any(|f| {
+                    matches!(
+                        f,
+                        F::FPU
+                            | F::FPU387
+                            | F::MMX
+                            | F::SSE
+                            | F::SSE2
+                            | F::SSE3
+                            | F::SSSE3
+                            | F::SSE4_1
+                            | F::SSE4_2
+                    )
+                })
+                && c.mnemonic() != M::Crc32
                 && !matches!(
                     c.mnemonic(),
                     M::Fldcw
@@ -897,19 +945,39 @@ fn fp_differential(test: &str, bitness: u32, default_seeds: u64) {
         .unwrap_or(default_seeds);
     let mut failures = Vec::new();
     let mut compared = 0;
-    for seed in 0..seeds {
+    // DEJA_FP_DIFF_FIRST: where the seeds start (to rerun one failing seed alone).
+    let first: u64 = std::env::var("DEJA_FP_DIFF_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // Seeds whose kvm run went wrong once and agreed with bt on a fresh vCPU (see below).
+    let mut oracle_retries = 0;
+    let started = std::time::Instant::now();
+    for seed in first..first + seeds {
         match fp_seed_case(seed, bitness, &forms, &mut kvm, &mut km) {
             Ok(Outcome::Same) => compared += 1,
             Ok(Outcome::Skipped) => {}
             Err(e) => {
                 compared += 1;
-                failures.push(e);
+                // Over tens of thousands of seeds kvm on this PVM host now and then misses
+                // the final OUT (a triple fault right after it, or RIP run past it) on a
+                // sequence it runs correctly on a fresh vCPU; bt is deterministic, so a bt
+                // bug fails the rerun as well.
+                let (mut km2, _, _) = machine();
+                let mut kvm2 = KvmCpu::new(&km2).expect("a second kvm vCPU");
+                match fp_seed_case(seed, bitness, &forms, &mut kvm2, &mut km2) {
+                    Ok(Outcome::Same) => oracle_retries += 1,
+                    _ => failures.push(e),
+                }
             }
         }
     }
+    let took = started.elapsed().as_secs_f64();
     println!(
-        "{compared} of {seeds} {bitness}-bit FP seeds compared over {} instruction forms",
-        forms.len()
+        "{compared} of {seeds} {bitness}-bit FP seeds compared over {} instruction forms \
+         ({:.0} seeds/s; {oracle_retries} agreed only on a fresh kvm vCPU)",
+        forms.len(),
+        seeds as f64 / took
     );
     assert!(compared > seeds / 2, "too few seeds compared: {compared}");
     assert!(

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use deja_machine::cpu::CpuState;
-use deja_machine::{Cpu, Exit};
+use deja_machine::{Cpu, CpuidTable, Exit};
 use iced_x86::code_asm::*;
 
 const CODE: u64 = 0x20_0000;
@@ -34,7 +34,18 @@ fn go(
     setup: impl FnOnce(&mut CpuState),
     code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
 ) -> Outcome {
+    go_with(&CpuidTable::deja_default(), data, setup, code)
+}
+
+/// [`go`] on a machine whose CPUID table is `cpuid`.
+fn go_with(
+    cpuid: &CpuidTable,
+    data: &[u8],
+    setup: impl FnOnce(&mut CpuState),
+    code: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Outcome {
     let (mut m, _, _) = machine();
+    m.config.cpuid = cpuid.clone();
     for v in [0u8, 6, 7, 13, 16, 19] {
         let h = HANDLERS + 16 * u64::from(v);
         load(&m, h, &asm(64, h, |a| a.hlt().unwrap()));
@@ -852,13 +863,264 @@ fn maskmovdqu_stores_only_the_selected_bytes() {
 }
 
 #[test]
-fn instructions_past_sse2_stay_undefined_and_counted() {
-    let (f, o) = fault_of(&[0; 512], |_| {}, |a| a.fisttp(dword_ptr(r14)));
+fn instructions_deja_does_not_report_stay_undefined_and_counted() {
+    // AES-NI and PCLMULQDQ are not in deja's CPUID (the host has both).
+    let (f, o) = fault_of(&[0; 512], |_| {}, |a| a.aesenc(xmm0, xmm1));
     assert_eq!(f, Some((6, 0)));
-    assert_eq!(o.stats.get("bt.unimplemented.fisttp"), 1);
-    let (f, o) = fault_of(&[0; 512], |_| {}, |a| a.pshufb(xmm0, xmm1));
+    assert_eq!(o.stats.get("bt.unimplemented.aesenc"), 1);
+    let (f, o) = fault_of(&[0; 512], |_| {}, |a| a.pclmulqdq(xmm0, xmm1, 0));
     assert_eq!(f, Some((6, 0)));
-    assert_eq!(o.stats.get("bt.unimplemented.pshufb"), 1);
+    assert_eq!(o.stats.get("bt.unimplemented.pclmulqdq"), 1);
+}
+
+/// deja's CPUID table without one bit of `leaf`'s register `reg`.
+fn without(leaf: u32, reg: usize, mask: u32) -> CpuidTable {
+    let mut t = CpuidTable::deja_default();
+    let e = t
+        .entries
+        .iter_mut()
+        .find(|e| e.function == leaf && e.index == 0)
+        .unwrap();
+    match reg {
+        0 => e.eax &= !mask,
+        1 => e.ebx &= !mask,
+        2 => e.ecx &= !mask,
+        _ => e.edx &= !mask,
+    }
+    t
+}
+
+#[test]
+fn the_translator_accepts_what_the_cpuid_table_reports() {
+    use deja_machine::cpuid::features as f;
+    type Snip = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    // (the feature, its leaf, register and bit, an instruction needing it, its mnemonic)
+    let cases: [(&str, u32, usize, u32, Snip, &str); 12] = [
+        ("SSE3", 1, 2, f::SSE3, |a| a.haddps(xmm0, xmm1), "haddps"),
+        (
+            "SSE3 (x87)",
+            1,
+            2,
+            f::SSE3,
+            |a| a.fisttp(dword_ptr(r14)),
+            "fisttp",
+        ),
+        ("SSSE3", 1, 2, f::SSSE3, |a| a.pshufb(xmm0, xmm1), "pshufb"),
+        (
+            "SSSE3 (MMX)",
+            1,
+            2,
+            f::SSSE3,
+            |a| a.pabsb(mm0, mm1),
+            "pabsb",
+        ),
+        (
+            "SSE4.1",
+            1,
+            2,
+            f::SSE4_1,
+            |a| a.pmulld(xmm0, xmm1),
+            "pmulld",
+        ),
+        (
+            "SSE4.2",
+            1,
+            2,
+            f::SSE4_2,
+            |a| a.pcmpgtq(xmm0, xmm1),
+            "pcmpgtq",
+        ),
+        (
+            "SSE4.2 CRC32",
+            1,
+            2,
+            f::SSE4_2,
+            |a| a.crc32(eax, ecx),
+            "crc32",
+        ),
+        ("POPCNT", 1, 2, f::POPCNT, |a| a.popcnt(eax, ecx), "popcnt"),
+        (
+            "CMPXCHG16B",
+            1,
+            2,
+            f::CX16,
+            |a| a.cmpxchg16b(xmmword_ptr(r14)),
+            "cmpxchg16b",
+        ),
+        ("LAHF_LM", 0x8000_0001, 2, f::LAHF_LM, |a| a.lahf(), "lahf"),
+        (
+            "CLFLUSHOPT",
+            7,
+            1,
+            f::CLFLUSHOPT,
+            |a| a.clflushopt(byte_ptr(r14)),
+            "clflushopt",
+        ),
+        ("CLWB", 7, 1, f::CLWB, |a| a.clwb(byte_ptr(r14)), "clwb"),
+    ];
+    for (name, leaf, reg, mask, snip, mnemonic) in cases {
+        let (f, _) = fault_of(&[0; 512], |_| {}, snip);
+        assert_eq!(f, None, "{name}: runs with deja's table");
+        let o = go_with(&without(leaf, reg, mask), &[0; 512], |_| {}, snip);
+        assert_eq!(
+            o.fault.map(|(v, rip)| (v, rip == CODE)),
+            Some((6, true)),
+            "{name}: #UD without the bit"
+        );
+        assert_eq!(
+            o.stats.get(&format!("bt.unimplemented.{mnemonic}")),
+            1,
+            "{name}: counted"
+        );
+    }
+}
+
+#[test]
+fn cr4_umip_can_be_set_only_when_the_cpuid_table_reports_it() {
+    let set: fn(&mut CodeAssembler) -> Result<(), IcedError> = |a| {
+        a.mov(rax, cr4)?;
+        a.or(eax, 1 << 11)?;
+        a.mov(cr4, rax)
+    };
+    let o = go(&[0; 512], |_| {}, set);
+    assert_eq!(o.fault, None);
+    assert_ne!(o.state.cr4 & (1 << 11), 0, "CR4.UMIP set");
+    let o = go_with(
+        &without(7, 2, deja_machine::cpuid::features::UMIP),
+        &[0; 512],
+        |_| {},
+        set,
+    );
+    assert_eq!(
+        o.fault.map(|(v, _)| v),
+        Some(13),
+        "#GP without CPUID's UMIP"
+    );
+    assert_eq!(o.state.cr4 & (1 << 11), 0);
+}
+
+#[test]
+fn crc32_is_crc32c_over_each_source_size() {
+    // CRC-32C("123456789") = 0xE3069283 (initial value and final XOR all ones).
+    let mut data = [0u8; 512];
+    data[..9].copy_from_slice(b"123456789");
+    let o = go(
+        &data,
+        |s| {
+            s.gpr[0] = 0xffff_ffff;
+            s.gpr[1] = u64::from_le_bytes(*b"12345678");
+            s.gpr[2] = 0xffff_ffff;
+            s.gpr[3] = 0xdead_beef_ffff_ffff;
+        },
+        |a| {
+            // Eight bytes from memory then one more: 64-bit form, byte form.
+            a.crc32(rax, qword_ptr(r14))?;
+            a.crc32(eax, byte_ptr(r14 + 8))?;
+            a.not(eax)?;
+            // The same bytes by register in 4 + 2 + 2 + 1.
+            a.crc32(edx, ecx)?;
+            a.shr(rcx, 32)?;
+            a.crc32(edx, cx)?;
+            a.shr(ecx, 16)?;
+            a.crc32(edx, cx)?;
+            a.mov(cl, 0x39)?;
+            a.crc32(edx, cl)?;
+            a.not(edx)?;
+            // A 64-bit destination takes the CRC of its low half and zero-extends.
+            a.crc32(rbx, byte_ptr(r14 + 9))
+        },
+    );
+    assert_eq!(o.fault, None);
+    assert_eq!(o.state.gpr[0], 0xe306_9283);
+    assert_eq!(o.state.gpr[2], 0xe306_9283);
+    // CRC32C of one zero byte from 0xffffffff, with no final XOR.
+    let mut c = 0xffff_ffffu32;
+    for _ in 0..8 {
+        c = (c >> 1) ^ (0x82f6_3b78 & (c & 1).wrapping_neg());
+    }
+    assert_eq!(o.state.gpr[3], u64::from(c));
+}
+
+#[test]
+fn sse4_string_compares_use_rax_rdx_rcx_and_take_unaligned_operands() {
+    // "heXlo" in memory at an odd address, "hello" in XMM1.
+    let mut data = [0u8; 512];
+    data[1..6].copy_from_slice(b"heXlo");
+    let hello = u128::from_le_bytes(*b"hello\0\0\0\0\0\0\0\0\0\0\0");
+    let o = go(
+        &data,
+        |s| {
+            s.fpu.xmm[1] = hello.to_le_bytes();
+            s.gpr[1] = 0xdead_beef_0000_0077;
+            // Explicit lengths for PCMPESTRI: 2 in RAX, 2 in RDX.
+            s.gpr[0] = 2;
+            s.gpr[2] = 2;
+        },
+        |a| {
+            // Unsigned bytes, equal each, negated: the first mismatch.
+            a.pcmpistri(xmm1, xmmword_ptr(r14 + 1), 0x18)?;
+            a.mov(rbx, rcx)?;
+            a.pushfq()?;
+            a.pop(rsi)?;
+            // With explicit lengths of 2 the strings agree up to their ends: no index.
+            a.pcmpestri(xmm1, xmmword_ptr(r14 + 1), 0x18)?;
+            a.pushfq()?;
+            a.pop(rdi)?;
+            // PCMPISTRM's mask goes to XMM0.
+            a.pcmpistrm(xmm1, xmmword_ptr(r14 + 1), 0x58)
+        },
+    );
+    assert_eq!(o.fault, None, "no #GP for the unaligned operand");
+    assert_eq!(
+        o.state.gpr[3], 2,
+        "RCX = the mismatch's index, zero-extended"
+    );
+    // CF (a result), ZF (the memory string ends), SF (XMM1's ends), OF (bit 0 clear).
+    assert_eq!(o.state.gpr[6] & 0x8d5, 0x1 | 0x40 | 0x80);
+    // Positions 2.. are past both explicit lengths (forced equal, then negated to 0): no
+    // result bit, so RCX = 16 and CF clear; both lengths are short of 16 (ZF, SF).
+    assert_eq!(o.state.gpr[1], 16);
+    assert_eq!(o.state.gpr[7] & 0x8d5, 0x40 | 0x80);
+    // Byte mask (bit 6 of the immediate): 0xff in the mismatching byte only.
+    assert_eq!(u128::from_le_bytes(o.state.fpu.xmm[0]), 0xff << 16);
+}
+
+#[test]
+fn new_sse_levels_check_alignment_and_use_xmm0_implicitly() {
+    // PSHUFB (SSSE3) needs an aligned operand; LDDQU (SSE3) does not.
+    let (f, _) = fault_of(&[0; 512], |_| {}, |a| a.pshufb(xmm0, xmmword_ptr(r14 + 4)));
+    assert_eq!(f, Some((13, 0)));
+    let (f, _) = fault_of(&[0; 512], |_| {}, |a| a.lddqu(xmm0, xmmword_ptr(r14 + 4)));
+    assert_eq!(f, None);
+    // BLENDVPS takes the lanes whose XMM0 sign bit is set from the source.
+    let o = go(
+        &[0; 512],
+        |s| {
+            s.fpu.xmm[0] = 0x8000_0000_0000_0000_8000_0000_0000_0000u128.to_le_bytes();
+            s.fpu.xmm[1] = 0x1111_1111_2222_2222_3333_3333_4444_4444u128.to_le_bytes();
+            s.fpu.xmm[2] = 0xaaaa_aaaa_bbbb_bbbb_cccc_cccc_dddd_ddddu128.to_le_bytes();
+        },
+        |a| a.blendvps(xmm1, xmm2),
+    );
+    assert_eq!(
+        u128::from_le_bytes(o.state.fpu.xmm[1]),
+        0xaaaa_aaaa_2222_2222_cccc_cccc_4444_4444
+    );
+    // FISTTP truncates whatever the rounding control says (here: round up).
+    let o = go(
+        &f64_data(&[2.75, -2.75]),
+        |s| s.fpu.fcw = 0x0b7f,
+        |a| {
+            a.fld(qword_ptr(r14))?;
+            a.fisttp(dword_ptr(r14 + 0x20))?;
+            a.fld(qword_ptr(r14 + 8))?;
+            a.fisttp(qword_ptr(r14 + 0x28))
+        },
+    );
+    assert_eq!(o.fault, None);
+    assert_eq!(&o.data[0x20..0x24], &2i32.to_le_bytes());
+    assert_eq!(u64_at(&o.data, 0x28), (-2i64) as u64);
+    assert_eq!(o.state.fpu.fsw & 0x3800, 0, "both popped");
 }
 
 #[test]

@@ -455,7 +455,7 @@ fn unimplemented_instruction_raises_ud_and_is_counted() {
     let gate = gate64(handler, 0x18, 0);
     load(&m, IDT + 6 * 16, &gate);
     let code = asm(64, 0x20_0000, |a| {
-        a.addsubps(xmm0, xmm1).unwrap();
+        a.aesenc(xmm0, xmm1).unwrap();
         a.hlt().unwrap();
     });
     load(&m, 0x20_0000, &code);
@@ -465,6 +465,73 @@ fn unimplemented_instruction_raises_ud_and_is_counted() {
     let st = c.state().unwrap();
     assert_eq!(st.rip, handler + 1);
     let stats = c.stats();
-    assert_eq!(stats.get("bt.unimplemented.addsubps"), 1, "{stats:?}");
+    assert_eq!(stats.get("bt.unimplemented.aesenc"), 1, "{stats:?}");
     assert_eq!(stats.get("bt.exceptions.6"), 1);
+}
+
+#[test]
+fn cache_line_instructions_check_the_address_as_a_load_does() {
+    // (case, the instruction on [RAX], RAX, expected vector and error code; None: runs).
+    // CLFLUSH, CLFLUSHOPT and CLWB fault on the address as a one-byte load would: #PF (not
+    // present, supervisor read: error 0, CR2 = the address) past the mapped gigabyte,
+    // #GP(0) for a non-canonical address, and nothing for a mapped line.
+    let clflush: Snippet = |a| a.clflush(byte_ptr(rax));
+    let clflushopt: Snippet = |a| a.clflushopt(byte_ptr(rax));
+    let clwb: Snippet = |a| a.clwb(byte_ptr(rax));
+    /// A vector and its error code.
+    type Fault = Option<(u8, u64)>;
+    let cases: [(&str, Snippet, u64, Fault); 7] = [
+        ("clflush mapped", clflush, 0x30_0040, None),
+        ("clflushopt mapped", clflushopt, 0x30_0040, None),
+        ("clwb mapped", clwb, 0x30_0040, None),
+        ("clflush unmapped", clflush, 0x4000_0040, Some((14, 0))),
+        (
+            "clflushopt unmapped",
+            clflushopt,
+            0x4000_0040,
+            Some((14, 0)),
+        ),
+        ("clwb unmapped", clwb, 0x4000_0040, Some((14, 0))),
+        ("clwb non-canonical", clwb, 0x8000_0000_0000, Some((13, 0))),
+    ];
+    for (name, snip, addr, want) in cases {
+        let (mut m, _, _) = machine();
+        let handler = 0x20_1000u64;
+        for v in [13u64, 14] {
+            let h = handler + 16 * v;
+            load(&m, h, &asm(64, h, |a| a.hlt().unwrap()));
+            load(&m, IDT + v * 16, &gate64(h, 0x18, 0));
+        }
+        let code = asm(64, 0x20_0000, |a| {
+            a.mov(rax, addr).unwrap();
+            snip(a).unwrap();
+            a.hlt().unwrap();
+        });
+        load(&m, 0x20_0000, &code);
+        let mut s = long_mode_state(&m, 0x20_0000);
+        s.gpr[4] = 0x8000;
+        let mut c = cpu(&m, &s);
+        assert_eq!(run(&mut c, &mut m, 100), Exit::Halted, "{name}");
+        let st = c.state().unwrap();
+        match want {
+            None => assert_eq!(st.rip, 0x20_0000 + code.len() as u64, "{name}: runs"),
+            Some((v, err)) => {
+                assert_eq!(st.rip, handler + 16 * u64::from(v) + 1, "{name}: vector");
+                let frame = peek(&m, st.gpr[4], 16);
+                assert_eq!(
+                    u64::from_le_bytes(frame[0..8].try_into().unwrap()),
+                    err,
+                    "{name}: error code"
+                );
+                assert_eq!(
+                    u64::from_le_bytes(frame[8..16].try_into().unwrap()),
+                    0x20_000a,
+                    "{name}: the faulting instruction's RIP"
+                );
+                if v == 14 {
+                    assert_eq!(st.cr2, addr, "{name}: CR2");
+                }
+            }
+        }
+    }
 }

@@ -52,6 +52,7 @@ pub mod kvm_stats;
 pub mod probe;
 pub mod state;
 
+use deja_machine::GuestRam;
 use deja_machine::cpu::{PendingEvents, msr};
 use deja_machine::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Machine};
 use host_info::Flavour;
@@ -61,7 +62,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use thiserror::Error;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 const ENGINE: &str = "kvm";
 
@@ -234,13 +235,16 @@ pub struct KvmCpu {
     _vm: VmFd,
     _kvm: Kvm,
     /// Keeps the guest RAM mapped for as long as KVM may access it.
-    _mem: GuestMemoryMmap,
+    _mem: GuestRam,
     run_size: usize,
     kick: Arc<KickTarget>,
     kicker: Kicker,
     stats: EngineStats,
     flavour: Flavour,
     slots: Vec<Slot>,
+    /// Whether the RAM slots log the guest's writes (`KVM_MEM_LOG_DIRTY_PAGES`), turned on
+    /// by the first [`Cpu::collect_dirty_pages`] (a plain run does not pay for it).
+    dirty_logging: bool,
     msrs: Vec<u32>,
     /// KVM's own statistics for the vCPU and the VM, when the host offers them.
     kvm_stats: Vec<(&'static str, kvm_stats::StatsFile)>,
@@ -384,6 +388,7 @@ impl KvmCpu {
             stats: EngineStats::default(),
             flavour: info,
             slots,
+            dirty_logging: false,
             msrs,
             xsave,
             interrupt_windows: true,
@@ -1186,43 +1191,62 @@ fn readonly_ranges(machine: &Machine) -> Vec<(u64, u64)> {
 
 fn register_memory(
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     readonly: &[(u64, u64)],
 ) -> Result<Vec<Slot>, KvmError> {
     let mut slots = Vec::new();
     for region in mem.iter() {
-        let start = region.start_addr().0;
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| setup_err("guest memory host address", e))?;
-        for piece in split_slots(start, region.len(), readonly) {
-            let slot = slots.len() as u32;
-            let flags = if piece.readonly {
-                kb::KVM_MEM_READONLY
-            } else {
-                0
-            };
-            let region = kb::kvm_userspace_memory_region {
-                slot,
-                flags,
-                guest_phys_addr: piece.start,
-                memory_size: piece.len,
-                userspace_addr: host as u64 + (piece.start - start),
-            };
-            // SAFETY: the host range lies inside a mapping of the machine's guest memory,
-            // which the KvmCpu keeps alive (it holds a clone of the GuestMemoryMmap) for
-            // as long as the VM exists.
-            unsafe { vm.set_user_memory_region(region) }.map_err(|e| KvmError::MemorySlot {
-                slot,
-                start: piece.start,
-                len: piece.len,
-                flags,
-                detail: e.to_string(),
-            })?;
+        for piece in split_slots(region.start_addr().0, region.len(), readonly) {
+            set_slot(vm, mem, slots.len() as u32, piece, false)?;
             slots.push(piece);
         }
     }
     Ok(slots)
+}
+
+/// Registers (or re-registers, to change its flags) memory slot `slot` for `piece` of
+/// `mem`, logging the guest's writes to it when `log_dirty`.
+fn set_slot(
+    vm: &VmFd,
+    mem: &GuestRam,
+    slot: u32,
+    piece: Slot,
+    log_dirty: bool,
+) -> Result<(), KvmError> {
+    let region = mem
+        .find_region(vm_memory::GuestAddress(piece.start))
+        .ok_or_else(|| {
+            setup_err(
+                "guest memory slot",
+                format!("no region at {:#x}", piece.start),
+            )
+        })?;
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|e| setup_err("guest memory host address", e))?;
+    let mut flags = 0;
+    if piece.readonly {
+        flags |= kb::KVM_MEM_READONLY;
+    }
+    if log_dirty {
+        flags |= kb::KVM_MEM_LOG_DIRTY_PAGES;
+    }
+    let region = kb::kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: piece.start,
+        memory_size: piece.len,
+        userspace_addr: host as u64 + (piece.start - region.start_addr().0),
+    };
+    // SAFETY: the host range lies inside a mapping of the machine's guest memory, which the
+    // KvmCpu keeps alive (it holds a clone of the GuestRam) for as long as the VM exists.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| KvmError::MemorySlot {
+        slot,
+        start: piece.start,
+        len: piece.len,
+        flags,
+        detail: e.to_string(),
+    })
 }
 
 fn set_cpuid(vcpu: &VcpuFd, table: &deja_machine::CpuidTable) -> Result<(), KvmError> {
@@ -1568,6 +1592,38 @@ impl Cpu for KvmCpu {
             s.add(&format!("kvm.stat.{name}"), value);
         }
         s
+    }
+
+    fn collect_dirty_pages(&mut self, machine: &Machine) -> bool {
+        if !self.dirty_logging {
+            // Start logging now; what the guest wrote before is unknown to KVM.
+            let slots = self.slots.clone();
+            for (i, piece) in slots.into_iter().enumerate() {
+                if !piece.readonly
+                    && set_slot(&self._vm, &self._mem, i as u32, piece, true).is_err()
+                {
+                    return false;
+                }
+            }
+            self.dirty_logging = true;
+            return false;
+        }
+        for (i, piece) in self.slots.iter().enumerate() {
+            if piece.readonly {
+                continue;
+            }
+            let Ok(words) = self._vm.get_dirty_log(i as u32, piece.len as usize) else {
+                return false;
+            };
+            for (w, mut word) in words.into_iter().enumerate() {
+                while word != 0 {
+                    let bit = word.trailing_zeros() as u64;
+                    word &= word - 1;
+                    machine.mark_dirty(piece.start + (w as u64 * 64 + bit) * 4096, 4096);
+                }
+            }
+        }
+        true
     }
 
     fn kicker(&self) -> Kicker {

@@ -695,6 +695,14 @@ pub trait Cpu: Send {
     /// image, issue #6): drop whatever was derived from it (bt's translated blocks and
     /// TLBs). Engines that derive nothing from guest memory keep the default.
     fn memory_rewritten(&mut self) {}
+    /// Marks in `machine`'s dirty-page bitmap ([`Machine::drain_dirty_pages`]) every page the
+    /// guest wrote since the previous call without deja seeing the store (bt's write TLB,
+    /// kvm's guest mode), and starts tracking afresh. Returns false when the engine cannot
+    /// tell (not supported, or tracking only starts now): the caller must then treat every
+    /// page as possibly written. The default cannot tell.
+    fn collect_dirty_pages(&mut self, _machine: &Machine) -> bool {
+        false
+    }
     /// Whether the last run stopped (kicked) inside an instruction at a point its position
     /// does not name: between two elements of a REP string instruction whose elements since
     /// the last device exit touched RAM only. The icount and exit ordinal are those of an

@@ -47,7 +47,11 @@ pub mod features {
     pub const SSE: u32 = 1 << 25;
     pub const SSE2: u32 = 1 << 26;
     // Leaf 1 ECX.
+    pub const SSE3: u32 = 1 << 0;
+    pub const SSSE3: u32 = 1 << 9;
     pub const CX16: u32 = 1 << 13;
+    pub const SSE4_1: u32 = 1 << 19;
+    pub const SSE4_2: u32 = 1 << 20;
     pub const X2APIC: u32 = 1 << 21;
     pub const MOVBE: u32 = 1 << 22;
     pub const POPCNT: u32 = 1 << 23;
@@ -56,6 +60,10 @@ pub mod features {
     pub const HYPERVISOR: u32 = 1 << 31;
     // Leaf 7 EBX.
     pub const SMEP: u32 = 1 << 7;
+    pub const CLFLUSHOPT: u32 = 1 << 23;
+    pub const CLWB: u32 = 1 << 24;
+    // Leaf 7 ECX.
+    pub const UMIP: u32 = 1 << 2;
     // Leaf 7 EDX.
     pub const ARCH_CAPABILITIES: u32 = 1 << 29;
     // Leaf 0x8000_0001 ECX.
@@ -136,8 +144,18 @@ impl CpuidTable {
                 // X2APIC and TSC_DEADLINE are deja's local APIC's (bt answers their MSRs;
                 // kvm forwards them and clears both bits on hosts that cannot). The TSC
                 // the deadline compares with is each engine's RDTSC: guest nanoseconds
-                // (1 GHz) on bt, the host TSC at KVM's TSC frequency on kvm.
-                CX16 | X2APIC | MOVBE | POPCNT | TSC_DEADLINE | RDRAND | HYPERVISOR,
+                // (1 GHz) on bt, the host TSC at KVM's TSC frequency on kvm. SSE3 to SSE4.2,
+                // POPCNT, CX16 (and LAHF_LM below) make the x86-64-v2 level.
+                SSE3 | SSSE3
+                    | SSE4_1
+                    | SSE4_2
+                    | CX16
+                    | X2APIC
+                    | MOVBE
+                    | POPCNT
+                    | TSC_DEADLINE
+                    | RDRAND
+                    | HYPERVISOR,
                 FPU | DE
                     | PSE
                     | TSC
@@ -162,7 +180,7 @@ impl CpuidTable {
                 indexed: true,
                 // IA32_ARCH_CAPABILITIES says what deja's CPU is not vulnerable to, so a
                 // kernel does not turn on mitigations a translator does not need.
-                ..leaf(7, 0, SMEP, 0, ARCH_CAPABILITIES)
+                ..leaf(7, 0, SMEP | CLFLUSHOPT | CLWB, UMIP, ARCH_CAPABILITIES)
             },
             leaf(0x4000_0000, 0x4000_0000, hv[0], hv[1], hv[2]),
             leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),

@@ -125,11 +125,11 @@ pub struct PagingRegs {
 /// guest's page tables without the fetch's side effects (no accessed bits are set and no TLB
 /// is consulted, so both engines see the same bytes and the guest's memory stays as it was).
 /// Stops at a page that is not present or not RAM/ROM; returns how many bytes it read.
-pub fn fetch_code(mem: &GuestMemoryMmap, regs: &PagingRegs, linear: u64, buf: &mut [u8]) -> usize {
+pub fn fetch_code(mem: &GuestRam, regs: &PagingRegs, linear: u64, buf: &mut [u8]) -> usize {
     let mut done = 0;
     while done < buf.len() {
         let lin = linear.wrapping_add(done as u64);
-        let Some(phys) = walk(mem, regs, lin) else {
+        let Some(phys) = translate_linear(mem, regs, lin) else {
             break;
         };
         let in_page = (0x1000 - (lin & 0xfff)) as usize;
@@ -145,9 +145,10 @@ pub fn fetch_code(mem: &GuestMemoryMmap, regs: &PagingRegs, linear: u64, buf: &m
     done
 }
 
-/// The physical address of `linear`, or `None` when a table entry on the way is not present
-/// or cannot be read.
-fn walk(mem: &GuestMemoryMmap, regs: &PagingRegs, linear: u64) -> Option<u64> {
+/// The physical address of `linear` under `regs`, or `None` when a table entry on the way is
+/// not present or cannot be read. A pure walk: no accessed or dirty bit is set, no access
+/// rights are checked (what a debugger asks: where does this address point now).
+pub fn translate_linear(mem: &GuestRam, regs: &PagingRegs, linear: u64) -> Option<u64> {
     const PRESENT: u64 = 1;
     const PS: u64 = 1 << 7;
     const ADDR: u64 = 0x000f_ffff_ffff_f000;
@@ -202,7 +203,8 @@ fn is_string_opcode(op: u8) -> bool {
     matches!(op, 0x6c..=0x6f | 0xa4..=0xa7 | 0xaa..=0xaf)
 }
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 #[cfg(test)]
 mod tests {
@@ -249,10 +251,11 @@ mod tests {
     }
 
     use super::{PagingRegs, fetch_code};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use crate::memory::GuestRam;
+    use vm_memory::{Bytes, GuestAddress};
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    fn mem() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
     }
 
     #[test]

@@ -23,5 +23,6 @@ pub use cpu::{
 pub use cpuid::CpuidTable;
 pub use host::{ClockMode, Host, LiveHost, Position};
 pub use machine::{Machine, MachineConfig, MachineError, OptionalDevice};
+pub use memory::GuestRam;
 pub use pc::build_pc;
 pub use vm_memory;

@@ -10,10 +10,10 @@ use crate::devices::{
     StopRequest, lapic::GuestTsc,
 };
 use crate::host::{Host, Position};
-use crate::memory::{DmaMemory, MemoryError, MemoryLayout};
+use crate::memory::{DmaMemory, GuestRam, MemoryError, MemoryLayout};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Failures building or restoring a machine.
 #[derive(Debug, Error)]
@@ -168,7 +168,7 @@ pub struct Machine {
     /// Where RAM is.
     pub layout: MemoryLayout,
     /// Guest RAM.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// The nondeterminism boundary.
     pub host: Box<dyn Host>,
     position: Position,
@@ -259,8 +259,12 @@ impl Machine {
                 )));
             }
         }
-        let region = GuestRegionMmap::<()>::from_range(GuestAddress(addr), bytes.len(), None)
-            .map_err(|e| err(format!("allocating host memory failed: {e}")))?;
+        let region = GuestRegionMmap::<vm_memory::bitmap::AtomicBitmap>::from_range(
+            GuestAddress(addr),
+            bytes.len(),
+            None,
+        )
+        .map_err(|e| err(format!("allocating host memory failed: {e}")))?;
         let mem = self
             .mem
             .insert_region(std::sync::Arc::new(region))
@@ -289,6 +293,34 @@ impl Machine {
             self.mmio.insert(start, len, Target::Irqchip, name)?;
         }
         Ok(())
+    }
+
+    /// Marks guest-physical `phys..phys + len` as written, for an engine that stores through
+    /// a host pointer rather than through `vm_memory` (which marks by itself). Addresses
+    /// outside guest memory are ignored.
+    pub fn mark_dirty(&self, phys: u64, len: usize) {
+        if let Some(region) = self.mem.find_region(GuestAddress(phys)) {
+            let offset = (phys - region.start_addr().0) as usize;
+            dirty_bitmap(region).set_addr_range(offset, len);
+        }
+    }
+
+    /// Calls `f` with the number of every page written since the previous call (in
+    /// ascending order) and clears the marks. An engine whose guest writes memory behind
+    /// deja's back adds those first ([`crate::Cpu::collect_dirty_pages`]).
+    pub fn drain_dirty_pages(&self, mut f: impl FnMut(u64)) {
+        let mut regions: Vec<_> = self.mem.iter().collect();
+        regions.sort_by_key(|r| r.start_addr().0);
+        for region in regions {
+            let first = region.start_addr().0 / 4096;
+            for (i, mut word) in dirty_bitmap(region).get_and_reset().into_iter().enumerate() {
+                while word != 0 {
+                    let bit = word.trailing_zeros() as u64;
+                    word &= word - 1;
+                    f(first + i as u64 * 64 + bit);
+                }
+            }
+        }
     }
 
     /// The current position (exit ordinal kept here, icount set by the engine).
@@ -753,6 +785,14 @@ impl Machine {
         }
         Ok(())
     }
+}
+
+/// The dirty-page bitmap of one region of guest memory (one bit per 4 KiB page).
+fn dirty_bitmap(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+) -> &vm_memory::bitmap::AtomicBitmap {
+    let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+    mapping.bitmap()
 }
 
 #[cfg(test)]

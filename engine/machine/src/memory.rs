@@ -6,7 +6,14 @@
 //! of the 32-bit PCI hole; what does not fit below 4 GiB is placed at 4 GiB and above.
 
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+/// Guest memory as every engine and device sees it. Each region carries a dirty-page bitmap
+/// that every write through `vm_memory` marks (device DMA, loaders, the page walker's
+/// accessed/dirty bits, checkpoint restores); engines that write through host pointers mark
+/// it themselves ([`crate::Machine::mark_dirty`]). Incremental checkpoints and digests read
+/// it instead of scanning all of RAM.
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Start of the legacy VGA window that is not backed by RAM.
 pub const VGA_HOLE_START: u64 = 0xa_0000;
@@ -148,13 +155,13 @@ impl MemoryLayout {
 
     /// Allocates anonymous host memory for every RAM range (ROMs are added later, by
     /// [`crate::Machine::add_rom`]).
-    pub fn allocate(&self) -> Result<GuestMemoryMmap, MemoryError> {
+    pub fn allocate(&self) -> Result<GuestRam, MemoryError> {
         let ranges: Vec<(GuestAddress, usize)> = self
             .ranges
             .iter()
             .map(|r| (GuestAddress(r.start), r.len as usize))
             .collect();
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocation {
+        GuestRam::from_ranges(&ranges).map_err(|source| MemoryError::Allocation {
             size: self.ram_size,
             source,
         })
@@ -259,10 +266,10 @@ mod tests {
 
 /// Guest memory as a device's DMA sees it: the rules of CPU stores apply, so ROM reads
 /// back its bytes but a write into it is dropped, and addresses that are neither RAM nor
-/// ROM fail. (A device handed the raw [`GuestMemoryMmap`] would write through ROM.)
+/// ROM fail. (A device handed the raw [`GuestRam`] would write through ROM.)
 #[derive(Clone, Copy)]
 pub struct DmaMemory<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestRam,
     rom: &'a [RamRange],
 }
 
@@ -278,7 +285,7 @@ pub struct DmaError {
 
 impl<'a> DmaMemory<'a> {
     /// DMA into `mem`, with `rom` the read-only ranges ([`MemoryLayout::rom`]).
-    pub fn new(mem: &'a GuestMemoryMmap, rom: &'a [RamRange]) -> Self {
+    pub fn new(mem: &'a GuestRam, rom: &'a [RamRange]) -> Self {
         Self { mem, rom }
     }
 

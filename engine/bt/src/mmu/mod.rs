@@ -43,11 +43,11 @@ pub use walk::{
     accessed_dirty_updates, pae_pdpte_reserved_bits, read_pae_pdptes, set_accessed_dirty, walk,
 };
 
+use deja_machine::GuestRam;
 use deja_machine::{CpuState, EngineStats};
 use std::fmt;
 use std::str::FromStr;
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
 
 /// The physical-address width deja's CPUID reports (leaf 0x8000_0008, EAX bits 7:0). Entry bits
 /// from here up to bit 51 are reserved and fault with RSVD.
@@ -301,7 +301,7 @@ pub trait Mmu: Send {
     /// ignored here.
     fn translate(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
         linear: u64,
         access: Access,
@@ -328,18 +328,14 @@ pub trait Mmu: Send {
     /// translation after a flush (a reserved bit found that late becomes a #PF with RSVD),
     /// which differs from hardware only when the guest rewrites its PDPT between the CR3
     /// load and its first memory access.
-    fn load_pdptes(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        regs: &PagingRegs,
-    ) -> Result<[u64; 4], MmuError> {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &PagingRegs) -> Result<[u64; 4], MmuError> {
         read_pae_pdptes(mem, regs.cr3)
     }
 
     /// The guest stored `len` bytes at guest-physical `phys`, in a page this strategy asked
     /// to be tracked ([`MmuEvent::Track`]); called after the store is in memory. The shadow
     /// strategy updates or drops the shadow entries built from what changed.
-    fn note_guest_write(&mut self, mem: &GuestMemoryMmap, phys: u64, len: usize) {
+    fn note_guest_write(&mut self, mem: &GuestRam, phys: u64, len: usize) {
         let _ = (mem, phys, len);
     }
 

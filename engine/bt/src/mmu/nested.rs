@@ -22,9 +22,10 @@ use super::{
     Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, MmuEvent, PageFault, PagingRegs,
     counters, note_ad_stores,
 };
+use deja_machine::GuestRam;
 use std::cell::Cell;
 use std::convert::Infallible;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// EPT entry bits 2:0: read, write, execute allowed.
 const EPT_RWX: u64 = 0b111;
@@ -41,7 +42,7 @@ struct Ept {
 
 impl Ept {
     /// An EPT identity-mapping every 4 KiB page of guest RAM.
-    fn identity(mem: &GuestMemoryMmap) -> Self {
+    fn identity(mem: &GuestRam) -> Self {
         let mut ept = Ept {
             tables: vec![Box::new([0u64; 512])],
         };
@@ -96,7 +97,7 @@ impl Ept {
 
 /// Guest-physical memory as the nested walker sees it: every reference goes through the EPT.
 struct NestedView<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestRam,
     ept: &'a Ept,
     /// Memory references of the current two-dimensional walk (EPT entries and guest entries).
     refs: Cell<u64>,
@@ -152,7 +153,7 @@ impl Default for NestedMmu {
 }
 
 /// A fingerprint of the RAM layout the EPT was built for.
-fn layout(mem: &GuestMemoryMmap) -> u64 {
+fn layout(mem: &GuestRam) -> u64 {
     mem.iter().fold(0u64, |h, r| {
         h.rotate_left(17) ^ r.start_addr().0.wrapping_mul(31) ^ r.len()
     })
@@ -180,7 +181,7 @@ impl NestedMmu {
     #[inline(never)]
     fn translate_slow(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
         linear: u64,
         access: Access,
@@ -228,7 +229,7 @@ impl Mmu for NestedMmu {
     #[inline]
     fn translate(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
         linear: u64,
         access: Access,
@@ -261,11 +262,7 @@ impl Mmu for NestedMmu {
         s
     }
 
-    fn load_pdptes(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        regs: &PagingRegs,
-    ) -> Result<[u64; 4], MmuError> {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &PagingRegs) -> Result<[u64; 4], MmuError> {
         self.tlb.load_pdptes(mem, regs)
     }
 

@@ -1,7 +1,7 @@
 //! The PAE PDPTE registers as the strategies that cache translations keep them.
 
 use super::{MmuError, PhysView, read_pae_pdptes};
-use vm_memory::GuestMemoryMmap;
+use deja_machine::GuestRam;
 
 #[derive(Clone, Copy, Debug)]
 struct Loaded {
@@ -24,7 +24,7 @@ pub(super) struct PdpteRegisters {
 impl PdpteRegisters {
     /// The registers to walk with: the loaded ones for this CR3, else read from the PDPT
     /// now and kept until the next flush.
-    pub(super) fn for_walk(&mut self, mem: &GuestMemoryMmap, cr3: u64) -> [u64; 4] {
+    pub(super) fn for_walk(&mut self, mem: &GuestRam, cr3: u64) -> [u64; 4] {
         if let Some(p) = &self.loaded
             && p.cr3 == cr3
         {
@@ -41,7 +41,7 @@ impl PdpteRegisters {
     }
 
     /// An architectural load (MOV to CR3/CR0/CR4 under PAE): fails on reserved bits.
-    pub(super) fn load(&mut self, mem: &GuestMemoryMmap, cr3: u64) -> Result<[u64; 4], MmuError> {
+    pub(super) fn load(&mut self, mem: &GuestRam, cr3: u64) -> Result<[u64; 4], MmuError> {
         let values = read_pae_pdptes(mem, cr3)?;
         self.set(cr3, values, true);
         Ok(values)

@@ -70,8 +70,8 @@ use super::{
     Access, AccessKind, CR0_PG, EngineStats, Mmu, MmuError, MmuEvent, PageFault, PagingRegs,
     counters, note_ad_stores,
 };
+use deja_machine::GuestRam;
 use std::collections::{BTreeMap, BTreeSet};
-use vm_memory::GuestMemoryMmap;
 
 /// Shadow roots (guest CR3 × role) kept at once; the least recently used one is recycled.
 pub const SHADOW_ROOTS: usize = 8;
@@ -389,7 +389,7 @@ impl ShadowMmu {
 
     /// Enters the address space `key`: a switch resynchronises out-of-sync pages, as the
     /// CR3 load that made it did.
-    fn enter(&mut self, mem: &GuestMemoryMmap, cfg: &PagingConfig) -> (u32, u32) {
+    fn enter(&mut self, mem: &GuestRam, cfg: &PagingConfig) -> (u32, u32) {
         let role = role(cfg);
         let key = (cfg.cr3, role);
         self.clock += 1;
@@ -428,7 +428,7 @@ impl ShadowMmu {
 
     /// A traced write reached the guest entry at `address` that shadow entry (id, vpn) was
     /// built from: update the shadow entry from the new guest entry, or drop it.
-    fn pte_changed(&mut self, mem: &GuestMemoryMmap, id: u32, vpn: u64, leaf: bool) {
+    fn pte_changed(&mut self, mem: &GuestRam, id: u32, vpn: u64, leaf: bool) {
         let Some(s) = self.shadows.get(&id) else {
             return;
         };
@@ -479,7 +479,7 @@ impl ShadowMmu {
     #[inline(never)]
     fn translate_slow(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         cfg: &PagingConfig,
         ids: (u32, u32),
         linear: u64,
@@ -515,7 +515,7 @@ impl ShadowMmu {
 impl Mmu for ShadowMmu {
     fn translate(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
         linear: u64,
         access: Access,
@@ -587,11 +587,7 @@ impl Mmu for ShadowMmu {
         s
     }
 
-    fn load_pdptes(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        regs: &PagingRegs,
-    ) -> Result<[u64; 4], MmuError> {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &PagingRegs) -> Result<[u64; 4], MmuError> {
         self.pdptes.load(mem, regs.cr3)
     }
 
@@ -614,7 +610,7 @@ impl Mmu for ShadowMmu {
         self.pdptes.flush();
     }
 
-    fn note_guest_write(&mut self, mem: &GuestMemoryMmap, phys: u64, len: usize) {
+    fn note_guest_write(&mut self, mem: &GuestRam, phys: u64, len: usize) {
         let end = phys.saturating_add(len.max(1) as u64);
         let mut page = phys & !0xfff;
         while page < end {
@@ -626,7 +622,7 @@ impl Mmu for ShadowMmu {
 
 impl ShadowMmu {
     /// A traced store covering [start, end) of the page-table page `page`.
-    fn write_to_page(&mut self, mem: &GuestMemoryMmap, page: u64, start: u64, end: u64) {
+    fn write_to_page(&mut self, mem: &GuestRam, page: u64, start: u64, end: u64) {
         let Some(t) = self.tracked.get_mut(&page) else {
             return;
         };

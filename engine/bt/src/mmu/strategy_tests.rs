@@ -5,12 +5,13 @@
 
 use super::*;
 use crate::track::{PAGE_TABLE, PageTrack};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use deja_machine::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x40_0000;
 
-fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+fn memory() -> GuestRam {
+    GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
 /// xorshift64*: deterministic sequences without a dependency.
@@ -37,7 +38,7 @@ struct FreshWalk;
 impl Mmu for FreshWalk {
     fn translate(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
         linear: u64,
         access: Access,
@@ -107,7 +108,7 @@ impl Mode {
 }
 
 /// Writes a paging-structure entry of `mode`'s width.
-fn put(mem: &GuestMemoryMmap, mode: Mode, address: u64, value: u64) {
+fn put(mem: &GuestRam, mode: Mode, address: u64, value: u64) {
     if mode == Mode::Bits32 {
         mem.write_obj(value as u32, GuestAddress(address)).unwrap();
     } else {
@@ -128,7 +129,7 @@ struct Space {
 const PT_GLOBAL: u64 = 0x1000;
 const FRAMES: u64 = 0x10_0000;
 
-fn build_space(mem: &GuestMemoryMmap, mode: Mode, base: u64) -> Space {
+fn build_space(mem: &GuestRam, mode: Mode, base: u64) -> Space {
     let (cr3, pd) = match mode {
         Mode::Bits32 => (base, base),
         Mode::Pae => {
@@ -188,7 +189,7 @@ fn leaf_flags(rng: &mut Rng, mode: Mode, global: bool) -> u64 {
 
 struct Machine {
     name: &'static str,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     mmu: Box<dyn Mmu>,
     /// The engine's write-tracking set, as the MMU's events leave it.
     track: PageTrack,
@@ -213,7 +214,7 @@ impl Machine {
     }
 }
 
-fn machines(mode: Mode, setup: &dyn Fn(&GuestMemoryMmap)) -> Vec<Machine> {
+fn machines(mode: Mode, setup: &dyn Fn(&GuestRam)) -> Vec<Machine> {
     let mut v = Vec::new();
     for (name, mmu) in [
         ("fresh", Box::new(FreshWalk) as Box<dyn Mmu>),
@@ -245,7 +246,7 @@ fn guest_store(m: &mut Machine, mode: Mode, address: u64, value: u64) {
     }
 }
 
-fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
+fn snapshot(mem: &GuestRam) -> Vec<u8> {
     let mut v = vec![0u8; FRAMES as usize];
     mem.read_slice(&mut v, GuestAddress(0)).unwrap();
     v
@@ -277,7 +278,7 @@ fn run_random_sequence(mode: Mode, seed: u64, steps: usize) -> Vec<EngineStats> 
             }
         }
     }
-    let setup = |mem: &GuestMemoryMmap| {
+    let setup = |mem: &GuestRam| {
         for &b in &spaces_at {
             build_space(mem, mode, b);
         }
@@ -434,7 +435,7 @@ fn random_sequences_agree_across_strategies_and_with_a_fresh_walk() {
 
 /// Two 4-level address spaces; page 0 of each maps a private frame, page 0 of the global
 /// region maps a global frame.
-fn two_spaces(mem: &GuestMemoryMmap) -> (Space, Space) {
+fn two_spaces(mem: &GuestRam) -> (Space, Space) {
     let mode = Mode::FourLevel;
     let a = build_space(mem, mode, 0x1_0000);
     let b = build_space(mem, mode, 0x2_0000);

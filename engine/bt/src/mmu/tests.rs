@@ -3,12 +3,13 @@
 //! chose, not from memory), over page tables built in a small guest memory.
 
 use super::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use deja_machine::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x10_0000;
 
-fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+fn memory() -> GuestRam {
+    GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
 /// xorshift64*: deterministic cases without a dependency.
@@ -243,20 +244,20 @@ impl Case {
         out
     }
 
-    fn write(&self, mem: &GuestMemoryMmap) {
+    fn write(&self, mem: &GuestRam) {
         for (address, value, width) in self.entries() {
             write_entry(mem, address, value, width);
         }
     }
 
-    fn clear(&self, mem: &GuestMemoryMmap) {
+    fn clear(&self, mem: &GuestRam) {
         for (address, _, width) in self.entries() {
             write_entry(mem, address, 0, width);
         }
     }
 }
 
-fn write_entry(mem: &GuestMemoryMmap, address: u64, value: u64, width: usize) {
+fn write_entry(mem: &GuestRam, address: u64, value: u64, width: usize) {
     if width == 4 {
         mem.write_obj(value as u32, GuestAddress(address)).unwrap();
     } else {
@@ -264,7 +265,7 @@ fn write_entry(mem: &GuestMemoryMmap, address: u64, value: u64, width: usize) {
     }
 }
 
-fn read_entry(mem: &GuestMemoryMmap, address: u64, width: usize) -> u64 {
+fn read_entry(mem: &GuestRam, address: u64, width: usize) -> u64 {
     if width == 4 {
         u64::from(mem.read_obj::<u32>(GuestAddress(address)).unwrap())
     } else {
@@ -399,7 +400,7 @@ fn random_case(rng: &mut Rng, shape: Shape) -> Case {
 
 /// Runs one case through a fresh soft TLB and checks the result, the error code, the fault
 /// address, the entries' A/D bits afterwards, and the entries the pure walker reports.
-fn check_case(mem: &GuestMemoryMmap, case: &Case) {
+fn check_case(mem: &GuestRam, case: &Case) {
     case.write(mem);
     let regs = case.regs();
     let expected = reference(case);
@@ -731,7 +732,7 @@ fn four_level_regs() -> PagingRegs {
 }
 
 /// Maps linear `0x40_0000 + index * 4K` to `frame` with `leaf_flags` in 4-level paging.
-fn map_4k(mem: &GuestMemoryMmap, index: u64, frame: u64, leaf_flags: u64) -> Mapping {
+fn map_4k(mem: &GuestRam, index: u64, frame: u64, leaf_flags: u64) -> Mapping {
     mem.write_obj(PDPT | FLAGS, GuestAddress(PML4)).unwrap();
     mem.write_obj(PD | FLAGS, GuestAddress(PDPT)).unwrap();
     mem.write_obj(PT | FLAGS, GuestAddress(PD + 2 * 8)).unwrap();
@@ -861,7 +862,7 @@ fn a_write_after_a_read_walks_again_to_set_the_dirty_bit() {
     let mut tlb = soft_tlb();
     let lin = linear_of(7);
     assert_eq!(tlb.translate(&mem, &m.regs, lin, READ), Ok(0x77_000));
-    let pte = |mem: &GuestMemoryMmap| mem.read_obj::<u64>(GuestAddress(m.pte)).unwrap();
+    let pte = |mem: &GuestRam| mem.read_obj::<u64>(GuestAddress(m.pte)).unwrap();
     assert_eq!(pte(&mem) & 0x60, 0x20, "a read sets A only");
     assert_eq!(tlb.translate(&mem, &m.regs, lin, READ), Ok(0x77_000));
     assert_eq!(tlb.stats().get(counters::WALKS), 1);

@@ -13,7 +13,7 @@ use super::pdpte::PdpteRegisters;
 use super::walk::{PageSize, PagingConfig, PagingMode, Translation, set_accessed_dirty, walk};
 use super::{Access, AccessKind, CR0_PG, EngineStats, MmuError, PageFault, PagingRegs, counters};
 use super::{CR0_WP, CR4_PAE, CR4_SMEP, EFER_NXE, Mmu, MmuEvent, note_ad_stores};
-use vm_memory::GuestMemoryMmap;
+use deja_machine::GuestRam;
 
 /// Number of entries in the soft TLB (a power of two).
 pub const TLB_ENTRIES: usize = 1024;
@@ -155,7 +155,7 @@ impl SoftTlb {
     }
 
     /// The PAE PDPTE registers to walk with (for strategies that put this TLB in front).
-    pub(super) fn pdptes_for_walk(&mut self, mem: &GuestMemoryMmap, cr3: u64) -> [u64; 4] {
+    pub(super) fn pdptes_for_walk(&mut self, mem: &GuestRam, cr3: u64) -> [u64; 4] {
         self.pdptes.for_walk(mem, cr3)
     }
 
@@ -179,7 +179,7 @@ impl SoftTlb {
     #[inline(never)]
     fn translate_slow(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
         linear: u64,
         access: Access,
@@ -262,7 +262,7 @@ impl Mmu for SoftTlb {
     #[inline]
     fn translate(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         regs: &PagingRegs,
         linear: u64,
         access: Access,
@@ -318,11 +318,7 @@ impl Mmu for SoftTlb {
         s
     }
 
-    fn load_pdptes(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        regs: &PagingRegs,
-    ) -> Result<[u64; 4], MmuError> {
+    fn load_pdptes(&mut self, mem: &GuestRam, regs: &PagingRegs) -> Result<[u64; 4], MmuError> {
         self.pdptes.load(mem, regs.cr3)
     }
 

@@ -6,8 +6,9 @@ use super::{
     EFER_NXE, MAXPHYADDR, MmuError, PF_FETCH, PF_PRESENT, PF_RESERVED, PF_USER, PF_WRITE,
     PageFault, PagingRegs,
 };
+use deja_machine::GuestRam;
 use std::convert::Infallible;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Entry bit 0: present.
 const P: u64 = 1 << 0;
@@ -63,7 +64,7 @@ pub trait PhysView {
 /// Guest RAM as the walker sees it: addresses without RAM read as all ones (as the pc
 /// machine's unbacked physical space does), which makes a present entry with reserved bits,
 /// and writes to them are dropped.
-impl PhysView for GuestMemoryMmap {
+impl PhysView for GuestRam {
     type Error = Infallible;
 
     #[inline]
@@ -318,7 +319,7 @@ pub fn pae_pdpte_reserved_bits(pdpte: u64) -> u64 {
 
 /// Reads the four PAE PDPTEs through `cr3` (bits 31:5 hold the 32-byte aligned PDPT) and
 /// checks their reserved bits, as a MOV to CR3 under PAE paging does.
-pub fn read_pae_pdptes(mem: &GuestMemoryMmap, cr3: u64) -> Result<[u64; 4], MmuError> {
+pub fn read_pae_pdptes(mem: &GuestRam, cr3: u64) -> Result<[u64; 4], MmuError> {
     let base = cr3 & 0xffff_ffe0;
     let mut pdptes = [0u64; 4];
     for (index, slot) in pdptes.iter_mut().enumerate() {

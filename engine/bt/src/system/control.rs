@@ -86,6 +86,9 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
                 | crb::OSFXSR
                 | crb::OSXMMEXCPT
                 | crb::SMEP;
+            // Bits the CPUID table decides.
+            let umip = ctx.machine().cpuid(7, 0)[2] & deja_machine::cpuid::features::UMIP != 0;
+            let allowed = allowed | if umip { crb::UMIP } else { 0 };
             if v & !allowed != 0 {
                 return Err(Exc::gp(0));
             }
@@ -204,6 +207,7 @@ pub fn clts(ctx: &mut Ctx, _op: &UOp) -> OpResult {
 /// LMSW (`aux` 0) / SMSW (`aux` 1).
 pub fn msw(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if op.aux == 1 {
+        umip_check(ctx)?;
         let size = if op.dst.is_mem() { 2 } else { op.size };
         let v = ctx.core.cr0;
         ctx.put(&op.dst, size, v)?;

@@ -41,6 +41,15 @@ fn need_cpl0(ctx: &Ctx) -> Result<(), Exc> {
     }
 }
 
+/// UMIP (CR4 bit 11): SGDT, SIDT, SLDT, SMSW and STR raise #GP(0) outside ring 0 (virtual-8086
+/// mode included), before they touch memory.
+fn umip_check(ctx: &Ctx) -> Result<(), Exc> {
+    if ctx.core.cr4 & crb::UMIP != 0 && ctx.core.cpl() > 0 {
+        return Err(Exc::gp(0));
+    }
+    Ok(())
+}
+
 /// Privileged no-ops (WBINVD, INVD): CPL 0 only.
 pub fn priv_nop(ctx: &mut Ctx, _op: &UOp) -> OpResult {
     need_cpl0(ctx)?;

@@ -8,6 +8,9 @@ pub fn desc_table(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let Operand::Mem(m) = op.dst else {
         return Err(Exc::UD);
     };
+    if op.aux >= 2 {
+        umip_check(ctx)?;
+    }
     let bsize: u8 = if ctx.core.mode64() { 8 } else { 4 };
     let off = ctx.ea(&m);
     let lin = ctx.linear(m.seg, off, 2 + bsize as u64, op.aux >= 2)?;
@@ -46,6 +49,7 @@ pub fn ldt_tr(ctx: &mut Ctx, op: &UOp) -> OpResult {
         return Err(Exc::UD);
     }
     if op.aux >= 2 {
+        umip_check(ctx)?;
         let v = if op.aux == 2 {
             ctx.core.ldtr.selector
         } else {

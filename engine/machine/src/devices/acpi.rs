@@ -8,10 +8,11 @@
 //! from the layout, so a parser can walk them from the RSDP alone.
 
 use super::{Device, DeviceError, DeviceState, IoCtx, StopRequest};
+use crate::memory::GuestRam;
 use crate::memory::MemoryLayout;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// First byte of the area the tables are written to (16-byte aligned, searched for the
 /// RSDP by operating systems).
@@ -262,16 +263,13 @@ fn align(v: u64, to: u64) -> u64 {
 }
 
 /// Writes the tables QEMU's `pc` would have with one CPU and the PM timer QEMU has.
-pub fn install_acpi_tables(
-    mem: &GuestMemoryMmap,
-    layout: &MemoryLayout,
-) -> Result<AcpiLayout, AcpiError> {
+pub fn install_acpi_tables(mem: &GuestRam, layout: &MemoryLayout) -> Result<AcpiLayout, AcpiError> {
     install_acpi_tables_with(mem, layout, &AcpiOptions::default())
 }
 
 /// Writes the tables with explicit [`AcpiOptions`].
 pub fn install_acpi_tables_with(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     layout: &MemoryLayout,
     options: &AcpiOptions,
 ) -> Result<AcpiLayout, AcpiError> {
@@ -569,7 +567,7 @@ impl Device for AcpiPm {
 
 /// Firmware_Waking_Vector of the FACS at [`FACS_ADDR`]: where an S3 resume enters, in real
 /// mode (0: the OS set none, and the firmware boots normally).
-pub fn waking_vector(mem: &GuestMemoryMmap) -> u32 {
+pub fn waking_vector(mem: &GuestRam) -> u32 {
     mem.read_obj::<u32>(GuestAddress(FACS_ADDR + FACS_WAKING_VECTOR))
         .unwrap_or(0)
 }

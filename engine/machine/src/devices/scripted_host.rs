@@ -3,8 +3,8 @@
 
 use super::{InterruptLines, IoCtx, StopRequest};
 use crate::host::{Host, Position};
+use crate::memory::GuestRam;
 use crate::memory::MemoryLayout;
-use vm_memory::GuestMemoryMmap;
 
 /// A host whose time is whatever the test last set; it never touches the real world.
 #[derive(Debug, Default)]
@@ -68,7 +68,7 @@ pub struct Rig {
     /// The clock.
     pub host: ScriptedHost,
     /// Guest memory (pc layout).
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// The layout `mem` was allocated with.
     pub layout: MemoryLayout,
     /// Interrupt lines.

@@ -3,9 +3,10 @@
 
 use super::{Device, InterruptLines, IoCtx, StopRequest};
 use crate::host::{Host, Position};
+use crate::memory::GuestRam;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 /// What the scripted host answers; shared so a test can change it while a machine owns the
 /// host.
@@ -89,7 +90,7 @@ pub struct Bench {
     /// The host (clone it to change time from the test).
     pub host: ScriptedHost,
     /// Guest memory (one page; no device here does DMA).
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// The device's interrupt lines.
     pub lines: RecordingLines,
     /// A stop the device requested.
@@ -101,7 +102,7 @@ impl Bench {
     pub fn new() -> Self {
         Self {
             host: ScriptedHost::default(),
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap(),
+            mem: GuestRam::from_ranges(&[(GuestAddress(0), 4096)]).unwrap(),
             lines: RecordingLines::default(),
             stop: None,
         }
