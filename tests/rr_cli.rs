@@ -732,3 +732,69 @@ fn a_bzimage_recorded_through_pvh_replays_through_pvh() {
         text(&g.stderr)
     );
 }
+
+/// `--embed-images` (trace format 8): the kernel and initrd travel in the trace, so the
+/// trace replays where the files are missing or are other files; without it, such a
+/// replay is refused naming the file.
+#[test]
+fn a_trace_with_embedded_images_replays_without_the_files() {
+    let dir = scratch("embed-images");
+    // 32-bit PVH entry: mov esi, [ebx+16]; mov esi, [esi]; mov al, [esi]; mov dx, 0xf4;
+    // out dx, al; hlt (debug-exit with the initrd's first byte).
+    let entry = [
+        0x8b, 0x73, 0x10, 0x8b, 0x36, 0x8a, 0x06, 0x66, 0xba, 0xf4, 0x00, 0xee, 0xf4,
+    ];
+    let bz = dir.join("bzImage");
+    let rd = dir.join("initrd");
+    let bz_bytes = deja_testkit::bzimage_with_payload(&deja_testkit::vmlinux(&entry));
+    let record = |trace: &std::path::Path, embed: bool| {
+        std::fs::write(&bz, &bz_bytes).unwrap();
+        std::fs::write(&rd, b"\x00 initrd bytes").unwrap();
+        let mut args = vec![
+            "record",
+            "--engine",
+            "bt",
+            "--kernel-entry",
+            "pvh",
+            "--initrd",
+            s(&rd),
+            s(&bz),
+            "-o",
+            s(trace),
+            "--mem",
+            "32M",
+        ];
+        if embed {
+            args.push("--embed-images");
+        }
+        let o = deja(&args);
+        assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    };
+    let embedded = dir.join("embedded.trace");
+    let plain = dir.join("plain.trace");
+    record(&embedded, true);
+    record(&plain, false);
+    let info = text(&deja(&["trace", "info", s(&embedded)]).stdout);
+    assert!(info.contains("format version 8"), "{info}");
+    assert_eq!(info.matches(", embedded").count(), 2, "{info}");
+    let v = deja(&["trace", "verify", s(&embedded)]);
+    assert_eq!(code(&v), 0, "{}", text(&v.stdout));
+    // The files gone, then other files at their paths.
+    std::fs::remove_file(&bz).unwrap();
+    std::fs::remove_file(&rd).unwrap();
+    for round in ["missing", "other files"] {
+        let r = deja(&["replay", s(&embedded), "--json"]);
+        assert_eq!(code(&r), 0, "{round}: {}", text(&r.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        assert_eq!(v["verdict"], "Verified", "{round}");
+        let p = deja(&["replay", s(&plain)]);
+        assert_ne!(code(&p), 0, "{round}");
+        assert!(
+            text(&p.stderr).contains(s(&bz)),
+            "{round}: {}",
+            text(&p.stderr)
+        );
+        std::fs::write(&bz, b"another kernel").unwrap();
+        std::fs::write(&rd, b"\x01 another initrd").unwrap();
+    }
+}

@@ -121,6 +121,9 @@ pub struct RecordOptions {
     pub fail_on: Option<regex::Regex>,
     /// Device exits the guest runs on after a `fail_on` match.
     pub fail_grace_exits: u64,
+    /// Embed the images' bytes (kernel, initrd) in the trace (`--embed-images`, format 8),
+    /// so that it replays where the files are not.
+    pub embed_images: bool,
 }
 
 /// Default device exits a guest runs on after its console matched `--fail-on` (an oops of
@@ -162,6 +165,7 @@ impl RecordOptions {
             on_reset: ResetPolicy::Stop,
             fail_on: None,
             fail_grace_exits: DEFAULT_FAIL_GRACE_EXITS,
+            embed_images: false,
         }
     }
 }
@@ -524,7 +528,17 @@ impl Recorder {
         })?;
         let scheme = state::current_digest_scheme(&vm.machine);
         header.digest_scheme = Some(scheme.clone());
-        let writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
+        let mut writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
+        if opts.embed_images {
+            let initrd = image.initrd.as_deref().map(|rd| &rd.bytes[..]);
+            for (index, bytes) in [Some(&image.bytes[..]), initrd]
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                writer.embed_image(index as u32, bytes)?;
+            }
+        }
         {
             let mut s = host::lock(&shared);
             if s.unwritten != 0 {

@@ -479,23 +479,46 @@ fn read_recorded_file(record: &ImageRecord) -> Result<Vec<u8>, ReplayError> {
 }
 
 /// The images a trace's header names: the first is the one booted; a Linux kernel's second
-/// is its initrd (recorded with load "initrd").
+/// is its initrd (recorded with load "initrd"). Each is found by its name and checked; when
+/// that fails and the trace embeds the image (`embedded(index)`, format 8's
+/// `--embed-images`), the embedded copy, already checked against the record, is used.
 pub fn resolve_images(
     images: &[ImageRecord],
     guests: &dyn Fn(&str) -> Option<Image>,
+    embedded: &mut dyn FnMut(usize) -> Result<Option<Vec<u8>>, ReplayError>,
 ) -> Result<Image, ReplayError> {
     let first = images.first().ok_or_else(|| ReplayError::Image {
         name: "(none)".into(),
         detail: "the header lists no image".into(),
     })?;
-    let mut image = resolve_image(first, guests)?;
+    let mut image = match resolve_image(first, guests) {
+        Ok(image) => image,
+        Err(e) => match embedded(0)? {
+            Some(bytes) => Image {
+                name: first.name.clone(),
+                bytes,
+                format: state::decode_json(&first.load_spec, "image format").map_err(|d| {
+                    ReplayError::Image {
+                        name: first.name.clone(),
+                        detail: d.to_string(),
+                    }
+                })?,
+                initrd: None,
+            },
+            None => return Err(e),
+        },
+    };
     if let Some(rd) = images
         .get(1)
         .filter(|r| r.load == deja_snapshot::INITRD_LOAD)
     {
+        let bytes = match read_recorded_file(rd) {
+            Ok(bytes) => bytes,
+            Err(e) => embedded(1)?.ok_or(e)?,
+        };
         image.initrd = Some(Box::new(Image {
             name: rd.name.clone(),
-            bytes: read_recorded_file(rd)?,
+            bytes,
             format: image.format.clone(),
             initrd: None,
         }));
@@ -715,7 +738,9 @@ pub fn replay_with(
             detail: "the header lists no image".into(),
         });
     }
-    let image = resolve_images(&header.images, guests)?;
+    let image = resolve_images(&header.images, guests, &mut |index| {
+        Ok(reader.embedded_image(index)?)
+    })?;
     let exit_sync = header.delivery == Delivery::ExitSynchronous;
 
     // Where to start: the nearest checkpoint at or before the target, when seeking.

@@ -192,7 +192,9 @@ impl ReplaySession {
         let header = reader.header().clone();
         let footer = reader.footer().cloned();
         let config = machine_config(&header, &name)?;
-        let image = resolve_images(&header.images, guests)?;
+        let image = resolve_images(&header.images, guests, &mut |index| {
+            Ok(reader.embedded_image(index)?)
+        })?;
         let exit_sync = header.delivery == Delivery::ExitSynchronous;
         let events: Result<Vec<Event>, _> = reader.events().collect();
         let events = Arc::new(events?);

@@ -69,6 +69,11 @@ pub struct RecordArgs {
     /// Most recordings `--until-failure` makes.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub attempts: u64,
+    /// Embed the image's bytes (a kernel and its initrd too) in the trace, so that it
+    /// replays where the files are not (on a colleague's machine); a replay uses the
+    /// embedded copy when the recorded path is missing or holds another file.
+    #[arg(long)]
+    pub embed_images: bool,
     /// No progress display.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -111,6 +116,7 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     opts.chaos_max_quantum = args.chaos_max_quantum;
     opts.fail_on = args.fail_on.clone();
     opts.fail_grace_exits = args.fail_grace_exits;
+    opts.embed_images = args.embed_images;
     opts.on_reset = if guest.no_reboot || args.until_failure {
         deja_traces::ResetPolicy::Stop
     } else {

@@ -29,6 +29,10 @@ pub enum FrameKind {
     Checkpoint,
     /// The footer.
     Footer,
+    /// Format 8 ([`crate::EMBEDDED_IMAGES_FORMAT`]): a run of an image's bytes, embedded so
+    /// that a replay needs no file (`deja record --embed-images`). `items` is the image's
+    /// index in [`crate::Header::images`]; its frames, in order, hold its bytes.
+    Image,
 }
 
 impl FrameKind {
@@ -39,6 +43,7 @@ impl FrameKind {
             FrameKind::CheckpointPages => 2,
             FrameKind::Checkpoint => 3,
             FrameKind::Footer => 4,
+            FrameKind::Image => 5,
         }
     }
 
@@ -49,6 +54,7 @@ impl FrameKind {
             2 => FrameKind::CheckpointPages,
             3 => FrameKind::Checkpoint,
             4 => FrameKind::Footer,
+            5 => FrameKind::Image,
             _ => return None,
         })
     }
@@ -60,6 +66,7 @@ impl FrameKind {
             FrameKind::CheckpointPages => "checkpoint-pages",
             FrameKind::Checkpoint => "checkpoint",
             FrameKind::Footer => "footer",
+            FrameKind::Image => "image",
         }
     }
 }

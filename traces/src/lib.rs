@@ -61,9 +61,14 @@ pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
 /// ([`DUE_POLLS_FORMAT`]) logs a device poll's time read only when a deadline had passed;
 /// version 7 ([`GUEST_CPUID_FORMAT`]) adds [`Header::guest_cpuid`], [`Header::host_cpu`] and
 /// [`Header::digest_scheme`] at the header's end, and checkpoints of versioned state (the
-/// snapshot crate's `VERSIONED_STATE_FORMAT`). Older traces still read (their headers with `on_reset` =
-/// [`ResetPolicy::Stop`], what every recording did then, and no CPUID or host CPU).
-pub const FORMAT_VERSION: u32 = 7;
+/// snapshot crate's `VERSIONED_STATE_FORMAT`); version 8 ([`EMBEDDED_IMAGES_FORMAT`]) image
+/// frames ([`FrameKind::Image`]) holding the images' bytes. Older traces still read (their
+/// headers with `on_reset` = [`ResetPolicy::Stop`], what every recording did then, and no
+/// CPUID or host CPU).
+pub const FORMAT_VERSION: u32 = 8;
+/// The first format version whose traces may embed the images they boot
+/// ([`FrameKind::Image`] frames, written before any event).
+pub const EMBEDDED_IMAGES_FORMAT: u32 = 8;
 /// The first format version whose header records the CPUID answers the guest got and the
 /// recording host's CPU.
 pub const GUEST_CPUID_FORMAT: u32 = 7;

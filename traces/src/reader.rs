@@ -817,6 +817,7 @@ impl<R: Read + Seek> TraceReader<R> {
                     });
                     pages_run = (0, 0, 0, offset + header.frame_len());
                 }
+                FrameKind::Image => pages_run = (0, 0, 0, offset + header.frame_len()),
                 FrameKind::Footer => unreachable!("handled above"),
             }
             offset += header.frame_len();
@@ -849,6 +850,71 @@ impl<R: Read + Seek> TraceReader<R> {
             }
         }
         Ok(())
+    }
+
+    /// Whether the trace embeds the bytes of image `index` of its header (format 8,
+    /// `deja record --embed-images`).
+    pub fn embeds_image(&self, index: usize) -> bool {
+        let image = FrameKind::Image.to_byte();
+        self.frames
+            .iter()
+            .any(|f| f.kind == image && f.items as usize == index)
+    }
+
+    /// The embedded bytes of image `index`, checked against its record in the header (size
+    /// and BLAKE3 digest); `None` when the trace does not embed it.
+    pub fn embedded_image(&mut self, index: usize) -> Result<Option<Vec<u8>>, ReadError> {
+        let image = FrameKind::Image.to_byte();
+        let frames: Vec<(u64, u64)> = self
+            .frames
+            .iter()
+            .filter(|f| f.kind == image && f.items as usize == index)
+            .map(|f| (f.offset, f.seq))
+            .collect();
+        let Some(&(first_offset, first_seq)) = frames.first() else {
+            return Ok(None);
+        };
+        let Some(record) = self.header.images.get(index).cloned() else {
+            return Err(self.frame_error(
+                first_seq,
+                first_offset,
+                format!(
+                    "an image frame for image {index}, but the header lists {} images",
+                    self.header.images.len()
+                ),
+            ));
+        };
+        let mut bytes = Vec::new();
+        for (offset, seq) in frames {
+            let frame = self.frame_at(offset, seq)?;
+            if bytes.len() as u64 + frame.payload.len() as u64 > record.size {
+                return Err(self.frame_error(
+                    seq,
+                    offset,
+                    format!(
+                        "image {index} ({}) is embedded with more than its recorded {} bytes",
+                        record.name, record.size
+                    ),
+                ));
+            }
+            bytes.extend_from_slice(&frame.payload);
+        }
+        if !record.matches(&bytes) {
+            return Err(self.frame_error(
+                first_seq,
+                first_offset,
+                format!(
+                    "the embedded bytes of image {index} ({}) are not the image recorded \
+                     ({} bytes, BLAKE3 {}; embedded {} bytes, BLAKE3 {})",
+                    record.name,
+                    record.size,
+                    record.digest,
+                    bytes.len(),
+                    crate::Digest::of(&bytes)
+                ),
+            ));
+        }
+        Ok(Some(bytes))
     }
 
     /// All events, in order.

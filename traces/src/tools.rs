@@ -69,6 +69,8 @@ pub struct TraceInfo {
     pub checkpoints: Vec<CheckpointIndexEntry>,
     /// The footer's outcome, if the trace has a footer.
     pub outcome: Option<OutcomeSummary>,
+    /// The indices (in the header's images) of the images the trace embeds (format 8).
+    pub embedded_images: Vec<usize>,
 }
 
 /// Summarizes a trace from its header and footer (or its frame index when it has no footer).
@@ -88,6 +90,9 @@ pub fn info<R: Read + Seek>(reader: &TraceReader<R>) -> TraceInfo {
             .sum(),
         last_position: reader.frames().last().map(|f| f.last).unwrap_or_default(),
         checkpoints: reader.checkpoints().to_vec(),
+        embedded_images: (0..reader.header().images.len())
+            .filter(|&i| reader.embeds_image(i))
+            .collect(),
         outcome: reader.footer().map(|f| OutcomeSummary {
             final_position: f.final_position,
             final_state_digest: f.final_state_digest,
@@ -126,11 +131,19 @@ impl fmt::Display for TraceInfo {
             h.machine.cmdline,
             h.machine.cpuid.len()
         )?;
-        for img in &h.images {
+        for (i, img) in h.images.iter().enumerate() {
             writeln!(
                 f,
-                "image        {} ({} bytes, {}) blake3 {}",
-                img.name, img.size, img.load, img.digest
+                "image        {} ({} bytes, {}) blake3 {}{}",
+                img.name,
+                img.size,
+                img.load,
+                img.digest,
+                if self.embedded_images.contains(&i) {
+                    ", embedded"
+                } else {
+                    ""
+                }
             )?;
         }
         writeln!(
@@ -386,6 +399,7 @@ pub fn verify_with_progress<R: Read + Seek>(
     let mut last = Position::default();
     let mut run = (0u64, 0u64, 0u64, reader.header_len()); // pages, frames, bytes, first offset
     let ram_size = reader.header().machine.ram_size;
+    let images = reader.header().images.len();
     let result = walk(reader, |_r, step| {
         match step {
             Step::Bad(seq, offset, detail) => push(Some(seq), Some(offset), detail),
@@ -496,6 +510,26 @@ pub fn verify_with_progress<R: Read + Seek>(
                         last = h.last;
                         run = (0, 0, 0, offset + h.frame_len());
                     }
+                    FrameKind::Image => {
+                        if events != 0 || !checkpoints_seen.is_empty() {
+                            push(
+                                Some(h.seq),
+                                Some(offset),
+                                "an image frame after events or checkpoints".into(),
+                            );
+                        }
+                        if h.items as usize >= images {
+                            push(
+                                Some(h.seq),
+                                Some(offset),
+                                format!(
+                                    "an image frame for image {}, but the header lists {images}",
+                                    h.items
+                                ),
+                            );
+                        }
+                        run = (0, 0, 0, offset + h.frame_len());
+                    }
                     FrameKind::Footer => push(
                         Some(h.seq),
                         Some(offset),
@@ -510,6 +544,12 @@ pub fn verify_with_progress<R: Read + Seek>(
         Ok(()) => {}
         Err(ToolError::Read(e)) => return Err(e),
         Err(ToolError::Output(e)) => unreachable!("verify writes no output: {e}"),
+    }
+    for index in 0..images {
+        // Reads nothing when the image is not embedded.
+        if let Err(e) = reader.embedded_image(index) {
+            push(None, None, e.to_string());
+        }
     }
     let truncated = matches!(reader.status(), TraceStatus::Truncated { .. });
     if run.1 > 0 && !truncated {
@@ -835,7 +875,7 @@ pub fn stats<R: Read + Seek>(reader: &mut TraceReader<R>) -> Result<TraceStats, 
                 });
                 run_bytes = 0;
             }
-            FrameKind::Footer => {}
+            FrameKind::Footer | FrameKind::Image => {}
         }
         Ok(())
     });

@@ -96,6 +96,14 @@ pub enum WriteError {
         /// The file.
         name: String,
     },
+    /// An image was to be embedded after events or checkpoints.
+    #[error("trace {name}: image {index} must be embedded before the first event")]
+    ImageAfterEvents {
+        /// The file.
+        name: String,
+        /// The image's index in the header.
+        index: u32,
+    },
     /// An earlier error left the writer unusable.
     #[error("trace {name} can no longer be written: {earlier}")]
     Failed {
@@ -391,6 +399,26 @@ impl<W: Write> TraceWriter<W> {
         result?;
         self.seq += 1;
         Ok(entry)
+    }
+
+    /// Embeds the bytes of image `index` (its place in [`Header::images`]) as
+    /// [`FrameKind::Image`] frames, so that a replay can load it without the file. Call it
+    /// before the first event: a reader finds the images ahead of the events, and an image
+    /// embedded later would sit between them.
+    pub fn embed_image(&mut self, index: u32, bytes: &[u8]) -> Result<(), WriteError> {
+        self.check_usable()?;
+        if self.events_total != 0 || !self.checkpoints.is_empty() {
+            return Err(WriteError::ImageAfterEvents {
+                name: self.name.clone(),
+                index,
+            });
+        }
+        let at = Position::default();
+        for chunk in bytes.chunks(MAX_FRAME_PAYLOAD) {
+            let entry = self.write_frame(FrameKind::Image, at, at, index, chunk)?;
+            self.frames.push(entry);
+        }
+        Ok(())
     }
 
     /// Logs one event. Positions must not go backwards.

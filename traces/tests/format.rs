@@ -421,3 +421,95 @@ fn write_through(budget: usize) -> Result<(), (FailingSink, WriteError)> {
 fn extract(w: TraceWriter<FailingSink>) -> FailingSink {
     w.into_inner()
 }
+
+/// Format 8: `--embed-images` writes an image's bytes as image frames before the events,
+/// over several frames when it is larger than one; a reader gives them back checked against
+/// the header's record, with or without the footer, and the events, checkpoints, verify and
+/// info read around them.
+#[test]
+fn embedded_images_read_back_checked_by_their_records() {
+    let kernel: Vec<u8> = (0..MAX_FRAME_PAYLOAD + 5000)
+        .map(|i| (i / 4096) as u8 ^ (i as u8))
+        .collect();
+    let initrd = b"an initrd".to_vec();
+    let mut h = header();
+    h.images = vec![
+        ImageRecord::new("bzImage", &kernel, "Pvh", br#"{"format":"pvh"}"#.to_vec()),
+        ImageRecord::new("initrd", &initrd, "initrd", Vec::new()),
+        ImageRecord::new("not-embedded", b"elsewhere", "initrd", Vec::new()),
+    ];
+    let write = |h: &Header, images: &[(u32, &[u8])]| {
+        let mut w = TraceWriter::new(Vec::new(), "t", h, small_frames()).unwrap();
+        for &(i, b) in images {
+            w.embed_image(i, b).unwrap();
+        }
+        let page = vec![7u8; PAGE_SIZE];
+        let at = Position::new(10, 1);
+        w.checkpoint(
+            CheckpointInput {
+                position: Position::new(0, 0),
+                cpu_state: vec![1],
+                device_state: vec![2],
+                state_digest: None,
+                full: true,
+            },
+            [(3u64, &page[..])],
+        )
+        .unwrap();
+        w.event(at, EventKind::Entropy { value: 9 }).unwrap();
+        let err = w.embed_image(1, b"late").unwrap_err().to_string();
+        assert!(err.contains("before the first event"), "{err}");
+        w.finish(FinishInfo::default().with_final(at)).unwrap().0
+    };
+    let bytes = write(&h, &[(0, &kernel), (1, &initrd)]);
+    let header_len = open(&bytes).unwrap().header_len() as usize;
+    // Whole, and cut before the footer (the frames are then found by scanning).
+    let cut = bytes.len() - 100;
+    for (what, b) in [("whole", &bytes[..]), ("without footer", &bytes[..cut])] {
+        let mut r = open(b).unwrap();
+        assert_eq!(r.format_version(), 8);
+        assert!(
+            r.embeds_image(0) && r.embeds_image(1) && !r.embeds_image(2),
+            "{what}"
+        );
+        let image = FrameKind::Image.to_byte();
+        assert_eq!(
+            r.frames().iter().filter(|f| f.kind == image).count(),
+            3,
+            "{what}: the kernel spans two frames"
+        );
+        assert_eq!(r.embedded_image(0).unwrap().as_deref(), Some(&kernel[..]));
+        assert_eq!(r.embedded_image(1).unwrap(), Some(initrd.clone()));
+        assert_eq!(r.embedded_image(2).unwrap(), None);
+        assert_eq!(r.embedded_image(7).unwrap(), None);
+        let cp = r.checkpoints()[0];
+        assert_eq!(r.memory_at(&cp).unwrap().page(3), Some(&[7u8; PAGE_SIZE]));
+        let events: Vec<Event> = r.events().map(Result::unwrap).collect();
+        assert_eq!(events.len(), 1, "{what}");
+        let info = info(&r);
+        assert_eq!(info.embedded_images, vec![0, 1]);
+        assert!(info.to_string().contains("embedded"), "{info}");
+        if what == "whole" {
+            let report = verify(&mut r).unwrap();
+            assert!(report.ok, "{report}");
+        }
+    }
+    assert!(header_len < bytes.len());
+    // Embedded bytes that are not the recorded image are refused, and verify says so.
+    let mut wrong = h.clone();
+    wrong.images[1] = ImageRecord::new("initrd", b"another initrd", "initrd", Vec::new());
+    let bytes = write(&wrong, &[(1, &initrd)]);
+    let mut r = open(&bytes).unwrap();
+    let err = r.embedded_image(1).unwrap_err().to_string();
+    assert!(err.contains("not the image recorded"), "{err}");
+    let report = verify(&mut r).unwrap();
+    assert!(!report.ok && report.to_string().contains("not the image recorded"));
+    // An image frame for an image the header does not list.
+    let bytes = write(&h, &[(5, &initrd)]);
+    let mut r = open(&bytes).unwrap();
+    let report = verify(&mut r).unwrap();
+    assert!(
+        !report.ok && report.to_string().contains("the header lists 3"),
+        "{report}"
+    );
+}

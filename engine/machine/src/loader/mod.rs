@@ -531,10 +531,15 @@ impl Image {
         // multiboot header (which the multiboot loader refuses as QEMU does).
         let elf64 = elf::is_elf64_x86_64(&bytes);
         if elf64 {
-            let parsed = elf::parse_elf64(&bytes).map_err(|source| LoadError::Elf {
-                name: name.clone(),
-                source,
-            })?;
+            // A malformed ELF64 with a multiboot header is the multiboot loader's to refuse
+            // (with QEMU's message); without one, what is wrong with it is the answer.
+            let parsed = match elf::parse_elf64(&bytes) {
+                Ok(parsed) => parsed,
+                Err(_) if multiboot::find_header(&name, &bytes).is_ok() => {
+                    return Ok(Self::multiboot(name, bytes));
+                }
+                Err(source) => return Err(LoadError::Elf { name, source }),
+            };
             if pvh::entry_note(&name, &parsed)?.is_some() {
                 return Ok(Self {
                     name,

@@ -30,7 +30,7 @@ pub enum Compression {
     Lzma,
     /// lzop (`89 4c 5a 4f`): not decompressed by deja.
     Lzo,
-    /// lz4's legacy frame (`02 21 4c 18`): not decompressed by deja.
+    /// lz4's legacy frame (`02 21 4c 18`, `lz4 -l`).
     Lz4,
 }
 
@@ -112,10 +112,11 @@ pub fn vmlinux(name: &str, bytes: &[u8], max: u64) -> Result<Vec<u8>, LoadError>
                 .map_err(|e| bad(format!("the zstd payload: {e}")))?
                 .single_frame(),
         ),
+        Compression::Lz4 => return lz4_legacy(payload, max).map_err(bad),
         other => {
             return Err(bad(format!(
-                "the payload is {}-compressed; deja decompresses xz, gzip and zstd payloads \
-                 (boot this kernel with --kernel-entry boot-protocol)",
+                "the payload is {}-compressed; deja decompresses xz, gzip, zstd and lz4 \
+                 payloads (boot this kernel with --kernel-entry boot-protocol)",
                 other.name()
             )));
         }
@@ -136,6 +137,65 @@ pub fn vmlinux(name: &str, bytes: &[u8], max: u64) -> Result<Vec<u8>, LoadError>
             "the {} payload decompresses to more than {max:#x} bytes, more than the guest's RAM",
             compression.name()
         )));
+    }
+    Ok(out)
+}
+
+/// The magic of lz4's legacy frame, which may also start a concatenated frame.
+const LZ4_LEGACY_MAGIC: u32 = 0x184c_2102;
+/// The most a legacy-frame block decompresses to.
+const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+
+/// Decompresses lz4's legacy frame (`lz4 -l`, what Linux's `CONFIG_KERNEL_LZ4` writes):
+/// the magic, then blocks of a 4-byte compressed length and an independent LZ4 block of at
+/// most 8 MiB; a magic between blocks starts another frame. The 4 bytes Linux appends (the
+/// uncompressed size) end the stream; so does its end. At most `max` bytes come out.
+fn lz4_legacy(payload: &[u8], max: u64) -> Result<Vec<u8>, String> {
+    let word = |at: usize| {
+        u32::from_le_bytes([
+            payload[at],
+            payload[at + 1],
+            payload[at + 2],
+            payload[at + 3],
+        ])
+    };
+    let mut out = Vec::new();
+    let mut block = vec![0u8; LZ4_LEGACY_BLOCK];
+    let mut at = 4; // after the magic
+    while payload.len() - at >= 4 {
+        let len = word(at);
+        at += 4;
+        if len == LZ4_LEGACY_MAGIC {
+            continue;
+        }
+        if at == payload.len() {
+            break; // Linux's uncompressed-size trailer
+        }
+        let end = at
+            .checked_add(len as usize)
+            .filter(|&e| e <= payload.len())
+            .ok_or_else(|| {
+                format!(
+                    "the lz4 payload's block at offset {:#x} is {len:#x} bytes long, past the \
+                     payload's end at {:#x}",
+                    at - 4,
+                    payload.len()
+                )
+            })?;
+        let n = lz4_flex::block::decompress_into(&payload[at..end], &mut block).map_err(|e| {
+            format!(
+                "decompressing the lz4 payload's block at offset {:#x} failed: {e}",
+                at - 4
+            )
+        })?;
+        if (out.len() + n) as u64 > max {
+            return Err(format!(
+                "the lz4 payload decompresses to more than {max:#x} bytes, more than the \
+                 guest's RAM"
+            ));
+        }
+        out.extend_from_slice(&block[..n]);
+        at = end;
     }
     Ok(out)
 }

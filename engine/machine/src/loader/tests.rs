@@ -1389,6 +1389,18 @@ fn gzip(b: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
+/// lz4's legacy frame as `lz4 -l` writes it: the magic, then per 8 MiB block its
+/// compressed length and an independent LZ4 block.
+fn lz4_legacy(b: &[u8]) -> Vec<u8> {
+    let mut out = 0x184c_2102u32.to_le_bytes().to_vec();
+    for chunk in b.chunks(8 << 20) {
+        let block = lz4_flex::block::compress(chunk);
+        out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        out.extend_from_slice(&block);
+    }
+    out
+}
+
 fn xz(b: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
@@ -1401,10 +1413,11 @@ fn a_bzimage_boots_through_pvh_from_its_compressed_payload() {
     let vmlinux = deja_testkit::vmlinux(&code(500));
     let mut reference = machine_with(64 << 20, "quiet");
     let want = load(&mut reference, &pvh_image(vmlinux.clone(), None)).unwrap();
-    let payloads: [(&str, Vec<u8>); 4] = [
+    let payloads: [(&str, Vec<u8>); 5] = [
         ("gzip", gzip(&vmlinux)),
         ("xz", xz(&vmlinux)),
         ("zstd", zstd::encode_all(&vmlinux[..], 19).unwrap()),
+        ("lz4", lz4_legacy(&vmlinux)),
         ("uncompressed", vmlinux.clone()),
     ];
     for (what, payload) in payloads {
@@ -1433,6 +1446,27 @@ fn a_bzimage_boots_through_pvh_from_its_compressed_payload() {
             .set_kernel_entry(KernelEntry::BootProtocol, 64 << 20)
             .unwrap();
         assert_eq!(image.format, ImageFormat::Linux);
+    }
+}
+
+#[test]
+fn lz4_legacy_frames_span_blocks_frames_and_linux_s_size_trailer() {
+    use super::payload::vmlinux;
+    // 9 MiB: two blocks. Then a second frame (its magic between blocks).
+    let big: Vec<u8> = (0..9u32 << 20)
+        .map(|i| (i / 4096) as u8 ^ (i as u8 & 3))
+        .collect();
+    let mut two_frames = lz4_legacy(&big);
+    two_frames.extend_from_slice(&lz4_legacy(b"tail")[..]);
+    let bz = deja_testkit::bzimage_with_payload(&two_frames);
+    let mut want = big;
+    want.extend_from_slice(b"tail");
+    // bzimage_with_payload appends the 4-byte size after the named payload; name it too.
+    let mut with_trailer = bz.clone();
+    let len = u32::from_le_bytes(bz[0x24c..0x250].try_into().unwrap()) + 4;
+    with_trailer[0x24c..0x250].copy_from_slice(&len.to_le_bytes());
+    for b in [bz, with_trailer] {
+        assert!(vmlinux("bz", &b, 64 << 20).unwrap() == want);
     }
 }
 
@@ -1474,9 +1508,24 @@ fn kernel_entries_that_cannot_be_had_are_refused_with_what_to_do() {
             "bzip2-compressed",
         ),
         (
-            deja_testkit::bzimage_with_payload(&[0x02, 0x21, 0x4c, 0x18, 0, 0]),
+            deja_testkit::bzimage_with_payload(b"\x5d\x00\x00\x80\x00"),
             max,
-            "lz4-compressed",
+            "lzma-compressed",
+        ),
+        (
+            deja_testkit::bzimage_with_payload(&[0x02, 0x21, 0x4c, 0x18, 0x40, 0, 0, 0, 1]),
+            max,
+            "past the payload's end",
+        ),
+        (
+            deja_testkit::bzimage_with_payload(&[0x02, 0x21, 0x4c, 0x18, 2, 0, 0, 0, 0xf0, 0]),
+            max,
+            "decompressing the lz4 payload's block",
+        ),
+        (
+            deja_testkit::bzimage_with_payload(&lz4_legacy(&vec![0u8; 1 << 20])),
+            0x1000,
+            "lz4 payload decompresses to more than 0x1000",
         ),
         (
             deja_testkit::bzimage_with_payload(b"garbage!"),
@@ -1611,4 +1660,25 @@ fn malformed_vmlinux_files_are_refused_with_precise_messages() {
         ),
         (&b"Xen"[..], 18, 8)
     );
+}
+
+#[test]
+fn detection_tells_a_vmlinux_from_a_64_bit_multiboot_kernel() {
+    // A 64-bit ELF with a multiboot header but no PVH note, malformed or not, is a
+    // multiboot kernel, which the loader refuses with QEMU's message.
+    let mut mb64 = deja_testkit::vmlinux(&[0xf4; 64]);
+    mb64[64 + 112 + 8] = 17; // no PVH note
+    let header = mb_header(0x0, &[]);
+    mb64.extend_from_slice(&header);
+    let malformed = patch(mb64.clone(), 56, &[0xff, 0]); // e_phnum past the file
+    for bytes in [mb64, malformed] {
+        let image = Image::detect("k", bytes).unwrap();
+        assert_eq!(image.format, ImageFormat::Multiboot);
+        let err = load(&mut machine(), &image).unwrap_err().to_string();
+        assert!(err.contains("Cannot load x86-64 image"), "{err}");
+    }
+    // Without a multiboot header, a malformed ELF64 says what is wrong with it.
+    let bad = patch(deja_testkit::vmlinux(&[0xf4]), 56, &[0xff, 0]);
+    let err = Image::detect("k", bad).unwrap_err().to_string();
+    assert!(err.contains("program header table"), "{err}");
 }
