@@ -27,6 +27,15 @@ fn initramfs(busybox: &std::path::Path, script: &str) -> Vec<u8> {
     cpio.finish()
 }
 
+/// Debian's kernel and busybox from the test cache (fetched on first use): the cache, the
+/// bzImage and busybox. A fetch that fails fails the test with its reason.
+fn debian() -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
+    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
+        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    (cache, kernel, busybox)
+}
+
 /// How one boot of Debian's kernel went.
 struct Boot {
     /// The COM1 output.
@@ -100,9 +109,7 @@ fn boot_to_init(kernel: &Path, initrd: &Path, entry: &str) -> Boot {
 /// counts.
 #[test]
 fn debians_kernel_boots_to_init_on_bt_through_both_entries_and_powers_off() {
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
-    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
-        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let (_, kernel, busybox) = debian();
     let dir = scratch("linux");
     let initrd = dir.join("initrd.cpio");
     std::fs::write(
@@ -199,9 +206,7 @@ fn module_symbols(console: &str) -> Vec<(u64, String)> {
 /// the write handler storing a stale value over the timer's increment.
 #[test]
 fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
-    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
-    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
-        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let (cache, kernel, busybox) = debian();
     let headers = deja_testkit::debian_linux_headers(&cache, &kernel)
         .unwrap_or_else(|e| panic!("the module test needs Debian's kernel headers: {e}"));
     let dir = scratch("linux-race");
@@ -408,9 +413,7 @@ fn record_and_replay(
 /// state, digest included, as a replay from the start stopped there.
 #[test]
 fn a_linux_boot_records_and_replays_on_both_clocks_and_seeks_to_the_same_state() {
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
-    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
-        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let (_, kernel, busybox) = debian();
     let dir = scratch("linux-rr");
     let initrd = dir.join("initrd.cpio");
     std::fs::write(
@@ -469,9 +472,7 @@ fn a_linux_boot_records_and_replays_on_both_clocks_and_seeks_to_the_same_state()
 #[test]
 fn commands_piped_into_the_guest_shell_give_their_output() {
     use std::io::{BufRead, Write};
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-linux");
-    let (kernel, busybox) = deja_testkit::debian_linux(&cache)
-        .unwrap_or_else(|e| panic!("the Linux test needs Debian's kernel and busybox: {e}"));
+    let (_, kernel, busybox) = debian();
     let dir = scratch("linux-shell");
     let initrd = dir.join("initrd.cpio");
     std::fs::write(

@@ -209,6 +209,21 @@ impl Cpio {
     }
 }
 
+/// Runs `cmd` in `dir`; its standard output, or what failed with its standard error.
+fn run_in(dir: &std::path::Path, cmd: &mut std::process::Command) -> Result<String, String> {
+    let out = cmd
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("running {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Debian's stock kernel and busybox, fetched once with `apt-get download` into `cache`
 /// (reused when present): the bzImage and the static busybox binary. Errors say what failed
 /// (a Linux test then fails with that message; it never passes by skipping).
@@ -228,19 +243,7 @@ pub fn debian_linux(
                     .is_some_and(|n| n.starts_with(prefix))
             })
     };
-    let run = |cmd: &mut Command| -> Result<String, String> {
-        let out = cmd
-            .current_dir(cache)
-            .output()
-            .map_err(|e| format!("running {cmd:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{cmd:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let run = |cmd: &mut Command| run_in(cache, cmd);
     let boot = cache.join("root/boot");
     let busybox = cache.join("root/bin/busybox");
     if find(&boot, "vmlinuz-").is_none() || !busybox.exists() {
@@ -285,19 +288,7 @@ pub fn debian_linux_headers(
     let root = cache.join("root");
     let src = root.join("usr/src");
     let headers = src.join(format!("linux-headers-{release}"));
-    let run = |cmd: &mut Command| -> Result<String, String> {
-        let out = cmd
-            .current_dir(cache)
-            .output()
-            .map_err(|e| format!("running {cmd:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{cmd:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let run = |cmd: &mut Command| run_in(cache, cmd);
     if !headers.join("Makefile").exists() {
         let package = format!("linux-headers-{release}");
         let depends = run(Command::new("apt-cache").args(["depends", &package]))?;
