@@ -136,8 +136,9 @@ impl ImageFormat {
     /// `entry` must not silently become the default), including on formats without fields,
     /// which serde's `deny_unknown_fields` lets through for an internally tagged enum.
     pub fn from_sidecar(text: &[u8]) -> Result<Self, serde_json::Error> {
+        // Parsed directly first, which refuses a field given twice (a `Value` keeps the last).
+        let format: ImageFormat = serde_json::from_slice(text)?;
         let value: serde_json::Value = serde_json::from_slice(text)?;
-        let format: ImageFormat = serde_json::from_value(value.clone())?;
         let known = serde_json::to_value(&format)?;
         if let (Some(given), Some(known)) = (value.as_object(), known.as_object())
             && let Some(field) = given.keys().find(|k| !known.contains_key(*k))

@@ -1090,6 +1090,18 @@ fn sidecar_and_empty_image_messages_say_what_is_wrong() {
         Image::from_file(&blob),
         Err(LoadError::Sidecar { .. })
     ));
+    // A field given twice is ambiguous: refused (found by the sidecar fuzz target, which
+    // reads sidecars with serde_json directly).
+    std::fs::write(
+        dir.join("blob.bin.json"),
+        r#"{"format":"raw","format":"raw","load_addr":4096,"entry":4096,"mode":"long"}"#,
+    )
+    .unwrap();
+    let err = Image::from_file(&blob).unwrap_err();
+    assert!(
+        err.to_string().contains("duplicate field `format`"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
