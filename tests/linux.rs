@@ -36,6 +36,13 @@ fn debian() -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     (cache, kernel, busybox)
 }
 
+/// Writes [`initramfs`] of `script` to `dir/initrd.cpio`; returns its path.
+fn write_initramfs(dir: &Path, busybox: &Path, script: &str) -> std::path::PathBuf {
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(&initrd, initramfs(busybox, script)).unwrap();
+    initrd
+}
+
 /// How one boot of Debian's kernel went.
 struct Boot {
     /// The COM1 output.
@@ -111,19 +118,15 @@ fn boot_to_init(kernel: &Path, initrd: &Path, entry: &str) -> Boot {
 fn debians_kernel_boots_to_init_on_bt_through_both_entries_and_powers_off() {
     let (_, kernel, busybox) = debian();
     let dir = scratch("linux");
-    let initrd = dir.join("initrd.cpio");
-    std::fs::write(
-        &initrd,
-        initramfs(
-            &busybox,
-            "/bin/busybox --install -s /bin\n\
+    let initrd = write_initramfs(
+        &dir,
+        &busybox,
+        "/bin/busybox --install -s /bin\n\
              mount -t proc proc /proc\n\
              echo \"init: reached, $(cat /proc/cmdline)\"\n\
              uname -sr\n\
              poweroff -f\n",
-        ),
-    )
-    .unwrap();
+    );
     let (bp, pvh) = std::thread::scope(|t| {
         let bp = t.spawn(|| boot_to_init(&kernel, &initrd, "boot-protocol"));
         let pvh = t.spawn(|| boot_to_init(&kernel, &initrd, "pvh"));
@@ -415,18 +418,14 @@ fn record_and_replay(
 fn a_linux_boot_records_and_replays_on_both_clocks_and_seeks_to_the_same_state() {
     let (_, kernel, busybox) = debian();
     let dir = scratch("linux-rr");
-    let initrd = dir.join("initrd.cpio");
-    std::fs::write(
-        &initrd,
-        initramfs(
-            &busybox,
-            "/bin/busybox --install -s /bin\n\
+    let initrd = write_initramfs(
+        &dir,
+        &busybox,
+        "/bin/busybox --install -s /bin\n\
              mount -t proc proc /proc\n\
              echo \"init: reached, $(cat /proc/cmdline)\"\n\
              poweroff -f\n",
-        ),
-    )
-    .unwrap();
+    );
     let (virt, host) = std::thread::scope(|t| {
         let v = t.spawn(|| record_and_replay(&kernel, &initrd, "virtual"));
         let h = t.spawn(|| record_and_replay(&kernel, &initrd, "host"));
@@ -474,18 +473,14 @@ fn commands_piped_into_the_guest_shell_give_their_output() {
     use std::io::{BufRead, Write};
     let (_, kernel, busybox) = debian();
     let dir = scratch("linux-shell");
-    let initrd = dir.join("initrd.cpio");
-    std::fs::write(
-        &initrd,
-        initramfs(
-            &busybox,
-            "/bin/busybox --install -s /bin\n\
+    let initrd = write_initramfs(
+        &dir,
+        &busybox,
+        "/bin/busybox --install -s /bin\n\
              mount -t proc proc /proc\n\
              echo init: ready for commands\n\
              exec sh\n",
-        ),
-    )
-    .unwrap();
+    );
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_deja"))
         .args(["run", "--engine", "bt", "--mem", "512M", "--timeout", "900"])
         .args([

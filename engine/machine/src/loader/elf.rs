@@ -169,11 +169,15 @@ pub fn machine(bytes: &[u8]) -> Option<u16> {
     (bytes.len() >= 20 && bytes[..4] == *b"\x7fELF").then(|| u16_at(bytes, 18))
 }
 
-/// Parses and checks a little-endian ELF32 i386 executable.
-pub fn parse_elf32(bytes: &[u8]) -> Result<Elf32, ElfError> {
-    if bytes.len() < EHDR32_SIZE {
-        return Err(ElfError::Truncated { len: bytes.len() });
-    }
+/// Checks what ELF32 and ELF64 executables share at the start of their header (the caller
+/// has checked the length): magic, class, little endian, ET_EXEC and the machine.
+fn check_ident(
+    bytes: &[u8],
+    class: u8,
+    class_expected: &'static str,
+    machine: u16,
+    machine_expected: &'static str,
+) -> Result<(), ElfError> {
     if bytes[..4] != *b"\x7fELF" {
         return Err(ElfError::BadMagic {
             found: [bytes[0], bytes[1], bytes[2], bytes[3]],
@@ -185,13 +189,8 @@ pub fn parse_elf32(bytes: &[u8]) -> Result<Elf32, ElfError> {
         value,
         expected,
     };
-    if bytes[4] != 1 {
-        return Err(field(
-            "EI_CLASS",
-            4,
-            bytes[4].into(),
-            "expected 1 (ELFCLASS32)",
-        ));
+    if bytes[4] != class {
+        return Err(field("EI_CLASS", 4, bytes[4].into(), class_expected));
     }
     if bytes[5] != 1 {
         return Err(field(
@@ -206,14 +205,30 @@ pub fn parse_elf32(bytes: &[u8]) -> Result<Elf32, ElfError> {
         return Err(field("e_type", 16, e_type.into(), "expected 2 (ET_EXEC)"));
     }
     let e_machine = u16_at(bytes, 18);
-    if e_machine != EM_386 {
-        return Err(field(
-            "e_machine",
-            18,
-            e_machine.into(),
-            "expected 3 (EM_386)",
-        ));
+    if e_machine != machine {
+        return Err(field("e_machine", 18, e_machine.into(), machine_expected));
     }
+    Ok(())
+}
+
+/// Parses and checks a little-endian ELF32 i386 executable.
+pub fn parse_elf32(bytes: &[u8]) -> Result<Elf32, ElfError> {
+    if bytes.len() < EHDR32_SIZE {
+        return Err(ElfError::Truncated { len: bytes.len() });
+    }
+    check_ident(
+        bytes,
+        1,
+        "expected 1 (ELFCLASS32)",
+        EM_386,
+        "expected 3 (EM_386)",
+    )?;
+    let field = |field, offset, value: u64, expected| ElfError::BadField {
+        field,
+        offset,
+        value,
+        expected,
+    };
     let entry = u32_at(bytes, 24);
     let phoff = u32_at(bytes, 28);
     let phentsize = u16_at(bytes, 42);
@@ -358,46 +373,19 @@ pub fn parse_elf64(bytes: &[u8]) -> Result<Elf64<'_>, ElfError> {
     if bytes.len() < EHDR64_SIZE {
         return Err(ElfError::Truncated64 { len: bytes.len() });
     }
-    if bytes[..4] != *b"\x7fELF" {
-        return Err(ElfError::BadMagic {
-            found: [bytes[0], bytes[1], bytes[2], bytes[3]],
-        });
-    }
+    check_ident(
+        bytes,
+        2,
+        "expected 2 (ELFCLASS64)",
+        EM_X86_64,
+        "expected 62 (EM_X86_64)",
+    )?;
     let field = |field, offset, value: u64, expected| ElfError::BadField {
         field,
         offset,
         value,
         expected,
     };
-    if bytes[4] != 2 {
-        return Err(field(
-            "EI_CLASS",
-            4,
-            bytes[4].into(),
-            "expected 2 (ELFCLASS64)",
-        ));
-    }
-    if bytes[5] != 1 {
-        return Err(field(
-            "EI_DATA",
-            5,
-            bytes[5].into(),
-            "expected 1 (little endian)",
-        ));
-    }
-    let e_type = u16_at(bytes, 16);
-    if e_type != 2 {
-        return Err(field("e_type", 16, e_type.into(), "expected 2 (ET_EXEC)"));
-    }
-    let e_machine = u16_at(bytes, 18);
-    if e_machine != EM_X86_64 {
-        return Err(field(
-            "e_machine",
-            18,
-            e_machine.into(),
-            "expected 62 (EM_X86_64)",
-        ));
-    }
     let entry = u64_at(bytes, 24);
     let phoff = u64_at(bytes, 32);
     let phentsize = u16_at(bytes, 54);
