@@ -251,6 +251,7 @@ impl BtCpu {
             extents,
             bytes,
             links: Default::default(),
+            jit: Default::default(),
         }))
     }
 }

@@ -57,6 +57,8 @@ pub struct Block {
     pub bytes: Vec<u8>,
     /// Successor links: taken branch target, fall-through.
     pub links: [Cell<Link>; 2],
+    /// Its tier-1 state: heat and compiled code.
+    pub jit: crate::jit::BlockJit,
 }
 
 // SAFETY: `Cell` fields are only touched by the thread that owns the engine; the block is

@@ -15,7 +15,8 @@ use deja_machine::devices::MsrFault;
 use deja_machine::devices::lapic::GuestTsc;
 use deja_machine::vm_memory::{GuestAddress, GuestMemoryBackend};
 
-const TLB_SIZE: usize = 1024;
+/// Entries in each soft TLB (a power of two; tier-1 code probes them inline).
+pub(crate) const TLB_SIZE: usize = 1024;
 
 #[inline(always)]
 fn tlb_index(lin: u64) -> usize {
@@ -23,7 +24,9 @@ fn tlb_index(lin: u64) -> usize {
     ((page ^ (page >> 10)) as usize) & (TLB_SIZE - 1)
 }
 
+/// `repr(C)`: tier-1 code reads `tag` at offset 0 and `host` at offset 8.
 #[derive(Clone, Copy)]
+#[repr(C)]
 struct TlbEntry {
     /// Linear page number << 12 | user << 1 | valid.
     tag: u64,
@@ -209,6 +212,15 @@ impl MemSys {
         self.write_pages.fill(u64::MAX);
     }
 
+    /// The read and write TLBs' first entries (for tier-1 code's inline probes: 16-byte
+    /// entries of tag then host address, indexed as [`tlb_index`] does).
+    pub(crate) fn tlb_bases(&self) -> (*const u8, *const u8) {
+        (
+            self.read_tlb.as_ptr().cast(),
+            self.write_tlb.as_ptr().cast(),
+        )
+    }
+
     /// Forgets every cached host pointer.
     pub fn flush_fast(&mut self) {
         self.read_tlb.fill(EMPTY);
@@ -364,6 +376,11 @@ impl Ctx<'_> {
     /// reachable through it calls a device or the host.
     pub fn machine(&self) -> &Machine {
         self.machine
+    }
+
+    /// The machine (shared) and the counters, borrowed together.
+    pub(crate) fn machine_and_stats(&mut self) -> (&Machine, &mut crate::Stats) {
+        (self.machine, self.stats)
     }
 
     /// Loads the PAE PDPTE registers from guest memory under the current CR0/CR3/CR4/EFER;

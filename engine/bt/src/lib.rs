@@ -37,6 +37,7 @@ pub mod core;
 pub mod exec;
 pub mod features;
 pub mod ir;
+pub mod jit;
 pub mod mmu;
 pub mod native;
 pub mod ops;
@@ -92,6 +93,8 @@ pub struct Stats {
     pub extra: EngineStats,
     /// Set when an event could not be delivered (triple fault).
     pub triple_fault: bool,
+    /// Tier 1's counters.
+    pub jit: jit::JitStats,
 }
 
 /// The bt engine.
@@ -119,6 +122,10 @@ pub struct BtCpu {
     breakpoints: Vec<u64>,
     /// The last run stopped at one of them.
     breakpoint_stop: bool,
+    /// Which tiers run guest code.
+    tier: jit::Tier,
+    /// Tier 1's compiler and code.
+    jit: jit::Jit,
 }
 
 impl BtCpu {
@@ -140,7 +147,21 @@ impl BtCpu {
             eliminate_flags: true,
             breakpoints: Vec::new(),
             breakpoint_stop: false,
+            tier: jit::Tier::default(),
+            jit: jit::Jit::default(),
         })
+    }
+
+    /// Chooses the tiers that run guest code ([`jit::Tier`]). The tier is not part of a
+    /// run's identity: every tier retires the same instructions with the same effects.
+    pub fn set_tier(&mut self, tier: jit::Tier) {
+        self.tier = tier;
+    }
+
+    /// The first error compiling a block for tier 1, if any (none is expected; such a block
+    /// runs on tier 0).
+    pub fn jit_error(&self) -> Option<&str> {
+        self.jit.first_error.as_deref()
     }
 
     /// Turns dead-flag elimination on or off for blocks translated from now on (the cache is
@@ -268,6 +289,24 @@ impl Cpu for BtCpu {
         e.add("bt.chained", s.chained);
         e.add("bt.instructions", self.icount);
         e.add("bt.interrupts", s.interrupts);
+        let j = &s.jit;
+        for (name, v) in [
+            ("blocks_compiled", j.blocks_compiled),
+            ("compile_failures", j.compile_failures),
+            ("compile_us", j.compile_ns / 1000),
+            ("code_bytes", j.code_bytes),
+            ("ops_native", j.ops_native),
+            ("ops_fallback", j.ops_fallback),
+            ("entries", j.entries),
+            ("instructions", j.instructions),
+            ("fallback.not_compiled", j.fallback_not_compiled),
+            ("fallback.tlb_miss", j.fallback_tlb_miss),
+            ("cold_runs", j.cold_runs),
+        ] {
+            if v > 0 {
+                e.add(&format!("bt.tier1.{name}"), v);
+            }
+        }
         for (v, n) in &s.exceptions {
             if *n > 0 {
                 e.add(&format!("bt.exceptions.{v}"), *n);

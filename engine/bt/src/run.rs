@@ -5,7 +5,9 @@ use crate::block::Found;
 use crate::cache::{Block, Link};
 use crate::core::Core;
 use crate::exec::{Ctx, positioned};
+use crate::features::Features;
 use crate::ir::{Ctl, Exc};
+use crate::jit::{Jit, Tier};
 use crate::system::EventKind;
 use crate::{BtCpu, core, ir, system};
 use deja_machine::cpu::seg;
@@ -264,6 +266,8 @@ impl BtCpu {
                 );
                 let kicker = &self.kicker;
                 let breakpoints = &self.breakpoints;
+                let jit = &mut self.jit;
+                let tier = self.tier;
                 let left = loop {
                     let shadow_before = ctx.core.pending.interrupt_shadow;
                     let budget = if shadow_before || debug || exits_due {
@@ -303,7 +307,23 @@ impl BtCpu {
                     ctx.exact_flags = n < len;
                     ctx.align_check =
                         ctx.core.cr0 & core::crb::AM != 0 && ctx.core.rflags & core::fl::AC != 0;
-                    let ran = run_ops(&mut ctx, &block.ops[..n], watch_on);
+                    // Tier 1 runs whole blocks only, with none of the per-access checks it
+                    // leaves out (alignment) and no debugging to do between instructions.
+                    let compiled = if tier != Tier::Interpreter
+                        && n == len
+                        && !debug
+                        && !ctx.align_check
+                        && !watch_on
+                    {
+                        let (machine, stats) = ctx.machine_and_stats();
+                        jit.code_for(block, tier, &mut stats.jit, || Features::of(machine))
+                    } else {
+                        None
+                    };
+                    let ran = match compiled {
+                        Some(entry) => Jit::run(&mut ctx, block, entry, watch_on),
+                        None => run_ops(&mut ctx, &block.ops[..n], watch_on),
+                    };
                     if ran.outcome == Ctl::Next && ran.fault.is_none() {
                         ctx.core.rip = block.ops[n - 1].next_rip;
                     }
@@ -530,14 +550,25 @@ impl BtCpu {
 }
 
 /// How the ops of one block (or the part of it that fits the budget) ran.
-struct OpsRun {
+pub(crate) struct OpsRun {
     /// [`Ctl::Next`] when every op fell through; otherwise what ended the block
     /// ([`Ctl::End`] also for a device access, a store into the block and a restart).
-    outcome: Ctl,
+    pub(crate) outcome: Ctl,
     /// The exception an op raised, with its RIP.
-    fault: Option<(Exc, u64)>,
+    pub(crate) fault: Option<(Exc, u64)>,
     /// A REP string instruction stopped between iterations (RIP is still at it).
-    restarted: bool,
+    pub(crate) restarted: bool,
+}
+
+impl OpsRun {
+    /// Ops that ended with `outcome`, without a fault or a restart.
+    pub(crate) fn outcome(outcome: Ctl) -> OpsRun {
+        OpsRun {
+            outcome,
+            fault: None,
+            restarted: false,
+        }
+    }
 }
 
 /// Where the chain's inner loop left off.
@@ -567,64 +598,58 @@ enum Left {
 #[inline(always)]
 fn run_ops(ctx: &mut Ctx, ops: &[ir::UOp], watch_on: bool) -> OpsRun {
     for op in ops {
-        let result = (op.exec)(ctx, op);
-        if watch_on
-            && let Some(w) = ctx.mem.watch.as_deref_mut()
-            && w.unresolved > 0
-        {
-            w.resolve(op.rip);
-        }
-        match result {
-            Ok(Ctl::Next) => {
-                ctx.icount += 1;
-                if ctx.device || ctx.smc_current {
-                    ctx.core.rip = op.next_rip;
-                    return OpsRun {
-                        outcome: Ctl::End,
-                        fault: None,
-                        restarted: false,
-                    };
-                }
-            }
-            Ok(Ctl::Restart) => {
-                ctx.core.rip = op.rip;
-                return OpsRun {
-                    outcome: Ctl::End,
-                    fault: None,
-                    restarted: true,
-                };
-            }
-            Ok(Ctl::Freeze) => {
-                // Not retired: the CPU waits at the instruction.
-                ctx.core.rip = op.rip;
-                return OpsRun {
-                    outcome: Ctl::Freeze,
-                    fault: None,
-                    restarted: false,
-                };
-            }
-            Ok(c) => {
-                ctx.icount += 1;
-                return OpsRun {
-                    outcome: c,
-                    fault: None,
-                    restarted: false,
-                };
-            }
-            Err(e) => {
-                ctx.core.rip = op.rip;
-                return OpsRun {
-                    outcome: Ctl::Next,
-                    fault: Some((e, op.rip)),
-                    restarted: false,
-                };
-            }
+        if let Some(left) = run_one(ctx, op, watch_on) {
+            return left;
         }
     }
-    OpsRun {
-        outcome: Ctl::Next,
-        fault: None,
-        restarted: false,
+    OpsRun::outcome(Ctl::Next)
+}
+
+/// Runs one op of a block ([`run_ops`]' step, and tier 1's fallback for the instructions
+/// its code leaves to tier 0): `None` when it fell through and the block goes on.
+#[inline(always)]
+pub(crate) fn run_one(ctx: &mut Ctx, op: &ir::UOp, watch_on: bool) -> Option<OpsRun> {
+    let result = (op.exec)(ctx, op);
+    if watch_on
+        && let Some(w) = ctx.mem.watch.as_deref_mut()
+        && w.unresolved > 0
+    {
+        w.resolve(op.rip);
+    }
+    match result {
+        Ok(Ctl::Next) => {
+            ctx.icount += 1;
+            if ctx.device || ctx.smc_current {
+                ctx.core.rip = op.next_rip;
+                return Some(OpsRun::outcome(Ctl::End));
+            }
+            None
+        }
+        Ok(Ctl::Restart) => {
+            ctx.core.rip = op.rip;
+            Some(OpsRun {
+                outcome: Ctl::End,
+                fault: None,
+                restarted: true,
+            })
+        }
+        Ok(Ctl::Freeze) => {
+            // Not retired: the CPU waits at the instruction.
+            ctx.core.rip = op.rip;
+            Some(OpsRun::outcome(Ctl::Freeze))
+        }
+        Ok(c) => {
+            ctx.icount += 1;
+            Some(OpsRun::outcome(c))
+        }
+        Err(e) => {
+            ctx.core.rip = op.rip;
+            Some(OpsRun {
+                outcome: Ctl::Next,
+                fault: Some((e, op.rip)),
+                restarted: false,
+            })
+        }
     }
 }
 

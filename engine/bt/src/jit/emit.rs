@@ -1,0 +1,845 @@
+//! Tier-1 code generation: one host function per block, built with iced-x86's assembler.
+//!
+//! Guest state stays where tier 0 keeps it (the `Core`'s register file and RFLAGS, reached
+//! through pointers in the [`Frame`]); each guest instruction becomes straight-line host code
+//! with no dispatch. Most integer instructions are *renamed*, not reimplemented: the guest
+//! instruction itself is re-encoded for the host with its registers renamed to host scratch
+//! registers (loaded from and stored back to the register file) and its memory operand
+//! replaced by a scratch register holding the value, which the code loads and stores through
+//! an inline probe of tier 0's soft TLB. The host computes result and flags exactly as the
+//! guest CPU would (kvm on this host is the oracle tier 0 is checked against); flags are
+//! captured (PUSHFQ) only where tier 0's dead-flag analysis says they are live, and a flag
+//! producer followed by the block's closing Jcc branches on the host flags directly.
+//!
+//! Everything else — and every probe that misses (TLB miss, page crossing, MMIO, a store to a
+//! tracked page) — calls back into tier 0 for that one instruction ([`super::jit_op`]) with
+//! the instruction position set, so faults, device accesses, self-modifying code and
+//! write tracking behave exactly as on tier 0; only hits, which tier 0 would also serve from
+//! its TLB without side effects, run inline.
+
+use super::{
+    EXIT_JUMP, EXIT_NEXT, FALLBACK_NOT_COMPILED, FALLBACK_TLB_MISS, FRAME_FS_BASE, FRAME_GS_BASE,
+    FRAME_OUT_RIP,
+};
+use crate::features::Features;
+use crate::ir::{MemRef, NO_REG, Operand, RIP_REL, UOp};
+use deja_machine::cpu::seg;
+use iced_x86::code_asm::{
+    AsmRegister64, CodeAssembler, CodeLabel, byte_ptr, dword_ptr, eax, edx, qword_ptr, r8, r9, r10,
+    r10d, r11, r11b, r11d, r11w, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi, rdx, rsi, rsp,
+    word_ptr,
+};
+use iced_x86::{
+    Encoder, IcedError, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
+    RflagsBits,
+};
+
+/// The six arithmetic flags, in RFLAGS bit positions.
+const ARITH: i32 = 0x8d5;
+/// RFLAGS.AF.
+const AF: i32 = 0x10;
+/// The same six flags in iced's flag bits.
+const ICED_ARITH: u32 = RflagsBits::OF
+    | RflagsBits::SF
+    | RflagsBits::ZF
+    | RflagsBits::AF
+    | RflagsBits::CF
+    | RflagsBits::PF;
+
+/// What compiling a block produced.
+pub(crate) struct Compiled {
+    /// Position-independent machine code: `extern "sysv64" fn(*mut Frame) -> u64`.
+    pub bytes: Vec<u8>,
+    /// Instructions compiled to inline host code.
+    pub native: u32,
+    /// Instructions that call back into tier 0 every time.
+    pub fallback: u32,
+}
+
+/// Why a block cannot be compiled at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The block's bytes no longer decode to its micro-ops.
+    #[error("block at {rip:#x}: its bytes decode differently from its micro-ops")]
+    Mismatch {
+        /// The block's first RIP.
+        rip: u64,
+    },
+    /// The host gave no executable memory.
+    #[error("no executable memory for tier-1 code (the host refused an executable mapping)")]
+    NoExecutableMemory,
+    /// The assembler refused the code.
+    #[error("block at {rip:#x}: assembling tier-1 code failed: {source}")]
+    Assemble {
+        /// The block's first RIP.
+        rip: u64,
+        /// iced-x86's message.
+        source: IcedError,
+    },
+}
+
+/// Host registers guest registers are renamed to: RAX, RCX and RDX keep their identity (so
+/// implicit operands, MUL's RDX:RAX and shifts by CL, need no renaming), the others take the
+/// next free of these.
+const POOL: [Register; 4] = [Register::RSI, Register::RDI, Register::R8, Register::R9];
+
+/// The `size`-byte form of the 64-bit register `r64`.
+fn sized(r64: Register, size: u32) -> Register {
+    let n = r64.number();
+    let at = match size {
+        8 => Register::RAX as usize + n,
+        4 => Register::EAX as usize + n,
+        2 => Register::AX as usize + n,
+        _ if n < 4 => Register::AL as usize + n,
+        _ if n < 8 => Register::SPL as usize + n - 4,
+        _ => Register::R8L as usize + n - 8,
+    };
+    Register::try_from(at).unwrap_or(Register::None)
+}
+
+fn asm64(r: Register) -> AsmRegister64 {
+    match r {
+        Register::RAX => rax,
+        Register::RCX => rcx,
+        Register::RDX => rdx,
+        Register::RSI => rsi,
+        Register::RDI => rdi,
+        Register::R8 => r8,
+        Register::R9 => r9,
+        _ => r11,
+    }
+}
+
+/// The guest register file slot of register `idx`.
+fn slot(idx: usize) -> i32 {
+    (idx * 8) as i32
+}
+
+/// How a generic (renamed) instruction is to be run.
+struct Renamed {
+    /// The host instruction.
+    host: Instruction,
+    /// (guest register, host register) pairs to load before it.
+    loads: Vec<(usize, Register)>,
+    /// (guest register, host register) pairs to store after it.
+    stores: Vec<(usize, Register)>,
+    /// The memory operand: its form, size, and whether it is read and written.
+    mem: Option<(MemRef, u32, bool, bool)>,
+    /// Load the guest's arithmetic flags into the host's first.
+    load_flags: bool,
+    /// Capture the host's arithmetic flags into the guest's after.
+    capture_flags: bool,
+    /// The flags to take from the host when capturing (tier 0 defines AF after the logic
+    /// instructions, where the architecture leaves it undefined, as clear).
+    capture_mask: i32,
+}
+
+/// Instructions whose semantics are entirely in their operands and flags, with no fault
+/// the host could take on register operands: these run renamed on the host.
+fn renameable(m: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        m,
+        Mov | Movzx
+            | Movsx
+            | Movsxd
+            | Add
+            | Or
+            | Adc
+            | Sbb
+            | And
+            | Sub
+            | Xor
+            | Cmp
+            | Test
+            | Inc
+            | Dec
+            | Neg
+            | Not
+            | Shl
+            | Sal
+            | Shr
+            | Sar
+            | Rol
+            | Ror
+            | Rcl
+            | Rcr
+            | Shld
+            | Shrd
+            | Imul
+            | Mul
+            | Bt
+            | Bts
+            | Btr
+            | Btc
+            | Xchg
+            | Xadd
+            | Bswap
+            | Cbw
+            | Cwde
+            | Cdqe
+            | Cwd
+            | Cdq
+            | Cqo
+            | Clc
+            | Stc
+            | Cmc
+            | Popcnt
+            | Cmovo
+            | Cmovno
+            | Cmovb
+            | Cmovae
+            | Cmove
+            | Cmovne
+            | Cmovbe
+            | Cmova
+            | Cmovs
+            | Cmovns
+            | Cmovp
+            | Cmovnp
+            | Cmovl
+            | Cmovge
+            | Cmovle
+            | Cmovg
+            | Seto
+            | Setno
+            | Setb
+            | Setae
+            | Sete
+            | Setne
+            | Setbe
+            | Seta
+            | Sets
+            | Setns
+            | Setp
+            | Setnp
+            | Setl
+            | Setge
+            | Setle
+            | Setg
+    )
+}
+
+fn shift_family(m: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        m,
+        Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd
+    )
+}
+
+fn writes(a: OpAccess) -> bool {
+    matches!(
+        a,
+        OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+    )
+}
+
+fn reads(a: OpAccess) -> bool {
+    matches!(
+        a,
+        OpAccess::Read | OpAccess::ReadWrite | OpAccess::CondRead | OpAccess::ReadCondWrite
+    )
+}
+
+/// The compiler of one block.
+struct Emitter<'a> {
+    a: CodeAssembler,
+    epilogue: CodeLabel,
+    info: InstructionInfoFactory,
+    features: &'a Features,
+    mode64: bool,
+    /// Tag bits of the soft TLB entries this block's accesses use (valid, user).
+    tag_bits: i32,
+    native: u32,
+    fallback: u32,
+    /// The previous instruction left its flags on the host stack and in the host's RFLAGS,
+    /// for the closing Jcc to branch on before they are merged (with this mask).
+    pending_merge: Option<i32>,
+    helper: u64,
+}
+
+/// Compiles `ops` (with their decoded `insns`) into one host function.
+pub(crate) fn compile(
+    ops: &[UOp],
+    insns: &[Instruction],
+    features: &Features,
+    mode64: bool,
+    user: bool,
+    helper: u64,
+) -> Result<Compiled, CompileError> {
+    let rip = ops.first().map_or(0, |o| o.rip);
+    let asm_err = |source| CompileError::Assemble { rip, source };
+    if ops.len() != insns.len()
+        || ops
+            .iter()
+            .zip(insns)
+            .any(|(o, i)| o.rip != i.ip() || o.code != i.code())
+    {
+        return Err(CompileError::Mismatch { rip });
+    }
+    let mut a = CodeAssembler::new(64).map_err(asm_err)?;
+    let epilogue = a.create_label();
+    let mut e = Emitter {
+        a,
+        epilogue,
+        info: InstructionInfoFactory::new(),
+        features,
+        mode64,
+        tag_bits: 1 | (i32::from(user) << 1),
+        native: 0,
+        fallback: 0,
+        pending_merge: None,
+        helper,
+    };
+    e.prologue().map_err(asm_err)?;
+    for (i, (op, insn)) in ops.iter().zip(insns).enumerate() {
+        let next_is_final_jcc = i + 2 == ops.len() && is_jcc(&insns[i + 1]);
+        e.op(i, op, insn, next_is_final_jcc).map_err(asm_err)?;
+    }
+    // Every op fell through.
+    e.exit(EXIT_NEXT, ops.len()).map_err(asm_err)?;
+    e.epilogue().map_err(asm_err)?;
+    let bytes = e.a.assemble(0).map_err(asm_err)?;
+    Ok(Compiled {
+        bytes,
+        native: e.native,
+        fallback: e.fallback,
+    })
+}
+
+fn is_jcc(insn: &Instruction) -> bool {
+    insn.is_jcc_short_or_near()
+}
+
+impl Emitter<'_> {
+    fn prologue(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        for r in [rbx, rbp, r12, r13, r14, r15] {
+            a.push(r)?;
+        }
+        // Six pushes and the return address: 8 more keep calls 16-byte aligned.
+        a.sub(rsp, 8)?;
+        a.mov(r12, rdi)?;
+        a.mov(rbx, qword_ptr(r12 + super::FRAME_GPR))?;
+        a.mov(r13, qword_ptr(r12 + super::FRAME_RFLAGS))?;
+        a.mov(r14, qword_ptr(r12 + super::FRAME_READ_TLB))?;
+        a.mov(r15, qword_ptr(r12 + super::FRAME_WRITE_TLB))?;
+        Ok(())
+    }
+
+    fn epilogue(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.set_label(&mut self.epilogue)?;
+        a.add(rsp, 8)?;
+        for r in [r15, r14, r13, r12, rbp, rbx] {
+            a.pop(r)?;
+        }
+        a.ret()
+    }
+
+    /// Returns `kind` with `retired` instructions.
+    fn exit(&mut self, kind: u64, retired: usize) -> Result<(), IcedError> {
+        self.a.mov(rax, kind << 32 | retired as u64)?;
+        self.a.jmp(self.epilogue)
+    }
+
+    /// Returns a taken branch to the address in RAX.
+    fn exit_jump(&mut self, retired: usize) -> Result<(), IcedError> {
+        self.a.mov(qword_ptr(r12 + FRAME_OUT_RIP), rax)?;
+        self.exit(EXIT_JUMP, retired)
+    }
+
+    /// Runs op `i` on tier 0 through the helper; leaves the block when the helper says so.
+    fn fallback_call(&mut self, i: usize, reason: u64) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.mov(rdi, r12)?;
+        a.mov(rsi, i as u64 | reason << 32)?;
+        a.mov(rax, self.helper)?;
+        a.call(rax)?;
+        a.test(rax, rax)?;
+        a.jnz(self.epilogue)
+    }
+
+    fn op(
+        &mut self,
+        i: usize,
+        op: &UOp,
+        insn: &Instruction,
+        next_is_final_jcc: bool,
+    ) -> Result<(), IcedError> {
+        let pending = std::mem::take(&mut self.pending_merge);
+        if let Some(r) = self.plan_renamed(op, insn) {
+            self.native += 1;
+            return self.renamed(i, &r, next_is_final_jcc);
+        }
+        let done = match insn.mnemonic() {
+            Mnemonic::Nop | Mnemonic::Pause | Mnemonic::Endbr64 | Mnemonic::Endbr32
+                if self.features.accepts(insn, 64) =>
+            {
+                true
+            }
+            _ if is_jcc(insn) => {
+                self.jcc(i, op, pending)?;
+                true
+            }
+            Mnemonic::Jmp if matches!(insn.op0_kind(), OpKind::NearBranch64) => {
+                self.a.mov(rax, op.target)?;
+                self.exit_jump(i + 1)?;
+                true
+            }
+            Mnemonic::Lea if self.mode64 && matches!(op.dst, Operand::Reg { hi: false, .. }) => {
+                self.lea(op)?;
+                true
+            }
+            Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret
+                if self.mode64 && op.size == 8 =>
+            {
+                self.stack_op(i, op, insn)?
+            }
+            _ => false,
+        };
+        if done {
+            self.native += 1;
+            return Ok(());
+        }
+        self.fallback += 1;
+        self.fallback_call(i, FALLBACK_NOT_COMPILED)
+    }
+
+    /// Decides whether `insn` can run renamed, and how.
+    fn plan_renamed(&mut self, op: &UOp, insn: &Instruction) -> Option<Renamed> {
+        let m = insn.mnemonic();
+        if !renameable(m)
+            || !self
+                .features
+                .accepts(insn, if self.mode64 { 64 } else { 32 })
+        {
+            return None;
+        }
+        // AH..BH, segment and control registers stay on tier 0.
+        for o in [op.dst, op.src, op.src2] {
+            match o {
+                Operand::Reg { hi: false, .. } | Operand::Imm(_) | Operand::None => {}
+                Operand::Mem(_) if self.mode64 => {}
+                _ => return None,
+            }
+        }
+        let mut mem = None;
+        let mut explicit = Vec::new();
+        for n in 0..insn.op_count() {
+            match insn.op_kind(n) {
+                OpKind::Register => {
+                    let r = insn.op_register(n);
+                    if !r.is_gpr()
+                        || matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+                    {
+                        return None;
+                    }
+                    explicit.push(r.full_register());
+                }
+                OpKind::Memory => {
+                    let Operand::Mem(mr) =
+                        [op.dst, op.src, op.src2].into_iter().find(|o| o.is_mem())?
+                    else {
+                        return None;
+                    };
+                    let size = insn.memory_size().size() as u32;
+                    if !matches!(size, 1 | 2 | 4 | 8)
+                        || matches!(
+                            m,
+                            Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+                        )
+                    {
+                        // BT* with a register offset address a bit string beyond the operand.
+                        return None;
+                    }
+                    mem = Some((mr, size, n));
+                }
+                OpKind::Immediate8
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate64
+                | OpKind::Immediate8to16
+                | OpKind::Immediate8to32
+                | OpKind::Immediate8to64
+                | OpKind::Immediate32to64 => {}
+                _ => return None,
+            }
+        }
+        if m == Mnemonic::Bswap && insn.op_register(0).size() == 2 {
+            return None;
+        }
+        let info = self.info.info(insn);
+        let mem_regs: Vec<Register> = mem
+            .map(|(mr, _, _)| {
+                [mr.base, mr.index]
+                    .into_iter()
+                    .filter(|&r| r != NO_REG && r != RIP_REL)
+                    .filter_map(|r| Register::try_from(Register::RAX as usize + r as usize).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut mem_read = false;
+        let mut mem_write = false;
+        for u in info.used_memory() {
+            mem_read |= reads(u.access());
+            mem_write |= writes(u.access());
+        }
+        if mem.is_some() && info.used_memory().len() != 1 {
+            return None;
+        }
+        // Guest registers used as data, with whether each is written.
+        let mut data: Vec<(usize, bool)> = Vec::new();
+        for u in info.used_registers() {
+            let r = u.register();
+            if !r.is_gpr() {
+                continue;
+            }
+            let full = r.full_register();
+            let is_explicit = explicit.contains(&full);
+            let w = writes(u.access());
+            if !is_explicit && !w && mem_regs.contains(&full) {
+                continue; // only an address register
+            }
+            let g = full.number();
+            if !is_explicit && g > 2 {
+                return None; // an implicit register other than RAX, RCX, RDX
+            }
+            match data.iter_mut().find(|(x, _)| *x == g) {
+                Some(d) => d.1 |= w,
+                None => data.push((g, w)),
+            }
+        }
+        // Explicit registers the info lists only through their operand.
+        for r in &explicit {
+            let g = r.number();
+            if !data.iter().any(|(x, _)| *x == g) {
+                data.push((g, false));
+            }
+        }
+        let mut pool = POOL.iter();
+        let mut map: Vec<(usize, Register)> = Vec::new();
+        for &(g, _) in &data {
+            let host = match g {
+                0 => Register::RAX,
+                1 => Register::RCX,
+                2 => Register::RDX,
+                _ => *pool.next()?,
+            };
+            map.push((g, host));
+        }
+        let host_of = |r: Register| -> Option<Register> {
+            let g = r.full_register().number();
+            let h = map.iter().find(|(x, _)| *x == g)?.1;
+            Some(sized(h, r.size() as u32))
+        };
+        let mut host = *insn;
+        for n in 0..insn.op_count() {
+            match insn.op_kind(n) {
+                OpKind::Register => host.set_op_register(n, host_of(insn.op_register(n))?),
+                OpKind::Memory => {
+                    let size = mem.map(|(_, s, _)| s)?;
+                    host.set_op_kind(n, OpKind::Register);
+                    host.set_op_register(n, sized(Register::R11, size));
+                }
+                _ => {}
+            }
+        }
+        host.set_segment_prefix(Register::None);
+        host.set_memory_base(Register::None);
+        host.set_memory_index(Register::None);
+        host.set_has_lock_prefix(false);
+        host.set_has_xacquire_prefix(false);
+        host.set_has_xrelease_prefix(false);
+        if Encoder::new(64).encode(&host, 0).is_err() {
+            return None;
+        }
+        let read = insn.rflags_read() & ICED_ARITH;
+        let modified = insn.rflags_modified() & ICED_ARITH;
+        let capture = modified != 0 && op.flags_live;
+        let undefined = insn.rflags_undefined() & ICED_ARITH;
+        let logic = matches!(
+            m,
+            Mnemonic::And | Mnemonic::Or | Mnemonic::Xor | Mnemonic::Test
+        );
+        if capture && undefined != 0 && !(logic && undefined == RflagsBits::AF) {
+            // Live flags the architecture leaves undefined: the host's choice need not be
+            // tier 0's (a trace must not depend on the tier), so tier 0 runs it.
+            return None;
+        }
+        let load_flags = read != 0 || (capture && (modified != ICED_ARITH || shift_family(m)));
+        Some(Renamed {
+            host,
+            loads: map.clone(),
+            stores: map
+                .iter()
+                .filter(|(g, _)| data.iter().any(|(x, w)| x == g && *w))
+                .copied()
+                .collect(),
+            mem: mem.map(|(mr, size, _)| (mr, size, mem_read, mem_write)),
+            load_flags,
+            capture_flags: capture,
+            capture_mask: if logic { ARITH & !AF } else { ARITH },
+        })
+    }
+
+    /// Computes a memory operand's linear address (64-bit mode) into R10.
+    fn linear(&mut self, m: &MemRef) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        if m.base == RIP_REL || m.base == NO_REG {
+            a.mov(r10, if m.base == RIP_REL { m.disp } else { 0 })?;
+        } else {
+            a.mov(r10, qword_ptr(rbx + slot(m.base as usize)))?;
+        }
+        if m.index != NO_REG {
+            a.mov(rax, qword_ptr(rbx + slot(m.index as usize)))?;
+            let s = m.scale as u32;
+            a.lea(r10, qword_ptr(r10 + rax * s))?;
+        }
+        if m.base != RIP_REL && m.disp != 0 {
+            match i32::try_from(m.disp as i64) {
+                Ok(d) => a.lea(r10, qword_ptr(r10 + d))?,
+                Err(_) => {
+                    a.mov(rax, m.disp)?;
+                    a.add(r10, rax)?;
+                }
+            }
+        }
+        if m.asize == 4 {
+            a.mov(r10d, r10d)?;
+        }
+        match m.seg as usize {
+            seg::FS => a.add(r10, qword_ptr(r12 + FRAME_FS_BASE))?,
+            seg::GS => a.add(r10, qword_ptr(r12 + FRAME_GS_BASE))?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Probes tier 0's read (`write == false`) or write TLB for `size` bytes at the linear
+    /// address in R10: on a hit the host address is in RDX (R10 is kept), otherwise jumps to
+    /// `miss`. Clobbers RAX.
+    fn probe(&mut self, size: u32, write: bool, miss: CodeLabel) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.mov(rax, r10)?;
+        a.shr(rax, 12)?;
+        a.mov(rdx, r10)?;
+        a.shr(rdx, 22)?;
+        a.xor(eax, edx)?;
+        a.and(eax, super::TLB_MASK)?;
+        a.shl(eax, 4)?;
+        a.add(rax, if write { r15 } else { r14 })?;
+        a.mov(rdx, r10)?;
+        a.and(rdx, -4096)?;
+        a.or(rdx, self.tag_bits)?;
+        a.cmp(rdx, qword_ptr(rax))?;
+        a.jne(miss)?;
+        a.mov(edx, r10d)?;
+        a.and(edx, 0xfff)?;
+        a.cmp(edx, 4096 - size as i32)?;
+        a.ja(miss)?;
+        a.add(rdx, qword_ptr(rax + 8))
+    }
+
+    fn renamed(&mut self, i: usize, r: &Renamed, fuse_jcc: bool) -> Result<(), IcedError> {
+        // Labels only where a probe jumps to them (iced wants every label placed, once).
+        let mut labels = r
+            .mem
+            .map(|_| (self.a.create_label(), self.a.create_label()));
+        if let (Some((mr, size, read, write)), Some((miss, _))) = (r.mem, labels) {
+            self.linear(&mr)?;
+            if read && write {
+                // Tier 0 reads, then writes: both its TLBs must hit (a hit has no side
+                // effect; anything else runs the instruction on tier 0).
+                self.probe(size, false, miss)?;
+                self.probe(size, true, miss)?;
+            } else {
+                self.probe(size, write, miss)?;
+            }
+            let a = &mut self.a;
+            a.mov(r10, rdx)?;
+            if read {
+                match size {
+                    1 => a.movzx(r11d, byte_ptr(r10))?,
+                    2 => a.movzx(r11d, word_ptr(r10))?,
+                    4 => a.mov(r11d, dword_ptr(r10))?,
+                    _ => a.mov(r11, qword_ptr(r10))?,
+                }
+            }
+        }
+        let a = &mut self.a;
+        for &(g, h) in &r.loads {
+            a.mov(asm64(h), qword_ptr(rbx + slot(g)))?;
+        }
+        if r.load_flags {
+            a.push(qword_ptr(r13))?;
+            a.and(qword_ptr(rsp), ARITH)?;
+            a.popfq()?;
+        }
+        a.add_instruction(r.host)?;
+        if r.capture_flags {
+            a.pushfq()?;
+        }
+        if let Some((_, size, _, true)) = r.mem {
+            match size {
+                1 => a.mov(byte_ptr(r10), r11b)?,
+                2 => a.mov(word_ptr(r10), r11w)?,
+                4 => a.mov(dword_ptr(r10), r11d)?,
+                _ => a.mov(qword_ptr(r10), r11)?,
+            }
+        }
+        for &(g, h) in &r.stores {
+            a.mov(qword_ptr(rbx + slot(g)), asm64(h))?;
+        }
+        if r.capture_flags {
+            if fuse_jcc && r.mem.is_none() {
+                // The closing Jcc branches on the host flags, then merges on each path.
+                self.pending_merge = Some(r.capture_mask);
+                return Ok(());
+            }
+            self.merge_flags(r.capture_mask)?;
+        }
+        if let Some((miss, done)) = labels.as_mut() {
+            self.a.jmp(*done)?;
+            self.a.set_label(miss)?;
+            self.fallback_call(i, FALLBACK_TLB_MISS)?;
+            self.a.set_label(done)?;
+        }
+        Ok(())
+    }
+
+    /// Pops the flags a renamed instruction left on the host stack into the guest's RFLAGS.
+    fn merge_flags(&mut self, mask: i32) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.pop(rax)?;
+        a.and(eax, mask)?;
+        a.and(qword_ptr(r13), !ARITH)?;
+        a.or(qword_ptr(r13), rax)
+    }
+
+    /// The block's closing Jcc.
+    fn jcc(&mut self, i: usize, op: &UOp, pending: Option<i32>) -> Result<(), IcedError> {
+        let mut taken = self.a.create_label();
+        if pending.is_none() {
+            let a = &mut self.a;
+            a.push(qword_ptr(r13))?;
+            a.and(qword_ptr(rsp), ARITH)?;
+            a.popfq()?;
+        }
+        let a = &mut self.a;
+        match op.aux & 0xf {
+            0x0 => a.jo(taken)?,
+            0x1 => a.jno(taken)?,
+            0x2 => a.jb(taken)?,
+            0x3 => a.jae(taken)?,
+            0x4 => a.je(taken)?,
+            0x5 => a.jne(taken)?,
+            0x6 => a.jbe(taken)?,
+            0x7 => a.ja(taken)?,
+            0x8 => a.js(taken)?,
+            0x9 => a.jns(taken)?,
+            0xa => a.jp(taken)?,
+            0xb => a.jnp(taken)?,
+            0xc => a.jl(taken)?,
+            0xd => a.jge(taken)?,
+            0xe => a.jle(taken)?,
+            _ => a.jg(taken)?,
+        }
+        if let Some(mask) = pending {
+            self.merge_flags(mask)?;
+        }
+        self.exit(EXIT_NEXT, i + 1)?;
+        self.a.set_label(&mut taken)?;
+        if let Some(mask) = pending {
+            self.merge_flags(mask)?;
+        }
+        self.a.mov(rax, op.target)?;
+        self.exit_jump(i + 1)
+    }
+
+    /// LEA: the effective address (no segment base), truncated to the operand size.
+    fn lea(&mut self, op: &UOp) -> Result<(), IcedError> {
+        let (Operand::Reg { idx, .. }, Operand::Mem(mut m)) = (op.dst, op.src) else {
+            return Ok(());
+        };
+        m.seg = seg::DS as u8;
+        self.linear(&m)?;
+        let a = &mut self.a;
+        let at = qword_ptr(rbx + slot(idx as usize));
+        match op.size {
+            8 => a.mov(at, r10)?,
+            4 => {
+                a.mov(r10d, r10d)?;
+                a.mov(at, r10)?;
+            }
+            _ => a.mov(word_ptr(rbx + slot(idx as usize)), iced_x86::code_asm::r10w)?,
+        }
+        Ok(())
+    }
+
+    /// PUSH/POP of a 64-bit register or immediate, near CALL and RET in 64-bit mode, through
+    /// the TLB (a miss runs the instruction on tier 0). Returns whether it was compiled.
+    fn stack_op(&mut self, i: usize, op: &UOp, insn: &Instruction) -> Result<bool, IcedError> {
+        let m = insn.mnemonic();
+        let reg = |o: Operand| match o {
+            Operand::Reg { idx, hi: false } => Some(idx as usize),
+            _ => None,
+        };
+        let pushed = match (m, op.dst) {
+            (Mnemonic::Push, Operand::Reg { hi: false, .. } | Operand::Imm(_)) => true,
+            (Mnemonic::Call, _) if insn.op0_kind() == OpKind::NearBranch64 => true,
+            (Mnemonic::Pop, Operand::Reg { hi: false, .. }) => false,
+            (Mnemonic::Ret, _) => false,
+            _ => return Ok(false),
+        };
+        let mut miss = self.a.create_label();
+        let mut done = self.a.create_label();
+        let sp = qword_ptr(rbx + slot(4));
+        if pushed {
+            let a = &mut self.a;
+            a.mov(r10, sp)?;
+            a.sub(r10, 8)?;
+            self.probe(8, true, miss)?;
+            let a = &mut self.a;
+            match (m, op.dst) {
+                (Mnemonic::Push, Operand::Imm(v)) => a.mov(rax, v)?,
+                (Mnemonic::Push, o) => a.mov(rax, qword_ptr(rbx + slot(reg(o).unwrap_or(0))))?,
+                _ => a.mov(rax, op.next_rip)?,
+            }
+            a.mov(qword_ptr(rdx), rax)?;
+            a.mov(sp, r10)?;
+            if m == Mnemonic::Call {
+                a.mov(rax, op.target)?;
+                self.exit_jump(i + 1)?;
+            }
+        } else {
+            let a = &mut self.a;
+            a.mov(r10, sp)?;
+            self.probe(8, false, miss)?;
+            let a = &mut self.a;
+            a.mov(rax, qword_ptr(rdx))?;
+            if m == Mnemonic::Ret {
+                // A non-canonical return address is tier 0's #GP.
+                a.mov(rdx, rax)?;
+                a.shl(rdx, 16)?;
+                a.sar(rdx, 16)?;
+                a.cmp(rdx, rax)?;
+                a.jne(miss)?;
+                a.add(r10, 8 + op.target as i32)?;
+                a.mov(sp, r10)?;
+                self.exit_jump(i + 1)?;
+            } else {
+                a.add(r10, 8)?;
+                a.mov(sp, r10)?;
+                a.mov(qword_ptr(rbx + slot(reg(op.dst).unwrap_or(0))), rax)?;
+            }
+        }
+        let a = &mut self.a;
+        a.jmp(done)?;
+        a.set_label(&mut miss)?;
+        self.fallback_call(i, FALLBACK_TLB_MISS)?;
+        self.a.set_label(&mut done)?;
+        Ok(true)
+    }
+}
