@@ -5,7 +5,7 @@
 //! path, a device's DMA, the page walker's accessed/dirty bits, KVM's guest mode) would make
 //! a later digest differ.
 
-use deja_engine::{EngineKind, MmuStrategy, RunEnd, RunObserver, RunOptions, build_vm_with_mmu};
+use deja_engine::{EngineKind, MmuStrategy, RunEnd, RunObserver, RunOptions, build_vm_with};
 use deja_machine::{ClockMode, Cpu, LiveHost, Machine, MachineConfig};
 use deja_snapshot::state::{current_digest_scheme, for_each_resident_page};
 use deja_snapshot::{StateDigester, snapshot, state_digest};
@@ -86,7 +86,7 @@ fn check_guest(guest: &deja_guests::Guest, engine: EngineKind, mmu: Option<MmuSt
         guest.name,
         mmu.map(|m| format!("/{m}")).unwrap_or_default()
     );
-    let mut vm = build_vm_with_mmu(
+    let mut vm = build_vm_with(
         engine,
         MachineConfig::default(),
         host,

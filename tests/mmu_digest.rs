@@ -3,7 +3,7 @@
 //! memory — no engine counters), the same COM1 output and the same exit; only the counters
 //! differ.
 
-use deja_engine::{EngineKind, MmuStrategy, RunEnd, RunOptions, build_vm_with_mmu};
+use deja_engine::{EngineKind, MmuStrategy, RunEnd, RunOptions, build_vm_with};
 use deja_machine::{ClockMode, LiveHost, MachineConfig};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -41,7 +41,7 @@ fn run(guest: &deja_guests::Guest, mmu: MmuStrategy) -> Result {
     // The virtual clock makes time a function of guest progress, so runs are reproducible
     // without a trace.
     let host = Box::new(LiveHost::new(ClockMode::Virtual));
-    let mut vm = build_vm_with_mmu(
+    let mut vm = build_vm_with(
         EngineKind::Bt,
         MachineConfig::default(),
         host,

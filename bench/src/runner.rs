@@ -3,7 +3,7 @@
 use crate::marker::{BenchMarker, MARK_STOP_BASE, MarkHandle};
 use crate::perf::PerfSet;
 use crate::results::{Machine, Measurement, PerfValue, Status, Summary};
-use deja_engine::{BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, Vm, build_vm_with_mmu};
+use deja_engine::{BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, Vm, build_vm_with};
 use deja_guests::bench::{BENCH_MARKER_PORT, Bench, MARK_END, MARK_INSTRUCTIONS, MARK_START};
 use deja_machine::devices::StopRequest;
 use deja_machine::loader::Image;
@@ -317,7 +317,7 @@ fn build(engine: EngineKind, mmu: Option<MmuStrategy>, image: &Image) -> Result<
         ..MachineConfig::default()
     };
     let host = Box::new(LiveHost::new(ClockMode::Virtual));
-    match build_vm_with_mmu(engine, config, host, Box::new(std::io::sink()), image, mmu) {
+    match build_vm_with(engine, config, host, Box::new(std::io::sink()), image, mmu) {
         Ok(vm) => Ok(vm),
         Err(BuildError::EngineUnavailable { reason, .. }) => Err(Outcome::Unavailable(reason)),
         Err(e @ BuildError::MmuStrategy { .. }) => Err(Outcome::Unavailable(e.to_string())),

@@ -68,7 +68,14 @@ pub fn build_vm(
     serial_out: Box<dyn Write + Send>,
     image: &Image,
 ) -> Result<Vm, BuildError> {
-    build(engine, config, host, serial_out, image, None)
+    build(
+        engine,
+        config,
+        host,
+        serial_out,
+        image,
+        BtOptions::default(),
+    )
 }
 
 fn build(
@@ -77,7 +84,7 @@ fn build(
     host: Box<dyn Host>,
     serial_out: Box<dyn Write + Send>,
     image: &Image,
-    mmu: Option<deja_bt::mmu::MmuStrategy>,
+    bt: BtOptions,
 ) -> Result<Vm, BuildError> {
     let mut machine = build_pc(config, host, serial_out)?;
     let state = loader::load(&mut machine, image).map_err(|source| BuildError::Load {
@@ -85,7 +92,7 @@ fn build(
         source,
     })?;
     let devices = machine.save_devices();
-    let mut cpu = create_engine(engine, &machine, mmu)?;
+    let mut cpu = create_engine(engine, &machine, bt)?;
     cpu.set_state(&state)
         .map_err(|source| BuildError::SetState { engine, source })?;
     let mut vm = Vm::new(machine, cpu);
@@ -97,26 +104,45 @@ fn build(
     Ok(vm)
 }
 
-/// [`build_vm`] with the bt engine's MMU strategy chosen (`deja run --mmu`, issue #7).
-/// `None` keeps the engine's default (shadow page tables). kvm uses the host's MMU and takes
-/// no strategy.
-pub fn build_vm_with_mmu(
+/// How bt runs a guest (kvm takes none of these): its MMU strategy (`deja run --mmu`, issue
+/// #7; `None` keeps shadow page tables) and its tiers (`--tier`, issue #12). Neither is part
+/// of a run's identity: the guest sees the same under all of them, so a trace replays under
+/// any.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BtOptions {
+    /// The MMU strategy.
+    pub mmu: Option<deja_bt::mmu::MmuStrategy>,
+    /// The tiers.
+    pub tier: deja_bt::jit::Tier,
+}
+
+impl From<Option<deja_bt::mmu::MmuStrategy>> for BtOptions {
+    fn from(mmu: Option<deja_bt::mmu::MmuStrategy>) -> Self {
+        BtOptions {
+            mmu,
+            ..BtOptions::default()
+        }
+    }
+}
+
+/// [`build_vm`] with bt's options chosen ([`BtOptions`], or just an MMU strategy).
+pub fn build_vm_with(
     engine: EngineKind,
     config: MachineConfig,
     host: Box<dyn Host>,
     serial_out: Box<dyn Write + Send>,
     image: &Image,
-    mmu: Option<deja_bt::mmu::MmuStrategy>,
+    bt: impl Into<BtOptions>,
 ) -> Result<Vm, BuildError> {
-    build(engine, config, host, serial_out, image, mmu)
+    build(engine, config, host, serial_out, image, bt.into())
 }
 
 fn create_engine(
     engine: EngineKind,
     machine: &deja_machine::Machine,
-    mmu: Option<deja_bt::mmu::MmuStrategy>,
+    bt: BtOptions,
 ) -> Result<Box<dyn Cpu>, BuildError> {
-    if let Some(strategy) = mmu
+    if let Some(strategy) = bt.mmu
         && engine == EngineKind::Kvm
     {
         return Err(BuildError::MmuStrategy {
@@ -139,7 +165,8 @@ fn create_engine(
         },
         EngineKind::Bt => match deja_bt::BtCpu::new(machine) {
             Ok(mut cpu) => {
-                if let Some(strategy) = mmu {
+                cpu.set_tier(bt.tier);
+                if let Some(strategy) = bt.mmu {
                     let created = strategy.create().map_err(|e| BuildError::Engine {
                         engine,
                         detail: e.to_string(),

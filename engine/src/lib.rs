@@ -15,8 +15,12 @@
 
 mod boot;
 
-pub use boot::{BuildError, GuestVisibleCpuid, build_vm, build_vm_with_mmu, guest_visible_cpuid};
-/// The bt engine's MMU strategies (`deja run --mmu`), re-exported for [`build_vm_with_mmu`].
+pub use boot::{
+    BtOptions, BuildError, GuestVisibleCpuid, build_vm, build_vm_with, guest_visible_cpuid,
+};
+/// The bt engine's tiers (`deja run --tier`), re-exported for [`BtOptions`].
+pub use deja_bt::jit::Tier;
+/// The bt engine's MMU strategies (`deja run --mmu`), re-exported for [`build_vm_with`].
 pub use deja_bt::mmu::MmuStrategy;
 
 use deja_machine::devices::StopRequest;

@@ -1,4 +1,4 @@
-//! The bt engine's MMU strategies chosen through [`deja_engine::build_vm_with_mmu`]: the
+//! The bt engine's MMU strategies chosen through [`deja_engine::build_vm_with`]: the
 //! hello guest (which runs in long mode with paging on) gives the same output and exit on
 //! `shadow`, `tlb` and `nested`, the nested strategy's two-dimensional walks show in the counters,
 //! and the strategies an engine cannot use are refused with a reason.
@@ -6,7 +6,7 @@
 mod common;
 
 use common::SharedBuffer;
-use deja_engine::{BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, build_vm_with_mmu};
+use deja_engine::{BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, build_vm_with};
 use deja_machine::devices::StopRequest;
 use deja_machine::{ClockMode, LiveHost, MachineConfig};
 use std::time::Duration;
@@ -20,7 +20,7 @@ fn build(
         .expect("the hello guest")
         .image()
         .expect("hello's image");
-    build_vm_with_mmu(
+    build_vm_with(
         engine,
         MachineConfig {
             ram_size: 16 << 20,

@@ -2,7 +2,7 @@
 
 use super::replay::{ReplayArgs, Stamped};
 use anyhow::Context;
-use deja_engine::{EngineKind, build_vm_with_mmu};
+use deja_engine::{EngineKind, build_vm_with};
 use deja_gdb::{Endpoint, ReplayTarget};
 use deja_replayer::session::{ReplaySession, SessionOptions};
 use std::io::Write;
@@ -23,7 +23,7 @@ pub fn serve_replay(
         &|name| deja_guests::find(name).and_then(|g| g.image().ok()),
         serial_out,
         Box::new(move |cfg, image, host, out| {
-            build_vm_with_mmu(EngineKind::Bt, cfg.clone(), host, out, image, mmu)
+            build_vm_with(EngineKind::Bt, cfg.clone(), host, out, image, mmu)
                 .map_err(|e| e.to_string())
         }),
     )

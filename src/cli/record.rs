@@ -3,7 +3,7 @@
 use super::run::{GuestArgs, kick_on_signals, resolve_image};
 use anyhow::{Context, bail};
 use clap::Args;
-use deja_engine::{EngineKind, RunOptions, build_vm_with_mmu};
+use deja_engine::{EngineKind, RunOptions, build_vm_with};
 use deja_machine::LiveHost;
 use deja_recorder::{
     DEFAULT_CHAOS_MAX_QUANTUM, DEFAULT_DIGEST_INTERVAL, DEFAULT_FAIL_GRACE_EXITS, RecordOptions,
@@ -164,7 +164,16 @@ pub fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
             serial_sink(&guest.serial_out)?,
             serial,
             opts,
-            |host, out| build_vm_with_mmu(engine, config.clone(), host, out, &image, guest.mmu),
+            |host, out| {
+                build_vm_with(
+                    engine,
+                    config.clone(),
+                    host,
+                    out,
+                    &image,
+                    guest.bt_options(),
+                )
+            },
         )
         .with_context(|| format!("starting {} on {engine}", image.name))?;
         *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(recorder.kicker());

@@ -3,7 +3,7 @@
 use super::run::{EngineArg, parse_mmu};
 use anyhow::Context;
 use clap::Args;
-use deja_engine::{EngineKind, build_vm_with_mmu};
+use deja_engine::{EngineKind, build_vm_with};
 use deja_machine::WatchHit;
 use deja_replayer::{ReplayHooks, ReplayOptions, Until, Verdict, replay_with};
 use std::io::Write;
@@ -29,6 +29,9 @@ pub struct ReplayArgs {
     /// reproduces a trace recorded under any other.
     #[arg(long, value_name = "STRATEGY", value_parser = parse_mmu)]
     pub mmu: Option<deja_engine::MmuStrategy>,
+    /// bt's tiers (0, 1 or auto, as `deja run --tier`): a trace replays the same on each.
+    #[arg(long, value_name = "TIER", default_value = "auto")]
+    pub tier: deja_engine::Tier,
     /// Stop at POSITION and print the machine state: `N` or `icount:N` (exactly N retired
     /// instructions, bt), or `exit:N` (N device exits).
     #[arg(long, value_name = "POSITION")]
@@ -236,7 +239,18 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                       image: &deja_machine::loader::Image,
                       host: Box<dyn deja_machine::Host>,
                       out: Box<dyn Write + Send>| {
-        build_vm_with_mmu(engine, cfg.clone(), host, out, image, mmu).map_err(|e| e.to_string())
+        build_vm_with(
+            engine,
+            cfg.clone(),
+            host,
+            out,
+            image,
+            deja_engine::BtOptions {
+                mmu,
+                tier: args.tier,
+            },
+        )
+        .map_err(|e| e.to_string())
     };
     let mut watch = args.watch.clone();
     if !args.watch_virtual.is_empty() {

@@ -99,6 +99,11 @@ pub struct GuestArgs {
     /// guest sees the same on all three, so a trace replays under any of them.
     #[arg(long, value_name = "STRATEGY", value_parser = parse_mmu)]
     pub mmu: Option<deja_engine::MmuStrategy>,
+    /// bt's tiers: 0 (the micro-op interpreter only), 1 (every block compiled to host code
+    /// on its first run) or auto (blocks compiled once hot). The guest sees the same on
+    /// every tier, so a trace replays under any.
+    #[arg(long, value_name = "TIER", default_value = "auto")]
+    pub tier: deja_engine::Tier,
     /// Write the guest's COM1 output to FILE instead of stdout (`-` is stdout).
     #[arg(long, value_name = "FILE")]
     pub serial_out: Option<PathBuf>,
@@ -161,6 +166,14 @@ impl GuestArgs {
     }
 
     /// The machine configuration the arguments describe.
+    /// bt's options from `--mmu` and `--tier`.
+    pub fn bt_options(&self) -> deja_engine::BtOptions {
+        deja_engine::BtOptions {
+            mmu: self.mmu,
+            tier: self.tier,
+        }
+    }
+
     pub fn machine_config(&self) -> MachineConfig {
         MachineConfig {
             ram_size: self.mem,
@@ -316,13 +329,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let host = Box::new(LiveHost::new(guest.clock_mode()).with_stdin());
     let serial_out = super::record::serial_sink(&guest.serial_out)?;
-    let mut vm = deja_engine::build_vm_with_mmu(
+    let mut vm = deja_engine::build_vm_with(
         engine,
         guest.machine_config(),
         host,
         serial_out,
         &image,
-        guest.mmu,
+        guest.bt_options(),
     )
     .with_context(|| format!("starting {} on {engine}", image.name))?;
     vm.set_reboot(!guest.no_reboot);

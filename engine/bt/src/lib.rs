@@ -307,6 +307,9 @@ impl Cpu for BtCpu {
                 e.add(&format!("bt.tier1.{name}"), v);
             }
         }
+        for (m, n) in j.top_fallbacks(12) {
+            e.add(&format!("bt.tier1.fallback_insn.{m:?}"), n);
+        }
         for (v, n) in &s.exceptions {
             if *n > 0 {
                 e.add(&format!("bt.exceptions.{v}"), *n);

@@ -104,7 +104,7 @@ fn random_insn(a: &mut CodeAssembler, r: &mut Rng) -> Result<(), IcedError> {
     let imm = r.next() as i32;
     let cnt = r.below(70) as u32;
     let m = mem_at(r);
-    match r.below(72) {
+    match r.below(77) {
         0 => a.add(x, y),
         1 => a.sub(x32, y32),
         2 => a.adc(x16, y16),
@@ -227,6 +227,11 @@ fn random_insn(a: &mut CodeAssembler, r: &mut Rng) -> Result<(), IcedError> {
         68 => a.adc(byte_ptr(m), y8),
         69 => a.sbb(qword_ptr(m), imm),
         70 => a.out(0xe9, al),
+        72 => a.shr(x, cnt),
+        73 => a.sar(x32, cnt),
+        74 => a.shl(x16, cnt),
+        75 => a.shr(x8, cnt),
+        76 => a.shr(qword_ptr(m), cnt),
         _ => a.lock().add(qword_ptr(m), x),
     }
 }

@@ -115,6 +115,30 @@ fn slot(idx: usize) -> i32 {
     (idx * 8) as i32
 }
 
+/// How captured host flags are brought to tier 0's values where the architecture leaves
+/// them undefined (a trace must not depend on the tier, nor on the host CPU's choices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlagFix {
+    /// Every captured flag is defined.
+    None,
+    /// AF is undefined (logic instructions; shifts): tier 0 clears it.
+    ClearAf,
+    /// SHL/SAL by a nonzero immediate: AF clear, OF = SF ^ CF (tier 0's rule for any count).
+    Shl,
+    /// SAR by a nonzero immediate: AF and OF clear.
+    Sar,
+    /// SHR by an immediate above 1: AF clear, OF = the top bit of the original operand,
+    /// saved in R11 (bit number given).
+    ShrSaved(u32),
+}
+
+impl FlagFix {
+    /// Whether the fix changes OF (then a Jcc reading OF cannot branch on the host flags).
+    fn touches_of(self) -> bool {
+        matches!(self, FlagFix::Shl | FlagFix::Sar | FlagFix::ShrSaved(_))
+    }
+}
+
 /// How a generic (renamed) instruction is to be run.
 struct Renamed {
     /// The host instruction.
@@ -129,9 +153,10 @@ struct Renamed {
     load_flags: bool,
     /// Capture the host's arithmetic flags into the guest's after.
     capture_flags: bool,
-    /// The flags to take from the host when capturing (tier 0 defines AF after the logic
-    /// instructions, where the architecture leaves it undefined, as clear).
-    capture_mask: i32,
+    /// How the captured flags are fixed up.
+    fix: FlagFix,
+    /// Copy this host register to R11 before the instruction ([`FlagFix::ShrSaved`]).
+    save: Option<Register>,
 }
 
 /// Instructions whose semantics are entirely in their operands and flags, with no fault
@@ -255,7 +280,7 @@ struct Emitter<'a> {
     fallback: u32,
     /// The previous instruction left its flags on the host stack and in the host's RFLAGS,
     /// for the closing Jcc to branch on before they are merged (with this mask).
-    pending_merge: Option<i32>,
+    pending_merge: Option<FlagFix>,
     helper: u64,
 }
 
@@ -294,8 +319,9 @@ pub(crate) fn compile(
     };
     e.prologue().map_err(asm_err)?;
     for (i, (op, insn)) in ops.iter().zip(insns).enumerate() {
-        let next_is_final_jcc = i + 2 == ops.len() && is_jcc(&insns[i + 1]);
-        e.op(i, op, insn, next_is_final_jcc).map_err(asm_err)?;
+        // The condition of a closing Jcc right after this instruction.
+        let fuse = (i + 2 == ops.len() && is_jcc(&insns[i + 1])).then(|| ops[i + 1].aux & 0xf);
+        e.op(i, op, insn, fuse).map_err(asm_err)?;
     }
     // Every op fell through.
     e.exit(EXIT_NEXT, ops.len()).map_err(asm_err)?;
@@ -306,6 +332,11 @@ pub(crate) fn compile(
         native: e.native,
         fallback: e.fallback,
     })
+}
+
+/// Whether condition code `cc` reads OF (O, NO, L, GE, LE, G).
+fn reads_of(cc: u8) -> bool {
+    matches!(cc, 0 | 1 | 0xc..=0xf)
 }
 
 fn is_jcc(insn: &Instruction) -> bool {
@@ -366,12 +397,12 @@ impl Emitter<'_> {
         i: usize,
         op: &UOp,
         insn: &Instruction,
-        next_is_final_jcc: bool,
+        fuse_jcc: Option<u8>,
     ) -> Result<(), IcedError> {
         let pending = std::mem::take(&mut self.pending_merge);
         if let Some(r) = self.plan_renamed(op, insn) {
             self.native += 1;
-            return self.renamed(i, &r, next_is_final_jcc);
+            return self.renamed(i, &r, fuse_jcc);
         }
         let done = match insn.mnemonic() {
             Mnemonic::Nop | Mnemonic::Pause | Mnemonic::Endbr64 | Mnemonic::Endbr32
@@ -563,11 +594,40 @@ impl Emitter<'_> {
             m,
             Mnemonic::And | Mnemonic::Or | Mnemonic::Xor | Mnemonic::Test
         );
-        if capture && undefined != 0 && !(logic && undefined == RflagsBits::AF) {
-            // Live flags the architecture leaves undefined: the host's choice need not be
-            // tier 0's (a trace must not depend on the tier), so tier 0 runs it.
-            return None;
-        }
+        // A shift by an immediate: its masked count and operand bits.
+        let imm_count = (matches!(
+            m,
+            Mnemonic::Shl | Mnemonic::Sal | Mnemonic::Shr | Mnemonic::Sar
+        ) && insn.op_count() == 2
+            && insn.op1_kind() == OpKind::Immediate8)
+            .then(|| {
+                let bits = 8 * if insn.op0_kind() == OpKind::Register {
+                    insn.op0_register().size()
+                } else {
+                    insn.memory_size().size()
+                } as u32;
+                let mask = if bits == 64 { 0x3f } else { 0x1f };
+                (u32::from(insn.immediate8()) & mask, bits)
+            });
+        let mut save = None;
+        let fix = match (capture, imm_count) {
+            (false, _) => FlagFix::None,
+            (true, _) if undefined == 0 => FlagFix::None,
+            (true, _) if logic && undefined == RflagsBits::AF => FlagFix::ClearAf,
+            // A zero count changes no flag: the guest's, loaded first, are what comes out.
+            (true, Some((0, _))) => FlagFix::None,
+            (true, Some(_)) if matches!(m, Mnemonic::Shl | Mnemonic::Sal) => FlagFix::Shl,
+            (true, Some(_)) if m == Mnemonic::Sar => FlagFix::Sar,
+            (true, Some((1, _))) => FlagFix::ClearAf,
+            (true, Some((_, bits))) if insn.op0_kind() == OpKind::Register => {
+                let g = insn.op0_register().full_register().number();
+                save = Some(map.iter().find(|(x, _)| *x == g)?.1);
+                FlagFix::ShrSaved(bits - 1)
+            }
+            // Live flags the architecture leaves undefined, with no rule here for tier 0's
+            // choice: tier 0 runs it (a trace must not depend on the tier).
+            _ => return None,
+        };
         let load_flags = read != 0 || (capture && (modified != ICED_ARITH || shift_family(m)));
         Some(Renamed {
             host,
@@ -580,7 +640,8 @@ impl Emitter<'_> {
             mem: mem.map(|(mr, size, _)| (mr, size, mem_read, mem_write)),
             load_flags,
             capture_flags: capture,
-            capture_mask: if logic { ARITH & !AF } else { ARITH },
+            fix,
+            save,
         })
     }
 
@@ -642,7 +703,7 @@ impl Emitter<'_> {
         a.add(rdx, qword_ptr(rax + 8))
     }
 
-    fn renamed(&mut self, i: usize, r: &Renamed, fuse_jcc: bool) -> Result<(), IcedError> {
+    fn renamed(&mut self, i: usize, r: &Renamed, fuse_jcc: Option<u8>) -> Result<(), IcedError> {
         // Labels only where a probe jumps to them (iced wants every label placed, once).
         let mut labels = r
             .mem
@@ -672,6 +733,9 @@ impl Emitter<'_> {
         for &(g, h) in &r.loads {
             a.mov(asm64(h), qword_ptr(rbx + slot(g)))?;
         }
+        if let Some(h) = r.save {
+            a.mov(r11, asm64(h))?;
+        }
         if r.load_flags {
             a.push(qword_ptr(r13))?;
             a.and(qword_ptr(rsp), ARITH)?;
@@ -693,12 +757,15 @@ impl Emitter<'_> {
             a.mov(qword_ptr(rbx + slot(g)), asm64(h))?;
         }
         if r.capture_flags {
-            if fuse_jcc && r.mem.is_none() {
+            if let Some(cc) = fuse_jcc
+                && r.mem.is_none()
+                && !(r.fix.touches_of() && reads_of(cc))
+            {
                 // The closing Jcc branches on the host flags, then merges on each path.
-                self.pending_merge = Some(r.capture_mask);
+                self.pending_merge = Some(r.fix);
                 return Ok(());
             }
-            self.merge_flags(r.capture_mask)?;
+            self.merge_flags(r.fix)?;
         }
         if let Some((miss, done)) = labels.as_mut() {
             self.a.jmp(*done)?;
@@ -710,16 +777,39 @@ impl Emitter<'_> {
     }
 
     /// Pops the flags a renamed instruction left on the host stack into the guest's RFLAGS.
-    fn merge_flags(&mut self, mask: i32) -> Result<(), IcedError> {
+    fn merge_flags(&mut self, fix: FlagFix) -> Result<(), IcedError> {
+        const OF: i32 = 0x800;
         let a = &mut self.a;
         a.pop(rax)?;
-        a.and(eax, mask)?;
+        match fix {
+            FlagFix::None => a.and(eax, ARITH)?,
+            FlagFix::ClearAf => a.and(eax, ARITH & !AF)?,
+            FlagFix::Sar => a.and(eax, ARITH & !AF & !OF)?,
+            FlagFix::Shl => {
+                // OF = SF ^ CF: SF (bit 7) down to bit 0, XOR, up to bit 11.
+                a.and(eax, ARITH & !AF & !OF)?;
+                a.mov(edx, eax)?;
+                a.shr(edx, 7)?;
+                a.xor(edx, eax)?;
+                a.and(edx, 1)?;
+                a.shl(edx, 11)?;
+                a.or(eax, edx)?;
+            }
+            FlagFix::ShrSaved(top) => {
+                a.and(eax, ARITH & !AF & !OF)?;
+                a.mov(rdx, r11)?;
+                a.shr(rdx, top)?;
+                a.and(edx, 1)?;
+                a.shl(edx, 11)?;
+                a.or(eax, edx)?;
+            }
+        }
         a.and(qword_ptr(r13), !ARITH)?;
         a.or(qword_ptr(r13), rax)
     }
 
     /// The block's closing Jcc.
-    fn jcc(&mut self, i: usize, op: &UOp, pending: Option<i32>) -> Result<(), IcedError> {
+    fn jcc(&mut self, i: usize, op: &UOp, pending: Option<FlagFix>) -> Result<(), IcedError> {
         let mut taken = self.a.create_label();
         if pending.is_none() {
             let a = &mut self.a;
@@ -746,13 +836,13 @@ impl Emitter<'_> {
             0xe => a.jle(taken)?,
             _ => a.jg(taken)?,
         }
-        if let Some(mask) = pending {
-            self.merge_flags(mask)?;
+        if let Some(fix) = pending {
+            self.merge_flags(fix)?;
         }
         self.exit(EXIT_NEXT, i + 1)?;
         self.a.set_label(&mut taken)?;
-        if let Some(mask) = pending {
-            self.merge_flags(mask)?;
+        if let Some(fix) = pending {
+            self.merge_flags(fix)?;
         }
         self.a.mov(rax, op.target)?;
         self.exit_jump(i + 1)

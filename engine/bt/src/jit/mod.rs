@@ -89,6 +89,22 @@ pub struct JitStats {
     pub fallback_tlb_miss: u64,
     /// Whole-block runs left on tier 0 because the block was not hot yet.
     pub cold_runs: u64,
+    /// Calls into tier 0 from compiled code, by the instruction's mnemonic (indexed by
+    /// `iced_x86::Mnemonic as usize`): where tier 1 most needs an inline form.
+    pub fallback_by_mnemonic: Vec<u64>,
+}
+
+impl JitStats {
+    /// The `n` instructions compiled code left to tier 0 most often, with their counts.
+    pub fn top_fallbacks(&self, n: usize) -> Vec<(iced_x86::Mnemonic, u64)> {
+        let mut all: Vec<(iced_x86::Mnemonic, u64)> = iced_x86::Mnemonic::values()
+            .zip(self.fallback_by_mnemonic.iter().copied())
+            .filter(|&(_, c)| c > 0)
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all.truncate(n);
+        all
+    }
 }
 
 /// A block's tier-1 state.
@@ -308,9 +324,17 @@ extern "sysv64" fn jit_op(frame: *mut Frame, arg: u64) -> u64 {
         (frame, ctx, op)
     };
     let index = arg & 0xffff_ffff;
+    let stats = &mut ctx.stats.jit;
     match arg >> 32 {
-        FALLBACK_TLB_MISS => ctx.stats.jit.fallback_tlb_miss += 1,
-        _ => ctx.stats.jit.fallback_not_compiled += 1,
+        FALLBACK_TLB_MISS => stats.fallback_tlb_miss += 1,
+        _ => {
+            stats.fallback_not_compiled += 1;
+            let m = op.code.mnemonic() as usize;
+            if stats.fallback_by_mnemonic.len() <= m {
+                stats.fallback_by_mnemonic.resize(m + 1, 0);
+            }
+            stats.fallback_by_mnemonic[m] += 1;
+        }
     }
     ctx.icount = frame.icount_base + index;
     let ran = crate::run::run_one(ctx, op, frame.watch_on);
