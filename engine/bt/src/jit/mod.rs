@@ -101,7 +101,7 @@ impl JitStats {
             .zip(self.fallback_by_mnemonic.iter().copied())
             .filter(|&(_, c)| c > 0)
             .collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all.sort_by_key(|&(_, c)| std::cmp::Reverse(c));
         all.truncate(n);
         all
     }
