@@ -78,6 +78,7 @@ fn block_cache(n: u64) -> (BlockCache, Vec<Key>) {
             extents: [(key.phys, key.phys + 16), (0, 0)],
             bytes: vec![0x90; 16],
             links: Default::default(),
+            jit: Default::default(),
         });
         cache.remember(slot);
     }
