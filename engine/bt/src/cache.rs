@@ -20,8 +20,10 @@ pub struct Key {
     pub mode: u32,
 }
 
-/// A link from a block's exit to a successor in the same page.
+/// A link from a block's exit to a successor in the same page. `repr(C)`: tier-1 code
+/// follows links itself (see [`crate::jit`]).
 #[derive(Debug, Clone, Copy)]
+#[repr(C)]
 pub struct Link {
     /// The successor's RIP.
     pub rip: u64,
@@ -29,6 +31,10 @@ pub struct Link {
     pub slot: u32,
     /// The slot's generation when linked (a stale link never matches).
     pub generation: u32,
+    /// The successor's tier-1 chained entry (0: not compiled when linked).
+    pub entry: u64,
+    /// The successor's instruction count.
+    pub len: u64,
 }
 
 impl Default for Link {
@@ -38,6 +44,8 @@ impl Default for Link {
             rip: 0,
             slot: u32::MAX,
             generation: 0,
+            entry: 0,
+            len: 0,
         }
     }
 }
@@ -282,6 +290,17 @@ impl BlockCache {
             self.remove(s);
         }
         self.flush_lookup();
+    }
+
+    /// The generation of every slot, indexed by slot (valid until the next insertion), and
+    /// the executing block's slot and invalidation flag: what tier-1 code reads and writes
+    /// when it chains from one compiled block to the next.
+    pub(crate) fn chain_state(&mut self) -> (*const u32, *mut u32, *mut bool) {
+        (
+            self.generations.as_ptr(),
+            &raw mut self.current,
+            &raw mut self.current_hit,
+        )
     }
 
     /// Marks the block about to execute, so stores into it can be noticed.

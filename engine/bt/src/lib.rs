@@ -302,6 +302,7 @@ impl Cpu for BtCpu {
             ("fallback.not_compiled", j.fallback_not_compiled),
             ("fallback.tlb_miss", j.fallback_tlb_miss),
             ("cold_runs", j.cold_runs),
+            ("chains", j.chains),
         ] {
             if v > 0 {
                 e.add(&format!("bt.tier1.{name}"), v);

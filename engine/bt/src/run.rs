@@ -7,7 +7,7 @@ use crate::core::Core;
 use crate::exec::{Ctx, positioned};
 use crate::features::Features;
 use crate::ir::{Ctl, Exc};
-use crate::jit::{Jit, Tier};
+use crate::jit::{Chain, Jit, Tier};
 use crate::system::EventKind;
 use crate::{BtCpu, core, ir, system};
 use deja_machine::cpu::seg;
@@ -285,6 +285,7 @@ impl BtCpu {
                     // invalidation moves them to the graveyard, emptied by `bury` only at the
                     // top of the outer loop, after this reference is dead.
                     let block: &Block = unsafe { &*ptr };
+                    let block_ptr_in = ptr;
                     ctx.cache.enter(slot);
                     let len = block.ops.len();
                     let mut n = if (len as u64) <= budget {
@@ -316,13 +317,38 @@ impl BtCpu {
                         && !watch_on
                     {
                         let (machine, stats) = ctx.machine_and_stats();
-                        jit.code_for(block, tier, &mut stats.jit, || Features::of(machine))
+                        jit.code_for(block, slot, tier, &mut stats.jit, || Features::of(machine))
                     } else {
                         None
                     };
-                    let ran = match compiled {
-                        Some(entry) => Jit::run(&mut ctx, block, entry, watch_on),
-                        None => run_ops(&mut ctx, &block.ops[..n], watch_on),
+                    let (ran, block, ptr) = match compiled {
+                        Some(entry) => {
+                            // Compiled code goes on into compiled successors itself, within the
+                            // budget, unless something must be looked at between blocks.
+                            let chain = Chain {
+                                kick: kicker.flag(),
+                                // (IF only changes in instructions that end a chain.)
+                                limit: if breakpoints.is_empty()
+                                    && !exits_due
+                                    && !(irq_line && ctx.core.rflags & core::fl::IF != 0)
+                                {
+                                    budget
+                                } else {
+                                    0
+                                },
+                            };
+                            let (ran, last) = Jit::run(&mut ctx, block, entry, watch_on, chain);
+                            // SAFETY: the last block the chain entered, alive as `block` is
+                            // (invalidated blocks wait in the graveyard until `bury`).
+                            (ran, unsafe { &*last }, last)
+                        }
+                        None => (run_ops(&mut ctx, &block.ops[..n], watch_on), block, ptr),
+                    };
+                    // A chain ends in a whole block, as tier 1 only runs whole blocks.
+                    let (len, n) = if ptr == block_ptr_in {
+                        (len, n)
+                    } else {
+                        (block.ops.len(), block.ops.len())
                     };
                     if ran.outcome == Ctl::Next && ran.fault.is_none() {
                         ctx.core.rip = block.ops[n - 1].next_rip;
@@ -358,13 +384,21 @@ impl BtCpu {
                     let same_page = (block.key.rip ^ rip) & !0xfff == 0;
                     let which = usize::from(block.ops[len - 1].target != rip);
                     if same_page {
-                        let link = block.links[which].get();
+                        let mut link = block.links[which].get();
                         if link.rip == rip
                             && link.slot != u32::MAX
                             && ctx.cache.generation(link.slot) == link.generation
                         {
                             ctx.stats.chained += 1;
                             slot = link.slot;
+                            if link.entry == 0
+                                && let Some(entry) =
+                                    ctx.cache.block(link.slot).and_then(|b| b.jit.chain_entry())
+                            {
+                                // Compiled since it was linked: compiled code may now chain.
+                                link.entry = entry;
+                                block.links[which].set(link);
+                            }
                             continue;
                         }
                     }
@@ -388,10 +422,13 @@ impl BtCpu {
                             if same_page {
                                 // SAFETY: as above; `bury` has not run since.
                                 let block: &Block = unsafe { &*block };
+                                let successor = self.cache.block(next);
                                 block.links[which].set(Link {
                                     rip: self.core.rip,
                                     slot: next,
                                     generation: self.cache.generation(next),
+                                    entry: successor.and_then(|b| b.jit.chain_entry()).unwrap_or(0),
+                                    len: successor.map_or(0, |b| b.ops.len() as u64),
                                 });
                             }
                             slot = next;

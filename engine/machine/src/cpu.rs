@@ -650,6 +650,12 @@ impl Kicker {
         self.flag.swap(false, Ordering::SeqCst)
     }
 
+    /// The flag itself, for code that polls it without calling [`Kicker::pending`] (bt's
+    /// compiled blocks, between chained blocks); valid as long as this kicker lives.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+
     /// Whether a kick is pending, without clearing it. Inlined: bt asks after every block.
     #[inline]
     pub fn pending(&self) -> bool {

@@ -18,16 +18,18 @@
 //! its TLB without side effects, run inline.
 
 use super::{
-    EXIT_JUMP, EXIT_NEXT, FALLBACK_NOT_COMPILED, FALLBACK_TLB_MISS, FRAME_FS_BASE, FRAME_GS_BASE,
-    FRAME_OUT_RIP,
+    EXIT_JUMP, EXIT_NEXT, FALLBACK_NOT_COMPILED, FALLBACK_TLB_MISS, FRAME_BLOCK,
+    FRAME_CHAIN_RETIRED, FRAME_CHAINS, FRAME_CURRENT, FRAME_CURRENT_HIT, FRAME_FS_BASE,
+    FRAME_GENERATIONS, FRAME_GS_BASE, FRAME_KICK, FRAME_LIMIT, FRAME_OPS, FRAME_OUT_RIP,
+    LINK_ENTRY, LINK_GENERATION, LINK_LEN, LINK_RIP, LINK_SLOT,
 };
 use crate::features::Features;
 use crate::ir::{MemRef, NO_REG, Operand, RIP_REL, UOp};
 use deja_machine::cpu::seg;
 use iced_x86::code_asm::{
-    AsmRegister64, CodeAssembler, CodeLabel, byte_ptr, dword_ptr, eax, edx, qword_ptr, r8, r9, r10,
-    r10d, r11, r11b, r11d, r11w, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi, rdx, rsi, rsp,
-    word_ptr,
+    AsmRegister64, CodeAssembler, CodeLabel, byte_ptr, dword_ptr, eax, ebp, edx, esi, qword_ptr,
+    r8, r9, r10, r10d, r11, r11b, r11d, r11w, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi, rdx,
+    rsi, rsp, word_ptr,
 };
 use iced_x86::{
     Encoder, IcedError, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
@@ -54,6 +56,20 @@ pub(crate) struct Compiled {
     pub native: u32,
     /// Instructions that call back into tier 0 every time.
     pub fallback: u32,
+    /// Offset of the entry other compiled blocks chain to (past the prologue).
+    pub chain_offset: usize,
+}
+
+/// Where a block lives, for the code that chains into it and out of it.
+pub(crate) struct Place {
+    /// The block's address (stable: blocks are boxed).
+    pub block: u64,
+    /// Its slot in the block cache.
+    pub slot: u32,
+    /// Its ops' address.
+    pub ops: u64,
+    /// Its two successor links' addresses (taken branch, fall-through).
+    pub links: [u64; 2],
 }
 
 /// Why a block cannot be compiled at all.
@@ -282,6 +298,9 @@ struct Emitter<'a> {
     /// for the closing Jcc to branch on before they are merged (with this mask).
     pending_merge: Option<FlagFix>,
     helper: u64,
+    /// The last op's branch target (which link an exit follows, as the run loop decides).
+    last_target: u64,
+    links: [u64; 2],
 }
 
 /// Compiles `ops` (with their decoded `insns`) into one host function.
@@ -292,6 +311,7 @@ pub(crate) fn compile(
     mode64: bool,
     user: bool,
     helper: u64,
+    place: &Place,
 ) -> Result<Compiled, CompileError> {
     let rip = ops.first().map_or(0, |o| o.rip);
     let asm_err = |source| CompileError::Assemble { rip, source };
@@ -316,21 +336,34 @@ pub(crate) fn compile(
         fallback: 0,
         pending_merge: None,
         helper,
+        last_target: ops.last().map_or(0, |o| o.target),
+        links: place.links,
     };
+    let mut chained = e.a.create_label();
     e.prologue().map_err(asm_err)?;
+    e.a.set_label(&mut chained).map_err(asm_err)?;
+    e.enter(place).map_err(asm_err)?;
     for (i, (op, insn)) in ops.iter().zip(insns).enumerate() {
         // The condition of a closing Jcc right after this instruction.
         let fuse = (i + 2 == ops.len() && is_jcc(&insns[i + 1])).then(|| ops[i + 1].aux & 0xf);
         e.op(i, op, insn, fuse).map_err(asm_err)?;
     }
     // Every op fell through.
-    e.exit(EXIT_NEXT, ops.len()).map_err(asm_err)?;
+    let next = ops.last().map_or(0, |o| o.next_rip);
+    e.exit_to(EXIT_NEXT, ops.len(), next).map_err(asm_err)?;
     e.epilogue().map_err(asm_err)?;
-    let bytes = e.a.assemble(0).map_err(asm_err)?;
+    let assembled =
+        e.a.assemble_options(
+            0,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .map_err(asm_err)?;
+    let chain_offset = assembled.label_ip(&chained).map_err(asm_err)? as usize;
     Ok(Compiled {
-        bytes,
+        bytes: assembled.inner.code_buffer,
         native: e.native,
         fallback: e.fallback,
+        chain_offset,
     })
 }
 
@@ -356,7 +389,60 @@ impl Emitter<'_> {
         a.mov(r13, qword_ptr(r12 + super::FRAME_RFLAGS))?;
         a.mov(r14, qword_ptr(r12 + super::FRAME_READ_TLB))?;
         a.mov(r15, qword_ptr(r12 + super::FRAME_WRITE_TLB))?;
-        Ok(())
+        // RBP: instructions retired by the blocks before this one in a chain.
+        a.xor(ebp, ebp)
+    }
+
+    /// The chained entry: this block becomes the frame's (and the cache's) current one.
+    fn enter(&mut self, place: &Place) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.mov(rax, place.block)?;
+        a.mov(qword_ptr(r12 + FRAME_BLOCK), rax)?;
+        a.mov(rax, place.ops)?;
+        a.mov(qword_ptr(r12 + FRAME_OPS), rax)?;
+        a.mov(qword_ptr(r12 + FRAME_CHAIN_RETIRED), rbp)?;
+        a.mov(rax, qword_ptr(r12 + FRAME_CURRENT))?;
+        a.mov(dword_ptr(rax), place.slot)?;
+        a.mov(rax, qword_ptr(r12 + FRAME_CURRENT_HIT))?;
+        a.mov(byte_ptr(rax), 0)
+    }
+
+    /// Leaves to `rip` (known here) after `retired` instructions of this block: straight into
+    /// the successor's compiled code when the link the run loop made for this exit still holds
+    /// and the frame allows (no kick pending, the successor fits the instruction budget);
+    /// otherwise back to the run loop as [`Emitter::exit`] does (a taken branch with RIP).
+    fn exit_to(&mut self, kind: u64, retired: usize, rip: u64) -> Result<(), IcedError> {
+        let mut plain = self.a.create_label();
+        let link = self.links[usize::from(self.last_target != rip)];
+        let a = &mut self.a;
+        a.mov(rcx, link)?;
+        a.mov(rax, rip)?;
+        a.cmp(qword_ptr(rcx + LINK_RIP), rax)?;
+        a.jne(plain)?;
+        a.mov(rdx, qword_ptr(rcx + LINK_ENTRY))?;
+        a.test(rdx, rdx)?;
+        a.jz(plain)?;
+        a.mov(esi, dword_ptr(rcx + LINK_SLOT))?;
+        a.mov(rdi, qword_ptr(r12 + FRAME_GENERATIONS))?;
+        a.mov(eax, dword_ptr(rdi + rsi * 4))?;
+        a.cmp(eax, dword_ptr(rcx + LINK_GENERATION))?;
+        a.jne(plain)?;
+        a.mov(rax, qword_ptr(r12 + FRAME_KICK))?;
+        a.cmp(byte_ptr(rax), 0)?;
+        a.jne(plain)?;
+        a.mov(rax, qword_ptr(rcx + LINK_LEN))?;
+        a.lea(rax, qword_ptr(rax + rbp + retired as i32))?;
+        a.cmp(rax, qword_ptr(r12 + FRAME_LIMIT))?;
+        a.ja(plain)?;
+        a.add(rbp, retired as i32)?;
+        a.inc(qword_ptr(r12 + FRAME_CHAINS))?;
+        a.jmp(rdx)?;
+        a.set_label(&mut plain)?;
+        if kind == EXIT_JUMP {
+            a.mov(rax, rip)?;
+            a.mov(qword_ptr(r12 + FRAME_OUT_RIP), rax)?;
+        }
+        self.exit(kind, retired)
     }
 
     fn epilogue(&mut self) -> Result<(), IcedError> {
@@ -369,9 +455,11 @@ impl Emitter<'_> {
         a.ret()
     }
 
-    /// Returns `kind` with `retired` instructions.
+    /// Returns `kind` with `retired` instructions of this block (and those of the blocks
+    /// before it in the chain).
     fn exit(&mut self, kind: u64, retired: usize) -> Result<(), IcedError> {
         self.a.mov(rax, kind << 32 | retired as u64)?;
+        self.a.add(rax, rbp)?;
         self.a.jmp(self.epilogue)
     }
 
@@ -415,8 +503,7 @@ impl Emitter<'_> {
                 true
             }
             Mnemonic::Jmp if matches!(insn.op0_kind(), OpKind::NearBranch64) => {
-                self.a.mov(rax, op.target)?;
-                self.exit_jump(i + 1)?;
+                self.exit_to(EXIT_JUMP, i + 1, op.target)?;
                 true
             }
             Mnemonic::Lea if self.mode64 && matches!(op.dst, Operand::Reg { hi: false, .. }) => {
@@ -839,13 +926,12 @@ impl Emitter<'_> {
         if let Some(fix) = pending {
             self.merge_flags(fix)?;
         }
-        self.exit(EXIT_NEXT, i + 1)?;
+        self.exit_to(EXIT_NEXT, i + 1, op.next_rip)?;
         self.a.set_label(&mut taken)?;
         if let Some(fix) = pending {
             self.merge_flags(fix)?;
         }
-        self.a.mov(rax, op.target)?;
-        self.exit_jump(i + 1)
+        self.exit_to(EXIT_JUMP, i + 1, op.target)
     }
 
     /// LEA: the effective address (no segment base), truncated to the operand size.
@@ -900,8 +986,7 @@ impl Emitter<'_> {
             a.mov(qword_ptr(rdx), rax)?;
             a.mov(sp, r10)?;
             if m == Mnemonic::Call {
-                a.mov(rax, op.target)?;
-                self.exit_jump(i + 1)?;
+                self.exit_to(EXIT_JUMP, i + 1, op.target)?;
             }
         } else {
             let a = &mut self.a;

@@ -13,7 +13,7 @@
 mod code;
 mod emit;
 
-use crate::cache::Block;
+use crate::cache::{Block, Link};
 use crate::exec::Ctx;
 use crate::features::Features;
 use crate::ir::{Ctl, UOp};
@@ -89,6 +89,8 @@ pub struct JitStats {
     pub fallback_tlb_miss: u64,
     /// Whole-block runs left on tier 0 because the block was not hot yet.
     pub cold_runs: u64,
+    /// Transfers from one compiled block straight into the next (no run loop between).
+    pub chains: u64,
     /// Calls into tier 0 from compiled code, by the instruction's mnemonic (indexed by
     /// `iced_x86::Mnemonic as usize`): where tier 1 most needs an inline form.
     pub fallback_by_mnemonic: Vec<u64>,
@@ -113,7 +115,22 @@ pub struct BlockJit {
     /// Whole runs seen so far (up to the threshold).
     heat: Cell<u32>,
     /// The compiled code, or `None` once compiling failed.
-    code: OnceCell<Option<CodeRef>>,
+    code: OnceCell<Option<Compiled>>,
+}
+
+/// A block's compiled code.
+#[derive(Debug)]
+struct Compiled {
+    code: CodeRef,
+    /// Where chaining blocks enter it (past the prologue).
+    chain_entry: u64,
+}
+
+impl BlockJit {
+    /// The entry other compiled blocks chain to, when the block is compiled.
+    pub fn chain_entry(&self) -> Option<u64> {
+        self.code.get()?.as_ref().map(|c| c.chain_entry)
+    }
 }
 
 /// What compiled code and its helper share: pointers into the guest state and tier 0's
@@ -132,6 +149,20 @@ pub(crate) struct Frame {
     icount_base: u64,
     watch_on: bool,
     run: Option<crate::run::OpsRun>,
+    /// The block executing (compiled code sets it as it chains).
+    block: *const Block,
+    /// Instructions retired by the blocks before it in this chain.
+    chain_retired: u64,
+    /// The block cache's generations, current slot and invalidation flag.
+    generations: *const u32,
+    current: *mut u32,
+    current_hit: *mut bool,
+    /// The kick flag: a pending kick stops chaining.
+    kick: *const std::sync::atomic::AtomicBool,
+    /// Instructions the chain may retire in all (0: no chaining).
+    limit: u64,
+    /// Transfers from one compiled block straight into the next.
+    chains: u64,
 }
 
 const FRAME_GPR: i32 = offset_of!(Frame, gpr) as i32;
@@ -141,6 +172,20 @@ const FRAME_WRITE_TLB: i32 = offset_of!(Frame, write_tlb) as i32;
 const FRAME_FS_BASE: i32 = offset_of!(Frame, fs_base) as i32;
 const FRAME_GS_BASE: i32 = offset_of!(Frame, gs_base) as i32;
 const FRAME_OUT_RIP: i32 = offset_of!(Frame, out_rip) as i32;
+const FRAME_OPS: i32 = offset_of!(Frame, ops) as i32;
+const FRAME_BLOCK: i32 = offset_of!(Frame, block) as i32;
+const FRAME_CHAIN_RETIRED: i32 = offset_of!(Frame, chain_retired) as i32;
+const FRAME_GENERATIONS: i32 = offset_of!(Frame, generations) as i32;
+const FRAME_CURRENT: i32 = offset_of!(Frame, current) as i32;
+const FRAME_CURRENT_HIT: i32 = offset_of!(Frame, current_hit) as i32;
+const FRAME_KICK: i32 = offset_of!(Frame, kick) as i32;
+const FRAME_LIMIT: i32 = offset_of!(Frame, limit) as i32;
+const FRAME_CHAINS: i32 = offset_of!(Frame, chains) as i32;
+const LINK_RIP: i32 = offset_of!(Link, rip) as i32;
+const LINK_SLOT: i32 = offset_of!(Link, slot) as i32;
+const LINK_GENERATION: i32 = offset_of!(Link, generation) as i32;
+const LINK_ENTRY: i32 = offset_of!(Link, entry) as i32;
+const LINK_LEN: i32 = offset_of!(Link, len) as i32;
 /// The soft TLB's index mask, as the compiled probe uses it.
 const TLB_MASK: i32 = crate::exec::TLB_SIZE as i32 - 1;
 
@@ -171,13 +216,14 @@ impl Jit {
     pub(crate) fn code_for(
         &mut self,
         block: &Block,
+        slot: u32,
         tier: Tier,
         stats: &mut JitStats,
         features: impl FnOnce() -> Features,
     ) -> Option<usize> {
         let state = &block.jit;
         if let Some(code) = state.code.get() {
-            return code.as_ref().map(CodeRef::entry);
+            return code.as_ref().map(|c| c.code.entry());
         }
         if tier == Tier::Auto {
             let heat = state.heat.get() + 1;
@@ -188,7 +234,7 @@ impl Jit {
             }
         }
         let started = std::time::Instant::now();
-        let compiled = self.compile(block, &features(), stats);
+        let compiled = self.compile(block, slot, &features(), stats);
         stats.compile_ns += started.elapsed().as_nanos() as u64;
         let code = match compiled {
             Ok(code) => Some(code),
@@ -198,7 +244,7 @@ impl Jit {
                 None
             }
         };
-        let entry = code.as_ref().map(CodeRef::entry);
+        let entry = code.as_ref().map(|c| c.code.entry());
         let _ = state.code.set(code);
         entry
     }
@@ -206,9 +252,10 @@ impl Jit {
     fn compile(
         &mut self,
         block: &Block,
+        slot: u32,
         features: &Features,
         stats: &mut JitStats,
-    ) -> Result<CodeRef, CompileError> {
+    ) -> Result<Compiled, CompileError> {
         let mode = block.key.mode;
         let mode64 = mode & 0b1100 == 0b1100;
         let bitness = if mode64 {
@@ -222,6 +269,15 @@ impl Jit {
         let mut decoder =
             Decoder::with_ip(bitness, &block.bytes, block.key.rip, DecoderOptions::NONE);
         let insns: Vec<Instruction> = (0..block.ops.len()).map(|_| decoder.decode()).collect();
+        let place = emit::Place {
+            block: block as *const Block as u64,
+            slot,
+            ops: block.ops.as_ptr() as u64,
+            links: [
+                block.links[0].as_ptr() as u64,
+                block.links[1].as_ptr() as u64,
+            ],
+        };
         let out = emit::compile(
             &block.ops,
             &insns,
@@ -229,6 +285,7 @@ impl Jit {
             mode64,
             user,
             jit_op as *const () as u64,
+            &place,
         )?;
         let code = self
             .memory
@@ -238,7 +295,8 @@ impl Jit {
         stats.code_bytes += out.bytes.len() as u64;
         stats.ops_native += u64::from(out.native);
         stats.ops_fallback += u64::from(out.fallback);
-        Ok(code)
+        let chain_entry = (code.entry() + out.chain_offset) as u64;
+        Ok(Compiled { code, chain_entry })
     }
 
     /// Runs the compiled code at `entry` for `block` (all of it, as tier 0's op loop would),
@@ -248,12 +306,14 @@ impl Jit {
         block: &Block,
         entry: usize,
         watch_on: bool,
-    ) -> crate::run::OpsRun {
+        chain: Chain,
+    ) -> (crate::run::OpsRun, *const Block) {
         // Inside compiled code the arithmetic flags are always in RFLAGS.
         ctx.core.materialize();
         let base = ctx.icount;
         let (fs_base, gs_base) = segment_bases(ctx);
         let (read_tlb, write_tlb) = ctx.mem.tlb_bases();
+        let (generations, current, current_hit) = ctx.cache.chain_state();
         // Every pointer the compiled code and its helper use derives from this one.
         let ctx_ptr: *mut Ctx = ctx;
         // SAFETY: `ctx_ptr` comes from a live `&mut Ctx`; these are field addresses.
@@ -274,6 +334,14 @@ impl Jit {
             icount_base: base,
             watch_on,
             run: None,
+            block,
+            chain_retired: 0,
+            generations,
+            current,
+            current_hit,
+            kick: chain.kick,
+            limit: chain.limit,
+            chains: 0,
         };
         // SAFETY: `entry` is code `emit::compile` produced for this block (kept alive by the
         // block's `CodeRef`), a complete `extern "sysv64" fn(*mut Frame) -> u64` that touches
@@ -288,9 +356,10 @@ impl Jit {
         let ctx = unsafe { &mut *ctx_ptr };
         let retired = result & 0xffff_ffff;
         ctx.stats.jit.entries += 1;
+        ctx.stats.jit.chains += frame.chains;
         ctx.stats.jit.instructions += retired;
         ctx.icount = base + retired;
-        match result >> 32 {
+        let ran = match result >> 32 {
             EXIT_JUMP => {
                 ctx.core.rip = frame.out_rip;
                 crate::run::OpsRun::outcome(Ctl::Jump)
@@ -300,13 +369,23 @@ impl Jit {
                 .take()
                 .unwrap_or(crate::run::OpsRun::outcome(Ctl::Next)),
             _ => crate::run::OpsRun::outcome(Ctl::Next),
-        }
+        };
+        (ran, frame.block)
     }
 }
 
 fn segment_bases(ctx: &Ctx) -> (u64, u64) {
     use deja_machine::cpu::seg;
     (ctx.core.seg[seg::FS].base, ctx.core.seg[seg::GS].base)
+}
+
+/// What a compiled run may do beyond its first block: chain into compiled successors while
+/// no kick is pending and the instructions retired stay within `limit`.
+pub(crate) struct Chain {
+    /// The kick flag.
+    pub kick: *const std::sync::atomic::AtomicBool,
+    /// Instructions the whole chain may retire (0: the first block only).
+    pub limit: u64,
 }
 
 /// Runs op `index` (low half of `arg`; the high half is the reason, for the counters) of the
@@ -336,7 +415,7 @@ extern "sysv64" fn jit_op(frame: *mut Frame, arg: u64) -> u64 {
             stats.fallback_by_mnemonic[m] += 1;
         }
     }
-    ctx.icount = frame.icount_base + index;
+    ctx.icount = frame.icount_base + frame.chain_retired + index;
     let ran = crate::run::run_one(ctx, op, frame.watch_on);
     // Compiled code reads the flags from RFLAGS and the segment bases from the frame.
     ctx.core.materialize();
