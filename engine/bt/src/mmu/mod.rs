@@ -14,7 +14,7 @@
 //! How the CPU drives it: [`Mmu::translate`] for every linear access (one call per page an
 //! access touches; a fault goes to the guest as #PF with CR2 = `address`); INVLPG →
 //! [`Mmu::invlpg`]; MOV to CR3 → [`Mmu::flush`]`(false)`; a change of CR0.PG/WP or
-//! CR4.PGE/PAE/PSE/SMEP → [`Mmu::flush`]`(true)`; under PAE paging also
+//! CR4.PGE/PAE/PSE/SMEP/SMAP → [`Mmu::flush`]`(true)`; under PAE paging also
 //! [`Mmu::load_pdptes`] at those points, raising #GP(0) (and not loading the register) on
 //! [`MmuError::ReservedPdpte`]. [`PagingRegs::from_state`] builds the registers from a
 //! [`CpuState`].
