@@ -100,6 +100,16 @@ fn boot_to_init(kernel: &Path, initrd: &Path, entry: &str) -> Boot {
     );
     assert!(console.contains("Linux 6.1."), "{entry}: {tail}");
     assert!(console.contains("reboot: Power down"), "{entry}: {tail}");
+    // deja's CPUID reports XSAVE with the x87 and SSE components: the kernel uses them.
+    for feature in [
+        "0x001: 'x87 floating point registers'",
+        "0x002: 'SSE registers'",
+    ] {
+        assert!(
+            console.contains(&format!("x86/fpu: Supporting XSAVE feature {feature}")),
+            "{entry}: no XSAVE feature {feature}: {tail}"
+        );
+    }
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     Boot {

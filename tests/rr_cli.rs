@@ -624,6 +624,7 @@ fn recordings_of_the_cpu_feature_guests_replay_verified() {
     for (guest, pass) in [
         ("x86-64-v2", deja_guests::x86_64_v2::PASS_LINE),
         ("umip", "umip: PASS"),
+        ("xsave", "xsave: PASS"),
     ] {
         let dir = scratch(guest);
         let trace = dir.join("feature.trace");

@@ -69,7 +69,7 @@ impl std::fmt::Debug for Guest {
     }
 }
 
-static GUESTS: [Guest; 38] = [
+static GUESTS: [Guest; 39] = [
     Guest {
         name: "hello",
         description: "real -> protected -> long mode with its own GDT and page tables; \
@@ -293,6 +293,13 @@ static GUESTS: [Guest; 38] = [
         description: "UMIP: SGDT, SIDT, SLDT, SMSW and STR in ring 0 and ring 3 with \
                       CR4.UMIP clear and set (#GP(0) only in ring 3 with it set); exits 0",
         build: system::build_umip,
+    },
+    Guest {
+        name: "xsave",
+        description: "XSAVE for x87 and SSE: CPUID (XSAVE, OSXSAVE, leaf 0xd), CR4.OSXSAVE, \
+                      XGETBV/XSETBV and their #UD/#GP(0) rules in ring 0 and ring 3, XSAVE and \
+                      XRSTOR of XMM0 (XSTATE_BV, init), #GP(0) for misalignment; exits 0",
+        build: system::build_xsave,
     },
     Guest {
         name: "x86-64-v2",

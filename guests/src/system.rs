@@ -1107,6 +1107,192 @@ pub fn build_umip() -> Result<Image, LinkError> {
 }
 
 // ---------------------------------------------------------------------------------------
+// xsave
+
+/// `xsave`'s save area (64-byte aligned, 576 bytes used).
+const XSAVE_AREA: u64 = 0x18_4000;
+
+/// Builds `xsave`: the XSAVE feature set for x87 and SSE. CPUID (XSAVE, leaf 0xd), #UD
+/// before CR4.OSXSAVE, CPUID.01H:ECX.OSXSAVE after it, XGETBV/XSETBV (XCR0 = 3, #GP(0) for
+/// clearing x87, for an unsupported bit, and in ring 3, where XGETBV works), XSAVE of XMM0
+/// and its XSTATE_BV bit, XRSTOR from the area and with XSTATE_BV clear (initializes), and
+/// #GP(0) for an area not 64-byte aligned.
+pub fn build_xsave() -> Result<Image, LinkError> {
+    long_mode_image_with(
+        "xsave",
+        &handler_table(),
+        &|s, rt| {
+            setup(s, rt)?;
+            check(s, rt, "CPUID.01H:ECX.XSAVE", |a, ok| {
+                a.mov(eax, 1)?;
+                a.cpuid()?;
+                a.bt(ecx, 26)?;
+                a.jc(ok)
+            })?;
+            check(
+                s,
+                rt,
+                "CPUID.01H:ECX.OSXSAVE clear before CR4.OSXSAVE",
+                |a, ok| {
+                    a.mov(eax, 1)?;
+                    a.cpuid()?;
+                    a.bt(ecx, 27)?;
+                    a.jnc(ok)
+                },
+            )?;
+            check(
+                s,
+                rt,
+                "CPUID.(EAX=0DH,ECX=0): x87 and SSE, at least 576 bytes",
+                |a, ok| {
+                    let mut bad = a.create_label();
+                    a.mov(eax, 0xd)?;
+                    a.xor(ecx, ecx)?;
+                    a.cpuid()?;
+                    a.and(eax, 3)?;
+                    a.cmp(eax, 3)?;
+                    a.jne(bad)?;
+                    a.cmp(ebx, 576)?;
+                    a.jae(ok)?;
+                    a.set_label(&mut bad)?;
+                    Ok(())
+                },
+            )?;
+            ring0_case(s, rt, 0, "XGETBV without CR4.OSXSAVE", 6, None, |a| {
+                a.xor(ecx, ecx)?;
+                a.xgetbv()
+            })?;
+            // CR4.OSXSAVE, and OSFXSR/OSXMMEXCPT for the SSE moves.
+            s.a.mov(rax, cr4)?;
+            s.a.or(eax, (1 << 18) | 0x600)?;
+            s.a.mov(cr4, rax)?;
+            check(s, rt, "CPUID.01H:ECX.OSXSAVE with CR4.OSXSAVE", |a, ok| {
+                a.mov(eax, 1)?;
+                a.cpuid()?;
+                a.bt(ecx, 27)?;
+                a.jc(ok)
+            })?;
+            check(s, rt, "XCR0 = 1 at reset", |a, ok| {
+                a.xor(ecx, ecx)?;
+                a.xgetbv()?;
+                a.cmp(eax, 1)?;
+                a.je(ok)
+            })?;
+            ring0_case(s, rt, 1, "XSETBV 3", 0xff, None, |a| {
+                a.xor(ecx, ecx)?;
+                a.xor(edx, edx)?;
+                a.mov(eax, 3)?;
+                a.xsetbv()
+            })?;
+            check(s, rt, "XGETBV reads XCR0 = 3", |a, ok| {
+                a.xor(ecx, ecx)?;
+                a.xgetbv()?;
+                a.cmp(eax, 3)?;
+                a.je(ok)
+            })?;
+            ring0_case(s, rt, 2, "XSETBV without x87", 13, Some(0), |a| {
+                a.xor(ecx, ecx)?;
+                a.xor(edx, edx)?;
+                a.mov(eax, 2)?;
+                a.xsetbv()
+            })?;
+            ring0_case(s, rt, 3, "XSETBV bit 63", 13, Some(0), |a| {
+                a.xor(ecx, ecx)?;
+                a.mov(edx, 0x8000_0000u32)?;
+                a.mov(eax, 3)?;
+                a.xsetbv()
+            })?;
+            // XSAVE XMM0 = 0x1122334455667788 (low half) with RFBM = all.
+            let a = &mut s.a;
+            for off in (0..576).step_by(8) {
+                a.mov(qword_ptr(XSAVE_AREA + off), 0)?;
+            }
+            a.mov(rax, 0x1122_3344_5566_7788u64)?;
+            a.movq(xmm0, rax)?;
+            a.mov(eax, -1)?;
+            a.mov(edx, -1)?;
+            a.xsave64(ptr(XSAVE_AREA))?;
+            check(s, rt, "XSAVE stores XMM0 at offset 160", |a, ok| {
+                a.mov(rax, 0x1122_3344_5566_7788u64)?;
+                a.cmp(qword_ptr(XSAVE_AREA + 160), rax)?;
+                a.je(ok)
+            })?;
+            check(s, rt, "XSAVE sets XSTATE_BV.SSE", |a, ok| {
+                a.bt(qword_ptr(XSAVE_AREA + 512), 1)?;
+                a.jc(ok)
+            })?;
+            check(s, rt, "XRSTOR loads XMM0", |a, ok| {
+                a.pxor(xmm0, xmm0)?;
+                a.mov(eax, -1)?;
+                a.mov(edx, -1)?;
+                a.xrstor64(ptr(XSAVE_AREA))?;
+                a.movq(rax, xmm0)?;
+                a.mov(rcx, 0x1122_3344_5566_7788u64)?;
+                a.cmp(rax, rcx)?;
+                a.je(ok)
+            })?;
+            check(
+                s,
+                rt,
+                "XRSTOR with XSTATE_BV.SSE clear zeroes XMM0",
+                |a, ok| {
+                    a.btr(qword_ptr(XSAVE_AREA + 512), 1)?;
+                    a.mov(eax, 3)?;
+                    a.xor(edx, edx)?;
+                    a.xrstor64(ptr(XSAVE_AREA))?;
+                    a.movq(rax, xmm0)?;
+                    a.test(rax, rax)?;
+                    a.jz(ok)
+                },
+            )?;
+            ring0_case(
+                s,
+                rt,
+                4,
+                "XSAVE to an area not 64-byte aligned",
+                13,
+                Some(0),
+                |a| {
+                    a.mov(eax, 3)?;
+                    a.xor(edx, edx)?;
+                    a.xsave(ptr(XSAVE_AREA + 16))
+                },
+            )?;
+            // Ring 3: XGETBV runs, XSETBV is #GP(0).
+            let a = &mut s.a;
+            let mut user = a.create_label();
+            let mut skip = a.create_label();
+            run_user(a, USER_CODE64, user, 0x202)?;
+            a.jmp(skip)?;
+            a.set_label(&mut user)?;
+            silent_case(a, 64, 5, |a| {
+                a.xor(ecx, ecx)?;
+                a.xgetbv()?;
+                a.mov(dword_ptr(SLOTS + 16 * 7), eax)
+            })?;
+            silent_case(a, 64, 6, |a| {
+                a.xor(ecx, ecx)?;
+                a.xor(edx, edx)?;
+                a.mov(eax, 1)?;
+                a.xsetbv()
+            })?;
+            a.int(RING0_VECTOR as u32)?;
+            a.set_label(&mut skip)?;
+            check_slot(s, rt, 5, "XGETBV at CPL 3", 0xff, None)?;
+            check(s, rt, "XGETBV at CPL 3 reads 3", |a, ok| {
+                a.cmp(dword_ptr(SLOTS + 16 * 7), 3)?;
+                a.je(ok)
+            })?;
+            check_slot(s, rt, 6, "XSETBV at CPL 3", 13, Some(0))?;
+            rt.print(s, b"xsave: PASS\r\n")?;
+            rt.exit_with(s, EXIT_PASS)?;
+            handlers(s)
+        },
+        no_extra(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
 // modes
 
 /// Where `modes` records its stages (below 64 KiB, so real and virtual-8086 code reach it

@@ -6,7 +6,9 @@
 //! (not engine-private MSR lists or descriptor-cache bits), and memory counts every non-zero
 //! page by number and contents.
 
-use deja_machine::cpu::{DescriptorTable, FpuState, PendingDebug, PendingEvents, X87ErrorPins};
+use deja_machine::cpu::{
+    DescriptorTable, FpuState, PendingDebug, PendingEvents, X87ErrorPins, Xcr0,
+};
 use deja_machine::devices::DeviceState;
 use deja_machine::vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use deja_machine::{Cpu, CpuError, CpuState, Machine, MachineError, Position, Segment};
@@ -126,9 +128,9 @@ const _: () = assert!(deja_traces::FORMAT_VERSION >= VERSIONED_STATE_FORMAT);
 
 /// The CPU state layout this build writes: 3 is formats 1-3 (up to
 /// [`CpuState::pending`]), 4 adds [`CpuState::pending_debug`], 5 adds
-/// [`CpuState::x87_error_pins`]. A new `CpuState` field bumps it, keeps the previous layout
+/// [`CpuState::x87_error_pins`], 6 adds [`CpuState::xcr0`]. A new `CpuState` field bumps it, keeps the previous layout
 /// as a struct with a `From` conversion, and leaves the trace format alone.
-pub const CPU_STATE_LAYOUT: u32 = 5;
+pub const CPU_STATE_LAYOUT: u32 = 6;
 
 /// A machine snapshot decoded from any trace format: device states by key, so that restore
 /// and diffs need not know the format.
@@ -292,6 +294,7 @@ pub fn decode_cpu_state(bytes: &[u8], format: u32) -> Result<CpuState, StateErro
     let what = match layout {
         3 => "CPU state (layout 3, trace formats 1-3)",
         4 => "CPU state (layout 4, trace format 4)",
+        5 => "CPU state (layout 5)",
         _ => "CPU state",
     };
     let fail = |detail: String| StateError::Decode { what, detail };
@@ -300,6 +303,8 @@ pub fn decode_cpu_state(bytes: &[u8], format: u32) -> Result<CpuState, StateErro
         3 => bincode::serde::decode_from_slice::<CpuStateFormat3, _>(body, config)
             .map(|(s, n)| (CpuState::from(s), n)),
         4 => bincode::serde::decode_from_slice::<CpuStateFormat4, _>(body, config)
+            .map(|(s, n)| (CpuState::from(s), n)),
+        5 => bincode::serde::decode_from_slice::<CpuStateLayout5, _>(body, config)
             .map(|(s, n)| (CpuState::from(s), n)),
         CPU_STATE_LAYOUT => bincode::serde::decode_from_slice::<CpuState, _>(body, config),
         found => return Err(StateError::CpuLayout { found }),
@@ -349,6 +354,22 @@ struct CpuStateFormat4 {
     pending_debug: PendingDebug,
 }
 
+/// [`CpuState`] as layout 5 encoded it (trace formats 5-8 before XSAVE): the layout-4
+/// fields, then [`CpuState::x87_error_pins`].
+#[derive(Deserialize)]
+struct CpuStateLayout5 {
+    base: CpuStateFormat4,
+    x87_error_pins: X87ErrorPins,
+}
+
+impl From<CpuStateLayout5> for CpuState {
+    fn from(o: CpuStateLayout5) -> Self {
+        let mut state = CpuState::from(o.base);
+        state.x87_error_pins = o.x87_error_pins;
+        state
+    }
+}
+
 impl From<CpuStateFormat4> for CpuState {
     fn from(o: CpuStateFormat4) -> Self {
         let mut state = CpuState::from(o.base);
@@ -384,6 +405,8 @@ impl From<CpuStateFormat3> for CpuState {
             pending_debug: PendingDebug::default(),
             // They raised #MF whatever CR0.NE said: FERR# was never asserted.
             x87_error_pins: X87ErrorPins::default(),
+            // Their CPUs had no XSETBV: XCR0 kept its reset value.
+            xcr0: Xcr0::RESET,
         }
     }
 }
@@ -430,6 +453,12 @@ fn cpu_core(s: &CpuState) -> Vec<u8> {
     put(u64::from(s.fpu.mxcsr));
     for x in &s.fpu.xmm {
         out.extend_from_slice(x);
+    }
+    // XCR0 only once a guest changed it, so the digests of every state from before it
+    // existed (and of guests that never use XSETBV) are what they were.
+    if s.xcr0 != Xcr0::RESET {
+        out.extend_from_slice(b"xcr0");
+        out.extend_from_slice(&s.xcr0.0.to_le_bytes());
     }
     out
 }
@@ -901,6 +930,14 @@ mod tests {
         );
     }
 
+    /// A state as layout 5 (trace formats 5 and 6, bare) encoded it: everything up to
+    /// [`CpuState::x87_error_pins`], XCR0 being the field layout 6 appended.
+    fn layout5_bytes(s: &CpuState) -> Vec<u8> {
+        let full = encode(s);
+        let tail = encode(&s.xcr0).len();
+        full[..full.len() - tail].to_vec()
+    }
+
     #[test]
     fn current_checkpoints_carry_the_pending_debug_trap() {
         let mut s = expected_format3_state();
@@ -908,7 +945,7 @@ mod tests {
             trap: 0x4001,
             after_shadow: 0x4000,
         };
-        let bytes = encode(&s);
+        let bytes = layout5_bytes(&s);
         assert_eq!(decode_cpu_state(&bytes, 6).unwrap(), s);
         assert_eq!(
             decode_cpu_state(&encode_cpu_state(&s), deja_traces::FORMAT_VERSION).unwrap(),
@@ -917,9 +954,11 @@ mod tests {
         const { assert!(deja_traces::FORMAT_VERSION >= X87_ERROR_PINS_FORMAT) };
         let err = decode_cpu_state(&bytes, 3).unwrap_err().to_string();
         assert!(err.contains("left over"), "{err}");
-        // Without a trap or pins, the new layout is the old one plus four empty fields.
+        // Without a trap or pins and with XCR0 at reset, the new layout is the old one plus
+        // four empty fields and XCR0's one byte.
         let plain = encode(&expected_format3_state());
-        assert_eq!(plain[..plain.len() - 4], format3_bytes()[..]);
+        assert_eq!(plain[..plain.len() - 5], format3_bytes()[..]);
+        assert_eq!(plain[plain.len() - 1], 1, "XCR0 = 1");
     }
 
     /// A checkpoint holds every resident page, the firmware ROM's too: it restores into a
@@ -994,6 +1033,42 @@ mod tests {
         assert!(matches!(err, StateError::CpuLayout { found: 9 }), "{err}");
         // Without the prefix, a format-7 reader must not take a bare state for one.
         assert!(decode_cpu_state(&encode(&expected_format3_state()), 7).is_err());
+    }
+
+    /// Layout 6 added XCR0: a layout-5 blob (formats 5 and 6 bare, 7 and 8 with the prefix)
+    /// reads as XCR0 = 1, the reset value; layout 6 keeps what XSETBV wrote; and XCR0 enters
+    /// the state digest only once it differs from 1, so old recordings' digests still match.
+    #[test]
+    fn layout_5_states_read_with_xcr0_at_reset_and_the_digest_sees_xcr0_only_when_set() {
+        let mut pins = expected_format3_state();
+        pins.pending_debug.trap = 0x4000;
+        pins.x87_error_pins.ferr = true;
+        let mut body = format3_bytes();
+        body.extend(encode(&pins.pending_debug));
+        body.extend(encode(&pins.x87_error_pins));
+        let mut prefixed = encode(&5u32);
+        prefixed.extend(&body);
+        for (bytes, format) in [(&body, 5), (&body, 6), (&prefixed, 7), (&prefixed, 8)] {
+            let s = decode_cpu_state(bytes, format).unwrap();
+            assert_eq!(s.xcr0, Xcr0::RESET, "format {format}");
+            assert!(s == pins, "format {format}: {:#?}", pins.diff(&s));
+        }
+        let mut sse = pins.clone();
+        sse.xcr0 = Xcr0(Xcr0::X87 | Xcr0::SSE);
+        let back = decode_cpu_state(&encode_cpu_state(&sse), deja_traces::FORMAT_VERSION).unwrap();
+        assert_eq!(back.xcr0, sse.xcr0);
+        let mut before = cpu_core(&pins);
+        assert_eq!(
+            cpu_core(&{
+                let mut p = pins.clone();
+                p.xcr0 = Xcr0::RESET;
+                p
+            }),
+            before
+        );
+        before.extend_from_slice(b"xcr0");
+        before.extend_from_slice(&3u64.to_le_bytes());
+        assert_eq!(cpu_core(&sse), before);
     }
 
     /// A pc machine on bt, for the device-state tests.
@@ -1114,6 +1189,6 @@ mod tests {
             ferr: true,
             ignne: true,
         };
-        assert_eq!(decode_cpu_state(&encode(&now), 5).unwrap(), now);
+        assert_eq!(decode_cpu_state(&layout5_bytes(&now), 5).unwrap(), now);
     }
 }

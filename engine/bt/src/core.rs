@@ -3,7 +3,7 @@
 //! and from the portable [`CpuState`].
 
 use deja_machine::cpu::{
-    DescriptorTable, FpuState, PendingDebug, PendingEvents, X87ErrorPins, msr, seg,
+    DescriptorTable, FpuState, PendingDebug, PendingEvents, X87ErrorPins, Xcr0, msr, seg,
 };
 use deja_machine::{CpuState, Segment};
 use std::collections::BTreeMap;
@@ -55,11 +55,17 @@ pub mod crb {
     pub const DE: u64 = 1 << 3;
     pub const PSE: u64 = 1 << 4;
     pub const PAE: u64 = 1 << 5;
+    pub const MCE: u64 = 1 << 6;
     pub const PGE: u64 = 1 << 7;
+    pub const PCE: u64 = 1 << 8;
     pub const OSFXSR: u64 = 1 << 9;
     pub const OSXMMEXCPT: u64 = 1 << 10;
     pub const UMIP: u64 = 1 << 11;
+    pub const FSGSBASE: u64 = 1 << 16;
+    pub const PCIDE: u64 = 1 << 17;
+    pub const OSXSAVE: u64 = 1 << 18;
     pub const SMEP: u64 = 1 << 20;
+    pub const SMAP: u64 = 1 << 21;
     // EFER
     pub const SCE: u64 = 1 << 0;
     pub const LME: u64 = 1 << 8;
@@ -235,6 +241,8 @@ pub struct Core {
     pub db_hits: u64,
     /// FERR# and IGNNE#, the PC's x87 error signalling while CR0.NE is clear.
     pub x87_pins: X87ErrorPins,
+    /// XCR0 (XSETBV/XGETBV; the components XSAVE and XRSTOR manage).
+    pub xcr0: u64,
 }
 
 /// DR6 and DR7 bits the engine consults.
@@ -290,6 +298,7 @@ impl Core {
             db_deferred: s.pending_debug.after_shadow,
             db_hits: 0,
             x87_pins: s.x87_error_pins,
+            xcr0: s.xcr0.0,
         }
     }
 
@@ -321,6 +330,7 @@ impl Core {
                 after_shadow: self.db_deferred,
             },
             x87_error_pins: self.x87_pins,
+            xcr0: Xcr0(self.xcr0),
         }
     }
 

@@ -59,6 +59,10 @@ pub struct MemSys {
     /// Guest data breakpoints (DR0-DR3) are armed: every access takes the checked path (no
     /// fast entries are installed while this is set, and they are flushed when it is set).
     pub watching: bool,
+    /// The access in progress is an implicit supervisor-mode access (descriptor tables, the
+    /// IDT, the TSS: [`Ctx::read_sys`], [`Ctx::write_sys`]), which SMAP checks whatever
+    /// EFLAGS.AC says.
+    implicit: bool,
 }
 
 /// Watched guest-physical ranges: their pages never get fast write entries, so every store
@@ -126,6 +130,7 @@ impl MemSys {
             mmu,
             watch: None,
             watching: false,
+            implicit: false,
         }
     }
 
@@ -405,12 +410,44 @@ impl Ctx<'_> {
 
 impl Ctx<'_> {
     fn regs(&self) -> Regs {
+        // SMAP as it applies to this access: EFLAGS.AC lifts it for explicit accesses
+        // (`crate::mmu::PagingRegs::cr4`).
+        let ac = self.core.rflags & crate::core::fl::AC != 0 && !self.mem.implicit;
         Regs {
             cr0: self.core.cr0,
             cr3: self.core.cr3,
-            cr4: self.core.cr4,
+            cr4: if ac {
+                self.core.cr4 & !crate::core::crb::SMAP
+            } else {
+                self.core.cr4
+            },
             efer: self.core.efer,
         }
+    }
+
+    /// Whether a supervisor access may install a fast-path entry: not while SMAP is on and
+    /// EFLAGS.AC lets explicit accesses reach user pages, since the fast path does not know
+    /// AC (so its supervisor entries stay supervisor pages; CR4.SMAP changes flush it).
+    #[inline]
+    fn fast_fill_ok(&self, user: bool) -> bool {
+        use crate::core::{crb, fl};
+        user || self.core.cr4 & crb::SMAP == 0 || self.core.rflags & fl::AC == 0
+    }
+
+    /// An implicit supervisor-mode read (descriptor tables, the IDT, the TSS).
+    pub fn read_sys(&mut self, lin: u64, size: u8) -> Result<u64, Exc> {
+        self.mem.implicit = true;
+        let r = self.read_lin_as(lin, size, false);
+        self.mem.implicit = false;
+        r
+    }
+
+    /// An implicit supervisor-mode write (descriptor accessed and busy bits, the TSS).
+    pub fn write_sys(&mut self, lin: u64, size: u8, v: u64) -> Result<(), Exc> {
+        self.mem.implicit = true;
+        let r = self.write_lin_as(lin, size, v, false);
+        self.mem.implicit = false;
+        r
     }
 
     /// The effective address (offset within the segment) of a memory operand.
@@ -647,7 +684,7 @@ impl Ctx<'_> {
                 // SAFETY: `h` points at the RAM or ROM page of guest memory holding `p`, and
                 // the chunk does not cross the 4 KiB page (ROMs are whole pages).
                 unsafe { std::ptr::copy_nonoverlapping(h, out[at..].as_mut_ptr(), len) };
-                if len == out.len() && !self.mem.watching {
+                if len == out.len() && !self.mem.watching && self.fast_fill_ok(user) {
                     let page = self.wrap(lin) & !0xfff;
                     let tag = page | (user as u64) << 1 | 1;
                     // SAFETY: page-aligned host address of the same RAM page.
@@ -764,7 +801,7 @@ impl Ctx<'_> {
                 // `collect_dirty_pages` drops the entry, so the page is marked here.
                 self.machine.mark_dirty(p, len);
                 if reasons == 0 && !watched {
-                    if len == data.len() && !self.mem.watching {
+                    if len == data.len() && !self.mem.watching && self.fast_fill_ok(user) {
                         let page = self.wrap(lin) & !0xfff;
                         let tag = page | (user as u64) << 1 | 1;
                         // SAFETY: page-aligned host address of the same RAM page.

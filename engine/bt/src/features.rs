@@ -15,11 +15,13 @@ use deja_machine::Machine;
 use deja_machine::cpuid::features as bit;
 use iced_x86::{CpuidFeature, Instruction, Mnemonic};
 
-/// Where a feature's bit lives: leaf (subleaf 0), register (0 = EAX .. 3 = EDX), mask.
+/// Where a feature's bit lives: leaf, subleaf, register (0 = EAX .. 3 = EDX), mask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
-    /// CPUID function (EAX input); the subleaf is 0.
+    /// CPUID function (EAX input).
     pub leaf: u32,
+    /// CPUID subleaf (ECX input): 0 but for the XSAVE variants (leaf 0xd, subleaf 1).
+    pub subleaf: u32,
     /// Output register, 0 = EAX .. 3 = EDX.
     pub reg: usize,
     /// The feature's bit.
@@ -27,7 +29,21 @@ pub struct Location {
 }
 
 const fn at(leaf: u32, reg: usize, mask: u32) -> Option<Location> {
-    Some(Location { leaf, reg, mask })
+    Some(Location {
+        leaf,
+        subleaf: 0,
+        reg,
+        mask,
+    })
+}
+
+const fn at_sub(leaf: u32, subleaf: u32, reg: usize, mask: u32) -> Option<Location> {
+    Some(Location {
+        leaf,
+        subleaf,
+        reg,
+        mask,
+    })
 }
 
 /// The CPUID bit that enumerates `f`, for the features whose instructions bt can run (or
@@ -41,6 +57,7 @@ pub fn location(f: CpuidFeature) -> Option<Location> {
     const ECX: usize = 2;
     const EDX: usize = 3;
     const EBX: usize = 1;
+    const EAX: usize = 0;
     match f {
         F::FPU | F::FPU287 | F::FPU387 => at(L1, EDX, bit::FPU),
         F::TSC => at(L1, EDX, bit::TSC),
@@ -64,7 +81,10 @@ pub fn location(f: CpuidFeature) -> Option<Location> {
         F::MOVBE => at(L1, ECX, bit::MOVBE),
         F::POPCNT => at(L1, ECX, bit::POPCNT),
         F::AES => at(L1, ECX, 1 << 25),
-        F::XSAVE => at(L1, ECX, 1 << 26),
+        F::XSAVE => at(L1, ECX, bit::XSAVE),
+        F::XSAVEOPT => at_sub(0xd, 1, EAX, bit::XSAVEOPT),
+        F::XSAVEC => at_sub(0xd, 1, EAX, bit::XSAVEC),
+        F::XSAVES => at_sub(0xd, 1, EAX, bit::XSAVES),
         F::AVX => at(L1, ECX, 1 << 28),
         F::F16C => at(L1, ECX, 1 << 29),
         F::RDRAND => at(L1, ECX, bit::RDRAND),
@@ -72,10 +92,10 @@ pub fn location(f: CpuidFeature) -> Option<Location> {
         F::BMI1 => at(L7, EBX, 1 << 3),
         F::AVX2 => at(L7, EBX, 1 << 5),
         F::BMI2 => at(L7, EBX, 1 << 8),
-        F::INVPCID => at(L7, EBX, 1 << 10),
+        F::INVPCID => at(L7, EBX, bit::INVPCID),
         F::RDSEED => at(L7, EBX, 1 << 18),
         F::ADX => at(L7, EBX, 1 << 19),
-        F::SMAP => at(L7, EBX, 1 << 20),
+        F::SMAP => at(L7, EBX, bit::SMAP),
         F::CLFLUSHOPT => at(L7, EBX, bit::CLFLUSHOPT),
         F::CLWB => at(L7, EBX, bit::CLWB),
         F::SHA => at(L7, EBX, 1 << 29),
@@ -100,19 +120,21 @@ pub struct Features {
 }
 
 impl Features {
-    /// The features `cpuid(leaf, 0)` reports (a [`Machine::cpuid`] or a table's `lookup`).
-    pub fn from_cpuid(cpuid: impl Fn(u32) -> [u32; 4]) -> Self {
+    /// The features `cpuid(leaf, subleaf)` reports (a [`Machine::cpuid`] or a table's
+    /// `lookup`).
+    pub fn from_cpuid(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Self {
         let mut set = [0u64; 4];
-        let mut leaves: Vec<(u32, [u32; 4])> = Vec::with_capacity(3);
+        let mut leaves: Vec<((u32, u32), [u32; 4])> = Vec::with_capacity(4);
         for f in CpuidFeature::values() {
             let on = match location(f) {
                 None => true,
                 Some(l) => {
-                    let regs = match leaves.iter().find(|(leaf, _)| *leaf == l.leaf) {
+                    let key = (l.leaf, l.subleaf);
+                    let regs = match leaves.iter().find(|(k, _)| *k == key) {
                         Some((_, r)) => *r,
                         None => {
-                            let r = cpuid(l.leaf);
-                            leaves.push((l.leaf, r));
+                            let r = cpuid(l.leaf, l.subleaf);
+                            leaves.push((key, r));
                             r
                         }
                     };
@@ -124,13 +146,13 @@ impl Features {
                 set[i / 64] |= 1 << (i % 64);
             }
         }
-        let lahf_lm = cpuid(0x8000_0001)[2] & bit::LAHF_LM != 0;
+        let lahf_lm = cpuid(0x8000_0001, 0)[2] & bit::LAHF_LM != 0;
         Self { set, lahf_lm }
     }
 
     /// What the guest of `machine` is told now.
     pub fn of(machine: &Machine) -> Self {
-        Self::from_cpuid(|leaf| machine.cpuid(leaf, 0))
+        Self::from_cpuid(|leaf, subleaf| machine.cpuid(leaf, subleaf))
     }
 
     /// Whether feature `f` is reported (features without a CPUID bit always are).
@@ -165,6 +187,6 @@ impl Default for Features {
     /// The features of deja's default CPU.
     fn default() -> Self {
         let t = deja_machine::CpuidTable::deja_default();
-        Self::from_cpuid(|leaf| t.lookup(leaf, 0))
+        Self::from_cpuid(|leaf, subleaf| t.lookup(leaf, subleaf))
     }
 }

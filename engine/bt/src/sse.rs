@@ -7,6 +7,8 @@ use crate::features::Features;
 use crate::ir::{Ctl, Exc, OpResult, Operand, UOp};
 use iced_x86::{Instruction, Mnemonic};
 
+pub mod xsave;
+
 fn sse_enabled(ctx: &Ctx) -> Result<(), Exc> {
     let c = &*ctx.core;
     if c.cr0 & crb::EM != 0 || c.cr4 & crb::OSFXSR == 0 {
@@ -261,65 +263,91 @@ fn fxsave(ctx: &mut Ctx, op: &UOp) -> OpResult {
         return Err(Exc::gp(0));
     }
     let user = ctx.core.cpl() == 3;
+    if op.aux == 0 {
+        let b = fx_image(ctx, op.size == 8);
+        ctx.write_bytes(lin, &b, user)?;
+    } else {
+        let mut b = [0u8; 512];
+        ctx.read_bytes(lin, &mut b, user)?;
+        let mx = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+        if mx & !MXCSR_MASK != 0 {
+            return Err(Exc::gp(0));
+        }
+        fx_load_x87(ctx, &b, op.size == 8);
+        ctx.core.fpu.mxcsr = mx;
+        fx_load_xmm(ctx, &b);
+        crate::native::x87_error_sync(ctx);
+    }
+    Ok(Ctl::Next)
+}
+
+/// The MXCSR bits deja's CPU implements (the MXCSR_MASK FXSAVE stores: DAZ included);
+/// loading any other bit raises #GP(0).
+pub(crate) const MXCSR_MASK: u32 = 0xffff;
+
+/// The FXSAVE image of the x87 and SSE state (XSAVE's legacy region is the same 512 bytes):
+/// the 64-bit layout with `rex_w` (FXSAVE64), else the 32-bit one, which in 64-bit mode
+/// stores the low halves of FIP/FDP with the CS and DS selectors. XMM8-15 only in 64-bit mode.
+pub(crate) fn fx_image(ctx: &Ctx, rex_w: bool) -> [u8; 512] {
     let mode64 = ctx.core.mode64();
     let xmm_count = if mode64 { 16 } else { 8 };
     let cs = ctx.core.seg[deja_machine::cpu::seg::CS].selector;
     let ds = ctx.core.seg[deja_machine::cpu::seg::DS].selector;
-    if op.aux == 0 {
-        let f = &ctx.core.fpu;
-        let mut b = vec![0u8; 512];
-        b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
-        b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
-        b[4] = f.ftw;
-        // The last opcode only with an exception pending (Intel, FOP compatibility mode off).
-        let fop = if f.fsw & 0x80 != 0 { f.fop } else { 0 };
-        b[6..8].copy_from_slice(&fop.to_le_bytes());
-        b[8..16].copy_from_slice(&f.fip.to_le_bytes());
-        b[16..24].copy_from_slice(&f.fdp.to_le_bytes());
-        if op.size == 4 && mode64 {
-            // The 32-bit layout in 64-bit mode: offsets' low halves and the selectors.
-            b[12..14].copy_from_slice(&cs.to_le_bytes());
-            b[14..16].fill(0);
-            b[20..22].copy_from_slice(&ds.to_le_bytes());
-            b[22..24].fill(0);
-        }
-        b[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
-        b[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
-        for i in 0..8 {
-            b[32 + i * 16..48 + i * 16].copy_from_slice(&f.st[i]);
-        }
-        for i in 0..xmm_count {
-            b[160 + i * 16..176 + i * 16].copy_from_slice(&f.xmm[i]);
-        }
-        ctx.write_bytes(lin, &b, user)?;
-    } else {
-        let mut b = vec![0u8; 512];
-        ctx.read_bytes(lin, &mut b, user)?;
-        let mx = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
-        if mx & !0xffff != 0 {
-            return Err(Exc::gp(0));
-        }
-        let f = &mut ctx.core.fpu;
-        f.fcw = u16::from_le_bytes([b[0], b[1]]);
-        f.fsw = u16::from_le_bytes([b[2], b[3]]);
-        f.ftw = b[4];
-        f.fop = u16::from_le_bytes([b[6], b[7]]);
-        f.fip = u64::from_le_bytes(b[8..16].try_into().unwrap_or([0; 8]));
-        f.fdp = u64::from_le_bytes(b[16..24].try_into().unwrap_or([0; 8]));
-        if op.size == 4 && mode64 {
-            f.fip &= 0xffff_ffff;
-            f.fdp &= 0xffff_ffff;
-        }
-        f.mxcsr = mx;
-        for i in 0..8 {
-            f.st[i].copy_from_slice(&b[32 + i * 16..48 + i * 16]);
-        }
-        for i in 0..xmm_count {
-            f.xmm[i].copy_from_slice(&b[160 + i * 16..176 + i * 16]);
-        }
-        crate::native::x87_error_sync(ctx);
+    let f = &ctx.core.fpu;
+    let mut b = [0u8; 512];
+    b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+    b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+    b[4] = f.ftw;
+    // The last opcode only with an exception pending (Intel, FOP compatibility mode off).
+    let fop = if f.fsw & 0x80 != 0 { f.fop } else { 0 };
+    b[6..8].copy_from_slice(&fop.to_le_bytes());
+    b[8..16].copy_from_slice(&f.fip.to_le_bytes());
+    b[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+    if !rex_w && mode64 {
+        // The 32-bit layout in 64-bit mode: offsets' low halves and the selectors.
+        b[12..14].copy_from_slice(&cs.to_le_bytes());
+        b[14..16].fill(0);
+        b[20..22].copy_from_slice(&ds.to_le_bytes());
+        b[22..24].fill(0);
     }
-    Ok(Ctl::Next)
+    b[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
+    b[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
+    for i in 0..8 {
+        b[32 + i * 16..48 + i * 16].copy_from_slice(&f.st[i]);
+    }
+    for i in 0..xmm_count {
+        b[160 + i * 16..176 + i * 16].copy_from_slice(&f.xmm[i]);
+    }
+    b
+}
+
+/// Loads the x87 part of an FXSAVE image (bytes 0-23 and 32-159; `rex_w` as in
+/// [`fx_image`]). The caller syncs FERR# afterwards ([`crate::native::x87_error_sync`]).
+pub(crate) fn fx_load_x87(ctx: &mut Ctx, b: &[u8; 512], rex_w: bool) {
+    let mode64 = ctx.core.mode64();
+    let f = &mut ctx.core.fpu;
+    f.fcw = u16::from_le_bytes([b[0], b[1]]);
+    f.fsw = u16::from_le_bytes([b[2], b[3]]);
+    f.ftw = b[4];
+    f.fop = u16::from_le_bytes([b[6], b[7]]);
+    f.fip = u64::from_le_bytes(b[8..16].try_into().unwrap_or([0; 8]));
+    f.fdp = u64::from_le_bytes(b[16..24].try_into().unwrap_or([0; 8]));
+    if !rex_w && mode64 {
+        f.fip &= 0xffff_ffff;
+        f.fdp &= 0xffff_ffff;
+    }
+    for i in 0..8 {
+        f.st[i].copy_from_slice(&b[32 + i * 16..48 + i * 16]);
+    }
+}
+
+/// Loads the XMM registers of an FXSAVE image (XMM8-15 only in 64-bit mode).
+pub(crate) fn fx_load_xmm(ctx: &mut Ctx, b: &[u8; 512]) {
+    let xmm_count = if ctx.core.mode64() { 16 } else { 8 };
+    let f = &mut ctx.core.fpu;
+    for i in 0..xmm_count {
+        f.xmm[i].copy_from_slice(&b[160 + i * 16..176 + i * 16]);
+    }
 }
 
 /// Element width in bits of a packed-integer instruction (the b/w/d/q its name ends in).
@@ -467,6 +495,29 @@ fn software(insn: &Instruction, op: &mut UOp) -> bool {
             };
             op.exec = fxsave;
         }
+        Mnemonic::Xsave
+        | Mnemonic::Xsave64
+        | Mnemonic::Xsaveopt
+        | Mnemonic::Xsaveopt64
+        | Mnemonic::Xrstor
+        | Mnemonic::Xrstor64 => {
+            op.aux = match m {
+                Mnemonic::Xsave | Mnemonic::Xsave64 => xsave::XSAVE,
+                Mnemonic::Xsaveopt | Mnemonic::Xsaveopt64 => xsave::XSAVEOPT,
+                _ => xsave::XRSTOR,
+            };
+            op.size = if matches!(
+                m,
+                Mnemonic::Xsave64 | Mnemonic::Xsaveopt64 | Mnemonic::Xrstor64
+            ) {
+                8
+            } else {
+                4
+            };
+            op.exec = xsave::xsave;
+        }
+        Mnemonic::Xgetbv => op.exec = xsave::xgetbv,
+        Mnemonic::Xsetbv => op.exec = xsave::xsetbv,
         _ => return false,
     }
     true

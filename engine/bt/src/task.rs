@@ -48,11 +48,11 @@ struct TaskImage {
 }
 
 fn read(ctx: &mut Ctx, lin: u64, size: u8) -> Result<u64, Exc> {
-    ctx.read_lin_as(lin, size, false)
+    ctx.read_sys(lin, size)
 }
 
 fn write(ctx: &mut Ctx, lin: u64, size: u8, v: u64) -> Result<(), Exc> {
-    ctx.write_lin_as(lin, size, v, false)
+    ctx.write_sys(lin, size, v)
 }
 
 fn read_image(ctx: &mut Ctx, base: u64, is32: bool) -> Result<TaskImage, Exc> {

@@ -550,8 +550,11 @@ pub fn build(insn: &Instruction, bitness: u32, features: &Features) -> UOp {
             op.aux = match m {
                 Mnemonic::Bsf => 0,
                 Mnemonic::Bsr => 1,
-                Mnemonic::Tzcnt => 2,
-                Mnemonic::Lzcnt => 3,
+                // Without BMI1 (LZCNT) the F3-prefixed encoding is BSF (BSR).
+                Mnemonic::Tzcnt if features.has(iced_x86::CpuidFeature::BMI1) => 2,
+                Mnemonic::Tzcnt => 0,
+                Mnemonic::Lzcnt if features.has(iced_x86::CpuidFeature::LZCNT) => 3,
+                Mnemonic::Lzcnt => 1,
                 _ => 4,
             };
             op.exec = ops::bitscan;
@@ -683,6 +686,10 @@ pub fn build(insn: &Instruction, bitness: u32, features: &Features) -> UOp {
             op.exec = system::selector_query;
         }
         Mnemonic::Invlpg => op.exec = system::invlpg,
+        Mnemonic::Stac | Mnemonic::Clac => {
+            op.aux = (m == Mnemonic::Stac) as u8;
+            op.exec = system::stac_clac;
+        }
         Mnemonic::Cpuid => op.exec = system::cpuid,
         Mnemonic::Rdtsc | Mnemonic::Rdtscp => {
             op.aux = (m == Mnemonic::Rdtscp) as u8;
@@ -730,8 +737,8 @@ pub fn build(insn: &Instruction, bitness: u32, features: &Features) -> UOp {
 }
 
 /// Encodings a CPU without their feature runs as an older instruction rather than raising
-/// #UD: TZCNT (BMI1) and LZCNT (ABM) are REP-prefixed BSF and BSR there. bt runs them as
-/// TZCNT and LZCNT whatever the table reports (the BSF/BSR fallback is not modelled).
+/// #UD: TZCNT (BMI1) and LZCNT (ABM) are REP-prefixed BSF and BSR there, and bt runs them
+/// so when the table lacks the feature.
 fn falls_back(m: Mnemonic) -> bool {
     matches!(m, Mnemonic::Tzcnt | Mnemonic::Lzcnt)
 }

@@ -1211,3 +1211,609 @@ fn fxsave_pointer_layouts_in_64_bit_mode() {
     // No exception pending: FOP reads 0 (Intel, FOP compatibility mode off).
     assert_eq!(u16_at(d, 0x406), 0);
 }
+
+/// CR4.OSXSAVE (bit 18) on, XCR0 = `xcr0`.
+fn with_xsave(xcr0: u64) -> impl FnOnce(&mut CpuState) {
+    move |s: &mut CpuState| {
+        s.cr4 |= 1 << 18;
+        s.xcr0 = deja_machine::cpu::Xcr0(xcr0);
+    }
+}
+
+/// A table whose leaf `leaf`, subleaf `index` lacks `mask` in register `reg`.
+fn without_sub(leaf: u32, index: u32, reg: usize, mask: u32) -> CpuidTable {
+    let mut t = CpuidTable::deja_default();
+    let e = t
+        .entries
+        .iter_mut()
+        .find(|e| e.function == leaf && e.index == index)
+        .unwrap();
+    match reg {
+        0 => e.eax &= !mask,
+        1 => e.ebx &= !mask,
+        2 => e.ecx &= !mask,
+        _ => e.edx &= !mask,
+    }
+    t
+}
+
+#[test]
+fn xsave_family_faults_follow_the_sdm() {
+    use deja_machine::cpuid::features as f;
+    type Snip = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    type Setup = fn(&mut CpuState);
+    let osx: Setup = |s| with_xsave(3)(s);
+    let osx1: Setup = |s| with_xsave(1)(s);
+    let plain: Setup = |_| {};
+    let ts: Setup = |s| {
+        with_xsave(3)(s);
+        s.cr0 |= 1 << 3;
+    };
+    // The area at R14 + 0x400 with XSTATE_BV (offset 512) and XCOMP_BV (520) as given.
+    let mut data = vec![0u8; 4096];
+    let header = |d: &mut [u8], at: usize, bv: u64, comp: u64, mxcsr: u32| {
+        d[at + 24..at + 28].copy_from_slice(&mxcsr.to_le_bytes());
+        d[at + 512..at + 520].copy_from_slice(&bv.to_le_bytes());
+        d[at + 520..at + 528].copy_from_slice(&comp.to_le_bytes());
+    };
+    header(&mut data, 0x400, 2, 0, 0x1f80); // SSE in XSTATE_BV
+    header(&mut data, 0x800, 1, 1 << 63, 0x1f80); // a compacted-form header
+    header(&mut data, 0xc00, 3, 0, 0x1_0000); // a reserved MXCSR bit
+    let d = &data;
+    // (case, table, setup, code, the vector expected or None)
+    let cases: Vec<(&str, CpuidTable, Setup, Snip, Option<u8>)> = vec![
+        (
+            "xgetbv without OSXSAVE",
+            CpuidTable::deja_default(),
+            plain,
+            |a| a.xgetbv(),
+            Some(6),
+        ),
+        (
+            "xsetbv without OSXSAVE",
+            CpuidTable::deja_default(),
+            plain,
+            |a| {
+                a.mov(ecx, 0)?;
+                a.mov(eax, 1)?;
+                a.mov(edx, 0)?;
+                a.xsetbv()
+            },
+            Some(6),
+        ),
+        (
+            "xsave without OSXSAVE",
+            CpuidTable::deja_default(),
+            plain,
+            |a| a.xsave(ptr(r14)),
+            Some(6),
+        ),
+        (
+            "xgetbv ecx=0",
+            CpuidTable::deja_default(),
+            osx,
+            |a| {
+                a.mov(ecx, 0)?;
+                a.xgetbv()
+            },
+            None,
+        ),
+        (
+            "xgetbv ecx=1 (not reported)",
+            CpuidTable::deja_default(),
+            osx,
+            |a| {
+                a.mov(ecx, 1)?;
+                a.xgetbv()
+            },
+            Some(13),
+        ),
+        (
+            "xsetbv 3",
+            CpuidTable::deja_default(),
+            osx1,
+            |a| {
+                a.mov(ecx, 0)?;
+                a.mov(eax, 3)?;
+                a.mov(edx, 0)?;
+                a.xsetbv()
+            },
+            None,
+        ),
+        (
+            "xsetbv without x87",
+            CpuidTable::deja_default(),
+            osx1,
+            |a| {
+                a.mov(ecx, 0)?;
+                a.mov(eax, 2)?;
+                a.mov(edx, 0)?;
+                a.xsetbv()
+            },
+            Some(13),
+        ),
+        (
+            "xsetbv AVX (unsupported)",
+            CpuidTable::deja_default(),
+            osx1,
+            |a| {
+                a.mov(ecx, 0)?;
+                a.mov(eax, 7)?;
+                a.mov(edx, 0)?;
+                a.xsetbv()
+            },
+            Some(13),
+        ),
+        (
+            "xsetbv a high bit",
+            CpuidTable::deja_default(),
+            osx1,
+            |a| {
+                a.mov(ecx, 0)?;
+                a.mov(eax, 3)?;
+                a.mov(edx, 1)?;
+                a.xsetbv()
+            },
+            Some(13),
+        ),
+        (
+            "xsetbv ecx=1",
+            CpuidTable::deja_default(),
+            osx1,
+            |a| {
+                a.mov(ecx, 1)?;
+                a.mov(eax, 1)?;
+                a.mov(edx, 0)?;
+                a.xsetbv()
+            },
+            Some(13),
+        ),
+        (
+            "xsave aligned",
+            CpuidTable::deja_default(),
+            osx,
+            |a| a.xsave(ptr(r14)),
+            None,
+        ),
+        (
+            "xsave 16-byte aligned only",
+            CpuidTable::deja_default(),
+            osx,
+            |a| a.xsave(ptr(r14 + 16)),
+            Some(13),
+        ),
+        (
+            "xrstor 32-byte aligned only",
+            CpuidTable::deja_default(),
+            osx,
+            |a| a.xrstor(ptr(r14 + 32)),
+            Some(13),
+        ),
+        (
+            "xsave with CR0.TS",
+            CpuidTable::deja_default(),
+            ts,
+            |a| a.xsave(ptr(r14)),
+            Some(7),
+        ),
+        (
+            "xgetbv with CR0.TS",
+            CpuidTable::deja_default(),
+            ts,
+            |a| {
+                a.mov(ecx, 0)?;
+                a.xgetbv()
+            },
+            None,
+        ),
+        (
+            "xrstor XSTATE_BV beyond XCR0",
+            CpuidTable::deja_default(),
+            osx1,
+            |a| {
+                a.mov(eax, -1)?;
+                a.mov(edx, -1)?;
+                a.xrstor(ptr(r14 + 0x400))
+            },
+            Some(13),
+        ),
+        (
+            "xrstor the same with XCR0 = 3",
+            CpuidTable::deja_default(),
+            osx,
+            |a| {
+                a.mov(eax, -1)?;
+                a.mov(edx, -1)?;
+                a.xrstor(ptr(r14 + 0x400))
+            },
+            None,
+        ),
+        (
+            "xrstor a compacted header",
+            CpuidTable::deja_default(),
+            osx,
+            |a| {
+                a.mov(eax, -1)?;
+                a.mov(edx, -1)?;
+                a.xrstor(ptr(r14 + 0x800))
+            },
+            Some(13),
+        ),
+        (
+            "xrstor a reserved MXCSR bit",
+            CpuidTable::deja_default(),
+            osx,
+            |a| {
+                a.mov(eax, -1)?;
+                a.mov(edx, -1)?;
+                a.xrstor(ptr(r14 + 0xc00))
+            },
+            Some(13),
+        ),
+        (
+            "xrstor a reserved MXCSR bit outside RFBM",
+            CpuidTable::deja_default(),
+            osx,
+            |a| {
+                a.mov(eax, 1)?;
+                a.mov(edx, 0)?;
+                a.xrstor(ptr(r14 + 0xc00))
+            },
+            None,
+        ),
+        (
+            "xsaveopt",
+            CpuidTable::deja_default(),
+            osx,
+            |a| a.xsaveopt(ptr(r14)),
+            None,
+        ),
+        (
+            "xsaveopt without CPUID.(0DH,1):EAX[0]",
+            without_sub(0xd, 1, 0, f::XSAVEOPT),
+            osx,
+            |a| a.xsaveopt(ptr(r14)),
+            Some(6),
+        ),
+        (
+            "xsavec (not reported)",
+            CpuidTable::deja_default(),
+            osx,
+            |a| a.xsavec(ptr(r14)),
+            Some(6),
+        ),
+        (
+            "xsaves (not reported)",
+            CpuidTable::deja_default(),
+            osx,
+            |a| a.xsaves(ptr(r14)),
+            Some(6),
+        ),
+        (
+            "xgetbv without CPUID XSAVE",
+            without(1, 2, f::XSAVE),
+            osx,
+            |a| {
+                a.mov(ecx, 0)?;
+                a.xgetbv()
+            },
+            Some(6),
+        ),
+        (
+            "mov cr4.OSXSAVE",
+            CpuidTable::deja_default(),
+            plain,
+            |a| {
+                a.mov(rax, cr4)?;
+                a.or(eax, 1 << 18)?;
+                a.mov(cr4, rax)
+            },
+            None,
+        ),
+        (
+            "mov cr4.OSXSAVE without CPUID XSAVE",
+            without(1, 2, f::XSAVE),
+            plain,
+            |a| {
+                a.mov(rax, cr4)?;
+                a.or(eax, 1 << 18)?;
+                a.mov(cr4, rax)
+            },
+            Some(13),
+        ),
+    ];
+    for (name, table, setup, code, want) in cases {
+        let o = go_with(&table, d, setup, code);
+        assert_eq!(o.fault.map(|(v, _)| v), want, "{name}");
+        if let Some((_, rip)) = o.fault {
+            // The last RIP is the HLT after the snippet.
+            assert_eq!(
+                rip,
+                o.rips[o.rips.len() - 2],
+                "{name}: the faulting instruction's RIP"
+            );
+        }
+    }
+}
+
+#[test]
+fn xsave_writes_the_components_rfbm_names_and_xrstor_loads_or_initializes_them() {
+    let mut data = vec![0xaau8; 4096];
+    // XSTATE_BV: 0 at 0x400 (XRSTOR'd below), bits 5 and 1 at 0x800 (not in that XSAVE's
+    // RFBM: they must survive).
+    // Header bytes 8-23 of an area XRSTOR reads must be zero.
+    data[0x400 + 512..0x400 + 536].fill(0);
+    data[0x800 + 512..0x800 + 520].copy_from_slice(&0x22u64.to_le_bytes());
+    let setup = |s: &mut CpuState| {
+        with_xsave(3)(s);
+        s.fpu.fcw = 0x27f;
+        s.fpu.fsw = 0x3800;
+        s.fpu.ftw = 0x80;
+        s.fpu.st[0][..10].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 0x40]);
+        s.fpu.mxcsr = 0x1fa0;
+        for (i, x) in s.fpu.xmm.iter_mut().enumerate() {
+            *x = [i as u8 + 1; 16];
+        }
+    };
+    let o = go(&data, setup, |a| {
+        // Everything at 0x400; x87 only at 0x800; then XRSTOR of 0x400 after clobbering.
+        a.mov(eax, -1)?;
+        a.mov(edx, -1)?;
+        a.xsave64(ptr(r14 + 0x400))?;
+        a.mov(eax, 1)?;
+        a.mov(edx, 0)?;
+        a.xsave64(ptr(r14 + 0x800))?;
+        a.fninit()?;
+        a.pxor(xmm3, xmm3)?;
+        a.mov(eax, -1)?;
+        a.mov(edx, -1)?;
+        a.xrstor64(ptr(r14 + 0x400))
+    });
+    assert_eq!(o.fault, None);
+    let area = &o.data[0x400..0x400 + 576];
+    assert_eq!(&area[0..2], &0x27fu16.to_le_bytes(), "FCW");
+    assert_eq!(&area[24..28], &0x1fa0u32.to_le_bytes(), "MXCSR");
+    assert_eq!(&area[28..32], &0xffffu32.to_le_bytes(), "MXCSR_MASK");
+    assert_eq!(&area[32..42], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 0x40]);
+    for i in 0..16 {
+        assert_eq!(area[160 + i * 16], i as u8 + 1, "XMM{i}");
+    }
+    assert!(
+        area[416..512].iter().all(|&b| b == 0xaa),
+        "bytes 416-511 are not written"
+    );
+    assert_eq!(&area[512..520], &3u64.to_le_bytes(), "XSTATE_BV: XINUSE");
+    assert!(
+        area[536..576].iter().all(|&b| b == 0xaa),
+        "the rest of the header is not written"
+    );
+    let x87 = &o.data[0x800..0x800 + 576];
+    assert_eq!(&x87[0..2], &0x27fu16.to_le_bytes());
+    assert!(
+        x87[24..32].iter().all(|&b| b == 0xaa),
+        "no MXCSR without SSE in RFBM"
+    );
+    assert!(
+        x87[160..416].iter().all(|&b| b == 0xaa),
+        "no XMM without SSE in RFBM"
+    );
+    assert_eq!(
+        &x87[512..520],
+        &0x23u64.to_le_bytes(),
+        "bits outside RFBM kept"
+    );
+    // The XRSTOR put back what FNINIT and PXOR changed.
+    assert_eq!(o.state.fpu.fcw, 0x27f);
+    assert_eq!(o.state.fpu.xmm[3], [4; 16]);
+    assert_eq!(o.state.fpu.mxcsr, 0x1fa0);
+
+    // XSTATE_BV clear: the components go to their initial configuration; MXCSR still loads.
+    let mut data = vec![0u8; 4096];
+    data[24..28].copy_from_slice(&0x1f00u32.to_le_bytes());
+    data[0..2].copy_from_slice(&0x7fu16.to_le_bytes());
+    let o = go(&data, setup, |a| {
+        a.mov(eax, 3)?;
+        a.mov(edx, 0)?;
+        a.xrstor(ptr(r14))
+    });
+    assert_eq!(o.fault, None);
+    assert_eq!(o.state.fpu.fcw, 0x37f, "x87 initialized, not loaded");
+    assert_eq!(o.state.fpu.fsw, 0);
+    assert_eq!(o.state.fpu.st[0], [0; 16]);
+    assert!(o.state.fpu.xmm.iter().all(|x| *x == [0; 16]));
+    assert_eq!(
+        o.state.fpu.mxcsr, 0x1f00,
+        "MXCSR loaded whatever XSTATE_BV says"
+    );
+
+    // XINUSE is 0 for components in their initial configuration: after FNINIT and with
+    // every XMM register zero and MXCSR at its reset value, XSTATE_BV reads 0.
+    let o = go(
+        &[0; 4096],
+        |s| with_xsave(3)(s),
+        |a| {
+            a.fninit()?;
+            a.mov(eax, 3)?;
+            a.mov(edx, 0)?;
+            a.xsave(ptr(r14))
+        },
+    );
+    assert_eq!(o.fault, None);
+    assert_eq!(&o.data[512..520], &[0; 8]);
+}
+
+#[test]
+fn xgetbv_reads_what_xsetbv_wrote_and_cpuid_reports_osxsave_from_cr4() {
+    let o = go(
+        &[0; 512],
+        |s| with_xsave(1)(s),
+        |a| {
+            a.mov(ecx, 0)?;
+            a.mov(eax, 3)?;
+            a.mov(edx, 0)?;
+            a.xsetbv()?;
+            a.mov(rax, -1i64)?;
+            a.mov(rdx, -1i64)?;
+            a.xgetbv()?;
+            a.mov(r8, rax)?;
+            a.mov(r9, rdx)?;
+            a.mov(eax, 1)?;
+            a.cpuid()?;
+            a.mov(r10, rcx)?;
+            a.mov(rax, cr4)?;
+            a.and(eax, !(1 << 18))?;
+            a.mov(cr4, rax)?;
+            a.mov(eax, 1)?;
+            a.cpuid()?;
+            a.mov(r11, rcx)?;
+            a.mov(eax, 0xd)?;
+            a.mov(ecx, 0)?;
+            a.cpuid()?;
+            a.mov(r12, rax)?;
+            a.mov(r13, rbx)
+        },
+    );
+    assert_eq!(o.fault, None);
+    assert_eq!(o.state.xcr0.0, 3);
+    assert_eq!((o.state.gpr[8], o.state.gpr[9]), (3, 0));
+    assert_ne!(o.state.gpr[10] & (1 << 27), 0, "OSXSAVE with CR4.OSXSAVE");
+    assert_ne!(o.state.gpr[10] & (1 << 26), 0, "XSAVE");
+    assert_eq!(
+        o.state.gpr[11] & (1 << 27),
+        0,
+        "no OSXSAVE once CR4.OSXSAVE is clear"
+    );
+    assert_eq!(
+        (o.state.gpr[12], o.state.gpr[13]),
+        (3, 576),
+        "leaf 0xd: x87|SSE, 576 bytes"
+    );
+}
+
+#[test]
+fn tzcnt_and_lzcnt_are_bsf_and_bsr_without_their_cpuid_bits() {
+    use deja_machine::cpuid::features as f;
+    let with_bmi1 = {
+        let mut t = CpuidTable::deja_default();
+        for e in t
+            .entries
+            .iter_mut()
+            .filter(|e| e.function == 7 && e.index == 0)
+        {
+            e.ebx |= f::BMI1;
+        }
+        t
+    };
+    let without_abm = without(0x8000_0001, 2, f::ABM);
+    type Snip = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let tz0: Snip = |a| {
+        a.mov(eax, 0x1234)?;
+        a.xor(ecx, ecx)?;
+        a.tzcnt(eax, ecx)?;
+        a.pushfq()?;
+        a.pop(rbx)
+    };
+    let tz: Snip = |a| {
+        a.mov(ecx, 0x50)?;
+        a.tzcnt(eax, ecx)
+    };
+    let lz: Snip = |a| {
+        a.mov(ecx, 0x50)?;
+        a.lzcnt(eax, ecx)
+    };
+    // (case, table, code, EAX after, CF and ZF after (None: not checked))
+    type Case<'a> = (&'a str, &'a CpuidTable, Snip, u64, Option<(bool, bool)>);
+    let cases: [Case; 6] = [
+        (
+            "tzcnt 0 without BMI1 is BSF",
+            &CpuidTable::deja_default(),
+            tz0,
+            0x1234,
+            Some((false, true)),
+        ),
+        (
+            "tzcnt 0 with BMI1",
+            &with_bmi1,
+            tz0,
+            32,
+            Some((true, false)),
+        ),
+        (
+            "tzcnt 0x50 without BMI1",
+            &CpuidTable::deja_default(),
+            tz,
+            4,
+            None,
+        ),
+        ("tzcnt 0x50 with BMI1", &with_bmi1, tz, 4, None),
+        (
+            "lzcnt 0x50 with ABM",
+            &CpuidTable::deja_default(),
+            lz,
+            25,
+            None,
+        ),
+        ("lzcnt 0x50 without ABM is BSR", &without_abm, lz, 6, None),
+    ];
+    for (name, table, code, eax_after, flags) in cases {
+        let o = go_with(table, &[0; 512], |_| {}, code);
+        assert_eq!(o.fault, None, "{name}");
+        assert_eq!(o.state.gpr[0], eax_after, "{name}");
+        if let Some((cf, zf)) = flags {
+            let fl = o.state.gpr[3];
+            assert_eq!((fl & 1 != 0, fl & 0x40 != 0), (cf, zf), "{name}");
+        }
+    }
+}
+
+#[test]
+fn cr4_bits_are_accepted_only_when_the_cpuid_table_reports_their_feature() {
+    use deja_machine::cpuid::features as f;
+    // (bit, its name, a table without its feature, or None when deja's CPUID lacks it).
+    // SMEP is only checked for its #GP: with it on, this test's supervisor code, on user
+    // pages, could not fetch its next instruction.
+    let cases: Vec<(u32, &str, Option<CpuidTable>)> = vec![
+        (0, "VME", None),
+        (1, "PVI", None),
+        (2, "TSD", Some(without(1, 3, f::TSC))),
+        (3, "DE", Some(without(1, 3, f::DE))),
+        (6, "MCE", Some(without(1, 3, f::MCE))),
+        (7, "PGE", Some(without(1, 3, f::PGE))),
+        (11, "UMIP", Some(without(7, 2, f::UMIP))),
+        (12, "LA57", None),
+        (16, "FSGSBASE", None),
+        (17, "PCIDE", None),
+        (18, "OSXSAVE", Some(without(1, 2, f::XSAVE))),
+        (20, "SMEP", Some(without(7, 1, f::SMEP))),
+        (21, "SMAP", Some(without(7, 1, f::SMAP))),
+        (22, "PKE", None),
+        (23, "CET", None),
+        (24, "PKS", None),
+    ];
+    for (bit, name, lacking) in cases {
+        let set = move |a: &mut CodeAssembler| -> Result<(), IcedError> {
+            a.mov(rax, cr4)?;
+            a.bts(rax, bit)?;
+            a.mov(cr4, rax)
+        };
+        let o = (bit != 20).then(|| go(&[0; 512], |_| {}, set));
+        match &lacking {
+            Some(table) => {
+                if let Some(o) = o {
+                    assert_eq!(o.fault, None, "CR4.{name} with its feature");
+                    assert_ne!(o.state.cr4 & (1 << bit), 0, "CR4.{name} set");
+                }
+                let o = go_with(table, &[0; 512], |_| {}, set);
+                assert_eq!(
+                    o.fault.map(|(v, _)| v),
+                    Some(13),
+                    "CR4.{name} without its feature"
+                );
+            }
+            None => {
+                let fault = o.and_then(|o| o.fault).map(|(v, _)| v);
+                assert_eq!(fault, Some(13), "CR4.{name}: not in deja's CPUID");
+            }
+        }
+    }
+}

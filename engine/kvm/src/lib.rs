@@ -53,7 +53,7 @@ pub mod probe;
 pub mod state;
 
 use deja_machine::GuestRam;
-use deja_machine::cpu::{PendingEvents, msr};
+use deja_machine::cpu::{PendingEvents, Xcr0, msr};
 use deja_machine::{Cpu, CpuError, CpuState, EngineStats, Exit, Kicker, Limit, Machine};
 use host_info::Flavour;
 use kick::KickTarget;
@@ -254,6 +254,8 @@ pub struct KvmCpu {
     interrupt_windows: bool,
     /// Whether x87/SSE state goes through KVM_GET/SET_XSAVE (else KVM_GET/SET_FPU).
     xsave: bool,
+    /// Whether XCR0 goes through KVM_GET/SET_XCRS (else it stays at its reset value, 1).
+    xcrs: bool,
     /// The guest executed HLT and has not taken an interrupt since.
     halted: bool,
     /// The last exit was I/O or MMIO, which KVM completes only on the next `KVM_RUN`.
@@ -357,6 +359,8 @@ impl KvmCpu {
         let msrs = supported_msrs(&vcpu);
         let xsave = vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_XSAVE)) > 0
             && vcpu.get_xsave().is_ok();
+        let xcrs = vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_XCRS)) > 0
+            && vcpu.get_xcrs().is_ok();
         let wanted_sync = u64::from(kb::KVM_SYNC_X86_REGS | kb::KVM_SYNC_X86_SREGS);
         let sync_regs = (vm.check_extension_raw(libc::c_ulong::from(kb::KVM_CAP_SYNC_REGS)) as u64)
             & wanted_sync
@@ -391,6 +395,7 @@ impl KvmCpu {
             dirty_logging: false,
             msrs,
             xsave,
+            xcrs,
             interrupt_windows: true,
             tsc_settable: true,
             halted: false,
@@ -939,6 +944,49 @@ impl KvmCpu {
         }
     }
 
+    /// XCR0 (KVM_GET_XCRS); the reset value where KVM cannot say.
+    fn get_xcr0(&self) -> Result<Xcr0, CpuError> {
+        if !self.xcrs {
+            return Ok(Xcr0::RESET);
+        }
+        let x = self
+            .vcpu
+            .get_xcrs()
+            .map_err(|e| host_err("KVM_GET_XCRS", e))?;
+        let n = (x.nr_xcrs as usize).min(x.xcrs.len());
+        Ok(x.xcrs[..n]
+            .iter()
+            .find(|r| r.xcr == 0)
+            .map_or(Xcr0::RESET, |r| Xcr0(r.value)))
+    }
+
+    /// Sets XCR0 (KVM_SET_XCRS). A value other than the reset one on a KVM without
+    /// KVM_CAP_XCRS cannot be represented: refused, as an MSR KVM lacks is.
+    fn set_xcr0(&self, xcr0: Xcr0) -> Result<(), CpuError> {
+        if !self.xcrs {
+            if xcr0 == Xcr0::RESET {
+                return Ok(());
+            }
+            return Err(CpuError::Unsupported {
+                engine: ENGINE,
+                rip: 0,
+                detail: format!(
+                    "the state holds XCR0 = {:#x}, which this host's KVM (no KVM_CAP_XCRS) cannot restore",
+                    xcr0.0
+                ),
+            });
+        }
+        let mut x = kb::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        x.xcrs[0].xcr = 0;
+        x.xcrs[0].value = xcr0.0;
+        self.vcpu
+            .set_xcrs(&x)
+            .map_err(|e| host_err("KVM_SET_XCRS", e))
+    }
+
     /// [`Cpu::run`] itself: runs until an exit.
     fn run_until_exit(&mut self, machine: &mut Machine, limit: Limit) -> Result<Exit, CpuError> {
         let _in_run = self.kick.enter();
@@ -1445,6 +1493,7 @@ impl Cpu for KvmCpu {
             // the same way), so x87 errors are #MF and FERR# never asserts; the pins a state
             // from bt holds are ignored by set_state for that reason.
             x87_error_pins: Default::default(),
+            xcr0: self.get_xcr0()?,
         };
         s.msrs.insert(msr::IA32_APIC_BASE, sregs.apic_base);
         let entries: Vec<kb::kvm_msr_entry> = self
@@ -1515,6 +1564,7 @@ impl Cpu for KvmCpu {
         self.vcpu
             .set_regs(&state::gprs_to_kvm(&s.gpr, s.rip, s.rflags))
             .map_err(|e| host_err("KVM_SET_REGS", e))?;
+        self.set_xcr0(s.xcr0)?;
         self.set_fpu(&s.fpu)?;
         let mut debug = self
             .vcpu

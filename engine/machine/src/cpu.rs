@@ -262,6 +262,32 @@ pub struct CpuState {
     pub pending_debug: PendingDebug,
     /// FERR# and IGNNE# (CR0.NE = 0). Appended for trace format 5, after `pending_debug`.
     pub x87_error_pins: X87ErrorPins,
+    /// XCR0, the XSAVE feature mask (XSETBV/XGETBV). Appended in CPU state layout 6; older
+    /// checkpoints read as the reset value, x87 only.
+    pub xcr0: Xcr0,
+}
+
+/// XCR0 (extended control register 0): which state components XSAVE/XRSTOR manage. Bit 0
+/// (x87) is always set; deja's CPU supports x87 and SSE ([`Xcr0::SUPPORTED`]). Its default
+/// is the reset value, 1, so a state built with `..Default::default()` is a valid one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Xcr0(pub u64);
+
+impl Xcr0 {
+    /// State component 0: x87.
+    pub const X87: u64 = 1 << 0;
+    /// State component 1: SSE (XMM registers and MXCSR).
+    pub const SSE: u64 = 1 << 1;
+    /// The components deja's CPU supports (CPUID.(EAX=0DH,ECX=0):EAX).
+    pub const SUPPORTED: u64 = Self::X87 | Self::SSE;
+    /// The value at reset and INIT.
+    pub const RESET: Xcr0 = Xcr0(Self::X87);
+}
+
+impl Default for Xcr0 {
+    fn default() -> Self {
+        Self::RESET
+    }
 }
 
 /// Well-known MSR indices.
@@ -520,6 +546,11 @@ impl CpuState {
             "x87_error_pins",
             format!("{:?}", self.x87_error_pins),
             format!("{:?}", other.x87_error_pins),
+        );
+        cmp(
+            "xcr0",
+            format!("{:#x}", self.xcr0.0),
+            format!("{:#x}", other.xcr0.0),
         );
         out
     }

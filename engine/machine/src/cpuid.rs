@@ -27,6 +27,7 @@ pub mod features {
     #![allow(missing_docs)]
     // Leaf 1 EDX.
     pub const FPU: u32 = 1 << 0;
+    pub const VME: u32 = 1 << 1;
     pub const DE: u32 = 1 << 2;
     pub const PSE: u32 = 1 << 3;
     pub const TSC: u32 = 1 << 4;
@@ -48,6 +49,7 @@ pub mod features {
     pub const SSE2: u32 = 1 << 26;
     // Leaf 1 ECX.
     pub const SSE3: u32 = 1 << 0;
+    pub const PCID: u32 = 1 << 17;
     pub const SSSE3: u32 = 1 << 9;
     pub const CX16: u32 = 1 << 13;
     pub const SSE4_1: u32 = 1 << 19;
@@ -56,14 +58,28 @@ pub mod features {
     pub const MOVBE: u32 = 1 << 22;
     pub const POPCNT: u32 = 1 << 23;
     pub const TSC_DEADLINE: u32 = 1 << 24;
+    pub const XSAVE: u32 = 1 << 26;
+    /// Not in the table: the CPU reports CR4.OSXSAVE here.
+    pub const OSXSAVE: u32 = 1 << 27;
     pub const RDRAND: u32 = 1 << 30;
     pub const HYPERVISOR: u32 = 1 << 31;
     // Leaf 7 EBX.
+    pub const FSGSBASE: u32 = 1 << 0;
+    pub const BMI1: u32 = 1 << 3;
     pub const SMEP: u32 = 1 << 7;
+    pub const INVPCID: u32 = 1 << 10;
+    pub const SMAP: u32 = 1 << 20;
     pub const CLFLUSHOPT: u32 = 1 << 23;
     pub const CLWB: u32 = 1 << 24;
     // Leaf 7 ECX.
     pub const UMIP: u32 = 1 << 2;
+    pub const PKU: u32 = 1 << 3;
+    pub const LA57: u32 = 1 << 16;
+    // Leaf 0xD, subleaf 1, EAX.
+    pub const XSAVEOPT: u32 = 1 << 0;
+    pub const XSAVEC: u32 = 1 << 1;
+    pub const XGETBV_ECX1: u32 = 1 << 2;
+    pub const XSAVES: u32 = 1 << 3;
     // Leaf 7 EDX.
     pub const ARCH_CAPABILITIES: u32 = 1 << 29;
     // Leaf 0x8000_0001 ECX.
@@ -134,8 +150,8 @@ impl CpuidTable {
         let vendor = regs_of(b"GenuineIntel");
         let hv = regs_of(b"DejaVMDejaVM");
         let mut entries = vec![
-            // Max basic leaf 7; vendor in EBX, EDX, ECX order.
-            leaf(0, 7, vendor[0], vendor[2], vendor[1]),
+            // Max basic leaf 0xd; vendor in EBX, EDX, ECX order.
+            leaf(0, 0xd, vendor[0], vendor[2], vendor[1]),
             leaf(
                 1,
                 0x0003_06a9,
@@ -145,7 +161,8 @@ impl CpuidTable {
                 // kvm forwards them and clears both bits on hosts that cannot). The TSC
                 // the deadline compares with is each engine's RDTSC: guest nanoseconds
                 // (1 GHz) on bt, the host TSC at KVM's TSC frequency on kvm. SSE3 to SSE4.2,
-                // POPCNT, CX16 (and LAHF_LM below) make the x86-64-v2 level.
+                // POPCNT, CX16 (and LAHF_LM below) make the x86-64-v2 level. XSAVE manages
+                // the x87 and SSE components (leaf 0xd); OSXSAVE is the CPU's to report.
                 SSE3 | SSSE3
                     | SSE4_1
                     | SSE4_2
@@ -154,6 +171,7 @@ impl CpuidTable {
                     | MOVBE
                     | POPCNT
                     | TSC_DEADLINE
+                    | XSAVE
                     | RDRAND
                     | HYPERVISOR,
                 FPU | DE
@@ -180,7 +198,25 @@ impl CpuidTable {
                 indexed: true,
                 // IA32_ARCH_CAPABILITIES says what deja's CPU is not vulnerable to, so a
                 // kernel does not turn on mitigations a translator does not need.
-                ..leaf(7, 0, SMEP | CLFLUSHOPT | CLWB, UMIP, ARCH_CAPABILITIES)
+                ..leaf(
+                    7,
+                    0,
+                    SMEP | SMAP | CLFLUSHOPT | CLWB,
+                    UMIP,
+                    ARCH_CAPABILITIES,
+                )
+            },
+            // XSAVE: components x87 and SSE (XCR0 may set bits 1:0), 576 bytes (the
+            // 512-byte legacy region and the 64-byte header) for what XCR0 enables and for
+            // all of them; subleaf 1: XSAVEOPT only (no XSAVEC, XGETBV with ECX = 1, XSAVES).
+            CpuidEntry {
+                indexed: true,
+                ..leaf(0xd, 0x3, 576, 576, 0)
+            },
+            CpuidEntry {
+                index: 1,
+                indexed: true,
+                ..leaf(0xd, XSAVEOPT, 0, 0, 0)
             },
             leaf(0x4000_0000, 0x4000_0000, hv[0], hv[1], hv[2]),
             leaf(0x8000_0000, 0x8000_0008, 0, 0, 0),
@@ -270,7 +306,7 @@ mod tests {
     fn vendor_and_long_mode_are_reported() {
         let t = CpuidTable::deja_default();
         let [max, b, c, d] = t.lookup(0, 0);
-        assert_eq!(max, 7);
+        assert_eq!(max, 0xd);
         let mut v = Vec::new();
         for r in [b, d, c] {
             v.extend_from_slice(&r.to_le_bytes());
@@ -283,8 +319,8 @@ mod tests {
     #[test]
     fn out_of_range_leaves_follow_intel_rules() {
         let t = CpuidTable::deja_default();
-        assert_eq!(t.lookup(0x50, 0), t.lookup(7, 0));
-        assert_eq!(t.lookup(0x8000_0009, 0), t.lookup(7, 0));
+        assert_eq!(t.lookup(0x50, 0), t.lookup(0xd, 0));
+        assert_eq!(t.lookup(0x8000_0009, 0), t.lookup(0xd, 0));
         assert_eq!(t.lookup(5, 0), [0; 4]);
         assert_eq!(t.lookup(7, 1), [0; 4]);
     }

@@ -14,7 +14,7 @@
 //! How the CPU drives it: [`Mmu::translate`] for every linear access (one call per page an
 //! access touches; a fault goes to the guest as #PF with CR2 = `address`); INVLPG →
 //! [`Mmu::invlpg`]; MOV to CR3 → [`Mmu::flush`]`(false)`; a change of CR0.PG/WP or
-//! CR4.PGE/PAE/PSE/SMEP → [`Mmu::flush`]`(true)`; under PAE paging also
+//! CR4.PGE/PAE/PSE/SMEP/SMAP → [`Mmu::flush`]`(true)`; under PAE paging also
 //! [`Mmu::load_pdptes`] at those points, raising #GP(0) (and not loading the register) on
 //! [`MmuError::ReservedPdpte`]. [`PagingRegs::from_state`] builds the registers from a
 //! [`CpuState`].
@@ -22,7 +22,9 @@
 //! Modes: paging off, 32-bit paging (with CR4.PSE 4 MiB pages and PSE-36), PAE paging (with
 //! the four PDPTE registers, see [`Mmu::load_pdptes`]) and 4-level paging (4 KiB, 2 MiB and
 //! 1 GiB pages). MAXPHYADDR is [`MAXPHYADDR`] (40, as deja's CPUID leaf 0x8000_0008 says);
-//! SMAP, PKE, PCID and 5-level paging are not claimed by deja's CPUID and not modelled.
+//! SMAP (CR4.SMAP with EFLAGS.AC, see [`PagingRegs::cr4`]) is checked by the walker and by
+//! every strategy's cached rights. PKE, PCID and 5-level paging are not claimed by deja's
+//! CPUID and not modelled.
 
 mod nested;
 mod pdpte;
@@ -60,7 +62,11 @@ pub struct PagingRegs {
     pub cr0: u64,
     /// CR3: the root of the paging structures.
     pub cr3: u64,
-    /// CR4 (PSE bit 4, PAE bit 5, PGE bit 7, SMEP bit 20).
+    /// CR4 (PSE bit 4, PAE bit 5, PGE bit 7, SMEP bit 20, SMAP bit 21). SMAP is the bit as
+    /// it applies to the access being translated: the CPU clears it for an explicit
+    /// supervisor-mode access made with EFLAGS.AC = 1, which SMAP lets through, and leaves
+    /// CR4's value for every other access (implicit supervisor accesses to descriptor
+    /// tables, the IDT and the TSS are checked whatever AC says).
     pub cr4: u64,
     /// IA32_EFER (LME bit 8, LMA bit 10, NXE bit 11).
     pub efer: u64,
@@ -152,6 +158,9 @@ pub const CR4_PAE: u64 = 1 << 5;
 pub const CR4_PGE: u64 = 1 << 7;
 /// CR4.SMEP: supervisor fetches from user pages fault.
 pub const CR4_SMEP: u64 = 1 << 20;
+/// CR4.SMAP: supervisor data accesses to user pages fault (unless EFLAGS.AC allows an
+/// explicit one: see [`PagingRegs::cr4`]).
+pub const CR4_SMAP: u64 = 1 << 21;
 /// EFER.LME: long mode enable.
 pub const EFER_LME: u64 = 1 << 8;
 /// EFER.LMA: long mode active.

@@ -311,9 +311,15 @@ fn run_random_sequence(mode: Mode, seed: u64, steps: usize) -> Vec<EngineStats> 
                 kind,
                 user: rng.chance(40),
             };
+            // SMAP as it applies to this access: it comes and goes with EFLAGS.AC, with no
+            // flush, so cached rights must be checked against it on every hit.
+            let mut access_regs = regs;
+            if rng.chance(50) {
+                access_regs.cr4 |= CR4_SMAP;
+            }
             let results: Vec<_> = ms
                 .iter_mut()
-                .map(|m| m.mmu.translate(&m.mem, &regs, linear, access))
+                .map(|m| m.mmu.translate(&m.mem, &access_regs, linear, access))
                 .collect();
             for (m, r) in ms.iter().zip(&results) {
                 assert_eq!(

@@ -153,6 +153,9 @@ struct Case {
     wp: bool,
     nxe: bool,
     smep: bool,
+    /// CR4.SMAP as it applies to the access (the CPU clears it for explicit supervisor
+    /// accesses with EFLAGS.AC set).
+    smap: bool,
     pge: bool,
     access: Access,
     linear: u64,
@@ -177,6 +180,9 @@ impl Case {
         }
         if self.smep {
             cr4 |= CR4_SMEP;
+        }
+        if self.smap {
+            cr4 |= CR4_SMAP;
         }
         let mut efer = 0;
         if self.shape.four_level() {
@@ -315,10 +321,12 @@ fn reference(case: &Case) -> Result<u64, u32> {
         !user_mode_address || (write && read_only) || (fetch && no_execute)
     } else {
         // Supervisor accesses: reads anything; writes respect R/W only with CR0.WP;
-        // fetches respect XD, and with SMEP never from user-mode addresses.
+        // fetches respect XD, and with SMEP never from user-mode addresses; with SMAP data
+        // accesses never reach user-mode addresses.
         (write && case.wp && read_only)
             || (fetch && no_execute)
             || (fetch && case.smep && user_mode_address)
+            || (!fetch && case.smap && user_mode_address)
     };
     if forbidden {
         return Err(code | 1);
@@ -390,6 +398,7 @@ fn random_case(rng: &mut Rng, shape: Shape) -> Case {
         wp: rng.chance(50),
         nxe: rng.chance(70),
         smep: rng.chance(50),
+        smap: rng.chance(50),
         pge: rng.chance(50),
         access,
         linear,
@@ -689,6 +698,7 @@ fn sdm_rules_by_name() {
             wp: row.wp,
             nxe: row.nxe,
             smep: row.smep,
+            smap: false,
             pge: false,
             access: Access {
                 kind: row.access.0,
@@ -705,6 +715,223 @@ fn sdm_rules_by_name() {
             row.name
         );
         check_case(&mem, &case);
+    }
+}
+
+/// SMAP (SDM 4.6.1) by name, through the walker's reference model, the soft TLB and every
+/// MMU strategy: each row is translated first with SMAP lifted (EFLAGS.AC = 1 on an explicit
+/// access, so the strategy caches the translation) and then with SMAP in force, which must
+/// fault from the cached entry exactly as from a walk.
+#[test]
+fn smap_rules_by_name_in_every_strategy() {
+    use AccessKind::{Execute as X, Read as R, Write as W};
+    // (name, shape, (writable, user) of the upper levels, of the leaf, access (kind,
+    // user), CR0.WP, CR4.SMEP, the result with SMAP in force: Ok or the error code)
+    type Row = (
+        &'static str,
+        Shape,
+        (bool, bool),
+        (bool, bool),
+        (AccessKind, bool),
+        bool,
+        bool,
+        Result<(), u32>,
+    );
+    let rows: [Row; 12] = [
+        (
+            "supervisor read of a user page: #PF P",
+            Shape::FourLevelPage4K,
+            (true, true),
+            (true, true),
+            (R, false),
+            true,
+            false,
+            Err(0b1),
+        ),
+        (
+            "supervisor write to a user page: #PF P|W",
+            Shape::FourLevelPage4K,
+            (true, true),
+            (true, true),
+            (W, false),
+            true,
+            false,
+            Err(0b11),
+        ),
+        (
+            "supervisor write to a user page, WP=0: #PF P|W",
+            Shape::FourLevelPage2M,
+            (true, true),
+            (true, true),
+            (W, false),
+            false,
+            false,
+            Err(0b11),
+        ),
+        (
+            "supervisor write to a read-only user page, WP=1: #PF P|W",
+            Shape::PaePage2M,
+            (true, true),
+            (false, true),
+            (W, false),
+            true,
+            false,
+            Err(0b11),
+        ),
+        (
+            "supervisor read of a supervisor page: allowed",
+            Shape::FourLevelPage4K,
+            (true, true),
+            (true, false),
+            (R, false),
+            true,
+            false,
+            Ok(()),
+        ),
+        (
+            "supervisor read, user leaf under a supervisor level (not a user-mode address): allowed",
+            Shape::FourLevelPage1G,
+            (true, false),
+            (true, true),
+            (R, false),
+            true,
+            false,
+            Ok(()),
+        ),
+        (
+            "supervisor fetch from a user page without SMEP: allowed",
+            Shape::FourLevelPage4K,
+            (true, true),
+            (true, true),
+            (X, false),
+            true,
+            false,
+            Ok(()),
+        ),
+        (
+            "supervisor fetch from a user page with SMEP: #PF P|I/D",
+            Shape::FourLevelPage4K,
+            (true, true),
+            (true, true),
+            (X, false),
+            true,
+            true,
+            Err(0b1_0001),
+        ),
+        (
+            "user read of a user page: allowed",
+            Shape::FourLevelPage4K,
+            (true, true),
+            (true, true),
+            (R, true),
+            true,
+            false,
+            Ok(()),
+        ),
+        (
+            "user write to a supervisor page: #PF P|W|U",
+            Shape::FourLevelPage4K,
+            (true, true),
+            (true, false),
+            (W, true),
+            true,
+            false,
+            Err(0b111),
+        ),
+        (
+            "32-bit paging, supervisor read of a user page: #PF P",
+            Shape::Bits32Page4K,
+            (true, true),
+            (true, true),
+            (R, false),
+            true,
+            false,
+            Err(0b1),
+        ),
+        (
+            "32-bit 4 MiB page, supervisor write to a user page: #PF P|W",
+            Shape::Bits32Page4M,
+            (true, true),
+            (true, true),
+            (W, false),
+            true,
+            false,
+            Err(0b11),
+        ),
+    ];
+    let mem = memory();
+    for (name, shape, upper, leaf, (kind, user), wp, smep, expect) in rows {
+        let names = shape.levels();
+        let n = names.len();
+        let levels = names
+            .iter()
+            .enumerate()
+            .map(|(i, (level, _, _))| {
+                let (writable, user) = if i + 1 == n { leaf } else { upper };
+                LevelSpec {
+                    name: level,
+                    present: true,
+                    writable,
+                    user,
+                    execute_disable: false,
+                    accessed: false,
+                    dirty: false,
+                    global: false,
+                    reserved_bit: None,
+                    ignored: 0,
+                }
+            })
+            .collect();
+        let case = Case {
+            shape,
+            pse: true,
+            wp,
+            nxe: true,
+            smep,
+            smap: true,
+            pge: false,
+            access: Access { kind, user },
+            linear: 0x4567_8abc,
+            frame: 0x4000_0000,
+            levels,
+        };
+        assert_eq!(
+            reference(&case).map(|_| ()),
+            expect,
+            "reference model: {name}"
+        );
+        check_case(&mem, &case);
+        let lifted = Case {
+            smap: false,
+            ..case.clone()
+        };
+        let lifted_result = reference(&lifted);
+        for strategy in MmuStrategy::ALL {
+            case.write(&mem);
+            let mut mmu = strategy.build();
+            let got = mmu.translate(&mem, &lifted.regs(), case.linear, case.access);
+            assert_eq!(
+                got.map_err(|f| f.error_code),
+                lifted_result,
+                "{strategy}: {name}, SMAP lifted"
+            );
+            let got = mmu.translate(&mem, &case.regs(), case.linear, case.access);
+            assert_eq!(
+                got.map(|_| ()).map_err(|f| f.error_code),
+                expect,
+                "{strategy}: {name}, SMAP in force after a cached translation"
+            );
+            if let Err(code) = expect {
+                let f = mmu
+                    .translate(&mem, &case.regs(), case.linear, case.access)
+                    .unwrap_err();
+                assert_eq!(
+                    (f.address, f.error_code),
+                    (case.linear, code),
+                    "{strategy}: {name}"
+                );
+            }
+        }
     }
 }
 
@@ -1088,15 +1315,15 @@ fn a_page_fault_invalidates_the_cached_translation_of_its_address() {
 }
 
 /// Every combination of P, R/W, U/S and XD on the leaf and (uniformly) on the upper levels,
-/// × access kind × user/supervisor × CR0.WP × EFER.NXE × CR4.SMEP × CR4.PGE with G, in
-/// every shape, against the reference model.
+/// × access kind × user/supervisor × CR0.WP × EFER.NXE × CR4.SMEP × CR4.PGE with G ×
+/// CR4.SMAP, in every shape, against the reference model.
 #[test]
 fn exhaustive_rights_combinations_match_the_reference_model() {
     let mem = memory();
     let mut checked = 0;
     for shape in SHAPES {
         let names = shape.levels();
-        for flags in 0u32..1 << 14 {
+        for flags in 0u32..1 << 15 {
             let bit = |i: u32| flags & (1 << i) != 0;
             let leaf = (bit(0), bit(1), bit(2), bit(3));
             let upper = (bit(4), bit(5), bit(6));
@@ -1137,6 +1364,7 @@ fn exhaustive_rights_combinations_match_the_reference_model() {
                 wp: bit(9),
                 nxe: bit(10),
                 smep: bit(11),
+                smap: bit(14),
                 pge: bit(12),
                 access: Access {
                     kind,
@@ -1150,7 +1378,7 @@ fn exhaustive_rights_combinations_match_the_reference_model() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 7 * 3 * (1 << 12));
+    assert_eq!(checked, 7 * 3 * (1 << 13));
 }
 
 #[test]

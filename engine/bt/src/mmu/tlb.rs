@@ -4,7 +4,7 @@
 //! Each entry caches one 4 KiB linear page (a large page fills one entry per 4 KiB piece
 //! used) with the rights the whole walk granted, the guest-physical page, the page size,
 //! the global bit and whether the leaf's dirty bit is known to be set. A hit checks the
-//! cached rights against the access and the current CR0.WP/EFER.NXE/CR4.SMEP with one
+//! cached rights against the access and the current CR0.WP/EFER.NXE/CR4.SMEP/SMAP with one
 //! table lookup and one mask test; anything the entry does not allow (including a write to
 //! a page whose dirty bit is not known set) walks again, as hardware re-walks before it
 //! faults or sets a dirty bit.
@@ -12,7 +12,7 @@
 use super::pdpte::PdpteRegisters;
 use super::walk::{PageSize, PagingConfig, PagingMode, Translation, set_accessed_dirty, walk};
 use super::{Access, AccessKind, CR0_PG, EngineStats, MmuError, PageFault, PagingRegs, counters};
-use super::{CR0_WP, CR4_PAE, CR4_SMEP, EFER_NXE, Mmu, MmuEvent, note_ad_stores};
+use super::{CR0_WP, CR4_PAE, CR4_SMAP, CR4_SMEP, EFER_NXE, Mmu, MmuEvent, note_ad_stores};
 use deja_machine::GuestRam;
 
 /// Number of entries in the soft TLB (a power of two).
@@ -38,25 +38,29 @@ pub(super) const T_GLOBAL: u64 = 1 << 5;
 pub(super) const T_SHIFT_POS: u32 = 6;
 
 /// The bits of the frame word an access needs, indexed by [`need_index`].
-pub(super) static NEED: [u64; 48] = need_table();
+pub(super) static NEED: [u64; 96] = need_table();
 
-const fn need_table() -> [u64; 48] {
-    let mut table = [0u64; 48];
+const fn need_table() -> [u64; 96] {
+    let mut table = [0u64; 96];
     let mut i = 0;
-    while i < 48 {
-        let kind = i >> 4;
-        let user = (i >> 3) & 1 == 1;
+    while i < 96 {
+        let kind = i >> 5;
+        let user = (i >> 4) & 1 == 1;
+        let smap = (i >> 3) & 1 == 1;
         let wp = (i >> 2) & 1 == 1;
         let nx = (i >> 1) & 1 == 1;
         let smep = i & 1 == 1;
         let exec_bit = if nx { T_EXECUTABLE } else { 0 };
+        // SMAP: supervisor data accesses need a supervisor page.
+        let smap_bit = if smap { T_SUPERVISOR } else { 0 };
         table[i] = match (kind, user) {
-            // Reads: supervisors read anything mapped; users need a user page.
-            (0, false) => 0,
+            // Reads: supervisors read anything mapped (not user pages under SMAP); users
+            // need a user page.
+            (0, false) => smap_bit,
             (0, true) => T_USER,
             // Writes: users need user + writable; supervisors need writable only with WP.
             // Both need the dirty bit known set, or the access must walk to set it.
-            (1, false) => (if wp { T_WRITABLE } else { 0 }) | T_DIRTY,
+            (1, false) => (if wp { T_WRITABLE } else { 0 }) | T_DIRTY | smap_bit,
             (1, true) => T_USER | T_WRITABLE | T_DIRTY,
             // Fetches: XD with NXE; SMEP forbids supervisor fetches from user pages.
             (2, false) => exec_bit | if smep { T_SUPERVISOR } else { 0 },
@@ -67,7 +71,8 @@ const fn need_table() -> [u64; 48] {
     table
 }
 
-/// Index into [`NEED`]: access kind, user, CR0.WP, execute-disable in force, CR4.SMEP.
+/// Index into [`NEED`]: access kind, user, CR4.SMAP (as it applies to the access),
+/// CR0.WP, execute-disable in force, CR4.SMEP.
 #[inline(always)]
 pub(super) fn need_index(regs: &PagingRegs, access: Access) -> usize {
     let kind = match access.kind {
@@ -78,7 +83,8 @@ pub(super) fn need_index(regs: &PagingRegs, access: Access) -> usize {
     let wp = ((regs.cr0 & CR0_WP) >> 16) as usize;
     let nx = (((regs.cr4 & CR4_PAE) >> 5) & ((regs.efer & EFER_NXE) >> 11)) as usize;
     let smep = ((regs.cr4 & CR4_SMEP) >> 20) as usize;
-    (kind << 4) | (usize::from(access.user) << 3) | (wp << 2) | (nx << 1) | smep
+    let smap = ((regs.cr4 & CR4_SMAP) >> 21) as usize;
+    (kind << 5) | (usize::from(access.user) << 4) | (smap << 3) | (wp << 2) | (nx << 1) | smep
 }
 
 /// The slot a linear page number maps to. Folding higher bits in keeps pages that are

@@ -2,8 +2,8 @@
 //! access) to the entries read and the translation or page fault, per SDM vol. 3 ch. 4.
 
 use super::{
-    Access, AccessKind, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, CR4_SMEP, EFER_LMA, EFER_LME,
-    EFER_NXE, MAXPHYADDR, MmuError, PF_FETCH, PF_PRESENT, PF_RESERVED, PF_USER, PF_WRITE,
+    Access, AccessKind, CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA,
+    EFER_LME, EFER_NXE, MAXPHYADDR, MmuError, PF_FETCH, PF_PRESENT, PF_RESERVED, PF_USER, PF_WRITE,
     PageFault, PagingRegs,
 };
 use deja_machine::GuestRam;
@@ -116,6 +116,10 @@ pub struct PagingConfig {
     pub wp: bool,
     /// CR4.SMEP: supervisor fetches from user pages fault.
     pub smep: bool,
+    /// CR4.SMAP as it applies to this access: supervisor data accesses to user pages fault.
+    /// The CPU passes CR4.SMAP clear for explicit supervisor accesses made with EFLAGS.AC
+    /// set (see [`super::PagingRegs::cr4`]).
+    pub smap: bool,
 }
 
 impl PagingConfig {
@@ -141,6 +145,7 @@ impl PagingConfig {
             nxe: regs.efer & EFER_NXE != 0,
             wp: regs.cr0 & CR0_WP != 0,
             smep: regs.cr4 & CR4_SMEP != 0,
+            smap: regs.cr4 & CR4_SMAP != 0,
         }
     }
 
@@ -367,8 +372,8 @@ impl Rights {
 fn allowed(cfg: &PagingConfig, rights: &Rights, access: Access) -> bool {
     let xd = cfg.nx_active() && rights.execute_disable;
     match (access.kind, access.user) {
-        (AccessKind::Read, false) => true,
-        (AccessKind::Write, false) => !cfg.wp || rights.writable,
+        (AccessKind::Read, false) => !(cfg.smap && rights.user),
+        (AccessKind::Write, false) => (!cfg.wp || rights.writable) && !(cfg.smap && rights.user),
         (AccessKind::Execute, false) => !(xd || cfg.smep && rights.user),
         (AccessKind::Read, true) => rights.user,
         (AccessKind::Write, true) => rights.user && rights.writable,

@@ -74,21 +74,7 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             paging_changed(ctx, false);
         }
         4 => {
-            let allowed = crb::VME
-                | crb::PVI
-                | crb::TSD
-                | crb::DE
-                | crb::PSE
-                | crb::PAE
-                | (1 << 6)
-                | crb::PGE
-                | (1 << 8)
-                | crb::OSFXSR
-                | crb::OSXMMEXCPT
-                | crb::SMEP;
-            // Bits the CPUID table decides.
-            let umip = ctx.machine().cpuid(7, 0)[2] & deja_machine::cpuid::features::UMIP != 0;
-            let allowed = allowed | if umip { crb::UMIP } else { 0 };
+            let allowed = cr4_allowed(ctx.machine());
             if v & !allowed != 0 {
                 return Err(Exc::gp(0));
             }
@@ -97,7 +83,7 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
             }
             let old = ctx.core.cr4;
             ctx.core.cr4 = v;
-            if (old ^ v) & (crb::PAE | crb::PGE | crb::PSE | crb::SMEP) != 0 {
+            if (old ^ v) & (crb::PAE | crb::PGE | crb::PSE | crb::SMEP | crb::SMAP) != 0 {
                 if !pae_pdptes_ok(ctx) {
                     ctx.core.cr4 = old;
                     return Err(Exc::gp(0));
@@ -117,6 +103,39 @@ pub fn mov_cr(ctx: &mut Ctx, op: &UOp) -> OpResult {
     }
     ctx.core.rip = op.next_rip;
     Ok(Ctl::End)
+}
+
+/// The CR4 bits MOV to CR4 accepts: each bit whose feature the machine's CPUID table
+/// reports (SDM vol. 3 2.5, table 2-? "CR4 bits and their CPUID feature flags"); setting any
+/// other bit, reserved ones included, raises #GP(0). PCE (performance-monitoring counters
+/// at CPL 3) has no feature flag and is always accepted, as on every P6-family CPU.
+pub fn cr4_allowed(machine: &deja_machine::Machine) -> u64 {
+    use deja_machine::cpuid::features as f;
+    let l1 = machine.cpuid(1, 0);
+    let l7 = machine.cpuid(7, 0);
+    let (ecx1, edx1, ebx7, ecx7) = (l1[2], l1[3], l7[1], l7[2]);
+    let gates: [(bool, u64); 16] = [
+        (edx1 & f::VME != 0, crb::VME | crb::PVI),
+        (edx1 & f::TSC != 0, crb::TSD),
+        (edx1 & f::DE != 0, crb::DE),
+        (edx1 & f::PSE != 0, crb::PSE),
+        (edx1 & f::PAE != 0, crb::PAE),
+        (edx1 & f::MCE != 0, crb::MCE),
+        (edx1 & f::PGE != 0, crb::PGE),
+        (true, crb::PCE),
+        (edx1 & f::FXSR != 0, crb::OSFXSR),
+        (edx1 & f::SSE != 0, crb::OSXMMEXCPT),
+        (ecx7 & f::UMIP != 0, crb::UMIP),
+        (ebx7 & f::FSGSBASE != 0, crb::FSGSBASE),
+        (ecx1 & f::PCID != 0, crb::PCIDE),
+        (ecx1 & f::XSAVE != 0, crb::OSXSAVE),
+        (ebx7 & f::SMEP != 0, crb::SMEP),
+        (ebx7 & f::SMAP != 0, crb::SMAP),
+    ];
+    gates
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |acc, (_, bits)| acc | bits)
 }
 
 /// With PAE paging active (outside long mode), loads the PDPTE registers as MOV to

@@ -71,7 +71,7 @@ pub fn deliver(
         if off + 3 > ctx.core.idtr.limit as u64 {
             return Err(Exc::gp(0));
         }
-        let ent = ctx.read_lin_as(ctx.core.idtr.base + off, 4, false)?;
+        let ent = ctx.read_sys(ctx.core.idtr.base + off, 4)?;
         let cs = ctx.core.seg[seg::CS].selector;
         let sp = ctx.core.gpr[4];
         let pushed = (|| {
@@ -100,7 +100,7 @@ pub fn deliver(
         return Err(Exc::gp(gate_err));
     }
     let gaddr = ctx.core.idtr.base + vector as u64 * esz;
-    let g = ctx.read_lin_as(gaddr, 8, false)?;
+    let g = ctx.read_sys(gaddr, 8)?;
     let gtype = ((g >> 40) & 0xf) as u8;
     let gdpl = ((g >> 45) & 3) as u8;
     let present = g & (1 << 47) != 0;
@@ -138,7 +138,7 @@ pub fn deliver(
     let mut toff = (g & 0xffff) | ((g >> 32) & 0xffff_0000);
     let mut ist = 0;
     if long {
-        let hi = ctx.read_lin_as(gaddr + 8, 8, false)?;
+        let hi = ctx.read_sys(gaddr + 8, 8)?;
         toff |= (hi & 0xffff_ffff) << 32;
         ist = ((g >> 32) & 7) as u8;
     } else if gtype & 8 == 0 {
@@ -172,9 +172,9 @@ pub fn deliver(
         if long {
             let switch = new_cpl < cpl || ist != 0;
             let mut rsp = if ist != 0 {
-                ctx.read_lin_as(ctx.core.tr.base + 0x24 + (ist as u64 - 1) * 8, 8, false)?
+                ctx.read_sys(ctx.core.tr.base + 0x24 + (ist as u64 - 1) * 8, 8)?
             } else if new_cpl < cpl {
-                ctx.read_lin_as(ctx.core.tr.base + 4 + new_cpl as u64 * 8, 8, false)?
+                ctx.read_sys(ctx.core.tr.base + 4 + new_cpl as u64 * 8, 8)?
             } else {
                 old_sp
             };

@@ -39,16 +39,16 @@ pub(super) fn stack_from_tss(ctx: &mut Ctx, dpl: u8) -> Result<(u16, u64), Exc> 
         if off + 5 > tr.limit as u64 {
             return Err(Exc::ts((tr.selector & 0xfffc) as u32));
         }
-        let sp = ctx.read_lin_as(tr.base + off, 4, false)?;
-        let ss = ctx.read_lin_as(tr.base + off + 4, 2, false)? as u16;
+        let sp = ctx.read_sys(tr.base + off, 4)?;
+        let ss = ctx.read_sys(tr.base + off + 4, 2)? as u16;
         Ok((ss, sp))
     } else {
         let off = 2 + dpl as u64 * 4;
         if off + 3 > tr.limit as u64 {
             return Err(Exc::ts((tr.selector & 0xfffc) as u32));
         }
-        let sp = ctx.read_lin_as(tr.base + off, 2, false)?;
-        let ss = ctx.read_lin_as(tr.base + off + 2, 2, false)? as u16;
+        let sp = ctx.read_sys(tr.base + off, 2)?;
+        let ss = ctx.read_sys(tr.base + off + 2, 2)? as u16;
         Ok((ss, sp))
     }
 }
@@ -166,7 +166,7 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
     let params = ((d >> 32) & 0x1f) as u32;
     if long {
         let (addr, _) = read_descriptor(ctx, sel)?;
-        let hi = ctx.read_lin_as(addr + 8, 8, false)?;
+        let hi = ctx.read_sys(addr + 8, 8)?;
         target_off |= (hi & 0xffff_ffff) << 32;
     } else if gate_type == 4 {
         target_off &= 0xffff;
@@ -212,7 +212,7 @@ pub fn far_transfer(ctx: &mut Ctx, op: &UOp) -> OpResult {
             ctx.core.gpr[4],
         );
         if long {
-            let rsp = ctx.read_lin_as(ctx.core.tr.base + 4 + new as u64 * 8, 8, false)?;
+            let rsp = ctx.read_sys(ctx.core.tr.base + 4 + new as u64 * 8, 8)?;
             let mut ss = Segment {
                 selector: new as u16,
                 unusable: true,
@@ -396,7 +396,7 @@ pub fn iret(ctx: &mut Ctx, op: &UOp) -> OpResult {
             return Err(Exc::gp(0));
         }
         // Return to the task named by the back link of the current TSS.
-        let link = ctx.read_lin_as(ctx.core.tr.base, 2, false)? as u16;
+        let link = ctx.read_sys(ctx.core.tr.base, 2)? as u16;
         let after = crate::task::switch(ctx, link, crate::task::Reason::Iret, op.next_rip)?;
         finish_task_switch(ctx, after);
         return Ok(Ctl::End);

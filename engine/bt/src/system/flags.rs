@@ -98,3 +98,19 @@ pub fn popf(ctx: &mut Ctx, op: &UOp) -> OpResult {
     ctx.core.rip = op.next_rip;
     Ok(Ctl::End)
 }
+
+/// STAC (`aux` 1) / CLAC (`aux` 0): set or clear EFLAGS.AC, which lets explicit
+/// supervisor-mode accesses reach user pages under SMAP. #UD at CPL > 0 (virtual-8086 mode
+/// included); the translator gives #UD when the CPUID table lacks SMAP. Alignment checking
+/// is off at CPL 0, so nothing cached depends on the change.
+pub fn stac_clac(ctx: &mut Ctx, op: &UOp) -> OpResult {
+    if ctx.core.cpl() != 0 {
+        return Err(Exc::UD);
+    }
+    if op.aux == 1 {
+        ctx.core.rflags |= fl::AC;
+    } else {
+        ctx.core.rflags &= !fl::AC;
+    }
+    Ok(Ctl::Next)
+}

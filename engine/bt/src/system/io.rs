@@ -13,12 +13,12 @@ pub fn io_allowed(ctx: &mut Ctx, port: u16, size: u8) -> Result<(), Exc> {
     if !(tr.type_ == 9 || tr.type_ == 0xb) || tr.limit < 0x67 {
         return Err(Exc::gp(0));
     }
-    let base = ctx.read_lin_as(tr.base + 0x66, 2, false)?;
+    let base = ctx.read_sys(tr.base + 0x66, 2)?;
     let off = base + (port as u64 >> 3);
     if off + 1 > tr.limit as u64 {
         return Err(Exc::gp(0));
     }
-    let bits = ctx.read_lin_as(tr.base + off, 2, false)?;
+    let bits = ctx.read_sys(tr.base + off, 2)?;
     let m = ((1u64 << size) - 1) << (port & 7);
     if bits & m != 0 {
         return Err(Exc::gp(0));

@@ -7,7 +7,11 @@ use super::*;
 pub fn cpuid(ctx: &mut Ctx, _op: &UOp) -> OpResult {
     let eax = ctx.core.gpr[0] as u32;
     let ecx = ctx.core.gpr[1] as u32;
-    let r = ctx.machine().cpuid(eax, ecx);
+    let mut r = ctx.machine().cpuid(eax, ecx);
+    // CPUID.01H:ECX.OSXSAVE reflects CR4.OSXSAVE.
+    if eax == 1 && ctx.core.cr4 & crb::OSXSAVE != 0 {
+        r[2] |= deja_machine::cpuid::features::OSXSAVE;
+    }
     for (i, reg) in [0usize, 3, 1, 2].iter().enumerate() {
         ctx.core.gpr[*reg] = r[i] as u64;
     }

@@ -20,7 +20,7 @@ pub fn read_descriptor(ctx: &mut Ctx, sel: u16) -> Result<(u64, u64), Exc> {
         return Err(Exc::gp((sel & 0xfffc) as u32));
     }
     let addr = base.wrapping_add(off);
-    let lo = ctx.read_lin_as(addr, 8, false)?;
+    let lo = ctx.read_sys(addr, 8)?;
     Ok((addr, lo))
 }
 
@@ -68,7 +68,7 @@ pub fn parse_descriptor(sel: u16, d: u64) -> Segment {
 pub(crate) fn set_accessed(ctx: &mut Ctx, addr: u64, d: u64) -> Result<(), Exc> {
     if d & (1 << 40) == 0 {
         let b = ((d >> 40) as u8) | 1;
-        ctx.write_lin_as(addr + 5, 1, b as u64, false)?;
+        ctx.write_sys(addr + 5, 1, b as u64)?;
     }
     Ok(())
 }

@@ -92,7 +92,7 @@ pub fn ldt_tr(ctx: &mut Ctx, op: &UOp) -> OpResult {
     if ctx.core.long_mode() {
         // The 16-byte descriptor's upper half holds base 63:32; a non-canonical base is
         // #GP(selector) (as kvm's emulator and Bochs do).
-        let hi = ctx.read_lin_as(addr + 8, 8, false)?;
+        let hi = ctx.read_sys(addr + 8, 8)?;
         s.base |= (hi & 0xffff_ffff) << 32;
         if !crate::exec::canonical(s.base) {
             return Err(Exc::gp(code));
@@ -103,7 +103,7 @@ pub fn ldt_tr(ctx: &mut Ctx, op: &UOp) -> OpResult {
     } else {
         // Mark busy in the descriptor and the cache.
         let b = ((d >> 40) as u8) | 2;
-        ctx.write_lin_as(addr + 5, 1, b as u64, false)?;
+        ctx.write_sys(addr + 5, 1, b as u64)?;
         s.type_ |= 2;
         ctx.core.tr = s;
     }
@@ -141,7 +141,7 @@ fn query_descriptor(ctx: &mut Ctx, sel: u16) -> Result<Option<u64>, Exc> {
     if off + 7 > limit {
         return Ok(None);
     }
-    let d = ctx.read_lin_as(base.wrapping_add(off), 8, false)?;
+    let d = ctx.read_sys(base.wrapping_add(off), 8)?;
     let system = d & (1 << 44) == 0;
     if system && ctx.core.long_mode() && off + 15 > limit {
         return Ok(None);
