@@ -961,7 +961,9 @@ impl ReplaySession {
         });
         let write = match known {
             Some((base, mut changed)) => {
-                differing_pages(&base, &memory, &mut changed);
+                if !Arc::ptr_eq(&base, &memory) {
+                    differing_pages(&base, &memory, &mut changed);
+                }
                 changed
             }
             None => {
