@@ -4,7 +4,7 @@
 //! [`replay`](crate::replay) runs a trace once from start (or a checkpoint) to a verdict. A
 //! debugger needs the same machine held still between commands and moved by small steps:
 //! [`ReplaySession::step`], [`ReplaySession::seek`], [`ReplaySession::resume`] (forward to
-//! the next breakpoint or watched store) and [`ReplaySession::reverse_resume`] (back to the
+//! the next breakpoint or watched access) and [`ReplaySession::reverse_resume`] (back to the
 //! last one). Every run goes through the replay's own observer, so each state digest, serial
 //! output and register event the trace holds on the way is checked exactly as a plain replay
 //! checks it; a divergence stops the session with the replay's report.
@@ -14,8 +14,12 @@
 //! session takes in memory (at the start, every [`SessionOptions::snapshot_every`]
 //! instructions of forward progress when running has cost ten times the last snapshot,
 //! and near where the debugger stops; at most [`MAX_SNAPSHOTS`] holding
-//! [`MAX_SNAPSHOT_BYTES`] together). The session never changes guest state itself:
-//! nothing a debugger does can make the replay diverge.
+//! [`MAX_SNAPSHOT_BYTES`] together). Restore points share the pages they have in common: a
+//! snapshot copies the pages written since the last restore point, and a restore rewrites
+//! only the pages that differ, so both cost what changed rather than the guest's memory
+//! size. A seek forward also jumps to a restore point ahead (what it jumps over is not
+//! replayed, so not checked, as with `deja replay --until`). The session never changes
+//! guest state itself: nothing a debugger does can make the replay diverge.
 //!
 //! Positions are bt's instruction counts: a trace recorded on kvm replays on bt and gets
 //! them from the replay (its own positions count device exits only).
