@@ -5,12 +5,11 @@
 
 mod common;
 
+use common::gdb::{Stub, gdb, gdb_on, gdb_script, values, whens};
 use common::{code, deja, s, scratch, text};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The racy kernel's trace (chaos seed 1 fails on its first attempt) and its console.
 fn racy_trace(name: &str) -> (PathBuf, String) {
@@ -63,138 +62,6 @@ fn state_at(trace: &Path, icount: u64) -> serde_json::Value {
     assert_eq!(code(&u), 0, "{}", text(&u.stderr));
     let report: serde_json::Value = serde_json::from_slice(&u.stdout).unwrap();
     report["verdict"]["ReachedUntil"]["state"].clone()
-}
-
-/// A `deja replay --gdb` process and what it has said on stderr.
-struct Stub {
-    child: Child,
-    addr: String,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Stub {
-    /// Starts the stub on `endpoint` (`127.0.0.1:0` picks a free port) and waits until it
-    /// listens.
-    fn start(trace: &Path, endpoint: &str, extra: &[&str]) -> Stub {
-        let mut args = vec!["replay", "--gdb", endpoint];
-        args.extend_from_slice(extra);
-        args.push(s(trace));
-        Stub::spawn(&args)
-    }
-
-    /// Starts `deja ARGS` (which must serve gdb) and waits until it listens.
-    fn spawn(args: &[&str]) -> Stub {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_deja"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting deja");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = String::new();
-        let addr = loop {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| panic!("deja ended before listening: {seen}"))
-                .unwrap();
-            seen.push_str(&line);
-            seen.push('\n');
-            if let Some(rest) = line.split("waiting for gdb on ").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
-            }
-        };
-        let stderr = Arc::new(Mutex::new(seen));
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Stub {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    /// Waits for the stub to end (gdb detached); its exit status and stderr.
-    fn finish(mut self) -> (i32, String) {
-        let started = Instant::now();
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                let _ = self.child.kill();
-                panic!(
-                    "the stub did not end after gdb left: {}",
-                    self.stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut out = String::new();
-        if let Some(mut o) = self.child.stdout.take() {
-            let _ = o.read_to_string(&mut out);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        let err = self.stderr.lock().unwrap().clone();
-        (status.code().expect("deja died of a signal"), err)
-    }
-}
-
-/// Runs gdb in batch mode against `addr` with `commands` (one `-ex` each), then detaches.
-fn gdb(addr: &str, commands: &[&str]) -> String {
-    let mut cmd = Command::new("gdb");
-    cmd.args(["-batch", "-nx", "-ex", "set pagination off", "-ex"])
-        .arg(format!("target remote {addr}"));
-    for c in commands {
-        cmd.arg("-ex").arg(c);
-    }
-    cmd.args(["-ex", "detach"]);
-    let o = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("running gdb (install it: apt-get install gdb; .ci/run does)");
-    let out = format!("{}{}", text(&o.stdout), text(&o.stderr));
-    assert!(!out.contains("g packet"), "register packet trouble: {out}");
-    assert!(!out.contains("Remote connection closed"), "{out}");
-    out
-}
-
-/// Runs a gdb script file (for breakpoint commands) against `addr`.
-fn gdb_script(addr: &str, dir: &Path, script: &str) -> String {
-    let path = dir.join("script.gdb");
-    std::fs::write(
-        &path,
-        format!("set pagination off\ntarget remote {addr}\n{script}\ndetach\n"),
-    )
-    .unwrap();
-    let o = Command::new("gdb")
-        .args(["-batch", "-nx", "-x", s(&path)])
-        .stdin(Stdio::null())
-        .output()
-        .expect("running gdb (install it: apt-get install gdb; .ci/run does)");
-    format!("{}{}", text(&o.stdout), text(&o.stderr))
-}
-
-/// Every `icount N` that `monitor when` printed, in order.
-fn whens(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("icount "))
-        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
-        .collect()
-}
-
-/// Every value gdb printed as `$N = 0x...`, in order.
-fn values(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| l.split(" = 0x").nth(1))
-        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-        .collect()
 }
 
 /// `deja replay --watch ADDR`: every store as (icount, rip), and the summary's icount.
@@ -287,6 +154,143 @@ fn a_watchpoint_and_reverse_continue_from_the_panic_find_the_lost_update() {
     assert!(err.contains("all matched"), "{err}");
     // The console once, though the session replayed parts of it several times.
     assert_eq!(std::fs::read_to_string(&console_out).unwrap(), console);
+}
+
+/// Read and access watchpoints on bt: `rwatch` stops after each instruction that loads the
+/// counter (and never at a store), `reverse-continue` stops before the last such load; `awatch`
+/// stops at loads and at every store `deja replay --watch` lists, in order.
+#[test]
+fn rwatch_and_awatch_stop_at_loads_and_stores() {
+    let (trace, console) = racy_trace("gdb-rwatch");
+    let addr = counter_address(&console);
+    let (stores, _) = watch_listing(&trace, &addr);
+    let stub = Stub::start(&trace, "127.0.0.1:0", &[]);
+    let rwatch = format!("rwatch *(long*){addr}");
+    let out = gdb(
+        &stub.addr,
+        &[
+            &rwatch,
+            "continue",
+            "monitor when",
+            "continue",
+            "monitor when",
+            "continue",
+            "monitor when",
+            "reverse-continue",
+            "monitor when",
+            "x/i $pc",
+            "reverse-continue",
+            "monitor when",
+        ],
+    );
+    let (status, err) = stub.finish();
+    assert_eq!(status, 0, "{err}");
+    assert!(out.contains("Hardware read watchpoint 1"), "{out}");
+    assert!(out.contains("Value = "), "{out}");
+    let w = whens(&out);
+    assert_eq!(w.len(), 5, "{out}");
+    assert!(w[0] < w[1] && w[1] < w[2], "{out}");
+    // Forward, after each loading instruction; backward, before the last one.
+    assert_eq!(w[3], w[2] - 1, "{out}");
+    assert_eq!(w[4], w[1] - 1, "{out}");
+    // The instruction there reads memory, and it is none of the stores.
+    let insn = out
+        .lines()
+        .find(|l| l.starts_with("=> "))
+        .unwrap_or_else(|| panic!("no x/i line: {out}"));
+    assert!(insn.contains('(') || insn.contains("0x"), "{insn}");
+    for &at in &w[..3] {
+        assert!(
+            stores.iter().all(|&(icount, _)| icount != at - 1),
+            "rwatch stopped at a store (icount {}): {out}",
+            at - 1
+        );
+    }
+    assert!(err.contains("all matched"), "{err}");
+
+    // An access watchpoint: loads and stores, every store --watch lists among them.
+    let stub = Stub::start(&trace, "127.0.0.1:0", &[]);
+    let awatch = format!("awatch *(long*){addr}");
+    let mut cmds = vec![awatch.as_str()];
+    for _ in 0..12 {
+        cmds.extend(["continue", "monitor when"]);
+    }
+    let out = gdb(&stub.addr, &cmds);
+    let (status, err) = stub.finish();
+    assert_eq!(status, 0, "{err}");
+    assert!(
+        out.contains("Hardware access (read/write) watchpoint 1"),
+        "{out}"
+    );
+    let w = whens(&out);
+    assert_eq!(w.len(), 12, "{out}");
+    let last = *w.last().unwrap();
+    let stored: Vec<u64> = stores
+        .iter()
+        .map(|&(icount, _)| icount + 1)
+        .filter(|&i| i <= last)
+        .collect();
+    assert!(
+        !stored.is_empty(),
+        "no store among the first accesses: {out}"
+    );
+    for s in &stored {
+        assert!(
+            w.contains(s),
+            "awatch missed the store ending at {s}: {w:?}"
+        );
+    }
+    assert!(w.len() > stored.len(), "awatch saw no load: {w:?}");
+    assert!(err.contains("all matched"), "{err}");
+}
+
+/// `target extended-remote`: `run N` restarts the replay at instruction count N (as `monitor
+/// seek N`) and, as gdb's `run` does, runs on to the next breakpoint; `starti N` stops at N;
+/// without arguments (gdb reuses the last ones unless `set args` cleared them) they restart
+/// at the start; `kill` keeps the session for the next one.
+#[test]
+fn run_n_under_extended_remote_restarts_at_instruction_n() {
+    let (trace, console) = racy_trace("gdb-run");
+    let mid = end_icount(&trace) / 2;
+    let state = state_at(&trace, mid);
+    let rip = state["rip"].as_u64().unwrap();
+    // The first execution of task A's store at or after `mid`, where `run mid` stops.
+    let (stores, _) = watch_listing(&trace, &counter_address(&console));
+    let store_rip = stores.last().unwrap().1;
+    let first_after = stores
+        .iter()
+        .find(|&&(icount, r)| r == store_rip && icount > mid)
+        .unwrap()
+        .0;
+    let stub = Stub::start(&trace, "127.0.0.1:0", &[]);
+    let (starti_mid, run_mid) = (format!("starti {mid}"), format!("run {mid}"));
+    let brk = format!("break *{store_rip:#x}");
+    let out = gdb_on(
+        "extended-remote",
+        &stub.addr,
+        &[
+            "monitor seek 1000",
+            &starti_mid,
+            "monitor when",
+            "p/x $rip",
+            &brk,
+            &run_mid,
+            "monitor when",
+            "kill",
+            "delete",
+            // gdb keeps the last arguments: cleared, `starti` starts at the start.
+            "set args",
+            "starti",
+            "monitor when",
+            "starti 0x100",
+            "monitor when",
+        ],
+    );
+    let (status, err) = stub.finish();
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(whens(&out), vec![mid, first_after, 0, 0x100], "{out}");
+    assert_eq!(values(&out)[0], rip, "{out}");
+    assert!(err.contains("all matched"), "{err}");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::gdb::{Stub, gdb, whens};
 use common::{code, s, scratch, text};
 use deja_testkit::Cpio;
 use std::path::Path;
@@ -228,6 +229,7 @@ fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
     cpio.dir("bin")
         .dir("dev")
         .dir("proc")
+        .dir("sys")
         .char_device("dev/console", 5, 1)
         .file("bin/busybox", 0o755, &std::fs::read(&busybox).unwrap())
         .file("race.ko", 0o644, &std::fs::read(&module).unwrap())
@@ -237,8 +239,10 @@ fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
             b"#!/bin/busybox sh\n\
               /bin/busybox --install -s /bin\n\
               mount -t proc proc /proc\n\
+              mount -t sysfs sysfs /sys\n\
               insmod /race.ko\n\
               grep '\\[race\\]' /proc/kallsyms\n\
+              for s in .text .data .bss; do echo \"race-section $s $(cat /sys/module/race/sections/$s)\"; done\n\
               i=0\n\
               while [ $i -lt 2000 ]; do echo 1 > /proc/race; i=$((i+1)); done\n\
               echo race: done\n\
@@ -363,6 +367,119 @@ fn a_modules_race_is_recorded_until_failure_and_watch_names_the_lost_update() {
         "the state at {icount} is not at {lost_rip:#x}: {}",
         text(&u.stderr)
     );
+
+    // The same story in gdb over the same trace, as a kernel developer debugs it: the
+    // module's symbols loaded at the addresses the kernel gave its sections (init printed
+    // /sys/module/race/sections), then backwards from just after the lost update's store.
+    // Debian's vmlinuz carries no symbols (they ship in a separate -dbg package), so the
+    // kernel's own frames stay `??`; the module, built here with debug info, names its
+    // functions, lines and variables.
+    let sections: Vec<(&str, &str)> = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("race-section "))
+        .filter_map(|l| l.trim().split_once(' '))
+        .collect();
+    for name in [".text", ".bss"] {
+        assert!(
+            sections
+                .iter()
+                .any(|(n, a)| *n == name && a.starts_with("0x")),
+            "init printed no {name} address: {sections:?}\n{tail}"
+        );
+    }
+    let add_symbols = format!(
+        "add-symbol-file {} {}",
+        module.display(),
+        sections
+            .iter()
+            .map(|(n, a)| format!("-s {n} {a}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let lost_icount: u64 = icount.parse().unwrap();
+    let tick_icount: u64 = hits[lost - 1]
+        .strip_prefix("watch: icount ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    // The value the lost update stored (the value the counter already held).
+    let stored = hits[lost]
+        .split(" -> 0x")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .map(|v| u64::from_str_radix(v, 16).unwrap())
+        .unwrap();
+    let source = std::fs::read_to_string(module.with_file_name("race.c")).unwrap();
+    let line_of = |needle: &str| {
+        1 + source
+            .lines()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("race.c has no {needle:?}"))
+    };
+    let (write_line, tick_line) = (
+        line_of("WRITE_ONCE(race_counter, seen + 1)"),
+        line_of("race_counter++"),
+    );
+    let started = std::time::Instant::now();
+    let stub = Stub::start(&trace, "127.0.0.1:0", &[]);
+    let opened = started.elapsed();
+    let seek = format!("monitor seek {}", lost_icount + 1);
+    let out = gdb(
+        &stub.addr,
+        &[
+            // Restores from the trace's checkpoints can outlast gdb's 2 s default.
+            "set remotetimeout 600",
+            &add_symbols,
+            "p/x &race_counter",
+            &seek,
+            "maint flush register-cache",
+            // An access watchpoint stops at the lost update's store itself: it wrote the
+            // value the counter held.
+            "awatch race_counter",
+            "reverse-continue",
+            "monitor when",
+            "info line *$pc",
+            "p race_counter",
+            "delete",
+            // A write watchpoint stops where the value last changed: the timer's increment,
+            // the update that was lost.
+            "watch race_counter",
+            "reverse-continue",
+            "monitor when",
+            "info line *$pc",
+            "p race_counter",
+            "bt 1",
+            "monitor stats",
+        ],
+    );
+    let (status, err) = stub.finish();
+    let session = started.elapsed();
+    println!(
+        "gdb over the Linux trace: the stub opened it in {:.1} s; the whole session (symbols, \
+         a seek, two reverse-continues) took {:.1} s",
+        opened.as_secs_f64(),
+        session.as_secs_f64()
+    );
+    assert_eq!(status, 0, "{err}\n{out}");
+    assert!(
+        out.contains(&format!("= 0x{address:x}")),
+        "gdb's race_counter is not at the printed {address:#x}: {out}"
+    );
+    assert_eq!(whens(&out), vec![lost_icount, tick_icount], "{out}");
+    for (line, function) in [(write_line, "race_write"), (tick_line, "race_tick")] {
+        assert!(
+            out.contains(&format!("Line {line} of \"")) && out.contains(&format!("<{function}+")),
+            "no stop at race.c:{line} in {function}: {out}"
+        );
+    }
+    let printed: Vec<u64> = out
+        .lines()
+        .filter(|l| l.starts_with('$'))
+        .filter_map(|l| l.split(" = ").nth(1)?.trim().parse().ok())
+        .collect();
+    assert_eq!(printed, vec![stored, stored - 1], "{out}");
+    assert!(out.contains("race_tick ("), "{out}");
+    assert!(err.contains("all matched"), "{err}");
 }
 
 /// Records the boot (through PVH) on `clock`, replays it, and returns the trace, the

@@ -20,9 +20,9 @@ pub mod live;
 use arch::{DejaRegs, DejaX86};
 use deja_machine::CpuState;
 use deja_replayer::ReplayError;
-use deja_replayer::session::{ReplaySession, Stop};
+use deja_replayer::session::{Access, ReplaySession, Stop};
 use deja_traces::Position;
-use gdbstub::common::Signal;
+use gdbstub::common::{Pid, Signal};
 use gdbstub::conn::ConnectionExt;
 use gdbstub::stub::{DisconnectReason, GdbStub, SingleThreadStopReason, run_blocking};
 use gdbstub::target::ext::base::BaseOps;
@@ -36,6 +36,9 @@ use gdbstub::target::ext::base::singlethread::{
 use gdbstub::target::ext::breakpoints::{
     Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
     SwBreakpoint, SwBreakpointOps, WatchKind,
+};
+use gdbstub::target::ext::extended_mode::{
+    Args, AttachKind, ExtendedMode, ExtendedModeOps, ShouldTerminate,
 };
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps, outputln};
 use gdbstub::target::{Target, TargetError, TargetResult};
@@ -102,10 +105,10 @@ pub trait Debuggee {
     fn translate(&mut self, addr: u64) -> Result<Option<u64>, GdbError>;
     /// Replaces the breakpoints (linear addresses).
     fn set_breakpoints(&mut self, linear: &[u64]);
-    /// Watches stores into `len` bytes at virtual `virt`.
-    fn add_watch(&mut self, virt: u64, len: u64) -> Result<(), GdbError>;
+    /// Watches `access` accesses to `len` bytes at virtual `virt`.
+    fn add_watch(&mut self, virt: u64, len: u64, access: Access) -> Result<(), GdbError>;
     /// Stops watching them.
-    fn remove_watch(&mut self, virt: u64, len: u64) -> bool;
+    fn remove_watch(&mut self, virt: u64, len: u64, access: Access) -> bool;
     /// One instruction forward.
     fn step(&mut self) -> Result<Stop, GdbError>;
     /// Forward to the next breakpoint or watched store.
@@ -124,6 +127,11 @@ pub trait Debuggee {
     fn digests_checked(&self) -> u64;
     /// Whether a replay diverged.
     fn diverged(&self) -> bool;
+    /// Restore points held, the bytes they hold, restores done and the pages they wrote (a
+    /// replay's; `None` for a live run).
+    fn restore_stats(&self) -> Option<(usize, u64, u64, u64)> {
+        None
+    }
 }
 
 impl Debuggee for ReplaySession {
@@ -145,11 +153,11 @@ impl Debuggee for ReplaySession {
     fn set_breakpoints(&mut self, linear: &[u64]) {
         ReplaySession::set_breakpoints(self, linear)
     }
-    fn add_watch(&mut self, virt: u64, len: u64) -> Result<(), GdbError> {
-        Ok(ReplaySession::add_watch(self, virt, len)?)
+    fn add_watch(&mut self, virt: u64, len: u64, access: Access) -> Result<(), GdbError> {
+        Ok(ReplaySession::add_watch(self, virt, len, access)?)
     }
-    fn remove_watch(&mut self, virt: u64, len: u64) -> bool {
-        ReplaySession::remove_watch(self, virt, len)
+    fn remove_watch(&mut self, virt: u64, len: u64, access: Access) -> bool {
+        ReplaySession::remove_watch(self, virt, len, access)
     }
     fn step(&mut self) -> Result<Stop, GdbError> {
         Ok(ReplaySession::step(self)?)
@@ -178,6 +186,20 @@ impl Debuggee for ReplaySession {
     fn diverged(&self) -> bool {
         self.divergence().is_some()
     }
+    fn restore_stats(&self) -> Option<(usize, u64, u64, u64)> {
+        let (held, bytes) = self.snapshots_held();
+        let s = self.stats();
+        Some((held, bytes, s.restores, s.pages_restored))
+    }
+}
+
+/// The accesses a gdb watchpoint of `kind` stops at.
+fn access(kind: WatchKind) -> Access {
+    match kind {
+        WatchKind::Write => Access::Write,
+        WatchKind::Read => Access::Read,
+        WatchKind::ReadWrite => Access::ReadWrite,
+    }
 }
 
 /// A replay session served to gdb.
@@ -191,8 +213,19 @@ pub struct DebugTarget<D: Debuggee> {
     watches: Vec<Watchpoint>,
     action: Option<Action>,
     checkpoints: Vec<deja_traces::Position>,
+    /// gdb connected with `target extended-remote`: `kill` keeps the session for a `run`.
+    extended: bool,
     /// Where the stub says what it refused and why (standard error in the CLI).
     log: Box<dyn FnMut(&str) + Send>,
+}
+
+/// An instruction count as gdb's user typed it: decimal, `0x` hex, `_` separators allowed.
+fn parse_count(t: &str) -> Option<u64> {
+    let t = t.trim().replace('_', "");
+    match t.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => t.parse().ok(),
+    }
 }
 
 impl<D: Debuggee> DebugTarget<D> {
@@ -205,6 +238,7 @@ impl<D: Debuggee> DebugTarget<D> {
             watches: Vec::new(),
             action: None,
             checkpoints: Vec::new(),
+            extended: false,
             log,
         }
     }
@@ -246,18 +280,17 @@ impl<D: Debuggee> DebugTarget<D> {
                 SingleThreadStopReason::SwBreak(())
             }
             Stop::Breakpoint(_) => SingleThreadStopReason::HwBreak(()),
-            Stop::Watch { address, .. } => {
-                let kind = self
-                    .watches
-                    .iter()
-                    .find(|w| (w.addr..w.addr.saturating_add(w.len.max(1))).contains(&address))
-                    .map_or(WatchKind::Write, |w| w.kind);
-                SingleThreadStopReason::Watch {
-                    tid: (),
-                    kind,
-                    addr: address,
-                }
-            }
+            Stop::Watch {
+                address, access, ..
+            } => SingleThreadStopReason::Watch {
+                tid: (),
+                kind: match access {
+                    Access::Write => WatchKind::Write,
+                    Access::Read => WatchKind::Read,
+                    Access::ReadWrite => WatchKind::ReadWrite,
+                },
+                addr: address,
+            },
             Stop::Interrupted => {
                 // gdb sent something: the run goes on once it is handled (unless it is a
                 // Ctrl-C, which `on_interrupt` turns into a stop).
@@ -285,13 +318,7 @@ impl<D: Debuggee> DebugTarget<D> {
         let mut words = cmd.split_whitespace();
         let verb = words.next().unwrap_or("help");
         let arg = words.next();
-        let num = |t: Option<&str>| -> Option<u64> {
-            let t = t?.replace('_', "");
-            match t.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16).ok(),
-                None => t.parse().ok(),
-            }
-        };
+        let num = |t: Option<&str>| t.and_then(parse_count);
         if !self.session.reversible() && matches!(verb, "seek" | "run" | "checkpoint" | "restart") {
             outputln!(
                 out,
@@ -366,6 +393,15 @@ impl<D: Debuggee> DebugTarget<D> {
                 },
                 None => outputln!(out, "usage: monitor translate VADDR"),
             },
+            "stats" => match self.session.restore_stats() {
+                Some((held, bytes, restores, pages)) => outputln!(
+                    out,
+                    "{held} restore points in memory holding {} KiB; {restores} restores \
+                     wrote {pages} pages",
+                    bytes / 1024
+                ),
+                None => outputln!(out, "a live run keeps no restore points"),
+            },
             "digests" => {
                 outputln!(
                     out,
@@ -401,6 +437,10 @@ impl<D: Debuggee> DebugTarget<D> {
                 outputln!(out, "  digests           state digests verified so far");
                 outputln!(
                     out,
+                    "  stats             restore points held and what restores cost"
+                );
+                outputln!(
+                    out,
                     "after seek/restart, gdb's cached registers are stale: `maint flush \
                      register-cache` (or `stepi` then `reverse-stepi`) reloads them"
                 );
@@ -423,6 +463,10 @@ impl<D: Debuggee> Target for DebugTarget<D> {
     }
 
     fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_extended_mode(&mut self) -> Option<ExtendedModeOps<'_, Self>> {
         Some(self)
     }
 
@@ -576,18 +620,10 @@ impl<D: Debuggee> HwWatchpoint for DebugTarget<D> {
         len: u64,
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
-        if kind == WatchKind::Read {
-            // bt reports stores only: a read watchpoint would never fire.
-            (self.log)(&format!(
-                "deja gdb: read watchpoints are not supported (bt reports stores only): \
-                 rwatch at {addr:#x} refused; `awatch` stops at stores"
-            ));
-            return Ok(false);
-        }
         if len == 0 || len > 1 << 20 {
             return Ok(false);
         }
-        match self.session.add_watch(addr, len) {
+        match self.session.add_watch(addr, len, access(kind)) {
             Ok(()) => {
                 self.watches.push(Watchpoint { addr, len, kind });
                 Ok(true)
@@ -609,10 +645,7 @@ impl<D: Debuggee> HwWatchpoint for DebugTarget<D> {
         match self.watches.iter().position(|x| *x == w) {
             Some(i) => {
                 self.watches.remove(i);
-                // Another watchpoint of another kind may cover the same bytes.
-                if !self.watches.iter().any(|x| x.addr == addr && x.len == len) {
-                    self.session.remove_watch(addr, len);
-                }
+                self.session.remove_watch(addr, len, access(kind));
                 Ok(true)
             }
             None => Ok(false),
@@ -634,6 +667,78 @@ impl<D: Debuggee> MonitorCmd for DebugTarget<D> {
                 Ok(())
             }
         }
+    }
+}
+
+/// `target extended-remote`: gdb's `run` restarts the replay, and `run N` goes to instruction
+/// count N (as `monitor seek N`); the recording is the one "program", which `kill` leaves in
+/// place for the next `run`.
+impl<D: Debuggee> ExtendedMode for DebugTarget<D> {
+    fn run(&mut self, _filename: Option<&[u8]>, mut args: Args<'_, '_>) -> TargetResult<Pid, Self> {
+        if !self.session.reversible() {
+            (self.log)(
+                "deja gdb: run: a live run cannot restart (record it, then deja replay --gdb)",
+            );
+            return Err(TargetError::NonFatal);
+        }
+        let target = match args.next() {
+            None => 0,
+            Some(arg) => {
+                let arg = String::from_utf8_lossy(arg);
+                match parse_count(&arg) {
+                    Some(n) => n,
+                    None => {
+                        (self.log)(&format!(
+                            "deja gdb: run {arg:?}: the argument is the instruction count to \
+                             start at (run, or run N)"
+                        ));
+                        return Err(TargetError::NonFatal);
+                    }
+                }
+            }
+        };
+        self.action = None;
+        if let Stop::Diverged(d) = self.session.seek(target).map_err(TargetError::Fatal)? {
+            (self.log)(&format!("deja gdb: the replay diverged:\n{d}"));
+        }
+        Ok(Pid::MIN)
+    }
+
+    fn attach(&mut self, _pid: Pid) -> TargetResult<(), Self> {
+        (self.log)("deja gdb: attach: there is one recording to debug; use run (or run N)");
+        Err(TargetError::NonFatal)
+    }
+
+    fn query_if_attached(&mut self, _pid: Pid) -> TargetResult<AttachKind, Self> {
+        // Under plain `target remote`, gdb detaches when it quits, as it did before extended
+        // mode existed here.
+        Ok(if self.extended {
+            AttachKind::Run
+        } else {
+            AttachKind::Attach
+        })
+    }
+
+    fn kill(&mut self, _pid: Option<Pid>) -> TargetResult<ShouldTerminate, Self> {
+        self.action = None;
+        Ok(if self.extended {
+            ShouldTerminate::No
+        } else {
+            ShouldTerminate::Yes
+        })
+    }
+
+    fn restart(&mut self) -> Result<(), GdbError> {
+        if self.session.reversible() {
+            self.action = None;
+            self.session.seek(0)?;
+        }
+        Ok(())
+    }
+
+    fn on_start(&mut self) -> Result<(), GdbError> {
+        self.extended = true;
+        Ok(())
     }
 }
 
@@ -818,16 +923,16 @@ pub fn serve<D: Debuggee>(
             Err(e) => {
                 // gdbstub names the failure only in its message.
                 let msg = e.to_string();
-                if !msg.contains("parse packet")
-                    && !msg.contains("Nack")
-                    && !msg.contains("too much data")
-                {
+                // gdb nacks a reply that came after it gave up waiting (a long `monitor
+                // seek` outlasts its remote timeout) and sends the command again.
+                let nack = msg.to_ascii_lowercase().contains("nack");
+                if !msg.contains("parse packet") && !nack && !msg.contains("too much data") {
                     return Err(GdbError::Protocol(msg));
                 }
                 let answer: &[u8] = if msg.contains("Checksum") {
                     // A damaged packet: ask gdb to send it again.
                     b"-"
-                } else if msg.contains("Nack") {
+                } else if nack {
                     // gdb asked for a reply again; it will ask again or time out.
                     b""
                 } else {

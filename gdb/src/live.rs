@@ -5,7 +5,7 @@ use crate::{Debuggee, GdbError};
 use deja_engine::{RunEnd, RunObserver, RunOptions, Vm};
 use deja_machine::exit_group::{PagingRegs, fetch_code, translate_linear};
 use deja_machine::{Cpu, CpuState, Machine, WatchHit};
-use deja_replayer::session::{Stop, linear_rip};
+use deja_replayer::session::{Access, Stop, linear_rip};
 use deja_traces::Position;
 
 /// Instructions a forward run executes between two looks at gdb's connection.
@@ -13,9 +13,9 @@ const SLICE: u64 = 1 << 20;
 /// Single steps (while watching) between two looks at gdb's connection.
 const STEPS_PER_LOOK: u64 = 4096;
 
-/// A watched virtual range: `(virtual start, length, [(physical, length, virtual)])`, one
-/// piece per page it touches.
-type Watched = (u64, u64, Vec<(u64, u64, u64)>);
+/// A watched virtual range: `(virtual start, length, accesses, [(physical, length,
+/// virtual)])`, one piece per page it touches.
+type Watched = (u64, u64, Access, Vec<(u64, u64, u64)>);
 
 /// A live machine on bt, stopped between instructions.
 pub struct LiveRun {
@@ -73,27 +73,47 @@ impl LiveRun {
         })
     }
 
-    fn ranges(&self) -> Vec<(u64, u64)> {
+    /// The physical ranges watched for accesses `on` accepts.
+    fn ranges(&self, on: fn(&Access) -> bool) -> Vec<(u64, u64)> {
         self.watched
             .iter()
-            .flat_map(|w| w.2.iter().map(|&(p, n, _)| (p, n)))
+            .filter(|w| on(&w.2))
+            .flat_map(|w| w.3.iter().map(|&(p, n, _)| (p, n)))
             .collect()
     }
 
-    fn watched_virtual(&self, phys: u64) -> u64 {
-        self.watched
-            .iter()
-            .flat_map(|w| w.2.iter())
-            .find(|&&(p, n, _)| (p..p + n).contains(&phys))
-            .map_or(phys, |&(p, _, v)| v + (phys - p))
+    /// The stop for `hit`: the watched virtual address it touched and the watch's kind.
+    fn watch_stop(&self, hit: WatchHit) -> Stop {
+        let seen = |a: &Access| match a {
+            Access::Write => !hit.read,
+            Access::Read => hit.read,
+            Access::ReadWrite => true,
+        };
+        let found = self.watched.iter().filter(|w| seen(&w.2)).find_map(|w| {
+            w.3.iter()
+                .find(|&&(p, n, _)| (p..p + n).contains(&hit.address))
+                .map(|&(p, _, v)| (v + (hit.address - p), w.2))
+        });
+        let fallback = if hit.read {
+            Access::Read
+        } else {
+            Access::Write
+        };
+        let (address, access) = found.unwrap_or((hit.address, fallback));
+        Stop::Watch {
+            address,
+            access,
+            hit,
+        }
     }
 
     /// One run up to `limit` with breakpoints `bps`; whether it stopped at one, how it
     /// ended, and the watched stores it made.
     fn run(&mut self, limit: u64, bps: &[u64]) -> Result<(bool, RunEnd, Vec<WatchHit>), GdbError> {
         self.vm.cpu.set_breakpoints(bps)?;
-        let ranges = self.ranges();
-        self.vm.cpu.set_watch(&ranges)?;
+        let writes = self.ranges(|a| matches!(a, Access::Write | Access::ReadWrite));
+        let reads = self.ranges(|a| matches!(a, Access::Read | Access::ReadWrite));
+        self.vm.cpu.set_watch_access(&writes, &reads)?;
         let mut obs = BreakpointObserver { hit: false };
         let out = self.vm.run_observed(
             RunOptions {
@@ -153,7 +173,7 @@ impl Debuggee for LiveRun {
         self.breakpoints.dedup();
     }
 
-    fn add_watch(&mut self, virt: u64, len: u64) -> Result<(), GdbError> {
+    fn add_watch(&mut self, virt: u64, len: u64, access: Access) -> Result<(), GdbError> {
         let regs = self.paging()?;
         let end = virt
             .checked_add(len.max(1))
@@ -168,12 +188,16 @@ impl Debuggee for LiveRun {
             pieces.push((phys, n, at));
             at += n;
         }
-        self.watched.push((virt, len, pieces));
+        self.watched.push((virt, len, access, pieces));
         Ok(())
     }
 
-    fn remove_watch(&mut self, virt: u64, len: u64) -> bool {
-        match self.watched.iter().position(|w| w.0 == virt && w.1 == len) {
+    fn remove_watch(&mut self, virt: u64, len: u64, access: Access) -> bool {
+        match self
+            .watched
+            .iter()
+            .position(|w| w.0 == virt && w.1 == len && w.2 == access)
+        {
             Some(i) => {
                 self.watched.remove(i);
                 true
@@ -192,10 +216,7 @@ impl Debuggee for LiveRun {
             return Ok(Stop::End);
         }
         Ok(match hits.into_iter().next() {
-            Some(hit) => Stop::Watch {
-                address: self.watched_virtual(hit.address),
-                hit,
-            },
+            Some(hit) => self.watch_stop(hit),
             None => Stop::Reached,
         })
     }
@@ -214,7 +235,7 @@ impl Debuggee for LiveRun {
         let mut steps = 0u64;
         loop {
             // Watching, instructions run one at a time: a live run cannot go back to the
-            // store it overshot, so it must stop right after it.
+            // access it overshot, so it must stop right after it.
             let now = self.vm.cpu.icount();
             let limit = if self.watched.is_empty() {
                 now + SLICE
@@ -223,10 +244,7 @@ impl Debuggee for LiveRun {
             };
             let (hit_bp, end, hits) = self.run(limit, &bps)?;
             if let Some(hit) = hits.into_iter().next() {
-                return Ok(Stop::Watch {
-                    address: self.watched_virtual(hit.address),
-                    hit,
-                });
+                return Ok(self.watch_stop(hit));
             }
             if self.ended {
                 return Ok(Stop::End);

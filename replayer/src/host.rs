@@ -49,6 +49,9 @@ enum Source {
     Thread(Receiver<Item>),
     /// Decoded before the run.
     Preloaded(std::vec::IntoIter<Item>),
+    /// Decoded once and shared (a replay session restarts from many points): the events and
+    /// the index of the next one.
+    Shared(Arc<Vec<Event>>, usize),
 }
 
 impl Source {
@@ -57,6 +60,11 @@ impl Source {
         match self {
             Source::Thread(rx) => rx.recv().ok(),
             Source::Preloaded(items) => items.next(),
+            Source::Shared(events, next) => {
+                let e = events.get(*next)?.clone();
+                *next += 1;
+                Some(Item::Event(e))
+            }
         }
     }
 }
@@ -136,12 +144,16 @@ impl Player {
         Self::with_source(Source::Preloaded(items.into_iter()), checkpoint, exit_sync)
     }
 
-    /// Plays `events`, the trace's events from index `first` on, as a replay restored at
-    /// `at` (a checkpoint's position, or a replay session's own snapshot) consumes them.
-    pub fn from_events(events: Vec<Event>, first: u64, at: Position, exit_sync: bool) -> Self {
-        let items: Vec<Item> = events.into_iter().map(Item::Event).collect();
-        let mut p = Self::with_source(Source::Preloaded(items.into_iter()), None, exit_sync);
-        p.consumed = first;
+    /// Plays `events` (all of a trace's) from index `first`, where the replay stands at
+    /// `at`, without copying them.
+    pub fn from_shared(
+        events: Arc<Vec<Event>>,
+        first: usize,
+        at: Position,
+        exit_sync: bool,
+    ) -> Self {
+        let mut p = Self::with_source(Source::Shared(events, first), None, exit_sync);
+        p.consumed = first as u64;
         p.last = at;
         p
     }

@@ -699,6 +699,123 @@ impl RunObserver for Observer<'_> {
     }
 }
 
+/// A replay's machine built from its trace, before it runs: what [`replay_with`] and a
+/// [`session::ReplaySession`] share.
+struct Prepared {
+    reader: TraceReader<std::io::BufReader<std::fs::File>>,
+    header: Header,
+    footer: Option<Footer>,
+    vm: Vm,
+    player: Arc<Mutex<Player>>,
+    serial: Arc<Mutex<SerialCapture>>,
+    scheme: deja_traces::DigestScheme,
+    exit_sync: bool,
+    /// The engine counts instructions.
+    counts: bool,
+    /// Where an interrupted recording (Ctrl-C, timeout, instruction limit) stopped, so that
+    /// a replay stops there too. Without a footer (the trace was cut), the End event says so
+    /// when it made it to disk.
+    interrupted_at: Option<Position>,
+}
+
+/// Makes a replay's [`Player`] from the trace (its reader and footer) and whether delivery is
+/// exit-synchronous.
+type MakePlayer<'a> = dyn FnMut(
+        &mut TraceReader<std::io::BufReader<std::fs::File>>,
+        Option<&Footer>,
+        bool,
+    ) -> Result<Player, ReplayError>
+    + 'a;
+
+/// Opens the trace at `path` and builds its machine on `engine` at the start of the
+/// recording: images resolved and checked, a [`ReplayingHost`] over the player
+/// `make_player` gives, interrupt delivery as recorded, the digest scheme checked.
+fn prepare(
+    path: &Path,
+    engine: EngineKind,
+    guests: &dyn Fn(&str) -> Option<Image>,
+    serial_out: Box<dyn Write + Send>,
+    build: Box<Builder<'_>>,
+    make_player: &mut MakePlayer<'_>,
+) -> Result<Prepared, ReplayError> {
+    let name = path.display().to_string();
+    let mut reader = TraceReader::open(path)?;
+    let header = reader.header().clone();
+    let footer: Option<Footer> = reader.footer().cloned();
+    let config = machine_config(&header, &name)?;
+    if header.images.is_empty() {
+        return Err(ReplayError::BadTrace {
+            trace: name,
+            detail: "the header lists no image".into(),
+        });
+    }
+    let image = resolve_images(&header.images, guests, &mut |index| {
+        Ok(reader.embedded_image(index)?)
+    })?;
+    let exit_sync = header.delivery == Delivery::ExitSynchronous;
+    let serial = Arc::new(Mutex::new(SerialCapture::default()));
+    let tee = SerialTee::new(serial_out, serial.clone());
+    let player = Arc::new(Mutex::new(make_player(
+        &mut reader,
+        footer.as_ref(),
+        exit_sync,
+    )?));
+    host::lock(&player)
+        .set_polls_log_due_times_only(reader.format_version() >= deja_traces::DUE_POLLS_FORMAT);
+    let host = ReplayingHost::new(player.clone());
+    let mut vm = build(&config, &image, Box::new(host), Box::new(tee))
+        .map_err(|detail| ReplayError::Build { engine, detail })?;
+    // A reset does what it did while recording: reboot, or end the run.
+    vm.set_reboot(header.on_reset == deja_traces::ResetPolicy::Reboot);
+    let counts = vm.cpu.counts_instructions();
+    host::lock(&player).set_compare_icount(counts && !exit_sync);
+    let delivery = if exit_sync {
+        InterruptDelivery::AtExits
+    } else if counts {
+        InterruptDelivery::Exact
+    } else {
+        return Err(ReplayError::Delivery {
+            engine,
+            delivery: header.delivery,
+            detail: "the engine cannot count instructions, so it cannot deliver interrupts at \
+                     the recorded instruction boundaries"
+                .into(),
+        });
+    };
+    vm.cpu
+        .set_interrupt_delivery(delivery)
+        .map_err(|e| ReplayError::Delivery {
+            engine,
+            delivery: header.delivery,
+            detail: e.to_string(),
+        })?;
+    host::lock(&player).set_kicker(vm.cpu.kicker());
+    let scheme = state::recorded_digest_scheme(&header);
+    state::check_digest_scheme(&vm.machine, &scheme)?;
+    let interrupted_at = match &footer {
+        Some(f) => f.exit.status.is_none().then_some(f.final_position),
+        None => match reader.last_event()? {
+            Some(Event {
+                at,
+                kind: EventKind::End { status: None, .. },
+            }) => Some(at),
+            _ => None,
+        },
+    };
+    Ok(Prepared {
+        reader,
+        header,
+        footer,
+        vm,
+        player,
+        serial,
+        scheme,
+        exit_sync,
+        counts,
+        interrupted_at,
+    })
+}
+
 /// Replays the trace at `path`.
 pub fn replay(
     path: &Path,
@@ -727,78 +844,48 @@ pub fn replay_with(
     hooks: ReplayHooks<'_>,
 ) -> Result<ReplayReport, ReplayError> {
     let started = std::time::Instant::now();
-    let name = path.display().to_string();
-    let mut reader = TraceReader::open(path)?;
-    let header = reader.header().clone();
-    let footer: Option<Footer> = reader.footer().cloned();
-    let config = machine_config(&header, &name)?;
-    if header.images.is_empty() {
-        return Err(ReplayError::BadTrace {
-            trace: name.clone(),
-            detail: "the header lists no image".into(),
-        });
-    }
-    let image = resolve_images(&header.images, guests, &mut |index| {
-        Ok(reader.embedded_image(index)?)
-    })?;
-    let exit_sync = header.delivery == Delivery::ExitSynchronous;
-
     // Where to start: the nearest checkpoint at or before the target, when seeking.
-    let checkpoint: Option<CheckpointIndexEntry> = match (opts.until, opts.seek) {
-        (Some(Until::Icount(n)), true) => reader.nearest_checkpoint(Position::new(n, u64::MAX)),
-        (Some(Until::Exit(k)), true) => reader.nearest_checkpoint(Position::new(u64::MAX, k)),
-        _ => None,
-    };
-
-    let serial = Arc::new(Mutex::new(SerialCapture::default()));
-    let tee = SerialTee::new(serial_out, serial.clone());
-    // Short traces are decoded here and now; long ones stream from a reader thread.
-    let events_left = footer
-        .as_ref()
-        .map(|f| f.events_total - checkpoint.map_or(0, |c| c.event_index.min(f.events_total)));
-    let player = Arc::new(Mutex::new(match events_left {
-        Some(n) if n <= host::PRELOAD_MAX_EVENTS => {
-            Player::preloaded(&mut reader, checkpoint, exit_sync)
-        }
-        _ => Player::new(path.to_path_buf(), checkpoint, exit_sync),
-    }));
-    host::lock(&player)
-        .set_polls_log_due_times_only(reader.format_version() >= deja_traces::DUE_POLLS_FORMAT);
-    let host = ReplayingHost::new(player.clone());
-    let mut vm = build(&config, &image, Box::new(host), Box::new(tee)).map_err(|detail| {
-        ReplayError::Build {
-            engine: opts.engine,
-            detail,
-        }
-    })?;
-    // A reset does what it did while recording: reboot, or end the run.
-    vm.set_reboot(header.on_reset == deja_traces::ResetPolicy::Reboot);
-    let counts = vm.cpu.counts_instructions();
-    host::lock(&player).set_compare_icount(counts && !exit_sync);
-    let delivery = if exit_sync {
-        InterruptDelivery::AtExits
-    } else if counts {
-        InterruptDelivery::Exact
-    } else {
-        return Err(ReplayError::Delivery {
-            engine: opts.engine,
-            delivery: header.delivery,
-            detail: "the engine cannot count instructions, so it cannot deliver interrupts at \
-                     the recorded instruction boundaries"
-                .into(),
-        });
-    };
-    vm.cpu
-        .set_interrupt_delivery(delivery)
-        .map_err(|e| ReplayError::Delivery {
-            engine: opts.engine,
-            delivery: header.delivery,
-            detail: e.to_string(),
-        })?;
-    host::lock(&player).set_kicker(vm.cpu.kicker());
+    let mut checkpoint: Option<CheckpointIndexEntry> = None;
+    let Prepared {
+        mut reader,
+        header,
+        footer,
+        mut vm,
+        player,
+        serial,
+        scheme,
+        exit_sync,
+        counts,
+        interrupted_at,
+    } = prepare(
+        path,
+        opts.engine,
+        guests,
+        serial_out,
+        build,
+        &mut |reader, footer, exit_sync| {
+            checkpoint = match (opts.until, opts.seek) {
+                (Some(Until::Icount(n)), true) => {
+                    reader.nearest_checkpoint(Position::new(n, u64::MAX))
+                }
+                (Some(Until::Exit(k)), true) => {
+                    reader.nearest_checkpoint(Position::new(u64::MAX, k))
+                }
+                _ => None,
+            };
+            // Short traces are decoded here and now; long ones stream from a reader thread.
+            let events_left = footer.map(|f| {
+                f.events_total - checkpoint.map_or(0, |c| c.event_index.min(f.events_total))
+            });
+            Ok(match events_left {
+                Some(n) if n <= host::PRELOAD_MAX_EVENTS => {
+                    Player::preloaded(reader, checkpoint, exit_sync)
+                }
+                _ => Player::new(path.to_path_buf(), checkpoint, exit_sync),
+            })
+        },
+    )?;
     vm.cpu.set_watch(&opts.watch)?;
-    let scheme = state::recorded_digest_scheme(&header);
-    state::check_digest_scheme(&vm.machine, &scheme)?;
 
     let mut started_from = None;
     if let Some(cp) = checkpoint {
@@ -832,18 +919,7 @@ pub fn replay_with(
         None => (None, None),
     };
     // A recording that was interrupted (Ctrl-C, timeout, instruction limit) ends wherever
-    // it was stopped: the replay stops there too, exactly on engines that count. Without a
-    // footer (the trace was cut), the End event says so when it made it to disk.
-    let interrupted_at = match &footer {
-        Some(f) => f.exit.status.is_none().then_some(f.final_position),
-        None => match reader.last_event()? {
-            Some(Event {
-                at,
-                kind: EventKind::End { status: None, .. },
-            }) => Some(at),
-            _ => None,
-        },
-    };
+    // it was stopped: the replay stops there too, exactly on engines that count.
     let stop_at_end = opts.until.is_none() && interrupted_at.is_some();
     let end_icount = interrupted_at
         .filter(|_| stop_at_end && counts && !exit_sync)

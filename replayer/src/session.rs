@@ -4,7 +4,7 @@
 //! [`replay`](crate::replay) runs a trace once from start (or a checkpoint) to a verdict. A
 //! debugger needs the same machine held still between commands and moved by small steps:
 //! [`ReplaySession::step`], [`ReplaySession::seek`], [`ReplaySession::resume`] (forward to
-//! the next breakpoint or watched store) and [`ReplaySession::reverse_resume`] (back to the
+//! the next breakpoint or watched access) and [`ReplaySession::reverse_resume`] (back to the
 //! last one). Every run goes through the replay's own observer, so each state digest, serial
 //! output and register event the trace holds on the way is checked exactly as a plain replay
 //! checks it; a divergence stops the session with the replay's report.
@@ -14,22 +14,25 @@
 //! session takes in memory (at the start, every [`SessionOptions::snapshot_every`]
 //! instructions of forward progress when running has cost ten times the last snapshot,
 //! and near where the debugger stops; at most [`MAX_SNAPSHOTS`] holding
-//! [`MAX_SNAPSHOT_BYTES`] together). The session never changes guest state itself:
-//! nothing a debugger does can make the replay diverge.
+//! [`MAX_SNAPSHOT_BYTES`] together). Restore points share the pages they have in common: a
+//! snapshot copies the pages written since the last restore point, and a restore rewrites
+//! only the pages that differ, so both cost what changed rather than the guest's memory
+//! size. A seek forward also jumps to a restore point ahead (what it jumps over is not
+//! replayed, so not checked, as with `deja replay --until`). The session never changes
+//! guest state itself: nothing a debugger does can make the replay diverge.
 //!
 //! Positions are bt's instruction counts: a trace recorded on kvm replays on bt and gets
 //! them from the replay (its own positions count device exits only).
 
 use crate::host::{self, Player};
-use crate::{Divergence, Observer, ReplayError, ReplayHooks, machine_config, resolve_images};
+use crate::{Divergence, Observer, Prepared, ReplayError, ReplayHooks, prepare};
 use deja_engine::{EngineKind, RunEnd, RunOptions, Vm};
 use deja_machine::exit_group::{PagingRegs, fetch_code, translate_linear};
 use deja_machine::loader::Image;
-use deja_machine::{CpuState, InterruptDelivery, WatchHit};
-use deja_snapshot::{SerialCapture, SerialTee, lock_capture, state};
-use deja_traces::{
-    CheckpointIndexEntry, Delivery, Event, EventKind, MemoryImage, Position, TraceReader,
-};
+use deja_machine::{CpuState, WatchHit};
+use deja_snapshot::{SerialCapture, lock_capture, state};
+use deja_traces::{Event, PAGE_SIZE, Position, TraceReader};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -39,12 +42,14 @@ use std::sync::{Arc, Mutex};
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 2_000_000;
 /// Most in-memory snapshots a session keeps (the one at the start is never dropped).
 pub const MAX_SNAPSHOTS: usize = 128;
-/// Most bytes of guest memory the in-memory snapshots hold together (each holds every
-/// non-zero page: a Linux guest's are hundreds of MiB); older ones are dropped first.
+/// Most bytes of guest memory the in-memory snapshots hold together (distinct pages: a
+/// snapshot shares every page it did not see written with the restore point it was taken
+/// after); older ones are dropped first.
 pub const MAX_SNAPSHOT_BYTES: u64 = 2 << 30;
-/// A forward snapshot costs a copy and a digest of memory: the session runs at least this
-/// many times as long as the last snapshot took before it takes the next one, so that
-/// snapshots never cost more than a small share of a forward run.
+/// A forward snapshot costs a digest and a copy of the pages written since the last restore
+/// point: the session runs at least this many times as long as the last snapshot took
+/// before it takes the next one, so that snapshots never cost more than a small share of a
+/// forward run.
 const SNAPSHOT_COST_RATIO: u32 = 10;
 /// A stop farther than this from the nearest restore point gets a snapshot of its own, so
 /// that stepping backwards near it replays only a few instructions.
@@ -74,12 +79,15 @@ pub enum Stop {
     Reached,
     /// Before the instruction at this linear address, a breakpoint.
     Breakpoint(u64),
-    /// A store into watched bytes: after the storing instruction going forward, before it
-    /// going backward. The address is the watched virtual address the store touched.
+    /// A store into watched bytes, or a load from bytes watched for loads: after the
+    /// accessing instruction going forward, before it going backward. The address is the
+    /// watched virtual address the access touched.
     Watch {
-        /// The first watched virtual address written.
+        /// The first watched virtual address accessed.
         address: u64,
-        /// The store.
+        /// Which accesses the watch that saw it sees.
+        access: Access,
+        /// The access ([`WatchHit::read`] for a load).
         hit: WatchHit,
     },
     /// The caller's interrupt (Ctrl-C) stopped a forward run.
@@ -92,15 +100,48 @@ pub enum Stop {
     Diverged(Box<Divergence>),
 }
 
+/// Which accesses a watch sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Stores (gdb's `watch`).
+    Write,
+    /// Loads (gdb's `rwatch`).
+    Read,
+    /// Both (gdb's `awatch`).
+    ReadWrite,
+}
+
+impl Access {
+    fn writes(self) -> bool {
+        matches!(self, Access::Write | Access::ReadWrite)
+    }
+
+    fn reads(self) -> bool {
+        matches!(self, Access::Read | Access::ReadWrite)
+    }
+}
+
 /// A watched range of guest virtual memory and the physical bytes it maps to at the stop
 /// where it was set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Watched {
     virt: u64,
     len: u64,
+    access: Access,
     /// `(physical start, length, virtual start)` pieces, one per page touched.
     pieces: Vec<(u64, u64, u64)>,
 }
+
+/// Guest-physical `(start, length)` ranges.
+type Ranges = Vec<(u64, u64)>;
+
+/// A page of guest memory as restore points hold it: shared by every restore point that
+/// holds the same bytes there (a snapshot copies only the pages written since the restore
+/// point the machine last stood at, and shares the rest with it).
+type Page = Arc<[u8; PAGE_SIZE]>;
+
+/// Guest memory at a restore point: its non-zero pages.
+type Pages = BTreeMap<u64, Page>;
 
 /// One restore point in memory.
 struct Snapshot {
@@ -108,14 +149,71 @@ struct Snapshot {
     event_index: u64,
     cpu_state: Vec<u8>,
     machine_state: Vec<u8>,
-    memory: Arc<MemoryImage>,
+    /// The trace format `cpu_state` and `machine_state` are written in.
+    format: u32,
+    memory: Arc<Pages>,
+    /// The trace checkpoint (its index) this is a copy of, if it is one.
+    trace_checkpoint: Option<usize>,
 }
 
 /// Where a restore starts from.
 #[derive(Clone, Copy)]
 enum RestorePoint {
     Memory(usize),
-    Trace(CheckpointIndexEntry),
+    /// A trace checkpoint, by index.
+    Trace(usize),
+}
+
+/// Sets page `n` of `map` to `bytes` (dropping it when zero), counting the pages held by no
+/// other map in `held`.
+fn put_page(map: &mut Pages, n: u64, bytes: &[u8], held: &mut u64) {
+    let old = if bytes.iter().all(|&b| b == 0) {
+        map.remove(&n)
+    } else {
+        let mut page = [0u8; PAGE_SIZE];
+        let len = bytes.len().min(PAGE_SIZE);
+        page[..len].copy_from_slice(&bytes[..len]);
+        *held += 1;
+        map.insert(n, Arc::new(page))
+    };
+    if let Some(old) = old
+        && Arc::strong_count(&old) == 1
+    {
+        *held -= 1;
+    }
+}
+
+/// Adds to `out` every page whose contents differ between `a` and `b`.
+fn differing_pages(a: &Pages, b: &Pages, out: &mut BTreeSet<u64>) {
+    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        match (ia.peek(), ib.peek()) {
+            (Some(&(&na, pa)), Some(&(&nb, pb))) => {
+                if na < nb {
+                    out.insert(na);
+                    ia.next();
+                } else if nb < na {
+                    out.insert(nb);
+                    ib.next();
+                } else {
+                    if !Arc::ptr_eq(pa, pb) && pa[..] != pb[..] {
+                        out.insert(na);
+                    }
+                    ia.next();
+                    ib.next();
+                }
+            }
+            (Some(&(&n, _)), None) => {
+                out.insert(n);
+                ia.next();
+            }
+            (None, Some(&(&n, _))) => {
+                out.insert(n);
+                ib.next();
+            }
+            (None, None) => return,
+        }
+    }
 }
 
 /// Hears where a session is between exits (stamped serial output uses it).
@@ -138,6 +236,13 @@ pub struct ReplaySession {
     exit_sync: bool,
     trace_checkpoints: bool,
     snapshots: Vec<Snapshot>,
+    /// Guest memory as of the last restore or snapshot (the machine's memory is that plus
+    /// the pages the digester has seen written since); `None` when unknown, which makes the
+    /// next restore rewrite all of memory and the next snapshot copy all of it.
+    base: Option<Arc<Pages>>,
+    /// Distinct pages the restore points (and `base`) hold.
+    held_pages: u64,
+    stats: SessionStats,
     snapshot_every: u64,
     /// How long the last snapshot took, and how long the machine has run since.
     snapshot_cost: std::time::Duration,
@@ -160,6 +265,17 @@ pub struct ReplaySession {
     segment_hits: Vec<WatchHit>,
 }
 
+/// What a session's restore points have cost so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Restores done.
+    pub restores: u64,
+    /// Pages of guest memory those restores wrote.
+    pub pages_restored: u64,
+    /// Restore points taken in memory (snapshots, and trace checkpoints read into memory).
+    pub snapshots: u64,
+}
+
 /// What a session built its machine from (for messages).
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -171,11 +287,33 @@ pub struct SessionInfo {
 
 impl ReplaySession {
     /// The digester, lent out (a fresh one, which rehashes all memory once, if a failed run
-    /// kept it).
+    /// kept it; what memory held at the last restore point is then unknown).
     fn take_digester(&mut self) -> deja_snapshot::StateDigester {
-        self.digester
-            .take()
-            .unwrap_or_else(|| deja_snapshot::StateDigester::new(self.scheme.clone()))
+        match self.digester.take() {
+            Some(d) => d,
+            None => {
+                self.set_base(None);
+                deja_snapshot::StateDigester::new(self.scheme.clone())
+            }
+        }
+    }
+
+    /// Makes `base` the memory of the last restore point, letting the old one go.
+    fn set_base(&mut self, base: Option<Arc<Pages>>) {
+        if let Some(old) = std::mem::replace(&mut self.base, base) {
+            self.release(old);
+        }
+    }
+
+    /// Lets a restore point's memory go, counting the pages no other map holds.
+    fn release(&mut self, map: Arc<Pages>) {
+        if let Ok(map) = Arc::try_unwrap(map) {
+            for page in map.into_values() {
+                if Arc::strong_count(&page) == 1 {
+                    self.held_pages -= 1;
+                }
+            }
+        }
     }
 
     /// Opens the trace at `path` and builds its machine at the start of the recording, on bt
@@ -187,34 +325,33 @@ impl ReplaySession {
         serial_out: Box<dyn Write + Send>,
         build: Box<crate::Builder<'_>>,
     ) -> Result<Self, ReplayError> {
-        let name = path.display().to_string();
-        let mut reader = TraceReader::open(path)?;
-        let header = reader.header().clone();
-        let footer = reader.footer().cloned();
-        let config = machine_config(&header, &name)?;
-        let image = resolve_images(&header.images, guests, &mut |index| {
-            Ok(reader.embedded_image(index)?)
-        })?;
-        let exit_sync = header.delivery == Delivery::ExitSynchronous;
-        let events: Result<Vec<Event>, _> = reader.events().collect();
-        let events = Arc::new(events?);
-        let serial = Arc::new(Mutex::new(SerialCapture::default()));
-        let tee = SerialTee::new(serial_out, serial.clone());
-        let player = Arc::new(Mutex::new(Player::from_events(
-            events.as_ref().clone(),
-            0,
-            Position::default(),
+        let mut events: Option<Arc<Vec<Event>>> = None;
+        let Prepared {
+            reader,
+            mut vm,
+            player,
+            serial,
+            scheme,
             exit_sync,
-        )));
-        let host = crate::ReplayingHost::new(player.clone());
-        let mut vm = build(&config, &image, Box::new(host), Box::new(tee)).map_err(|detail| {
-            ReplayError::Build {
-                engine: EngineKind::Bt,
-                detail,
-            }
-        })?;
-        vm.set_reboot(header.on_reset == deja_traces::ResetPolicy::Reboot);
-        if !vm.cpu.counts_instructions() {
+            counts,
+            interrupted_at,
+            ..
+        } = prepare(
+            path,
+            EngineKind::Bt,
+            guests,
+            serial_out,
+            build,
+            &mut |reader, _, exit_sync| {
+                // Every event in memory: a session goes back and forth through them.
+                let all: Result<Vec<Event>, _> = reader.events().collect();
+                let all = Arc::new(all?);
+                events = Some(all.clone());
+                Ok(Player::from_shared(all, 0, Position::default(), exit_sync))
+            },
+        )?;
+        let events = events.unwrap_or_default();
+        if !counts {
             return Err(ReplayError::Build {
                 engine: EngineKind::Bt,
                 detail: format!(
@@ -223,30 +360,6 @@ impl ReplaySession {
                 ),
             });
         }
-        let delivery = if exit_sync {
-            InterruptDelivery::AtExits
-        } else {
-            InterruptDelivery::Exact
-        };
-        vm.cpu
-            .set_interrupt_delivery(delivery)
-            .map_err(|e| ReplayError::Delivery {
-                engine: EngineKind::Bt,
-                delivery: header.delivery,
-                detail: e.to_string(),
-            })?;
-        let scheme = state::recorded_digest_scheme(&header);
-        state::check_digest_scheme(&vm.machine, &scheme)?;
-        let interrupted_at = match &footer {
-            Some(f) => f.exit.status.is_none().then_some(f.final_position),
-            None => match reader.last_event()? {
-                Some(Event {
-                    at,
-                    kind: EventKind::End { status: None, .. },
-                }) => Some(at),
-                _ => None,
-            },
-        };
         let end_icount = interrupted_at.filter(|_| !exit_sync).map(|at| at.icount);
         vm.set_stop_exits(interrupted_at.map(|at| at.exits));
         let mut s = Self {
@@ -261,6 +374,9 @@ impl ReplaySession {
             exit_sync,
             trace_checkpoints: !exit_sync,
             snapshots: Vec::new(),
+            base: None,
+            held_pages: 0,
+            stats: SessionStats::default(),
             snapshot_every: opts.snapshot_every.max(1),
             snapshot_cost: std::time::Duration::ZERO,
             run_since_snapshot: std::time::Duration::ZERO,
@@ -302,6 +418,17 @@ impl ReplaySession {
     /// The current position (instruction count and device-exit ordinal).
     pub fn position(&self) -> Position {
         Position::new(self.vm.cpu.icount(), self.vm.machine.position().exits)
+    }
+
+    /// What the restore points cost so far.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// Restore points held in memory, and the bytes of guest memory they hold together
+    /// (pages they share counted once).
+    pub fn snapshots_held(&self) -> (usize, u64) {
+        (self.snapshots.len(), self.held_pages * PAGE_SIZE as u64)
     }
 
     /// State digests checked so far, over every run of the session.
@@ -371,10 +498,10 @@ impl ReplaySession {
         self.breakpoints.dedup();
     }
 
-    /// Watches `len` bytes of guest virtual memory at `virt`, translated through the page
-    /// tables of the current position (the physical bytes stay watched wherever the guest
-    /// maps them later). Unmapped pages are refused.
-    pub fn add_watch(&mut self, virt: u64, len: u64) -> Result<(), ReplayError> {
+    /// Watches `len` bytes of guest virtual memory at `virt` for the accesses `access`
+    /// names, translated through the page tables of the current position (the physical
+    /// bytes stay watched wherever the guest maps them later). Unmapped pages are refused.
+    pub fn add_watch(&mut self, virt: u64, len: u64, access: Access) -> Result<(), ReplayError> {
         let mut pieces = Vec::new();
         let mut at = virt;
         let end = virt.checked_add(len.max(1)).ok_or_else(|| {
@@ -392,16 +519,22 @@ impl ReplaySession {
             pieces.push((phys, n, at));
             at += n;
         }
-        self.watched.push(Watched { virt, len, pieces });
+        self.watched.push(Watched {
+            virt,
+            len,
+            access,
+            pieces,
+        });
         Ok(())
     }
 
-    /// Stops watching the range added by `add_watch(virt, len)`; whether there was one.
-    pub fn remove_watch(&mut self, virt: u64, len: u64) -> bool {
+    /// Stops watching the range added by `add_watch(virt, len, access)`; whether there was
+    /// one.
+    pub fn remove_watch(&mut self, virt: u64, len: u64, access: Access) -> bool {
         match self
             .watched
             .iter()
-            .position(|w| w.virt == virt && w.len == len)
+            .position(|w| w.virt == virt && w.len == len && w.access == access)
         {
             Some(i) => {
                 self.watched.remove(i);
@@ -415,23 +548,33 @@ impl ReplaySession {
         ReplayError::Session(detail)
     }
 
-    /// The watched virtual address a store to `phys` touched.
-    fn watched_virtual(&self, phys: u64) -> u64 {
+    /// The watched virtual address an access to `phys` touched (a load when `read`), and
+    /// which accesses the watch that names it sees.
+    fn watched_virtual(&self, phys: u64, read: bool) -> (u64, Access) {
         for w in &self.watched {
+            if (read && !w.access.reads()) || (!read && !w.access.writes()) {
+                continue;
+            }
             for &(p, n, v) in &w.pieces {
                 if (p..p + n).contains(&phys) {
-                    return v + (phys - p);
+                    return (v + (phys - p), w.access);
                 }
             }
         }
-        phys
+        let access = if read { Access::Read } else { Access::Write };
+        (phys, access)
     }
 
-    fn physical_ranges(&self) -> Vec<(u64, u64)> {
-        self.watched
-            .iter()
-            .flat_map(|w| w.pieces.iter().map(|&(p, n, _)| (p, n)))
-            .collect()
+    /// The physical ranges watched for stores and for loads.
+    fn physical_ranges(&self) -> (Ranges, Ranges) {
+        let ranges = |on: fn(Access) -> bool| -> Ranges {
+            self.watched
+                .iter()
+                .filter(|w| on(w.access))
+                .flat_map(|w| w.pieces.iter().map(|&(p, n, _)| (p, n)))
+                .collect()
+        };
+        (ranges(Access::writes), ranges(Access::reads))
     }
 
     /// Executes one instruction (an interrupt or exception delivered on the way counts with
@@ -441,9 +584,20 @@ impl ReplaySession {
         self.run_plain(now + 1)
     }
 
-    /// Goes to instruction count `target`, forwards or backwards.
+    /// Goes to instruction count `target`, forwards or backwards: from the latest restore
+    /// point at or before it when that is nearer than where the session stands (a restore
+    /// costs the pages that differ, replaying costs every instruction).
     pub fn seek(&mut self, target: u64) -> Result<Stop, ReplayError> {
-        if target < self.vm.cpu.icount() || self.diverged.is_some() {
+        let now = self.vm.cpu.icount();
+        let ahead = |icount: u64| now < icount && icount <= target;
+        let point_ahead = self.snapshots.iter().any(|s| ahead(s.position.icount))
+            || (self.trace_checkpoints
+                && self
+                    .reader
+                    .checkpoints()
+                    .iter()
+                    .any(|c| ahead(c.position.icount)));
+        if target < now || self.diverged.is_some() || point_ahead {
             self.restore_before(target)?;
         }
         self.run_plain(target)
@@ -572,8 +726,10 @@ impl ReplaySession {
     }
 
     fn watch_stop(&self, hit: WatchHit) -> Stop {
+        let (address, access) = self.watched_virtual(hit.address, hit.read);
         Stop::Watch {
-            address: self.watched_virtual(hit.address),
+            address,
+            access,
             hit,
         }
     }
@@ -641,17 +797,18 @@ impl ReplaySession {
         let from = self.vm.cpu.icount();
         if armed {
             self.vm.cpu.set_breakpoints(&self.breakpoints)?;
-            self.vm.cpu.set_watch(&self.physical_ranges())?;
+            let (writes, reads) = self.physical_ranges();
+            self.vm.cpu.set_watch_access(&writes, &reads)?;
         } else {
             self.vm.cpu.set_breakpoints(&[])?;
             // Watching stays on for a single step, so that a step over a breakpoint still
-            // sees a store it makes.
-            let ranges = if limit == from + 1 {
+            // sees an access it makes.
+            let (writes, reads) = if limit == from + 1 {
                 self.physical_ranges()
             } else {
-                Vec::new()
+                Default::default()
             };
-            self.vm.cpu.set_watch(&ranges)?;
+            self.vm.cpu.set_watch_access(&writes, &reads)?;
         }
         let mut hits: Vec<WatchHit> = Vec::new();
         let mut on_watch = |h: &WatchHit| hits.push(h.clone());
@@ -758,6 +915,11 @@ impl ReplaySession {
     }
 
     /// Restores the latest restore point at or before `target`; returns it.
+    ///
+    /// Only the pages that differ are written: those the guest wrote since the last restore
+    /// point (the digester's dirty pages) and those where that point's memory and the
+    /// target's differ (the maps share unchanged pages, so comparing them costs little). So a
+    /// restore costs what changed, not the size of guest memory.
     fn restore_before(&mut self, target: u64) -> Result<Position, ReplayError> {
         let mut best: Option<(Position, RestorePoint)> = None;
         for (i, s) in self.snapshots.iter().enumerate() {
@@ -767,64 +929,91 @@ impl ReplaySession {
             }
         }
         if self.trace_checkpoints {
-            for c in self.reader.checkpoints() {
+            for (k, c) in self.reader.checkpoints().iter().enumerate() {
                 if c.position.icount <= target
                     && best.is_none_or(|(p, _)| c.position.icount > p.icount)
                 {
-                    best = Some((c.position, RestorePoint::Trace(*c)));
+                    best = Some((c.position, RestorePoint::Trace(k)));
                 }
             }
         }
         let Some((position, point)) = best else {
             return Err(self.refuse("no restore point before the target".into()));
         };
-        let (memory, cpu_state, machine_state, event_index, format) = match point {
-            RestorePoint::Memory(i) => {
-                let s = &self.snapshots[i];
-                (
-                    s.memory.clone(),
-                    s.cpu_state.clone(),
-                    s.machine_state.clone(),
-                    s.event_index,
-                    deja_traces::FORMAT_VERSION,
-                )
+        let i = match point {
+            RestorePoint::Memory(i) => i,
+            RestorePoint::Trace(k) => self.snapshot_of_trace_checkpoint(k)?,
+        };
+        let (memory, cpu_state, machine_state, event_index, format) = {
+            let s = &self.snapshots[i];
+            (
+                s.memory.clone(),
+                s.cpu_state.clone(),
+                s.machine_state.clone(),
+                s.event_index,
+                s.format,
+            )
+        };
+        // Decoded before memory changes: a bad checkpoint changes nothing.
+        let cpu = state::decode_cpu_state(&cpu_state, format)?;
+        let devices = state::decode_machine_state(&machine_state, format, &self.vm.machine)?;
+        let mut digester = self.take_digester();
+        let known = self.base.clone().and_then(|base| {
+            digester
+                .take_changed_pages(&self.vm.machine, self.vm.cpu.as_mut())
+                .map(|changed| (base, changed))
+        });
+        let write = match known {
+            Some((base, mut changed)) => {
+                if !Arc::ptr_eq(&base, &memory) {
+                    differing_pages(&base, &memory, &mut changed);
+                }
+                changed
             }
-            RestorePoint::Trace(cp) => {
-                let memory = Arc::new(self.reader.memory_at(&cp)?);
-                let meta = self.reader.read_checkpoint(&cp)?.meta;
-                (
-                    memory,
-                    meta.cpu_state,
-                    meta.device_state,
-                    cp.event_index,
-                    self.reader.format_version(),
-                )
+            None => {
+                // What memory holds is unknown: every page that is not zero now or will not
+                // be zero, and everything rehashed afterwards.
+                digester.invalidate();
+                let mut all: BTreeSet<u64> = memory.keys().copied().collect();
+                state::for_each_resident_page(&self.vm.machine, |n, page| {
+                    if page.iter().any(|&b| b != 0) {
+                        all.insert(n);
+                    }
+                });
+                all
             }
         };
-        let (next_poll, _) = state::restore(
+        let written = write.len();
+        let result = state::write_pages(
             &mut self.vm.machine,
-            self.vm.cpu.as_mut(),
-            &memory,
-            &cpu_state,
-            &machine_state,
-            format,
-        )?;
+            write.iter().map(|&n| (n, memory.get(&n).map(|p| &p[..]))),
+        )
+        .and_then(|()| {
+            state::restore_decoded(&mut self.vm.machine, self.vm.cpu.as_mut(), &cpu, &devices)
+        });
         self.vm.cpu.memory_rewritten();
-        // The restore marked every page it wrote; rehashing all of memory once more keeps the
-        // digests independent of what the dirty bitmap saw before it.
-        if let Some(d) = self.digester.as_mut() {
-            d.invalidate();
-        }
+        // The hashes learn the pages just written (their dirty bits), and the next
+        // snapshot's copy starts from here.
+        let _ = digester.take_changed_pages(&self.vm.machine, self.vm.cpu.as_mut());
+        self.digester = Some(digester);
+        self.stats.restores += 1;
+        self.stats.pages_restored += written as u64;
+        let next_poll = match result {
+            Ok((next_poll, _)) => {
+                self.set_base(Some(memory));
+                next_poll
+            }
+            Err(e) => {
+                self.set_base(None);
+                return Err(e.into());
+            }
+        };
         self.vm.set_next_poll(next_poll);
         let first = usize::try_from(event_index)
             .unwrap_or(usize::MAX)
             .min(self.events.len());
-        *host::lock(&self.player) = Player::from_events(
-            self.events[first..].to_vec(),
-            first as u64,
-            position,
-            self.exit_sync,
-        );
+        *host::lock(&self.player) =
+            Player::from_shared(self.events.clone(), first, position, self.exit_sync);
         self.arm_player();
         // Output is matched against the trace at the exit that wrote it, so nothing is
         // pending at a restore point; whatever the abandoned run left goes.
@@ -832,6 +1021,89 @@ impl ReplaySession {
         self.at_end = false;
         self.diverged = None;
         Ok(position)
+    }
+
+    /// The in-memory restore point holding trace checkpoint `k` (its index), read from the
+    /// trace the first time: its memory is built from the nearest earlier checkpoint the
+    /// session already holds (or the last full one) plus the pages of those in between.
+    fn snapshot_of_trace_checkpoint(&mut self, k: usize) -> Result<usize, ReplayError> {
+        if let Some(i) = self
+            .snapshots
+            .iter()
+            .position(|s| s.trace_checkpoint == Some(k))
+        {
+            return Ok(i);
+        }
+        let checkpoints = self.reader.checkpoints().to_vec();
+        let cp = checkpoints[k];
+        let Some(full) = checkpoints[..=k].iter().rposition(|c| c.full) else {
+            return Err(self.refuse(format!(
+                "trace checkpoint {} has no full checkpoint before it, so its memory cannot be \
+                 rebuilt",
+                cp.ordinal
+            )));
+        };
+        let from = self
+            .snapshots
+            .iter()
+            .filter_map(|s| {
+                s.trace_checkpoint
+                    .filter(|&j| (full..k).contains(&j))
+                    .map(|j| (j, s))
+            })
+            .max_by_key(|(j, _)| *j);
+        let (mut map, first) = match from {
+            Some((j, s)) => ((*s.memory).clone(), j + 1),
+            None => (Pages::new(), full),
+        };
+        let mut held = self.held_pages;
+        let mut meta = None;
+        for c in &checkpoints[first..=k] {
+            meta =
+                Some(self.reader.for_each_checkpoint_page(c, |n, bytes| {
+                    put_page(&mut map, n, bytes, &mut held)
+                })?);
+        }
+        self.held_pages = held;
+        let meta = match meta {
+            Some(m) => m,
+            None => self.reader.read_checkpoint(&cp)?.meta,
+        };
+        self.push_snapshot(Snapshot {
+            position: cp.position,
+            event_index: cp.event_index,
+            cpu_state: meta.cpu_state,
+            machine_state: meta.device_state,
+            format: self.reader.format_version(),
+            memory: Arc::new(map),
+            trace_checkpoint: Some(k),
+        });
+        Ok(self
+            .snapshots
+            .iter()
+            .position(|s| s.trace_checkpoint == Some(k))
+            .unwrap_or(self.snapshots.len() - 1))
+    }
+
+    /// Keeps a restore point, dropping the oldest (never the one at the start) while they
+    /// hold too many, and keeping the list in position order.
+    fn push_snapshot(&mut self, snap: Snapshot) {
+        let key = |p: &Position| (p.icount, p.exits);
+        let new = key(&snap.position);
+        let at = self.snapshots.partition_point(|s| key(&s.position) <= new);
+        self.snapshots.insert(at, snap);
+        self.stats.snapshots += 1;
+        let max_pages = MAX_SNAPSHOT_BYTES / PAGE_SIZE as u64;
+        while self.snapshots.len() > MAX_SNAPSHOTS || self.held_pages > max_pages {
+            // The earliest after the start, but not the one just added.
+            let Some(victim) =
+                (1..self.snapshots.len()).find(|&i| key(&self.snapshots[i].position) != new)
+            else {
+                break;
+            };
+            let gone = self.snapshots.remove(victim);
+            self.release(gone.memory);
+        }
     }
 
     fn arm_player(&mut self) {
@@ -842,6 +1114,9 @@ impl ReplaySession {
         p.set_kicker(self.vm.cpu.kicker());
     }
 
+    /// Takes a restore point here: the CPU and device state, and the memory of the last
+    /// restore point with the pages written since then replaced (all of memory when that is
+    /// unknown).
     fn take_snapshot(&mut self) -> Result<(), ReplayError> {
         let now = self.position();
         if self.snapshots.iter().any(|s| s.position == now) {
@@ -850,42 +1125,36 @@ impl ReplaySession {
         let started = std::time::Instant::now();
         let next_poll = self.vm.next_poll();
         let mut digester = self.take_digester();
+        let base = self.base.clone();
         let snap = state::snapshot(
             &self.vm.machine,
             self.vm.cpu.as_mut(),
             next_poll,
             &mut digester,
-            true,
+            base.is_none(),
         );
         self.digester = Some(digester);
         let snap = snap?;
-        let mut memory = MemoryImage::new();
+        let mut map = base.map(|b| (*b).clone()).unwrap_or_default();
+        let mut held = self.held_pages;
         for (n, page) in &snap.pages {
-            memory.set_page(*n, page);
+            put_page(&mut map, *n, page, &mut held);
         }
+        self.held_pages = held;
+        let memory = Arc::new(map);
+        self.set_base(Some(memory.clone()));
         let event_index = host::lock(&self.player).consumed();
-        let bytes = |v: &[Snapshot]| -> u64 {
-            v.iter()
-                .map(|s| s.memory.pages().count() as u64 * deja_traces::PAGE_SIZE as u64)
-                .sum()
-        };
-        let new_bytes = snap.pages.len() as u64 * deja_traces::PAGE_SIZE as u64;
-        // Drop the oldest taken, but never the one at the start.
-        while self.snapshots.len() > 1
-            && (self.snapshots.len() >= MAX_SNAPSHOTS
-                || bytes(&self.snapshots) + new_bytes > MAX_SNAPSHOT_BYTES)
-        {
-            self.snapshots.remove(1);
-        }
-        self.snapshot_cost = started.elapsed();
-        self.run_since_snapshot = std::time::Duration::ZERO;
-        self.snapshots.push(Snapshot {
+        self.push_snapshot(Snapshot {
             position: now,
             event_index,
             cpu_state: snap.cpu_state,
             machine_state: snap.machine_state,
-            memory: Arc::new(memory),
+            format: deja_traces::FORMAT_VERSION,
+            memory,
+            trace_checkpoint: None,
         });
+        self.snapshot_cost = started.elapsed();
+        self.run_since_snapshot = std::time::Duration::ZERO;
         Ok(())
     }
 }

@@ -152,6 +152,20 @@ impl MemoryHashes {
         self.since_checkpoint.insert(n);
     }
 
+    /// Whether the hashes describe memory as of some refresh (they were computed at least
+    /// once and not thrown away since): only then does a refresh tell which pages changed.
+    pub fn primed(&self) -> bool {
+        self.primed
+    }
+
+    /// The pages whose contents changed since the last checkpoint (or the last call), as of
+    /// the last [`MemoryHashes::refresh`]; starts the next set. A page written back to what
+    /// it held may be listed; a page that changed is always listed, provided the hashes were
+    /// [`primed`](MemoryHashes::primed) at that checkpoint.
+    pub fn take_changed(&mut self) -> BTreeSet<u64> {
+        std::mem::take(&mut self.since_checkpoint)
+    }
+
     /// The sum of every non-zero page's hash as of the last refresh.
     pub fn sum(&self) -> PageHash {
         self.sum

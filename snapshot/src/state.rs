@@ -752,6 +752,21 @@ impl StateDigester {
         self.memory.invalidate();
     }
 
+    /// Brings the page hashes up to date and returns the pages changed since the last
+    /// checkpoint or call ([`crate::memory::MemoryHashes::take_changed`]), or `None` when
+    /// the hashes knew nothing before this refresh (a fresh or invalidated digester), so
+    /// that any page may have changed.
+    pub fn take_changed_pages(
+        &mut self,
+        machine: &Machine,
+        cpu: &mut dyn Cpu,
+    ) -> Option<std::collections::BTreeSet<u64>> {
+        let primed = self.memory.primed();
+        self.memory.refresh(machine, cpu);
+        let changed = self.memory.take_changed();
+        primed.then_some(changed)
+    }
+
     /// The state digest of `machine` with CPU state `state` (`cpu`'s, which is asked for
     /// the pages its guest wrote).
     pub fn digest(&mut self, machine: &Machine, cpu: &mut dyn Cpu, state: &CpuState) -> Digest {
@@ -827,32 +842,55 @@ pub fn restore(
 ) -> Result<(u64, CpuState), StateError> {
     let state = decode_cpu_state(cpu_state, format)?;
     let snap = decode_machine_state(machine_state, format, machine)?;
-    // Every page is checked before anything is written: a bad checkpoint changes nothing.
-    for (n, _) in memory.pages() {
-        ram_page_address(machine, n)?;
-    }
     let mut stale = Vec::new();
     for_each_resident_page(machine, |n, page| {
         if memory.page(n).is_none() && !is_zero(page) {
             stale.push(n);
         }
     });
+    let pages = stale
+        .into_iter()
+        .map(|n| (n, None))
+        .chain(memory.pages().map(|(n, p)| (n, Some(&p[..]))));
+    write_pages(machine, pages)?;
+    restore_decoded(machine, cpu, &state, &snap)
+}
+
+/// Writes pages of guest memory: `(n, Some(bytes))` page `n` with `bytes`, `(n, None)` with
+/// zeros. Every page number is checked before anything is written: a bad list changes
+/// nothing.
+pub fn write_pages<'a>(
+    machine: &mut Machine,
+    pages: impl IntoIterator<Item = (u64, Option<&'a [u8]>)>,
+) -> Result<(), StateError> {
+    let pages: Vec<(u64, Option<&[u8]>)> = pages.into_iter().collect();
+    for &(n, _) in &pages {
+        ram_page_address(machine, n)?;
+    }
     use deja_machine::vm_memory::Bytes;
     let zero = [0u8; PAGE_SIZE];
-    for n in stale {
+    for (n, bytes) in pages {
         machine
             .mem
-            .write_slice(&zero, ram_page_address(machine, n)?)
+            .write_slice(bytes.unwrap_or(&zero), ram_page_address(machine, n)?)
             .map_err(|_| StateError::PageOutsideMemory { page: n })?;
     }
-    for (n, page) in memory.pages() {
-        machine
-            .mem
-            .write_slice(page, ram_page_address(machine, n)?)
-            .map_err(|_| StateError::PageOutsideMemory { page: n })?;
-    }
-    cpu.set_state(&state)?;
-    restore_devices(machine, &snap)?;
+    Ok(())
+}
+
+/// Restores a decoded checkpoint's CPU state ([`decode_cpu_state`]), devices and position
+/// ([`decode_machine_state`]) into a machine whose memory the caller has already brought to
+/// the checkpoint's (a debugger's session rewrites only the pages that differ; decode
+/// first, so that a bad checkpoint is refused before memory changes). Returns what
+/// [`restore`] returns.
+pub fn restore_decoded(
+    machine: &mut Machine,
+    cpu: &mut dyn Cpu,
+    state: &CpuState,
+    snap: &DecodedMachineState,
+) -> Result<(u64, CpuState), StateError> {
+    cpu.set_state(state)?;
+    restore_devices(machine, snap)?;
     machine.set_position(Position {
         icount: snap.position.icount,
         exits: snap.position.exits,
@@ -867,7 +905,7 @@ pub fn restore(
             });
         }
     }
-    Ok((snap.next_poll, state))
+    Ok((snap.next_poll, state.clone()))
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Running the `deja` binary from integration tests.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod gdb;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

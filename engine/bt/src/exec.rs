@@ -66,11 +66,14 @@ pub struct MemSys {
 }
 
 /// Watched guest-physical ranges: their pages never get fast write entries, so every store
-/// into them takes [`Ctx::write_bytes`], which reports it.
+/// into them takes [`Ctx::write_bytes`], which reports it; pages of ranges watched for reads
+/// never get fast read entries either, so every load from them takes [`Ctx::read_bytes`].
 #[derive(Debug, Default)]
 pub struct Watch {
-    /// `(start, len)` ranges.
+    /// `(start, len)` ranges watched for stores.
     pub ranges: Vec<(u64, u64)>,
+    /// `(start, len)` ranges watched for loads.
+    pub reads: Vec<(u64, u64)>,
     /// Stores seen since they were last taken; their RIP is filled in when the storing
     /// instruction completes.
     pub hits: Vec<deja_machine::WatchHit>,
@@ -78,29 +81,63 @@ pub struct Watch {
     pub unresolved: usize,
 }
 
+/// Whether the page holding `phys` holds bytes of one of `ranges`.
+fn page_in(ranges: &[(u64, u64)], phys: u64) -> bool {
+    ranges.iter().any(|&(start, len)| {
+        let first = start >> 12;
+        let last = start.saturating_add(len.max(1) - 1) >> 12;
+        (first..=last).contains(&(phys >> 12))
+    })
+}
+
+/// The part of an access of `len` bytes at `phys` inside `ranges`: `(offset into the
+/// access, length)`.
+fn overlap_in(ranges: &[(u64, u64)], phys: u64, len: u64) -> Option<(u64, u64)> {
+    let mut lo = u64::MAX;
+    let mut hi = 0;
+    for &(start, wlen) in ranges {
+        let a = start.max(phys);
+        let b = start.saturating_add(wlen).min(phys.saturating_add(len));
+        if a < b {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+    }
+    (lo < hi).then(|| (lo - phys, hi - lo))
+}
+
 impl Watch {
     /// Whether a store of `len` bytes at `phys` touches a watched page.
     pub fn page_watched(&self, phys: u64) -> bool {
-        self.ranges.iter().any(|&(start, len)| {
-            let first = start >> 12;
-            let last = start.saturating_add(len.max(1) - 1) >> 12;
-            (first..=last).contains(&(phys >> 12))
-        })
+        page_in(&self.ranges, phys)
     }
 
     /// The watched part of a store of `len` bytes at `phys`: `(offset into the store, length)`.
     fn overlap(&self, phys: u64, len: u64) -> Option<(u64, u64)> {
-        let mut lo = u64::MAX;
-        let mut hi = 0;
-        for &(start, wlen) in &self.ranges {
-            let a = start.max(phys);
-            let b = start.saturating_add(wlen).min(phys.saturating_add(len));
-            if a < b {
-                lo = lo.min(a);
-                hi = hi.max(b);
-            }
+        overlap_in(&self.ranges, phys, len)
+    }
+
+    /// Notes a load of `bytes` from guest-physical `phys` (within one page) by the
+    /// instruction at `rip` after `icount` instructions: a hit when it touches a range
+    /// watched for reads. Returns whether its page holds such a range (the page must then
+    /// get no fast read entry).
+    fn note_read(&mut self, phys: u64, bytes: &[u8], icount: u64, rip: u64) -> bool {
+        if !page_in(&self.reads, phys) {
+            return false;
         }
-        (lo < hi).then(|| (lo - phys, hi - lo))
+        if let Some((skip, n)) = overlap_in(&self.reads, phys, bytes.len() as u64) {
+            let seen = bytes[skip as usize..(skip + n) as usize].to_vec();
+            self.hits.push(deja_machine::WatchHit {
+                icount,
+                rip,
+                address: phys + skip,
+                old: seen.clone(),
+                new: seen,
+                read: true,
+            });
+            self.unresolved += 1;
+        }
+        true
     }
 
     /// Gives the hits still waiting for it the storing instruction's RIP.
@@ -684,7 +721,16 @@ impl Ctx<'_> {
                 // SAFETY: `h` points at the RAM or ROM page of guest memory holding `p`, and
                 // the chunk does not cross the 4 KiB page (ROMs are whole pages).
                 unsafe { std::ptr::copy_nonoverlapping(h, out[at..].as_mut_ptr(), len) };
-                if len == out.len() && !self.mem.watching && self.fast_fill_ok(user) {
+                let (icount, rip) = (self.icount, self.core.rip);
+                let read_watched = match self.mem.watch.as_deref_mut() {
+                    Some(w) => w.note_read(p, &out[at..at + len], icount, rip),
+                    None => false,
+                };
+                if len == out.len()
+                    && !self.mem.watching
+                    && !read_watched
+                    && self.fast_fill_ok(user)
+                {
                     let page = self.wrap(lin) & !0xfff;
                     let tag = page | (user as u64) << 1 | 1;
                     // SAFETY: page-aligned host address of the same RAM page.
@@ -788,6 +834,7 @@ impl Ctx<'_> {
                                 address: p + skip,
                                 old,
                                 new: data[from..from + n as usize].to_vec(),
+                                read: false,
                             });
                             w.unresolved += 1;
                         }

@@ -330,12 +330,22 @@ impl Cpu for BtCpu {
     }
 
     fn set_watch(&mut self, ranges: &[(u64, u64)]) -> Result<(), CpuError> {
-        self.mem.watch = (!ranges.is_empty()).then(|| {
+        self.set_watch_access(ranges, &[])
+    }
+
+    fn set_watch_access(
+        &mut self,
+        writes: &[(u64, u64)],
+        reads: &[(u64, u64)],
+    ) -> Result<(), CpuError> {
+        self.mem.watch = (!writes.is_empty() || !reads.is_empty()).then(|| {
             Box::new(exec::Watch {
-                ranges: ranges.to_vec(),
+                ranges: writes.to_vec(),
+                reads: reads.to_vec(),
                 ..exec::Watch::default()
             })
         });
+        // No fast entry may stay for a newly watched page, for reads or writes.
         self.mem.flush_fast();
         Ok(())
     }

@@ -776,6 +776,24 @@ pub trait Cpu: Send {
             detail: "this engine cannot report individual stores; watch on bt".into(),
         })
     }
+    /// [`Cpu::set_watch`] for stores into `writes` and, in addition, loads from `reads`
+    /// (a debugger's read and access watchpoints): a load touching a range in `reads` is
+    /// reported by [`Cpu::take_watch_hits`] as a hit with [`WatchHit::read`] set. Engines
+    /// that cannot see individual loads return an error when `reads` is not empty.
+    fn set_watch_access(
+        &mut self,
+        writes: &[(u64, u64)],
+        reads: &[(u64, u64)],
+    ) -> Result<(), CpuError> {
+        if !reads.is_empty() {
+            return Err(CpuError::Unsupported {
+                engine: self.name(),
+                rip: 0,
+                detail: "this engine cannot report individual loads; watch reads on bt".into(),
+            });
+        }
+        self.set_watch(writes)
+    }
     /// Stops runs before the instruction at any of these linear addresses (a debugger's
     /// breakpoints, kept by the engine and never written into guest memory): [`Cpu::run`]
     /// then returns [`Exit::InstructionLimit`] below the limit, with RIP at the breakpoint;
@@ -798,13 +816,15 @@ pub trait Cpu: Send {
     fn stopped_at_breakpoint(&self) -> bool {
         false
     }
-    /// The stores into watched ranges since the last call, in execution order.
+    /// The stores into watched ranges (and loads from ranges watched for reads) since the
+    /// last call, in execution order.
     fn take_watch_hits(&mut self) -> Vec<WatchHit> {
         Vec::new()
     }
 }
 
-/// One CPU store into a watched range (see [`Cpu::set_watch`]).
+/// One CPU store into a watched range (see [`Cpu::set_watch`]), or a load from one watched
+/// for reads ([`Cpu::set_watch_access`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchHit {
     /// Instructions retired before the storing instruction: stopping a replay at this
@@ -819,6 +839,11 @@ pub struct WatchHit {
     pub old: Vec<u8>,
     /// The watched bytes after the store.
     pub new: Vec<u8>,
+    /// A load from a range watched for reads ([`Cpu::set_watch_access`]), not a store:
+    /// `address` is the first watched byte read, and `old` and `new` both hold the bytes
+    /// read.
+    #[serde(default)]
+    pub read: bool,
 }
 
 /// Where an engine delivers a pending external interrupt the guest can take.
