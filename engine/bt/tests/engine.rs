@@ -184,7 +184,11 @@ fn chaining_and_lookup_counters_move() {
     run(&mut c, &mut m, u64::MAX);
     let st = c.stats();
     assert!(st.get("bt.blocks_translated") >= 2, "{st:?}");
-    assert!(st.get("bt.chained") >= 900, "{st:?}");
+    // Chained by the run loop, or by compiled blocks themselves (tier 1).
+    assert!(
+        st.get("bt.chained") + st.get("bt.tier1.chains") >= 900,
+        "{st:?}"
+    );
     assert_eq!(st.get("bt.instructions"), 5003);
 }
 
