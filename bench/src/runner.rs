@@ -3,7 +3,9 @@
 use crate::marker::{BenchMarker, MARK_STOP_BASE, MarkHandle};
 use crate::perf::PerfSet;
 use crate::results::{Machine, Measurement, PerfValue, Status, Summary};
-use deja_engine::{BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, Vm, build_vm_with};
+use deja_engine::{
+    BtOptions, BuildError, EngineKind, MmuStrategy, RunEnd, RunOptions, Vm, build_vm_with,
+};
 use deja_guests::bench::{BENCH_MARKER_PORT, Bench, MARK_END, MARK_INSTRUCTIONS, MARK_START};
 use deja_machine::devices::StopRequest;
 use deja_machine::loader::Image;
@@ -75,6 +77,8 @@ pub struct BenchConfig {
     pub repeat: u32,
     /// Operations per repeat for every column (default: chosen per column).
     pub iterations: Option<u32>,
+    /// bt's tiers (issue #12).
+    pub tier: deja_engine::Tier,
 }
 
 impl Default for BenchConfig {
@@ -90,6 +94,7 @@ impl Default for BenchConfig {
             filter: None,
             repeat: 5,
             iterations: None,
+            tier: deja_engine::Tier::default(),
         }
     }
 }
@@ -280,7 +285,7 @@ pub fn run_job(job: &Job, config: &BenchConfig) -> Measurement {
             }
             let mut samples = Vec::new();
             for _ in 0..repeat {
-                match measure_once(job.bench, engine, mmu, iterations) {
+                match measure_once(job.bench, engine, (mmu, config.tier), iterations) {
                     Ok(s) => samples.push(s),
                     Err(Outcome::Unavailable(reason)) => {
                         return Measurement::skipped(bench, column, &job.mmu, reason);
@@ -310,14 +315,14 @@ enum Outcome {
     Failed(String),
 }
 
-/// The machine for one repeat (`mmu`: bt's strategy; `None` for kvm).
-fn build(engine: EngineKind, mmu: Option<MmuStrategy>, image: &Image) -> Result<Vm, Outcome> {
+/// The machine for one repeat (`bt`: bt's strategy and tier; no strategy for kvm).
+fn build(engine: EngineKind, bt: BtOptions, image: &Image) -> Result<Vm, Outcome> {
     let config = MachineConfig {
         ram_size: 16 << 20,
         ..MachineConfig::default()
     };
     let host = Box::new(LiveHost::new(ClockMode::Virtual));
-    match build_vm_with(engine, config, host, Box::new(std::io::sink()), image, mmu) {
+    match build_vm_with(engine, config, host, Box::new(std::io::sink()), image, bt) {
         Ok(vm) => Ok(vm),
         Err(BuildError::EngineUnavailable { reason, .. }) => Err(Outcome::Unavailable(reason)),
         Err(e @ BuildError::MmuStrategy { .. }) => Err(Outcome::Unavailable(e.to_string())),
@@ -328,13 +333,13 @@ fn build(engine: EngineKind, mmu: Option<MmuStrategy>, image: &Image) -> Result<
 fn measure_once(
     bench: Bench,
     engine: EngineKind,
-    mmu: Option<MmuStrategy>,
+    (mmu, tier): (Option<MmuStrategy>, deja_engine::Tier),
     iterations: u32,
 ) -> Result<Sample, Outcome> {
     let image = bench
         .image(iterations)
         .map_err(|e| Outcome::Failed(format!("building bench-{}: {e}", bench.name())))?;
-    let mut vm = build(engine, mmu, &image)?;
+    let mut vm = build(engine, BtOptions { mmu, tier }, &image)?;
     let (marker, marks) = BenchMarker::new();
     vm.machine
         .add_device(Box::new(marker), &[(BENCH_MARKER_PORT, 1)], &[])

@@ -19,6 +19,9 @@ pub struct BenchArgs {
     /// host's MMU).
     #[arg(long, value_delimiter = ',', default_value = "shadow,nested,tlb")]
     pub mmu: Vec<String>,
+    /// bt's tiers: 0 (the micro-op interpreter), 1 (every block compiled) or auto.
+    #[arg(long, value_name = "TIER", default_value = "auto")]
+    pub tier: deja_engine::Tier,
     /// Only benchmarks whose name contains PATTERN.
     #[arg(long, value_name = "PATTERN")]
     pub filter: Option<String>,
@@ -85,6 +88,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         filter: args.filter.clone(),
         repeat: args.repeat,
         iterations: args.iterations,
+        tier: args.tier,
     };
     let jobs = if args.record_replay_only {
         Vec::new()
