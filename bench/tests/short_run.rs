@@ -11,6 +11,7 @@ fn short_run(filter: &str, columns: Vec<Column>) -> Vec<Measurement> {
         filter: Some(filter.into()),
         repeat: 2,
         iterations: Some(40),
+        tier: deja_engine::Tier::default(),
     };
     runner::plan(&config)
         .unwrap()
@@ -175,6 +176,7 @@ fn paging_benchmarks_count_their_mmu_events_under_every_strategy() {
         filter: Some("p".into()), // ptemod, pgfault (and cpuid)
         repeat: 1,
         iterations: Some(30),
+        tier: deja_engine::Tier::default(),
     };
     let ms: Vec<Measurement> = runner::plan(&config)
         .unwrap()
@@ -269,6 +271,7 @@ fn qemu_tcg_times_the_marked_loop_when_installed() {
         filter: Some("cpuid".into()),
         repeat: 1,
         iterations: Some(2000),
+        tier: deja_engine::Tier::default(),
     };
     let jobs = runner::plan(&config).unwrap();
     assert_eq!(jobs.len(), 1);
@@ -298,6 +301,7 @@ fn ptemod_traces_page_table_writes_under_shadow_and_not_under_nested() {
         filter: Some("ptemod".into()),
         repeat: 1,
         iterations: Some(40),
+        tier: deja_engine::Tier::default(),
     };
     let ms: Vec<Measurement> = runner::plan(&config)
         .unwrap()
