@@ -143,7 +143,10 @@ fn a_format_2_trace_with_registers_events_replays_verified() {
 fn a_format_8_trace_replays_with_the_firmware_tables_it_was_recorded_with() {
     let name = "format8-platform-bt.trace";
     let report = check(name, 8);
-    assert!(report["digests_checked"].as_u64().unwrap() >= 10, "{report}");
+    assert!(
+        report["digests_checked"].as_u64().unwrap() >= 10,
+        "{report}"
+    );
     // The console the guest wrote from the tables it read, checked against the recording.
     let p = data(name);
     let replay = deja(&["replay", p.to_str().unwrap(), "--serial-out", "-"]);

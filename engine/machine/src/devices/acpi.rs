@@ -1278,7 +1278,7 @@ mod tests {
         let cases: &[(&[u8], bool, u32)] = &[
             (&[0x01, 0x00], false, 0x0001),
             (&s5.to_le_bytes(), true, 0x0001),
-            // S3 (SLP_TYP 1) is not offered; nothing happens.
+            // S3 (SLP_TYP 1) suspends instead: no power-off.
             (&(PM1_SLP_EN | 1 << 10 | 1).to_le_bytes(), false, 0x0401),
             // A byte write to the high half only: SLP_TYP 0 with SLP_EN.
             (&[(PM1_SLP_EN >> 8) as u8], true, 0x0001),
