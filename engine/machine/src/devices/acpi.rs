@@ -5,7 +5,10 @@
 //!
 //! Tables go in the BIOS area below the ROM (0xe0000..0xf0000), where the operating system
 //! searches for the RSDP; everything in them (checksums, lengths, addresses) is computed
-//! from the layout, so a parser can walk them from the RSDP alone.
+//! from the layout, so a parser can walk them from the RSDP alone. What the DSDT holds
+//! depends on the machine's [`FirmwareRevision`] (`_S5` alone in revision 1; the PCI host
+//! bridge, the legacy PNP devices and `_S3` too from revision 2), encoded with
+//! [`crate::tables::aml`].
 
 use super::{Device, DeviceError, DeviceState, IoCtx, StopRequest};
 use crate::memory::GuestRam;

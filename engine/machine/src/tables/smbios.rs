@@ -274,7 +274,7 @@ fn memory_device(ram: u64) -> Vec<u8> {
 /// fields.
 fn mapped_range(index: u8, start: u64, end: u64) -> Vec<u8> {
     let mut f = vec![0u8; 0x1f - 4];
-    let (start_kib, last_kib) = (start >> 10, (end >> 10) - 1);
+    let (start_kib, last_kib) = (start >> 10, (end >> 10).saturating_sub(1));
     if last_kib < 0xffff_ffff {
         f[0..4].copy_from_slice(&(start_kib as u32).to_le_bytes());
         f[4..8].copy_from_slice(&(last_kib as u32).to_le_bytes());
@@ -282,7 +282,7 @@ fn mapped_range(index: u8, start: u64, end: u64) -> Vec<u8> {
         f[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
         f[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         f[11..19].copy_from_slice(&start.to_le_bytes());
-        f[19..27].copy_from_slice(&(end - 1).to_le_bytes());
+        f[19..27].copy_from_slice(&end.saturating_sub(1).to_le_bytes());
     }
     f[8..10].copy_from_slice(&handle(16, 0).to_le_bytes());
     f[10] = 1; // partition width
