@@ -103,6 +103,88 @@ fn bad_inputs_get_exit_status_1_and_say_why() {
     assert_eq!(code(&o), 2, "clap usage errors exit 2");
 }
 
+/// A multiboot kernel (a.out kludge, loaded at 1 MiB) whose code writes `status` to the
+/// isa-debug-exit port.
+fn multiboot_kernel(status: u8) -> Vec<u8> {
+    const MAGIC: u32 = 0x1bad_b002;
+    const FLAGS: u32 = 1 << 16;
+    let mut k = Vec::new();
+    for field in [
+        MAGIC,
+        FLAGS,
+        0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)),
+        0x10_0000, // header_addr
+        0x10_0000, // load_addr
+        0,         // load_end_addr: the whole file
+        0,         // bss_end_addr: none
+        0x10_0020, // entry_addr: the code below
+    ] {
+        k.extend_from_slice(&field.to_le_bytes());
+    }
+    // mov al, status; out 0xf4, al; hlt
+    k.extend_from_slice(&[0xb0, status, 0xe6, 0xf4, 0xf4]);
+    k
+}
+
+/// `--kernel FILE` boots a kernel as QEMU's -kernel does, the same as the positional IMAGE;
+/// both at once, or a file that is not a kernel, are refused saying why.
+#[test]
+fn kernel_is_given_with_kernel_or_as_image_but_not_both() {
+    let dir = scratch("kernel-flag");
+    let kernel = dir.join("kernel.mb");
+    std::fs::write(&kernel, multiboot_kernel(0x2a)).unwrap();
+    let k = kernel.to_str().unwrap();
+    for args in [
+        &["run", "--engine", "bt", "--kernel", k][..],
+        &["run", "--engine", "bt", k],
+    ] {
+        let o = deja(args);
+        assert_eq!(code(&o), 0x2a, "{args:?}: {}", text(&o.stderr));
+    }
+    let o = deja(&["run", "--engine", "bt", "--kernel", k, "guest:hello"]);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("both IMAGE (guest:hello) and --kernel") && err.contains("one way only"),
+        "{err}"
+    );
+    // Not a kernel: a raw image with its sidecar.
+    let o = deja(&["guests", "build", "--out", dir.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let hello = dir.join("hello.img");
+    let o = deja(&["run", "--engine", "bt", "--kernel", hello.to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("--kernel takes a Linux kernel"),
+        "{}",
+        text(&o.stderr)
+    );
+    // Neither: clap's usage error.
+    let o = deja(&["run", "--engine", "bt"]);
+    assert_eq!(code(&o), 2, "{}", text(&o.stderr));
+    // A recording boots --kernel too, and its replay finds the file by its recorded name.
+    let trace = dir.join("kernel.trace");
+    let o = deja(&[
+        "record",
+        "--engine",
+        "bt",
+        "--kernel",
+        k,
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0x2a, "{}", text(&o.stderr));
+    let o = deja(&["replay", trace.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    // The trace names the firmware tables this build writes.
+    let o = deja(&["trace", "info", trace.to_str().unwrap()]);
+    assert!(
+        text(&o.stdout).contains("firmware     table revision 2"),
+        "{}",
+        text(&o.stdout)
+    );
+}
+
 /// Devices and FIFOs as images are refused before reading (they would grow memory without
 /// bound or block forever); so is a file too large to load.
 #[test]

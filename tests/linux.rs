@@ -111,6 +111,32 @@ fn boot_to_init(kernel: &Path, initrd: &Path, entry: &str) -> Boot {
             "{entry}: no XSAVE feature {feature}: {tail}"
         );
     }
+    // The firmware tables (revision 2): SMBIOS names the machine, the DSDT's PCI0 is how
+    // Linux finds PCI, with the windows its _CRS gives, and the legacy devices under it are
+    // PNP devices the drivers bind through ACPI.
+    let head: String = console.lines().take(400).collect::<Vec<_>>().join("\n");
+    for line in [
+        "DMI: deja deja-pc, BIOS rev 2 ",
+        "ACPI: PM: (supports S0 S3 S5)",
+        "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])",
+        "pci_bus 0000:00: root bus resource [io  0x0d00-0xffff window]",
+        "pci_bus 0000:00: root bus resource [mem 0x20000000-0xfebfffff window]",
+        "pci 0000:00:01.0: [8086:7000]",
+        "i8042: PNP: PS/2 Controller [PNP0303:KBD] at 0x60,0x64 irq 1",
+    ] {
+        assert!(console.contains(line), "{entry}: no {line:?} in:\n{head}");
+    }
+    // COM1 and the RTC bind through PNP: their devices are named 00:NN.
+    assert!(
+        console
+            .lines()
+            .any(|l| l.contains("] 00:0") && l.contains("ttyS0 at I/O 0x3f8 (irq = 4")),
+        "{entry}: COM1 is not a PNP device:\n{head}"
+    );
+    assert!(
+        console.contains("rtc_cmos 00:0"),
+        "{entry}: the RTC is not a PNP device:\n{head}"
+    );
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     Boot {

@@ -78,7 +78,8 @@ pub struct ResetPlan {
     pub image: deja_machine::loader::Image,
     /// [`Machine::save_devices`] right after loading.
     pub devices: Vec<deja_machine::devices::DeviceState>,
-    /// Whether the machine has ACPI tables to write again (the deja-pc machine).
+    /// Whether the machine has firmware tables (ACPI, SMBIOS) to write again (the deja-pc
+    /// machine), of the revision its configuration names.
     pub acpi_tables: bool,
 }
 
@@ -352,9 +353,10 @@ impl Vm {
             .reset_devices(&plan.devices)
             .map_err(|e| err(e.to_string()))?;
         if plan.acpi_tables {
-            deja_machine::devices::acpi::install_acpi_tables(
+            deja_machine::tables::install_firmware_tables(
                 &self.machine.mem,
                 &self.machine.layout,
+                &self.machine.config,
             )
             .map_err(|e| err(e.to_string()))?;
         }

@@ -528,6 +528,8 @@ impl Recorder {
         })?;
         let scheme = state::current_digest_scheme(&vm.machine);
         header.digest_scheme = Some(scheme.clone());
+        // The tables the machine was built with, which a replay must write again.
+        header.firmware_revision = Some(vm.machine.config.firmware.number());
         let mut writer = TraceWriter::new(sink, sink_name, &header, opts.writer)?;
         if opts.embed_images {
             let initrd = image.initrd.as_deref().map(|rd| &rd.bytes[..]);

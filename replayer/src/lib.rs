@@ -23,6 +23,7 @@ pub use host::{Mismatch, PRELOAD_MAX_EVENTS, Player, ReplayingHost};
 
 use deja_engine::{EngineKind, RunEnd, RunError, RunObserver, RunOptions, RunOutcome, Vm};
 use deja_machine::loader::{Image, ImageFormat};
+use deja_machine::tables::FirmwareRevision;
 use deja_machine::{
     Cpu, CpuError, CpuState, Host, InterruptDelivery, Machine, MachineConfig, WatchHit,
 };
@@ -526,14 +527,22 @@ pub fn resolve_images(
     Ok(image)
 }
 
-/// The machine configuration a trace was recorded with.
+/// The machine configuration a trace was recorded with: the header's machine JSON, and its
+/// firmware table revision (revision 1 when the header predates the field, as every such
+/// recording had).
 pub fn machine_config(header: &Header, trace: &str) -> Result<MachineConfig, ReplayError> {
-    state::decode_json(&header.machine.extra, "machine configuration").map_err(|e| {
-        ReplayError::BadTrace {
-            trace: trace.to_string(),
-            detail: e.to_string(),
-        }
-    })
+    let bad = |detail: String| ReplayError::BadTrace {
+        trace: trace.to_string(),
+        detail,
+    };
+    let mut config: MachineConfig =
+        state::decode_json(&header.machine.extra, "machine configuration")
+            .map_err(|e| bad(e.to_string()))?;
+    config.firmware = match header.firmware_revision {
+        None => FirmwareRevision::Rev1,
+        Some(n) => FirmwareRevision::from_number(n).map_err(|e| bad(e.to_string()))?,
+    };
+    Ok(config)
 }
 
 /// Builds the machine a replay runs: `(config, image, host, serial output)` to a `Vm`.

@@ -70,3 +70,28 @@ fn another_host_cpu_model_is_named() {
     h.guest_cpuid = None;
     assert!(preflight_warnings(&h, EngineKind::Bt).is_empty());
 }
+
+/// The machine a replay builds has the firmware tables the trace names: revision 1 when the
+/// header predates the field (every such recording had it), and an unknown revision is
+/// refused, naming it, before anything runs.
+#[test]
+fn the_firmware_revision_comes_from_the_header() {
+    use deja_machine::tables::FirmwareRevision;
+    let mut h = header();
+    assert_eq!(h.firmware_revision, None);
+    let config = deja_replayer::machine_config(&h, "old.trace").unwrap();
+    assert_eq!(config.firmware, FirmwareRevision::Rev1);
+    for r in FirmwareRevision::ALL {
+        h.firmware_revision = Some(r.number());
+        let config = deja_replayer::machine_config(&h, "new.trace").unwrap();
+        assert_eq!(config.firmware, r);
+    }
+    h.firmware_revision = Some(7);
+    let err = deja_replayer::machine_config(&h, "future.trace")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("future.trace") && err.contains("firmware table revision 7 is unknown"),
+        "{err}"
+    );
+}

@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// Runs of each kind for the --kernel workload (a boot takes a minute).
     #[arg(long, value_name = "N", requires = "kernel", default_value_t = 1)]
     pub kernel_repeat: u32,
+    /// How deja enters the --kernel workload's kernel, as `deja run --kernel-entry`:
+    /// boot-protocol (a bzImage's default) or pvh (a vmlinux's default; a bzImage's payload
+    /// is decompressed by deja). The qemu-tcg column boots the file as QEMU does.
+    #[arg(long, value_enum, value_name = "ENTRY", requires = "kernel")]
+    pub kernel_entry: Option<super::run::KernelEntryArg>,
 }
 
 /// Runs `deja bench`.
@@ -218,6 +223,9 @@ fn linux_boot(
 ) -> anyhow::Result<deja_bench::record::RecordReplayMeasurement> {
     let mut image = deja_machine::loader::Image::from_file(kernel)
         .with_context(|| format!("loading {}", kernel.display()))?;
+    if let Some(entry) = args.kernel_entry {
+        image.set_kernel_entry(entry.into(), args.mem)?;
+    }
     if let Some(initrd) = &args.initrd {
         image.initrd = Some(Box::new(deja_machine::loader::Image {
             name: initrd.display().to_string(),

@@ -75,8 +75,13 @@ pub struct GuestArgs {
     /// What to run: `guest:NAME` (see `deja guests list`), a multiboot kernel, a Linux
     /// bzImage or vmlinux (with --initrd, --append, --kernel-entry), a file with a
     /// `FILE.json` load description (as `deja guests build` writes), or with --bios/--raw a
-    /// firmware ROM or raw image.
-    pub image: String,
+    /// firmware ROM or raw image. A kernel may be given with --kernel instead.
+    #[arg(required_unless_present = "kernel")]
+    pub image: Option<String>,
+    /// The kernel to boot, as QEMU's -kernel: a Linux bzImage or vmlinux (with --initrd,
+    /// --append, --kernel-entry) or a multiboot kernel. The same as giving it as IMAGE.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["bios", "raw"])]
+    pub kernel: Option<PathBuf>,
     /// Which engine runs the guest.
     #[arg(long, value_enum, default_value = "kvm")]
     pub engine: EngineArg,
@@ -148,7 +153,24 @@ pub struct GuestArgs {
 
 impl GuestArgs {
     /// The image the arguments name.
-    pub fn image_request(&self) -> ImageRequest {
+    pub fn image_request(&self) -> anyhow::Result<ImageRequest> {
+        match (&self.image, &self.kernel) {
+            (Some(image), Some(kernel)) => bail!(
+                "both IMAGE ({image}) and --kernel ({}) name what to boot; give the kernel \
+                 one way only",
+                kernel.display()
+            ),
+            (None, Some(kernel)) => Ok(ImageRequest::File {
+                path: kernel.clone(),
+                format: None,
+            }),
+            (Some(image), None) => Ok(self.image_request_of(image)),
+            (None, None) => bail!("nothing to run: give IMAGE or --kernel FILE"),
+        }
+    }
+
+    /// The request for the positional IMAGE, with --bios and --raw.
+    fn image_request_of(&self, image: &str) -> ImageRequest {
         let format = if self.bios {
             Some(ImageFormat::Firmware)
         } else {
@@ -162,7 +184,7 @@ impl GuestArgs {
                 },
             })
         };
-        ImageRequest::new(&self.image, format)
+        ImageRequest::new(image, format)
     }
 
     /// The machine configuration the arguments describe.
@@ -238,7 +260,15 @@ fn parse_addr(s: &str) -> Result<u64, String> {
 
 /// Resolves the IMAGE argument and its flags into an image to load.
 pub fn resolve_image(args: &GuestArgs) -> anyhow::Result<Image> {
-    let mut image = args.image_request().resolve(&deja_guests::image_of)?;
+    let mut image = args.image_request()?.resolve(&deja_guests::image_of)?;
+    if args.kernel.is_some() && !image.is_linux() && image.format != ImageFormat::Multiboot {
+        bail!(
+            "--kernel takes a Linux kernel (a bzImage or a vmlinux) or a multiboot kernel; {} \
+             is loaded as {:?}",
+            image.name,
+            image.format
+        );
+    }
     if let Some(entry) = args.kernel_entry {
         image.set_kernel_entry(entry.into(), args.mem)?;
     }

@@ -24,6 +24,7 @@ fn header() -> Header {
         guest_cpuid: None,
         host_cpu: None,
         digest_scheme: None,
+        firmware_revision: None,
     }
 }
 

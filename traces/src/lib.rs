@@ -62,10 +62,15 @@ pub const TRAILER_MAGIC: [u8; 8] = *b"DEJAEND\0";
 /// version 7 ([`GUEST_CPUID_FORMAT`]) adds [`Header::guest_cpuid`], [`Header::host_cpu`] and
 /// [`Header::digest_scheme`] at the header's end, and checkpoints of versioned state (the
 /// snapshot crate's `VERSIONED_STATE_FORMAT`); version 8 ([`EMBEDDED_IMAGES_FORMAT`]) image
-/// frames ([`FrameKind::Image`]) holding the images' bytes. Older traces still read (their
-/// headers with `on_reset` = [`ResetPolicy::Stop`], what every recording did then, and no
-/// CPUID or host CPU).
-pub const FORMAT_VERSION: u32 = 8;
+/// frames ([`FrameKind::Image`]) holding the images' bytes; version 9
+/// ([`FIRMWARE_REVISION_FORMAT`]) [`Header::firmware_revision`] at the header's end. Older
+/// traces still read (their headers with `on_reset` = [`ResetPolicy::Stop`], what every
+/// recording did then, no CPUID or host CPU, and no firmware revision).
+pub const FORMAT_VERSION: u32 = 9;
+/// The first format version whose header names the revision of the firmware tables the
+/// machine had ([`Header::firmware_revision`]); older traces were all recorded with
+/// revision 1.
+pub const FIRMWARE_REVISION_FORMAT: u32 = 9;
 /// The first format version whose traces may embed the images they boot
 /// ([`FrameKind::Image`] frames, written before any event).
 pub const EMBEDDED_IMAGES_FORMAT: u32 = 8;

@@ -359,17 +359,20 @@ impl<R: Read + Seek> TraceReader<R> {
         }
         // Older headers end early: a zero byte is the variant index of ResetPolicy::Stop (what
         // recordings before version 3 did at a reset), and of `None` for each Option added
-        // since (version 7: guest CPUID, host CPU, digest scheme).
+        // since (version 7: guest CPUID, host CPU, digest scheme; version 9: the firmware
+        // revision).
         let missing = if version < 3 {
-            4
+            5
         } else if version < crate::GUEST_CPUID_FORMAT {
-            3
+            4
+        } else if version < crate::FIRMWARE_REVISION_FORMAT {
+            1
         } else {
             0
         };
         let padded;
         let body = if missing > 0 {
-            padded = [body, &[0u8; 4][..missing]].concat();
+            padded = [body, &[0u8; 5][..missing]].concat();
             &padded[..]
         } else {
             body

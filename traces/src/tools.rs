@@ -131,6 +131,13 @@ impl fmt::Display for TraceInfo {
             h.machine.cmdline,
             h.machine.cpuid.len()
         )?;
+        match h.firmware_revision {
+            Some(r) => writeln!(f, "firmware     table revision {r}")?,
+            None => writeln!(
+                f,
+                "firmware     table revision 1 (the header predates the field)"
+            )?,
+        }
         for (i, img) in h.images.iter().enumerate() {
             writeln!(
                 f,

@@ -354,6 +354,11 @@ pub struct Header {
     /// How state digests were computed. Format version 7 (older headers read as `None`:
     /// scheme 1).
     pub digest_scheme: Option<DigestScheme>,
+    /// The revision of the firmware tables (ACPI, SMBIOS) the machine had in guest memory,
+    /// which a replay must write again byte for byte. Format version 9
+    /// ([`crate::FIRMWARE_REVISION_FORMAT`]; older headers read as `None`: revision 1, the
+    /// tables every earlier recording had).
+    pub firmware_revision: Option<u32>,
 }
 
 impl Header {
@@ -378,6 +383,7 @@ impl Header {
             guest_cpuid: None,
             host_cpu: None,
             digest_scheme: None,
+            firmware_revision: None,
         }
     }
 }

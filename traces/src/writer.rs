@@ -694,7 +694,15 @@ mod tests {
     /// version lacks, with its checksum.
     fn old_file_header(header: &Header, version: u32) -> Vec<u8> {
         let mut body = bincode::serde::encode_to_vec(header, crate::bincode_config()).unwrap();
-        let missing = if version < 3 { 4 } else { 3 };
+        let missing = if version < 3 {
+            5
+        } else if version < crate::GUEST_CPUID_FORMAT {
+            4
+        } else if version < crate::FIRMWARE_REVISION_FORMAT {
+            1
+        } else {
+            0
+        };
         for _ in 0..missing {
             assert_eq!(
                 body.pop(),
@@ -737,6 +745,37 @@ mod tests {
         assert!(!header.host_cpu.as_ref().unwrap().vendor.is_empty());
         let new = encode_file_header(&header).unwrap();
         let r = TraceReader::new(std::io::Cursor::new(new), "new.trace").unwrap();
+        assert_eq!(*r.header(), header);
+    }
+
+    #[test]
+    fn headers_before_format_9_read_without_a_firmware_revision() {
+        use crate::{ClockMode, Delivery, DigestScheme, MachineInfo, TraceReader};
+        let mut header = Header::new(
+            "bt",
+            ClockMode::Host,
+            Delivery::InstructionExact,
+            MachineInfo::default(),
+        );
+        header.digest_scheme = Some(DigestScheme {
+            version: 3,
+            devices: vec!["pit".into()],
+        });
+        for version in crate::GUEST_CPUID_FORMAT..crate::FIRMWARE_REVISION_FORMAT {
+            let r = TraceReader::new(
+                std::io::Cursor::new(old_file_header(&header, version)),
+                "old.trace",
+            )
+            .unwrap();
+            assert_eq!(r.format_version(), version);
+            assert_eq!(r.header().firmware_revision, None);
+            assert_eq!(*r.header(), header);
+        }
+        header.firmware_revision = Some(2);
+        let new = encode_file_header(&header).unwrap();
+        let r = TraceReader::new(std::io::Cursor::new(new), "new.trace").unwrap();
+        assert_eq!(r.format_version(), crate::FIRMWARE_REVISION_FORMAT);
+        assert_eq!(r.header().firmware_revision, Some(2));
         assert_eq!(*r.header(), header);
     }
 

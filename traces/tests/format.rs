@@ -467,7 +467,7 @@ fn embedded_images_read_back_checked_by_their_records() {
     let cut = bytes.len() - 100;
     for (what, b) in [("whole", &bytes[..]), ("without footer", &bytes[..cut])] {
         let mut r = open(b).unwrap();
-        assert_eq!(r.format_version(), 8);
+        assert_eq!(r.format_version(), deja_traces::FORMAT_VERSION);
         assert!(
             r.embeds_image(0) && r.embeds_image(1) && !r.embeds_image(2),
             "{what}"

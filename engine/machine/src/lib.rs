@@ -16,6 +16,7 @@ pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod pc;
+pub mod tables;
 
 pub use cpu::{
     Cpu, CpuError, CpuState, EngineStats, Exit, InterruptDelivery, Kicker, Limit, Segment, WatchHit,

@@ -11,6 +11,7 @@ use crate::devices::{
 };
 use crate::host::{Host, Position};
 use crate::memory::{DmaMemory, GuestRam, MemoryError, MemoryLayout};
+use crate::tables::FirmwareRevision;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -37,9 +38,9 @@ pub enum MachineError {
         /// What is wrong.
         reason: String,
     },
-    /// The ACPI tables could not be written.
+    /// The firmware tables could not be written.
     #[error(transparent)]
-    Acpi(#[from] crate::devices::acpi::AcpiError),
+    Firmware(#[from] crate::tables::TablesError),
     /// `--device` named a device deja does not have.
     #[error("unknown device {name:?}; the optional devices are: {known}")]
     UnknownDevice {
@@ -75,6 +76,17 @@ pub struct MachineConfig {
     /// without any writes no field, so its trace header is what it was before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<OptionalDevice>,
+    /// What the firmware tables hold ([`crate::tables`]). Not in the JSON: a trace header
+    /// names it in a field of its own (format 9), which the recorder writes and the
+    /// replayer reads back into this field; JSON alone (a header before format 9) reads as
+    /// revision 1, the tables such traces were recorded with.
+    #[serde(skip, default = "firmware_of_older_traces")]
+    pub firmware: FirmwareRevision,
+}
+
+/// The firmware revision of a configuration read without one: revision 1.
+fn firmware_of_older_traces() -> FirmwareRevision {
+    FirmwareRevision::Rev1
 }
 
 impl Default for MachineConfig {
@@ -84,6 +96,7 @@ impl Default for MachineConfig {
             cmdline: String::new(),
             cpuid: CpuidTable::deja_default(),
             devices: Vec::new(),
+            firmware: FirmwareRevision::LATEST,
         }
     }
 }

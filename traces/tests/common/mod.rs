@@ -82,6 +82,7 @@ pub fn header() -> Header {
             version: 2,
             devices: vec!["pc-irqchip".into(), "pit".into()],
         }),
+        firmware_revision: Some(2),
     }
 }
 

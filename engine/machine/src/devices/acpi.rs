@@ -5,11 +5,16 @@
 //!
 //! Tables go in the BIOS area below the ROM (0xe0000..0xf0000), where the operating system
 //! searches for the RSDP; everything in them (checksums, lengths, addresses) is computed
-//! from the layout, so a parser can walk them from the RSDP alone.
+//! from the layout, so a parser can walk them from the RSDP alone. What the DSDT holds
+//! depends on the machine's [`FirmwareRevision`] (`_S5` alone in revision 1; the PCI host
+//! bridge, the legacy PNP devices and `_S3` too from revision 2), encoded with
+//! [`crate::tables::aml`].
 
 use super::{Device, DeviceError, DeviceState, IoCtx, StopRequest};
 use crate::memory::GuestRam;
 use crate::memory::MemoryLayout;
+use crate::tables::FirmwareRevision;
+use crate::tables::aml::{self, AmlError};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
@@ -91,6 +96,9 @@ pub enum AcpiError {
         /// Bytes available.
         available: u64,
     },
+    /// The DSDT's AML could not be encoded.
+    #[error("encoding the DSDT: {0}")]
+    Aml(#[from] AmlError),
     /// Guest memory refused the write.
     #[error("writing {len:#x} bytes of ACPI tables at {addr:#x} failed: {source}")]
     Write {
@@ -176,15 +184,111 @@ fn put(t: &mut [u8], at: usize, bytes: &[u8]) {
     t[at..at + bytes.len()].copy_from_slice(bytes);
 }
 
-fn dsdt() -> Vec<u8> {
+/// The DSDT of table revision `revision` for a machine with `layout`.
+fn dsdt(revision: FirmwareRevision, layout: &MemoryLayout) -> Result<Vec<u8>, AcpiError> {
     let mut t = table(b"DSDT", 1);
-    // No _S3 object yet, although the PM device implements SLP_TYP 1 (QEMU's S3): the
-    // tables are guest memory, so adding it would make every existing trace diverge on
-    // replay; it needs a table revision recorded in the trace header first.
-    // Name (_S5, Package (4) { Zero, Zero, Zero, Zero }): soft-off is SLP_TYP 0.
-    t.extend_from_slice(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04]);
-    t.extend_from_slice(&[SLP_TYP_S5 as u8, SLP_TYP_S5 as u8, 0x00, 0x00]);
-    finish(t)
+    let sleep_state = |typ: u16| {
+        let typ = aml::integer(u32::from(typ));
+        // PM1a and PM1b SLP_TYP (deja has no PM1b block), then two reserved.
+        aml::package(&[typ.clone(), typ, aml::integer(0), aml::integer(0)])
+    };
+    match revision {
+        // Name (_S5, Package (4) { Zero, Zero, Zero, Zero }) alone.
+        FirmwareRevision::Rev1 => {}
+        FirmwareRevision::Rev2 => {
+            t.extend(aml::scope("\\_SB", &pci0(layout)?)?);
+            t.extend(aml::name("_S3", &sleep_state(SLP_TYP_S3)?)?);
+        }
+    }
+    t.extend(aml::name("_S5", &sleep_state(SLP_TYP_S5)?)?);
+    Ok(finish(t))
+}
+
+/// `Device (PCI0)`: the i440FX host bridge as QEMU's `pc` describes it, so that an OS
+/// enumerates PCI through ACPI. Its `_CRS` gives bus 0-0xff, the configuration ports, the
+/// I/O windows on either side of them, the legacy VGA window and the 32-bit MMIO window
+/// from the end of low RAM to the I/O APIC. No `_PRT`: no function on the bus raises an
+/// interrupt (deja has no PCI device besides the two bridges). The PIIX3 ISA bridge at
+/// 00:01.0 holds the legacy devices deja-pc has.
+fn pci0(layout: &MemoryLayout) -> Result<Vec<u8>, AcpiError> {
+    use aml::resource::{dword_memory, io, template, word_bus_number, word_io};
+    let mmio_start = u32::try_from(layout.below_4g).unwrap_or(u32::MAX);
+    let mut crs = vec![
+        word_bus_number(0, 0xff),
+        io(super::pci::PORT_RANGE.0, super::pci::PORT_RANGE.0, 1, 8),
+        word_io(0, super::pci::PORT_RANGE.0 - 1),
+        word_io(0x0d00, 0xffff),
+        dword_memory(
+            crate::memory::VGA_HOLE_START as u32,
+            crate::memory::VGA_HOLE_END as u32 - 1,
+            true,
+        ),
+    ];
+    if mmio_start < IOAPIC_ADDRESS {
+        crs.push(dword_memory(mmio_start, IOAPIC_ADDRESS - 1, false));
+    }
+    let mut body = aml::name("_HID", &aml::eisa_id("PNP0A03")?)?;
+    // No `_ADR` besides the `_HID` (ACPI 6.5 6.1: one or the other), unlike QEMU's.
+    body.extend(aml::name("_UID", &aml::integer(0))?);
+    body.extend(aml::name("_CRS", &template(&crs)?)?);
+    body.extend(aml::device("ISA", &isa_devices()?)?);
+    Ok(aml::device("PCI0", &body)?)
+}
+
+/// The PIIX3 function (`_ADR` device 1, function 0) and the legacy devices behind it, as PNP
+/// devices with the ports and ISA IRQs deja-pc gives them: the i8042 keyboard controller
+/// (no mouse is attached, so no PS/2 mouse device), COM1, the RTC and the PIT.
+fn isa_devices() -> Result<Vec<u8>, AcpiError> {
+    use super::{i8042, pit, rtc, serial};
+    use aml::resource::{io, irq_no_flags, template};
+    let fixed = |port: u16, len: u16| io(port, port, 1, len as u8);
+    let dev = |name: &str, hid: &str, uid: Option<u32>, crs: Vec<Vec<u8>>| {
+        let mut body = aml::name("_HID", &aml::eisa_id(hid)?)?;
+        if let Some(uid) = uid {
+            body.extend(aml::name("_UID", &aml::integer(uid))?);
+        }
+        body.extend(aml::name("_CRS", &template(&crs)?)?);
+        Ok::<_, AcpiError>(aml::device(name, &body)?)
+    };
+    let mut body = aml::name("_ADR", &aml::integer(1 << 16))?;
+    body.extend(dev(
+        "KBD",
+        "PNP0303",
+        None,
+        vec![
+            fixed(i8042::DATA_PORT, 1),
+            fixed(i8042::COMMAND_PORT, 1),
+            irq_no_flags(&[i8042::KBD_IRQ as u8])?,
+        ],
+    )?);
+    body.extend(dev(
+        "COM1",
+        "PNP0501",
+        Some(1),
+        vec![
+            fixed(serial::COM1_BASE, 8),
+            irq_no_flags(&[serial::COM1_IRQ as u8])?,
+        ],
+    )?);
+    body.extend(dev(
+        "RTC",
+        "PNP0B00",
+        None,
+        vec![
+            fixed(rtc::RTC_BASE, 2),
+            irq_no_flags(&[rtc::RTC_IRQ as u8])?,
+        ],
+    )?);
+    body.extend(dev(
+        "TIMR",
+        "PNP0100",
+        None,
+        vec![
+            fixed(pit::PIT_BASE, 4),
+            irq_no_flags(&[pit::PIT_IRQ as u8])?,
+        ],
+    )?);
+    Ok(body)
 }
 
 fn facs() -> Vec<u8> {
@@ -262,15 +366,21 @@ fn align(v: u64, to: u64) -> u64 {
     v.div_ceil(to) * to
 }
 
-/// Writes the tables QEMU's `pc` would have with one CPU and the PM timer QEMU has.
-pub fn install_acpi_tables(mem: &GuestRam, layout: &MemoryLayout) -> Result<AcpiLayout, AcpiError> {
-    install_acpi_tables_with(mem, layout, &AcpiOptions::default())
+/// Writes the tables of table revision `revision` that QEMU's `pc` would have with one CPU
+/// and the PM timer QEMU has.
+pub fn install_acpi_tables(
+    mem: &GuestRam,
+    layout: &MemoryLayout,
+    revision: FirmwareRevision,
+) -> Result<AcpiLayout, AcpiError> {
+    install_acpi_tables_with(mem, layout, revision, &AcpiOptions::default())
 }
 
 /// Writes the tables with explicit [`AcpiOptions`].
 pub fn install_acpi_tables_with(
     mem: &GuestRam,
     layout: &MemoryLayout,
+    revision: FirmwareRevision,
     options: &AcpiOptions,
 ) -> Result<AcpiLayout, AcpiError> {
     let (start, end) = (ACPI_REGION_START, ACPI_REGION_END);
@@ -289,7 +399,7 @@ pub fn install_acpi_tables_with(
     let facs_at = align(rsdp + 36, 64);
     debug_assert_eq!(facs_at, FACS_ADDR);
     let dsdt_at = align(facs_at + 64, 16);
-    let dsdt = dsdt();
+    let dsdt = dsdt(revision, layout)?;
     let fadt_at = align(dsdt_at + dsdt.len() as u64, 16);
     let fadt = fadt(facs_at, dsdt_at, options);
     let madt_at = align(fadt_at + fadt.len() as u64, 16);
@@ -631,7 +741,8 @@ mod tests {
 
     fn installed(options: AcpiOptions) -> (Rig, AcpiLayout) {
         let rig = Rig::new(16 << 20);
-        let l = install_acpi_tables_with(&rig.mem, &rig.layout, &options).unwrap();
+        let l = install_acpi_tables_with(&rig.mem, &rig.layout, FirmwareRevision::Rev1, &options)
+            .unwrap();
         (rig, l)
     }
 
@@ -710,6 +821,329 @@ mod tests {
         assert_eq!(&dsdt[s5 + 4..s5 + 8], &[0x12, 0x06, 0x04, SLP_TYP_S5 as u8]);
         assert_eq!(s5 + 4 + 7, dsdt.len(), "package fills the body exactly");
         assert!(l.end <= ACPI_REGION_END);
+    }
+
+    /// A data object of the AML subset deja's DSDT uses.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Value {
+        Int(u32),
+        Pkg(Vec<Value>),
+        Buf(Vec<u8>),
+    }
+
+    /// Reads a PkgLength at `*at`; returns the end of the package it opens.
+    fn read_pkg_length(b: &[u8], at: &mut usize) -> usize {
+        let start = *at;
+        let lead = b[start];
+        let extra = usize::from(lead >> 6);
+        let mut len = usize::from(if extra == 0 { lead & 0x3f } else { lead & 0xf });
+        for i in 0..extra {
+            len |= usize::from(b[start + 1 + i]) << (4 + 8 * i);
+        }
+        *at = start + 1 + extra;
+        start + len
+    }
+
+    /// Reads a NameString at `*at` as dotted text (`\_SB_.PCI0`, `_HID`).
+    fn read_name(b: &[u8], at: &mut usize) -> String {
+        let mut out = String::new();
+        while b[*at] == b'\\' || b[*at] == b'^' {
+            out.push(b[*at] as char);
+            *at += 1;
+        }
+        let count = match b[*at] {
+            0x2e => {
+                *at += 1;
+                2
+            }
+            0x2f => {
+                *at += 2;
+                usize::from(b[*at - 1])
+            }
+            _ => 1,
+        };
+        let segs: Vec<String> = (0..count)
+            .map(|i| String::from_utf8(b[*at + 4 * i..*at + 4 * i + 4].to_vec()).unwrap())
+            .collect();
+        *at += 4 * count;
+        out + &segs.join(".")
+    }
+
+    fn read_value(b: &[u8], at: &mut usize) -> Value {
+        let op = b[*at];
+        *at += 1;
+        let int = |at: &mut usize, n: usize| {
+            let mut v = [0u8; 4];
+            v[..n].copy_from_slice(&b[*at..*at + n]);
+            *at += n;
+            Value::Int(u32::from_le_bytes(v))
+        };
+        match op {
+            0x00 => Value::Int(0),
+            0x01 => Value::Int(1),
+            0x0a => int(at, 1),
+            0x0b => int(at, 2),
+            0x0c => int(at, 4),
+            0x12 => {
+                let end = read_pkg_length(b, at);
+                let n = b[*at];
+                *at += 1;
+                let items = (0..n).map(|_| read_value(b, at)).collect();
+                assert_eq!(*at, end, "package length");
+                Value::Pkg(items)
+            }
+            0x11 => {
+                let end = read_pkg_length(b, at);
+                let Value::Int(size) = read_value(b, at) else {
+                    panic!("buffer size")
+                };
+                let bytes = b[*at..end].to_vec();
+                assert_eq!(bytes.len(), size as usize, "buffer size");
+                *at = end;
+                Value::Buf(bytes)
+            }
+            other => panic!("unexpected data object opcode {other:#x} at {}", *at - 1),
+        }
+    }
+
+    /// Walks a term list of Name, Scope and Device terms; every Name with its full path.
+    fn read_terms(b: &[u8], scope: &str, out: &mut Vec<(String, Value)>) {
+        let join = |name: &str| {
+            if name.starts_with('\\') {
+                name.to_string()
+            } else if scope == "\\" {
+                format!("\\{name}")
+            } else {
+                format!("{scope}.{name}")
+            }
+        };
+        let mut at = 0;
+        while at < b.len() {
+            match b[at] {
+                0x08 => {
+                    at += 1;
+                    let name = join(&read_name(b, &mut at));
+                    out.push((name, read_value(b, &mut at)));
+                }
+                0x10 | 0x5b => {
+                    at += if b[at] == 0x5b {
+                        assert_eq!(b[at + 1], 0x82, "DeviceOp");
+                        2
+                    } else {
+                        1
+                    };
+                    let end = read_pkg_length(b, &mut at);
+                    let name = join(&read_name(b, &mut at));
+                    out.push((name.clone(), Value::Pkg(Vec::new())));
+                    read_terms(&b[at..end], &name, out);
+                    at = end;
+                }
+                other => panic!("unexpected term opcode {other:#x} at {at}"),
+            }
+        }
+    }
+
+    /// The descriptors of a resource template: (tag byte, the descriptor's bytes).
+    fn descriptors(buf: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        loop {
+            let len = if buf[at] & 0x80 == 0 {
+                1 + usize::from(buf[at] & 7)
+            } else {
+                3 + usize::from(u16::from_le_bytes([buf[at + 1], buf[at + 2]]))
+            };
+            out.push(buf[at..at + len].to_vec());
+            if buf[at] == 0x79 {
+                assert_eq!(at + len, buf.len(), "the end tag ends the template");
+                return out;
+            }
+            at += len;
+        }
+    }
+
+    fn dsdt_names(rev: FirmwareRevision, ram: u64) -> Vec<(String, Value)> {
+        let rig = Rig::new(ram);
+        let l = install_acpi_tables(&rig.mem, &rig.layout, rev).unwrap();
+        let dsdt = sdt(&rig, l.dsdt, b"DSDT");
+        let mut names = Vec::new();
+        read_terms(&dsdt[36..], "\\", &mut names);
+        names
+    }
+
+    fn value<'a>(names: &'a [(String, Value)], path: &str) -> &'a Value {
+        &names
+            .iter()
+            .find(|(n, _)| n == path)
+            .unwrap_or_else(|| panic!("no {path} in {names:?}"))
+            .1
+    }
+
+    fn io(port: u16, len: u8) -> Vec<u8> {
+        let p = port.to_le_bytes();
+        vec![0x47, 1, p[0], p[1], p[0], p[1], 1, len]
+    }
+
+    fn irq(n: u8) -> Vec<u8> {
+        let m = (1u16 << n).to_le_bytes();
+        vec![0x22, m[0], m[1]]
+    }
+
+    #[test]
+    fn revision_1_dsdt_holds_s5_alone_as_it_always_did() {
+        let rig = Rig::new(16 << 20);
+        let l = install_acpi_tables(&rig.mem, &rig.layout, FirmwareRevision::Rev1).unwrap();
+        let dsdt = sdt(&rig, l.dsdt, b"DSDT");
+        assert_eq!(dsdt.len(), 48);
+        assert_eq!(
+            &dsdt[36..],
+            &[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0, 0, 0, 0]
+        );
+        // The layout every older trace has: the same addresses.
+        assert_eq!(
+            (l.rsdp, l.facs, l.dsdt, l.fadt, l.madt, l.rsdt, l.xsdt),
+            (
+                0xe0000, 0xe0040, 0xe0080, 0xe00b0, 0xe01b0, 0xe0230, 0xe0260
+            )
+        );
+    }
+
+    #[test]
+    fn revision_2_dsdt_describes_the_pci_root_bridge_and_the_legacy_devices() {
+        let names = dsdt_names(FirmwareRevision::Rev2, 16 << 20);
+        let paths: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "\\_SB_",
+                "\\_SB_.PCI0",
+                "\\_SB_.PCI0._HID",
+                "\\_SB_.PCI0._UID",
+                "\\_SB_.PCI0._CRS",
+                "\\_SB_.PCI0.ISA_",
+                "\\_SB_.PCI0.ISA_._ADR",
+                "\\_SB_.PCI0.ISA_.KBD_",
+                "\\_SB_.PCI0.ISA_.KBD_._HID",
+                "\\_SB_.PCI0.ISA_.KBD_._CRS",
+                "\\_SB_.PCI0.ISA_.COM1",
+                "\\_SB_.PCI0.ISA_.COM1._HID",
+                "\\_SB_.PCI0.ISA_.COM1._UID",
+                "\\_SB_.PCI0.ISA_.COM1._CRS",
+                "\\_SB_.PCI0.ISA_.RTC_",
+                "\\_SB_.PCI0.ISA_.RTC_._HID",
+                "\\_SB_.PCI0.ISA_.RTC_._CRS",
+                "\\_SB_.PCI0.ISA_.TIMR",
+                "\\_SB_.PCI0.ISA_.TIMR._HID",
+                "\\_SB_.PCI0.ISA_.TIMR._CRS",
+                "\\_S3_",
+                "\\_S5_",
+            ]
+        );
+        // Sleep states: S3 is SLP_TYP 1, S5 SLP_TYP 0, as the PM device implements them.
+        let pkg = |v: u32| {
+            Value::Pkg(vec![
+                Value::Int(v),
+                Value::Int(v),
+                Value::Int(0),
+                Value::Int(0),
+            ])
+        };
+        assert_eq!(*value(&names, "\\_S3_"), pkg(u32::from(SLP_TYP_S3)));
+        assert_eq!(*value(&names, "\\_S5_"), pkg(u32::from(SLP_TYP_S5)));
+        // The host bridge: EisaId("PNP0A03"), and its windows for 16 MiB of RAM.
+        assert_eq!(*value(&names, "\\_SB_.PCI0._HID"), Value::Int(0x030a_d041));
+        let Value::Buf(crs) = value(&names, "\\_SB_.PCI0._CRS") else {
+            panic!("_CRS is a buffer")
+        };
+        let d = descriptors(crs);
+        let word = |ty: u8, flags: u8, min: u16, max: u16| {
+            let mut v = vec![0x88, 13, 0, ty, 0x0c, flags, 0, 0];
+            for x in [min, max, 0, max - min + 1] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            v
+        };
+        let dword = |flags: u8, min: u32, max: u32| {
+            let mut v = vec![0x87, 23, 0, 0, 0x0c, flags, 0, 0, 0, 0];
+            for x in [min, max, 0, max - min + 1] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            v
+        };
+        assert_eq!(
+            d,
+            [
+                word(2, 0, 0, 0xff),
+                io(0xcf8, 8),
+                word(1, 3, 0, 0xcf7),
+                word(1, 3, 0xd00, 0xffff),
+                dword(3, 0xa_0000, 0xb_ffff),
+                dword(1, 16 << 20, 0xfebf_ffff),
+                vec![0x79, 0],
+            ]
+        );
+        // The PIIX3 at 00:01.0 and the devices behind it.
+        assert_eq!(
+            *value(&names, "\\_SB_.PCI0.ISA_._ADR"),
+            Value::Int(0x1_0000)
+        );
+        let isa = "\\_SB_.PCI0.ISA_";
+        for (dev, hid, crs) in [
+            (
+                "KBD_",
+                0x0303_d041u32,
+                vec![io(0x60, 1), io(0x64, 1), irq(1)],
+            ),
+            ("COM1", 0x0105_d041, vec![io(0x3f8, 8), irq(4)]),
+            ("RTC_", 0x000b_d041, vec![io(0x70, 2), irq(8)]),
+            ("TIMR", 0x0001_d041, vec![io(0x40, 4), irq(0)]),
+        ] {
+            assert_eq!(
+                *value(&names, &format!("{isa}.{dev}._HID")),
+                Value::Int(hid),
+                "{dev}"
+            );
+            let Value::Buf(b) = value(&names, &format!("{isa}.{dev}._CRS")) else {
+                panic!("{dev} _CRS")
+            };
+            let mut want = crs;
+            want.push(vec![0x79, 0]);
+            assert_eq!(descriptors(b), want, "{dev}");
+        }
+    }
+
+    #[test]
+    fn the_mmio_window_follows_low_ram_and_the_tables_still_fit() {
+        for (ram, start) in [
+            (512u64 << 20, 0x2000_0000u32),
+            (3 << 30, 0xc000_0000),
+            (6 << 30, 0xc000_0000),
+        ] {
+            let layout = MemoryLayout::pc(ram).unwrap();
+            let crs = pci0(&layout).unwrap();
+            let window = dword_window(&crs);
+            assert_eq!(window, Some((start, 0xfebf_ffff)), "{ram:#x}");
+        }
+        let rig = Rig::new(16 << 20);
+        let l = install_acpi_tables(&rig.mem, &rig.layout, FirmwareRevision::LATEST).unwrap();
+        assert!(l.end <= ACPI_REGION_END);
+        // The FADT, MADT and root tables follow the longer DSDT, each still checksummed.
+        for (at, sig) in [
+            (l.fadt, b"FACP"),
+            (l.madt, b"APIC"),
+            (l.rsdt, b"RSDT"),
+            (l.xsdt, b"XSDT"),
+        ] {
+            sdt(&rig, at, sig);
+        }
+    }
+
+    /// The last non-cacheable DWordMemory window in `aml`'s bytes: (min, max).
+    fn dword_window(aml: &[u8]) -> Option<(u32, u32)> {
+        aml.windows(26)
+            .filter(|w| w[..6] == [0x87, 23, 0, 0, 0x0c, 0x01])
+            .map(|w| (u32_at(w, 10), u32_at(w, 14)))
+            .next_back()
     }
 
     #[test]
@@ -847,7 +1281,7 @@ mod tests {
         let cases: &[(&[u8], bool, u32)] = &[
             (&[0x01, 0x00], false, 0x0001),
             (&s5.to_le_bytes(), true, 0x0001),
-            // S3 (SLP_TYP 1) is not offered; nothing happens.
+            // S3 (SLP_TYP 1) suspends instead: no power-off.
             (&(PM1_SLP_EN | 1 << 10 | 1).to_le_bytes(), false, 0x0401),
             // A byte write to the high half only: SLP_TYP 0 with SLP_EN.
             (&[(PM1_SLP_EN >> 8) as u8], true, 0x0001),
@@ -891,7 +1325,7 @@ mod tests {
         let mut layout = rig.layout.clone();
         layout.ranges.retain(|r| r.start == 0);
         assert!(matches!(
-            install_acpi_tables(&rig.mem, &layout),
+            install_acpi_tables(&rig.mem, &layout, FirmwareRevision::LATEST),
             Err(AcpiError::NotRam { .. })
         ));
         let mut layout = rig.layout.clone();
@@ -900,7 +1334,7 @@ mod tests {
             len: 0x2_0000,
         });
         assert!(matches!(
-            install_acpi_tables(&rig.mem, &layout),
+            install_acpi_tables(&rig.mem, &layout, FirmwareRevision::LATEST),
             Err(AcpiError::InRom {
                 rom_start: 0xe_0000,
                 ..
