@@ -733,14 +733,14 @@ fn ctrl_c_stops_a_running_guest() {
         "SIGINT expected, got {stop:?}"
     );
     conn.write_all(&packet("qRcmd,7768656e")).unwrap(); // "when"
-    let mut when = String::new();
+    // The output may come in several `O` packets: strip each one's marker before joining.
+    let mut hex = String::new();
     while let Some(r) = reply(&mut conn) {
         if r == "OK" {
             break;
         }
-        when.push_str(&r);
+        hex.push_str(r.strip_prefix('O').unwrap_or(&r));
     }
-    let hex = when.trim_start_matches('O');
     let text: String = (0..hex.len() / 2)
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap() as char)
         .collect();

@@ -73,16 +73,23 @@ pub struct Block {
 // moved between threads only together with the whole `BtCpu`, never shared.
 unsafe impl Sync for Block {}
 
-const LOOKUP_SIZE: usize = 4096;
+/// Entries in the lookup cache (a power of two; tier-1 code probes it inline).
+pub(crate) const LOOKUP_SIZE: usize = 4096;
 
+/// `repr(C)`: tier-1 code probes the lookup cache itself for a RET's target.
 #[derive(Clone, Copy, Default)]
-struct LookupEntry {
-    rip: u64,
-    cs_base: u64,
-    mode: u32,
-    slot: u32,
-    generation: u32,
-    epoch: u64,
+#[repr(C)]
+pub(crate) struct LookupEntry {
+    pub(crate) rip: u64,
+    pub(crate) cs_base: u64,
+    pub(crate) epoch: u64,
+    pub(crate) mode: u32,
+    pub(crate) slot: u32,
+    pub(crate) generation: u32,
+    /// The block's tier-1 chained entry when it was remembered (0: not compiled).
+    pub(crate) entry: u64,
+    /// The block's instruction count.
+    pub(crate) len: u64,
 }
 
 /// The cache.
@@ -160,6 +167,8 @@ impl BlockCache {
                 slot,
                 generation: self.generations[slot as usize],
                 epoch: self.epoch,
+                entry: b.jit.chain_entry().unwrap_or(0),
+                len: b.ops.len() as u64,
             };
         }
     }
@@ -301,6 +310,11 @@ impl BlockCache {
             &raw mut self.current,
             &raw mut self.current_hit,
         )
+    }
+
+    /// The lookup cache's entries and its current epoch (for tier-1 code's inline probe).
+    pub(crate) fn lookup_state(&self) -> (*const LookupEntry, *const u64) {
+        (self.lookup.as_ptr(), &raw const self.epoch)
     }
 
     /// Marks the block about to execute, so stores into it can be noticed.

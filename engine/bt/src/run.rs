@@ -317,7 +317,14 @@ impl BtCpu {
                         && !watch_on
                     {
                         let (machine, stats) = ctx.machine_and_stats();
-                        jit.code_for(block, slot, tier, &mut stats.jit, || Features::of(machine))
+                        let fresh = block.jit.chain_entry().is_none();
+                        let code = jit
+                            .code_for(block, slot, tier, &mut stats.jit, || Features::of(machine));
+                        if fresh && code.is_some() {
+                            // Its lookup-cache entry now names its code, for RETs to chain.
+                            ctx.cache.remember(slot);
+                        }
+                        code
                     } else {
                         None
                     };

@@ -19,17 +19,19 @@
 
 use super::{
     EXIT_JUMP, EXIT_NEXT, FALLBACK_NOT_COMPILED, FALLBACK_TLB_MISS, FRAME_BLOCK,
-    FRAME_CHAIN_RETIRED, FRAME_CHAINS, FRAME_CURRENT, FRAME_CURRENT_HIT, FRAME_FS_BASE,
-    FRAME_GENERATIONS, FRAME_GS_BASE, FRAME_KICK, FRAME_LIMIT, FRAME_OPS, FRAME_OUT_RIP,
-    LINK_ENTRY, LINK_GENERATION, LINK_LEN, LINK_RIP, LINK_SLOT,
+    FRAME_CHAIN_RETIRED, FRAME_CHAINS, FRAME_CURRENT, FRAME_CURRENT_HIT, FRAME_EPOCH,
+    FRAME_FS_BASE, FRAME_GENERATIONS, FRAME_GS_BASE, FRAME_KICK, FRAME_LIMIT, FRAME_LOOKUP,
+    FRAME_OPS, FRAME_OUT_RIP, LINK_ENTRY, LINK_GENERATION, LINK_LEN, LINK_RIP, LINK_SLOT,
+    LOOKUP_BYTES, LOOKUP_CS_BASE, LOOKUP_ENTRY, LOOKUP_EPOCH, LOOKUP_GENERATION, LOOKUP_LEN,
+    LOOKUP_MASK, LOOKUP_MODE, LOOKUP_RIP, LOOKUP_SLOT,
 };
 use crate::features::Features;
 use crate::ir::{MemRef, NO_REG, Operand, RIP_REL, UOp};
 use deja_machine::cpu::seg;
 use iced_x86::code_asm::{
-    AsmRegister64, CodeAssembler, CodeLabel, byte_ptr, dword_ptr, eax, ebp, edx, esi, qword_ptr,
-    r8, r9, r10, r10d, r11, r11b, r11d, r11w, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi, rdx,
-    rsi, rsp, word_ptr,
+    AsmRegister64, CodeAssembler, CodeLabel, byte_ptr, dword_ptr, eax, ebp, ecx, edx, esi,
+    qword_ptr, r8, r9, r10, r10d, r11, r11b, r11d, r11w, r12, r13, r14, r15, rax, rbp, rbx, rcx,
+    rdi, rdx, rsi, rsp, word_ptr,
 };
 use iced_x86::{
     Encoder, IcedError, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
@@ -62,6 +64,10 @@ pub(crate) struct Compiled {
 
 /// Where a block lives, for the code that chains into it and out of it.
 pub(crate) struct Place {
+    /// Its mode bits and CS base (a RET keeps both: its target's block must have them).
+    pub mode: u32,
+    /// See [`Place::mode`].
+    pub cs_base: u64,
     /// The block's address (stable: blocks are boxed).
     pub block: u64,
     /// Its slot in the block cache.
@@ -301,6 +307,8 @@ struct Emitter<'a> {
     /// The last op's branch target (which link an exit follows, as the run loop decides).
     last_target: u64,
     links: [u64; 2],
+    mode: u32,
+    cs_base: u64,
 }
 
 /// Compiles `ops` (with their decoded `insns`) into one host function.
@@ -338,6 +346,8 @@ pub(crate) fn compile(
         helper,
         last_target: ops.last().map_or(0, |o| o.target),
         links: place.links,
+        mode: place.mode,
+        cs_base: place.cs_base,
     };
     let mut chained = e.a.create_label();
     e.prologue().map_err(asm_err)?;
@@ -463,9 +473,50 @@ impl Emitter<'_> {
         self.a.jmp(self.epilogue)
     }
 
-    /// Returns a taken branch to the address in RAX.
+    /// Leaves by a taken branch to the address in RAX (a RET's): straight into the compiled
+    /// block there when the block cache's lookup cache names one for this mode, as the run
+    /// loop's lookup would find it, and the frame allows (as [`Emitter::exit_to`]);
+    /// otherwise back to the run loop.
     fn exit_jump(&mut self, retired: usize) -> Result<(), IcedError> {
-        self.a.mov(qword_ptr(r12 + FRAME_OUT_RIP), rax)?;
+        let mut plain = self.a.create_label();
+        let a = &mut self.a;
+        a.mov(qword_ptr(r12 + FRAME_OUT_RIP), rax)?;
+        a.mov(rcx, rax)?;
+        a.shr(rcx, 12)?;
+        a.xor(rcx, rax)?;
+        a.and(ecx, LOOKUP_MASK)?;
+        a.imul_3(ecx, ecx, LOOKUP_BYTES)?;
+        a.add(rcx, qword_ptr(r12 + FRAME_LOOKUP))?;
+        a.cmp(qword_ptr(rcx + LOOKUP_RIP), rax)?;
+        a.jne(plain)?;
+        a.mov(rdx, self.cs_base)?;
+        a.cmp(qword_ptr(rcx + LOOKUP_CS_BASE), rdx)?;
+        a.jne(plain)?;
+        a.cmp(dword_ptr(rcx + LOOKUP_MODE), self.mode as i32)?;
+        a.jne(plain)?;
+        a.mov(rdx, qword_ptr(r12 + FRAME_EPOCH))?;
+        a.mov(rdx, qword_ptr(rdx))?;
+        a.cmp(qword_ptr(rcx + LOOKUP_EPOCH), rdx)?;
+        a.jne(plain)?;
+        a.mov(esi, dword_ptr(rcx + LOOKUP_SLOT))?;
+        a.mov(rdi, qword_ptr(r12 + FRAME_GENERATIONS))?;
+        a.mov(edx, dword_ptr(rdi + rsi * 4))?;
+        a.cmp(edx, dword_ptr(rcx + LOOKUP_GENERATION))?;
+        a.jne(plain)?;
+        a.mov(rdx, qword_ptr(rcx + LOOKUP_ENTRY))?;
+        a.test(rdx, rdx)?;
+        a.jz(plain)?;
+        a.mov(rax, qword_ptr(r12 + FRAME_KICK))?;
+        a.cmp(byte_ptr(rax), 0)?;
+        a.jne(plain)?;
+        a.mov(rax, qword_ptr(rcx + LOOKUP_LEN))?;
+        a.lea(rax, qword_ptr(rax + rbp + retired as i32))?;
+        a.cmp(rax, qword_ptr(r12 + FRAME_LIMIT))?;
+        a.ja(plain)?;
+        a.add(rbp, retired as i32)?;
+        a.inc(qword_ptr(r12 + FRAME_CHAINS))?;
+        a.jmp(rdx)?;
+        a.set_label(&mut plain)?;
         self.exit(EXIT_JUMP, retired)
     }
 

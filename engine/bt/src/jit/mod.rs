@@ -13,7 +13,7 @@
 mod code;
 mod emit;
 
-use crate::cache::{Block, Link};
+use crate::cache::{Block, Link, LookupEntry};
 use crate::exec::Ctx;
 use crate::features::Features;
 use crate::ir::{Ctl, UOp};
@@ -163,6 +163,9 @@ pub(crate) struct Frame {
     limit: u64,
     /// Transfers from one compiled block straight into the next.
     chains: u64,
+    /// The block cache's lookup cache and its epoch (for RET's target).
+    lookup: *const LookupEntry,
+    epoch: *const u64,
 }
 
 const FRAME_GPR: i32 = offset_of!(Frame, gpr) as i32;
@@ -181,6 +184,18 @@ const FRAME_CURRENT_HIT: i32 = offset_of!(Frame, current_hit) as i32;
 const FRAME_KICK: i32 = offset_of!(Frame, kick) as i32;
 const FRAME_LIMIT: i32 = offset_of!(Frame, limit) as i32;
 const FRAME_CHAINS: i32 = offset_of!(Frame, chains) as i32;
+const FRAME_LOOKUP: i32 = offset_of!(Frame, lookup) as i32;
+const FRAME_EPOCH: i32 = offset_of!(Frame, epoch) as i32;
+const LOOKUP_RIP: i32 = offset_of!(LookupEntry, rip) as i32;
+const LOOKUP_CS_BASE: i32 = offset_of!(LookupEntry, cs_base) as i32;
+const LOOKUP_EPOCH: i32 = offset_of!(LookupEntry, epoch) as i32;
+const LOOKUP_MODE: i32 = offset_of!(LookupEntry, mode) as i32;
+const LOOKUP_SLOT: i32 = offset_of!(LookupEntry, slot) as i32;
+const LOOKUP_GENERATION: i32 = offset_of!(LookupEntry, generation) as i32;
+const LOOKUP_ENTRY: i32 = offset_of!(LookupEntry, entry) as i32;
+const LOOKUP_LEN: i32 = offset_of!(LookupEntry, len) as i32;
+const LOOKUP_BYTES: i32 = std::mem::size_of::<LookupEntry>() as i32;
+const LOOKUP_MASK: i32 = crate::cache::LOOKUP_SIZE as i32 - 1;
 const LINK_RIP: i32 = offset_of!(Link, rip) as i32;
 const LINK_SLOT: i32 = offset_of!(Link, slot) as i32;
 const LINK_GENERATION: i32 = offset_of!(Link, generation) as i32;
@@ -270,6 +285,8 @@ impl Jit {
             Decoder::with_ip(bitness, &block.bytes, block.key.rip, DecoderOptions::NONE);
         let insns: Vec<Instruction> = (0..block.ops.len()).map(|_| decoder.decode()).collect();
         let place = emit::Place {
+            mode: block.key.mode,
+            cs_base: block.key.cs_base,
             block: block as *const Block as u64,
             slot,
             ops: block.ops.as_ptr() as u64,
@@ -314,6 +331,7 @@ impl Jit {
         let (fs_base, gs_base) = segment_bases(ctx);
         let (read_tlb, write_tlb) = ctx.mem.tlb_bases();
         let (generations, current, current_hit) = ctx.cache.chain_state();
+        let (lookup, epoch) = ctx.cache.lookup_state();
         // Every pointer the compiled code and its helper use derives from this one.
         let ctx_ptr: *mut Ctx = ctx;
         // SAFETY: `ctx_ptr` comes from a live `&mut Ctx`; these are field addresses.
@@ -342,6 +360,8 @@ impl Jit {
             kick: chain.kick,
             limit: chain.limit,
             chains: 0,
+            lookup,
+            epoch,
         };
         // SAFETY: `entry` is code `emit::compile` produced for this block (kept alive by the
         // block's `CodeRef`), a complete `extern "sysv64" fn(*mut Frame) -> u64` that touches
