@@ -4,11 +4,10 @@
 
 mod common;
 
-use common::{load, machine, peek};
+use common::{Rng, load, machine, peek};
 use deja_bt::BtCpu;
 use deja_kvm::KvmCpu;
 use deja_machine::cpu::{CpuState, Segment, seg};
-use deja_machine::vm_memory::{Bytes, GuestAddress};
 use deja_machine::{Cpu, Exit, Limit, Machine};
 use iced_x86::code_asm::*;
 use iced_x86::{
@@ -57,45 +56,9 @@ const STACK: u64 = 0x3f_0000;
 
 /// Ring 3, IOPL 3, 64-bit, first 4 MiB identity-mapped with user pages.
 fn user_state(m: &Machine) -> CpuState {
-    let (pml4, pdpt, pd) = (TABLES, TABLES + 0x1000, TABLES + 0x2000);
-    m.mem.write_obj(pdpt | 7, GuestAddress(pml4)).unwrap();
-    m.mem.write_obj(pd | 7, GuestAddress(pdpt)).unwrap();
-    for i in 0..2u64 {
-        m.mem
-            .write_obj((i << 21) | 0x87, GuestAddress(pd + i * 8))
-            .unwrap();
-    }
-    let mut s = CpuState::reset();
-    s.cr0 = 0x8000_0011;
-    s.cr3 = pml4;
-    s.cr4 = 0x20;
-    s.efer = 0x500;
-    for (i, sg) in s.seg.iter_mut().enumerate() {
-        *sg = if i == seg::CS {
-            Segment::flat(0x1b, true, true)
-        } else {
-            Segment::flat(0x23, false, false)
-        };
-        sg.dpl = 3;
-    }
-    s.tr.type_ = 0xb;
-    s.rip = CODE;
+    let mut s = common::flat_long_mode(m, TABLES, CODE, 3);
     s.gpr[4] = 0x7000;
-    s.rflags = 2 | (3 << 12);
     s
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 const R64: [AsmRegister64; 13] = [

@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{load, machine, peek};
+use common::{Rng, load, machine, peek};
 use deja_bt::BtCpu;
 use deja_machine::cpu::{CpuState, DescriptorTable, Segment, seg};
 use deja_machine::vm_memory::{Bytes, GuestAddress};
@@ -543,19 +543,6 @@ fn bcd_adjusts_over_every_input_match_the_host_cpu() {
             executed as f64 / started.elapsed().as_secs_f64() / 1e6
         );
     });
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// What the generator knows about the 16-bit stack: the byte size of each item pushed (so

@@ -7,11 +7,10 @@
 
 mod common;
 
-use common::{load, machine, peek};
+use common::{Rng, load, machine, peek};
 use deja_bt::BtCpu;
 use deja_bt::jit::Tier;
-use deja_machine::cpu::{CpuState, Segment, seg};
-use deja_machine::vm_memory::{Bytes, GuestAddress};
+use deja_machine::cpu::CpuState;
 use deja_machine::{Cpu, Exit, Limit, Machine};
 use iced_x86::code_asm::*;
 use iced_x86::{Decoder, DecoderOptions, Formatter, NasmFormatter};
@@ -25,45 +24,7 @@ const STACK_TOP: u64 = 0x38_0000;
 
 /// 64-bit mode at `cpl`, the first 4 MiB identity-mapped with user-writable 2 MiB pages.
 fn state(m: &Machine, cpl: u8) -> CpuState {
-    let (pml4, pdpt, pd) = (TABLES, TABLES + 0x1000, TABLES + 0x2000);
-    m.mem.write_obj(pdpt | 7, GuestAddress(pml4)).unwrap();
-    m.mem.write_obj(pd | 7, GuestAddress(pdpt)).unwrap();
-    for i in 0..2u64 {
-        m.mem
-            .write_obj((i << 21) | 0x87, GuestAddress(pd + i * 8))
-            .unwrap();
-    }
-    let mut s = CpuState::reset();
-    s.cr0 = 0x8000_0011;
-    s.cr3 = pml4;
-    s.cr4 = 0x20;
-    s.efer = 0x500;
-    let (code_sel, data_sel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
-    for (i, sg) in s.seg.iter_mut().enumerate() {
-        *sg = if i == seg::CS {
-            Segment::flat(code_sel, true, true)
-        } else {
-            Segment::flat(data_sel, false, false)
-        };
-        sg.dpl = cpl;
-    }
-    s.tr.type_ = 0xb;
-    s.rip = CODE;
-    s.rflags = 2 | (3 << 12);
-    s
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+    common::flat_long_mode(m, TABLES, CODE, cpl)
 }
 
 // R14 holds the data page, R15 an unmapped address, RSP the stack: generated code never

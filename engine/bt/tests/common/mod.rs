@@ -314,3 +314,52 @@ pub fn gate64(target: u64, sel: u16, ist: u8) -> [u8; 16] {
     b[8..].copy_from_slice(&hi.to_le_bytes());
     b
 }
+
+/// A xorshift generator for the seeded random tests (differential, host oracle, tiers).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// 64-bit mode at `cpl` (flat segments, IOPL 3) starting at `rip`, with the first 4 MiB
+/// identity-mapped as user-writable 2 MiB pages by tables written at `tables`.
+pub fn flat_long_mode(m: &Machine, tables: u64, rip: u64, cpl: u8) -> CpuState {
+    let (pml4, pdpt, pd) = (tables, tables + 0x1000, tables + 0x2000);
+    m.mem.write_obj(pdpt | 7, GuestAddress(pml4)).unwrap();
+    m.mem.write_obj(pd | 7, GuestAddress(pdpt)).unwrap();
+    for i in 0..2u64 {
+        m.mem
+            .write_obj((i << 21) | 0x87, GuestAddress(pd + i * 8))
+            .unwrap();
+    }
+    let mut s = CpuState::reset();
+    s.cr0 = 0x8000_0011;
+    s.cr3 = pml4;
+    s.cr4 = 0x20;
+    s.efer = 0x500;
+    let (code_sel, data_sel) = if cpl == 3 { (0x1b, 0x23) } else { (0x08, 0x10) };
+    for (i, sg) in s.seg.iter_mut().enumerate() {
+        *sg = if i == seg::CS {
+            Segment::flat(code_sel, true, true)
+        } else {
+            Segment::flat(data_sel, false, false)
+        };
+        sg.dpl = cpl;
+    }
+    s.tr.type_ = 0xb;
+    s.rip = rip;
+    s.rflags = 2 | (3 << 12);
+    s
+}
