@@ -161,6 +161,14 @@ impl FlagFix {
     }
 }
 
+/// Offsets of the fields of a record that names a successor block ([`Emitter::chain`]).
+struct Successor {
+    slot: i32,
+    generation: i32,
+    entry: i32,
+    len: i32,
+}
+
 /// How a generic (renamed) instruction is to be run.
 struct Renamed {
     /// The host instruction.
@@ -377,6 +385,14 @@ pub(crate) fn compile(
     })
 }
 
+/// Loads the guest's arithmetic flags into the host's RFLAGS (only those: the host keeps its
+/// TF, DF, AC and the rest).
+fn load_guest_flags(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.push(qword_ptr(r13))?;
+    a.and(qword_ptr(rsp), ARITH)?;
+    a.popfq()
+}
+
 /// Whether condition code `cc` reads OF (O, NO, L, GE, LE, G).
 fn reads_of(cc: u8) -> bool {
     matches!(cc, 0 | 1 | 0xc..=0xf)
@@ -417,6 +433,38 @@ impl Emitter<'_> {
         a.mov(byte_ptr(rax), 0)
     }
 
+    /// With RCX pointing at a record naming a successor block (a link or a lookup-cache
+    /// entry: `succ` gives its fields' offsets), jumps into the successor's compiled code if
+    /// it is still the block the record was made for (its slot's generation), is compiled,
+    /// no kick is pending and it fits the chain's instruction budget after `retired` more
+    /// instructions; otherwise goes to `plain`.
+    fn chain(
+        &mut self,
+        succ: Successor,
+        retired: usize,
+        plain: CodeLabel,
+    ) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.mov(rdx, qword_ptr(rcx + succ.entry))?;
+        a.test(rdx, rdx)?;
+        a.jz(plain)?;
+        a.mov(esi, dword_ptr(rcx + succ.slot))?;
+        a.mov(rdi, qword_ptr(r12 + FRAME_GENERATIONS))?;
+        a.mov(eax, dword_ptr(rdi + rsi * 4))?;
+        a.cmp(eax, dword_ptr(rcx + succ.generation))?;
+        a.jne(plain)?;
+        a.mov(rax, qword_ptr(r12 + FRAME_KICK))?;
+        a.cmp(byte_ptr(rax), 0)?;
+        a.jne(plain)?;
+        a.mov(rax, qword_ptr(rcx + succ.len))?;
+        a.lea(rax, qword_ptr(rax + rbp + retired as i32))?;
+        a.cmp(rax, qword_ptr(r12 + FRAME_LIMIT))?;
+        a.ja(plain)?;
+        a.add(rbp, retired as i32)?;
+        a.inc(qword_ptr(r12 + FRAME_CHAINS))?;
+        a.jmp(rdx)
+    }
+
     /// Leaves to `rip` (known here) after `retired` instructions of this block: straight into
     /// the successor's compiled code when the link the run loop made for this exit still holds
     /// and the frame allows (no kick pending, the successor fits the instruction budget);
@@ -429,24 +477,17 @@ impl Emitter<'_> {
         a.mov(rax, rip)?;
         a.cmp(qword_ptr(rcx + LINK_RIP), rax)?;
         a.jne(plain)?;
-        a.mov(rdx, qword_ptr(rcx + LINK_ENTRY))?;
-        a.test(rdx, rdx)?;
-        a.jz(plain)?;
-        a.mov(esi, dword_ptr(rcx + LINK_SLOT))?;
-        a.mov(rdi, qword_ptr(r12 + FRAME_GENERATIONS))?;
-        a.mov(eax, dword_ptr(rdi + rsi * 4))?;
-        a.cmp(eax, dword_ptr(rcx + LINK_GENERATION))?;
-        a.jne(plain)?;
-        a.mov(rax, qword_ptr(r12 + FRAME_KICK))?;
-        a.cmp(byte_ptr(rax), 0)?;
-        a.jne(plain)?;
-        a.mov(rax, qword_ptr(rcx + LINK_LEN))?;
-        a.lea(rax, qword_ptr(rax + rbp + retired as i32))?;
-        a.cmp(rax, qword_ptr(r12 + FRAME_LIMIT))?;
-        a.ja(plain)?;
-        a.add(rbp, retired as i32)?;
-        a.inc(qword_ptr(r12 + FRAME_CHAINS))?;
-        a.jmp(rdx)?;
+        self.chain(
+            Successor {
+                slot: LINK_SLOT,
+                generation: LINK_GENERATION,
+                entry: LINK_ENTRY,
+                len: LINK_LEN,
+            },
+            retired,
+            plain,
+        )?;
+        let a = &mut self.a;
         a.set_label(&mut plain)?;
         if kind == EXIT_JUMP {
             a.mov(rax, rip)?;
@@ -498,24 +539,17 @@ impl Emitter<'_> {
         a.mov(rdx, qword_ptr(rdx))?;
         a.cmp(qword_ptr(rcx + LOOKUP_EPOCH), rdx)?;
         a.jne(plain)?;
-        a.mov(esi, dword_ptr(rcx + LOOKUP_SLOT))?;
-        a.mov(rdi, qword_ptr(r12 + FRAME_GENERATIONS))?;
-        a.mov(edx, dword_ptr(rdi + rsi * 4))?;
-        a.cmp(edx, dword_ptr(rcx + LOOKUP_GENERATION))?;
-        a.jne(plain)?;
-        a.mov(rdx, qword_ptr(rcx + LOOKUP_ENTRY))?;
-        a.test(rdx, rdx)?;
-        a.jz(plain)?;
-        a.mov(rax, qword_ptr(r12 + FRAME_KICK))?;
-        a.cmp(byte_ptr(rax), 0)?;
-        a.jne(plain)?;
-        a.mov(rax, qword_ptr(rcx + LOOKUP_LEN))?;
-        a.lea(rax, qword_ptr(rax + rbp + retired as i32))?;
-        a.cmp(rax, qword_ptr(r12 + FRAME_LIMIT))?;
-        a.ja(plain)?;
-        a.add(rbp, retired as i32)?;
-        a.inc(qword_ptr(r12 + FRAME_CHAINS))?;
-        a.jmp(rdx)?;
+        self.chain(
+            Successor {
+                slot: LOOKUP_SLOT,
+                generation: LOOKUP_GENERATION,
+                entry: LOOKUP_ENTRY,
+                len: LOOKUP_LEN,
+            },
+            retired,
+            plain,
+        )?;
+        let a = &mut self.a;
         a.set_label(&mut plain)?;
         self.exit(EXIT_JUMP, retired)
     }
@@ -875,9 +909,7 @@ impl Emitter<'_> {
             a.mov(r11, asm64(h))?;
         }
         if r.load_flags {
-            a.push(qword_ptr(r13))?;
-            a.and(qword_ptr(rsp), ARITH)?;
-            a.popfq()?;
+            load_guest_flags(a)?;
         }
         a.add_instruction(r.host)?;
         if r.capture_flags {
@@ -951,9 +983,7 @@ impl Emitter<'_> {
         let mut taken = self.a.create_label();
         if pending.is_none() {
             let a = &mut self.a;
-            a.push(qword_ptr(r13))?;
-            a.and(qword_ptr(rsp), ARITH)?;
-            a.popfq()?;
+            load_guest_flags(a)?;
         }
         let a = &mut self.a;
         match op.aux & 0xf {
